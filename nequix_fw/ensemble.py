@@ -1,0 +1,388 @@
+"""Batched ensemble evaluation of Nequix models, and an ASE `EnsembleCalculator`.
+
+The fast path (``backend="jax"``):
+
+- one neighbour list per structure, shared by all models (they must share cutoff and elements);
+- models of the same architecture are evaluated together: their parameters are stacked and the
+  model is `vmap`-ed over them;
+- several structures per padded batch; batch sizes are rounded up to a small set of size buckets
+  so that JAX compiles once per bucket, not once per structure;
+- JAX's persistent compilation cache, so a second process does not compile again.
+
+``backend="torch"`` (or mixed checkpoints you want evaluated by torch) runs nequix's own
+`NequixCalculator` per model and structure: slower, but the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.data import chemical_symbols
+from ase.geometry import complete_cell
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from nequix_fw.errors import ModelError, StructureError
+from nequix_fw.models import NequixModel, load_model
+from nequix_fw.settings import EnsembleSettings
+from nequix_fw.structures import Frame, check_writable_dir, iter_frames, structure_id
+from nequix_fw.uncertainty import ensemble_metrics
+
+
+@dataclass
+class Prediction:
+    """Per-model predictions for one structure (M models, N atoms)."""
+
+    energies: np.ndarray  # (M,) eV
+    forces: np.ndarray  # (M, N, 3) eV/Å
+    stresses: np.ndarray | None  # (M, 6) Voigt, eV/Å³, ASE sign; None unless fully periodic
+
+    @property
+    def finite(self) -> np.ndarray:
+        """(M,) whether each model's prediction is finite."""
+        ok = np.isfinite(self.energies) & np.isfinite(self.forces).all(axis=(1, 2))
+        if self.stresses is not None:
+            ok &= np.isfinite(self.stresses).all(axis=1)
+        return ok
+
+
+@dataclass
+class EnsembleRecord:
+    """One evaluated structure: provenance, predictions, metrics and status."""
+
+    frame: Frame
+    id: str
+    prediction: Prediction
+    metrics: dict
+    status: str  # "ok" | "failed"
+    error: str | None = None
+
+
+def bucket_size(n: int, minimum: int) -> int:
+    """Round `n` up to a size bucket: quarter steps between powers of two (<=25% padding)."""
+    n = max(int(n), minimum)
+    step = max(1, 2 ** int(math.floor(math.log2(n))) // 4)
+    return int(math.ceil(n / step) * step)
+
+
+def pack_batches(edge_counts: Sequence[int], max_edges: int, max_graphs: int) -> list[list[int]]:
+    """Split structures into balanced batches (largest first into the emptiest batch).
+
+    Balanced batches land in the same size bucket, so a chunk compiles once.
+    """
+    n = len(edge_counts)
+    n_batches = max(math.ceil(sum(edge_counts) / max_edges), math.ceil(n / max_graphs), 1)
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    loads = [0] * n_batches
+    for i in sorted(range(n), key=lambda k: -edge_counts[k]):
+        open_ = [b for b in range(n_batches) if len(batches[b]) < max_graphs]
+        b = min(open_, key=lambda k: loads[k])
+        batches[b].append(i)
+        loads[b] += edge_counts[i]
+    return [sorted(b) for b in batches if b]
+
+
+def _configure_compilation_cache(cache_dir: Path | None) -> None:
+    if cache_dir is None:
+        return
+    import jax
+
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _apply_stacked(stacked, static, graph):
+    import equinox as eqx
+    import jax
+
+    return jax.vmap(lambda params: eqx.combine(params, static)(graph))(stacked)
+
+
+class _StackedGroup:
+    """Models of one architecture, parameters stacked along a leading model axis."""
+
+    def __init__(self, indices: list[int], modules: list):
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+
+        self.indices = indices
+        parts = [eqx.partition(m, eqx.is_array) for m in modules]
+        self.static = parts[0][1]
+        self.stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for p, _ in parts])
+        self._fn = eqx.filter_jit(_apply_stacked)
+
+    def __call__(self, graph):
+        return self._fn(self.stacked, self.static, graph)
+
+
+def _architecture_key(module) -> object:
+    import equinox as eqx
+    import jax
+
+    params, static = eqx.partition(module, eqx.is_array)
+    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(params))
+    return (jax.tree_util.tree_structure(params), shapes)
+
+
+class Ensemble:
+    """N Nequix models sharing elements and cutoff, evaluated together."""
+
+    def __init__(self, models: Sequence[NequixModel], settings: EnsembleSettings | None = None):
+        if not models:
+            raise ModelError("no models given")
+        self.models = list(models)
+        self.settings = settings or EnsembleSettings()
+        first = self.models[0]
+        for m in self.models[1:]:
+            if m.atomic_numbers != first.atomic_numbers:
+                a, b = set(first.atomic_numbers), set(m.atomic_numbers)
+                diff = sorted(a ^ b)
+                raise ModelError(
+                    f"models {first.info.name} and {m.info.name} cover different elements "
+                    f"(differ in {', '.join(chemical_symbols[z] for z in diff)})"
+                )
+            if m.cutoff != first.cutoff:
+                raise ModelError(
+                    f"models {first.info.name} and {m.info.name} have different cutoffs "
+                    f"({first.cutoff} Å vs {m.cutoff} Å)"
+                )
+        self.atomic_numbers = first.atomic_numbers
+        self.cutoff = first.cutoff
+        self._atom_indices = {z: i for i, z in enumerate(self.atomic_numbers)}
+        if self.settings.backend == "jax":
+            _configure_compilation_cache(self.settings.compilation_cache_dir)
+            modules = [m.jax_module() for m in self.models]
+            groups: dict[object, list[int]] = {}
+            for i, module in enumerate(modules):
+                groups.setdefault(_architecture_key(module), []).append(i)
+            self._groups = [
+                _StackedGroup(idx, [modules[i] for i in idx]) for idx in groups.values()
+            ]
+        else:
+            self._calculators = [m.calculator(backend="torch") for m in self.models]
+
+    @classmethod
+    def from_specs(
+        cls, specs: Sequence[str | Path], settings: EnsembleSettings | None = None
+    ) -> Ensemble:
+        """Load models from paths or pretrained names."""
+        return cls([load_model(s) for s in specs], settings)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def n_architectures(self) -> int:
+        return len(self._groups) if self.settings.backend == "jax" else len(self.models)
+
+    @property
+    def elements(self) -> list[str]:
+        return [chemical_symbols[z] for z in self.atomic_numbers]
+
+    def check_covered(self, atoms: Atoms, where: str) -> None:
+        """Raise `StructureError` if `atoms` holds elements the models do not cover."""
+        missing = sorted(set(int(z) for z in atoms.numbers) - set(self.atomic_numbers))
+        if missing:
+            names = ", ".join(chemical_symbols[z] for z in missing)
+            raise StructureError(
+                f"{where}: contains {names}, which the models do not cover "
+                f"(they cover {len(self.atomic_numbers)} elements: "
+                f"{_summarise(self.elements)}). Remove it or use other models."
+            )
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _graph(self, atoms: Atoms) -> dict:
+        from nequix.data import preprocess_graph
+
+        graph = preprocess_graph(atoms, self._atom_indices, self.cutoff, False)
+        # Always carry a cell (identity for molecules) so periodic, slab and molecular
+        # structures share one compiled function; stress is reported for full pbc only.
+        graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
+        return graph
+
+    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+        """Per-model energies, forces and stresses for each structure."""
+        if not structures:
+            return []
+        if self.settings.backend == "torch":
+            return [self._predict_torch(a) for a in structures]
+        graphs = [self._graph(a) for a in structures]
+        batches = (
+            [[0]]
+            if len(graphs) == 1
+            else pack_batches(
+                [int(g["n_edge"][0]) for g in graphs],
+                self.settings.max_edges_per_batch,
+                self.settings.max_structures_per_batch,
+            )
+        )
+        out: list[Prediction | None] = [None] * len(structures)
+        for batch in batches:
+            for i, pred in zip(batch, self._predict_batch([graphs[i] for i in batch]), strict=True):
+                if not structures[i].pbc.all():
+                    pred.stresses = None
+                out[i] = pred
+        return out  # type: ignore[return-value]
+
+    def _predict_batch(self, graphs: list[dict]) -> list[Prediction]:
+        import jraph
+        from nequix.data import dict_to_graphstuple
+
+        batch = jraph.batch([dict_to_graphstuple(g) for g in graphs])
+        n_node = bucket_size(int(batch.n_node.sum()) + 1, 16)
+        n_edge = bucket_size(int(batch.n_edge.sum()), 64)
+        n_graph = (
+            len(graphs) + 1 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
+        )
+        padded = jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
+        m = len(self.models)
+        energies = np.zeros((m, n_graph))
+        forces = np.zeros((m, n_node, 3))
+        stress = np.zeros((m, n_graph, 3, 3))
+        for group in self._groups:
+            e, f, s = group(padded)
+            energies[group.indices] = np.asarray(e)
+            forces[group.indices] = np.asarray(f)
+            stress[group.indices] = np.asarray(s)
+        preds = []
+        start = 0
+        for k, g in enumerate(graphs):
+            n = int(g["n_node"][0])
+            preds.append(
+                Prediction(
+                    energies=energies[:, k].copy(),
+                    forces=forces[:, start : start + n].copy(),
+                    stresses=np.stack([full_3x3_to_voigt_6_stress(s) for s in stress[:, k]]),
+                )
+            )
+            start += n
+        return preds
+
+    def _predict_torch(self, atoms: Atoms) -> Prediction:
+        energies, forces, stresses = [], [], []
+        for calc in self._calculators:
+            calc.reset()
+            calc.calculate(atoms.copy(), ["energy", "forces"], all_changes)
+            energies.append(calc.results["energy"])
+            forces.append(calc.results["forces"][: len(atoms)])
+            stresses.append(calc.results.get("stress"))
+        has_stress = atoms.pbc.all() and all(s is not None for s in stresses)
+        return Prediction(
+            energies=np.array(energies, dtype=np.float64),
+            forces=np.array(forces, dtype=np.float64),
+            stresses=np.array(stresses, dtype=np.float64) if has_stress else None,
+        )
+
+    def evaluate(self, frames: Iterable[Frame]) -> Iterator[EnsembleRecord]:
+        """Stream records for `frames` in input order, holding one chunk in memory at a time."""
+        chunk: list[Frame] = []
+        for frame in frames:
+            self.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
+            chunk.append(frame)
+            if len(chunk) >= self.settings.chunk_size:
+                yield from self._evaluate_chunk(chunk)
+                chunk = []
+        if chunk:
+            yield from self._evaluate_chunk(chunk)
+
+    def _evaluate_chunk(self, frames: list[Frame]) -> Iterator[EnsembleRecord]:
+        preds = self.predict([f.atoms for f in frames])
+        names = [m.info.name for m in self.models]
+        for frame, pred in zip(frames, preds, strict=True):
+            finite = pred.finite
+            if finite.all():
+                metrics = ensemble_metrics(pred.energies, pred.forces, pred.stresses)
+                status, error = "ok", None
+            else:
+                bad = [names[i] for i in np.flatnonzero(~finite)]
+                metrics = {k: None for k in ensemble_metrics([0.0], np.zeros((1, 1, 3)), None)}
+                status, error = "failed", f"non-finite prediction from {', '.join(bad)}"
+            yield EnsembleRecord(
+                frame=frame,
+                id=structure_id(frame.atoms),
+                prediction=pred,
+                metrics=metrics,
+                status=status,
+                error=error,
+            )
+
+
+def _summarise(items: list[str], limit: int = 12) -> str:
+    if len(items) <= limit:
+        return " ".join(items)
+    return " ".join(items[:limit]) + f" ... ({len(items) - limit} more)"
+
+
+class EnsembleCalculator(Calculator):
+    """ASE calculator returning the ensemble mean (energy, forces, stress) plus uncertainty.
+
+    ``results`` also holds ``energies`` (per model, eV), ``max_force_dev``, ``mean_force_dev``
+    (eV/Å), ``energy_std_per_atom`` (eV/atom) and ``stress_std`` (GPa, periodic cells only).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, ensemble: Ensemble, **kwargs):
+        super().__init__(**kwargs)
+        self.ensemble = ensemble
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.ensemble.check_covered(self.atoms, "structure")
+        pred = self.ensemble.predict([self.atoms])[0]
+        energy = float(pred.energies.mean())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": pred.forces.mean(axis=0),
+            "energies": pred.energies,
+            **ensemble_metrics(pred.energies, pred.forces, pred.stresses),
+        }
+        if pred.stresses is not None:
+            self.results["stress"] = pred.stresses.mean(axis=0)
+
+
+def run_ensemble(
+    model_specs: Sequence[str | Path],
+    structures: Sequence[str | Path],
+    output: str | Path,
+    settings: EnsembleSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate every input structure with the ensemble and write the results JSON atomically.
+
+    Inputs are checked first (readable, elements covered), so bad input fails before any
+    model work. Returns the summary written at the end of the file.
+    """
+    from tqdm import tqdm
+
+    from nequix_fw.results import ResultsWriter
+
+    settings = settings or EnsembleSettings()
+    if len(model_specs) < 2:
+        raise ModelError(
+            f"uncertainty needs at least 2 models, got {len(model_specs)}: pass more to --models"
+        )
+    check_writable_dir(Path(output).resolve().parent)
+    ensemble = Ensemble.from_specs(model_specs, settings)
+    n_frames = 0
+    for frame in iter_frames(structures):  # cheap first pass: readable, covered, counted
+        ensemble.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
+        n_frames += 1
+    models = [m.info.to_dict() for m in ensemble.models]
+    with ResultsWriter(output, models, settings.model_dump(mode="json")) as writer:
+        bar = tqdm(total=n_frames, unit="struct", disable=not progress, desc="ensemble")
+        for rec in ensemble.evaluate(iter_frames(structures)):
+            writer.write(rec)
+            bar.update()
+        bar.close()
+    return writer.summary

@@ -1,0 +1,21 @@
+"""One exception family for problems the user can fix (bad files, bad settings)."""
+
+
+class NequixFWError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
+
+
+class SettingsError(NequixFWError):
+    """Invalid settings or command-line options."""
+
+
+class StructureError(NequixFWError):
+    """A structure file that cannot be read, or a structure the models cannot handle."""
+
+
+class ModelError(NequixFWError):
+    """A model checkpoint that is missing, corrupted, or incompatible with the others."""
+
+
+class OutputError(NequixFWError):
+    """An output location that cannot be written."""

@@ -1,0 +1,225 @@
+"""Select uncertain structures: trust levels, caps, diversity; write them for labelling.
+
+Every structure gets a class: ``accurate`` (max_force_dev < lo), ``candidate``
+(lo <= max_force_dev < hi) or ``failed`` (max_force_dev >= hi, a non-finite prediction, or atoms
+closer than ``min_distance``). Candidates are selected, highest uncertainty first or, with
+``diverse``, by farthest-point sampling on a structural descriptor, up to ``max_selected``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.geometry import complete_cell
+from matscipy.neighbours import neighbour_list
+
+from nequix_fw import __version__
+from nequix_fw.errors import NequixFWError, OutputError
+from nequix_fw.results import read_results, record_atoms
+from nequix_fw.settings import SelectionSettings
+from nequix_fw.structures import min_distance, write_structure
+from nequix_fw.uncertainty import trust_class
+
+MANIFEST_SCHEMA = "nequix-fw/selection"
+MANIFEST_VERSION = 1
+#: Radial range (Å) and bins of the distance histogram in the diversity descriptor.
+DESCRIPTOR_R = (0.5, 6.0)
+DESCRIPTOR_BINS = 24
+
+
+@dataclass
+class Entry:
+    """Selection outcome of one structure."""
+
+    id: str
+    source: str
+    frame: int
+    formula: str
+    n_atoms: int
+    metrics: dict
+    cls: str
+    reason: str | None = None
+    selected: bool = False
+    file: str | None = None
+    descriptor: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("descriptor")
+        d["class"] = d.pop("cls")
+        return d
+
+
+def descriptor(atoms: Atoms, elements: list[int]) -> np.ndarray:
+    """Composition fractions + Gaussian-smeared pair-distance histogram per atom + volume/atom.
+
+    Cheap and invariant; near-duplicate structures get near-identical vectors.
+    """
+    comp = np.array([np.mean(atoms.numbers == z) for z in elements])
+    r0, r1 = DESCRIPTOR_R
+    centres = np.linspace(r0, r1, DESCRIPTOR_BINS)
+    width = (r1 - r0) / DESCRIPTOR_BINS
+    d = neighbour_list(
+        "d", positions=atoms.positions, cell=complete_cell(atoms.cell), pbc=atoms.pbc, cutoff=r1
+    )
+    hist = np.exp(-0.5 * ((d[:, None] - centres[None, :]) / width) ** 2).sum(axis=0) / len(atoms)
+    hist /= max(1.0, hist.sum()) / 10.0  # scale to ~unit weight against the composition part
+    vol = [atoms.get_volume() / len(atoms) / 20.0] if atoms.pbc.all() else [0.0]
+    return np.concatenate([comp, hist, vol])
+
+
+def farthest_point_order(x: np.ndarray, first: int, k: int) -> list[int]:
+    """Indices of `k` rows of `x` by farthest-point sampling, starting at row `first`."""
+    chosen = [first]
+    dist = np.linalg.norm(x - x[first], axis=1)
+    while len(chosen) < min(k, len(x)):
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return chosen
+
+
+def classify(
+    records: Iterable[dict], settings: SelectionSettings, elements: list[int]
+) -> list[Entry]:
+    """Class of every record (one pass; descriptors kept for candidates when `diverse`)."""
+    entries = []
+    for rec in records:
+        m = rec.get("metrics") or {}
+        dev = m.get("max_force_dev")
+        entry = Entry(
+            id=rec["id"], source=rec["source"], frame=rec["frame"], formula=rec["formula"],
+            n_atoms=rec["n_atoms"], metrics=m, cls="candidate",
+        )  # fmt: skip
+        if rec.get("status") != "ok" or dev is None:
+            entry.cls, entry.reason = "failed", rec.get("error") or "no prediction"
+        else:
+            entry.cls = trust_class(dev, settings.lo, settings.hi)
+            if entry.cls == "failed":
+                entry.reason = f"max_force_dev {dev:.4g} eV/Å >= hi {settings.hi} eV/Å"
+        needs_atoms = entry.cls == "candidate" and (settings.min_distance or settings.diverse)
+        if needs_atoms:
+            atoms = record_atoms(rec)
+            if settings.min_distance is not None:
+                dmin = min_distance(atoms)
+                if dmin < settings.min_distance:
+                    entry.cls = "failed"
+                    entry.reason = (
+                        f"min interatomic distance {dmin:.3f} Å < {settings.min_distance} Å"
+                    )
+            if entry.cls == "candidate" and settings.diverse:
+                entry.descriptor = descriptor(atoms, elements)
+        entries.append(entry)
+    return entries
+
+
+def choose(entries: list[Entry], settings: SelectionSettings) -> list[Entry]:
+    """Mark and return the selected candidates, in selection order."""
+    seen: set[str] = set()
+    cands = []
+    for e in entries:  # the same structure twice in the input is selected once
+        if e.cls == "candidate" and e.id not in seen:
+            seen.add(e.id)
+            cands.append(e)
+    cands.sort(key=lambda e: -e.metrics["max_force_dev"])
+    k = len(cands) if settings.max_selected is None else min(settings.max_selected, len(cands))
+    if settings.diverse and 0 < k < len(cands):
+        order = farthest_point_order(np.stack([e.descriptor for e in cands]), 0, k)
+        chosen = [cands[i] for i in order]
+    else:
+        chosen = cands[:k]
+    for e in chosen:
+        e.selected = True
+    return chosen
+
+
+def _prepare_output(output: Path) -> Path:
+    """A fresh temp dir beside `output`; refuse to replace a non-empty dir that is not ours."""
+    if output.exists():
+        if not output.is_dir():
+            raise OutputError(f"{output}: exists and is not a directory")
+        if any(output.iterdir()) and not (output / "manifest.json").is_file():
+            raise OutputError(
+                f"{output}: directory is not empty and holds no selection manifest; "
+                "choose another output directory"
+            )
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _swap_into_place(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{output.name}.old-"))
+        os.replace(output, old / "x")
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def select_from_results(
+    results_path: str | Path, output: str | Path, settings: SelectionSettings
+) -> dict:
+    """Classify and select from an ensemble-results file; write files + manifest atomically.
+
+    Returns the manifest. The output directory appears complete or not at all.
+    """
+    results_path, output = Path(results_path), Path(output)
+    header, records = read_results(results_path)
+    n_models = len(header.get("models", []))
+    if n_models < 2:
+        raise NequixFWError(
+            f"{results_path}: uncertainty needs at least 2 models, these results have {n_models}"
+        )
+    elements = sorted({int(z) for m in header["models"] for z in _numbers(m["elements"])})
+    entries = classify(records, settings, elements)
+    if not entries:
+        raise NequixFWError(f"{results_path}: holds no structures")
+    chosen = {e.id: e for e in choose(entries, settings)}
+    tmp = _prepare_output(output)
+    try:
+        suffix = "vasp" if settings.format == "vasp" else "extxyz"
+        _, records = read_results(results_path)  # second pass: write the chosen structures
+        for rec in records:
+            entry = chosen.pop(rec["id"], None)
+            if entry is not None:
+                entry.file = f"{rec['id']}.{suffix}"
+                atoms = record_atoms(rec)
+                atoms.info.update(id=rec["id"], source=rec["source"], frame=rec["frame"])
+                write_structure(atoms, tmp / entry.file, settings.format)
+        counts = {c: sum(e.cls == c for e in entries) for c in ("accurate", "candidate", "failed")}
+        counts["selected"] = sum(e.selected for e in entries)
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "schema_version": MANIFEST_VERSION,
+            "nequix_fw_version": __version__,
+            "ensemble_results": str(results_path.resolve()),
+            "models": header["models"],
+            "settings": settings.model_dump(mode="json"),
+            "counts": counts,
+            "structures": [e.to_dict() for e in entries],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _swap_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _numbers(symbols: list[str]) -> list[int]:
+    from ase.data import atomic_numbers
+
+    return [atomic_numbers[s] for s in symbols]

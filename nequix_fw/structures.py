@@ -1,0 +1,141 @@
+"""Structure I/O: read any ASE-readable input, content-hash ids, atomic file writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+
+from nequix_fw.errors import OutputError, StructureError
+
+#: File names and suffixes picked up when a directory is given.
+STRUCTURE_SUFFIXES = {".xyz", ".extxyz", ".traj", ".vasp", ".poscar", ".cif"}
+STRUCTURE_PREFIXES = ("POSCAR", "CONTCAR")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One structure with where it came from."""
+
+    atoms: Atoms
+    source: str
+    frame: int
+
+    @property
+    def id(self) -> str:
+        return structure_id(self.atoms)
+
+
+def structure_id(atoms: Atoms) -> str:
+    """Stable content hash of a structure: species, positions (1e-6 Å), cell and pbc."""
+    h = hashlib.sha256()
+    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update(np.round(np.asarray(atoms.positions, dtype=np.float64), 6).tobytes())
+    h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 6).tobytes())
+    h.update(np.asarray(atoms.pbc, dtype=np.int8).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _is_structure_file(path: Path) -> bool:
+    return path.suffix.lower() in STRUCTURE_SUFFIXES or path.name.startswith(STRUCTURE_PREFIXES)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, plus the structure files found (recursively) in directories."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and _is_structure_file(p)
+            )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise StructureError(f"{path}: no such file or directory")
+    if not files:
+        raise StructureError(
+            f"no structure files in {', '.join(str(i) for i in inputs) or 'the input'}"
+        )
+    return files
+
+
+def _read_file(path: Path) -> Iterator[Atoms]:
+    try:
+        frames = ase.io.iread(str(path), index=":")
+        yield from frames
+    except Exception as exc:  # ASE raises many kinds for malformed files
+        cause = str(exc).strip() or type(exc).__name__
+        raise StructureError(f"{path}: cannot read structures ({cause})") from None
+
+
+def iter_frames(inputs: Iterable[str | Path]) -> Iterator[Frame]:
+    """Every frame of every input file, in order. Raises `StructureError` naming the file."""
+    for path in expand_inputs(inputs):
+        n = 0
+        for i, atoms in enumerate(_read_file(path)):
+            if len(atoms) == 0:
+                raise StructureError(f"{path}: frame {i} has no atoms")
+            yield Frame(atoms=atoms, source=str(path), frame=i)
+            n += 1
+        if n == 0:
+            raise StructureError(f"{path}: file holds no structures")
+
+
+def min_distance(atoms: Atoms) -> float:
+    """Smallest interatomic distance in Å (periodic images included); inf for one atom."""
+    from ase.geometry import complete_cell
+    from matscipy.neighbours import neighbour_list
+
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return float("inf")
+    cutoff = 8.0
+    d = neighbour_list(
+        "d", positions=atoms.positions, cell=complete_cell(atoms.cell), pbc=atoms.pbc, cutoff=cutoff
+    )
+    return float(d.min()) if len(d) else float("inf")
+
+
+def check_writable_dir(path: Path) -> None:
+    """Fail early if files cannot be created in directory `path`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside `path`; on success it is renamed onto `path`, else removed."""
+    path = Path(path)
+    check_writable_dir(path.parent if str(path.parent) else Path("."))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_structure(atoms: Atoms, path: str | Path, fmt: str) -> None:
+    """Write one structure atomically (`fmt` is an ASE format name: 'vasp', 'extxyz', ...)."""
+    with atomic_path(path) as tmp:
+        if fmt == "vasp":
+            ase.io.write(tmp, atoms, format="vasp", direct=True)
+        else:
+            ase.io.write(tmp, atoms, format=fmt)
