@@ -114,22 +114,26 @@ class _StackedGroup:
         import jax.numpy as jnp
 
         self.indices = indices
-        parts = [eqx.partition(m, eqx.is_array) for m in modules]
-        self.static = parts[0][1]
-        self.stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for p, _ in parts])
+        params, self.static = eqx.partition(modules[0], eqx.is_array)
+        treedef = jax.tree_util.tree_structure(params)
+        # Same architecture means same leaves in the same order; e3nn's static parts compare by
+        # identity, so all members are re-hung on the first member's tree structure.
+        leaves = [jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array)) for m in modules]
+        self.stacked = jax.tree_util.tree_unflatten(
+            treedef, [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
+        )
         self._fn = eqx.filter_jit(_apply_stacked)
 
     def __call__(self, graph):
         return self._fn(self.stacked, self.static, graph)
 
 
-def _architecture_key(module) -> object:
+def _architecture_key(model: NequixModel, module) -> str:
     import equinox as eqx
     import jax
 
-    params, static = eqx.partition(module, eqx.is_array)
-    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(params))
-    return (jax.tree_util.tree_structure(params), shapes)
+    shapes = [x.shape for x in jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))]
+    return repr((sorted(model.info.architecture.items()), model.atomic_numbers, shapes))
 
 
 class Ensemble:
@@ -162,7 +166,7 @@ class Ensemble:
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
             for i, module in enumerate(modules):
-                groups.setdefault(_architecture_key(module), []).append(i)
+                groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
             self._groups = [
                 _StackedGroup(idx, [modules[i] for i in idx]) for idx in groups.values()
             ]

@@ -164,7 +164,9 @@ def load_model(spec: str | Path) -> NequixModel:
             from nequix.model import load_model as load_jax
 
             module, config = load_jax(str(path), False)
+            # trainable parameters: the per-element reference energies are a fixed prior
             n_params = sum(x.size for x in _leaves(eqx.filter(module, eqx.is_array)))
+            n_params -= module.atom_energies.size
         else:
             from nequix.torch_impl.model import load_model as load_torch
 
