@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.build import bulk, molecule
+from ase.build import bulk
 from ase.units import GPa
 
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, bucket_size, pack_batches
@@ -124,7 +124,8 @@ def test_uncovered_element_is_named(ensemble):
 def test_different_elements_or_cutoffs_refused(model_paths, tmp_path):
     m, c = new_model([29, 46], seed=0)
     pd = save_model(tmp_path / "cupd.nqx", m, c)
-    with pytest.raises(ModelError, match=r"m0 and cupd cover different elements \(differ in Pd, Au\)"):
+    msg = r"m0 and cupd cover different elements \(differ in Pd, Au\)"
+    with pytest.raises(ModelError, match=msg):
         Ensemble.from_specs([model_paths[0], pd])
     m, c = new_model([29, 79], seed=0, cutoff=4.0)
     short = save_model(tmp_path / "short.nqx", m, c)

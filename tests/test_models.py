@@ -69,7 +69,9 @@ def test_unknown_name_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".nqx", ".pt"])
 def test_truncated_checkpoint(model_paths, tmp_path, suffix):
-    src = model_paths[0] if suffix == ".nqx" else convert_checkpoint(model_paths[0], tmp_path / "a.pt")
+    src = model_paths[0]
+    if suffix == ".pt":
+        src = convert_checkpoint(src, tmp_path / "a.pt")
     data = src.read_bytes()
     bad = tmp_path / f"cut{suffix}"
     bad.write_bytes(data[: len(data) * 2 // 3])
