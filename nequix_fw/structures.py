@@ -35,11 +35,13 @@ class Frame:
 
 
 def structure_id(atoms: Atoms) -> str:
-    """Stable content hash of a structure: species, positions (1e-6 Å), cell and pbc."""
+    """Stable content hash of a structure: species, positions (wrapped into the cell for periodic
+    directions, so a POSCAR round trip keeps the id; 1e-5 Å), cell (1e-5 Å) and pbc."""
+    positions = atoms.get_positions(wrap=bool(atoms.pbc.any()))
     h = hashlib.sha256()
     h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    h.update(np.round(np.asarray(atoms.positions, dtype=np.float64), 6).tobytes())
-    h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 6).tobytes())
+    h.update(np.round(positions.astype(np.float64), 5).tobytes())
+    h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 5).tobytes())
     h.update(np.asarray(atoms.pbc, dtype=np.int8).tobytes())
     return h.hexdigest()[:20]
 

@@ -1,0 +1,162 @@
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from conftest import make_cells
+from nequix_fw.ensemble import run_ensemble
+from nequix_fw.errors import NequixFWError, OutputError, SettingsError
+from nequix_fw.results import read_results
+from nequix_fw.selection import farthest_point_order, select_from_results
+from nequix_fw.settings import SelectionSettings, make_settings
+from nequix_fw.structures import structure_id
+
+
+@pytest.fixture(scope="module")
+def results(model_paths, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sel")
+    ase.io.write(d / "cands.extxyz", make_cells(24, seed=5))
+    out = d / "results.json"
+    run_ensemble(model_paths, [d / "cands.extxyz"], out, progress=False)
+    return out
+
+
+def _devs(results):
+    _, recs = read_results(results)
+    return {r["id"]: r["metrics"]["max_force_dev"] for r in recs}
+
+
+def test_results_file_schema_and_streaming(results):
+    header, recs = read_results(results)
+    assert header["schema"] == "nequix-fw/ensemble-results" and header["schema_version"] == 1
+    assert [m["name"] for m in header["models"]] == ["m0", "m1", "m2"]
+    recs = list(recs)
+    assert len(recs) == 24 and [r["frame"] for r in recs] == list(range(24))
+    r = recs[3]
+    assert len(r["energies"]) == 3 and np.shape(r["forces"]) == (3, r["n_atoms"], 3)
+    assert np.shape(r["stresses"]) == (3, 6)
+    assert r["mean"]["energy"] == pytest.approx(np.mean(r["energies"]), abs=1e-6)
+    assert r["id"] == structure_id(ase.io.read(r["source"], index=3))
+    doc = json.loads(results.read_text())  # the streamed file is one valid JSON document
+    assert doc["summary"] == {"n_structures": 24, "n_failed": 0, "n_atoms": sum(
+        x["n_atoms"] for x in recs)}
+
+
+def test_selection_equals_threshold_set(results, tmp_path):
+    devs = _devs(results)
+    values = np.array(sorted(devs.values()))
+    lo, hi = float(values[5]), float(values[18])
+    manifest = select_from_results(results, tmp_path / "sel", SelectionSettings(lo=lo, hi=hi))
+    want = {i for i, d in devs.items() if lo <= d < hi}
+    got = {e["id"] for e in manifest["structures"] if e["selected"]}
+    assert got == want and len(want) == 13
+    classes = {e["id"]: e["class"] for e in manifest["structures"]}
+    assert {i for i, c in classes.items() if c == "failed"} == {i for i, d in devs.items() if d >= hi}
+    assert {i for i, c in classes.items() if c == "accurate"} == {i for i, d in devs.items() if d < lo}
+    assert manifest["counts"] == {"accurate": 5, "candidate": 13, "failed": 6, "selected": 13}
+    files = sorted(p.name for p in (tmp_path / "sel").glob("*.vasp"))
+    assert files == sorted(f"{i}.vasp" for i in want)
+    # the POSCAR holds the evaluated structure
+    _, recs = read_results(results)
+    rec = next(r for r in recs if r["id"] in want)
+    atoms = ase.io.read(tmp_path / "sel" / f"{rec['id']}.vasp")
+    from nequix_fw.results import record_atoms
+
+    want_atoms = record_atoms(rec)
+    np.testing.assert_allclose(
+        atoms.get_positions(wrap=True), want_atoms.get_positions(wrap=True), atol=1e-6
+    )
+    assert structure_id(atoms) == rec["id"]
+
+
+def test_threshold_only_and_cap_takes_most_uncertain(results, tmp_path):
+    devs = _devs(results)
+    manifest = select_from_results(
+        results, tmp_path / "sel", SelectionSettings(lo=0.0, max_selected=5, format="extxyz")
+    )
+    top5 = sorted(devs, key=devs.get, reverse=True)[:5]
+    assert {e["id"] for e in manifest["structures"] if e["selected"]} == set(top5)
+    assert manifest["counts"]["candidate"] == 24 and manifest["counts"]["selected"] == 5
+    frames = [ase.io.read(p) for p in (tmp_path / "sel").glob("*.extxyz")]
+    assert {f.info["id"] for f in frames} == set(top5)
+
+
+def test_diverse_does_not_pick_near_duplicates(model_paths, tmp_path):
+    base = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+    base.rattle(0.15, seed=1)
+    dups = []
+    for k in range(8):
+        a = base.copy()
+        a.rattle(0.001, seed=10 + k)
+        dups.append(a)
+    distinct = make_cells(6, seed=9)[3:]  # different sizes/compositions
+    ase.io.write(tmp_path / "pool.extxyz", dups + distinct)
+    run_ensemble(model_paths, [tmp_path / "pool.extxyz"], tmp_path / "r.json", progress=False)
+    dup_ids = {structure_id(a) for a in dups}
+    s = SelectionSettings(lo=0.0, max_selected=4, diverse=True)
+    manifest = select_from_results(tmp_path / "r.json", tmp_path / "div", s)
+    picked = [e["id"] for e in manifest["structures"] if e["selected"]]
+    assert len(picked) == 4 and len(dup_ids & set(picked)) == 1
+
+
+def test_farthest_point_order():
+    x = np.array([[0.0], [0.1], [5.0], [10.0], [10.1]])
+    assert farthest_point_order(x, 0, 3) == [0, 4, 2]
+
+
+def test_min_distance_filter_marks_failed(model_paths, tmp_path):
+    close = bulk("Cu", "fcc", a=3.6, cubic=True)
+    close.positions[1] = close.positions[0] + [0.6, 0.0, 0.0]
+    ok = make_cells(2, seed=3)
+    ase.io.write(tmp_path / "p.extxyz", [close, *ok])
+    run_ensemble(model_paths, [tmp_path / "p.extxyz"], tmp_path / "r.json", progress=False)
+    manifest = select_from_results(
+        tmp_path / "r.json", tmp_path / "s", SelectionSettings(lo=0.0, min_distance=1.5)
+    )
+    entry = manifest["structures"][0]
+    assert entry["class"] == "failed" and not entry["selected"]
+    assert entry["reason"].startswith("min interatomic distance 0.600 Å < 1.5 Å")
+    assert manifest["counts"]["selected"] == 2
+
+
+@pytest.mark.parametrize(
+    "values, msg",
+    [
+        ({"lo": 0.3, "hi": 0.1}, "lo (0.3 eV/Å) must not exceed hi (0.1 eV/Å)"),
+        ({"lo": -0.1}, "lo: Input should be greater than or equal to 0"),
+        ({"hi": -1.0}, "hi: Input should be greater than or equal to 0"),
+        ({"max_selected": 0}, "max_selected: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_thresholds(values, msg):
+    with pytest.raises(SettingsError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        make_settings(SelectionSettings, **values)
+
+
+def test_rerun_replaces_own_output_but_not_foreign_dir(results, tmp_path):
+    out = tmp_path / "sel"
+    select_from_results(results, out, SelectionSettings(lo=0.0, max_selected=3))
+    select_from_results(results, out, SelectionSettings(lo=0.0, max_selected=2))
+    assert len(list(out.glob("*.vasp"))) == 2
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty and holds no selection manifest"):
+        select_from_results(results, foreign, SelectionSettings())
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_single_model_results_refused(model_paths, tmp_path):
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.results import ResultsWriter
+    from nequix_fw.structures import Frame
+
+    ens = Ensemble.from_specs(model_paths[:1])
+    with ResultsWriter(tmp_path / "one.json", [m.info.to_dict() for m in ens.models], {}) as w:
+        for rec in ens.evaluate([Frame(make_cells(1)[0], "mem", 0)]):
+            w.write(rec)
+    with pytest.raises(NequixFWError, match="at least 2 models, these results have 1"):
+        select_from_results(tmp_path / "one.json", tmp_path / "s", SelectionSettings())
