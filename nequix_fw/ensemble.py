@@ -16,7 +16,7 @@ The fast path (``backend="jax"``):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from ase.geometry import complete_cell
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from nequix_fw.errors import ModelError, StructureError
-from nequix_fw.models import NequixModel, load_model
+from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import Frame, check_writable_dir, iter_frames, structure_id
 from nequix_fw.uncertainty import ensemble_metrics
@@ -177,8 +177,15 @@ class Ensemble:
     def from_specs(
         cls, specs: Sequence[str | Path], settings: EnsembleSettings | None = None
     ) -> Ensemble:
-        """Load models from paths or pretrained names."""
-        return cls([load_model(s) for s in specs], settings)
+        """Load models from paths or pretrained names (a file given twice is read once)."""
+        loaded: dict[Path, NequixModel] = {}
+        models = []
+        for spec in specs:
+            path = resolve_model_path(spec)[1].resolve()
+            if path not in loaded:
+                loaded[path] = load_model(spec)
+            models.append(loaded[path])
+        return cls(models, settings)
 
     def __len__(self) -> int:
         return len(self.models)
@@ -213,12 +220,22 @@ class Ensemble:
         graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
         return graph
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
-        """Per-model energies, forces and stresses for each structure."""
+    def predict(
+        self, structures: Sequence[Atoms], on_batch: Callable[[int], None] | None = None
+    ) -> list[Prediction]:
+        """Per-model energies, forces and stresses for each structure.
+
+        `on_batch(n)` is called after each batch with the number of structures it held.
+        """
         if not structures:
             return []
         if self.settings.backend == "torch":
-            return [self._predict_torch(a) for a in structures]
+            preds = []
+            for a in structures:
+                preds.append(self._predict_torch(a))
+                if on_batch is not None:
+                    on_batch(1)
+            return preds
         graphs = [self._graph(a) for a in structures]
         batches = (
             [[0]]
@@ -235,6 +252,8 @@ class Ensemble:
                 if not structures[i].pbc.all():
                     pred.stresses = None
                 out[i] = pred
+            if on_batch is not None:
+                on_batch(len(batch))
         return out  # type: ignore[return-value]
 
     def _predict_batch(self, graphs: list[dict]) -> list[Prediction]:
@@ -286,20 +305,22 @@ class Ensemble:
             stresses=np.array(stresses, dtype=np.float64) if has_stress else None,
         )
 
-    def evaluate(self, frames: Iterable[Frame]) -> Iterator[EnsembleRecord]:
+    def evaluate(
+        self, frames: Iterable[Frame], on_batch: Callable[[int], None] | None = None
+    ) -> Iterator[EnsembleRecord]:
         """Stream records for `frames` in input order, holding one chunk in memory at a time."""
         chunk: list[Frame] = []
         for frame in frames:
             self.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
             chunk.append(frame)
             if len(chunk) >= self.settings.chunk_size:
-                yield from self._evaluate_chunk(chunk)
+                yield from self._evaluate_chunk(chunk, on_batch)
                 chunk = []
         if chunk:
-            yield from self._evaluate_chunk(chunk)
+            yield from self._evaluate_chunk(chunk, on_batch)
 
-    def _evaluate_chunk(self, frames: list[Frame]) -> Iterator[EnsembleRecord]:
-        preds = self.predict([f.atoms for f in frames])
+    def _evaluate_chunk(self, frames: list[Frame], on_batch=None) -> Iterator[EnsembleRecord]:
+        preds = self.predict([f.atoms for f in frames], on_batch)
         names = [m.info.name for m in self.models]
         for frame, pred in zip(frames, preds, strict=True):
             finite = pred.finite
@@ -385,8 +406,7 @@ def run_ensemble(
     models = [m.info.to_dict() for m in ensemble.models]
     with ResultsWriter(output, models, settings.model_dump(mode="json")) as writer:
         bar = tqdm(total=n_frames, unit="struct", disable=not progress, desc="ensemble")
-        for rec in ensemble.evaluate(iter_frames(structures)):
+        for rec in ensemble.evaluate(iter_frames(structures), on_batch=bar.update):
             writer.write(rec)
-            bar.update()
         bar.close()
     return writer.summary

@@ -161,9 +161,8 @@ def load_model(spec: str | Path) -> NequixModel:
     try:
         if backend == "jax":
             import equinox as eqx
-            from nequix.model import load_model as load_jax
 
-            module, config = load_jax(str(path), False)
+            module = _load_jax(path, config)
             # trainable parameters: the per-element reference energies are a fixed prior
             n_params = sum(x.size for x in _leaves(eqx.filter(module, eqx.is_array)))
             n_params -= module.atom_energies.size
@@ -190,6 +189,24 @@ def load_model(spec: str | Path) -> NequixModel:
         architecture={k: config[k] for k in REQUIRED_CONFIG_KEYS if k != "atomic_numbers"},
     )
     return NequixModel(info=info, config=config, module=module)
+
+
+def _load_jax(path: Path, config: dict):
+    """nequix's `load_model`, but the skeleton is built with `eqx.filter_eval_shape` (no random
+    initialisation to throw away: about 3x faster, more on a GPU), then filled from the file."""
+    import equinox as eqx
+    import jax
+    from nequix.model import Nequix
+
+    like = eqx.filter_eval_shape(
+        Nequix,
+        key=jax.random.key(0),
+        n_species=len(config["atomic_numbers"]),
+        **{k: config[k] for k in REQUIRED_CONFIG_KEYS if k != "atomic_numbers"},
+    )
+    with open(path, "rb") as f:
+        f.readline()
+        return eqx.tree_deserialise_leaves(f, like)
 
 
 def _leaves(tree) -> list:

@@ -35,7 +35,7 @@ class EnsembleSettings(_Settings):
         "converted in memory); 'torch' evaluates each model with nequix's torch calculator.",
     )
     max_edges_per_batch: int = Field(
-        16384, ge=64, description="Target number of edges (neighbour pairs) in one padded batch."
+        8192, ge=64, description="Target number of edges (neighbour pairs) in one padded batch."
     )
     max_structures_per_batch: int = Field(
         64, ge=1, description="Most structures packed into one padded batch."

@@ -4,8 +4,8 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-
 from conftest import make_cells
+
 from nequix_fw.ensemble import run_ensemble
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.results import read_results
@@ -40,8 +40,11 @@ def test_results_file_schema_and_streaming(results):
     assert r["mean"]["energy"] == pytest.approx(np.mean(r["energies"]), abs=1e-6)
     assert r["id"] == structure_id(ase.io.read(r["source"], index=3))
     doc = json.loads(results.read_text())  # the streamed file is one valid JSON document
-    assert doc["summary"] == {"n_structures": 24, "n_failed": 0, "n_atoms": sum(
-        x["n_atoms"] for x in recs)}
+    assert doc["summary"] == {
+        "n_structures": 24,
+        "n_failed": 0,
+        "n_atoms": sum(x["n_atoms"] for x in recs),
+    }
 
 
 def test_selection_equals_threshold_set(results, tmp_path):
@@ -53,8 +56,9 @@ def test_selection_equals_threshold_set(results, tmp_path):
     got = {e["id"] for e in manifest["structures"] if e["selected"]}
     assert got == want and len(want) == 13
     classes = {e["id"]: e["class"] for e in manifest["structures"]}
-    assert {i for i, c in classes.items() if c == "failed"} == {i for i, d in devs.items() if d >= hi}
-    assert {i for i, c in classes.items() if c == "accurate"} == {i for i, d in devs.items() if d < lo}
+    by_class = {c: {i for i, k in classes.items() if k == c} for c in ("failed", "accurate")}
+    assert by_class["failed"] == {i for i, d in devs.items() if d >= hi}
+    assert by_class["accurate"] == {i for i, d in devs.items() if d < lo}
     assert manifest["counts"] == {"accurate": 5, "candidate": 13, "failed": 6, "selected": 13}
     files = sorted(p.name for p in (tmp_path / "sel").glob("*.vasp"))
     assert files == sorted(f"{i}.vasp" for i in want)
