@@ -162,7 +162,12 @@ class Ensemble:
         self.cutoff = first.cutoff
         self._atom_indices = {z: i for i, z in enumerate(self.atomic_numbers)}
         if self.settings.backend == "jax":
+            import jax
+
             _configure_compilation_cache(self.settings.compilation_cache_dir)
+            self.max_edges_per_batch = self.settings.max_edges_per_batch or (
+                8192 if jax.default_backend() == "cpu" else 32768
+            )
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
             for i, module in enumerate(modules):
@@ -242,7 +247,7 @@ class Ensemble:
             if len(graphs) == 1
             else pack_batches(
                 [int(g["n_edge"][0]) for g in graphs],
-                self.settings.max_edges_per_batch,
+                self.max_edges_per_batch,
                 self.settings.max_structures_per_batch,
             )
         )

@@ -3,7 +3,7 @@
 A settings file is a YAML mapping with one section per stage, e.g.::
 
     ensemble:
-      max_edges_per_batch: 16384
+      max_edges_per_batch: 8192
     selection:
       lo: 0.08      # eV/Å
       hi: 0.40      # eV/Å
@@ -34,8 +34,11 @@ class EnsembleSettings(_Settings):
         description="Evaluation backend. 'jax' is the fast batched path (torch checkpoints are "
         "converted in memory); 'torch' evaluates each model with nequix's torch calculator.",
     )
-    max_edges_per_batch: int = Field(
-        8192, ge=64, description="Target number of edges (neighbour pairs) in one padded batch."
+    max_edges_per_batch: int | None = Field(
+        None,
+        ge=64,
+        description="Target number of edges (neighbour pairs) in one padded batch. None: 8192 on "
+        "CPU (bounds memory), 32768 on a GPU (fewer batches, fewer compilations).",
     )
     max_structures_per_batch: int = Field(
         64, ge=1, description="Most structures packed into one padded batch."

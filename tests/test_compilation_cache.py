@@ -1,0 +1,49 @@
+"""JAX's persistent compilation cache: a second process finds the first one's compilations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ase.io
+from conftest import make_cells
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from jax import monitoring
+hits = []
+monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
+)
+from nequix_fw.ensemble import run_ensemble
+from nequix_fw.settings import EnsembleSettings
+models, structures, out, cache = sys.argv[1:5]
+settings = EnsembleSettings(compilation_cache_dir=Path(cache))
+run_ensemble(models.split(","), [structures], out, settings, progress=False)
+print(json.dumps({"hits": len(hits)}))
+"""
+
+
+def test_second_process_reuses_compilations(model_paths, tmp_path):
+    ase.io.write(tmp_path / "s.extxyz", make_cells(8, seed=4))
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run(i):
+        args = [",".join(map(str, model_paths)), tmp_path / "s.extxyz", tmp_path / f"r{i}.json",
+                cache]  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True,
+                           text=True, env=env, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])["hits"]
+
+    assert run(1) == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries  # the engine's compilations were written
+    assert run(2) >= 1
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
+    first, second = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in (1, 2))
+    assert [s["energies"] for s in first["structures"]] == [
+        s["energies"] for s in second["structures"]
+    ]
