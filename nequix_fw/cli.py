@@ -61,6 +61,63 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_ensemble(args: argparse.Namespace) -> int:
+    from nequix_fw.settings import TrainingSettings, load_settings
+    from nequix_fw.training import train_ensemble
+
+    settings = load_settings(
+        args.config,
+        TrainingSettings,
+        n_models=args.n_models,
+        epochs=args.epochs,
+        strategy=args.strategy,
+        seed=args.seed,
+        n_workers=args.workers,
+        save_torch=True if args.save_torch else None,
+    )
+    metas = train_ensemble(
+        args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
+        warm_start=args.warm_start, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    for m in metas:
+        best = m["best_valid"]
+        print(
+            f"member {m['member']}: {m['start']}, seed {m['seed']}, {m['epochs_run']} epochs, "
+            f"best epoch {m['best_epoch']}: loss {best['loss']:.4g}"
+            + (f", force MAE {best['force_mae']:.4g} eV/Å" if "force_mae" in best else "")
+        )
+    print(f"wrote {len(metas)} members to {args.outdir}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from nequix_fw.validation import validate
+
+    report = validate(
+        args.models, args.testset, args.output, error_threshold=args.error_threshold,
+        reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
+    )  # fmt: skip
+    mean = report["ensemble_mean"]
+    line = (
+        f"ensemble mean on {report['n_structures']} structures: energy RMSE "
+        f"{mean['energy_per_atom_meV']['rmse']:.2f} meV/atom, force RMSE "
+        f"{mean['forces_eV_per_A']['rmse']:.4f} eV/Å"
+    )
+    if mean["stress_GPa"]["rmse"] is not None:
+        line += f", stress RMSE {mean['stress_GPa']['rmse']:.3f} GPa"
+    print(line)
+    uq = report.get("uncertainty")
+    if uq:
+        rho, auc = uq["spearman_max_force_dev_vs_max_force_error"], uq["roc_auc"]
+        print(
+            f"uncertainty: Spearman {rho if rho is None else round(rho, 3)}, "
+            f"ROC AUC {auc if auc is None else round(auc, 3)} "
+            f"(error > {uq['error_threshold_eV_per_A']} eV/Å)"
+        )
+    print(f"report -> {args.output}")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -119,6 +176,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-distance", type=float, help="minimum interatomic distance (Å)")
     s.add_argument("--format", choices=["vasp", "extxyz"])
     s.set_defaults(func=_cmd_select)
+
+    t = sub.add_parser("train-ensemble", help="train an ensemble of Nequix models")
+    t.add_argument(
+        "--dataset",
+        nargs="+",
+        required=True,
+        help="labelled structures (extxyz/traj/vasprun.xml/..., files or directories)",
+    )
+    t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
+    t.add_argument("--config", help="settings YAML (section 'training')")
+    t.add_argument("--n-models", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--strategy", choices=["splits", "seeds", "bootstrap"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--workers", type=int, help="members trained in parallel processes")
+    t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
+    t.add_argument("--warm-start", help="previous iteration's model directory")
+    t.add_argument("--save-torch", action="store_true", help="also write .pt checkpoints")
+    t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train_ensemble)
+
+    v = sub.add_parser("validate", help="errors and uncertainty quality on a labelled test set")
+    v.add_argument("--models", nargs="+", required=True)
+    v.add_argument("--testset", nargs="+", required=True)
+    v.add_argument("--output", required=True, help="report JSON (plots are written beside it)")
+    v.add_argument(
+        "--error-threshold",
+        type=float,
+        default=0.1,
+        help="true max force error (eV/Å) counted as 'bad' for ROC AUC",
+    )
+    v.add_argument("--reference", help="reference calculator for E-V and relaxation (emt)")
+    v.add_argument("--ev-structure", help="structure for the E-V curve (default: first test one)")
+    v.add_argument("--no-plots", action="store_true")
+    v.set_defaults(func=_cmd_validate)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
     m.add_argument("models", nargs="+")

@@ -63,6 +63,27 @@ class EnsembleRecord:
     error: str | None = None
 
 
+def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> dict:
+    """nequix's graph dict for `atoms`, always with a cell (identity for molecules), so that
+    periodic, slab and molecular structures share one compiled function (stress is reported
+    for fully periodic cells only)."""
+    from nequix.data import preprocess_graph
+
+    graph = preprocess_graph(atoms, atom_indices, cutoff, False)
+    graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
+    return graph
+
+
+def pad_batch(graphs: list, n_graph: int):
+    """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket)."""
+    import jraph
+
+    batch = jraph.batch(graphs)
+    n_node = bucket_size(int(batch.n_node.sum()) + 1, 16)
+    n_edge = bucket_size(int(batch.n_edge.sum()), 64)
+    return jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
+
+
 def bucket_size(n: int, minimum: int) -> int:
     """Round `n` up to a size bucket: quarter steps between powers of two (<=25% padding)."""
     n = max(int(n), minimum)
@@ -216,15 +237,6 @@ class Ensemble:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def _graph(self, atoms: Atoms) -> dict:
-        from nequix.data import preprocess_graph
-
-        graph = preprocess_graph(atoms, self._atom_indices, self.cutoff, False)
-        # Always carry a cell (identity for molecules) so periodic, slab and molecular
-        # structures share one compiled function; stress is reported for full pbc only.
-        graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
-        return graph
-
     def predict(
         self, structures: Sequence[Atoms], on_batch: Callable[[int], None] | None = None
     ) -> list[Prediction]:
@@ -241,7 +253,7 @@ class Ensemble:
                 if on_batch is not None:
                     on_batch(1)
             return preds
-        graphs = [self._graph(a) for a in structures]
+        graphs = [build_graph(a, self._atom_indices, self.cutoff) for a in structures]
         batches = (
             [[0]]
             if len(graphs) == 1
@@ -262,16 +274,11 @@ class Ensemble:
         return out  # type: ignore[return-value]
 
     def _predict_batch(self, graphs: list[dict]) -> list[Prediction]:
-        import jraph
         from nequix.data import dict_to_graphstuple
 
-        batch = jraph.batch([dict_to_graphstuple(g) for g in graphs])
-        n_node = bucket_size(int(batch.n_node.sum()) + 1, 16)
-        n_edge = bucket_size(int(batch.n_edge.sum()), 64)
-        n_graph = (
-            len(graphs) + 1 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
-        )
-        padded = jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
+        n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
+        padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph)
+        n_node = padded.nodes["positions"].shape[0]
         m = len(self.models)
         energies = np.zeros((m, n_graph))
         forces = np.zeros((m, n_node, 3))

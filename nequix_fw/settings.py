@@ -89,11 +89,60 @@ class SelectionSettings(_Settings):
         return self
 
 
+class ArchitectureSettings(_Settings):
+    """Nequix architecture for training from scratch (nequix's own hyperparameter names)."""
+
+    cutoff: float = Field(5.0, gt=0, description="Neighbour cutoff (Å).")
+    hidden_irreps: str = Field("32x0e + 16x1o + 8x2e", description="Hidden features (e3nn).")
+    n_layers: int = Field(3, ge=1, description="Message-passing layers.")
+    lmax: int = Field(2, ge=0, description="Highest spherical-harmonic degree of edges.")
+    radial_basis_size: int = Field(8, ge=1)
+    radial_mlp_size: int = Field(32, ge=1)
+    radial_mlp_layers: int = Field(2, ge=1)
+    radial_polynomial_p: float = Field(6.0, gt=0)
+    mlp_init_scale: float = Field(4.0, gt=0)
+    index_weights: bool = False
+    layer_norm: bool = True
+
+
+class TrainingSettings(_Settings):
+    """How an ensemble is trained and how its members differ."""
+
+    n_models: int = Field(4, ge=1, description="Ensemble members.")
+    strategy: Literal["splits", "seeds", "bootstrap"] = Field(
+        "splits",
+        description="How members differ besides their init seed: 'splits' (own random "
+        "train/validation split each), 'seeds' (same split, seed only), 'bootstrap' (own split "
+        "and a bootstrap resample of its training part).",
+    )
+    seed: int = Field(0, description="Base seed; member k uses seed + k.")
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share per member.")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1, description="Structures per training batch.")
+    learning_rate: float = Field(5e-3, gt=0, description="Peak learning rate.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up, then cosine decay.")
+    min_learning_rate: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(10.0, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="0 disables the moving average.")
+    energy_weight: float = Field(1.0, ge=0, description="Loss weight of energy per atom.")
+    force_weight: float = Field(10.0, ge=0, description="Loss weight of forces.")
+    stress_weight: float = Field(0.0, ge=0, description="Loss weight of stress (needs labels).")
+    loss_type: Literal["huber", "mse", "mae"] = Field("mse", description="nequix's loss types.")
+    patience: int | None = Field(
+        20, ge=1, description="Stop after this many epochs without a better validation loss."
+    )
+    architecture: ArchitectureSettings = Field(default_factory=ArchitectureSettings)
+    save_torch: bool = Field(False, description="Also write a .pt checkpoint per member.")
+    n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
+
+
 S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
     "ensemble": EnsembleSettings,
     "selection": SelectionSettings,
+    "training": TrainingSettings,
 }
 
 

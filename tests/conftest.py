@@ -54,3 +54,49 @@ def mp1() -> Path:
     if not MP1.is_file():
         pytest.skip(f"{MP1} not available")
     return MP1
+
+
+def emt_labelled(n: int, seed: int, max_au: int = 4, rattle: float = 0.1) -> list:
+    """Rattled/strained 16-atom fcc Cu cells with up to `max_au` Au, labelled by ASE's EMT."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from nequix_fw.exploration import distorted_copies
+
+    rng = np.random.default_rng(seed)
+    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    out = []
+    for a in distorted_copies(base, n, rattle_std=rattle, strain_max=0.03, seed=seed):
+        a.numbers[rng.choice(len(a), size=rng.integers(0, max_au + 1), replace=False)] = 79
+        a.calc = EMT()
+        labels = dict(energy=a.get_potential_energy(), forces=a.get_forces(), stress=a.get_stress())
+        a.calc = SinglePointCalculator(a, **labels)
+        out.append(a)
+    return out
+
+
+TINY_ARCH = {"hidden_irreps": "16x0e + 8x1o", "n_layers": 2, "lmax": 1, "radial_mlp_size": 16}
+
+
+@pytest.fixture(scope="session")
+def emt_data(tmp_path_factory) -> dict:
+    import ase.io
+
+    d = tmp_path_factory.mktemp("emt")
+    ase.io.write(d / "train.extxyz", emt_labelled(48, seed=0))
+    ase.io.write(d / "test.extxyz", emt_labelled(16, seed=1))
+    return {"train": d / "train.extxyz", "test": d / "test.extxyz", "dir": d}
+
+
+@pytest.fixture(scope="session")
+def trained(emt_data, tmp_path_factory) -> dict:
+    """A 2-member tiny ensemble trained for 15 epochs on EMT data (shared by several tests)."""
+    from nequix_fw.settings import TrainingSettings
+    from nequix_fw.training import train_ensemble
+
+    out = tmp_path_factory.mktemp("trained")
+    settings = TrainingSettings(
+        n_models=2, epochs=15, batch_size=4, patience=None, architecture=TINY_ARCH
+    )
+    metas = train_ensemble([emt_data["train"]], out, settings, progress=False)
+    return {"dir": out, "metas": metas, "settings": settings}

@@ -1,0 +1,493 @@
+"""Ensemble training on nequix's own model, loss, graph and checkpoint code.
+
+Members differ by init seed and, by default, by their own random train/validation split
+(`TrainingSettings.strategy`). Three starting points: from scratch (per-element reference
+energies fitted robustly from the data), fine-tuning a foundation model (its reference energies
+corrected to the data), or a warm start where member k continues from its predecessor.
+Shift, scale and neighbour count come from the whole training set, so all members share one
+architecture and the ensemble engine evaluates them stacked.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import numpy as np
+
+from nequix_fw import __version__
+from nequix_fw.dataset import Labelled, ids_hash, read_labelled
+from nequix_fw.errors import ModelError, OutputError, StructureError
+from nequix_fw.models import load_model, new_model, save_model
+from nequix_fw.settings import TrainingSettings
+from nequix_fw.structures import atomic_path
+
+MEMBER_GLOB = "member_*.nqx"
+
+
+# -- reference energies and statistics ---------------------------------------------------------
+
+
+def fit_reference_energies(
+    counts: np.ndarray, energies: np.ndarray, robust: bool = True
+) -> np.ndarray:
+    """Per-element reference energies (eV) from composition counts (n, n_el) and energies (n,).
+
+    Residuals are taken per atom. With `robust`, a Cauchy-loss fit scaled by the residuals' median
+    absolute deviation keeps a few high-energy structures (which active learning favours) from
+    pulling the references up.
+    """
+    from scipy.optimize import least_squares
+
+    n_atoms = counts.sum(axis=1, keepdims=True)
+    a, b = counts / n_atoms, energies / n_atoms[:, 0]
+    e0 = np.linalg.lstsq(a, b, rcond=None)[0]
+    if not robust or len(b) <= counts.shape[1]:
+        return e0
+    resid = b - a @ e0
+    scale = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), 1e-4)
+    fit = least_squares(lambda x: a @ x - b, e0, loss="cauchy", f_scale=scale)
+    return fit.x
+
+
+def _counts(data: list[Labelled], numbers: list[int]) -> np.ndarray:
+    return np.array([[np.sum(d.frame.atoms.numbers == z) for z in numbers] for d in data], float)
+
+
+# -- graphs and batches --------------------------------------------------------------------------
+
+
+def _graph(d: Labelled, atom_indices: dict[int, int], cutoff: float):
+    from ase.stress import voigt_6_to_full_3x3_stress
+    from nequix.data import dict_to_graphstuple
+
+    from nequix_fw.ensemble import build_graph
+
+    g = build_graph(d.frame.atoms, atom_indices, cutoff)
+    g["forces"] = d.forces.astype(np.float32)
+    g["energy"] = np.array([d.energy], dtype=np.float32)
+    stress = np.zeros((3, 3)) if d.stress is None else voigt_6_to_full_3x3_stress(d.stress)
+    g["stress"] = stress.astype(np.float32)
+    return dict_to_graphstuple(g)
+
+
+def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
+    """Padded batches of `graphs[idx]`, all padded to the largest batch's size bucket."""
+    import jraph
+
+    from nequix_fw.ensemble import bucket_size
+
+    groups = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    n_node = max(sum(int(graphs[i].n_node[0]) for i in g) for g in groups)
+    n_edge = max(sum(int(graphs[i].n_edge[0]) for i in g) for g in groups)
+    n_node, n_edge = bucket_size(n_node + 1, 16), bucket_size(n_edge, 64)
+    return [
+        jraph.pad_with_graphs(
+            jraph.batch([graphs[i] for i in g]), n_node=n_node, n_edge=n_edge,
+            n_graph=batch_size + 1,
+        )
+        for g in groups
+    ]  # fmt: skip
+
+
+# -- member plans ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MemberPlan:
+    """Everything one member's training needs; plain data so it can go to another process."""
+
+    index: int
+    seed: int
+    train_idx: list[int]
+    valid_idx: list[int]
+    start: str  # "scratch" | "finetune" | "warm_start"
+    config: dict  # nequix model config of the starting model
+    init_path: str | None = None  # checkpoint to start from (finetune, warm start)
+    atom_energies: dict[str, float] = field(default_factory=dict)  # overrides (eV)
+
+
+def split_members(n: int, settings: TrainingSettings) -> list[tuple[list[int], list[int]]]:
+    """(train, valid) indices per member according to the strategy."""
+    out = []
+    n_valid = (
+        0 if settings.valid_fraction == 0 or n < 2 else max(1, round(n * settings.valid_fraction))
+    )
+    for k in range(settings.n_models):
+        split_seed = settings.seed if settings.strategy == "seeds" else settings.seed + k
+        perm = np.random.default_rng(split_seed).permutation(n)
+        valid, train = perm[:n_valid], perm[n_valid:]
+        if settings.strategy == "bootstrap":
+            rng = np.random.default_rng(settings.seed + 1000 + k)
+            train = rng.choice(train, size=len(train), replace=True)
+        out.append((sorted(int(i) for i in train), sorted(int(i) for i in valid)))
+    return out
+
+
+def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    existing = sorted(outdir.glob(MEMBER_GLOB)) if outdir.is_dir() else []
+    if existing and not overwrite:
+        raise OutputError(
+            f"{outdir}: already holds models ({', '.join(p.name for p in existing[:3])}); "
+            "pass --overwrite or choose another directory"
+        )
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{outdir}: cannot write there ({exc.strerror or exc})") from None
+
+
+def plan_members(
+    data: list[Labelled],
+    settings: TrainingSettings,
+    finetune_from: str | Path | None = None,
+    warm_start: str | Path | None = None,
+) -> tuple[list[MemberPlan], dict]:
+    """Starting models, data subsets and seeds of all members; plus dataset facts for metadata."""
+    if not data:
+        raise StructureError("the training set is empty")
+    if finetune_from is not None and warm_start is not None:
+        raise ModelError("give --finetune-from or --warm-start, not both")
+    numbers = sorted({int(z) for d in data for z in d.frame.atoms.numbers})
+    splits = split_members(len(data), settings)
+    if settings.stress_weight > 0:
+        missing = [d.where for d in data if d.stress is None]
+        if missing:
+            raise StructureError(f"{missing[0]}: no stress label, but stress_weight > 0")
+    counts = _counts(data, numbers)
+    energies = np.array([d.energy for d in data])
+    facts: dict[str, Any] = {"elements_z": numbers, "n_structures": len(data)}
+    plans = []
+    if warm_start is not None:
+        prev = sorted(Path(warm_start).glob(MEMBER_GLOB))
+        if len(prev) < settings.n_models:
+            raise ModelError(
+                f"{warm_start}: warm start needs {settings.n_models} member_*.nqx, "
+                f"found {len(prev)}"
+            )
+        for k, (tr, va) in enumerate(splits):
+            m = load_model(prev[k])
+            _check_covers(m.atomic_numbers, numbers, prev[k])
+            plans.append(
+                MemberPlan(k, settings.seed + k, tr, va, "warm_start", m.config, str(prev[k]))
+            )
+        return plans, facts
+    if finetune_from is not None:
+        base = load_model(finetune_from)
+        _check_covers(base.atomic_numbers, numbers, base.info.path)
+        delta = _reference_correction(base, data, counts, numbers)
+        e0 = {str(z): float(base.config["atom_energies"][str(z)]) for z in base.atomic_numbers}
+        overrides = {str(z): e0[str(z)] + float(d) for z, d in zip(numbers, delta, strict=True)}
+        facts["reference_energy_correction"] = dict(
+            zip(map(str, numbers), delta.tolist(), strict=True)
+        )
+        for k, (tr, va) in enumerate(splits):
+            plans.append(
+                MemberPlan(
+                    k, settings.seed + k, tr, va, "finetune", base.config, base.info.path, overrides
+                )
+            )
+        return plans, facts
+    e0 = fit_reference_energies(counts, energies)
+    arch = settings.architecture.model_dump()
+    stats = _statistics(data, numbers, e0, arch["cutoff"])
+    facts["reference_energies"] = dict(zip(map(str, numbers), e0.tolist(), strict=True))
+    facts["statistics"] = stats
+    for k, (tr, va) in enumerate(splits):
+        _, config = new_model(
+            numbers, seed=settings.seed + k, atom_energies=dict(zip(numbers, e0, strict=True)),
+            **arch, **stats,
+        )  # fmt: skip
+        plans.append(MemberPlan(k, settings.seed + k, tr, va, "scratch", config))
+    return plans, facts
+
+
+def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
+    from ase.data import chemical_symbols
+
+    missing = sorted(set(numbers) - set(model_numbers))
+    if missing:
+        raise StructureError(
+            f"the training set contains {', '.join(chemical_symbols[z] for z in missing)}, "
+            f"which the starting model {where} does not cover"
+        )
+
+
+def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, cutoff: float) -> dict:
+    """nequix's shift (eV/atom), scale (eV/Å) and average neighbour count, on the whole set."""
+    from nequix_fw.ensemble import build_graph
+
+    idx = {z: i for i, z in enumerate(numbers)}
+    counts = _counts(data, numbers)
+    n_atoms = counts.sum(axis=1)
+    resid = (np.array([d.energy for d in data]) - counts @ e0) / n_atoms
+    forces = np.concatenate([d.forces.ravel() for d in data])
+    n_edges = sum(int(build_graph(d.frame.atoms, idx, cutoff)["n_edge"][0]) for d in data)
+    return {
+        "shift": float(np.mean(resid)),
+        "scale": float(np.sqrt(np.mean(forces**2))) or 1.0,
+        "avg_n_neighbors": float(n_edges / n_atoms.sum()),
+    }
+
+
+def _reference_correction(base, data, counts, numbers) -> np.ndarray:
+    """Per-element shift (eV) of a foundation model's reference energies to fit the data."""
+    from nequix_fw.ensemble import Ensemble
+
+    preds = Ensemble([base]).predict([d.frame.atoms for d in data])
+    resid = np.array([d.energy - p.energies[0] for d, p in zip(data, preds, strict=True)])
+    return fit_reference_energies(counts, resid)
+
+
+# -- one member ---------------------------------------------------------------------------------
+
+
+def _start_module(plan: MemberPlan):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from nequix.model import Nequix
+
+    from nequix_fw.models import REQUIRED_CONFIG_KEYS
+
+    config = dict(plan.config)
+    if plan.init_path is None:
+        zs = config["atomic_numbers"]
+        module = Nequix(
+            key=jax.random.key(plan.seed),
+            n_species=len(zs),
+            **{k: config[k] for k in REQUIRED_CONFIG_KEYS if k != "atomic_numbers"},
+            atom_energies=[config["atom_energies"][str(z)] for z in zs],
+        )
+        return module, config
+    module = load_model(plan.init_path).module
+    if plan.atom_energies:
+        zs = sorted(int(z) for z in config["atomic_numbers"])
+        config["atom_energies"] = {**config["atom_energies"], **plan.atom_energies}
+        e0 = jnp.array([config["atom_energies"][str(z)] for z in zs], dtype=jnp.float32)
+        module = eqx.tree_at(lambda m: m.atom_energies, module, e0)
+    return module, config
+
+
+_TEMPLATES: dict[str, Any] = {}
+
+
+def _canonical(module, config: dict):
+    """Re-hang `module`'s parameters on the first module of the same architecture, so that
+    members share compiled training steps (e3nn's static parts compare by identity)."""
+    import equinox as eqx
+    import jax
+
+    from nequix_fw.models import REQUIRED_CONFIG_KEYS
+
+    key = repr([(k, config[k]) for k in REQUIRED_CONFIG_KEYS])
+    template = _TEMPLATES.setdefault(key, module)
+    if template is module:
+        return module
+    params, static = eqx.partition(template, eqx.is_array)
+    leaves = jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))
+    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+    return eqx.combine(params, static)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_cached(lr, min_lr, warmup, total, clip, wd):
+    import optax
+    from nequix.model import weight_decay_mask
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=lr * 0.1, peak_value=lr, warmup_steps=max(warmup, 1),
+        decay_steps=max(total, warmup + 1), end_value=min_lr,
+    )  # fmt: skip
+    optim = optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(schedule, weight_decay=wd, mask=weight_decay_mask),
+    )
+    return optim, schedule
+
+
+def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
+    """AdamW with gradient clipping, linear warm-up and cosine decay (shared across members)."""
+    return _optimizer_cached(
+        settings.learning_rate, settings.min_learning_rate,
+        int(settings.warmup_epochs * steps_per_epoch), settings.epochs * steps_per_epoch,
+        settings.grad_clip_norm, settings.weight_decay,
+    )  # fmt: skip
+
+
+def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_decay):
+    import jax
+    import jax.numpy as jnp
+    from nequix.train import loss as nequix_loss
+
+    (value, _), grads = eqx.filter_value_and_grad(nequix_loss, has_aux=True)(
+        model, batch, *weights, loss_type
+    )
+    updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    model = eqx.apply_updates(model, updates)
+    decay = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))
+    ema_params, static = eqx.partition(ema, eqx.is_array)
+    new = jax.tree.map(
+        lambda e, m: e * decay + m * (1 - decay), ema_params, eqx.filter(model, eqx.is_array)
+    )
+    return model, eqx.combine(new, static), opt_state, value
+
+
+_train_step = eqx.filter_jit(_step_impl)
+
+
+def train_member(
+    plan: MemberPlan,
+    data: list[Labelled],
+    settings: TrainingSettings,
+    outdir: Path,
+    facts: dict,
+    progress: bool = True,
+) -> dict:
+    """Train one member; write `member_<k>.nqx`, its metadata JSON and training-curve CSV."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    import jraph
+    from nequix.train import loss as nequix_loss
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    module, config = _start_module(plan)
+    module = _canonical(module, config)
+    atom_indices = {int(z): i for i, z in enumerate(sorted(config["atomic_numbers"]))}
+    graphs = [_graph(d, atom_indices, float(config["cutoff"])) for d in data]
+    train_idx = np.array(plan.train_idx)
+    valid_idx = np.array(plan.valid_idx)
+    rng = np.random.default_rng(plan.seed)
+    bs = settings.batch_size
+    steps_per_epoch = max(1, -(-len(train_idx) // bs))
+    optim, schedule = _optimizer(settings, steps_per_epoch)
+    weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
+    loss_type = settings.loss_type
+
+    def evaluate(model, batches) -> dict:
+        tot: dict[str, float] = {}
+        n = 0
+        for b in batches:
+            value, metrics = nequix_loss(model, b, *weights, loss_type)
+            k = int(jraph.get_graph_padding_mask(b).sum())
+            for key, v in {"loss": value, **metrics}.items():
+                tot[key] = tot.get(key, 0.0) + float(v) * k
+            n += k
+        return {key: v / n for key, v in tot.items()}
+
+    valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
+    opt_state = optim.init(eqx.filter(module, eqx.is_array))
+    model, ema = module, module
+    best = (float("inf"), None, -1, {})  # loss, model, epoch, metrics
+    log_rows = []
+    i = 0
+    bar = tqdm(range(settings.epochs), desc=f"member {plan.index}", disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        train_loss = 0.0
+        for batch in _batches(graphs, rng.permutation(train_idx), bs):
+            model, ema, opt_state, value = _train_step(
+                model, ema, opt_state, batch, jnp.float32(i), optim, weights, loss_type,
+                settings.ema_decay,
+            )  # fmt: skip
+            train_loss += float(value)
+            i += 1
+        train_loss /= steps_per_epoch
+        val = evaluate(ema, valid_batches) if valid_batches else {"loss": train_loss}
+        if not np.isfinite(val["loss"]):
+            raise ModelError(f"member {plan.index}: loss became non-finite at epoch {epoch}")
+        if val["loss"] < best[0]:
+            best = (val["loss"], ema, epoch, val)
+        log_rows.append({
+            "epoch": epoch, "train_loss": train_loss, "learning_rate": float(schedule(i)),
+            "epoch_s": time.perf_counter() - t0, **{f"val_{k}": v for k, v in val.items()},
+        })  # fmt: skip
+        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
+        if settings.patience is not None and epoch - best[2] >= settings.patience:
+            break
+    bar.close()
+
+    stem = f"member_{plan.index}"
+    config = {**config, "seed": plan.seed}
+    save_model(outdir / f"{stem}.nqx", best[1], config)
+    if settings.save_torch:
+        save_model(outdir / f"{stem}.pt", best[1], config)
+    with atomic_path(outdir / f"{stem}_log.csv") as tmp:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(log_rows[0]))
+        writer.writeheader()
+        writer.writerows(log_rows)
+        tmp.write_text(buf.getvalue())
+    import nequix
+
+    meta = {
+        "member": plan.index,
+        "checkpoint": f"{stem}.nqx",
+        "seed": plan.seed,
+        "strategy": settings.strategy,
+        "start": plan.start,
+        "start_checkpoint": plan.init_path,
+        "n_train": len(plan.train_idx),
+        "n_valid": len(plan.valid_idx),
+        "train_subset_hash": ids_hash(data[j].id for j in plan.train_idx),
+        "valid_subset_hash": ids_hash(data[j].id for j in plan.valid_idx),
+        "training_set_hash": ids_hash(d.id for d in data),
+        "epochs_run": len(log_rows),
+        "best_epoch": best[2],
+        "best_valid": best[3],
+        "first_epoch_train_loss": log_rows[0]["train_loss"],
+        "final_train_loss": log_rows[-1]["train_loss"],
+        "wall_time_s": time.perf_counter() - t_start,
+        "nequix_version": getattr(nequix, "__version__", _dist_version("nequix")),
+        "nequix_fw_version": __version__,
+        "settings": settings.model_dump(mode="json"),
+        **facts,
+    }
+    with atomic_path(outdir / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def _train_member_worker(args) -> dict:
+    plan, data, settings, outdir, facts = args
+    return train_member(plan, data, settings, outdir, facts, progress=False)
+
+
+def train_ensemble(
+    dataset: list[str | Path],
+    outdir: str | Path,
+    settings: TrainingSettings | None = None,
+    finetune_from: str | Path | None = None,
+    warm_start: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `settings.n_models` members on the labelled structures in `dataset`."""
+    settings = settings or TrainingSettings()
+    outdir = Path(outdir)
+    _check_outdir(outdir, overwrite)
+    data = read_labelled(dataset)
+    plans, facts = plan_members(data, settings, finetune_from, warm_start)
+    jobs = [(p, data, settings, outdir, facts) for p in plans]
+    if settings.n_workers > 1:
+        with ProcessPoolExecutor(settings.n_workers, mp_context=get_context("spawn")) as pool:
+            metas = list(pool.map(_train_member_worker, jobs))
+    else:
+        metas = [train_member(*job, progress=progress) for job in jobs]
+    return metas

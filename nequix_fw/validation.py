@@ -1,0 +1,289 @@
+"""Validation of models against labelled reference data: errors, uncertainty quality, physics.
+
+Units in the report: energy errors in meV/atom, forces in eV/Å, stress in GPa, volumes in
+Å³/atom, bulk moduli in GPa.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.units import GPa
+
+from nequix_fw import __version__
+from nequix_fw.dataset import Labelled, read_labelled
+from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
+from nequix_fw.errors import NequixFWError, SettingsError
+from nequix_fw.settings import EnsembleSettings
+from nequix_fw.structures import atomic_path
+from nequix_fw.uncertainty import atomic_force_deviation
+
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+
+def _err_stats(err: np.ndarray) -> dict:
+    err = np.asarray(err, dtype=np.float64).ravel()
+    if err.size == 0:
+        return {"rmse": None, "mae": None, "n": 0}
+    return {
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "mae": float(np.mean(np.abs(err))),
+        "n": int(err.size),
+        "quantiles_abs": {
+            f"q{int(q * 100)}": float(np.quantile(np.abs(err), q)) for q in QUANTILES
+        },
+    }
+
+
+def error_metrics(data: Sequence[Labelled], energies, forces, stresses) -> dict:
+    """Errors of one set of predictions: energies (n,) eV, forces [n](N,3), stresses [n](6|None)."""
+    n_atoms = np.array([len(d.frame.atoms) for d in data])
+    e_err = (np.asarray(energies) - np.array([d.energy for d in data])) / n_atoms * 1000.0
+    f_err = [f - d.forces for f, d in zip(forces, data, strict=True)]
+    s_err = [
+        (s - d.stress) / GPa
+        for s, d in zip(stresses, data, strict=True)
+        if s is not None and d.stress is not None
+    ]
+    numbers = np.concatenate([d.frame.atoms.numbers for d in data])
+    f_all = np.concatenate(f_err)
+    per_element = {
+        chemical_symbols[z]: _err_stats(f_all[numbers == z]) for z in sorted(set(numbers.tolist()))
+    }
+    return {
+        "energy_per_atom_meV": _err_stats(e_err),
+        "forces_eV_per_A": _err_stats(f_all),
+        "stress_GPa": _err_stats(np.array(s_err)),
+        "forces_per_element_eV_per_A": per_element,
+    }
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks); None with one class only."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def uncertainty_quality(
+    data: Sequence[Labelled], preds: Sequence[Prediction], threshold: float
+) -> dict:
+    """How well `max_force_dev` ranks the true max force error of the ensemble mean."""
+    from scipy.stats import spearmanr
+
+    dev = np.array([atomic_force_deviation(p.forces).max() for p in preds])
+    err = np.array([
+        np.linalg.norm(p.forces.mean(0) - d.forces, axis=1).max()
+        for p, d in zip(preds, data, strict=True)
+    ])  # fmt: skip
+    rho = spearmanr(dev, err).statistic if len(dev) > 2 else np.nan
+    return {
+        "n_structures": len(dev),
+        "spearman_max_force_dev_vs_max_force_error": None if np.isnan(rho) else float(rho),
+        "roc_auc": roc_auc(dev, err > threshold),
+        "error_threshold_eV_per_A": threshold,
+        "n_above_threshold": int((err > threshold).sum()),
+        "max_force_dev": dev.tolist(),
+        "max_force_error": err.tolist(),
+    }
+
+
+# -- physics checks -------------------------------------------------------------------------------
+
+
+def reference_calculator(name: str):
+    """An ASE calculator by name (the cheap references available everywhere)."""
+    if name.lower() == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    raise SettingsError(f"unknown reference calculator {name!r} (known: emt)")
+
+
+def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:
+    """E-V curve by isotropic scaling; Birch-Murnaghan fit (V0 in Å³/atom, B in GPa)."""
+    from ase.eos import EquationOfState
+
+    vols, ens = [], []
+    for s in strains:
+        a = atoms.copy()
+        a.set_cell(atoms.cell[:] * (1 + s) ** (1 / 3), scale_atoms=True)
+        a.calc = calc
+        vols.append(a.get_volume() / len(a))
+        ens.append(a.get_potential_energy() / len(a))
+    eos = EquationOfState(vols, ens, eos="birchmurnaghan")
+    v0, e0, b = eos.fit()
+    return {"volumes": vols, "energies": ens, "v0": float(v0), "e0": float(e0),
+            "bulk_modulus_GPa": float(b / GPa)}  # fmt: skip
+
+
+def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atoms:
+    from ase.optimize import BFGS
+
+    a = atoms.copy()
+    a.calc = calc
+    BFGS(a, logfile=None).run(fmax=fmax, steps=steps)
+    return a
+
+
+def physics_checks(ensemble: Ensemble, structure: Atoms, reference: str) -> dict:
+    """E-V curve and relaxation of `structure` with the ensemble mean and the reference."""
+    ref = reference_calculator(reference)
+    mine = EnsembleCalculator(ensemble)
+    strains = np.linspace(-0.06, 0.06, 7)
+    ev_m, ev_r = energy_volume(structure, mine, strains), energy_volume(structure, ref, strains)
+    start = structure.copy()
+    start.rattle(0.05, seed=0)
+    rel_m, rel_r = relaxation(start, mine), relaxation(start, ref)
+    # compare relaxed geometries on the reference's energy surface
+    e_mine_on_ref = float(Atoms(rel_m, calculator=ref).get_potential_energy())
+    disp = rel_m.positions - rel_r.positions
+    return {
+        "reference": reference,
+        "formula": structure.get_chemical_formula(),
+        "ev_model": ev_m,
+        "ev_reference": ev_r,
+        "v0_error_percent": 100 * (ev_m["v0"] - ev_r["v0"]) / ev_r["v0"],
+        "bulk_modulus_error_percent": 100
+        * (ev_m["bulk_modulus_GPa"] - ev_r["bulk_modulus_GPa"])
+        / ev_r["bulk_modulus_GPa"],
+        "relaxation": {
+            "reference_energy_of_model_minimum_minus_reference_minimum_eV": e_mine_on_ref
+            - float(rel_r.get_potential_energy()),
+            "position_rmsd_A": float(np.sqrt((disp**2).sum(1).mean())),
+        },
+    }
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name):
+        path = prefix.parent / f"{prefix.name}_{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(path.name)
+
+    n_atoms = np.array([len(d.frame.atoms) for d in data])
+    ref_e = np.array([d.energy for d in data]) / n_atoms
+    fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+    ax[0].scatter(ref_e, np.asarray(mean_e) / n_atoms, s=8)
+    lims = [min(ref_e.min(), (mean_e / n_atoms).min()), max(ref_e.max(), (mean_e / n_atoms).max())]
+    ax[0].plot(lims, lims, "k--", lw=0.8)
+    ax[0].set(xlabel="reference energy (eV/atom)", ylabel="ensemble mean (eV/atom)",
+              title="energy parity")  # fmt: skip
+    rf = np.concatenate([d.forces for d in data]).ravel()
+    mf = np.concatenate(mean_f).ravel()
+    ax[1].scatter(rf, mf, s=3, alpha=0.5)
+    lims = [min(rf.min(), mf.min()), max(rf.max(), mf.max())]
+    ax[1].plot(lims, lims, "k--", lw=0.8)
+    ax[1].set(xlabel="reference force (eV/Å)", ylabel="ensemble mean (eV/Å)",
+              title="force parity")  # fmt: skip
+    save(fig, "parity")
+
+    per_el = report["ensemble_mean"]["forces_per_element_eV_per_A"]
+    fig, ax = plt.subplots(figsize=(max(4, len(per_el) * 0.8), 3.5))
+    ax.bar(list(per_el), [v["rmse"] for v in per_el.values()], label="RMSE")
+    ax.bar(list(per_el), [v["mae"] for v in per_el.values()], width=0.5, label="MAE")
+    ax.set(ylabel="force error (eV/Å)", title="force error per element")
+    ax.legend()
+    save(fig, "per_element")
+
+    uq = report.get("uncertainty")
+    if uq:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.scatter(uq["max_force_dev"], uq["max_force_error"], s=10)
+        ax.axhline(uq["error_threshold_eV_per_A"], color="k", ls="--", lw=0.8)
+        rho = uq["spearman_max_force_dev_vs_max_force_error"]
+        title = f"error vs uncertainty (Spearman {rho:.2f})" if rho is not None else ""
+        ax.set(xlabel="max_force_dev (eV/Å)", ylabel="true max force error (eV/Å)", title=title)
+        save(fig, "uncertainty")
+
+    phys = report.get("physics")
+    if phys:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for key, label in (("ev_reference", phys["reference"]), ("ev_model", "ensemble mean")):
+            ax.plot(phys[key]["volumes"], phys[key]["energies"], "o-", label=label)
+        ax.set(xlabel="volume (Å³/atom)", ylabel="energy (eV/atom)",
+               title=f"E-V curve {phys['formula']}")  # fmt: skip
+        ax.legend()
+        save(fig, "ev")
+    return files
+
+
+# -- the stage function --------------------------------------------------------------------------
+
+
+def validate(
+    model_specs: Sequence[str | Path],
+    testset: Sequence[str | Path],
+    output: str | Path,
+    error_threshold: float = 0.1,
+    reference: str | None = None,
+    ev_structure: str | Path | None = None,
+    plots: bool = True,
+    settings: EnsembleSettings | None = None,
+) -> dict:
+    """Validate models on a labelled test set; write the JSON report (and PNG plots beside it)."""
+    if error_threshold <= 0:
+        raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
+    output = Path(output)
+    data = read_labelled(testset)
+    if not data:
+        raise NequixFWError("the test set is empty")
+    ensemble = Ensemble.from_specs(model_specs, settings)
+    for d in data:
+        ensemble.check_covered(d.frame.atoms, d.where)
+    preds = ensemble.predict([d.frame.atoms for d in data])
+    bad = [d.where for d, p in zip(data, preds, strict=True) if not p.finite.all()]
+    if bad:
+        raise NequixFWError(f"{bad[0]}: a model predicts non-finite values")
+    report: dict = {
+        "schema": "nequix-fw/validation",
+        "schema_version": 1,
+        "nequix_fw_version": __version__,
+        "models": [m.info.to_dict() for m in ensemble.models],
+        "n_structures": len(data),
+        "per_model": {},
+    }
+    for m, model in enumerate(ensemble.models):
+        report["per_model"][f"{m}:{model.info.name}"] = error_metrics(
+            data, [p.energies[m] for p in preds], [p.forces[m] for p in preds],
+            [None if p.stresses is None else p.stresses[m] for p in preds],
+        )  # fmt: skip
+    mean_e = np.array([p.energies.mean() for p in preds])
+    mean_f = [p.forces.mean(0) for p in preds]
+    report["ensemble_mean"] = error_metrics(
+        data, mean_e, mean_f, [None if p.stresses is None else p.stresses.mean(0) for p in preds]
+    )
+    if len(ensemble) >= 2:
+        report["uncertainty"] = uncertainty_quality(data, preds, error_threshold)
+    if reference is not None:
+        from ase.io import read
+
+        structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
+        report["physics"] = physics_checks(ensemble, structure, reference)
+    if plots:
+        report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    return report
