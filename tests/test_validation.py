@@ -1,0 +1,107 @@
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.units import GPa
+from conftest import emt_labelled
+
+from nequix_fw.cli import main
+from nequix_fw.dataset import read_labelled
+from nequix_fw.ensemble import Ensemble
+from nequix_fw.errors import StructureError
+from nequix_fw.validation import roc_auc, validate
+
+
+@pytest.fixture(scope="module")
+def report(trained, emt_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("val") / "validation_report.json"
+    models = sorted(trained["dir"].glob("member_*.nqx"))
+    rep = validate(models, [emt_data["test"]], out, error_threshold=0.3, reference="emt")
+    return {"report": rep, "path": out, "models": models}
+
+
+def test_metrics_equal_numpy_on_the_same_predictions(report, emt_data):
+    rep = report["report"]
+    data = read_labelled([emt_data["test"]])
+    preds = Ensemble.from_specs(report["models"]).predict([d.frame.atoms for d in data])
+    n = np.array([len(d.frame.atoms) for d in data])
+    e_ref = np.array([d.energy for d in data])
+    f_ref = np.concatenate([d.forces for d in data])
+    s_ref = np.array([d.stress for d in data])
+    for m, key in enumerate(rep["per_model"]):
+        e_err = (np.array([p.energies[m] for p in preds]) - e_ref) / n * 1000
+        f_err = np.concatenate([p.forces[m] for p in preds]) - f_ref
+        s_err = (np.array([p.stresses[m] for p in preds]) - s_ref) / GPa
+        got = rep["per_model"][key]
+        assert got["energy_per_atom_meV"]["rmse"] == pytest.approx(np.sqrt(np.mean(e_err**2)))
+        assert got["energy_per_atom_meV"]["mae"] == pytest.approx(np.mean(np.abs(e_err)))
+        assert got["forces_eV_per_A"]["rmse"] == pytest.approx(np.sqrt(np.mean(f_err**2)))
+        assert got["forces_eV_per_A"]["mae"] == pytest.approx(np.mean(np.abs(f_err)))
+        assert got["stress_GPa"]["rmse"] == pytest.approx(np.sqrt(np.mean(s_err**2)))
+        numbers = np.concatenate([d.frame.atoms.numbers for d in data])
+        au = f_err[numbers == 79]
+        assert got["forces_per_element_eV_per_A"]["Au"]["rmse"] == pytest.approx(
+            np.sqrt(np.mean(au**2))
+        )
+        q90 = np.quantile(np.abs(f_err), 0.9)
+        assert got["forces_eV_per_A"]["quantiles_abs"]["q90"] == pytest.approx(q90)
+    mean_f = np.concatenate([p.forces.mean(0) for p in preds]) - f_ref
+    assert rep["ensemble_mean"]["forces_eV_per_A"]["rmse"] == pytest.approx(
+        np.sqrt(np.mean(mean_f**2))
+    )
+    # uncertainty quality on the same numbers
+    dev = [np.sqrt(((p.forces - p.forces.mean(0)) ** 2).sum(-1).mean(0)).max() for p in preds]
+    uq = rep["uncertainty"]
+    np.testing.assert_allclose(uq["max_force_dev"], dev, rtol=1e-9)
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(dev, uq["max_force_error"]).statistic
+    assert uq["spearman_max_force_dev_vs_max_force_error"] == pytest.approx(rho)
+
+
+def test_plots_and_physics_written(report):
+    rep, path = report["report"], report["path"]
+    assert json.loads(path.read_text())["n_structures"] == 16
+    assert set(rep["plots"]) == {
+        "validation_report_parity.png", "validation_report_per_element.png",
+        "validation_report_uncertainty.png", "validation_report_ev.png",
+    }  # fmt: skip
+    for name in rep["plots"]:
+        assert (path.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    phys = rep["physics"]
+    assert phys["ev_reference"]["bulk_modulus_GPa"] > 50  # EMT Cu-Au: ~100-140 GPa
+    assert abs(phys["v0_error_percent"]) < 25 and phys["relaxation"]["position_rmsd_A"] >= 0
+
+
+def test_roc_auc_matches_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=40)
+    pos = scores + rng.normal(scale=1.0, size=40) > 0.3
+    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1 in scores[pos] for s0 in scores[~pos]]
+    assert roc_auc(scores, pos) == pytest.approx(np.mean(pairs))
+    assert roc_auc(scores, np.ones(40, bool)) is None
+
+
+def test_validate_cli(report, emt_data, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["validate", "--models", *map(str, report["models"]), "--testset",
+                 str(emt_data["test"]), "--output", str(out), "--no-plots"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0 and "ensemble mean on 16 structures: energy RMSE" in stdout
+    assert "uncertainty: Spearman" in stdout and out.is_file()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_testset_without_forces(report, tmp_path, capsys):
+    a = emt_labelled(1, seed=2)[0]
+    a.calc = SinglePointCalculator(a, energy=-1.0)
+    ase.io.write(tmp_path / "noforces.extxyz", a)
+    with pytest.raises(StructureError, match="noforces.extxyz frame 0: no forces label"):
+        validate(report["models"], [tmp_path / "noforces.extxyz"], tmp_path / "r.json")
+    bad = str(tmp_path / "noforces.extxyz")
+    code = main(["validate", "--models", *map(str, report["models"]), "--testset", bad,
+                 "--output", str(tmp_path / "r.json")])  # fmt: skip
+    assert code == 2 and "no forces label" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
