@@ -193,3 +193,26 @@ def test_hartree_labels_are_flagged(tmp_path):
     assert len(msgs) == 1 and "ha.extxyz" in msgs[0] and "Hartree" in msgs[0]
     with pytest.warns(UserWarning, match="look like Hartree"):
         read_labelled([tmp_path])
+
+
+def test_reads_ase_db_formats_and_rejects_nan_labels(emt_data, tmp_path):
+    import ase.db
+
+    frames = ase.io.read(emt_data["train"], ":4")
+    for name in ("set.db", "set.aselmdb"):
+        db = ase.db.connect(tmp_path / name)
+        for a in frames:
+            db.write(a)
+        if hasattr(db, "close"):
+            db.close()
+        data = read_labelled([tmp_path / name])
+        assert [d.energy for d in data] == [a.get_potential_energy() for a in frames]
+        np.testing.assert_allclose(data[2].forces, frames[2].get_forces())
+        np.testing.assert_allclose(data[2].stress, frames[2].get_stress())
+    bad = frames[0].copy()
+    forces = frames[0].get_forces()
+    forces[3, 1] = np.nan
+    bad.calc = SinglePointCalculator(bad, energy=1.0, forces=forces)
+    ase.io.write(tmp_path / "nan.extxyz", bad)
+    with pytest.raises(StructureError, match="nan.extxyz frame 0: non-finite energy or forces"):
+        read_labelled([tmp_path / "nan.extxyz"])
