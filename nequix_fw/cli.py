@@ -118,6 +118,50 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from nequix_fw.labelling import label_structures, make_backend
+    from nequix_fw.settings import LabellingSettings, load_settings
+
+    params = None
+    if args.calculator_params:
+        try:
+            params = json.loads(args.calculator_params)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"--calculator-params is not valid JSON ({exc})") from None
+    settings = load_settings(
+        args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
+        calculator_params=params, min_distance=args.min_distance,
+    )  # fmt: skip
+    summary = label_structures(
+        args.structures, args.output, make_backend(settings), settings,
+        iteration=args.iteration, progress=not args.no_progress,
+    )  # fmt: skip
+    print(
+        f"labelled {summary['n_success']} of {summary['n_structures']} structures with "
+        f"{summary['backend']}; {summary['n_failed']} failed -> {args.output}"
+    )
+    for f in summary["failed"]:
+        print(f"  failed {f['structure_id']}: {f['reason']}")
+    return 0
+
+
+def _cmd_update_dataset(args: argparse.Namespace) -> int:
+    from nequix_fw.dataset import update_dataset
+
+    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed)
+    print(
+        f"added {s['n_added']} structures ({s['n_duplicates']} already present, "
+        f"{s['n_conflicts']} conflicts, {s['n_failed_tasks_skipped']} failed tasks skipped); "
+        f"{s['n_total']} in {s['dataset']}"
+    )
+    for c in s["conflicts"]:
+        print(
+            f"  conflict {c['structure_id']} ({c['source']}): stored energy "
+            f"{c['energy_stored']:.6f} eV, new {c['energy_new']:.6f} eV; kept the stored labels"
+        )
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -212,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--ev-structure", help="structure for the E-V curve (default: first test one)")
     v.add_argument("--no-plots", action="store_true")
     v.set_defaults(func=_cmd_validate)
+
+    lb = sub.add_parser("label", help="label selected structures with a reference method")
+    lb.add_argument("--structures", required=True, help="selected structures (directory/file)")
+    lb.add_argument("--output", required=True, help="directory for one task directory each")
+    lb.add_argument("--backend", choices=["ase"])
+    lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")
+    lb.add_argument("--calculator-params", help="calculator keywords as JSON")
+    lb.add_argument("--min-distance", type=float, help="skip structures closer than this (Å)")
+    lb.add_argument("--iteration", type=int, help="AL iteration (recorded as provenance)")
+    lb.add_argument("--config", help="settings YAML (section 'labelling')")
+    lb.add_argument("--no-progress", action="store_true")
+    lb.set_defaults(func=_cmd_label)
+
+    u = sub.add_parser("update-dataset", help="add labelled structures to the training set")
+    u.add_argument("--new", required=True, help="label output directory (or labelled files)")
+    u.add_argument("--dataset", required=True, help="training-set directory")
+    u.add_argument("--iteration", type=int)
+    u.add_argument(
+        "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
+    )
+    u.set_defaults(func=_cmd_update_dataset)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
     m.add_argument("models", nargs="+")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.units import Hartree, Rydberg
 
 from nequix_fw.errors import StructureError
-from nequix_fw.structures import Frame, iter_frames, structure_id
+from nequix_fw.structures import Frame, atomic_path, iter_frames, structure_id
 
 
 @dataclass
@@ -99,3 +100,118 @@ def unit_warnings(data: Sequence[Labelled]) -> list[str]:
 def ids_hash(ids: Iterable[str]) -> str:
     """Order-independent hash of a set of structure ids (names a data subset)."""
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
+
+
+# -- ingestion into the on-disk training set -------------------------------------------------------
+
+TRAINING_SET_FILE = "training_set.extxyz"
+#: Labels equal within these tolerances are the same labels (eV, eV/Å).
+SAME_ENERGY_EV, SAME_FORCE_EV_A = 1e-5, 1e-4
+
+
+@dataclass
+class Incoming:
+    """A labelled structure on its way into the training set, with its provenance."""
+
+    labelled: Labelled
+    structure_id: str
+    provenance: dict
+
+
+def _incoming(new: Path) -> tuple[list[Incoming], int]:
+    """Labelled structures under `new`: label task directories (task.json) and plain files."""
+    items: list[Incoming] = []
+    n_failed = 0
+    task_dirs = set()
+    for task in sorted(new.rglob("task.json")):
+        task_dirs.add(task.parent)
+        doc = json.loads(task.read_text())
+        if doc.get("status") != "success" or not doc.get("labelled_file"):
+            n_failed += 1
+            continue
+        (d,) = [labels_of(f) for f in iter_frames([task.parent / doc["labelled_file"]])]
+        prov = {k: doc.get(k) for k in ("backend", "settings_hash", "iteration", "source")}
+        prov["corrections"] = len(doc.get("corrections") or [])
+        items.append(Incoming(d, doc["structure_id"], prov))
+    plain = [
+        p for p in sorted(new.rglob("*"))
+        if p.is_file() and p.parent not in task_dirs
+        and (p.suffix in (".extxyz", ".xyz", ".traj") or p.name.startswith(("vasprun", "OUTCAR")))
+    ]  # fmt: skip
+    for d in (labels_of(f) for f in iter_frames(plain)) if plain else ():
+        prov = {"backend": "file", "settings_hash": None, "iteration": None, "source": d.where}
+        items.append(Incoming(d, d.id, prov))
+    return items, n_failed
+
+
+def update_dataset(
+    new: str | Path,
+    dataset: str | Path,
+    iteration: int | None = None,
+    allow_mixed: bool = False,
+) -> dict:
+    """Add the labelled structures under `new` to the training set in directory `dataset`.
+
+    Idempotent: a structure already present with the same labels is skipped; with different
+    labels it is reported as a conflict and the stored labels are kept. Refuses to mix levels of
+    theory (backend settings hashes) unless `allow_mixed`. The training set
+    (``<dataset>/training_set.extxyz``) is rewritten atomically.
+    """
+    import ase.io
+
+    new, dataset = Path(new), Path(dataset)
+    if not new.exists():
+        raise StructureError(f"{new}: no such file or directory")
+    target = dataset / TRAINING_SET_FILE
+    existing = []
+    if target.is_file():
+        existing = [labels_of(f) for f in iter_frames([target])]
+    items, n_failed = _incoming(new)
+    if not items and not n_failed:
+        raise StructureError(f"{new}: no labelled structures or label tasks found")
+    levels = {d.frame.atoms.info.get("settings_hash") for d in existing}
+    levels |= {i.provenance["settings_hash"] for i in items}
+    if len(levels) > 1 and not allow_mixed:
+        raise StructureError(
+            f"{new}: labels from different levels of theory (settings hashes "
+            f"{', '.join(sorted(str(x) for x in levels))}) would be mixed; "
+            "pass --allow-mixed to merge them anyway"
+        )
+    stored = {d.frame.atoms.info.get("structure_id", d.id): d for d in existing}
+    added, duplicates, conflicts = [], 0, []
+    for item in items:
+        old = stored.get(item.structure_id)
+        if old is not None:
+            same = abs(old.energy - item.labelled.energy) <= SAME_ENERGY_EV and np.allclose(
+                old.forces, item.labelled.forces, atol=SAME_FORCE_EV_A, rtol=0
+            )
+            if same:
+                duplicates += 1
+            else:
+                conflicts.append({
+                    "structure_id": item.structure_id, "source": item.labelled.where,
+                    "energy_stored": old.energy, "energy_new": item.labelled.energy,
+                })  # fmt: skip
+            continue
+        atoms = item.labelled.frame.atoms.copy()
+        atoms.calc = item.labelled.frame.atoms.calc
+        atoms.info.update(
+            structure_id=item.structure_id,
+            **{k: v for k, v in item.provenance.items() if v is not None},
+            **({"iteration": iteration} if iteration is not None else {}),
+        )
+        added.append(atoms)
+        stored[item.structure_id] = item.labelled
+    if added:
+        dataset.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
+    return {
+        "dataset": str(target),
+        "n_added": len(added),
+        "n_duplicates": duplicates,
+        "n_conflicts": len(conflicts),
+        "conflicts": conflicts,
+        "n_failed_tasks_skipped": n_failed,
+        "n_total": len(existing) + len(added),
+    }

@@ -137,12 +137,33 @@ class TrainingSettings(_Settings):
     n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
 
 
+class LabellingSettings(_Settings):
+    """How selected structures get reference labels."""
+
+    backend: Literal["ase"] = Field(
+        "ase", description="Labelling backend ('ase': any ASE calculator by name)."
+    )
+    calculator: str = Field(
+        "emt",
+        description="ASE calculator: a short name (emt, lj) or 'module:Class' "
+        "(e.g. 'ase.calculators.espresso:Espresso').",
+    )
+    calculator_params: dict = Field(default_factory=dict, description="Calculator keywords.")
+    min_distance: float | None = Field(
+        None, gt=0, description="Skip (fail) structures with atoms closer than this (Å)."
+    )
+    max_force: float = Field(
+        100.0, gt=0, description="Labels with a force above this (eV/Å) are recorded as failed."
+    )
+
+
 S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
     "ensemble": EnsembleSettings,
     "selection": SelectionSettings,
     "training": TrainingSettings,
+    "labelling": LabellingSettings,
 }
 
 

@@ -1,0 +1,16 @@
+"""Labelling backends: one module each, behind the interface in `base`."""
+
+from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.settings import LabellingSettings
+
+__all__ = ["LabellingBackend", "label_structures", "make_backend"]
+
+
+def make_backend(settings: LabellingSettings) -> LabellingBackend:
+    """The backend named in the settings."""
+    if settings.backend == "ase":
+        from nequix_fw.labelling.ase_calc import AseCalculatorBackend
+
+        return AseCalculatorBackend(settings.calculator, settings.calculator_params)
+    raise SettingsError(f"unknown labelling backend {settings.backend!r}")

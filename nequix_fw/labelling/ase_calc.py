@@ -1,0 +1,87 @@
+"""Label with any ASE calculator, configured by name and keyword parameters."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator, FileIOCalculator
+
+from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+
+#: Short names for calculators that need no external program.
+SHORT_NAMES = {
+    "emt": "ase.calculators.emt:EMT",
+    "lj": "ase.calculators.lj:LennardJones",
+    "morse": "ase.calculators.morse:MorsePotential",
+}
+
+
+def calculator_class(name: str) -> type[Calculator]:
+    """Resolve 'emt' or 'package.module:Class' to an ASE calculator class."""
+    target = SHORT_NAMES.get(name.lower(), name)
+    module_name, _, cls_name = target.partition(":")
+    if not cls_name:
+        raise SettingsError(
+            f"calculator {name!r}: use a short name ({', '.join(SHORT_NAMES)}) or 'module:Class'"
+        )
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise SettingsError(f"calculator {name!r} cannot be imported ({exc})") from None
+
+
+def _known_parameters(cls: type[Calculator]) -> set[str] | None:
+    """Keywords a calculator accepts (its defaults and signatures); None when it declares no
+    defaults and so takes any keyword (Vasp, Espresso, ...)."""
+    names = set(getattr(cls, "default_parameters", {}) or {})
+    if not names:
+        return None
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {
+                n for n, p in inspect.signature(init).parameters.items()
+                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            }  # fmt: skip
+    return names
+
+
+class AseCalculatorBackend(LabellingBackend):
+    """Runs an ASE calculator in the structure's working directory."""
+
+    name = "ase"
+
+    def __init__(self, calculator: str, params: dict | None = None):
+        self.calculator = calculator
+        self.params = dict(params or {})
+        self._cls = calculator_class(calculator)
+        known = _known_parameters(self._cls)
+        unknown = sorted(set(self.params) - known) if known is not None else []
+        if unknown:
+            raise SettingsError(
+                f"calculator {calculator!r}: bad parameters (unknown {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))})"
+            )
+
+    def settings_doc(self) -> dict:
+        return {"calculator": f"{self._cls.__module__}:{self._cls.__name__}", **self.params}
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        params = dict(self.params)
+        if issubclass(self._cls, FileIOCalculator):  # runs a program: keep its files per structure
+            params.setdefault("directory", str(workdir))
+        try:
+            calc = self._cls(**params)
+        except TypeError as exc:
+            raise SettingsError(f"calculator {self.calculator!r}: bad parameters ({exc})") from None
+        a = atoms.copy()
+        a.calc = calc
+        energy = a.get_potential_energy()
+        forces = a.get_forces()
+        stress = a.get_stress() if a.pbc.all() else None
+        doc = {"calculator": self.settings_doc()["calculator"], "converged": True}
+        return LabelResult(singlepoint(atoms, energy, forces, stress), "success", None, doc)

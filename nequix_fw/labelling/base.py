@@ -1,0 +1,169 @@
+"""The labelling interface and the driver that labels a directory of selected structures.
+
+A backend labels one structure in its own directory and returns a `LabelResult`: the labelled
+Atoms (energy, forces, stress when periodic) and a task document. The driver adds the failure
+policy (pre-run distance filter, non-finite or absurd forces) and writes, per structure,
+``<output>/<id>/labelled.extxyz`` and ``<output>/<id>/task.json``, plus ``<output>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from nequix_fw import __version__
+from nequix_fw.errors import NequixFWError
+from nequix_fw.settings import LabellingSettings
+from nequix_fw.structures import atomic_path, check_writable_dir, iter_frames, min_distance
+
+TASK_SCHEMA = "nequix-fw/label-task"
+
+
+@dataclass
+class LabelResult:
+    """Outcome of labelling one structure."""
+
+    atoms: Atoms | None  # labelled (SinglePointCalculator) or None when failed
+    status: str  # "success" | "failed"
+    reason: str | None = None
+    doc: dict = field(default_factory=dict)  # backend-specific task details
+
+
+class LabellingBackend(ABC):
+    """Labels one structure in its own working directory."""
+
+    name: str
+
+    @abstractmethod
+    def settings_doc(self) -> dict:
+        """What defines the level of theory (hashed into provenance)."""
+
+    def settings_hash(self) -> str:
+        blob = json.dumps(self.settings_doc(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @abstractmethod
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        """Compute energy, forces (and stress for periodic cells) of `atoms` in `workdir`."""
+
+
+def check_labels(atoms: Atoms, max_force: float) -> str | None:
+    """Why labels are unusable (non-finite or absurd), or None when they are fine."""
+    e = atoms.get_potential_energy()
+    f = atoms.get_forces()
+    if not np.isfinite(e) or not np.isfinite(f).all():
+        return "non-finite energy or forces"
+    fmax = float(np.linalg.norm(f, axis=1).max()) if len(f) else 0.0
+    if fmax > max_force:
+        return f"max force {fmax:.3g} eV/Å exceeds {max_force} eV/Å"
+    return None
+
+
+def singlepoint(atoms: Atoms, energy: float, forces, stress=None) -> Atoms:
+    """A copy of `atoms` carrying fixed labels (eV, eV/Å, Voigt eV/Å³)."""
+    a = atoms.copy()
+    a.calc = SinglePointCalculator(a, energy=energy, forces=np.asarray(forces), stress=stress)
+    return a
+
+
+def _structure_ids(structures: Path) -> dict[tuple[str, int], str]:
+    """Ids from a selection manifest beside the structures, keyed by (file name, frame)."""
+    manifest = structures / "manifest.json" if structures.is_dir() else None
+    if manifest is None or not manifest.is_file():
+        return {}
+    doc = json.loads(manifest.read_text())
+    return {(e["file"], 0): e["id"] for e in doc.get("structures", []) if e.get("file")}
+
+
+def label_structures(
+    structures: str | Path,
+    output: str | Path,
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    iteration: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Label every structure under `structures`; failures are recorded and the batch goes on.
+
+    Returns the summary (also written to ``<output>/summary.json``).
+    """
+    from tqdm import tqdm
+
+    from nequix_fw.structures import structure_id
+
+    structures, output = Path(structures), Path(output)
+    check_writable_dir(output)
+    frames = list(iter_frames([structures]))
+    ids = _structure_ids(structures)
+    results = []
+    for fr in tqdm(frames, desc=f"label ({backend.name})", unit="struct", disable=not progress):
+        sid = ids.get((Path(fr.source).name, fr.frame)) or structure_id(fr.atoms)
+        workdir = output / sid
+        workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        dmin = min_distance(fr.atoms)
+        if settings.min_distance is not None and dmin < settings.min_distance:
+            res = LabelResult(None, "failed", f"min interatomic distance {dmin:.3f} Å < "
+                              f"{settings.min_distance} Å: not sent to {backend.name}")  # fmt: skip
+        else:
+            try:
+                res = backend.label(fr.atoms, workdir)
+            except NequixFWError:
+                raise  # configuration problems stop the batch (they would fail every structure)
+            except Exception as exc:  # a calculation that crashed: record, go on
+                res = LabelResult(None, "failed", f"{type(exc).__name__}: {exc}")
+            if res.atoms is not None and res.status == "success":
+                why = check_labels(res.atoms, settings.max_force)
+                if why is not None:
+                    res = LabelResult(None, "failed", why, res.doc)
+        doc = {
+            "schema": TASK_SCHEMA,
+            "schema_version": 1,
+            "nequix_fw_version": __version__,
+            "structure_id": sid,
+            "source": fr.source,
+            "frame": fr.frame,
+            "formula": fr.atoms.get_chemical_formula(),
+            "backend": backend.name,
+            "settings": backend.settings_doc(),
+            "settings_hash": backend.settings_hash(),
+            "iteration": iteration,
+            "status": res.status,
+            "reason": res.reason,
+            "wall_time_s": time.perf_counter() - t0,
+            **res.doc,
+        }
+        if res.atoms is not None and res.status == "success":
+            labelled = res.atoms.copy()
+            labelled.calc = res.atoms.calc
+            labelled.info.update(structure_id=sid)
+            with atomic_path(workdir / "labelled.extxyz") as tmp:
+                ase.io.write(tmp, labelled, format="extxyz")
+            doc["labelled_file"] = "labelled.extxyz"
+        with atomic_path(workdir / "task.json") as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+        results.append(doc)
+    summary = {
+        "backend": backend.name,
+        "settings_hash": backend.settings_hash(),
+        "n_structures": len(results),
+        "n_success": sum(r["status"] == "success" for r in results),
+        "n_failed": sum(r["status"] != "success" for r in results),
+        "failed": [
+            {"structure_id": r["structure_id"], "reason": r["reason"]}
+            for r in results
+            if r["status"] != "success"
+        ],  # fmt: skip
+    }
+    with atomic_path(output / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    return summary

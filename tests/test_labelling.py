@@ -1,0 +1,137 @@
+"""Labelling with ASE calculators (EMT) and ingestion into the training set."""
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from conftest import make_cells
+
+from nequix_fw.cli import main
+from nequix_fw.dataset import read_labelled, update_dataset
+from nequix_fw.errors import SettingsError, StructureError
+from nequix_fw.labelling import label_structures, make_backend
+from nequix_fw.settings import LabellingSettings
+from nequix_fw.structures import structure_id
+
+
+@pytest.fixture
+def selected(tmp_path):
+    """A selection-like directory: POSCARs named by id plus one too-close structure."""
+    d = tmp_path / "selected_structures"
+    d.mkdir()
+    cells = make_cells(5, seed=11)
+    close = cells[0].copy()
+    close.positions[1] = close.positions[0] + [0.5, 0, 0]
+    for a in [*cells, close]:
+        ase.io.write(d / f"{structure_id(a)}.vasp", a, format="vasp", direct=True)
+    return {"dir": d, "cells": cells, "close": close}
+
+
+def _label(structures, out, capsys, *extra):
+    code = main(["label", "--backend", "ase", "--calculator", "emt", "--structures",
+                 str(structures), "--output", str(out), "--no-progress", *extra])  # fmt: skip
+    return code, capsys.readouterr()
+
+
+def test_label_with_emt_equals_direct_emt(selected, tmp_path, capsys):
+    out = tmp_path / "dft_results"
+    code, cap = _label(selected["dir"], out, capsys, "--min-distance", "1.0", "--iteration", "3")
+    assert code == 0, cap.err
+    assert "labelled 5 of 6 structures with ase; 1 failed" in cap.out
+    for a in selected["cells"]:
+        sid = structure_id(a)
+        task = json.loads((out / sid / "task.json").read_text())
+        assert task["status"] == "success" and task["iteration"] == 3
+        assert task["settings"]["calculator"] == "ase.calculators.emt:EMT"
+        got = ase.io.read(out / sid / "labelled.extxyz")
+        ref = a.copy()
+        ref.calc = EMT()
+        assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+        np.testing.assert_allclose(got.get_forces(), ref.get_forces(), atol=1e-8)
+        np.testing.assert_allclose(got.get_stress(), ref.get_stress(), atol=1e-10)
+    bad = json.loads((out / structure_id(selected["close"]) / "task.json").read_text())
+    assert bad["status"] == "failed" and bad["reason"].startswith("min interatomic distance 0.500")
+    assert not (out / structure_id(selected["close"]) / "labelled.extxyz").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_success"] == 5 and summary["n_failed"] == 1
+
+
+def test_absurd_forces_recorded_as_failed(selected, tmp_path):
+    s = LabellingSettings(calculator="emt", max_force=1e-3)
+    summary = label_structures(selected["dir"], tmp_path / "o", make_backend(s), s, progress=False)
+    assert summary["n_failed"] == 6
+    assert all(f["reason"].startswith("max force") for f in summary["failed"])
+
+
+def test_update_dataset_is_idempotent_and_reports_conflicts(selected, tmp_path, capsys):
+    out = tmp_path / "dft_results"
+    assert _label(selected["dir"], out, capsys, "--min-distance", "1.0")[0] == 0
+    ds = tmp_path / "training_set"
+    first = update_dataset(out, ds, iteration=1)
+    assert first["n_added"] == 5 and first["n_failed_tasks_skipped"] == 1
+    data = read_labelled([ds])
+    assert len(data) == 5
+    info = data[0].frame.atoms.info
+    assert info["backend"] == "ase" and info["iteration"] == 1 and len(info["settings_hash"]) == 16
+    assert {d.frame.atoms.info["structure_id"] for d in data} == {
+        structure_id(a) for a in selected["cells"]
+    }
+    before = (ds / "training_set.extxyz").read_bytes()
+    code = main(["update-dataset", "--new", str(out), "--dataset", str(ds)])
+    assert (
+        code == 0
+        and "added 0 structures (5 already present, 0 conflicts" in capsys.readouterr().out
+    )
+    assert (ds / "training_set.extxyz").read_bytes() == before
+    # same structure, different labels: a conflict, the stored labels stay
+    sid = structure_id(selected["cells"][2])
+    a = ase.io.read(out / sid / "labelled.extxyz")
+    e_old = a.get_potential_energy()
+    a.calc.results["energy"] = e_old + 0.5
+    ase.io.write(out / sid / "labelled.extxyz", a)
+    s = update_dataset(out, ds)
+    assert s["n_added"] == 0 and s["n_conflicts"] == 1 and s["conflicts"][0]["structure_id"] == sid
+    stored = next(d for d in read_labelled([ds]) if d.frame.atoms.info["structure_id"] == sid)
+    assert stored.energy == pytest.approx(e_old)
+
+
+def test_mixed_levels_of_theory_refused_unless_allowed(selected, tmp_path, capsys):
+    emt_out, lj_out, ds = tmp_path / "emt", tmp_path / "lj", tmp_path / "ds"
+    assert _label(selected["dir"], emt_out, capsys, "--min-distance", "1.0")[0] == 0
+    update_dataset(emt_out, ds)
+    more = tmp_path / "more"
+    more.mkdir()
+    extra = make_cells(7, seed=12)[5:]
+    for a in extra:
+        ase.io.write(more / f"{structure_id(a)}.vasp", a, format="vasp")
+    code = main(["label", "--calculator", "lj", "--calculator-params", '{"sigma": 2.3}',
+                 "--structures", str(more), "--output", str(lj_out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    code = main(["update-dataset", "--new", str(lj_out), "--dataset", str(ds)])
+    err = capsys.readouterr().err
+    assert code == 2 and "different levels of theory" in err and "--allow-mixed" in err
+    assert len(read_labelled([ds])) == 5
+    s = update_dataset(lj_out, ds, allow_mixed=True)
+    assert s["n_added"] == 2 and s["n_total"] == 7
+
+
+def test_bad_labelling_inputs(selected, tmp_path, capsys):
+    with pytest.raises(
+        SettingsError,
+        match="calculator 'nope:Calc' cannot be imported \\(No module named 'nope'\\)",
+    ):
+        make_backend(LabellingSettings(calculator="nope:Calc"))
+    src = str(selected["dir"])
+    code = main(["label", "--calculator", "emt", "--calculator-params", "{bad",
+                 "--structures", src, "--output", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2 and "--calculator-params is not valid JSON" in capsys.readouterr().err
+    code = main(["label", "--calculator", "emt", "--calculator-params", '{"foo": 1}',
+                 "--structures", src, "--output", str(tmp_path / "o2")])  # fmt: skip
+    assert code == 2 and "bad parameters" in capsys.readouterr().err
+    with pytest.raises(StructureError, match="no labelled structures or label tasks"):
+        (tmp_path / "emptydir").mkdir()
+        update_dataset(tmp_path / "emptydir", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
