@@ -25,13 +25,37 @@ models:
 	@for m in nequix-mp-1 nequix-oam-1; do \
 	  [ -f $(MODEL_CACHE)/$$m.nqx ] || cp $(SHARED)/models/$$m.nqx $(MODEL_CACHE)/ ; done
 
+# The main job: (1) the foundation models nequix-mp-1 + nequix-oam-1 rank a pool of structures;
+# (2) one active-learning iteration by hand with real Nequix ensembles and EMT as the reference.
+DEMO := demo_run
+NFW := $(BIN)/nequix-fw
+CFG := --config examples/demo_settings.yaml
 demo: setup models
-	rm -rf demo_run && mkdir -p demo_run
-	$(BIN)/python examples/make_structures.py demo_run/initial_structures
-	$(BIN)/nequix-fw run-ensemble --models nequix-mp-1 nequix-oam-1 \
-	  --structures demo_run/initial_structures --output demo_run/ensemble_results.json
-	$(BIN)/nequix-fw select --ensemble demo_run/ensemble_results.json --lo 0.05 --hi 1.5 \
-	  --max-selected 8 --diverse --min-distance 1.6 --output demo_run/selected_structures
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/python examples/make_structures.py initial $(DEMO)/initial_structures
+	$(BIN)/python examples/make_structures.py candidates $(DEMO)/candidates
+	$(BIN)/python examples/make_structures.py testset $(DEMO)/validation_set
+	@echo "== foundation-model ensemble on the candidate pool"
+	$(NFW) run-ensemble --models nequix-mp-1 nequix-oam-1 --structures $(DEMO)/candidates \
+	  --output $(DEMO)/foundation_results.json
+	$(NFW) select --ensemble $(DEMO)/foundation_results.json $(CFG) \
+	  --output $(DEMO)/foundation_selected
+	@echo "== iteration 0: label the initial pool, train a 4-member ensemble"
+	$(NFW) label $(CFG) --structures $(DEMO)/initial_structures --output $(DEMO)/labels_0 --iteration 0
+	$(NFW) update-dataset --new $(DEMO)/labels_0 --dataset $(DEMO)/training_set --iteration 0
+	$(NFW) train-ensemble $(CFG) --dataset $(DEMO)/training_set --outdir $(DEMO)/models_0
+	$(NFW) validate --models $(DEMO)/models_0/member_*.nqx --testset $(DEMO)/validation_set \
+	  --output $(DEMO)/validation_0.json --no-plots
+	@echo "== iteration 1: evaluate candidates, select, label, grow the set, retrain (warm start)"
+	$(NFW) run-ensemble --models $(DEMO)/models_0/member_*.nqx --structures $(DEMO)/candidates \
+	  --output $(DEMO)/ensemble_results_1.json
+	$(NFW) select --ensemble $(DEMO)/ensemble_results_1.json $(CFG) --output $(DEMO)/selected_1
+	$(NFW) label $(CFG) --structures $(DEMO)/selected_1 --output $(DEMO)/labels_1 --iteration 1
+	$(NFW) update-dataset --new $(DEMO)/labels_1 --dataset $(DEMO)/training_set --iteration 1
+	$(NFW) train-ensemble $(CFG) --dataset $(DEMO)/training_set --outdir $(DEMO)/models_1 \
+	  --warm-start $(DEMO)/models_0
+	$(NFW) validate --models $(DEMO)/models_1/member_*.nqx --testset $(DEMO)/validation_set \
+	  --output $(DEMO)/validation_1.json --reference emt
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
@@ -43,4 +67,4 @@ bench: setup models
 	$(BIN)/python benchmarks/bench_ensemble.py
 
 clean:
-	rm -rf demo_run .pytest_cache
+	rm -rf $(DEMO) .pytest_cache

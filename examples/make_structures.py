@@ -1,6 +1,9 @@
-"""Write example candidate structures: rattled and strained fcc Cu, Al, Ni and a CuNi alloy.
+"""Example structures for the demo: rattled and strained fcc Cu, Al, Ni and CuNi cells.
 
-Usage: python examples/make_structures.py OUTDIR
+Usage:
+  python examples/make_structures.py initial OUTDIR      # unlabelled starting pool
+  python examples/make_structures.py candidates OUTDIR   # a fresh, hotter pool to explore
+  python examples/make_structures.py testset OUTDIR      # EMT-labelled held-out set
 """
 
 import sys
@@ -8,23 +11,46 @@ from pathlib import Path
 
 import ase.io
 from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from nequix_fw.exploration import distorted_copies
 
+LATTICE = {"Cu": 3.61, "Al": 4.05, "Ni": 3.52}
 
-def main(outdir: str) -> None:
+
+def pool(seed: int, mild: float, hot: float, n: int) -> dict[str, list]:
+    out = {}
+    for k, (el, a) in enumerate(LATTICE.items()):
+        cell = bulk(el, "fcc", a=a, cubic=True).repeat((2, 2, 1))
+        out[el] = distorted_copies(cell, n, rattle_std=mild, strain_max=0.01, seed=seed + k)
+        out[el] += distorted_copies(cell, n, rattle_std=hot, strain_max=0.06, seed=seed + 10 + k)
+    alloy = bulk("Cu", "fcc", a=3.57, cubic=True).repeat((2, 2, 1))
+    alloy.numbers[::3] = 28
+    out["CuNi"] = distorted_copies(alloy, n, rattle_std=hot, strain_max=0.03, seed=seed + 20)
+    return out
+
+
+def main(kind: str, outdir: str) -> None:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    lattice = {"Cu": 3.61, "Al": 4.05, "Ni": 3.52}
-    for k, (el, a) in enumerate(lattice.items()):
-        cell = bulk(el, "fcc", a=a, cubic=True).repeat((2, 2, 1))
-        mild = distorted_copies(cell, 6, rattle_std=0.03, strain_max=0.01, seed=k)
-        hot = distorted_copies(cell, 6, rattle_std=0.20, strain_max=0.06, seed=10 + k)
-        ase.io.write(out / f"{el}_md_like.extxyz", mild + hot)
-    alloy = bulk("Cu", "fcc", a=3.57, cubic=True).repeat((2, 2, 2))
-    alloy.numbers[::3] = 28
-    ase.io.write(out / "CuNi_POSCAR.vasp", distorted_copies(alloy, 1, 0.1, seed=7)[0])
+    if kind == "initial":
+        for name, frames in pool(0, 0.03, 0.15, 6).items():
+            ase.io.write(out / f"{name}_initial.extxyz", frames)
+    elif kind == "candidates":
+        for name, frames in pool(100, 0.08, 0.25, 8).items():
+            ase.io.write(out / f"{name}_candidates.extxyz", frames)
+    elif kind == "testset":
+        frames = [a for fr in pool(200, 0.05, 0.2, 4).values() for a in fr]
+        for a in frames:
+            a.calc = EMT()
+            labels = dict(energy=a.get_potential_energy(), forces=a.get_forces(),
+                          stress=a.get_stress())  # fmt: skip
+            a.calc = SinglePointCalculator(a, **labels)
+        ase.io.write(out / "testset_emt.extxyz", frames)
+    else:
+        sys.exit(f"unknown kind {kind!r}: initial, candidates or testset")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "demo_run/initial_structures")
+    main(*sys.argv[1:3])

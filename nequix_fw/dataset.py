@@ -123,7 +123,8 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
     items: list[Incoming] = []
     n_failed = 0
     task_dirs = set()
-    for task in sorted(new.rglob("task.json")):
+    tasks = sorted(new.rglob("task.json")) if new.is_dir() else []
+    for task in tasks:
         task_dirs.add(task.parent)
         doc = json.loads(task.read_text())
         if doc.get("status") != "success" or not doc.get("labelled_file"):
@@ -133,8 +134,9 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
         prov = {k: doc.get(k) for k in ("backend", "settings_hash", "iteration", "source")}
         prov["corrections"] = len(doc.get("corrections") or [])
         items.append(Incoming(d, doc["structure_id"], prov))
+    candidates = sorted(new.rglob("*")) if new.is_dir() else [new]
     plain = [
-        p for p in sorted(new.rglob("*"))
+        p for p in candidates
         if p.is_file() and p.parent not in task_dirs
         and (p.suffix in (".extxyz", ".xyz", ".traj") or p.name.startswith(("vasprun", "OUTCAR")))
     ]  # fmt: skip
@@ -195,11 +197,10 @@ def update_dataset(
             continue
         atoms = item.labelled.frame.atoms.copy()
         atoms.calc = item.labelled.frame.atoms.calc
-        atoms.info.update(
-            structure_id=item.structure_id,
-            **{k: v for k, v in item.provenance.items() if v is not None},
-            **({"iteration": iteration} if iteration is not None else {}),
-        )
+        prov = {**item.provenance, "structure_id": item.structure_id}
+        if iteration is not None:  # the caller's iteration wins over the task's
+            prov["iteration"] = iteration
+        atoms.info.update({k: v for k, v in prov.items() if v is not None})
         added.append(atoms)
         stored[item.structure_id] = item.labelled
     if added:
