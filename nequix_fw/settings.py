@@ -140,8 +140,10 @@ class TrainingSettings(_Settings):
 class LabellingSettings(_Settings):
     """How selected structures get reference labels."""
 
-    backend: Literal["ase"] = Field(
-        "ase", description="Labelling backend ('ase': any ASE calculator by name)."
+    backend: Literal["ase", "script"] = Field(
+        "ase",
+        description="Labelling backend: 'ase' (any ASE calculator by name) or 'script' (your "
+        "command, run in each structure's directory on its POSCAR).",
     )
     calculator: str = Field(
         "emt",
@@ -149,6 +151,12 @@ class LabellingSettings(_Settings):
         "(e.g. 'ase.calculators.espresso:Espresso').",
     )
     calculator_params: dict = Field(default_factory=dict, description="Calculator keywords.")
+    command: str | None = Field(
+        None,
+        description="Shell command of the 'script' backend, run in the structure's directory "
+        "(POSCAR there); it leaves labels as labelled.extxyz, *.extxyz, vasprun.xml or OUTCAR.",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Wall-time limit per structure (s).")
     min_distance: float | None = Field(
         None, gt=0, description="Skip (fail) structures with atoms closer than this (Å)."
     )

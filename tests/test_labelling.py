@@ -1,6 +1,9 @@
 """Labelling with ASE calculators (EMT) and ingestion into the training set."""
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -135,3 +138,61 @@ def test_bad_labelling_inputs(selected, tmp_path, capsys):
         (tmp_path / "emptydir").mkdir()
         update_dataset(tmp_path / "emptydir", tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+
+
+SHARED_VASP = Path(__file__).resolve().parents[1].parent / "shared" / "vasp-fixtures"
+
+EMT_SCRIPT = """
+import os, ase.io
+from ase.calculators.emt import EMT
+a = ase.io.read(os.environ["NEQUIX_FW_STRUCTURE"])
+a.calc = EMT()
+a.get_potential_energy(); a.get_forces(); a.get_stress()
+ase.io.write("labelled.extxyz", a)
+"""
+
+
+def test_script_backend_runs_user_command(selected, tmp_path, capsys):
+    script = tmp_path / "emt_label.py"
+    script.write_text(EMT_SCRIPT)
+    out = tmp_path / "o"
+    code = main(["label", "--backend", "script", "--command", f"{sys.executable} {script}",
+                 "--structures", str(selected["dir"]), "--output", str(out),
+                 "--min-distance", "1.0", "--no-progress"])  # fmt: skip
+    assert code == 0 and "labelled 5 of 6 structures with script" in capsys.readouterr().out
+    a = selected["cells"][1]
+    got = ase.io.read(out / structure_id(a) / "labelled.extxyz")
+    ref = a.copy()
+    ref.calc = EMT()
+    assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+    np.testing.assert_allclose(got.get_forces(), ref.get_forces(), atol=1e-6)
+    task = json.loads((out / structure_id(a) / "task.json").read_text())
+    assert task["returncode"] == 0 and task["result_file"] == "labelled.extxyz"
+
+
+def test_script_backend_reads_vasprun(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SHARED_VASP / "al_static" / "POSCAR", src / "POSCAR")
+    s = LabellingSettings(backend="script",
+                          command=f"cp {SHARED_VASP / 'al_static' / 'vasprun.xml'} .")  # fmt: skip
+    summary = label_structures(src, tmp_path / "o", make_backend(s), s, progress=False)
+    assert summary["n_success"] == 1
+    (task,) = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("*/task.json")]
+    got = ase.io.read(tmp_path / "o" / task["structure_id"] / "labelled.extxyz")
+    assert got.get_potential_energy() == pytest.approx(-3.74599651, abs=1e-6)
+
+
+def test_script_failures_are_recorded(selected, tmp_path, capsys):
+    s = LabellingSettings(backend="script", command="echo boom >&2; exit 3")
+    summary = label_structures(selected["dir"], tmp_path / "o", make_backend(s), s, progress=False)
+    assert summary["n_failed"] == 6
+    assert {f["reason"] for f in summary["failed"]} == {"command exited 3: boom"}
+    s = LabellingSettings(backend="script", command="true")
+    summary = label_structures(selected["dir"], tmp_path / "o2", make_backend(s), s, progress=False)
+    assert {f["reason"] for f in summary["failed"]} == {"the command left no result file"}
+    src = str(selected["dir"])
+    code = main(["label", "--backend", "script", "--command", "nosuchprog --fast",
+                 "--structures", src, "--output", str(tmp_path / "o3")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "labelling.command: executable 'nosuchprog' not found" in err

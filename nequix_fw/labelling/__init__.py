@@ -13,4 +13,8 @@ def make_backend(settings: LabellingSettings) -> LabellingBackend:
         from nequix_fw.labelling.ase_calc import AseCalculatorBackend
 
         return AseCalculatorBackend(settings.calculator, settings.calculator_params)
+    if settings.backend == "script":
+        from nequix_fw.labelling.script import ScriptBackend
+
+        return ScriptBackend(settings.command, settings.timeout_s)
     raise SettingsError(f"unknown labelling backend {settings.backend!r}")

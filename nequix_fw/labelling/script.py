@@ -1,0 +1,89 @@
+"""Label with the user's own command (compatible with the seed's `launch_dft.sh`).
+
+The command runs through the shell in the structure's directory, which holds the structure as
+`POSCAR`; the environment variable ``NEQUIX_FW_STRUCTURE`` names it. The command leaves its
+labels there as ``labelled.extxyz`` (or another ``*.extxyz``), ``vasprun.xml`` or ``OUTCAR``;
+the last frame is taken.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import ase.io
+from ase import Atoms
+
+from nequix_fw.dataset import labels_of
+from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.structures import Frame
+
+#: Result files looked for, in order of preference.
+RESULT_PATTERNS = ("labelled.extxyz", "*.extxyz", "vasprun.xml*", "OUTCAR*")
+
+
+def find_result(workdir: Path) -> Path | None:
+    for pattern in RESULT_PATTERNS:
+        found = sorted(workdir.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+class ScriptBackend(LabellingBackend):
+    """Runs a shell command per structure and reads the labels it leaves behind."""
+
+    name = "script"
+
+    def __init__(self, command: str | None, timeout_s: float | None = None):
+        if not command:
+            raise SettingsError("the script backend needs labelling.command (--command)")
+        program = shlex.split(command)[0]
+        if shutil.which(program) is None and not Path(program).is_file():
+            raise SettingsError(
+                f"labelling.command: executable {program!r} not found (command: {command!r})"
+            )
+        self.command = command
+        self.timeout_s = timeout_s
+
+    def settings_doc(self) -> dict:
+        return {"command": self.command}
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        workdir = workdir.resolve()
+        for pattern in RESULT_PATTERNS:  # a rerun must not pick up an old result
+            for old in workdir.glob(pattern):
+                old.unlink()
+        ase.io.write(workdir / "POSCAR", atoms, format="vasp", direct=True)
+        env = {**os.environ, "NEQUIX_FW_STRUCTURE": str(workdir / "POSCAR")}
+        doc: dict = {"command": self.command}
+        try:
+            proc = subprocess.run(
+                self.command, shell=True, cwd=workdir, env=env, capture_output=True, text=True,
+                timeout=self.timeout_s,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return LabelResult(None, "failed", f"timed out after {self.timeout_s} s", doc)
+        (workdir / "script.out").write_text(proc.stdout)
+        (workdir / "script.err").write_text(proc.stderr)
+        doc["returncode"] = proc.returncode
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or [""]
+            return LabelResult(None, "failed", f"command exited {proc.returncode}: {tail[0]}", doc)
+        result = find_result(workdir)
+        if result is None:
+            return LabelResult(None, "failed", "the command left no result file", doc)
+        doc["result_file"] = result.name
+        try:
+            frame = ase.io.read(result, index=-1)
+            labelled = labels_of(Frame(frame, str(result), -1))
+        except Exception as exc:  # truncated or unparsable output
+            return LabelResult(None, "failed", f"{result.name}: unreadable ({exc})", doc)
+        if len(labelled.frame.atoms) != len(atoms):
+            return LabelResult(None, "failed", f"{result.name}: wrong number of atoms", doc)
+        out = singlepoint(labelled.frame.atoms, labelled.energy, labelled.forces, labelled.stress)
+        return LabelResult(out, "success", None, doc)
