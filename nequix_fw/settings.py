@@ -140,10 +140,11 @@ class TrainingSettings(_Settings):
 class LabellingSettings(_Settings):
     """How selected structures get reference labels."""
 
-    backend: Literal["ase", "script"] = Field(
+    backend: Literal["ase", "script", "vasp"] = Field(
         "ase",
-        description="Labelling backend: 'ase' (any ASE calculator by name) or 'script' (your "
-        "command, run in each structure's directory on its POSCAR).",
+        description="Labelling backend: 'ase' (any ASE calculator by name), 'script' (your "
+        "command, run in each structure's directory on its POSCAR) or 'vasp' (VASP under "
+        "custodian).",
     )
     calculator: str = Field(
         "emt",
@@ -157,6 +158,19 @@ class LabellingSettings(_Settings):
         "(POSCAR there); it leaves labels as labelled.extxyz, *.extxyz, vasprun.xml or OUTCAR.",
     )
     timeout_s: float | None = Field(None, gt=0, description="Wall-time limit per structure (s).")
+    vasp_cmd: str = Field(
+        "vasp_std", description="VASP command (with an mpirun prefix if needed), split on spaces."
+    )
+    vasp_inputs: Path | None = Field(
+        None, description="Directory with the INCAR, KPOINTS and POTCAR to use (as launch_dft.sh)."
+    )
+    incar_overrides: dict = Field(default_factory=dict, description="INCAR tags to set on top.")
+    handler_group: Literal["default", "strict", "md", "no_handler"] = Field(
+        "default", description="custodian error handlers, grouped as in atomate."
+    )
+    max_errors: int = Field(5, ge=0, description="custodian corrections before giving up.")
+    scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
+    gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
     min_distance: float | None = Field(
         None, gt=0, description="Skip (fail) structures with atoms closer than this (Å)."
     )

@@ -17,4 +17,8 @@ def make_backend(settings: LabellingSettings) -> LabellingBackend:
         from nequix_fw.labelling.script import ScriptBackend
 
         return ScriptBackend(settings.command, settings.timeout_s)
+    if settings.backend == "vasp":
+        from nequix_fw.labelling.vasp import VaspBackend
+
+        return VaspBackend(settings)
     raise SettingsError(f"unknown labelling backend {settings.backend!r}")

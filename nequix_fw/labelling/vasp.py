@@ -1,0 +1,188 @@
+"""Label with VASP under custodian (error handlers, validators, corrections recorded).
+
+Inputs: the user's INCAR, KPOINTS and POTCAR (``vasp_inputs``, as the seed's launch_dft.sh copies
+them), with ``incar_overrides`` on top; the POSCAR lists species in the POTCAR's order.
+
+Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
+
+- energy: ``e_0_energy`` (energy extrapolated to sigma -> 0; pymatgen's ``final_energy`` and
+  ASE's ``get_potential_energy()``), used consistently for every VASP label;
+- forces: eV/Å as written by VASP;
+- stress: VASP writes kBar with positive = compressive; stored in ASE's convention,
+  ``stress_ASE = -0.1 * stress_VASP`` GPa (positive = tensile), as eV/Å³.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.units import GPa
+
+from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.settings import LabellingSettings
+
+INPUT_FILES = ("INCAR", "KPOINTS", "POTCAR")
+
+
+def handler_group(name: str, wall_time_s: float | None = None) -> list:
+    """A fresh list of custodian handlers, grouped as in atomate."""
+    from custodian.vasp import handlers as h
+
+    groups = {
+        "default": lambda: [
+            h.VaspErrorHandler(), h.MeshSymmetryErrorHandler(), h.UnconvergedErrorHandler(),
+            h.NonConvergingErrorHandler(), h.PotimErrorHandler(),
+            h.PositiveEnergyErrorHandler(), h.FrozenJobErrorHandler(), h.StdErrHandler(),
+            h.LargeSigmaHandler(), h.IncorrectSmearingHandler(),
+        ],
+        "md": lambda: [h.VaspErrorHandler(), h.NonConvergingErrorHandler()],
+        "no_handler": lambda: [],
+    }  # fmt: skip
+    groups["strict"] = lambda: [*groups["default"](), h.AliasingErrorHandler(),
+                                h.DriftErrorHandler()]  # fmt: skip
+    handlers = groups[name]()
+    if wall_time_s:
+        handlers.append(h.WalltimeHandler(wall_time=int(wall_time_s)))
+    return handlers
+
+
+def potcar_elements(path: Path) -> list[str]:
+    """Element symbols of a POTCAR, in order (from its TITEL lines)."""
+    titles = re.findall(r"TITEL\s*=\s*\S+\s+([A-Z][a-z]?)", path.read_text(errors="replace"))
+    if not titles:
+        raise SettingsError(f"{path}: no TITEL lines, not a POTCAR")
+    return titles
+
+
+def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | None, dict]:
+    """Final structure, energy (eV), forces (eV/Å), ASE stress (eV/Å³) and run facts."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.vasp import Vasprun
+
+    run = Vasprun(str(path), parse_dos=False, parse_eigen=False)
+    step = run.ionic_steps[-1]
+    stress = None
+    if step.get("stress") is not None:
+        kbar = np.asarray(step["stress"], dtype=float)
+        full = -0.1 * kbar * GPa  # VASP kBar, compressive positive -> ASE eV/Å3
+        stress = full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    atoms = AseAtomsAdaptor.get_atoms(run.final_structure)
+    facts = {
+        "converged_electronic": bool(run.converged_electronic),
+        "converged_ionic": bool(run.converged_ionic),
+        "functional": run.parameters.get("GGA") or run.incar.get("METAGGA") or "PE",
+        "encut_eV": run.parameters.get("ENCUT"),
+    }
+    return atoms, float(step["e_0_energy"]), np.asarray(step["forces"], float), stress, facts
+
+
+class VaspBackend(LabellingBackend):
+    """VASP through custodian's `VaspJob`, handlers and validators."""
+
+    name = "vasp"
+
+    def __init__(self, settings: LabellingSettings):
+        self.settings = settings
+        if settings.vasp_inputs is None:
+            raise SettingsError("the vasp backend needs labelling.vasp_inputs (INCAR, KPOINTS, "
+                                "POTCAR)")  # fmt: skip
+        self.inputs = Path(settings.vasp_inputs).expanduser()
+        missing = [f for f in INPUT_FILES if not (self.inputs / f).is_file()]
+        if missing:
+            raise SettingsError(f"{self.inputs}: missing {', '.join(missing)}")
+        self.potcar_elements = potcar_elements(self.inputs / "POTCAR")
+        self.cmd = shlex.split(settings.vasp_cmd)
+        exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
+        if shutil.which(exe) is None and not Path(exe).is_file():
+            raise SettingsError(f"labelling.vasp_cmd: executable {exe!r} not found "
+                                f"(command: {settings.vasp_cmd!r})")  # fmt: skip
+
+    def settings_doc(self) -> dict:
+        from pymatgen.io.vasp import Incar
+
+        incar = dict(Incar.from_file(self.inputs / "INCAR"))
+        incar.update(self.settings.incar_overrides)
+        return {
+            "incar": incar,
+            "kpoints": (self.inputs / "KPOINTS").read_text(),
+            "potcar": self.potcar_elements,
+            "handler_group": self.settings.handler_group,
+        }
+
+    def _write_inputs(self, atoms: Atoms, workdir: Path) -> None:
+        from pymatgen.io.ase import AseAtomsAdaptor
+        from pymatgen.io.vasp import Incar, Poscar
+
+        symbols = sorted(set(atoms.get_chemical_symbols()), key=self._species_rank)
+        structure = AseAtomsAdaptor.get_structure(atoms)
+        structure = structure.get_sorted_structure(key=lambda s: symbols.index(s.specie.symbol))
+        Poscar(structure).write_file(workdir / "POSCAR")
+        incar = Incar.from_file(self.inputs / "INCAR")
+        incar.update(self.settings.incar_overrides)
+        incar.write_file(workdir / "INCAR")
+        shutil.copy(self.inputs / "KPOINTS", workdir / "KPOINTS")
+        # one POTCAR block per species present, in POSCAR order
+        blocks = re.split(r"(?<=End of Dataset\n)", (self.inputs / "POTCAR").read_text())
+        by_el = dict(zip(self.potcar_elements, [b for b in blocks if b.strip()], strict=False))
+        (workdir / "POTCAR").write_text("".join(by_el[el] for el in symbols))
+
+    def _species_rank(self, symbol: str) -> int:
+        if symbol not in self.potcar_elements:
+            raise SettingsError(
+                f"{self.inputs / 'POTCAR'}: no POTCAR for {symbol} "
+                f"(it has {', '.join(self.potcar_elements)})"
+            )
+        return self.potcar_elements.index(symbol)
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        from custodian import Custodian
+        from custodian.vasp.jobs import VaspJob
+        from custodian.vasp.validators import VaspFilesValidator, VasprunXMLValidator
+
+        workdir = workdir.resolve()
+        self._write_inputs(atoms, workdir)
+        s = self.settings
+        c = Custodian(
+            handler_group(s.handler_group, s.timeout_s), [VaspJob(self.cmd, auto_npar=False)],
+            validators=[VasprunXMLValidator(), VaspFilesValidator()], max_errors=s.max_errors,
+            scratch_dir=str(s.scratch_dir) if s.scratch_dir else None,
+            gzipped_output=s.gzip_output, directory=str(workdir), polling_time_step=1,
+            monitor_freq=5,
+        )  # fmt: skip
+        doc: dict = {"command": s.vasp_cmd}
+        try:
+            c.run()
+        except Exception as exc:  # custodian gives up: max errors, validator failure, ...
+            doc["corrections"] = _corrections(workdir)
+            return LabelResult(None, "failed", f"custodian: {exc}", doc)
+        doc["corrections"] = _corrections(workdir)
+        vasprun = next(iter(sorted(workdir.glob("vasprun.xml*"))), None)
+        try:
+            final, energy, forces, stress, facts = parse_vasprun(vasprun)
+        except Exception as exc:
+            return LabelResult(None, "failed", f"vasprun.xml unreadable ({exc})", doc)
+        doc.update(facts, converged=facts["converged_electronic"])
+        if not facts["converged_electronic"]:
+            return LabelResult(None, "failed", "electronic SCF did not converge", doc)
+        if not atoms.pbc.all():
+            stress = None
+        return LabelResult(singlepoint(final, energy, forces, stress), "success", None, doc)
+
+
+def _corrections(workdir: Path) -> list:
+    """custodian's corrections (errors found, actions taken) from its custodian.json log."""
+    import json
+
+    log = workdir / "custodian.json"
+    if not log.is_file():
+        return []
+    return [
+        {"errors": cor.get("errors"), "actions": cor.get("actions")}
+        for entry in json.loads(log.read_text()) for cor in entry.get("corrections", [])
+    ]  # fmt: skip
