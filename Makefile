@@ -6,7 +6,7 @@ SHARED ?= ../shared
 MODEL_CACHE := $(HOME)/.cache/nequix/models
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup models demo test lint bench clean
+.PHONY: setup sysdeps models demo test lint bench clean
 
 $(BIN)/nequix-fw: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(BIN)/nequix-fw: pyproject.toml
 	touch $@
 
 setup: $(BIN)/nequix-fw
+
+# System packages: CP2K (Debian's cp2k) for the CP2K labelling backend and its tests.
+sysdeps:
+	@command -v cp2k.psmp >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cp2k >/dev/null; } \
+	  || echo "cp2k could not be installed: the CP2K tests will be skipped"
 
 # Foundation weights cannot be downloaded here: copy them into nequix's cache once.
 models:
@@ -57,7 +63,7 @@ demo: setup models
 	$(NFW) validate --models $(DEMO)/models_1/member_*.nqx --testset $(DEMO)/validation_set \
 	  --output $(DEMO)/validation_1.json --reference emt
 
-test: setup
+test: setup sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: setup

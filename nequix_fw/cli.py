@@ -132,6 +132,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
         calculator_params=params, min_distance=args.min_distance, command=args.command,
         timeout_s=args.timeout, vasp_cmd=args.vasp_cmd, vasp_inputs=args.vasp_inputs,
+        cp2k_cmd=args.cp2k_cmd, cp2k_template=args.cp2k_template,
     )  # fmt: skip
     summary = label_structures(
         args.structures, args.output, make_backend(settings), settings,
@@ -261,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("label", help="label selected structures with a reference method")
     lb.add_argument("--structures", required=True, help="selected structures (directory/file)")
     lb.add_argument("--output", required=True, help="directory for one task directory each")
-    lb.add_argument("--backend", choices=["ase", "script", "vasp"])
+    lb.add_argument("--backend", choices=["ase", "script", "vasp", "cp2k"])
+    lb.add_argument("--cp2k-cmd", help="cp2k backend: CP2K command (default cp2k.psmp)")
+    lb.add_argument("--cp2k-template", help="cp2k backend: CP2K input used as template")
     lb.add_argument("--vasp-cmd", help="vasp backend: VASP command (e.g. 'mpirun vasp_std')")
     lb.add_argument("--vasp-inputs", help="vasp backend: directory with INCAR, KPOINTS, POTCAR")
     lb.add_argument("--command", help="script backend: shell command run per structure")

@@ -140,10 +140,10 @@ class TrainingSettings(_Settings):
 class LabellingSettings(_Settings):
     """How selected structures get reference labels."""
 
-    backend: Literal["ase", "script", "vasp"] = Field(
+    backend: Literal["ase", "script", "vasp", "cp2k"] = Field(
         "ase",
         description="Labelling backend: 'ase' (any ASE calculator by name), 'script' (your "
-        "command, run in each structure's directory on its POSCAR) or 'vasp' (VASP under "
+        "command, run in each structure's directory on its POSCAR), 'vasp' or 'cp2k' (under "
         "custodian).",
     )
     calculator: str = Field(
@@ -169,6 +169,13 @@ class LabellingSettings(_Settings):
         "default", description="custodian error handlers, grouped as in atomate."
     )
     max_errors: int = Field(5, ge=0, description="custodian corrections before giving up.")
+    cp2k_cmd: str = Field("cp2k.psmp", description="CP2K command, split on spaces.")
+    cp2k_template: Path | None = Field(
+        None, description="CP2K input whose &CELL and &COORD are replaced per structure."
+    )
+    cp2k_data_dir: Path = Field(
+        Path("/usr/share/cp2k"), description="Basis sets and GTH potentials (CP2K_DATA_DIR)."
+    )
     scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
     gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
     min_distance: float | None = Field(

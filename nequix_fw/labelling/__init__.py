@@ -21,4 +21,8 @@ def make_backend(settings: LabellingSettings) -> LabellingBackend:
         from nequix_fw.labelling.vasp import VaspBackend
 
         return VaspBackend(settings)
+    if settings.backend == "cp2k":
+        from nequix_fw.labelling.cp2k import Cp2kBackend
+
+        return Cp2kBackend(settings)
     raise SettingsError(f"unknown labelling backend {settings.backend!r}")

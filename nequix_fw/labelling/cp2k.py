@@ -1,0 +1,162 @@
+"""Label with CP2K under custodian (Quickstep, GTH basis sets and potentials).
+
+Inputs: the user's CP2K template (``cp2k_template``) with &CELL and &COORD replaced per
+structure by pymatgen's input classes, RUN_TYPE ENERGY_FORCE, forces printed and, for periodic
+cells, the analytical stress tensor. Data files come from ``cp2k_data_dir`` (CP2K_DATA_DIR).
+
+Labels: energy = the last ``ENERGY| Total FORCE_EVAL`` line (Hartree -> eV with ASE's constant);
+forces and stress parsed with pymatgen's ``Cp2kOutput``: forces (Hartree/Bohr -> eV/Å), stress
+(CP2K prints GPa with positive = compressive; stored in ASE's convention,
+``stress = -stress_CP2K``, as eV/Å³).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.units import Bohr, GPa, Hartree
+
+from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.labelling.vasp import _corrections
+from nequix_fw.settings import LabellingSettings
+
+INPUT, OUTPUT = "cp2k.inp", "cp2k.out"
+
+
+def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool]:
+    """Energy (eV), forces (eV/Å), ASE-convention stress (eV/Å³, Voigt) and SCF convergence."""
+    from ase.stress import full_3x3_to_voigt_6_stress
+    from pymatgen.io.cp2k.outputs import Cp2kOutput
+
+    text = path.read_text(errors="replace")
+    totals = re.findall(r"ENERGY\| Total FORCE_EVAL.*?:\s+(\S+)", text)
+    if not totals:
+        raise ValueError("no 'ENERGY| Total FORCE_EVAL' line")
+    energy = float(totals[-1]) * Hartree  # with ASE's Hartree, like every other unit here
+    out = Cp2kOutput(str(path), auto_load=False)
+    out.parse_forces()
+    forces = np.asarray(out.data["forces"][-1], dtype=float) * Hartree / Bohr
+    stress = None
+    if "STRESS|" in text:
+        out.parse_stresses()
+        stress = -full_3x3_to_voigt_6_stress(np.asarray(out.data["stress_tensor"][-1])) * GPa
+    converged = "SCF run NOT converged" not in text and "SCF run converged" in text
+    return energy, forces, stress, converged
+
+
+class Cp2kBackend(LabellingBackend):
+    """CP2K through custodian's `Cp2kJob`, handlers and `Cp2kOutputValidator`."""
+
+    name = "cp2k"
+
+    def __init__(self, settings: LabellingSettings):
+        from pymatgen.io.cp2k.inputs import Cp2kInput
+
+        self.settings = settings
+        if settings.cp2k_template is None:
+            raise SettingsError("the cp2k backend needs labelling.cp2k_template (a CP2K input)")
+        path = Path(settings.cp2k_template).expanduser()
+        try:
+            self.template = Cp2kInput.from_file(str(path))
+            self.template["FORCE_EVAL"]["SUBSYS"]
+        except FileNotFoundError:
+            raise SettingsError(f"{path}: CP2K template not found") from None
+        except Exception as exc:
+            raise SettingsError(f"{path}: not a usable CP2K input ({exc})") from None
+        self.template_path = path
+        self.cmd = shlex.split(settings.cp2k_cmd)
+        if shutil.which(self.cmd[0]) is None and not Path(self.cmd[0]).is_file():
+            raise SettingsError(f"labelling.cp2k_cmd: executable {self.cmd[0]!r} not found "
+                                f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
+        if not Path(settings.cp2k_data_dir).is_dir():
+            raise SettingsError(f"labelling.cp2k_data_dir: {settings.cp2k_data_dir} not found")
+
+    def settings_doc(self) -> dict:
+        return {"template": self.template_path.read_text(), "command": self.settings.cp2k_cmd}
+
+    def write_input(self, atoms: Atoms, workdir: Path) -> Path:
+        """The template with this structure's cell and coordinates, forces and stress on."""
+        import copy
+
+        from pymatgen.core import Lattice
+        from pymatgen.io.ase import AseAtomsAdaptor
+        from pymatgen.io.cp2k.inputs import Cell, Coord, Keyword, Section
+
+        ci = copy.deepcopy(self.template)
+        kinds = {
+            str(sec.section_parameters[0])
+            for sec in ci["FORCE_EVAL"]["SUBSYS"].subsections.values()
+            if sec.name.upper() == "KIND" and sec.section_parameters
+        }
+        missing = sorted(set(atoms.get_chemical_symbols()) - kinds)
+        if missing:
+            raise SettingsError(f"{self.template_path}: no &KIND section for {', '.join(missing)}")
+        periodic = bool(atoms.pbc.all())
+        if periodic:
+            structure = AseAtomsAdaptor.get_structure(atoms)
+            lattice = structure.lattice
+        else:
+            structure = AseAtomsAdaptor.get_molecule(atoms)
+            lattice = Lattice(atoms.cell[:] if atoms.cell.rank == 3 else np.eye(3) * 20.0)
+        sub = ci["FORCE_EVAL"]["SUBSYS"]
+        sub.subsections["CELL"] = Cell(lattice)
+        sub.subsections["COORD"] = Coord(structure)
+        ci["GLOBAL"].keywords["RUN_TYPE"] = Keyword("RUN_TYPE", "ENERGY_FORCE")
+        ci["GLOBAL"].keywords["PROJECT"] = Keyword("PROJECT", "cp2k")
+        fe = ci["FORCE_EVAL"]
+        if "PRINT" not in fe.subsections:
+            fe.insert(Section("PRINT"))
+        fe["PRINT"].subsections["FORCES"] = Section("FORCES", section_parameters=["ON"])
+        if periodic:
+            fe.keywords["STRESS_TENSOR"] = Keyword("STRESS_TENSOR", "ANALYTICAL")
+            fe["PRINT"].subsections["STRESS_TENSOR"] = Section(
+                "STRESS_TENSOR", section_parameters=["ON"]
+            )
+        ci.write_file(str(workdir / INPUT))
+        return workdir / INPUT
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        from custodian import Custodian
+        from custodian.cp2k import handlers as h
+        from custodian.cp2k.jobs import Cp2kJob
+        from custodian.cp2k.validators import Cp2kOutputValidator
+
+        workdir = workdir.resolve()
+        self.write_input(atoms, workdir)
+        os.environ.setdefault("CP2K_DATA_DIR", str(self.settings.cp2k_data_dir))
+        handlers = [
+            h.UnconvergedScfErrorHandler(input_file=INPUT, output_file=OUTPUT),
+            h.DivergingScfErrorHandler(input_file=INPUT, output_file=OUTPUT),
+            h.AbortHandler(input_file=INPUT, output_file=OUTPUT),
+            h.FrozenJobErrorHandler(input_file=INPUT, output_file=OUTPUT),
+        ]
+        if self.settings.timeout_s:
+            handlers.append(h.WalltimeHandler(wall_time=int(self.settings.timeout_s)))
+        c = Custodian(
+            handlers, [Cp2kJob(self.cmd, input_file=INPUT, output_file=OUTPUT)],
+            validators=[Cp2kOutputValidator()], max_errors=self.settings.max_errors,
+            directory=str(workdir), polling_time_step=1, monitor_freq=5,
+        )  # fmt: skip
+        doc: dict = {"command": self.settings.cp2k_cmd}
+        try:
+            c.run()
+        except Exception as exc:
+            doc["corrections"] = _corrections(workdir)
+            return LabelResult(None, "failed", f"custodian: {exc}", doc)
+        doc["corrections"] = _corrections(workdir)
+        try:
+            energy, forces, stress, converged = parse_output(workdir / OUTPUT)
+        except Exception as exc:
+            return LabelResult(None, "failed", f"{OUTPUT} unreadable ({exc})", doc)
+        doc["converged"] = converged
+        if not converged:
+            return LabelResult(None, "failed", "electronic SCF did not converge", doc)
+        doc["energy_hartree"] = energy / Hartree
+        return LabelResult(singlepoint(atoms, energy, forces, stress), "success", None, doc)

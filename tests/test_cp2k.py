@@ -1,0 +1,90 @@
+"""CP2K under custodian, for real (Debian's cp2k): labels equal a direct CP2K run."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.units import Bohr, GPa, Hartree
+
+from nequix_fw.labelling import label_structures, make_backend
+from nequix_fw.settings import LabellingSettings
+
+TEMPLATE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "cp2k" / "si8_pbe_energy_force.inp"
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cp2k.psmp") is None or not TEMPLATE.is_file(),
+    reason="CP2K (Debian package cp2k) or the shared template is not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """The shared Si8 PBE input with a smaller cutoff (150 Ry) and a looser SCF (quick tests)."""
+    text = TEMPLATE.read_text().replace("CUTOFF 300", "CUTOFF 150")
+    text = text.replace("EPS_SCF 1.0E-6", "EPS_SCF 1.0E-5").replace("MAX_SCF 50", "MAX_SCF 200")
+    path = tmp_path_factory.mktemp("cp2k") / "template.inp"
+    path.write_text(text)
+    return path
+
+
+def _direct(inp: Path, workdir: Path):
+    """Run cp2k.psmp directly on an input; raw energy (Ha), forces (Ha/Bohr), stress (GPa)."""
+    workdir.mkdir()
+    shutil.copy(inp, workdir / "direct.inp")
+    env = {**os.environ, "CP2K_DATA_DIR": "/usr/share/cp2k"}
+    subprocess.run(["cp2k.psmp", "-i", "direct.inp", "-o", "direct.out"], cwd=workdir,
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    text = (workdir / "direct.out").read_text()
+    energy = float(re.findall(r"ENERGY\| Total FORCE_EVAL.*?:\s+(\S+)", text)[-1])
+    block = text.split("ATOMIC FORCES in [a.u.]")[-1].split("SUM OF ATOMIC FORCES")[0]
+    forces = [[float(x) for x in line.split()[3:6]] for line in block.splitlines()
+              if re.match(r"\s+\d+\s+\d+\s+\w+\s+-?\d", line)]  # fmt: skip
+    block = text.split("STRESS| Analytical stress tensor [GPa]")[-1].splitlines()[2:5]
+    rows = [line.split()[2:5] for line in block]
+    return energy, np.array(forces), np.array(rows, dtype=float)
+
+
+def test_si8_labels_equal_direct_cp2k_run(template, tmp_path):
+    si8 = bulk("Si", "diamond", a=5.43, cubic=True)
+    si8.positions[1] += [0.1, 0.0, 0.0]
+    (tmp_path / "in").mkdir()
+    ase.io.write(tmp_path / "in" / "si8.vasp", si8, format="vasp")
+    s = LabellingSettings(backend="cp2k", cp2k_template=template, max_errors=2)
+    summary = label_structures(tmp_path / "in", tmp_path / "out", make_backend(s), s,
+                               progress=False)  # fmt: skip
+    assert summary["n_success"] == 1, summary
+    (task_dir,) = [p.parent for p in (tmp_path / "out").glob("*/task.json")]
+    got = ase.io.read(task_dir / "labelled.extxyz")
+    e_ha, f_au, stress_gpa = _direct(task_dir / "cp2k.inp", tmp_path / "direct")
+    assert got.get_potential_energy() == pytest.approx(e_ha * Hartree, abs=1e-6)
+    np.testing.assert_allclose(got.get_forces(), f_au * Hartree / Bohr, atol=1e-5)
+    assert np.abs(got.get_forces()).max() > 0.05  # the displaced atom feels a real force
+    # CP2K prints GPa with positive = compressive; ASE's convention is the opposite
+    np.testing.assert_allclose(got.get_stress(voigt=False) / GPa, -stress_gpa, atol=1e-6)
+
+
+def test_si2_labelled_and_unconverged_scf_recorded(template, tmp_path):
+    si2 = bulk("Si", "diamond", a=5.43)
+    si2.rattle(0.05, seed=1)
+    (tmp_path / "in").mkdir()
+    ase.io.write(tmp_path / "in" / "si2.vasp", si2, format="vasp")
+    s = LabellingSettings(backend="cp2k", cp2k_template=template)
+    summary = label_structures(tmp_path / "in", tmp_path / "ok", make_backend(s), s, progress=False)
+    assert summary["n_success"] == 1
+    # an SCF that cannot converge in one step: corrected by custodian or recorded as failed
+    bad = tmp_path / "max_scf_1.inp"
+    bad.write_text(template.read_text().replace("MAX_SCF 200", "MAX_SCF 1"))
+    s = LabellingSettings(backend="cp2k", cp2k_template=bad, max_errors=1)
+    summary = label_structures(tmp_path / "in", tmp_path / "bad", make_backend(s), s,
+                               progress=False)  # fmt: skip
+    assert summary["n_failed"] == 1
+    reason = summary["failed"][0]["reason"]
+    assert "custodian" in reason or "did not converge" in reason
