@@ -140,10 +140,28 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
         if p.is_file() and p.parent not in task_dirs
         and (p.suffix in (".extxyz", ".xyz", ".traj") or p.name.startswith(("vasprun", "OUTCAR")))
     ]  # fmt: skip
-    for d in (labels_of(f) for f in iter_frames(plain)) if plain else ():
+    vaspruns = [p for p in plain if p.name.startswith("vasprun")]
+    others = [p for p in plain if p not in vaspruns]
+    labelled = [labels_of(f) for f in iter_frames(others)] if others else []
+    labelled += [_vasprun_labels(p) for p in vaspruns]
+    for d in labelled:
         prov = {"backend": "file", "settings_hash": None, "iteration": None, "source": d.where}
         items.append(Incoming(d, d.id, prov))
     return items, n_failed
+
+
+def _vasprun_labels(path: Path) -> Labelled:
+    """Final-step labels of a vasprun.xml with pymatgen (which refuses truncated files)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from nequix_fw.labelling.vasp import parse_vasprun
+
+    try:
+        atoms, energy, forces, stress, _ = parse_vasprun(path)
+    except Exception as exc:
+        raise StructureError(f"{path}: truncated or unreadable vasprun.xml ({exc})") from None
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+    return labels_of(Frame(atoms, str(path), -1))
 
 
 def update_dataset(

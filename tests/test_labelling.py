@@ -196,3 +196,29 @@ def test_script_failures_are_recorded(selected, tmp_path, capsys):
                  "--structures", src, "--output", str(tmp_path / "o3")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "labelling.command: executable 'nosuchprog' not found" in err
+
+
+def test_truncated_results_and_bad_poscar(tmp_path, capsys):
+    import gzip
+
+    res = tmp_path / "results"
+    res.mkdir()
+    with gzip.open(SHARED_VASP / "si2_relax" / "vasprun.xml.gz", "rb") as f:
+        xml = f.read()
+    (res / "vasprun.xml").write_bytes(xml[: len(xml) // 2])
+    code = main(["update-dataset", "--new", str(res), "--dataset", str(tmp_path / "ds")])
+    err = capsys.readouterr().err
+    assert code == 2 and "vasprun.xml: truncated or unreadable vasprun.xml" in err
+    assert not (tmp_path / "ds").exists()
+    shutil.copy(SHARED_VASP / "al_static" / "vasprun.xml", res / "vasprun.xml")  # complete run
+    s = update_dataset(res, tmp_path / "ds")
+    (d,) = read_labelled([tmp_path / "ds"])
+    assert s["n_added"] == 1 and d.energy == pytest.approx(-3.74599651, abs=1e-6)
+    bad = tmp_path / "selected"
+    bad.mkdir()
+    (bad / "POSCAR").write_text("not a poscar\n1.0\n")
+    code = main(["label", "--calculator", "emt", "--structures", str(bad),
+                 "--output", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "POSCAR: cannot read structures" in err
+    assert not list((tmp_path / "o").glob("*/task.json"))

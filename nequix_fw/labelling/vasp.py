@@ -5,8 +5,8 @@ them), with ``incar_overrides`` on top; the POSCAR lists species in the POTCAR's
 
 Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
 
-- energy: ``e_0_energy`` (energy extrapolated to sigma -> 0; pymatgen's ``final_energy`` and
-  ASE's ``get_potential_energy()``), used consistently for every VASP label;
+- energy: ``e_0_energy`` (energy extrapolated to sigma -> 0) as pymatgen's ``final_energy``
+  gives it (repairing VASP versions that write it as 0 in vasprun.xml), used for every VASP label;
 - forces: eV/Å as written by VASP;
 - stress: VASP writes kBar with positive = compressive; stored in ASE's convention,
   ``stress_ASE = -0.1 * stress_VASP`` GPa (positive = tensile), as eV/Å³.
@@ -79,7 +79,9 @@ def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | No
         "functional": run.parameters.get("GGA") or run.incar.get("METAGGA") or "PE",
         "encut_eV": run.parameters.get("ENCUT"),
     }
-    return atoms, float(step["e_0_energy"]), np.asarray(step["forces"], float), stress, facts
+    # pymatgen's final_energy is e_0_energy with the fix for VASP versions that write it as 0
+    energy = float(run.final_energy)
+    return atoms, energy, np.asarray(step["forces"], float), stress, facts
 
 
 class VaspBackend(LabellingBackend):
