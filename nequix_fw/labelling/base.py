@@ -75,6 +75,17 @@ def singlepoint(atoms: Atoms, energy: float, forces, stress=None) -> Atoms:
     return a
 
 
+def custodian_corrections(workdir: Path) -> list:
+    """custodian's corrections (errors found, actions taken) from its custodian.json log."""
+    log = workdir / "custodian.json"
+    if not log.is_file():
+        return []
+    return [
+        {"errors": cor.get("errors"), "actions": cor.get("actions")}
+        for entry in json.loads(log.read_text()) for cor in entry.get("corrections", [])
+    ]  # fmt: skip
+
+
 def _structure_ids(structures: Path) -> dict[tuple[str, int], str]:
     """Ids from a selection manifest beside the structures, keyed by (file name, frame)."""
     manifest = structures / "manifest.json" if structures.is_dir() else None

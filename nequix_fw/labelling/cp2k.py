@@ -23,8 +23,12 @@ from ase import Atoms
 from ase.units import Bohr, GPa, Hartree
 
 from nequix_fw.errors import SettingsError
-from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
-from nequix_fw.labelling.vasp import _corrections
+from nequix_fw.labelling.base import (
+    LabellingBackend,
+    LabelResult,
+    custodian_corrections,
+    singlepoint,
+)
 from nequix_fw.settings import LabellingSettings
 
 INPUT, OUTPUT = "cp2k.inp", "cp2k.out"
@@ -148,9 +152,9 @@ class Cp2kBackend(LabellingBackend):
         try:
             c.run()
         except Exception as exc:
-            doc["corrections"] = _corrections(workdir)
+            doc["corrections"] = custodian_corrections(workdir)
             return LabelResult(None, "failed", f"custodian: {exc}", doc)
-        doc["corrections"] = _corrections(workdir)
+        doc["corrections"] = custodian_corrections(workdir)
         try:
             energy, forces, stress, converged = parse_output(workdir / OUTPUT)
         except Exception as exc:

@@ -24,7 +24,12 @@ from ase import Atoms
 from ase.units import GPa
 
 from nequix_fw.errors import SettingsError
-from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.labelling.base import (
+    LabellingBackend,
+    LabelResult,
+    custodian_corrections,
+    singlepoint,
+)
 from nequix_fw.settings import LabellingSettings
 
 INPUT_FILES = ("INCAR", "KPOINTS", "POTCAR")
@@ -161,9 +166,9 @@ class VaspBackend(LabellingBackend):
         try:
             c.run()
         except Exception as exc:  # custodian gives up: max errors, validator failure, ...
-            doc["corrections"] = _corrections(workdir)
+            doc["corrections"] = custodian_corrections(workdir)
             return LabelResult(None, "failed", f"custodian: {exc}", doc)
-        doc["corrections"] = _corrections(workdir)
+        doc["corrections"] = custodian_corrections(workdir)
         vasprun = next(iter(sorted(workdir.glob("vasprun.xml*"))), None)
         try:
             final, energy, forces, stress, facts = parse_vasprun(vasprun)
@@ -175,16 +180,3 @@ class VaspBackend(LabellingBackend):
         if not atoms.pbc.all():
             stress = None
         return LabelResult(singlepoint(final, energy, forces, stress), "success", None, doc)
-
-
-def _corrections(workdir: Path) -> list:
-    """custodian's corrections (errors found, actions taken) from its custodian.json log."""
-    import json
-
-    log = workdir / "custodian.json"
-    if not log.is_file():
-        return []
-    return [
-        {"errors": cor.get("errors"), "actions": cor.get("actions")}
-        for entry in json.loads(log.read_text()) for cor in entry.get("corrections", [])
-    ]  # fmt: skip
