@@ -164,6 +164,32 @@ def _cmd_update_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.exploration import explore
+    from nequix_fw.settings import ExplorationSettings, load_settings
+    from nequix_fw.structures import iter_frames
+
+    settings = load_settings(
+        args.config, ExplorationSettings, temperatures_K=args.temperatures,
+        pressures_GPa=args.pressures, steps=args.steps, timestep_fs=args.timestep,
+        sample_every=args.sample_every, check_every=args.check_every, hi=args.hi,
+        seeds=args.seeds,
+    )  # fmt: skip
+    ensemble = Ensemble.from_specs(args.models)
+    manifest = explore(ensemble, list(iter_frames(args.structures)), args.output, settings,
+                       progress=not args.no_progress)  # fmt: skip
+    reasons: dict[str, int] = {}
+    for t in manifest["trajectories"]:
+        reasons[t["stop_reason"]] = reasons.get(t["stop_reason"], 0) + 1
+    stops = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    print(
+        f"{len(manifest['trajectories'])} trajectories ({stops}); "
+        f"{len(manifest['frames'])} unique frames -> {args.output}"
+    )
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -285,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
     )
     u.set_defaults(func=_cmd_update_dataset)
+
+    x = sub.add_parser("explore", help="ensemble-driven MD: candidate structures")
+    x.add_argument("--models", nargs="+", required=True)
+    x.add_argument("--structures", nargs="+", required=True, help="starting structures")
+    x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
+    x.add_argument("--config", help="settings YAML (section 'exploration')")
+    x.add_argument("--temperatures", nargs="+", type=float, help="temperatures (K)")
+    x.add_argument("--pressures", nargs="+", type=float, help="pressures (GPa): NPT")
+    x.add_argument("--steps", type=int)
+    x.add_argument("--timestep", type=float, help="time step (fs)")
+    x.add_argument("--sample-every", type=int)
+    x.add_argument("--check-every", type=int)
+    x.add_argument("--hi", type=float, help="stop a trajectory above this max_force_dev (eV/Å)")
+    x.add_argument("--seeds", nargs="+", type=int)
+    x.add_argument("--no-progress", action="store_true")
+    x.set_defaults(func=_cmd_explore)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
     m.add_argument("models", nargs="+")

@@ -186,6 +186,43 @@ class LabellingSettings(_Settings):
     )
 
 
+class ExplorationSettings(_Settings):
+    """Ensemble-driven MD: the schedule of conditions and the stopping rules."""
+
+    temperatures_K: list[float] = Field([300.0], min_length=1, description="Temperatures (K).")
+    pressures_GPa: list[float] | None = Field(
+        None, description="Pressures (GPa) for NPT (Berendsen); None: NVT only."
+    )
+    steps: int = Field(1000, ge=1, description="MD steps per trajectory.")
+    timestep_fs: float = Field(2.0, gt=0, description="Time step (fs).")
+    thermostat: Literal["langevin", "bussi"] = Field("langevin", description="NVT thermostat.")
+    friction_per_fs: float = Field(0.01, gt=0, description="Langevin friction (1/fs).")
+    taut_fs: float = Field(100.0, gt=0, description="Bussi/Berendsen thermostat time (fs).")
+    taup_fs: float = Field(1000.0, gt=0, description="Berendsen barostat time (fs).")
+    compressibility_per_GPa: float = Field(0.01, gt=0, description="Berendsen compressibility.")
+    check_every: int = Field(10, ge=1, description="Steps between uncertainty/physics checks.")
+    sample_every: int = Field(50, ge=1, description="Steps between sampled frames.")
+    hi: float | None = Field(
+        None, gt=0, description="Stop a trajectory when max_force_dev exceeds this (eV/Å)."
+    )
+    min_distance: float = Field(0.7, gt=0, description="Stop when atoms come closer (Å).")
+    max_temperature_factor: float = Field(
+        5.0, gt=1, description="Stop when the temperature exceeds this multiple of the target."
+    )
+    seeds: list[int] = Field([0], min_length=1, description="One trajectory per seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExplorationSettings:
+        if any(t <= 0 for t in self.temperatures_K):
+            raise ValueError(f"temperatures must be > 0 K, got {self.temperatures_K}")
+        if self.sample_every % self.check_every:
+            raise ValueError(
+                f"sample_every ({self.sample_every}) must be a multiple of check_every "
+                f"({self.check_every})"
+            )
+        return self
+
+
 S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
@@ -193,6 +230,7 @@ SECTIONS: dict[str, type[_Settings]] = {
     "selection": SelectionSettings,
     "training": TrainingSettings,
     "labelling": LabellingSettings,
+    "exploration": ExplorationSettings,
 }
 
 
