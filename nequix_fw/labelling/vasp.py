@@ -104,6 +104,14 @@ class VaspBackend(LabellingBackend):
         if missing:
             raise SettingsError(f"{self.inputs}: missing {', '.join(missing)}")
         self.potcar_elements = potcar_elements(self.inputs / "POTCAR")
+        text = (self.inputs / "POTCAR").read_text(errors="replace")
+        blocks = [b for b in re.split(r"(?<=End of Dataset\n)", text) if b.strip()]
+        if len(blocks) != len(self.potcar_elements):
+            raise SettingsError(
+                f"{self.inputs / 'POTCAR'}: {len(self.potcar_elements)} TITEL lines but "
+                f"{len(blocks)} 'End of Dataset' blocks; not a valid POTCAR"
+            )
+        self.potcar_blocks = dict(zip(self.potcar_elements, blocks, strict=True))
         self.cmd = shlex.split(settings.vasp_cmd)
         exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
         if shutil.which(exe) is None and not Path(exe).is_file():
@@ -135,9 +143,7 @@ class VaspBackend(LabellingBackend):
         incar.write_file(workdir / "INCAR")
         shutil.copy(self.inputs / "KPOINTS", workdir / "KPOINTS")
         # one POTCAR block per species present, in POSCAR order
-        blocks = re.split(r"(?<=End of Dataset\n)", (self.inputs / "POTCAR").read_text())
-        by_el = dict(zip(self.potcar_elements, [b for b in blocks if b.strip()], strict=False))
-        (workdir / "POTCAR").write_text("".join(by_el[el] for el in symbols))
+        (workdir / "POTCAR").write_text("".join(self.potcar_blocks[el] for el in symbols))
 
     def _species_rank(self, symbol: str) -> int:
         if symbol not in self.potcar_elements:
