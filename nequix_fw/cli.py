@@ -174,8 +174,21 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         args.config, ExplorationSettings, temperatures_K=args.temperatures,
         pressures_GPa=args.pressures, steps=args.steps, timestep_fs=args.timestep,
         sample_every=args.sample_every, check_every=args.check_every, hi=args.hi,
-        seeds=args.seeds,
+        seeds=args.seeds, thermostat=args.thermostat, barostat=args.barostat,
+        n_workers=args.workers, n_distortions=args.distortions, rattle_A=args.rattle,
+        strain_max=args.strain, strain_volumetric=args.strain_volumetric,
+        strain_shear=args.strain_shear, vacancies=args.vacancies,
+        substitutions=_pairs(args.substitute, "--substitute", "OLD:NEW"),
+        substitution_fraction=args.substitution_fraction,
+        random_packing=_random_packing(args.random),
     )  # fmt: skip
+    asked = [f for f in ("rattle", "strain", "strain_volumetric", "strain_shear", "vacancies",
+                         "substitute") if getattr(args, f) is not None]  # fmt: skip
+    if asked and not settings.n_distortions:
+        raise SettingsError(
+            f"--{asked[0].replace('_', '-')} shapes distorted copies, but none are made: "
+            "give --distortions N"
+        )
     ensemble = Ensemble.from_specs(args.models)
     manifest = explore(ensemble, list(iter_frames(args.structures)), args.output, settings,
                        progress=not args.no_progress)  # fmt: skip
@@ -188,6 +201,36 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         f"{len(manifest['frames'])} unique frames -> {args.output}"
     )
     return 0
+
+
+def _pairs(items: list[str] | None, flag: str, form: str) -> dict[str, str] | None:
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if not sep or not key or not value:
+            raise SettingsError(f"{flag} {item!r}: expected {form}")
+        out[key] = value
+    return out
+
+
+def _random_packing(items: list[str] | None) -> list[dict] | None:
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        parts = item.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            out.append({"composition": parts[0], "density_g_cm3": float(parts[1]),
+                        "n_structures": int(parts[2]) if len(parts) == 3 else 1})  # fmt: skip
+        except ValueError:
+            raise SettingsError(
+                f"--random {item!r}: expected FORMULA:DENSITY[:N], e.g. Cu16Au16:12.5:4"
+            ) from None
+    return out
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -325,6 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check-every", type=int)
     x.add_argument("--hi", type=float, help="stop a trajectory above this max_force_dev (eV/Å)")
     x.add_argument("--seeds", nargs="+", type=int)
+    x.add_argument("--thermostat", choices=["langevin", "bussi", "nose_hoover"])
+    x.add_argument("--barostat", choices=["berendsen", "mtk", "mtk_isotropic"])
+    x.add_argument("--workers", type=int, help="processes running trajectories in parallel")
+    x.add_argument("--distortions", type=int, help="distorted copies per starting structure")
+    x.add_argument("--rattle", type=float, help="rattle amplitude of the copies (Å)")
+    x.add_argument("--strain", type=float, help="random symmetric strain, max component")
+    x.add_argument("--strain-volumetric", type=float, help="isotropic strain range (±)")
+    x.add_argument("--strain-shear", type=float, help="shear strain range (±)")
+    x.add_argument("--vacancies", type=int, help="atoms removed from each copy")
+    x.add_argument("--substitute", nargs="+", metavar="OLD:NEW", help="element swaps in copies")
+    x.add_argument("--substitution-fraction", type=float)
+    x.add_argument(
+        "--random",
+        nargs="+",
+        metavar="FORMULA:DENSITY[:N]",
+        help="random packings, density in g/cm³",
+    )
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=_cmd_explore)
 

@@ -3,8 +3,9 @@
 The fast path (``backend="jax"``):
 
 - one neighbour list per structure, shared by all models (they must share cutoff and elements);
-- models of the same architecture are evaluated together: their parameters are stacked and the
-  model is `vmap`-ed over them;
+- models of the same architecture are evaluated together in one compiled call: their
+  parameters are stacked and the model is `vmap`-ed over them (GPU) or mapped over them in
+  sequence (`lax.map`, CPU: faster there than vmap's batched contractions);
 - several structures per padded batch; batch sizes are rounded up to a small set of size buckets
   so that JAX compiles once per bucket, not once per structure;
 - JAX's persistent compilation cache, so a second process does not compile again.
@@ -74,13 +75,14 @@ def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> di
     return graph
 
 
-def pad_batch(graphs: list, n_graph: int):
-    """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket)."""
+def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None):
+    """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket);
+    `n_edge` fixes the edge capacity instead (it must hold the batch's edges)."""
     import jraph
 
-    batch = jraph.batch(graphs)
+    batch = jraph.batch_np(graphs)  # numpy: eager jnp ops would compile for every new size
     n_node = bucket_size(int(batch.n_node.sum()) + 1, 16)
-    n_edge = bucket_size(int(batch.n_edge.sum()), 64)
+    n_edge = n_edge or bucket_size(int(batch.n_edge.sum()), 64)
     return jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
 
 
@@ -119,17 +121,24 @@ def _configure_compilation_cache(cache_dir: Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _apply_stacked(stacked, static, graph):
+def _apply_vmap(stacked, static, graph):
     import equinox as eqx
     import jax
 
     return jax.vmap(lambda params: eqx.combine(params, static)(graph))(stacked)
 
 
+def _apply_map(stacked, static, graph):
+    import equinox as eqx
+    import jax
+
+    return jax.lax.map(lambda params: eqx.combine(params, static)(graph), stacked)
+
+
 class _StackedGroup:
     """Models of one architecture, parameters stacked along a leading model axis."""
 
-    def __init__(self, indices: list[int], modules: list):
+    def __init__(self, indices: list[int], modules: list, vmap: bool):
         import equinox as eqx
         import jax
         import jax.numpy as jnp
@@ -143,7 +152,7 @@ class _StackedGroup:
         self.stacked = jax.tree_util.tree_unflatten(
             treedef, [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
         )
-        self._fn = eqx.filter_jit(_apply_stacked)
+        self._fn = eqx.filter_jit(_apply_vmap if vmap else _apply_map)
 
     def __call__(self, graph):
         return self._fn(self.stacked, self.static, graph)
@@ -186,15 +195,18 @@ class Ensemble:
             import jax
 
             _configure_compilation_cache(self.settings.compilation_cache_dir)
+            on_cpu = jax.default_backend() == "cpu"
             self.max_edges_per_batch = self.settings.max_edges_per_batch or (
-                8192 if jax.default_backend() == "cpu" else 32768
+                8192 if on_cpu else 32768
             )
+            mode = self.settings.member_mapping
+            vmap = mode == "vmap" or (mode == "auto" and not on_cpu)
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
             for i, module in enumerate(modules):
                 groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
             self._groups = [
-                _StackedGroup(idx, [modules[i] for i in idx]) for idx in groups.values()
+                _StackedGroup(idx, [modules[i] for i in idx], vmap) for idx in groups.values()
             ]
         else:
             self._calculators = [m.calculator(backend="torch") for m in self.models]
@@ -273,11 +285,19 @@ class Ensemble:
                 on_batch(len(batch))
         return out  # type: ignore[return-value]
 
-    def _predict_batch(self, graphs: list[dict]) -> list[Prediction]:
+    def predict_graph(self, atoms: Atoms, graph: dict, edge_capacity: int) -> Prediction:
+        """Predictions for one structure from its prebuilt graph, padded to `edge_capacity`
+        edges (the JAX path of the `EnsembleCalculator`: one compilation per capacity)."""
+        pred = self._predict_batch([graph], edge_capacity)[0]
+        if not atoms.pbc.all():
+            pred.stresses = None
+        return pred
+
+    def _predict_batch(self, graphs: list[dict], n_edge: int | None = None) -> list[Prediction]:
         from nequix.data import dict_to_graphstuple
 
         n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
-        padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph)
+        padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph, n_edge)
         n_node = padded.nodes["positions"].shape[0]
         m = len(self.models)
         energies = np.zeros((m, n_graph))
@@ -359,23 +379,92 @@ def _summarise(items: list[str], limit: int = 12) -> str:
     return " ".join(items[:limit]) + f" ... ({len(items) - limit} more)"
 
 
+class NeighbourCache:
+    """A neighbour list built at cutoff + skin and reused while no pair can cross the cutoff.
+
+    Between rebuilds only the distances of the listed pairs are recomputed. The list stays
+    valid while ``cutoff + 2 d <= (cutoff + skin) (1 - e)``, with ``d`` the largest atomic
+    displacement (in fractional coordinates, measured in the current cell) and ``e`` the
+    spectral norm of the cell's deformation since the build, so NPT cells are handled too.
+    """
+
+    def __init__(self, cutoff: float, skin: float):
+        self.cutoff, self.skin = float(cutoff), float(skin)
+        self.builds = 0
+        self._key = None
+
+    def graph(self, atoms: Atoms, atom_indices: dict[int, int]) -> dict:
+        """nequix's graph dict for `atoms` (same edges as `build_graph`)."""
+        cell = complete_cell(atoms.cell)
+        if self.skin <= 0 or not self._valid(atoms, cell):
+            self._build(atoms, cell, atom_indices)
+        d = atoms.positions[self._j] - atoms.positions[self._i] + self._shifts @ cell
+        keep = np.einsum("ij,ij->i", d, d) < self.cutoff**2
+        return {
+            "n_node": np.array([len(atoms)], dtype=np.int32),
+            "n_edge": np.array([int(keep.sum())], dtype=np.int32),
+            "senders": self._j[keep],
+            "receivers": self._i[keep],
+            "species": self._species,
+            "positions": atoms.positions.astype(np.float32),
+            "shifts": self._shifts[keep].astype(np.float32),
+            "cell": cell.astype(np.float32),
+        }
+
+    def _build(self, atoms: Atoms, cell: np.ndarray, atom_indices: dict[int, int]) -> None:
+        from matscipy.neighbours import neighbour_list
+
+        i, j, shifts = neighbour_list(
+            "ijS", positions=atoms.positions, cell=cell, pbc=atoms.pbc,
+            cutoff=self.cutoff + self.skin,
+        )  # fmt: skip
+        self._i, self._j = i.astype(np.int32), j.astype(np.int32)
+        self._shifts = shifts.astype(np.float64)
+        self._species = np.array([atom_indices[z] for z in atoms.numbers], dtype=np.int32)
+        self._key = (atoms.numbers.tobytes(), atoms.pbc.tobytes())
+        self._cell = cell.copy()
+        self._scaled = np.linalg.solve(cell.T, atoms.positions.T).T
+        self.builds += 1
+
+    def _valid(self, atoms: Atoms, cell: np.ndarray) -> bool:
+        if self._key != (atoms.numbers.tobytes(), atoms.pbc.tobytes()):
+            return False
+        strain = np.linalg.norm(np.linalg.solve(self._cell, cell) - np.eye(3), ord=2)
+        scaled = np.linalg.solve(cell.T, atoms.positions.T).T
+        moved = np.sqrt((((scaled - self._scaled) @ cell) ** 2).sum(axis=1)).max()
+        return self.cutoff + 2 * moved <= (self.cutoff + self.skin) * (1 - strain)
+
+
 class EnsembleCalculator(Calculator):
     """ASE calculator returning the ensemble mean (energy, forces, stress) plus uncertainty.
 
     ``results`` also holds ``energies`` (per model, eV), ``max_force_dev``, ``mean_force_dev``
     (eV/Å), ``energy_std_per_atom`` (eV/atom) and ``stress_std`` (GPa, periodic cells only).
+    On the JAX path the neighbour list is reused with a skin (`EnsembleSettings.skin_A`) and
+    the graph is padded to a fixed edge capacity (10 % headroom, grown only when exceeded), so
+    an MD run compiles once.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    edge_headroom = 1.1
 
     def __init__(self, ensemble: Ensemble, **kwargs):
         super().__init__(**kwargs)
         self.ensemble = ensemble
+        self.neighbours = NeighbourCache(ensemble.cutoff, ensemble.settings.skin_A)
+        self.edge_capacity = 0
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         self.ensemble.check_covered(self.atoms, "structure")
-        pred = self.ensemble.predict([self.atoms])[0]
+        if self.ensemble.settings.backend == "jax":
+            graph = self.neighbours.graph(self.atoms, self.ensemble._atom_indices)
+            n_edge = int(graph["n_edge"][0])
+            if n_edge > self.edge_capacity or "numbers" in system_changes:
+                self.edge_capacity = bucket_size(math.ceil(n_edge * self.edge_headroom), 64)
+            pred = self.ensemble.predict_graph(self.atoms, graph, self.edge_capacity)
+        else:
+            pred = self.ensemble.predict([self.atoms])[0]
         energy = float(pred.energies.mean())
         self.results = {
             "energy": energy,

@@ -92,7 +92,7 @@ def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
     n_node, n_edge = bucket_size(n_node + 1, 16), bucket_size(n_edge, 64)
     return [
         jraph.pad_with_graphs(
-            jraph.batch([graphs[i] for i in g]), n_node=n_node, n_edge=n_edge,
+            jraph.batch_np([graphs[i] for i in g]), n_node=n_node, n_edge=n_edge,
             n_graph=batch_size + 1,
         )
         for g in groups

@@ -1,0 +1,108 @@
+"""MD steps/s: the ensemble calculator vs. one `NequixCalculator` per member in turn (naive).
+
+Langevin NVT at 600 K (2 fs) on a 32-atom and a 108-atom fcc Cu cell with a 4-member ensemble of
+small random Nequix models (the default training architecture). Naive: each member is nequix's own
+`NequixCalculator` (its own neighbour list, its own padded graph) called in turn, forces
+averaged. Engine: `EnsembleCalculator` (one neighbour list with a skin, members stacked under
+`vmap` or `lax.map`, fixed edge capacity). The first `--warmup` steps (compilation) are timed
+apart; then both sides advance
+in turns of 10 steps, so that noise on the machine hits both alike.
+
+Usage: python benchmarks/bench_exploration.py [--steps 200] [--warmup 5] [--members 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.units import fs
+
+
+class NaiveEnsemble(Calculator):
+    """The naive loop: one nequix `NequixCalculator` per member, evaluated in turn."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, paths: list[Path]):
+        from nequix.calculator import NequixCalculator
+
+        super().__init__()
+        self.calcs = [NequixCalculator(model_path=str(p), backend="jax", use_kernel=False)
+                      for p in paths]  # fmt: skip
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        e, f = [], []
+        for c in self.calcs:
+            c.calculate(self.atoms, ["energy", "forces"], system_changes)
+            e.append(c.results["energy"])
+            f.append(c.results["forces"])
+        self.results = {"energy": float(np.mean(e)), "forces": np.mean(f, axis=0)}
+
+
+def make_md(atoms, calc):
+    a = atoms.copy()
+    a.calc = calc
+    rng = np.random.default_rng(0)
+    thermalize_momenta(a, 600.0, rng=rng)
+    return Langevin(a, 2 * fs, temperature_K=600.0, friction=0.01 / fs, fixcm=False, rng=rng)
+
+
+def timed(dyn, steps: int) -> float:
+    t0 = time.perf_counter()
+    dyn.run(steps)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+    from nequix_fw.models import new_model, save_model
+    from nequix_fw.settings import ArchitectureSettings, EnsembleSettings
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--members", type=int, default=4)
+    args = p.parse_args()
+    arch = ArchitectureSettings().model_dump()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for seed in range(args.members):
+            module, config = new_model([29], seed=seed, atom_energies={29: -3.7}, **arch)
+            paths.append(Path(tmp) / f"m{seed}.nqx")
+            save_model(paths[-1], module, config)
+        settings = EnsembleSettings(compilation_cache_dir=None)
+        print(f"{args.members} members ({arch['hidden_irreps']}, {arch['n_layers']} layers), "
+              f"{args.steps} Langevin steps after {args.warmup} warm-up steps")  # fmt: skip
+        print("| cell | naive steps/s | engine steps/s | speed-up | naive warm-up (s) | "
+              "engine warm-up (s) | max |Δx| (Å) |")  # fmt: skip
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for reps in ((2, 2, 2), (3, 3, 3)):
+            atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+            atoms.rattle(0.02, seed=1)
+            calc = EnsembleCalculator(Ensemble.from_specs(paths, settings))
+            naive, engine = make_md(atoms, NaiveEnsemble(paths)), make_md(atoms, calc)
+            nw, ew = timed(naive, args.warmup), timed(engine, args.warmup)
+            nt = et = 0.0
+            for _ in range(args.steps // 10):  # interleaved, so machine noise hits both sides
+                nt += timed(naive, 10)
+                et += timed(engine, 10)
+            ns, es = args.steps // 10 * 10 / nt, args.steps // 10 * 10 / et
+            dx = np.abs(naive.atoms.positions - engine.atoms.positions).max()
+            print(f"| Cu{len(atoms)} | {ns:.2f} | {es:.2f} | **{es / ns:.1f}x** | {nw:.1f} | "
+                  f"{ew:.1f} | {dx:.1e} |")  # fmt: skip
+            calls = args.steps + args.warmup + 1
+            print(f"  engine: {calc.neighbours.builds} neighbour-list builds in {calls} calls, "
+                  f"edge capacity {calc.edge_capacity}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The candidate pool: MD frames, distorted copies and random packings, deduplicated."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from tqdm import tqdm
+
+from nequix_fw.errors import StructureError
+from nequix_fw.exploration.distortions import (
+    distorted_copies,
+    random_packing,
+    with_substitutions,
+    with_vacancies,
+)
+from nequix_fw.exploration.md import Trajectory, run_md
+from nequix_fw.settings import EnsembleSettings, ExplorationSettings
+from nequix_fw.structures import Frame, atomic_path, check_writable_dir, structure_id
+
+
+def generate_structures(structures: list[Frame], settings: ExplorationSettings) -> list[Atoms]:
+    """Distorted copies of each starting structure (rattle, strain, then vacancies and
+    substitutions) and the random packings of the settings, with provenance in ``info``."""
+    rng = np.random.default_rng(settings.seeds[0])
+    out = []
+    for fr in structures:
+        if settings.n_distortions and settings.vacancies >= len(fr.atoms):
+            raise StructureError(
+                f"{fr.source} frame {fr.frame}: cannot make {settings.vacancies} vacancies in "
+                f"{len(fr.atoms)} atoms"
+            )
+        copies = distorted_copies(
+            fr.atoms, settings.n_distortions, settings.rattle_A, settings.strain_max,
+            seed=int(rng.integers(2**31)), rattle_distribution=settings.rattle_distribution,
+            strain_volumetric=settings.strain_volumetric, strain_shear=settings.strain_shear,
+        )  # fmt: skip
+        for a in copies:
+            if settings.vacancies:
+                a = with_vacancies(a, settings.vacancies, rng)
+            if settings.substitutions:
+                a = with_substitutions(
+                    a, settings.substitutions, settings.substitution_fraction, rng
+                )
+            a.info = {"generator": "distortion", "parent_id": structure_id(fr.atoms)}
+            out.append(a)
+    for spec in settings.random_packing:
+        for _ in range(spec.n_structures):
+            a = random_packing(spec.composition, spec.density_g_cm3, spec.min_distance_A, rng)
+            a.info = {"generator": "random_packing", "composition": spec.composition,
+                      "density_g_cm3": spec.density_g_cm3}  # fmt: skip
+            out.append(a)
+    return out
+
+
+_WORKER_CALC = None
+
+
+def _init_worker(model_paths: list[str], ensemble_settings: dict) -> None:
+    global _WORKER_CALC
+    from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+
+    settings = EnsembleSettings(**ensemble_settings)
+    _WORKER_CALC = EnsembleCalculator(Ensemble.from_specs(model_paths, settings))
+
+
+def _run_job(job: tuple) -> Trajectory:
+    atoms, temperature, pressure, seed, parent_id, settings = job
+    return run_md(atoms, _WORKER_CALC, temperature, settings, pressure, seed, parent_id)
+
+
+def explore(
+    ensemble,
+    structures: list[Frame],
+    output,
+    settings: ExplorationSettings,
+    progress: bool = True,
+) -> dict:
+    """Build the candidate pool and write it (`candidates.extxyz` + `manifest.json`).
+
+    MD runs the schedule (temperatures x pressures x seeds) from every starting structure on
+    the ensemble mean, in `settings.n_workers` processes; distorted copies and random
+    packings are added; the pool is deduplicated by content hash.
+    """
+    from nequix_fw.ensemble import EnsembleCalculator
+
+    if not structures and not settings.random_packing:
+        raise StructureError("no starting structures for exploration")
+    output = Path(output)
+    check_writable_dir(output)
+    for fr in structures:
+        ensemble.check_covered(fr.atoms, f"{fr.source} frame {fr.frame}")
+    generated = generate_structures(structures, settings)
+    for a in generated:
+        ensemble.check_covered(a, f"generated structure ({a.info['generator']})")
+    pressures = settings.pressures_GPa or [None]
+    conditions = [(fr, t, p, s) for fr in structures for t in settings.temperatures_K
+                  for p in pressures for s in settings.seeds] if settings.steps else []  # fmt: skip
+    jobs = [(fr.atoms, t, p, s, structure_id(fr.atoms), settings) for fr, t, p, s in conditions]
+    trajs: list[Trajectory] = []
+    with tqdm(total=len(jobs), desc="explore", unit="traj", disable=not progress) as bar:
+        if settings.n_workers > 1 and len(jobs) > 1:
+            init = ([m.info.path for m in ensemble.models], ensemble.settings.model_dump())
+            n = min(settings.n_workers, len(jobs))
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(n, ctx, _init_worker, init) as workers:
+                for traj in workers.map(_run_job, jobs):
+                    trajs.append(traj)
+                    bar.update()
+        else:
+            calc = EnsembleCalculator(ensemble)
+            for atoms, t, p, s, pid, _ in jobs:
+                trajs.append(run_md(atoms, calc, t, settings, p, s, pid))
+                bar.update()
+    pool: dict[str, Atoms] = {}
+    trajectories = []
+    for (fr, *_), traj in zip(conditions, trajs, strict=True):
+        for f in traj.frames:
+            pool.setdefault(structure_id(f), f)
+        trajectories.append({
+            "parent_id": structure_id(fr.atoms), "source": fr.source, "frame": fr.frame,
+            **traj.condition, "stop_reason": traj.stop_reason, "stop_step": traj.stop_step,
+            "n_frames": len(traj.frames),
+        })  # fmt: skip
+    for a in generated:
+        pool.setdefault(structure_id(a), a)
+    frames = list(pool.values())
+    with atomic_path(output / "candidates.extxyz") as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
+    manifest = {
+        "schema": "nequix-fw/exploration", "schema_version": 1,
+        "settings": settings.model_dump(mode="json"),
+        "trajectories": trajectories,
+        "frames": [{"id": i, **f.info} for i, f in pool.items()],
+    }  # fmt: skip
+    with atomic_path(output / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest
