@@ -119,7 +119,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from nequix_fw.labelling import label_structures, make_backend
+    from nequix_fw.labelling import fworker_env, label_structures, make_backend
     from nequix_fw.settings import LabellingSettings, load_settings
 
     params = None
@@ -132,10 +132,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
         args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
         calculator_params=params, min_distance=args.min_distance, command=args.command,
         timeout_s=args.timeout, vasp_cmd=args.vasp_cmd, vasp_inputs=args.vasp_inputs,
+        vasp_input_set=args.vasp_input_set, vasp_psp_dir=args.vasp_psp_dir,
         cp2k_cmd=args.cp2k_cmd, cp2k_template=args.cp2k_template,
+        cp2k_input_set=args.cp2k_input_set,
     )  # fmt: skip
+    backend = make_backend(settings, fworker_env(args.fworker))
     summary = label_structures(
-        args.structures, args.output, make_backend(settings), settings,
+        args.structures, args.output, backend, settings,
         iteration=args.iteration, progress=not args.no_progress,
     )  # fmt: skip
     print(
@@ -336,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--cp2k-template", help="cp2k backend: CP2K input used as template")
     lb.add_argument("--vasp-cmd", help="vasp backend: VASP command (e.g. 'mpirun vasp_std')")
     lb.add_argument("--vasp-inputs", help="vasp backend: directory with INCAR, KPOINTS, POTCAR")
+    lb.add_argument("--vasp-input-set", help="vasp backend: pymatgen input set, e.g. MPStaticSet")
+    lb.add_argument("--vasp-psp-dir", help="vasp backend: POTCAR library for input sets")
+    lb.add_argument("--cp2k-input-set", help="cp2k backend: pymatgen CP2K set, e.g. StaticSet")
+    lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
     lb.add_argument("--command", help="script backend: shell command run per structure")
     lb.add_argument("--timeout", type=float, help="wall-time limit per structure (s)")
     lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")

@@ -177,6 +177,22 @@ class LabellingSettings(_Settings):
     vasp_inputs: Path | None = Field(
         None, description="Directory with the INCAR, KPOINTS and POTCAR to use (as launch_dft.sh)."
     )
+    vasp_input_set: str | None = Field(
+        None,
+        description="Instead of vasp_inputs: a pymatgen VASP input set writing the inputs per "
+        "structure, by class name in pymatgen.io.vasp.sets (e.g. 'MPStaticSet', "
+        "'MatPESStaticSet') or 'module:Class'.",
+    )
+    vasp_input_set_params: dict = Field(
+        default_factory=dict,
+        description="Keywords of the input set, e.g. user_incar_settings, "
+        "user_kpoints_settings ({reciprocal_density: 100}), user_potcar_functional (PBE_54).",
+    )
+    vasp_psp_dir: Path | None = Field(
+        None,
+        description="POTCAR library for input sets (pymatgen's PMG_VASP_PSP_DIR); None: the one "
+        "configured for pymatgen (~/.config/.pmgrc.yaml or the environment).",
+    )
     incar_overrides: dict = Field(default_factory=dict, description="INCAR tags to set on top.")
     handler_group: Literal["default", "strict", "md", "no_handler"] = Field(
         "default", description="custodian error handlers, grouped as in atomate."
@@ -185,6 +201,19 @@ class LabellingSettings(_Settings):
     cp2k_cmd: str = Field("cp2k.psmp", description="CP2K command, split on spaces.")
     cp2k_template: Path | None = Field(
         None, description="CP2K input whose &CELL and &COORD are replaced per structure."
+    )
+    cp2k_input_set: str | None = Field(
+        None,
+        description="Instead of cp2k_template: a pymatgen CP2K input set generating the input "
+        "per (periodic) structure, by class name in pymatgen.io.cp2k.sets (e.g. 'StaticSet') "
+        "or 'module:Class'.",
+    )
+    cp2k_input_set_params: dict = Field(
+        default_factory=dict,
+        description="Keywords of the CP2K input set. On these machines name the basis and "
+        "potential explicitly, e.g. basis_and_potential: {Si: {basis: DZVP-MOLOPT-SR-GTH, "
+        "potential: GTH-PBE-q4}, basis_filenames: [BASIS_MOLOPT], potential_filename: "
+        "GTH_POTENTIALS}, xc_functionals: [PBE], cutoff: 300 (Ry).",
     )
     cp2k_data_dir: Path = Field(
         Path("/usr/share/cp2k"), description="Basis sets and GTH potentials (CP2K_DATA_DIR)."

@@ -117,3 +117,92 @@ def test_bad_vasp_inputs(vasp_env, capsys):
     with pytest.raises(SettingsError, match="no POTCAR for Ge"):
         label_structures(vasp_env["structures"], vasp_env["tmp"] / "o2", make_backend(s), s,
                          progress=False)  # fmt: skip
+
+
+@pytest.fixture
+def psp_dir(tmp_path):
+    """A POTCAR library in pymatgen's layout (header-only stand-ins, as above)."""
+    d = tmp_path / "psp" / "POT_GGA_PAW_PBE"
+    d.mkdir(parents=True)
+    for el in ("Si", "Al"):
+        (d / f"POTCAR.{el}").write_text(FAKE_POTCAR.format(el=el))
+    return d.parent
+
+
+def test_pymatgen_input_set_with_worker_placeholder(vasp_env, psp_dir, capsys, monkeypatch):
+    """MPStaticSet writes the inputs (user settings on top); >>vasp_cmd<< comes from the
+    FireWorks worker file; a real EDDDAV error is corrected (ALGO); labels still equal the
+    replayed vasprun.xml."""
+    monkeypatch.setenv("STANDIN_VASP_ERROR", "vasp.edddav")  # subspacematrix has no fix left
+    cfg = vasp_env["tmp"] / "settings.yaml"
+    cfg.write_text(
+        "labelling:\n  vasp_cmd: '>>vasp_cmd<<'\n  vasp_input_set_params:\n"
+        "    user_incar_settings: {ENCUT: 400, ISPIN: 1}\n"
+        "    user_kpoints_settings: {reciprocal_density: 50}\n"
+    )
+    fworker = vasp_env["tmp"] / "my_fworker.yaml"
+    fworker.write_text("name: test_worker\ncategory: ''\nquery: '{}'\nenv:\n  vasp_cmd: vasp_std\n")
+    out = vasp_env["tmp"] / "dft"
+    args = ["label", "--backend", "vasp", "--config", str(cfg), "--vasp-input-set",
+            "MPStaticSet", "--vasp-psp-dir", str(psp_dir), "--structures",
+            str(vasp_env["structures"]), "--output", str(out), "--no-progress"]  # fmt: skip
+    # without the worker file the placeholder cannot be filled: a clear error, nothing run
+    assert main(args) == 2
+    assert "worker env has no 'vasp_cmd'" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--fworker", str(fworker)]) == 0, capsys.readouterr().err
+    (task_path,) = out.glob("*/task.json")
+    task = json.loads(task_path.read_text())
+    assert task["status"] == "success" and task["command"] == "vasp_std"
+    assert task["settings"]["input_set"] == "pymatgen.io.vasp.sets.MPStaticSet"
+    (corr,) = task["corrections"]
+    assert corr["errors"] == ["edddav"]
+    from pymatgen.io.vasp import Incar, Kpoints
+
+    incar = Incar.from_file(task_path.parent / "INCAR")
+    assert incar["ENCUT"] == 400 and incar["ISPIN"] == 1 and incar["NSW"] == 0
+    assert incar["LASPH"] is True  # from MPStaticSet itself
+    assert incar["ALGO"] == "All"  # custodian's correction of MPStaticSet's ALGO = Fast
+    assert Kpoints.from_file(task_path.parent / "KPOINTS").kpts[0] != [4, 4, 4]
+    assert "TITEL  = PAW_PBE Si" in (task_path.parent / "POTCAR").read_text()
+    got = ase.io.read(task_path.parent / "labelled.extxyz")
+    assert got.get_potential_energy() == pytest.approx(-10.84147246, abs=1e-8)
+    # an element without a POTCAR in the library: a clear error naming set, formula and library
+    ge = ase.io.read(vasp_env["structures"] / "si2.vasp")
+    ge.set_chemical_symbols(["Ge", "Ge"])
+    ase.io.write(vasp_env["structures"] / "si2.vasp", ge, format="vasp")
+    assert main([*args, "--fworker", str(fworker), "--output", str(out / "ge")]) == 2
+    err = capsys.readouterr().err
+    assert "MPStaticSet for Ge2 with POTCARs from" in err and str(psp_dir) in err
+
+
+def test_scratch_dir_and_gzipped_outputs(vasp_env, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    s = LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"], scratch_dir=scratch,
+                          gzip_output=True)  # fmt: skip
+    summary = label_structures(vasp_env["structures"], tmp_path / "o", make_backend(s), s,
+                               progress=False)  # fmt: skip
+    assert summary["n_success"] == 1
+    (workdir,) = [p.parent for p in (tmp_path / "o").glob("*/task.json")]
+    assert (workdir / "vasprun.xml.gz").is_file() and not (workdir / "vasprun.xml").exists()
+    assert (workdir / "OUTCAR.gz").is_file()
+    got = ase.io.read(workdir / "labelled.extxyz")
+    assert got.get_potential_energy() == pytest.approx(-10.84147246, abs=1e-8)
+    # VASP ran in a scratch directory (removed afterwards), the outputs came back
+    import gzip
+
+    ran_in = Path(gzip.decompress((workdir / ".standin_cwd.gz").read_bytes()).decode())
+    assert ran_in.parent == scratch.resolve()
+    assert not any(scratch.iterdir())
+
+
+def test_input_set_settings_errors(vasp_env, psp_dir):
+    with pytest.raises(SettingsError, match="either labelling.vasp_inputs .* not both"):
+        make_backend(LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"],
+                                       vasp_input_set="MPStaticSet"))  # fmt: skip
+    with pytest.raises(SettingsError, match="no input set 'NoSuchSet'"):
+        make_backend(LabellingSettings(backend="vasp", vasp_input_set="NoSuchSet",
+                                       vasp_psp_dir=psp_dir))  # fmt: skip
+    with pytest.raises(SettingsError, match="is not a directory"):
+        make_backend(LabellingSettings(backend="vasp", vasp_input_set="MPStaticSet",
+                                       vasp_psp_dir=psp_dir / "nowhere"))  # fmt: skip

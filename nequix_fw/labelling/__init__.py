@@ -1,14 +1,61 @@
 """Labelling backends: one module each, behind the interface in `base`."""
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, label_structures
-from nequix_fw.settings import LabellingSettings
+from nequix_fw.settings import LabellingSettings, make_settings
 
-__all__ = ["LabellingBackend", "label_structures", "make_backend"]
+__all__ = ["LabellingBackend", "label_structures", "make_backend", "resolve_placeholders"]
+
+PLACEHOLDER = re.compile(r"^>>(\w+)<<$")
 
 
-def make_backend(settings: LabellingSettings) -> LabellingBackend:
-    """The backend named in the settings."""
+def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> LabellingSettings:
+    """Replace values written as ``>>key<<`` by the FireWorks worker's ``env[key]``.
+
+    As in atomate, commands and paths that differ per machine (``vasp_cmd: ">>vasp_cmd<<"``)
+    live in the worker's ``my_fworker.yaml`` (``env: {vasp_cmd: "srun vasp_std"}``).
+    """
+    updates = {}
+    for name, value in settings:
+        m = PLACEHOLDER.match(str(value)) if isinstance(value, str | Path) else None
+        if m is None:
+            continue
+        key = m.group(1)
+        if not env or key not in env:
+            raise SettingsError(
+                f"labelling.{name} is {value!r}, a FireWorks worker placeholder, but the worker "
+                f"env has no {key!r}: set env: {{{key}: ...}} in my_fworker.yaml (CLI: "
+                "--fworker FILE)"
+            )
+        updates[name] = env[key]
+    if not updates:
+        return settings
+    return make_settings(LabellingSettings, **{**settings.model_dump(), **updates})
+
+
+def fworker_env(path: str | Path | None) -> dict:
+    """The ``env`` of a FireWorks worker file (my_fworker.yaml); {} without one."""
+    if path is None:
+        return {}
+    from fireworks import FWorker
+
+    try:
+        return dict(FWorker.from_file(str(path)).env or {})
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: FireWorks worker file not found") from None
+    except Exception as exc:
+        raise SettingsError(f"{path}: not a FireWorks worker file ({exc})") from None
+
+
+def make_backend(settings: LabellingSettings, env: dict | None = None) -> LabellingBackend:
+    """The backend named in the settings, ``>>key<<`` placeholders taken from `env` (the
+    FireWorks worker's env)."""
+    settings = resolve_placeholders(settings, env)
     if settings.backend == "ase":
         from nequix_fw.labelling.ase_calc import AseCalculatorBackend
 

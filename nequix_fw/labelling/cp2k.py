@@ -1,8 +1,10 @@
 """Label with CP2K under custodian (Quickstep, GTH basis sets and potentials).
 
 Inputs: the user's CP2K template (``cp2k_template``) with &CELL and &COORD replaced per
-structure by pymatgen's input classes, RUN_TYPE ENERGY_FORCE, forces printed and, for periodic
-cells, the analytical stress tensor. Data files come from ``cp2k_data_dir`` (CP2K_DATA_DIR).
+structure by pymatgen's input classes, or a pymatgen CP2K input set (``cp2k_input_set``, e.g.
+``StaticSet`` with ``cp2k_input_set_params``) generated per periodic structure; either way
+RUN_TYPE ENERGY_FORCE, forces printed and, for periodic cells, the analytical stress tensor.
+Data files come from ``cp2k_data_dir`` (CP2K_DATA_DIR).
 
 Labels: energy = the last ``ENERGY| Total FORCE_EVAL`` line (Hartree -> eV with ASE's constant);
 forces and stress parsed with pymatgen's ``Cp2kOutput``: forces (Hartree/Bohr -> eV/Å), stress
@@ -32,6 +34,23 @@ from nequix_fw.labelling.base import (
 from nequix_fw.settings import LabellingSettings
 
 INPUT, OUTPUT = "cp2k.inp", "cp2k.out"
+
+
+def input_set_class(name: str) -> type:
+    """A pymatgen CP2K input set class by name (in pymatgen.io.cp2k.sets) or 'module:Class'."""
+    import importlib
+
+    from pymatgen.io.cp2k.sets import DftSet
+
+    module, _, cls = name.rpartition(":")
+    try:
+        obj = getattr(importlib.import_module(module or "pymatgen.io.cp2k.sets"), cls)
+    except (ImportError, AttributeError):
+        raise SettingsError(f"labelling.cp2k_input_set: no input set {name!r} (e.g. "
+                            "StaticSet, or module:Class)") from None  # fmt: skip
+    if not (isinstance(obj, type) and issubclass(obj, DftSet)):
+        raise SettingsError(f"labelling.cp2k_input_set: {name!r} is not a pymatgen DftSet")
+    return obj
 
 
 def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool]:
@@ -64,8 +83,19 @@ class Cp2kBackend(LabellingBackend):
         from pymatgen.io.cp2k.inputs import Cp2kInput
 
         self.settings = settings
-        if settings.cp2k_template is None:
-            raise SettingsError("the cp2k backend needs labelling.cp2k_template (a CP2K input)")
+        self.cmd = shlex.split(settings.cp2k_cmd)
+        if shutil.which(self.cmd[0]) is None and not Path(self.cmd[0]).is_file():
+            raise SettingsError(f"labelling.cp2k_cmd: executable {self.cmd[0]!r} not found "
+                                f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
+        if not Path(settings.cp2k_data_dir).is_dir():
+            raise SettingsError(f"labelling.cp2k_data_dir: {settings.cp2k_data_dir} not found")
+        if (settings.cp2k_template is None) == (settings.cp2k_input_set is None):
+            raise SettingsError("the cp2k backend needs either labelling.cp2k_template (a CP2K "
+                                "input) or labelling.cp2k_input_set, not both")  # fmt: skip
+        self.input_set = None
+        if settings.cp2k_input_set is not None:
+            self.input_set = input_set_class(settings.cp2k_input_set)
+            return
         path = Path(settings.cp2k_template).expanduser()
         try:
             self.template = Cp2kInput.from_file(str(path))
@@ -75,24 +105,27 @@ class Cp2kBackend(LabellingBackend):
         except Exception as exc:
             raise SettingsError(f"{path}: not a usable CP2K input ({exc})") from None
         self.template_path = path
-        self.cmd = shlex.split(settings.cp2k_cmd)
-        if shutil.which(self.cmd[0]) is None and not Path(self.cmd[0]).is_file():
-            raise SettingsError(f"labelling.cp2k_cmd: executable {self.cmd[0]!r} not found "
-                                f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
-        if not Path(settings.cp2k_data_dir).is_dir():
-            raise SettingsError(f"labelling.cp2k_data_dir: {settings.cp2k_data_dir} not found")
 
     def settings_doc(self) -> dict:
-        return {"template": self.template_path.read_text(), "command": self.settings.cp2k_cmd}
+        if self.input_set is not None:
+            return {
+                "input_set": f"{self.input_set.__module__}.{self.input_set.__name__}",
+                "input_set_params": self.settings.cp2k_input_set_params,
+            }
+        return {"template": self.template_path.read_text()}
 
     def write_input(self, atoms: Atoms, workdir: Path) -> Path:
-        """The template with this structure's cell and coordinates, forces and stress on."""
+        """This structure's input (template or input set), forces and stress printed."""
         import copy
 
         from pymatgen.core import Lattice
         from pymatgen.io.ase import AseAtomsAdaptor
         from pymatgen.io.cp2k.inputs import Cell, Coord, Keyword, Section
 
+        if self.input_set is not None:
+            ci = self._from_input_set(atoms)
+            ci.write_file(str(workdir / INPUT))
+            return workdir / INPUT
         ci = copy.deepcopy(self.template)
         kinds = {
             str(sec.section_parameters[0])
@@ -125,6 +158,33 @@ class Cp2kBackend(LabellingBackend):
             )
         ci.write_file(str(workdir / INPUT))
         return workdir / INPUT
+
+    def _from_input_set(self, atoms: Atoms):
+        import warnings
+
+        from pymatgen.io.ase import AseAtomsAdaptor
+        from pymatgen.io.cp2k.inputs import Keyword
+
+        name = self.settings.cp2k_input_set
+        if not atoms.pbc.all():
+            raise SettingsError(f"labelling.cp2k_input_set ({name}) needs periodic cells; "
+                                "use a cp2k_template for molecules and slabs")  # fmt: skip
+        params = {"print_forces": True, "print_stress": True, "print_pdos": False,
+                  "print_v_hartree": False, "print_e_density": False, "print_mo_cubes": False,
+                  **self.settings.cp2k_input_set_params}  # fmt: skip
+        try:
+            with warnings.catch_warnings():  # "unable to validate basis": names given as is
+                warnings.simplefilter("ignore", UserWarning)
+                ci = self.input_set(structure=AseAtomsAdaptor.get_structure(atoms), **params)
+        except Exception as exc:
+            raise SettingsError(
+                f"{name} for {atoms.get_chemical_formula()}: {exc} (give basis and potential "
+                "names and files in labelling.cp2k_input_set_params)"
+            ) from None
+        ci["GLOBAL"].keywords["RUN_TYPE"] = Keyword("RUN_TYPE", "ENERGY_FORCE")
+        ci["GLOBAL"].keywords["PROJECT_NAME"] = Keyword("PROJECT_NAME", "cp2k")
+        ci["FORCE_EVAL"].keywords["STRESS_TENSOR"] = Keyword("STRESS_TENSOR", "ANALYTICAL")
+        return ci
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         from custodian import Custodian

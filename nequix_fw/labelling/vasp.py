@@ -1,7 +1,14 @@
 """Label with VASP under custodian (error handlers, validators, corrections recorded).
 
-Inputs: the user's INCAR, KPOINTS and POTCAR (``vasp_inputs``, as the seed's launch_dft.sh copies
-them), with ``incar_overrides`` on top; the POSCAR lists species in the POTCAR's order.
+Inputs, either:
+
+- the user's INCAR, KPOINTS and POTCAR (``vasp_inputs``, as the seed's launch_dft.sh copies them),
+  the POSCAR listing species in the POTCAR's order; or
+- a pymatgen input set (``vasp_input_set``, e.g. ``MPStaticSet``) written per structure with
+  ``vasp_input_set_params`` (user INCAR/KPOINTS settings, POTCAR functional) and POTCARs from
+  ``vasp_psp_dir`` (pymatgen's ``PMG_VASP_PSP_DIR``);
+
+with ``incar_overrides`` on top.
 
 Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
 
@@ -14,6 +21,7 @@ Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -57,6 +65,37 @@ def handler_group(name: str, wall_time_s: float | None = None) -> list:
     return handlers
 
 
+def input_set_class(name: str) -> type:
+    """A pymatgen VASP input set class by name (in pymatgen.io.vasp.sets) or 'module:Class'."""
+    import importlib
+
+    from pymatgen.io.vasp.sets import VaspInputSet
+
+    module, _, cls = name.rpartition(":")
+    try:
+        obj = getattr(importlib.import_module(module or "pymatgen.io.vasp.sets"), cls)
+    except (ImportError, AttributeError):
+        raise SettingsError(f"labelling.vasp_input_set: no input set {name!r} (e.g. "
+                            "MPStaticSet, MatPESStaticSet, or module:Class)") from None  # fmt: skip
+    if not (isinstance(obj, type) and issubclass(obj, VaspInputSet)):
+        raise SettingsError(f"labelling.vasp_input_set: {name!r} is not a pymatgen VaspInputSet")
+    return obj
+
+
+def psp_dir(configured: Path | None) -> Path:
+    """The POTCAR library directory: the setting, else pymatgen's PMG_VASP_PSP_DIR."""
+    from pymatgen.core import SETTINGS
+
+    path = configured or SETTINGS.get("PMG_VASP_PSP_DIR")
+    if path is None:
+        raise SettingsError("VASP input sets need POTCARs: set labelling.vasp_psp_dir or "
+                            "PMG_VASP_PSP_DIR (pymatgen's ~/.config/.pmgrc.yaml)")  # fmt: skip
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise SettingsError(f"labelling.vasp_psp_dir: {path} is not a directory")
+    return path
+
+
 def potcar_elements(path: Path) -> list[str]:
     """Element symbols of a POTCAR, in order (from its TITEL lines)."""
     titles = re.findall(r"TITEL\s*=\s*\S+\s+([A-Z][a-z]?)", path.read_text(errors="replace"))
@@ -96,9 +135,20 @@ class VaspBackend(LabellingBackend):
 
     def __init__(self, settings: LabellingSettings):
         self.settings = settings
-        if settings.vasp_inputs is None:
-            raise SettingsError("the vasp backend needs labelling.vasp_inputs (INCAR, KPOINTS, "
-                                "POTCAR)")  # fmt: skip
+        self.cmd = shlex.split(settings.vasp_cmd)
+        exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
+        if shutil.which(exe) is None and not Path(exe).is_file():
+            raise SettingsError(f"labelling.vasp_cmd: executable {exe!r} not found "
+                                f"(command: {settings.vasp_cmd!r})")  # fmt: skip
+        if (settings.vasp_inputs is None) == (settings.vasp_input_set is None):
+            raise SettingsError("the vasp backend needs either labelling.vasp_inputs (INCAR, "
+                                "KPOINTS, POTCAR) or labelling.vasp_input_set, "
+                                "not both")  # fmt: skip
+        if settings.vasp_input_set is not None:
+            self.input_set = input_set_class(settings.vasp_input_set)
+            self.psp_dir = psp_dir(settings.vasp_psp_dir)
+            return
+        self.input_set = None
         self.inputs = Path(settings.vasp_inputs).expanduser()
         missing = [f for f in INPUT_FILES if not (self.inputs / f).is_file()]
         if missing:
@@ -112,15 +162,17 @@ class VaspBackend(LabellingBackend):
                 f"{len(blocks)} 'End of Dataset' blocks; not a valid POTCAR"
             )
         self.potcar_blocks = dict(zip(self.potcar_elements, blocks, strict=True))
-        self.cmd = shlex.split(settings.vasp_cmd)
-        exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
-        if shutil.which(exe) is None and not Path(exe).is_file():
-            raise SettingsError(f"labelling.vasp_cmd: executable {exe!r} not found "
-                                f"(command: {settings.vasp_cmd!r})")  # fmt: skip
 
     def settings_doc(self) -> dict:
         from pymatgen.io.vasp import Incar
 
+        if self.input_set is not None:
+            return {
+                "input_set": f"{self.input_set.__module__}.{self.input_set.__name__}",
+                "input_set_params": self.settings.vasp_input_set_params,
+                "incar_overrides": self.settings.incar_overrides,
+                "handler_group": self.settings.handler_group,
+            }
         incar = dict(Incar.from_file(self.inputs / "INCAR"))
         incar.update(self.settings.incar_overrides)
         return {
@@ -134,6 +186,9 @@ class VaspBackend(LabellingBackend):
         from pymatgen.io.ase import AseAtomsAdaptor
         from pymatgen.io.vasp import Incar, Poscar
 
+        if self.input_set is not None:
+            self._write_input_set(AseAtomsAdaptor.get_structure(atoms), workdir)
+            return
         symbols = sorted(set(atoms.get_chemical_symbols()), key=self._species_rank)
         structure = AseAtomsAdaptor.get_structure(atoms)
         structure = structure.get_sorted_structure(key=lambda s: symbols.index(s.specie.symbol))
@@ -144,6 +199,26 @@ class VaspBackend(LabellingBackend):
         shutil.copy(self.inputs / "KPOINTS", workdir / "KPOINTS")
         # one POTCAR block per species present, in POSCAR order
         (workdir / "POTCAR").write_text("".join(self.potcar_blocks[el] for el in symbols))
+
+    def _write_input_set(self, structure, workdir: Path) -> None:
+        from pymatgen.core import SETTINGS
+
+        params = dict(self.settings.vasp_input_set_params)
+        if self.settings.incar_overrides:
+            params["user_incar_settings"] = {
+                **params.get("user_incar_settings", {}), **self.settings.incar_overrides
+            }  # fmt: skip
+        previous = SETTINGS.get("PMG_VASP_PSP_DIR")
+        SETTINGS["PMG_VASP_PSP_DIR"] = str(self.psp_dir)
+        try:
+            self.input_set(structure, **params).write_input(workdir)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SettingsError(
+                f"{self.settings.vasp_input_set} for {structure.formula} with POTCARs from "
+                f"{self.psp_dir}: {exc}"
+            ) from None
+        finally:
+            SETTINGS["PMG_VASP_PSP_DIR"] = previous
 
     def _species_rank(self, symbol: str) -> int:
         if symbol not in self.potcar_elements:
@@ -169,11 +244,15 @@ class VaspBackend(LabellingBackend):
             monitor_freq=5,
         )  # fmt: skip
         doc: dict = {"command": s.vasp_cmd}
+        cwd = os.getcwd()
         try:
+            os.chdir(workdir)  # custodian's scratch_dir copies the *current* directory
             c.run()
         except Exception as exc:  # custodian gives up: max errors, validator failure, ...
             doc["corrections"] = custodian_corrections(workdir)
             return LabelResult(None, "failed", f"custodian: {exc}", doc)
+        finally:
+            os.chdir(cwd)
         doc["corrections"] = custodian_corrections(workdir)
         vasprun = next(iter(sorted(workdir.glob("vasprun.xml*"))), None)
         try:
