@@ -74,6 +74,7 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_workers=args.workers,
         save_torch=True if args.save_torch else None,
+        backend=args.backend,
     )
     metas = train_ensemble(
         args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
     t.add_argument("--warm-start", help="previous iteration's model directory")
     t.add_argument("--save-torch", action="store_true", help="also write .pt checkpoints")
+    t.add_argument("--backend", choices=["jax", "torch"], help="training backend (default jax)")
     t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train_ensemble)

@@ -146,6 +146,11 @@ class TrainingSettings(_Settings):
         20, ge=1, description="Stop after this many epochs without a better validation loss."
     )
     architecture: ArchitectureSettings = Field(default_factory=ArchitectureSettings)
+    backend: Literal["jax", "torch"] = Field(
+        "jax",
+        description="Training backend: 'jax' (nequix's fastest) or 'torch' (NequixTorch; also "
+        "writes .pt). Both write .nqx checkpoints for the ensemble engine.",
+    )
     save_torch: bool = Field(False, description="Also write a .pt checkpoint per member.")
     n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
 

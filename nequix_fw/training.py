@@ -66,9 +66,9 @@ def _counts(data: list[Labelled], numbers: list[int]) -> np.ndarray:
 # -- graphs and batches --------------------------------------------------------------------------
 
 
-def _graph(d: Labelled, atom_indices: dict[int, int], cutoff: float):
+def _graph_dict(d: Labelled, atom_indices: dict[int, int], cutoff: float) -> dict:
+    """nequix's graph dict of a labelled structure, with its labels."""
     from ase.stress import voigt_6_to_full_3x3_stress
-    from nequix.data import dict_to_graphstuple
 
     from nequix_fw.ensemble import build_graph
 
@@ -77,7 +77,7 @@ def _graph(d: Labelled, atom_indices: dict[int, int], cutoff: float):
     g["energy"] = np.array([d.energy], dtype=np.float32)
     stress = np.zeros((3, 3)) if d.stress is None else voigt_6_to_full_3x3_stress(d.stress)
     g["stress"] = stress.astype(np.float32)
-    return dict_to_graphstuple(g)
+    return g
 
 
 def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
@@ -269,7 +269,7 @@ def _start_module(plan: MemberPlan):
             atom_energies=[config["atom_energies"][str(z)] for z in zs],
         )
         return module, config
-    module = load_model(plan.init_path).module
+    module = load_model(plan.init_path).jax_module()
     if plan.atom_energies:
         zs = sorted(int(z) for z in config["atomic_numbers"])
         config["atom_energies"] = {**config["atom_energies"], **plan.atom_energies}
@@ -345,26 +345,19 @@ def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_d
 _train_step = eqx.filter_jit(_step_impl)
 
 
-def train_member(
-    plan: MemberPlan,
-    data: list[Labelled],
-    settings: TrainingSettings,
-    outdir: Path,
-    facts: dict,
-    progress: bool = True,
-) -> dict:
-    """Train one member; write `member_<k>.nqx`, its metadata JSON and training-curve CSV."""
+def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
+             settings: TrainingSettings, progress: bool):  # fmt: skip
+    """Train `module` with JAX; returns (best EMA module, best epoch, its validation metrics,
+    the per-epoch log rows)."""
     import equinox as eqx
     import jax.numpy as jnp
     import jraph
+    from nequix.data import dict_to_graphstuple
     from nequix.train import loss as nequix_loss
     from tqdm import tqdm
 
-    t_start = time.perf_counter()
-    module, config = _start_module(plan)
     module = _canonical(module, config)
-    atom_indices = {int(z): i for i, z in enumerate(sorted(config["atomic_numbers"]))}
-    graphs = [_graph(d, atom_indices, float(config["cutoff"])) for d in data]
+    graphs = [dict_to_graphstuple(g) for g in graph_dicts]
     train_idx = np.array(plan.train_idx)
     valid_idx = np.array(plan.valid_idx)
     rng = np.random.default_rng(plan.seed)
@@ -416,12 +409,38 @@ def train_member(
         if settings.patience is not None and epoch - best[2] >= settings.patience:
             break
     bar.close()
+    return best[1], best[2], best[3], log_rows
 
+
+def train_member(
+    plan: MemberPlan,
+    data: list[Labelled],
+    settings: TrainingSettings,
+    outdir: Path,
+    facts: dict,
+    progress: bool = True,
+) -> dict:
+    """Train one member; write `member_<k>.nqx` (and `.pt` for the torch backend or on
+    request), its metadata JSON and training-curve CSV."""
+    t_start = time.perf_counter()
+    module, config = _start_module(plan)
+    atom_indices = {int(z): i for i, z in enumerate(sorted(config["atomic_numbers"]))}
+    dicts = [_graph_dict(d, atom_indices, float(config["cutoff"])) for d in data]
+    if settings.backend == "torch":
+        from nequix_fw.training_torch import fit_torch
+
+        best_model, best_epoch, best_val, log_rows = fit_torch(
+            module, config, plan, dicts, data, settings, progress
+        )
+    else:
+        best_model, best_epoch, best_val, log_rows = _fit_jax(
+            module, config, plan, dicts, settings, progress
+        )
     stem = f"member_{plan.index}"
     config = {**config, "seed": plan.seed}
-    save_model(outdir / f"{stem}.nqx", best[1], config)
-    if settings.save_torch:
-        save_model(outdir / f"{stem}.pt", best[1], config)
+    save_model(outdir / f"{stem}.nqx", best_model, config)
+    if settings.save_torch or settings.backend == "torch":
+        save_model(outdir / f"{stem}.pt", best_model, config)
     with atomic_path(outdir / f"{stem}_log.csv") as tmp:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(log_rows[0]))
@@ -442,9 +461,10 @@ def train_member(
         "train_subset_hash": ids_hash(data[j].id for j in plan.train_idx),
         "valid_subset_hash": ids_hash(data[j].id for j in plan.valid_idx),
         "training_set_hash": ids_hash(d.id for d in data),
+        "backend": settings.backend,
         "epochs_run": len(log_rows),
-        "best_epoch": best[2],
-        "best_valid": best[3],
+        "best_epoch": best_epoch,
+        "best_valid": best_val,
         "first_epoch_train_loss": log_rows[0]["train_loss"],
         "final_train_loss": log_rows[-1]["train_loss"],
         "wall_time_s": time.perf_counter() - t_start,

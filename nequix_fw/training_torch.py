@@ -1,0 +1,109 @@
+"""The torch backend of ensemble training: nequix's `NequixTorch` and its torch loss.
+
+Same plans, schedule and outputs as the JAX backend (`training.train_member` calls `fit_torch`):
+AdamW with nequix's parameter groups, gradient clipping, linear warm-up then cosine decay,
+an exponential moving average of the weights and early stopping on the validation loss.
+The starting model (random init, foundation model, predecessor) is nequix's JAX module
+converted with nequix's converter, so a seed gives the same initial weights on both backends.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+
+from nequix_fw.dataset import Labelled
+from nequix_fw.errors import ModelError
+from nequix_fw.settings import TrainingSettings
+
+
+def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
+    from torch_geometric.data import Batch
+
+    return [Batch.from_data_list([graphs[i] for i in idx[k : k + batch_size]])
+            for k in range(0, len(idx), batch_size)]  # fmt: skip
+
+
+def _schedule(settings: TrainingSettings, steps_per_epoch: int):
+    """Learning-rate factor per step: optax's warmup_cosine_decay_schedule, as the JAX path."""
+    warmup = max(int(settings.warmup_epochs * steps_per_epoch), 1)
+    total = max(settings.epochs * steps_per_epoch, warmup + 1)
+    floor = settings.min_learning_rate / settings.learning_rate
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        t = min(step - warmup, total - warmup) / (total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[Labelled],
+              settings: TrainingSettings, progress: bool):  # fmt: skip
+    """Train `module` (JAX, converted here) on torch; returns (best EMA torch module, best
+    epoch, its validation metrics, the per-epoch log rows)."""
+    import torch
+    from nequix.data import dict_to_pytorch_geometric
+    from nequix.torch_impl.model import get_optimizer_param_groups
+    from nequix.torch_impl.train import evaluate, loss
+    from nequix.torch_impl.utils import convert_model_jax_to_torch
+    from tqdm import tqdm
+
+    torch.manual_seed(plan.seed)
+    model = convert_model_jax_to_torch(module, config, False)[0].train()
+    ema = copy.deepcopy(model)
+    graphs = [dict_to_pytorch_geometric(g) for g in graph_dicts]
+    train_idx, valid_idx = np.array(plan.train_idx), np.array(plan.valid_idx)
+    rng = np.random.default_rng(plan.seed)
+    bs = settings.batch_size
+    steps_per_epoch = max(1, -(-len(train_idx) // bs))
+    optim = torch.optim.AdamW(
+        get_optimizer_param_groups(model, settings.weight_decay), lr=settings.learning_rate
+    )
+    factor = _schedule(settings, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
+    weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
+    valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
+    best = (float("inf"), None, -1, {})
+    log_rows, i = [], 0
+    bar = tqdm(range(settings.epochs), desc=f"member {plan.index} (torch)", disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        train_loss = 0.0
+        for batch in _batches(graphs, rng.permutation(train_idx), bs):
+            optim.zero_grad()
+            value, _ = loss(model, batch, *weights, settings.loss_type)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
+            optim.step()
+            sched.step()
+            decay = min(settings.ema_decay, (1.0 + i) / (10.0 + i))
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                    pe.mul_(decay).add_(pm, alpha=1 - decay)
+            train_loss += float(value.detach())
+            i += 1
+        train_loss /= steps_per_epoch
+        if valid_batches:
+            val = dict(evaluate(ema, valid_batches, *weights, settings.loss_type))
+            ema.train()
+        else:
+            val = {"loss": train_loss}
+        if not np.isfinite(val["loss"]):
+            raise ModelError(f"member {plan.index}: loss became non-finite at epoch {epoch}")
+        if val["loss"] < best[0]:
+            best = (val["loss"], copy.deepcopy(ema).eval(), epoch, val)
+        log_rows.append({
+            "epoch": epoch, "train_loss": train_loss,
+            "learning_rate": settings.learning_rate * factor(i),
+            "epoch_s": time.perf_counter() - t0, **{f"val_{k}": v for k, v in val.items()},
+        })  # fmt: skip
+        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
+        if settings.patience is not None and epoch - best[2] >= settings.patience:
+            break
+    bar.close()
+    return best[1], best[2], best[3], log_rows
