@@ -79,6 +79,7 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
     metas = train_ensemble(
         args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
         warm_start=args.warm_start, overwrite=args.overwrite, progress=not args.no_progress,
+        launchpad=args.launchpad,
     )  # fmt: skip
     for m in metas:
         best = m["best_valid"]
@@ -97,6 +98,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
         reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
+        launchpad=args.launchpad,
     )  # fmt: skip
     mean = report["ensemble_mean"]
     line = (
@@ -154,7 +156,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def _cmd_update_dataset(args: argparse.Namespace) -> int:
     from nequix_fw.dataset import update_dataset
 
-    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed)
+    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed, args.launchpad)
     print(
         f"added {s['n_added']} structures ({s['n_duplicates']} already present, "
         f"{s['n_conflicts']} conflicts, {s['n_failed_tasks_skipped']} failed tasks skipped); "
@@ -301,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         nargs="+",
         required=True,
-        help="labelled structures (extxyz/traj/vasprun.xml/..., files or directories)",
+        help="labelled structures (extxyz/traj/vasprun.xml/..., files or directories) or a "
+        "store dataset db:NAME",
     )
+    t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
     t.add_argument("--config", help="settings YAML (section 'training')")
     t.add_argument("--n-models", type=int)
@@ -320,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="errors and uncertainty quality on a labelled test set")
     v.add_argument("--models", nargs="+", required=True)
-    v.add_argument("--testset", nargs="+", required=True)
+    v.add_argument("--testset", nargs="+", required=True, help="labelled files or db:NAME")
+    v.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     v.add_argument("--output", required=True, help="report JSON (plots are written beside it)")
     v.add_argument(
         "--error-threshold",
@@ -357,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("update-dataset", help="add labelled structures to the training set")
     u.add_argument("--new", required=True, help="label output directory (or labelled files)")
-    u.add_argument("--dataset", required=True, help="training-set directory")
+    u.add_argument(
+        "--dataset", required=True, help="training-set directory, or db:NAME in the store"
+    )
+    u.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     u.add_argument("--iteration", type=int)
     u.add_argument(
         "--allow-mixed", action="store_true", help="merge labels from different levels of theory"

@@ -65,9 +65,18 @@ def labels_of(frame: Frame) -> Labelled:
     return Labelled(frame=frame, energy=energy, forces=forces, stress=stress)
 
 
-def read_labelled(inputs: Iterable[str | Path]) -> list[Labelled]:
-    """All labelled structures of the inputs (files or directories, any ASE format)."""
-    data = [labels_of(f) for f in iter_frames(inputs)]
+def read_labelled(
+    inputs: Iterable[str | Path], launchpad: str | Path | None = None
+) -> list[Labelled]:
+    """All labelled structures of the inputs: files or directories (any ASE format) and store
+    datasets (``db:NAME``, in the database of the LaunchPad file `launchpad`)."""
+    from nequix_fw.store import StoreDataset, is_store_spec
+
+    inputs = list(inputs)
+    paths = [p for p in inputs if not is_store_spec(p)]
+    data = [labels_of(f) for f in iter_frames(paths)] if paths else []
+    for spec in (p for p in inputs if is_store_spec(p)):
+        data += [labels_of(f) for f in StoreDataset(str(spec), launchpad).frames()]
     for msg in unit_warnings(data):
         warnings.warn(msg, stacklevel=2)
     return data
@@ -140,14 +149,40 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
         if p.is_file() and p.parent not in task_dirs
         and (p.suffix in (".extxyz", ".xyz", ".traj") or p.name.startswith(("vasprun", "OUTCAR")))
     ]  # fmt: skip
-    vaspruns = [p for p in plain if p.name.startswith("vasprun")]
-    others = [p for p in plain if p not in vaspruns]
+    vasp = [p for p in plain if p.name.startswith(("vasprun", "OUTCAR"))]
+    others = [p for p in plain if p not in vasp]
     labelled = [labels_of(f) for f in iter_frames(others)] if others else []
-    labelled += [_vasprun_labels(p) for p in vaspruns]
+    labelled += [vasp_result_labels(p) for p in vasp]
     for d in labelled:
         prov = {"backend": "file", "settings_hash": None, "iteration": None, "source": d.where}
         items.append(Incoming(d, d.id, prov))
     return items, n_failed
+
+
+#: VASP writes this at the end of a run that finished; a truncated OUTCAR lacks it.
+OUTCAR_FOOTER = "General timing and accounting informations for this job"
+
+
+def vasp_result_labels(path: Path) -> Labelled:
+    """Final-step labels of a VASP run: vasprun.xml through pymatgen (which refuses truncated
+    files), OUTCAR through ASE once VASP's end-of-run footer shows the run finished. Energy is
+    e_0 (sigma -> 0) either way."""
+    path = Path(path)
+    if path.name.startswith("OUTCAR"):
+        import gzip
+
+        import ase.io
+
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", errors="replace") as fh:
+            if OUTCAR_FOOTER not in fh.read():
+                raise StructureError(f"{path}: truncated OUTCAR (VASP did not finish the run)")
+        try:
+            atoms = ase.io.read(path, index=-1, format="vasp-out")
+        except Exception as exc:
+            raise StructureError(f"{path}: unreadable OUTCAR ({exc})") from None
+        return labels_of(Frame(atoms, str(path), -1))
+    return _vasprun_labels(path)
 
 
 def _vasprun_labels(path: Path) -> Labelled:
@@ -169,22 +204,30 @@ def update_dataset(
     dataset: str | Path,
     iteration: int | None = None,
     allow_mixed: bool = False,
+    launchpad: str | Path | None = None,
 ) -> dict:
-    """Add the labelled structures under `new` to the training set in directory `dataset`.
+    """Add the labelled structures under `new` to the training set in directory `dataset`, or
+    to the store dataset ``db:NAME`` (in the database of the LaunchPad file `launchpad`).
 
     Idempotent: a structure already present with the same labels is skipped; with different
     labels it is reported as a conflict and the stored labels are kept. Refuses to mix levels of
     theory (backend settings hashes) unless `allow_mixed`. The training set
-    (``<dataset>/training_set.extxyz``) is rewritten atomically.
+    (``<dataset>/training_set.extxyz``) is rewritten atomically; store documents are keyed by
+    content hash, so a rerun (or a rerun after a crash) adds each structure once.
     """
     import ase.io
 
-    new, dataset = Path(new), Path(dataset)
+    from nequix_fw.store import StoreDataset, is_store_spec
+
+    new = Path(new)
     if not new.exists():
         raise StructureError(f"{new}: no such file or directory")
-    target = dataset / TRAINING_SET_FILE
+    store = StoreDataset(str(dataset), launchpad) if is_store_spec(dataset) else None
+    target = None if store else Path(dataset) / TRAINING_SET_FILE
     existing = []
-    if target.is_file():
+    if store is not None:
+        existing = [labels_of(f) for f in store.frames()]
+    elif target.is_file():
         existing = [labels_of(f) for f in iter_frames([target])]
     items, n_failed = _incoming(new)
     if not items and not n_failed:
@@ -221,12 +264,14 @@ def update_dataset(
         atoms.info.update({k: v for k, v in prov.items() if v is not None})
         added.append(atoms)
         stored[item.structure_id] = item.labelled
-    if added:
-        dataset.mkdir(parents=True, exist_ok=True)
+    if added and store is not None:
+        store.add(added)
+    elif added:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
     return {
-        "dataset": str(target),
+        "dataset": str(store or target),
         "n_added": len(added),
         "n_duplicates": duplicates,
         "n_conflicts": len(conflicts),

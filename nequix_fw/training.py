@@ -497,12 +497,14 @@ def train_ensemble(
     warm_start: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    launchpad: str | Path | None = None,
 ) -> list[dict]:
-    """Train `settings.n_models` members on the labelled structures in `dataset`."""
+    """Train `settings.n_models` members on the labelled structures in `dataset` (files,
+    directories, store datasets ``db:NAME`` of the LaunchPad file `launchpad`)."""
     settings = settings or TrainingSettings()
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
-    data = read_labelled(dataset)
+    data = read_labelled(dataset, launchpad)
     plans, facts = plan_members(data, settings, finetune_from, warm_start)
     jobs = [(p, data, settings, outdir, facts) for p in plans]
     if settings.n_workers > 1:

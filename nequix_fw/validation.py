@@ -242,12 +242,14 @@ def validate(
     ev_structure: str | Path | None = None,
     plots: bool = True,
     settings: EnsembleSettings | None = None,
+    launchpad: str | Path | None = None,
 ) -> dict:
-    """Validate models on a labelled test set; write the JSON report (and PNG plots beside it)."""
+    """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
+    JSON report (and PNG plots beside it)."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
     output = Path(output)
-    data = read_labelled(testset)
+    data = read_labelled(testset, launchpad)
     if not data:
         raise NequixFWError("the test set is empty")
     ensemble = Ensemble.from_specs(model_specs, settings)

@@ -1,0 +1,89 @@
+"""The MongoDB store through FireWorks' embedded mongomock backend, with real processes: the
+embedded store is loaded at start and written back at exit, so each step is its own command."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NFW = str(Path(sys.executable).parent / "nequix-fw")
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
+    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
+
+    def run(*args, check=True):
+        p = subprocess.run([NFW, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert not check or p.returncode == 0, p.stderr
+        return p
+
+    return {"dir": tmp_path, "env": env, "run": run}
+
+
+def test_dataset_in_store_is_idempotent_and_trains(store, emt_data, tmp_path):
+    run = store["run"]
+    lp = ["--launchpad", "my_launchpad.yaml"]
+    out = run("update-dataset", "--new", str(emt_data["train"]), "--dataset", "db:cuau", *lp,
+              "--iteration", "0").stdout  # fmt: skip
+    assert "added 48 structures" in out and "48 in db:cuau" in out
+    # a second process: nothing added, nothing duplicated
+    out = run("update-dataset", "--new", str(emt_data["train"]), "--dataset", "db:cuau", *lp).stdout
+    assert "added 0 structures (48 already present, 0 conflicts" in out
+    # the same structure with other labels is a conflict; the stored labels are kept
+    frames = ase.io.read(emt_data["train"], ":")
+    changed = frames[5].copy()
+    changed.calc = type(frames[5].calc)(changed, energy=frames[5].get_potential_energy() + 0.3,
+                                        forces=frames[5].get_forces())  # fmt: skip
+    ase.io.write(tmp_path / "changed.extxyz", changed)
+    out = run("update-dataset", "--new", str(tmp_path / "changed.extxyz"), "--dataset",
+              "db:cuau", *lp).stdout  # fmt: skip
+    assert "added 0 structures (0 already present, 1 conflicts" in out
+    # read back through pymongo (the FireWorks LaunchPad's database) and nequix-fw's reader
+    check = """
+import json
+from nequix_fw.dataset import read_labelled
+from nequix_fw.store import COLLECTION, launchpad_db
+db = launchpad_db("my_launchpad.yaml")
+data = read_labelled(["db:cuau"], "my_launchpad.yaml")
+print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}),
+                  "energies": [d.energy for d in data], "ids": [d.id for d in data],
+                  "iterations": [d.frame.atoms.info.get("iteration") for d in data],
+                  "forces0": data[0].forces.tolist()}))
+"""
+    p = subprocess.run([sys.executable, "-c", check], cwd=store["dir"], env=store["env"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["n"] == 48 and set(got["iterations"]) == {0}
+    np.testing.assert_allclose(got["energies"], [f.get_potential_energy() for f in frames])
+    np.testing.assert_allclose(got["forces0"], frames[0].get_forces())
+    # train straight from the store: the same training set as the file
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("training:\n  n_models: 1\n  epochs: 1\n  batch_size: 8\n  architecture:\n"
+                   "    {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
+                   "radial_mlp_size: 8}\n")  # fmt: skip
+    run("train-ensemble", "--dataset", "db:cuau", *lp, "--outdir", "models", "--config", str(cfg),
+        "--no-progress")  # fmt: skip
+    meta = json.loads((store["dir"] / "models" / "member_0.json").read_text())
+    from nequix_fw.dataset import ids_hash
+
+    assert meta["n_structures"] == 48 and meta["training_set_hash"] == ids_hash(got["ids"])
+
+
+def test_store_errors(store, tmp_path):
+    (store["dir"] / "my_launchpad.yaml").unlink()
+    p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:x", check=False)
+    assert p.returncode == 2 and "need a LaunchPad file" in p.stderr
+    p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:x",
+                     "--launchpad", "nowhere.yaml", check=False)  # fmt: skip
+    assert p.returncode == 2 and "nowhere.yaml: LaunchPad file not found" in p.stderr
+    p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:a/b",
+                     "--launchpad", "nowhere.yaml", check=False)  # fmt: skip
+    assert p.returncode == 2 and "a store dataset is named db:NAME (no '/')" in p.stderr
