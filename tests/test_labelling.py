@@ -214,6 +214,21 @@ def test_truncated_results_and_bad_poscar(tmp_path, capsys):
     s = update_dataset(res, tmp_path / "ds")
     (d,) = read_labelled([tmp_path / "ds"])
     assert s["n_added"] == 1 and d.energy == pytest.approx(-3.74599651, abs=1e-6)
+    # OUTCAR: a truncated one (crashed run, no end-of-run footer) is refused; a complete one
+    # gives its final step, e_0 as from vasprun.xml
+    outs = tmp_path / "outcars"
+    outs.mkdir()
+    with gzip.open(SHARED_VASP / "si2_relax" / "OUTCAR.gz", "rt") as f:
+        lines = f.read().splitlines(keepends=True)
+    (outs / "OUTCAR").write_text("".join(lines[:3300]))  # stops inside the 2nd ionic step
+    code = main(["update-dataset", "--new", str(outs), "--dataset", str(tmp_path / "ds2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "OUTCAR: truncated OUTCAR (VASP did not finish the run)" in err
+    assert not (tmp_path / "ds2").exists()
+    (outs / "OUTCAR").write_text("".join(lines))
+    s = update_dataset(outs, tmp_path / "ds2")
+    (d,) = read_labelled([tmp_path / "ds2"])
+    assert s["n_added"] == 1 and d.energy == pytest.approx(-10.84147246, abs=1e-6)
     bad = tmp_path / "selected"
     bad.mkdir()
     (bad / "POSCAR").write_text("not a poscar\n1.0\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import ase.io
 from ase import Atoms
 
-from nequix_fw.dataset import labels_of
+from nequix_fw.dataset import labels_of, vasp_result_labels
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
 from nequix_fw.structures import Frame
@@ -79,8 +79,10 @@ class ScriptBackend(LabellingBackend):
             return LabelResult(None, "failed", "the command left no result file", doc)
         doc["result_file"] = result.name
         try:
-            frame = ase.io.read(result, index=-1)
-            labelled = labels_of(Frame(frame, str(result), -1))
+            if result.name.startswith(("vasprun", "OUTCAR")):
+                labelled = vasp_result_labels(result)
+            else:
+                labelled = labels_of(Frame(ase.io.read(result, index=-1), str(result), -1))
         except Exception as exc:  # truncated or unparsable output
             return LabelResult(None, "failed", f"{result.name}: unreadable ({exc})", doc)
         if len(labelled.frame.atoms) != len(atoms):
