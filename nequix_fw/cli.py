@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError, SettingsError
@@ -239,6 +240,51 @@ def _random_packing(items: list[str] | None) -> list[dict] | None:
     return out
 
 
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    from nequix_fw.store import ensure_embedded_store
+    from nequix_fw.workflows import campaign_sections, campaign_workflow
+
+    ensure_embedded_store()
+    if args.write is None and args.launchpad is None:
+        raise SettingsError("give --launchpad (add the workflow there) or --write FILE")
+    launchpad = Path(args.launchpad).resolve() if args.launchpad else None
+    wf = campaign_workflow(campaign_sections(args.config, launchpad))
+    if args.write:
+        from nequix_fw.structures import atomic_path
+
+        with atomic_path(Path(args.write)) as tmp:
+            wf.to_file(str(tmp), f_format="yaml")
+        print(f"wrote {wf.name} ({len(wf.fws)} Fireworks for iteration 0) -> {args.write}; "
+              f"add it with: lpad add {args.write}")  # fmt: skip
+    else:
+        from fireworks import LaunchPad
+
+        if not launchpad.is_file():
+            raise SettingsError(f"{args.launchpad}: LaunchPad file not found")
+        ids = LaunchPad.from_file(str(launchpad)).add_wf(wf)
+        print(f"added {wf.name}: Fireworks {sorted(ids.values())}; run it with: "
+              f"rlaunch -l {args.launchpad} rapidfire (or qlaunch rapidfire)")  # fmt: skip
+    return 0
+
+
+def _cmd_campaign_status(args: argparse.Namespace) -> int:
+    path = Path(args.directory) / "campaign.json"
+    if not path.is_file():
+        raise SettingsError(f"{path}: no campaign record (has iteration 0 run?)")
+    log = json.loads(path.read_text())
+    print(f"campaign {log['name']}")
+    print("iter  candidates  selected  labelled  dataset  force RMSE (eV/Å)  note")
+    for it in log["iterations"]:
+        rmse = (it.get("validation") or {}).get("force_rmse_eV_per_A")
+        cells = [it.get("n_candidates", it.get("n_evaluated")), it.get("n_selected"),
+                 it.get("n_labelled"), it.get("dataset_size")]  # fmt: skip
+        cells = ["-" if v is None else str(v) for v in cells]
+        print(f"{it['iteration']:>4}  {cells[0]:>10}  {cells[1]:>8}  {cells[2]:>8}  "
+              f"{cells[3]:>7}  {'-' if rmse is None else f'{rmse:.4f}':>17}  "
+              f"{it.get('stop_reason', '')}")  # fmt: skip
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -404,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=_cmd_explore)
+
+    cp = sub.add_parser("campaign", help="build an active-learning campaign's FireWorks workflow")
+    cp.add_argument("--config", required=True, help="settings YAML with a 'campaign' section")
+    cp.add_argument("--launchpad", help="LaunchPad file: add the workflow there (the store too)")
+    cp.add_argument("--write", help="write the workflow YAML for `lpad add` instead")
+    cp.set_defaults(func=_cmd_campaign)
+
+    cs = sub.add_parser("campaign-status", help="per-iteration summary of a campaign")
+    cs.add_argument("directory", help="the campaign directory (holds campaign.json)")
+    cs.set_defaults(func=_cmd_campaign_status)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
     m.add_argument("models", nargs="+")

@@ -338,6 +338,51 @@ class ExplorationSettings(_Settings):
         return self
 
 
+class CampaignSettings(_Settings):
+    """An active-learning campaign run by FireWorks: its data, its directory, when it stops."""
+
+    name: str = Field("campaign", description="Campaign name (workflow and Firework names).")
+    directory: Path = Field(
+        description="Campaign directory: iter_000/, iter_001/, ... and campaign.json (made "
+        "absolute when the workflow is built)."
+    )
+    initial_structures: Path = Field(
+        description="Structures (file or directory) labelled in iteration 0, and the starting "
+        "points of exploration."
+    )
+    candidate_pool: list[Path] = Field(
+        [], description="Extra candidates evaluated in every iteration besides exploration."
+    )
+    testset: list[Path] = Field([], description="Labelled validation data (files/dirs).")
+    dataset: str | None = Field(
+        None,
+        description="The training set: a directory or a store dataset db:NAME. None: db:<name> "
+        "when a launchpad is given, else <directory>/training_set.",
+    )
+    launchpad: Path | None = Field(
+        None, description="LaunchPad file of the store (db:NAME datasets)."
+    )
+    max_iterations: int = Field(5, ge=0, description="Iterations after the initial one.")
+    min_selected: int = Field(
+        1, ge=1, description="Stop when an iteration selects fewer structures than this."
+    )
+    target_force_rmse: float | None = Field(
+        None, gt=0, description="Stop once the ensemble mean's validation force RMSE (eV/Å) is "
+        "at or below this (needs a testset).",
+    )  # fmt: skip
+    finetune_from: str | None = Field(
+        None, description="Iteration 0 fine-tunes this model (path or pretrained name); "
+        "None: from scratch. Later iterations warm-start from the previous ensemble.",
+    )  # fmt: skip
+    explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
+    dft_category: str | None = Field(
+        None, description="FireWorks _category of the labelling Fireworks (DFT workers)."
+    )
+    train_category: str | None = Field(
+        None, description="FireWorks _category of the training Fireworks (GPU workers)."
+    )
+
+
 S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
@@ -346,6 +391,7 @@ SECTIONS: dict[str, type[_Settings]] = {
     "training": TrainingSettings,
     "labelling": LabellingSettings,
     "exploration": ExplorationSettings,
+    "campaign": CampaignSettings,
 }
 
 
@@ -361,25 +407,30 @@ def make_settings(cls: type[S], **values) -> S:
         raise SettingsError(f"invalid {cls.__name__}: {problems}") from None
 
 
+def read_sections(path: str | Path | None) -> dict:
+    """The raw sections of a settings file (checked names), {} without a file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read settings file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise SettingsError(
+            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}"
+        )
+    return {k: dict(v or {}) for k, v in data.items()}
+
+
 def load_settings(path: str | Path | None, cls: type[S], **overrides) -> S:
     """Read the section of `cls` from a YAML file (if given) and apply non-None `overrides`."""
     section = next(name for name, c in SECTIONS.items() if c is cls)
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise SettingsError(f"{path}: cannot read settings file ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise SettingsError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
-        unknown = set(data) - set(SECTIONS)
-        if unknown:
-            raise SettingsError(
-                f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}"
-            )
-        values = dict(data.get(section) or {})
+    values = read_sections(path).get(section, {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return make_settings(cls, **values)

@@ -44,14 +44,47 @@ def launchpad_db(launchpad: str | Path | None = None):
     if key not in _DATABASES:
         from fireworks import LaunchPad
 
-        mock = os.environ.get("MONGOMOCK_SERVERSTORE_FILE")
-        if mock and not Path(mock).is_file():
-            Path(mock).write_text("{}")  # an empty embedded store
-        try:
+        if not Path(path).is_file():
+            raise SettingsError(f"{path}: LaunchPad file not found")
+        mock = ensure_embedded_store()
+        shared = _open_embedded_store(mock) if mock else None
+        if shared is not None:  # e.g. inside rlaunch: use its store, never a second copy
+            import mongomock
+            import yaml
+
+            name = (yaml.safe_load(Path(path).read_text()) or {}).get("name", "fireworks")
+            _DATABASES[key] = mongomock.MongoClient(_store=shared)[name]
+        else:
             _DATABASES[key] = LaunchPad.from_file(str(path)).db
-        except FileNotFoundError:
-            raise SettingsError(f"{path}: LaunchPad file not found") from None
     return _DATABASES[key]
+
+
+def ensure_embedded_store() -> str | None:
+    """Create FireWorks' embedded store file (empty) if it is in use and missing; its path."""
+    mock = os.environ.get("MONGOMOCK_SERVERSTORE_FILE")
+    if mock and not Path(mock).is_file():
+        Path(mock).write_text("{}")
+    return mock
+
+
+def _open_embedded_store(filename: str):
+    """The embedded (mongomock) store this process already opened for `filename`, if any.
+
+    Each mongomock client loads the file into its own store and writes it back at exit, so a
+    second client in a process that already has one (rlaunch's LaunchPad, while our FireTasks
+    run) would overwrite the other's writes. FireWorks does not hand its client to tasks; the
+    store is found among the live objects instead.
+    """
+    import gc
+
+    from mongomock.store import ServerStore
+
+    target = Path(filename).resolve()
+    for obj in gc.get_objects():
+        if isinstance(obj, ServerStore) and getattr(obj, "_filename", None):
+            if Path(obj._filename).resolve() == target:
+                return obj
+    return None
 
 
 class StoreDataset:

@@ -1,0 +1,181 @@
+"""One active-learning campaign as plain stage calls on a directory (no FireWorks here).
+
+Iteration 0 labels the initial structures, grows the dataset, trains the first ensemble (from
+scratch or fine-tuned) and validates it. Iteration k >= 1 explores with the ensemble of k-1,
+evaluates the candidates, selects the uncertain ones, labels them, grows the dataset, trains
+ensemble k (each member warm-started from its predecessor) and validates it. Layout::
+
+    <directory>/campaign.json            one record per iteration (counts, metrics, decisions)
+    <directory>/iter_<k>/candidates/     exploration pool (candidates.extxyz + manifest.json)
+                        ensemble_results.json, selected/, labels/, models/, validation.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nequix_fw.settings import (
+    SECTIONS,
+    CampaignSettings,
+    EnsembleSettings,
+    ExplorationSettings,
+    LabellingSettings,
+    SelectionSettings,
+    TrainingSettings,
+    make_settings,
+)
+from nequix_fw.structures import atomic_path
+
+
+class Campaign:
+    """A campaign's settings (raw sections, as a workflow's spec carries them) and layout."""
+
+    def __init__(self, sections: dict):
+        unknown = set(sections) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown settings sections {sorted(unknown)}")
+        self.sections = sections
+        self.settings: CampaignSettings = self.section(CampaignSettings)
+        self.directory = Path(self.settings.directory)
+
+    def section(self, cls):
+        name = next(n for n, c in SECTIONS.items() if c is cls)
+        return make_settings(cls, **self.sections.get(name, {}))
+
+    @property
+    def launchpad(self) -> Path | None:
+        return self.settings.launchpad
+
+    @property
+    def dataset(self) -> str:
+        s = self.settings
+        if s.dataset:
+            return s.dataset
+        return f"db:{s.name}" if s.launchpad else str(self.directory / "training_set")
+
+    def iter_dir(self, k: int) -> Path:
+        return self.directory / f"iter_{k:03d}"
+
+    def models(self, k: int) -> list[str]:
+        paths = sorted((self.iter_dir(k) / "models").glob("member_*.nqx"))
+        if not paths:
+            raise FileNotFoundError(f"{self.iter_dir(k) / 'models'}: no trained members")
+        return [str(p) for p in paths]
+
+    def record(self, k: int, **entries) -> dict:
+        """Merge `entries` into iteration k's record of campaign.json (written atomically)."""
+        path = self.directory / "campaign.json"
+        log = json.loads(path.read_text()) if path.is_file() else {"name": self.settings.name,
+                                                                   "iterations": []}  # fmt: skip
+        its = {it["iteration"]: it for it in log["iterations"]}
+        its.setdefault(k, {"iteration": k}).update(entries)
+        log["iterations"] = [its[i] for i in sorted(its)]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(log, indent=1, default=str))
+        return its[k]
+
+
+# -- the stages -----------------------------------------------------------------------------------
+
+
+def explore_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.exploration import explore
+    from nequix_fw.structures import iter_frames
+
+    ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings))
+    frames = list(iter_frames([c.settings.initial_structures]))
+    settings = c.section(ExplorationSettings)
+    seeds = [s + 1000 * k for s in settings.seeds]  # new trajectories every iteration
+    settings = settings.model_copy(update={"seeds": seeds})
+    manifest = explore(ensemble, frames, c.iter_dir(k) / "candidates", settings, progress=False)
+    stops: dict[str, int] = {}
+    for t in manifest["trajectories"]:
+        stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
+    return c.record(k, n_candidates=len(manifest["frames"]), trajectory_stops=stops)
+
+
+def evaluate_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.ensemble import run_ensemble
+
+    pool = c.iter_dir(k) / "candidates" / "candidates.extxyz"
+    inputs = ([pool] if pool.is_file() else []) + list(c.settings.candidate_pool)
+    if not inputs:
+        raise FileNotFoundError("no candidates: enable exploration or give a candidate_pool")
+    summary = run_ensemble(c.models(k - 1), inputs, c.iter_dir(k) / "ensemble_results.json",
+                           c.section(EnsembleSettings), progress=False)  # fmt: skip
+    return c.record(k, n_evaluated=summary.get("n_structures"))
+
+
+def select_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.selection import select_from_results
+
+    d = c.iter_dir(k)
+    manifest = select_from_results(
+        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings)
+    )
+    return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
+
+
+def label_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
+    from nequix_fw.labelling import label_structures, make_backend
+
+    settings = c.section(LabellingSettings)
+    structures = c.settings.initial_structures if k == 0 else c.iter_dir(k) / "selected"
+    summary = label_structures(structures, c.iter_dir(k) / "labels", make_backend(settings, env),
+                               settings, iteration=k, progress=False)  # fmt: skip
+    return c.record(k, n_labelled=summary["n_success"], n_label_failures=summary["n_failed"])
+
+
+def dataset_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.dataset import update_dataset
+
+    s = update_dataset(c.iter_dir(k) / "labels", c.dataset, iteration=k, launchpad=c.launchpad)
+    return c.record(k, n_added=s["n_added"], n_conflicts=s["n_conflicts"],
+                    dataset_size=s["n_total"], dataset=s["dataset"])  # fmt: skip
+
+
+def train_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.training import train_ensemble
+
+    metas = train_ensemble(
+        [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings),
+        finetune_from=c.settings.finetune_from if k == 0 else None,
+        warm_start=c.iter_dir(k - 1) / "models" if k > 0 else None,
+        overwrite=True, progress=False, launchpad=c.launchpad,
+    )  # fmt: skip
+    losses = [m["best_valid"]["loss"] for m in metas]
+    return c.record(k, n_models=len(metas), best_valid_loss=losses)
+
+
+def validate_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.validation import validate
+
+    if not c.settings.testset:
+        return c.record(k, validation=None)
+    report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
+                      launchpad=c.launchpad, settings=c.section(EnsembleSettings))  # fmt: skip
+    mean = report["ensemble_mean"]
+    return c.record(k, validation={
+        "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
+        "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
+    })  # fmt: skip
+
+
+def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
+    """Why the campaign stops after iteration k's selection (None: label and train)."""
+    n, least = record.get("n_selected", 0), c.settings.min_selected
+    return f"converged: {n} selected (< {least})" if n < least else None
+
+
+def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
+    """Why the campaign stops after iteration k's validation (None: go on to k + 1)."""
+    s = c.settings
+    rmse = (record.get("validation") or {}).get("force_rmse_eV_per_A")
+    if s.target_force_rmse is not None and rmse is not None and rmse <= s.target_force_rmse:
+        return f"converged: validation force RMSE {rmse:.4f} <= {s.target_force_rmse} eV/Å"
+    if k >= s.max_iterations:
+        return f"max_iterations ({s.max_iterations}) reached"
+    return None

@@ -1,0 +1,88 @@
+"""The campaign as a FireWorks workflow: iteration 0 up front, later iterations appended by the
+workflow itself (see `nequix_fw.firetasks`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fireworks import Firework, Workflow
+
+from nequix_fw.campaign import Campaign
+from nequix_fw.errors import SettingsError
+from nequix_fw.firetasks import (
+    EvaluateTask,
+    ExploreTask,
+    LabelTask,
+    SelectTask,
+    TrainEnsembleTask,
+    UpdateDatasetTask,
+    ValidateTask,
+)
+from nequix_fw.labelling import PLACEHOLDER
+from nequix_fw.settings import SECTIONS, make_settings, read_sections
+
+#: Path settings made absolute when a campaign is built (Fireworks run in other directories).
+_PATHS = {
+    "campaign": ("directory", "initial_structures", "candidate_pool", "testset", "launchpad"),
+    "labelling": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
+}
+
+
+def _fw(c: Campaign, k: int, tasks: list, stage: str, category: str | None = None) -> Firework:
+    spec = {"_category": category} if category else {}
+    return Firework([t(sections=c.sections, iteration=k) for t in tasks], spec=spec,
+                    name=f"{c.settings.name} {stage} {k}")  # fmt: skip
+
+
+def _chain(fws: list[Firework], name: str) -> Workflow:
+    links = {a.fw_id: [b.fw_id] for a, b in zip(fws, fws[1:], strict=False)}
+    return Workflow(fws, links, name=name)
+
+
+def labelling_workflow(sections: dict, k: int) -> Workflow:
+    """label -> update dataset -> train -> validate of iteration k."""
+    c = Campaign(sections)
+    s = c.settings
+    return _chain([
+        _fw(c, k, [LabelTask], "label", s.dft_category),
+        _fw(c, k, [UpdateDatasetTask], "dataset"),
+        _fw(c, k, [TrainEnsembleTask], "train", s.train_category),
+        _fw(c, k, [ValidateTask], "validate"),
+    ], f"{s.name} iteration {k}")  # fmt: skip
+
+
+def exploration_workflow(sections: dict, k: int) -> Workflow:
+    """(explore ->) evaluate + select of iteration k >= 1."""
+    c = Campaign(sections)
+    fws = [_fw(c, k, [ExploreTask], "explore")] if c.settings.explore else []
+    fws.append(_fw(c, k, [EvaluateTask, SelectTask], "select"))
+    return _chain(fws, f"{c.settings.name} iteration {k}")
+
+
+def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
+    """The settings sections of a campaign file, checked, with paths made absolute."""
+    sections = read_sections(config)
+    if "campaign" not in sections:
+        raise SettingsError(f"{config}: no 'campaign' section")
+    if launchpad is not None:
+        sections["campaign"].setdefault("launchpad", str(launchpad))
+    for name, keys in _PATHS.items():
+        sec = sections.get(name, {})
+        for key in keys:
+            value = sec.get(key)
+            if isinstance(value, list):
+                sec[key] = [str(Path(v).expanduser().resolve()) for v in value]
+            elif value is not None and not PLACEHOLDER.match(str(value)):
+                sec[key] = str(Path(value).expanduser().resolve())
+    for name, values in sections.items():  # every section valid before anything runs
+        make_settings(SECTIONS[name], **values)
+    return sections
+
+
+def campaign_workflow(sections: dict) -> Workflow:
+    """Iteration 0: label the initial structures, grow the dataset, train, validate; the
+    validation appends iteration 1, and so on."""
+    c = Campaign(sections)
+    wf = labelling_workflow(sections, 0)
+    wf.name = f"nequix-fw campaign {c.settings.name}"
+    return wf

@@ -1,0 +1,131 @@
+"""The whole campaign through FireWorks for real: `nequix-fw campaign --write`, `lpad reset`,
+`lpad add`, `rlaunch rapidfire`, on FireWorks' embedded store, with EMT labels and tiny Nequix
+ensembles. Each command is its own process (the embedded store is written back at exit)."""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import pytest
+from conftest import emt_labelled, make_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+SETTINGS = """
+campaign:
+  name: {name}
+  directory: run
+  initial_structures: initial.extxyz
+  testset: [testset.extxyz]
+  max_iterations: 2
+training:
+  n_models: 2
+  epochs: 3
+  batch_size: 4
+  architecture: {{hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}}
+labelling:
+  backend: ase
+  calculator: ">>reference_calculator<<"
+exploration:
+  temperatures_K: [800]
+  steps: 20
+  check_every: 10
+  sample_every: 10
+selection:
+  lo: {lo}
+  max_selected: 3
+"""
+
+
+def _campaign(tmp_path: Path, name: str, lo: float) -> dict:
+    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
+    (tmp_path / "my_fworker.yaml").write_text(
+        "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
+    )
+    ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
+    ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
+    (tmp_path / "campaign.yaml").write_text(SETTINGS.format(name=name, lo=lo))
+    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
+    today = datetime.date.today().isoformat()
+    lp = ["-l", str(tmp_path / "my_launchpad.yaml")]
+    for cmd in (
+        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
+         "my_launchpad.yaml", "--write", "wf.yaml"],
+        [BIN / "lpad", *lp, "reset", "--password", today],
+        [BIN / "lpad", *lp, "add", "wf.yaml"],
+        [BIN / "rlaunch", *lp, "-w", str(tmp_path / "my_fworker.yaml"), "rapidfire"],
+    ):  # fmt: skip
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
+    query = """
+import json
+from nequix_fw.store import COLLECTION, launchpad_db
+db = launchpad_db("my_launchpad.yaml")
+docs = list(db[COLLECTION].find())
+print(json.dumps({
+    "fireworks": sorted((f["name"], f["state"]) for f in db.fireworks.find()),
+    "workflow_state": [w["state"] for w in db.workflows.find()],
+    "dataset": sorted((d["dataset"], d["info"]["iteration"]) for d in docs),
+    "backends": sorted({d["info"]["backend"] for d in docs}),
+}))
+"""
+    p = subprocess.run([sys.executable, "-c", query], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    db = json.loads(p.stdout.strip().splitlines()[-1])
+    log = json.loads((tmp_path / "run" / "campaign.json").read_text())
+    return {"db": db, "log": log["iterations"], "dir": tmp_path / "run"}
+
+
+def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
+    r = _campaign(tmp_path, "cu_au", lo=0.0)
+    its = r["log"]
+    assert [it["iteration"] for it in its] == [0, 1, 2]
+    # iteration 0 labels the 4 initial structures; 1 and 2 each select, label and add 3
+    assert [it["dataset_size"] for it in its] == [4, 7, 10]
+    assert [it["n_selected"] for it in its[1:]] == [3, 3]
+    assert its[2]["stop_reason"] == "max_iterations (2) reached"
+    assert all(it["validation"]["force_rmse_eV_per_A"] > 0 for it in its)
+    for k in range(3):  # every iteration trained its own ensemble; 1 and 2 warm-started
+        metas = [json.loads(p.read_text()) for p in (r["dir"] / f"iter_{k:03d}" / "models")
+                 .glob("member_*.json")]  # fmt: skip
+        assert len(metas) == 2 and {m["start"] for m in metas} == {
+            "scratch" if k == 0 else "warm_start"
+        }
+    # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 6 Fireworks
+    db = r["db"]
+    assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 3
+    assert db["backends"] == ["ase"]
+    assert len(db["fireworks"]) == 16 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
+    assert db["workflow_state"] == ["COMPLETED"]
+
+
+def test_campaign_stops_when_nothing_is_selected(tmp_path):
+    r = _campaign(tmp_path, "quiet", lo=50.0)  # every candidate 'accurate' at 50 eV/Å
+    its = r["log"]
+    assert [it["iteration"] for it in its] == [0, 1]
+    assert its[1]["n_selected"] == 0 and its[1]["stop_reason"] == "converged: 0 selected (< 1)"
+    names = [n for n, _ in r["db"]["fireworks"]]
+    assert "quiet select 1" in names and "quiet label 1" not in names
+    assert r["db"]["workflow_state"] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("bad", ["no_campaign", "placeholder"])
+def test_campaign_bad_input(tmp_path, bad, capsys):
+    from nequix_fw.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    if bad == "no_campaign":
+        cfg.write_text("training: {n_models: 2}\n")
+        assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
+        assert "no 'campaign' section" in capsys.readouterr().err
+    else:  # a typo in a section is caught before anything is added
+        cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\n"
+                       "selection: {lo: -1}\n")  # fmt: skip
+        assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
+        assert "invalid SelectionSettings" in capsys.readouterr().err
+    assert not (tmp_path / "w.yaml").exists()
