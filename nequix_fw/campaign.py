@@ -110,11 +110,13 @@ def evaluate_stage(c: Campaign, k: int) -> dict:
 
 
 def select_stage(c: Campaign, k: int) -> dict:
+    from nequix_fw.dataset import dataset_ids
     from nequix_fw.selection import select_from_results
 
     d = c.iter_dir(k)
+    labelled = dataset_ids(c.dataset, c.launchpad)  # never pay twice for the same structure
     manifest = select_from_results(
-        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings)
+        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings), labelled
     )
     return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
 

@@ -53,11 +53,17 @@ def _cmd_select(args: argparse.Namespace) -> int:
         min_distance=args.min_distance,
         format=args.format,
     )
-    manifest = select_from_results(args.ensemble, args.output, settings)
+    exclude = None
+    if args.exclude_dataset:
+        from nequix_fw.dataset import dataset_ids
+
+        exclude = dataset_ids(args.exclude_dataset, args.launchpad)
+    manifest = select_from_results(args.ensemble, args.output, settings, exclude)
     c = manifest["counts"]
     print(
         f"{c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; "
         f"selected {c['selected']} -> {args.output}"
+        + (f" ({c['already_labelled']} already labelled)" if c["already_labelled"] else "")
     )
     return 0
 
@@ -342,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--min-distance", type=float, help="minimum interatomic distance (Å)")
     s.add_argument("--format", choices=["vasp", "extxyz"])
+    s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
+    s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     s.set_defaults(func=_cmd_select)
 
     t = sub.add_parser("train-ensemble", help="train an ensemble of Nequix models")

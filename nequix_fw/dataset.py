@@ -82,6 +82,19 @@ def read_labelled(
     return data
 
 
+def dataset_ids(dataset: str | Path, launchpad: str | Path | None = None) -> set[str]:
+    """Structure ids in a training set (directory or store dataset db:NAME); empty if none."""
+    from nequix_fw.store import StoreDataset, is_store_spec
+
+    if is_store_spec(dataset):
+        return StoreDataset(str(dataset), launchpad).ids()
+    path = Path(dataset)
+    path = path / TRAINING_SET_FILE if path.is_dir() else path
+    if not path.is_file():
+        return set()
+    return {f.atoms.info.get("structure_id") or structure_id(f.atoms) for f in iter_frames([path])}
+
+
 def unit_warnings(data: Sequence[Labelled]) -> list[str]:
     """Warn when files' energies per atom differ by a Hartree or Rydberg factor (mixed units)."""
     by_file: dict[str, list[float]] = {}

@@ -121,9 +121,16 @@ def classify(
     return entries
 
 
-def choose(entries: list[Entry], settings: SelectionSettings) -> list[Entry]:
-    """Mark and return the selected candidates, in selection order."""
-    seen: set[str] = set()
+def choose(
+    entries: list[Entry], settings: SelectionSettings, exclude: set[str] | None = None
+) -> list[Entry]:
+    """Mark and return the selected candidates, in selection order; candidates whose id is in
+    `exclude` (already labelled) are not selected again."""
+    exclude = exclude or set()
+    for e in entries:
+        if e.cls == "candidate" and e.id in exclude:
+            e.reason = "already labelled"
+    seen: set[str] = set(exclude)
     cands = []
     for e in entries:  # the same structure twice in the input is selected once
         if e.cls == "candidate" and e.id not in seen:
@@ -170,11 +177,15 @@ def _swap_into_place(tmp: Path, output: Path) -> None:
 
 
 def select_from_results(
-    results_path: str | Path, output: str | Path, settings: SelectionSettings
+    results_path: str | Path,
+    output: str | Path,
+    settings: SelectionSettings,
+    exclude: set[str] | None = None,
 ) -> dict:
     """Classify and select from an ensemble-results file; write files + manifest atomically.
 
-    Returns the manifest. The output directory appears complete or not at all.
+    Structures whose id is in `exclude` (e.g. those already in the training set) are never
+    selected. Returns the manifest. The output directory appears complete or not at all.
     """
     results_path, output = Path(results_path), Path(output)
     header, records = read_results(results_path)
@@ -187,7 +198,7 @@ def select_from_results(
     entries = classify(records, settings, elements)
     if not entries:
         raise NequixFWError(f"{results_path}: holds no structures")
-    chosen = {e.id: e for e in choose(entries, settings)}
+    chosen = {e.id: e for e in choose(entries, settings, exclude)}
     tmp = _prepare_output(output)
     try:
         suffix = "vasp" if settings.format == "vasp" else "extxyz"
@@ -201,6 +212,7 @@ def select_from_results(
                 write_structure(atoms, tmp / entry.file, settings.format)
         counts = {c: sum(e.cls == c for e in entries) for c in ("accurate", "candidate", "failed")}
         counts["selected"] = sum(e.selected for e in entries)
+        counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)
         manifest = {
             "schema": MANIFEST_SCHEMA,
             "schema_version": MANIFEST_VERSION,

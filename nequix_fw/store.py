@@ -102,6 +102,10 @@ class StoreDataset:
     def __len__(self) -> int:
         return self.collection.count_documents({"dataset": self.name})
 
+    def ids(self) -> set[str]:
+        """The structure ids (content hashes) in the dataset."""
+        return set(self.collection.distinct("structure_id", {"dataset": self.name}))
+
     def frames(self):
         """The dataset's structures as `Frame`s with their labels and provenance (in the order
         they were added)."""

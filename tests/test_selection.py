@@ -59,7 +59,8 @@ def test_selection_equals_threshold_set(results, tmp_path):
     by_class = {c: {i for i, k in classes.items() if k == c} for c in ("failed", "accurate")}
     assert by_class["failed"] == {i for i, d in devs.items() if d >= hi}
     assert by_class["accurate"] == {i for i, d in devs.items() if d < lo}
-    assert manifest["counts"] == {"accurate": 5, "candidate": 13, "failed": 6, "selected": 13}
+    assert manifest["counts"] == {"accurate": 5, "candidate": 13, "failed": 6, "selected": 13,
+                                  "already_labelled": 0}  # fmt: skip
     files = sorted(p.name for p in (tmp_path / "sel").glob("*.vasp"))
     assert files == sorted(f"{i}.vasp" for i in want)
     # the POSCAR holds the evaluated structure
@@ -164,3 +165,34 @@ def test_single_model_results_refused(model_paths, tmp_path):
             w.write(rec)
     with pytest.raises(NequixFWError, match="at least 2 models, these results have 1"):
         select_from_results(tmp_path / "one.json", tmp_path / "s", SelectionSettings())
+
+
+def test_already_labelled_structures_are_not_selected_again(results, tmp_path, capsys):
+    """With --exclude-dataset, the structures already in the training set are skipped and the
+    next most uncertain ones take their places."""
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.cli import main
+    from nequix_fw.dataset import update_dataset
+
+    devs = _devs(results)
+    ranked = sorted(devs, key=lambda i: -devs[i])
+    # label the two most uncertain candidates and put them in a training set
+    frames = {structure_id(a): a for a in ase.io.read(results.parent / "cands.extxyz", ":")}
+    labelled = []
+    for sid in ranked[:2]:
+        a = frames[sid].copy()
+        a.calc = EMT()
+        a.get_potential_energy()
+        labelled.append(a)
+    ase.io.write(tmp_path / "labels.extxyz", labelled)
+    update_dataset(tmp_path / "labels.extxyz", tmp_path / "ds")
+    code = main(["select", "--ensemble", str(results), "--threshold", "0", "--max-selected", "3",
+                 "--exclude-dataset", str(tmp_path / "ds"),
+                 "--output", str(tmp_path / "sel")])  # fmt: skip
+    assert code == 0 and "(2 already labelled)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    chosen = [s["id"] for s in manifest["structures"] if s["selected"]]
+    assert sorted(chosen) == sorted(ranked[2:5])
+    skipped = {s["id"]: s["reason"] for s in manifest["structures"] if s["id"] in ranked[:2]}
+    assert skipped == {ranked[0]: "already labelled", ranked[1]: "already labelled"}
