@@ -32,7 +32,8 @@ models:
 	  [ -f $(MODEL_CACHE)/$$m.nqx ] || cp $(SHARED)/models/$$m.nqx $(MODEL_CACHE)/ ; done
 
 # The main job: (1) the foundation models nequix-mp-1 + nequix-oam-1 rank a pool of structures;
-# (2) one active-learning iteration by hand with real Nequix ensembles and EMT as the reference.
+# (2) a whole active-learning campaign through FireWorks (lpad/rlaunch) on the embedded store,
+# with real Nequix ensembles and EMT as the reference.
 DEMO := demo_run
 NFW := $(BIN)/nequix-fw
 CFG := --config examples/demo_settings.yaml
@@ -46,22 +47,15 @@ demo: setup models
 	  --output $(DEMO)/foundation_results.json
 	$(NFW) select --ensemble $(DEMO)/foundation_results.json $(CFG) \
 	  --output $(DEMO)/foundation_selected
-	@echo "== iteration 0: label the initial pool, train a 4-member ensemble"
-	$(NFW) label $(CFG) --structures $(DEMO)/initial_structures --output $(DEMO)/labels_0 --iteration 0
-	$(NFW) update-dataset --new $(DEMO)/labels_0 --dataset $(DEMO)/training_set --iteration 0
-	$(NFW) train-ensemble $(CFG) --dataset $(DEMO)/training_set --outdir $(DEMO)/models_0
-	$(NFW) validate --models $(DEMO)/models_0/member_*.nqx --testset $(DEMO)/validation_set \
-	  --output $(DEMO)/validation_0.json --no-plots
-	@echo "== iteration 1: evaluate candidates, select, label, grow the set, retrain (warm start)"
-	$(NFW) run-ensemble --models $(DEMO)/models_0/member_*.nqx --structures $(DEMO)/candidates \
-	  --output $(DEMO)/ensemble_results_1.json
-	$(NFW) select --ensemble $(DEMO)/ensemble_results_1.json $(CFG) --output $(DEMO)/selected_1
-	$(NFW) label $(CFG) --structures $(DEMO)/selected_1 --output $(DEMO)/labels_1 --iteration 1
-	$(NFW) update-dataset --new $(DEMO)/labels_1 --dataset $(DEMO)/training_set --iteration 1
-	$(NFW) train-ensemble $(CFG) --dataset $(DEMO)/training_set --outdir $(DEMO)/models_1 \
-	  --warm-start $(DEMO)/models_0
-	$(NFW) validate --models $(DEMO)/models_1/member_*.nqx --testset $(DEMO)/validation_set \
-	  --output $(DEMO)/validation_1.json --reference emt
+	@echo "== the active-learning campaign (FireWorks, embedded store $(DEMO)/fw_db.json)"
+	cp my_launchpad.yaml $(DEMO)/
+	cd $(DEMO) && export MONGOMOCK_SERVERSTORE_FILE=$$PWD/fw_db.json \
+	  && ../$(NFW) campaign --config ../examples/campaign.yaml --launchpad my_launchpad.yaml \
+	     --write campaign_wf.yaml \
+	  && ../$(BIN)/lpad -l my_launchpad.yaml reset --password $$(date +%Y-%m-%d) \
+	  && ../$(BIN)/lpad -l my_launchpad.yaml add campaign_wf.yaml \
+	  && ../$(BIN)/rlaunch -l my_launchpad.yaml rapidfire \
+	  && ../$(NFW) campaign-status campaign
 
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
