@@ -345,6 +345,38 @@ def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_d
 _train_step = eqx.filter_jit(_step_impl)
 
 
+class EpochLog:
+    """Per-epoch bookkeeping shared by both backends: the training curve, the best model by
+    validation loss, early stopping."""
+
+    def __init__(self, member: int, patience: int | None):
+        self.member, self.patience = member, patience
+        self.rows: list[dict] = []
+        self.best_loss, self.best_model, self.best_epoch, self.best_val = float("inf"), None, -1, {}
+
+    def update(self, epoch: int, train_loss: float, val: dict, learning_rate: float,
+               seconds: float, snapshot) -> bool:  # fmt: skip
+        """Record an epoch (`snapshot()` gives the model to keep if it is the best so far);
+        True when training should stop."""
+        if not np.isfinite(val["loss"]):
+            raise ModelError(f"member {self.member}: loss became non-finite at epoch {epoch}")
+        if val["loss"] < self.best_loss:
+            self.best_loss, self.best_model, self.best_epoch, self.best_val = (
+                val["loss"],
+                snapshot(),
+                epoch,
+                val,
+            )
+        self.rows.append({
+            "epoch": epoch, "train_loss": train_loss, "learning_rate": learning_rate,
+            "epoch_s": seconds, **{f"val_{k}": v for k, v in val.items()},
+        })  # fmt: skip
+        return self.patience is not None and epoch - self.best_epoch >= self.patience
+
+    def result(self) -> tuple:
+        return self.best_model, self.best_epoch, self.best_val, self.rows
+
+
 def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
              settings: TrainingSettings, progress: bool):  # fmt: skip
     """Train `module` with JAX; returns (best EMA module, best epoch, its validation metrics,
@@ -381,8 +413,7 @@ def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
     valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
     opt_state = optim.init(eqx.filter(module, eqx.is_array))
     model, ema = module, module
-    best = (float("inf"), None, -1, {})  # loss, model, epoch, metrics
-    log_rows = []
+    log = EpochLog(plan.index, settings.patience)
     i = 0
     bar = tqdm(range(settings.epochs), desc=f"member {plan.index}", disable=not progress)
     for epoch in bar:
@@ -397,19 +428,13 @@ def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
             i += 1
         train_loss /= steps_per_epoch
         val = evaluate(ema, valid_batches) if valid_batches else {"loss": train_loss}
-        if not np.isfinite(val["loss"]):
-            raise ModelError(f"member {plan.index}: loss became non-finite at epoch {epoch}")
-        if val["loss"] < best[0]:
-            best = (val["loss"], ema, epoch, val)
-        log_rows.append({
-            "epoch": epoch, "train_loss": train_loss, "learning_rate": float(schedule(i)),
-            "epoch_s": time.perf_counter() - t0, **{f"val_{k}": v for k, v in val.items()},
-        })  # fmt: skip
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        if settings.patience is not None and epoch - best[2] >= settings.patience:
+        stop = log.update(epoch, train_loss, val, float(schedule(i)), time.perf_counter() - t0,
+                          lambda m=ema: m)  # fmt: skip
+        if stop:
             break
     bar.close()
-    return best[1], best[2], best[3], log_rows
+    return log.result()
 
 
 def train_member(

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from nequix_fw.dataset import Labelled
-from nequix_fw.errors import ModelError
 from nequix_fw.settings import TrainingSettings
+from nequix_fw.training import EpochLog
 
 
 def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
@@ -68,8 +68,8 @@ def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[La
     sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
     weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
     valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
-    best = (float("inf"), None, -1, {})
-    log_rows, i = [], 0
+    log = EpochLog(plan.index, settings.patience)
+    i = 0
     bar = tqdm(range(settings.epochs), desc=f"member {plan.index} (torch)", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -93,17 +93,10 @@ def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[La
             ema.train()
         else:
             val = {"loss": train_loss}
-        if not np.isfinite(val["loss"]):
-            raise ModelError(f"member {plan.index}: loss became non-finite at epoch {epoch}")
-        if val["loss"] < best[0]:
-            best = (val["loss"], copy.deepcopy(ema).eval(), epoch, val)
-        log_rows.append({
-            "epoch": epoch, "train_loss": train_loss,
-            "learning_rate": settings.learning_rate * factor(i),
-            "epoch_s": time.perf_counter() - t0, **{f"val_{k}": v for k, v in val.items()},
-        })  # fmt: skip
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        if settings.patience is not None and epoch - best[2] >= settings.patience:
+        stop = log.update(epoch, train_loss, val, settings.learning_rate * factor(i),
+                          time.perf_counter() - t0, lambda: copy.deepcopy(ema).eval())  # fmt: skip
+        if stop:
             break
     bar.close()
-    return best[1], best[2], best[3], log_rows
+    return log.result()

@@ -200,7 +200,7 @@ def test_input_set_settings_errors(vasp_env, psp_dir):
     with pytest.raises(SettingsError, match="either labelling.vasp_inputs .* not both"):
         make_backend(LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"],
                                        vasp_input_set="MPStaticSet"))  # fmt: skip
-    with pytest.raises(SettingsError, match="no input set 'NoSuchSet'"):
+    with pytest.raises(SettingsError, match="no VaspInputSet 'NoSuchSet' in pymatgen.io.vasp.sets"):
         make_backend(LabellingSettings(backend="vasp", vasp_input_set="NoSuchSet",
                                        vasp_psp_dir=psp_dir))  # fmt: skip
     with pytest.raises(SettingsError, match="is not a directory"):

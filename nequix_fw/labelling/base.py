@@ -21,7 +21,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from nequix_fw import __version__
-from nequix_fw.errors import NequixFWError
+from nequix_fw.errors import NequixFWError, SettingsError
 from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import atomic_path, check_writable_dir, iter_frames, min_distance
 
@@ -54,6 +54,21 @@ class LabellingBackend(ABC):
     @abstractmethod
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         """Compute energy, forces (and stress for periodic cells) of `atoms` in `workdir`."""
+
+
+def import_class(name: str, default_module: str, base: type, setting: str) -> type:
+    """A class by name in `default_module`, or 'module:Class', that must subclass `base`."""
+    import importlib
+
+    module, _, cls = name.rpartition(":")
+    try:
+        obj = getattr(importlib.import_module(module or default_module), cls)
+    except (ImportError, AttributeError):
+        raise SettingsError(f"{setting}: no {base.__name__} {name!r} in {module or default_module}"
+                            " (or give module:Class)") from None  # fmt: skip
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise SettingsError(f"{setting}: {name!r} is not a pymatgen {base.__name__}")
+    return obj
 
 
 def check_labels(atoms: Atoms, max_force: float) -> str | None:

@@ -29,6 +29,7 @@ from nequix_fw.labelling.base import (
     LabellingBackend,
     LabelResult,
     custodian_corrections,
+    import_class,
     singlepoint,
 )
 from nequix_fw.settings import LabellingSettings
@@ -38,19 +39,9 @@ INPUT, OUTPUT = "cp2k.inp", "cp2k.out"
 
 def input_set_class(name: str) -> type:
     """A pymatgen CP2K input set class by name (in pymatgen.io.cp2k.sets) or 'module:Class'."""
-    import importlib
-
     from pymatgen.io.cp2k.sets import DftSet
 
-    module, _, cls = name.rpartition(":")
-    try:
-        obj = getattr(importlib.import_module(module or "pymatgen.io.cp2k.sets"), cls)
-    except (ImportError, AttributeError):
-        raise SettingsError(f"labelling.cp2k_input_set: no input set {name!r} (e.g. "
-                            "StaticSet, or module:Class)") from None  # fmt: skip
-    if not (isinstance(obj, type) and issubclass(obj, DftSet)):
-        raise SettingsError(f"labelling.cp2k_input_set: {name!r} is not a pymatgen DftSet")
-    return obj
+    return import_class(name, "pymatgen.io.cp2k.sets", DftSet, "labelling.cp2k_input_set")
 
 
 def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool]:

@@ -36,6 +36,7 @@ from nequix_fw.labelling.base import (
     LabellingBackend,
     LabelResult,
     custodian_corrections,
+    import_class,
     singlepoint,
 )
 from nequix_fw.settings import LabellingSettings
@@ -67,19 +68,9 @@ def handler_group(name: str, wall_time_s: float | None = None) -> list:
 
 def input_set_class(name: str) -> type:
     """A pymatgen VASP input set class by name (in pymatgen.io.vasp.sets) or 'module:Class'."""
-    import importlib
-
     from pymatgen.io.vasp.sets import VaspInputSet
 
-    module, _, cls = name.rpartition(":")
-    try:
-        obj = getattr(importlib.import_module(module or "pymatgen.io.vasp.sets"), cls)
-    except (ImportError, AttributeError):
-        raise SettingsError(f"labelling.vasp_input_set: no input set {name!r} (e.g. "
-                            "MPStaticSet, MatPESStaticSet, or module:Class)") from None  # fmt: skip
-    if not (isinstance(obj, type) and issubclass(obj, VaspInputSet)):
-        raise SettingsError(f"labelling.vasp_input_set: {name!r} is not a pymatgen VaspInputSet")
-    return obj
+    return import_class(name, "pymatgen.io.vasp.sets", VaspInputSet, "labelling.vasp_input_set")
 
 
 def psp_dir(configured: Path | None) -> Path:
