@@ -237,15 +237,17 @@ def update_dataset(
         raise StructureError(f"{new}: no such file or directory")
     store = StoreDataset(str(dataset), launchpad) if is_store_spec(dataset) else None
     target = None if store else Path(dataset) / TRAINING_SET_FILE
-    existing = []
-    if store is not None:
-        existing = [labels_of(f) for f in store.frames()]
-    elif target.is_file():
-        existing = [labels_of(f) for f in iter_frames([target])]
     items, n_failed = _incoming(new)
     if not items and not n_failed:
         raise StructureError(f"{new}: no labelled structures or label tasks found")
-    levels = {d.frame.atoms.info.get("settings_hash") for d in existing}
+    existing = []
+    if store is not None:  # only the documents these items could collide with
+        existing = [labels_of(f) for f in store.frames({i.structure_id for i in items})]
+        levels = store.settings_hashes()
+    else:
+        if target.is_file():
+            existing = [labels_of(f) for f in iter_frames([target])]
+        levels = {d.frame.atoms.info.get("settings_hash") for d in existing}
     levels |= {i.provenance["settings_hash"] for i in items}
     if len(levels) > 1 and not allow_mixed:
         raise StructureError(
@@ -290,5 +292,5 @@ def update_dataset(
         "n_conflicts": len(conflicts),
         "conflicts": conflicts,
         "n_failed_tasks_skipped": n_failed,
-        "n_total": len(existing) + len(added),
+        "n_total": len(store) if store is not None else len(existing) + len(added),
     }

@@ -106,12 +106,24 @@ class StoreDataset:
         """The structure ids (content hashes) in the dataset."""
         return set(self.collection.distinct("structure_id", {"dataset": self.name}))
 
-    def frames(self):
-        """The dataset's structures as `Frame`s with their labels and provenance (in the order
-        they were added)."""
+    def settings_hashes(self) -> set:
+        """The levels of theory (labelling settings hashes) in the dataset; None stands for
+        structures ingested from plain files (no labelling settings)."""
+        out = set(self.collection.distinct("info.settings_hash", {"dataset": self.name}))
+        query = {"dataset": self.name, "info.settings_hash": None}  # missing or null
+        if self.collection.count_documents(query):
+            out.add(None)
+        return out
+
+    def frames(self, ids: set[str] | None = None):
+        """The dataset's structures (those with the given ids, if any) as `Frame`s with their
+        labels and provenance, in the order they were added."""
         from nequix_fw.structures import Frame
 
-        docs = self.collection.find({"dataset": self.name}).sort("added", 1)
+        query: dict = {"dataset": self.name}
+        if ids is not None:
+            query["structure_id"] = {"$in": sorted(ids)}
+        docs = self.collection.find(query).sort("added", 1)
         for k, doc in enumerate(docs):
             atoms = Atoms(numbers=doc["numbers"], positions=doc["positions"], cell=doc["cell"],
                           pbc=doc["pbc"], info=dict(doc.get("info") or {}))  # fmt: skip

@@ -75,6 +75,15 @@ print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}),
     from nequix_fw.dataset import ids_hash
 
     assert meta["n_structures"] == 48 and meta["training_set_hash"] == ids_hash(got["ids"])
+    # labels from a labelling backend (a settings hash) do not mix with the plain-file ones
+    ase.io.write(tmp_path / "new.extxyz", ase.io.read(emt_data["test"], ":2"))
+    run("label", "--calculator", "emt", "--structures", str(tmp_path / "new.extxyz"),
+        "--output", "labels", "--no-progress")  # fmt: skip
+    p = run("update-dataset", "--new", "labels", "--dataset", "db:cuau", *lp, check=False)
+    assert p.returncode == 2 and "different levels of theory" in p.stderr
+    out = run("update-dataset", "--new", "labels", "--dataset", "db:cuau", *lp,
+              "--allow-mixed").stdout  # fmt: skip
+    assert "added 2 structures" in out and "50 in db:cuau" in out
 
 
 def test_store_errors(store, tmp_path):
