@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from nequix_fw.settings import (
     SECTIONS,
     CampaignSettings,
@@ -160,10 +162,12 @@ def validate_stage(c: Campaign, k: int) -> dict:
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
                       launchpad=c.launchpad, settings=c.section(EnsembleSettings))  # fmt: skip
     mean = report["ensemble_mean"]
-    return c.record(k, validation={
+    record = c.record(k, validation={
         "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
         "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
     })  # fmt: skip
+    plot_progress(c.directory)
+    return record
 
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
@@ -181,3 +185,34 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None
+
+
+def plot_progress(directory: str | Path) -> Path:
+    """`<directory>/campaign.png`: validation errors, dataset size and selections per
+    iteration, from campaign.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    its = json.loads((directory / "campaign.json").read_text())["iterations"]
+    k = [it["iteration"] for it in its]
+    val = [it.get("validation") or {} for it in its]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    ax1.plot(k, [v.get("force_rmse_eV_per_A", np.nan) for v in val], "o-", label="forces")
+    ax1.set(xlabel="iteration", ylabel="force RMSE (eV/Å)", title="validation (ensemble mean)")
+    ax1b = ax1.twinx()
+    ax1b.plot(k, [v.get("energy_rmse_meV_per_atom", np.nan) for v in val], "s--", color="C1")
+    ax1b.set_ylabel("energy RMSE (meV/atom)", color="C1")
+    ax2.bar(k, [it.get("dataset_size", 0) for it in its], color="C2", label="dataset size")
+    ax2.plot(k, [it.get("n_selected", np.nan) for it in its], "o-", color="C3", label="selected")
+    ax2.set(xlabel="iteration", ylabel="structures", title="data")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.set_xticks(k)
+    path = directory / "campaign.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -288,6 +288,10 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         print(f"{it['iteration']:>4}  {cells[0]:>10}  {cells[1]:>8}  {cells[2]:>8}  "
               f"{cells[3]:>7}  {'-' if rmse is None else f'{rmse:.4f}':>17}  "
               f"{it.get('stop_reason', '')}")  # fmt: skip
+    if args.plot:
+        from nequix_fw.campaign import plot_progress
+
+        print(f"plot -> {plot_progress(args.directory)}")
     return 0
 
 
@@ -467,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cs = sub.add_parser("campaign-status", help="per-iteration summary of a campaign")
     cs.add_argument("directory", help="the campaign directory (holds campaign.json)")
+    cs.add_argument("--plot", action="store_true", help="(re)write <directory>/campaign.png")
     cs.set_defaults(func=_cmd_campaign_status)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")

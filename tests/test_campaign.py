@@ -102,6 +102,17 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
     assert db["backends"] == ["ase"]
     assert len(db["fireworks"]) == 16 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
     assert db["workflow_state"] == ["COMPLETED"]
+    # the progress plot is redrawn after every validation; campaign-status prints the table
+    png = r["dir"] / "campaign.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = subprocess.run([BIN / "nequix-fw", "campaign-status", str(r["dir"]), "--plot"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    rows = [line.split() for line in p.stdout.splitlines()[2:5]]
+    # iteration, selected, labelled, dataset size (the candidate count depends on MD stops)
+    assert [[row[0], *row[2:5]] for row in rows] == [["0", "-", "4", "4"], ["1", "3", "3", "7"],
+                                                     ["2", "3", "3", "10"]]  # fmt: skip
+    assert int(rows[1][1]) > 0 and int(rows[2][1]) > 0
+    assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
 
 
 def test_campaign_stops_when_nothing_is_selected(tmp_path):
