@@ -14,27 +14,31 @@ from nequix_fw import campaign as stages
 
 
 class _StageTask(FiretaskBase):
+    """Runs `stage(campaign, iteration)` and stores its summary in the launch."""
+
     required_params = ["sections", "iteration"]
+    stage = None  # a function of nequix_fw.campaign (set by each task)
 
     @property
     def campaign(self) -> stages.Campaign:
         return stages.Campaign(self["sections"])
+
+    def run_task(self, fw_spec):
+        return FWAction(stored_data=self.stage(self.campaign, self["iteration"]))
 
 
 @explicit_serialize
 class ExploreTask(_StageTask):
     """Ensemble-driven MD, distortions and random packing from the initial structures."""
 
-    def run_task(self, fw_spec):
-        return FWAction(stored_data=stages.explore_stage(self.campaign, self["iteration"]))
+    stage = staticmethod(stages.explore_stage)
 
 
 @explicit_serialize
 class EvaluateTask(_StageTask):
     """The previous ensemble on the candidates (run-ensemble)."""
 
-    def run_task(self, fw_spec):
-        return FWAction(stored_data=stages.evaluate_stage(self.campaign, self["iteration"]))
+    stage = staticmethod(stages.evaluate_stage)
 
 
 @explicit_serialize
@@ -66,16 +70,14 @@ class LabelTask(_StageTask):
 class UpdateDatasetTask(_StageTask):
     """New labels into the training set (directory or store), idempotently."""
 
-    def run_task(self, fw_spec):
-        return FWAction(stored_data=stages.dataset_stage(self.campaign, self["iteration"]))
+    stage = staticmethod(stages.dataset_stage)
 
 
 @explicit_serialize
 class TrainEnsembleTask(_StageTask):
     """The iteration's ensemble (fine-tune or scratch at 0, warm start after)."""
 
-    def run_task(self, fw_spec):
-        return FWAction(stored_data=stages.train_stage(self.campaign, self["iteration"]))
+    stage = staticmethod(stages.train_stage)
 
 
 @explicit_serialize
