@@ -30,6 +30,7 @@ def generate_structures(structures: list[Frame], settings: ExplorationSettings) 
     rng = np.random.default_rng(settings.seeds[0])
     out = []
     for fr in structures:
+        parent_id = structure_id(fr.atoms)
         if settings.n_distortions and settings.vacancies >= len(fr.atoms):
             raise StructureError(
                 f"{fr.source} frame {fr.frame}: cannot make {settings.vacancies} vacancies in "
@@ -47,7 +48,7 @@ def generate_structures(structures: list[Frame], settings: ExplorationSettings) 
                 a = with_substitutions(
                     a, settings.substitutions, settings.substitution_fraction, rng
                 )
-            a.info = {"generator": "distortion", "parent_id": structure_id(fr.atoms)}
+            a.info = {"generator": "distortion", "parent_id": parent_id}
             out.append(a)
     for spec in settings.random_packing:
         for _ in range(spec.n_structures):
@@ -99,9 +100,10 @@ def explore(
     for a in generated:
         ensemble.check_covered(a, f"generated structure ({a.info['generator']})")
     pressures = settings.pressures_GPa or [None]
+    parents = {id(fr): structure_id(fr.atoms) for fr in structures}
     conditions = [(fr, t, p, s) for fr in structures for t in settings.temperatures_K
                   for p in pressures for s in settings.seeds] if settings.steps else []  # fmt: skip
-    jobs = [(fr.atoms, t, p, s, structure_id(fr.atoms), settings) for fr, t, p, s in conditions]
+    jobs = [(fr.atoms, t, p, s, parents[id(fr)], settings) for fr, t, p, s in conditions]
     trajs: list[Trajectory] = []
     with tqdm(total=len(jobs), desc="explore", unit="traj", disable=not progress) as bar:
         if settings.n_workers > 1 and len(jobs) > 1:
@@ -123,7 +125,7 @@ def explore(
         for f in traj.frames:
             pool.setdefault(structure_id(f), f)
         trajectories.append({
-            "parent_id": structure_id(fr.atoms), "source": fr.source, "frame": fr.frame,
+            "parent_id": parents[id(fr)], "source": fr.source, "frame": fr.frame,
             **traj.condition, "stop_reason": traj.stop_reason, "stop_step": traj.stop_step,
             "n_frames": len(traj.frames),
         })  # fmt: skip
