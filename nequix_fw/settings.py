@@ -251,6 +251,11 @@ class RandomPackingSettings(_Settings):
             raise ValueError(f"composition {self.composition!r} is not a formula ({exc})") from None
         if not count or any(n <= 0 for n in count.values()):
             raise ValueError(f"composition {self.composition!r} holds no atoms")
+        from ase.data import atomic_numbers
+
+        unknown = sorted(el for el in count if el not in atomic_numbers)
+        if unknown:
+            raise ValueError(f"composition {self.composition!r} names unknown elements {unknown}")
         return self
 
 
