@@ -19,11 +19,14 @@ $(BIN)/nequix-fw: pyproject.toml
 
 setup: $(BIN)/nequix-fw
 
-# System packages: CP2K (Debian's cp2k) for the CP2K labelling backend and its tests.
+# System packages: CP2K (Debian's cp2k) for the CP2K labelling backend and its tests; a running
+# one-node SLURM (the shared start script, as root) for the qlaunch test.
 sysdeps:
 	@command -v cp2k.psmp >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cp2k >/dev/null; } \
 	  || echo "cp2k could not be installed: the CP2K tests will be skipped"
+	@sinfo >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && bash $(SHARED)/scripts/start-local-slurm.sh; } \
+	  || echo "SLURM could not be started: the qlaunch test will be skipped"
 
 # Foundation weights cannot be downloaded here: copy them into nequix's cache once.
 models:

@@ -343,6 +343,32 @@ class ExplorationSettings(_Settings):
         return self
 
 
+Stage = Literal["explore", "select", "label", "dataset", "train", "validate"]
+
+
+class FireworkResources(_Settings):
+    """Worker and queue requests of one stage's Fireworks (FireWorks spec keys)."""
+
+    category: str | None = Field(
+        None, description="FireWorks _category: only workers of this category run it."
+    )
+    fworker: str | None = Field(
+        None, description="FireWorks _fworker: only the worker of this name runs it."
+    )
+    queueadapter: dict[str, str | int | float | None] = Field(
+        {},
+        description="FireWorks _queueadapter: queue-adapter keys for this stage's jobs, e.g. "
+        "{walltime: '04:00:00', nodes: 2, ntasks: 64, gres: 'gpu:1'}; applied by "
+        "`qlaunch -r` (reservation mode).",
+    )
+
+    def spec(self) -> dict:
+        """The Firework spec entries."""
+        keys = {"_category": self.category, "_fworker": self.fworker,
+                "_queueadapter": self.queueadapter}  # fmt: skip
+        return {k: v for k, v in keys.items() if v}
+
+
 class CampaignSettings(_Settings):
     """An active-learning campaign run by FireWorks: its data, its directory, when it stops."""
 
@@ -380,11 +406,10 @@ class CampaignSettings(_Settings):
         "None: from scratch. Later iterations warm-start from the previous ensemble.",
     )  # fmt: skip
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
-    dft_category: str | None = Field(
-        None, description="FireWorks _category of the labelling Fireworks (DFT workers)."
-    )
-    train_category: str | None = Field(
-        None, description="FireWorks _category of the training Fireworks (GPU workers)."
+    resources: dict[Stage, FireworkResources] = Field(
+        {},
+        description="Where and how each stage's Fireworks run, by stage: explore, select "
+        "(evaluate + select), label, dataset, train, validate.",
     )
 
 

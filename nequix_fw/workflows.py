@@ -28,9 +28,10 @@ _PATHS = {
 }
 
 
-def _fw(c: Campaign, k: int, tasks: list, stage: str, category: str | None = None) -> Firework:
-    spec = {"_category": category} if category else {}
-    return Firework([t(sections=c.sections, iteration=k) for t in tasks], spec=spec,
+def _fw(c: Campaign, k: int, tasks: list, stage: str) -> Firework:
+    resources = c.settings.resources.get(stage)
+    return Firework([t(sections=c.sections, iteration=k) for t in tasks],
+                    spec=resources.spec() if resources else {},
                     name=f"{c.settings.name} {stage} {k}")  # fmt: skip
 
 
@@ -42,13 +43,12 @@ def _chain(fws: list[Firework], name: str) -> Workflow:
 def labelling_workflow(sections: dict, k: int) -> Workflow:
     """label -> update dataset -> train -> validate of iteration k."""
     c = Campaign(sections)
-    s = c.settings
     return _chain([
-        _fw(c, k, [LabelTask], "label", s.dft_category),
+        _fw(c, k, [LabelTask], "label"),
         _fw(c, k, [UpdateDatasetTask], "dataset"),
-        _fw(c, k, [TrainEnsembleTask], "train", s.train_category),
+        _fw(c, k, [TrainEnsembleTask], "train"),
         _fw(c, k, [ValidateTask], "validate"),
-    ], f"{s.name} iteration {k}")  # fmt: skip
+    ], f"{c.settings.name} iteration {k}")  # fmt: skip
 
 
 def exploration_workflow(sections: dict, k: int) -> Workflow:
