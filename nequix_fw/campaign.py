@@ -116,7 +116,9 @@ def select_stage(c: Campaign, k: int) -> dict:
     from nequix_fw.selection import select_from_results
 
     d = c.iter_dir(k)
-    labelled = dataset_ids(c.dataset, c.launchpad)  # never pay twice for the same structure
+    # never pay twice for a structure labelled earlier; a rerun of this selection picks the
+    # same structures as its first run (labelled by this iteration since)
+    labelled = dataset_ids(c.dataset, c.launchpad, before_iteration=k)
     manifest = select_from_results(
         d / "ensemble_results.json", d / "selected", c.section(SelectionSettings), labelled
     )
@@ -130,7 +132,8 @@ def label_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     structures = c.settings.initial_structures if k == 0 else c.iter_dir(k) / "selected"
     summary = label_structures(structures, c.iter_dir(k) / "labels", make_backend(settings, env),
                                settings, iteration=k, progress=False)  # fmt: skip
-    return c.record(k, n_labelled=summary["n_success"], n_label_failures=summary["n_failed"])
+    return c.record(k, n_labelled=summary["n_success"], n_label_failures=summary["n_failed"],
+                    n_label_reused=summary["n_reused"])  # fmt: skip
 
 
 def dataset_stage(c: Campaign, k: int) -> dict:

@@ -151,9 +151,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
         args.structures, args.output, backend, settings,
         iteration=args.iteration, progress=not args.no_progress,
     )  # fmt: skip
+    reused = f" ({summary['n_reused']} from an earlier run)" if summary["n_reused"] else ""
     print(
         f"labelled {summary['n_success']} of {summary['n_structures']} structures with "
-        f"{summary['backend']}; {summary['n_failed']} failed -> {args.output}"
+        f"{summary['backend']}{reused}; {summary['n_failed']} failed -> {args.output}"
     )
     for f in summary["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
@@ -287,7 +288,7 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         cells = ["-" if v is None else str(v) for v in cells]
         print(f"{it['iteration']:>4}  {cells[0]:>10}  {cells[1]:>8}  {cells[2]:>8}  "
               f"{cells[3]:>7}  {'-' if rmse is None else f'{rmse:.4f}':>17}  "
-              f"{it.get('stop_reason', '')}")  # fmt: skip
+              f"{it.get('stop_reason') or ''}")  # fmt: skip
     if args.plot:
         from nequix_fw.campaign import plot_progress
 

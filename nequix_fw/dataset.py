@@ -82,17 +82,24 @@ def read_labelled(
     return data
 
 
-def dataset_ids(dataset: str | Path, launchpad: str | Path | None = None) -> set[str]:
-    """Structure ids in a training set (directory or store dataset db:NAME); empty if none."""
+def dataset_ids(
+    dataset: str | Path, launchpad: str | Path | None = None, before_iteration: int | None = None
+) -> set[str]:
+    """Structure ids in a training set (directory or store dataset db:NAME); empty if none.
+    With `before_iteration`, only those added before that campaign iteration (or without one)."""
     from nequix_fw.store import StoreDataset, is_store_spec
 
     if is_store_spec(dataset):
-        return StoreDataset(str(dataset), launchpad).ids()
+        return StoreDataset(str(dataset), launchpad).ids(before_iteration)
     path = Path(dataset)
     path = path / TRAINING_SET_FILE if path.is_dir() else path
     if not path.is_file():
         return set()
-    return {f.atoms.info.get("structure_id") or structure_id(f.atoms) for f in iter_frames([path])}
+    return {
+        f.atoms.info.get("structure_id") or structure_id(f.atoms)
+        for f in iter_frames([path])
+        if before_iteration is None or f.atoms.info.get("iteration", -1) < before_iteration
+    }
 
 
 def unit_warnings(data: Sequence[Labelled]) -> list[str]:

@@ -3,7 +3,8 @@
 Each task gets the campaign's settings sections and its iteration; its summary goes to the
 launch's ``stored_data`` (and to ``campaign.json``). `SelectTask` and `ValidateTask` make the
 workflow dynamic: they append the rest of the iteration, or the next one, as FWAction
-additions, and append nothing when the campaign stops.
+additions, and append nothing when the campaign stops (nor when a rerun finds what its first
+run appended).
 """
 
 from __future__ import annotations
@@ -41,8 +42,30 @@ class EvaluateTask(_StageTask):
     stage = staticmethod(stages.evaluate_stage)
 
 
+class _GrowingTask(_StageTask):
+    """A stage that decides whether the campaign goes on and appends the next Fireworks.
+
+    Its Firework carries ``_add_launchpad_and_fw_id``, so a rerun (``lpad rerun_fws``) can see
+    the Fireworks its first run appended: FireWorks reruns those as its descendants, so they are
+    not appended again, and they are defused when the rerun decides to stop.
+    """
+
+    def _children(self) -> list[int]:
+        lp = getattr(self, "launchpad", None)  # None when run outside a LaunchPad
+        return lp.get_wf_by_fw_id_lzyfw(self.fw_id).links[self.fw_id] if lp else []
+
+    def _grow(self, stop_reason: str | None, addition) -> FWAction:
+        """Stop (`stop_reason`) or go on with `addition()`; the decision goes into the record
+        (None: goes on), replacing that of an earlier run."""
+        children = self._children()
+        record = self.campaign.record(self["iteration"], stop_reason=stop_reason)
+        if stop_reason:
+            return FWAction(stored_data=record, defuse_children=bool(children))
+        return FWAction(stored_data=record, additions=[] if children else [addition()])
+
+
 @explicit_serialize
-class SelectTask(_StageTask):
+class SelectTask(_GrowingTask):
     """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
     the campaign when too few structures were selected."""
 
@@ -50,11 +73,8 @@ class SelectTask(_StageTask):
         from nequix_fw.workflows import labelling_workflow
 
         c, k = self.campaign, self["iteration"]
-        record = stages.select_stage(c, k)
-        reason = stages.selection_stop(c, k, record)
-        if reason:
-            return FWAction(stored_data=c.record(k, stop_reason=reason))
-        return FWAction(stored_data=record, additions=[labelling_workflow(c.sections, k)])
+        reason = stages.selection_stop(c, k, stages.select_stage(c, k))
+        return self._grow(reason, lambda: labelling_workflow(c.sections, k))
 
 
 @explicit_serialize
@@ -81,15 +101,12 @@ class TrainEnsembleTask(_StageTask):
 
 
 @explicit_serialize
-class ValidateTask(_StageTask):
+class ValidateTask(_GrowingTask):
     """Validation; appends the next iteration unless a stopping rule holds."""
 
     def run_task(self, fw_spec):
         from nequix_fw.workflows import exploration_workflow
 
         c, k = self.campaign, self["iteration"]
-        record = stages.validate_stage(c, k)
-        reason = stages.iteration_stop(c, k, record)
-        if reason:
-            return FWAction(stored_data=c.record(k, stop_reason=reason))
-        return FWAction(stored_data=record, additions=[exploration_workflow(c.sections, k + 1)])
+        reason = stages.iteration_stop(c, k, stages.validate_stage(c, k))
+        return self._grow(reason, lambda: exploration_workflow(c.sections, k + 1))

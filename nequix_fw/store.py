@@ -102,9 +102,14 @@ class StoreDataset:
     def __len__(self) -> int:
         return self.collection.count_documents({"dataset": self.name})
 
-    def ids(self) -> set[str]:
-        """The structure ids (content hashes) in the dataset."""
-        return set(self.collection.distinct("structure_id", {"dataset": self.name}))
+    def ids(self, before_iteration: int | None = None) -> set[str]:
+        """The structure ids (content hashes) in the dataset; with `before_iteration`, those
+        added before that campaign iteration (or without one)."""
+        query: dict = {"dataset": self.name}
+        if before_iteration is not None:
+            query["$or"] = [{"info.iteration": {"$lt": before_iteration}},
+                            {"info.iteration": None}]  # fmt: skip
+        return set(self.collection.distinct("structure_id", query))
 
     def settings_hashes(self) -> set:
         """The levels of theory (labelling settings hashes) in the dataset; None stands for

@@ -17,6 +17,7 @@ from nequix_fw.firetasks import (
     TrainEnsembleTask,
     UpdateDatasetTask,
     ValidateTask,
+    _GrowingTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
 from nequix_fw.settings import SECTIONS, make_settings, read_sections
@@ -30,8 +31,10 @@ _PATHS = {
 
 def _fw(c: Campaign, k: int, tasks: list, stage: str) -> Firework:
     resources = c.settings.resources.get(stage)
-    return Firework([t(sections=c.sections, iteration=k) for t in tasks],
-                    spec=resources.spec() if resources else {},
+    spec = resources.spec() if resources else {}
+    if any(issubclass(t, _GrowingTask) for t in tasks):  # they look up what they appended
+        spec["_add_launchpad_and_fw_id"] = True
+    return Firework([t(sections=c.sections, iteration=k) for t in tasks], spec=spec,
                     name=f"{c.settings.name} {stage} {k}")  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ase.io
 import pytest
+import yaml
 from conftest import emt_labelled, make_cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,27 +43,7 @@ selection:
 """
 
 
-def _campaign(tmp_path: Path, name: str, lo: float) -> dict:
-    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
-    (tmp_path / "my_fworker.yaml").write_text(
-        "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
-    )
-    ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
-    ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
-    (tmp_path / "campaign.yaml").write_text(SETTINGS.format(name=name, lo=lo))
-    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
-    today = datetime.date.today().isoformat()
-    lp = ["-l", str(tmp_path / "my_launchpad.yaml")]
-    for cmd in (
-        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
-         "my_launchpad.yaml", "--write", "wf.yaml"],
-        [BIN / "lpad", *lp, "reset", "--password", today],
-        [BIN / "lpad", *lp, "add", "wf.yaml"],
-        [BIN / "rlaunch", *lp, "-w", str(tmp_path / "my_fworker.yaml"), "rapidfire"],
-    ):  # fmt: skip
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
-    query = """
+QUERY = """
 import json
 from nequix_fw.store import COLLECTION, launchpad_db
 db = launchpad_db("my_launchpad.yaml")
@@ -71,14 +52,48 @@ print(json.dumps({
     "fireworks": sorted((f["name"], f["state"]) for f in db.fireworks.find()),
     "workflow_state": [w["state"] for w in db.workflows.find()],
     "dataset": sorted((d["dataset"], d["info"]["iteration"]) for d in docs),
+    "ids": sorted(d["structure_id"] for d in docs),
     "backends": sorted({d["info"]["backend"] for d in docs}),
 }))
 """
-    p = subprocess.run([sys.executable, "-c", query], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, check=True)  # fmt: skip
+
+
+def _fireworks(tmp_path: Path, *commands: list) -> dict:
+    """Run FireWorks commands one process at a time on the campaign's embedded store; the
+    store's state and campaign.json afterwards."""
+    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
+    for cmd in [*commands, [sys.executable, "-c", QUERY]]:
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
     db = json.loads(p.stdout.strip().splitlines()[-1])
     log = json.loads((tmp_path / "run" / "campaign.json").read_text())
     return {"db": db, "log": log["iterations"], "dir": tmp_path / "run"}
+
+
+LPAD = [BIN / "lpad", "-l", "my_launchpad.yaml"]
+RLAUNCH = [BIN / "rlaunch", "-l", "my_launchpad.yaml", "-w", "my_fworker.yaml", "rapidfire"]
+
+
+def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
+    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
+    (tmp_path / "my_fworker.yaml").write_text(
+        "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
+    )
+    ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
+    ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
+    settings = yaml.safe_load(SETTINGS.format(name=name, lo=lo))
+    for section, values in yaml.safe_load(extra or "{}").items():
+        settings[section].update(values)
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(settings))
+    today = datetime.date.today().isoformat()
+    return _fireworks(
+        tmp_path,
+        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
+         "my_launchpad.yaml", "--write", "wf.yaml"],
+        [*LPAD, "reset", "--password", today],
+        [*LPAD, "add", "wf.yaml"],
+        RLAUNCH,
+    )  # fmt: skip
 
 
 def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
@@ -123,6 +138,37 @@ def test_campaign_stops_when_nothing_is_selected(tmp_path):
     names = [n for n, _ in r["db"]["fireworks"]]
     assert "quiet select 1" in names and "quiet label 1" not in names
     assert r["db"]["workflow_state"] == ["COMPLETED"]
+
+
+def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path):
+    """`lpad rerun_fws` on a finished iteration: FireWorks reruns what the first run appended
+    (the validation does not append it again), the selection picks the same structures, their
+    labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""
+    ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
+    pool = f"campaign: {{candidate_pool: [{tmp_path / 'pool.extxyz'}], explore: false, "
+    first = _campaign(tmp_path, "again", lo=0.0, extra=pool + "max_iterations: 1}")
+    names = ["again " + n for n in ("dataset 0", "dataset 1", "label 0", "label 1", "select 1",
+                                    "train 0", "train 1", "validate 0", "validate 1")]  # fmt: skip
+    assert first["db"]["fireworks"] == [[n, "COMPLETED"] for n in names]
+    selected = (first["dir"] / "iter_001" / "selected" / "manifest.json").read_text()
+
+    again = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"], RLAUNCH)
+    assert again["db"] == first["db"]  # the same nine Fireworks, all COMPLETED, same dataset
+    assert (again["dir"] / "iter_001" / "selected" / "manifest.json").read_text() == selected
+    it1 = again["log"][1]
+    assert (it1["n_selected"], it1["n_labelled"], it1["n_label_reused"]) == (3, 3, 3)
+    assert it1["stop_reason"] == "max_iterations (1) reached"
+
+    # the same rerun with max_iterations 0: validation 0 now stops and defuses iteration 1
+    update = '{"_tasks.0.sections.campaign.max_iterations": 0}'
+    stopped = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"],
+                         [*LPAD, "update_fws", "-n", "again validate 0", "-u", update],
+                         RLAUNCH)  # fmt: skip
+    states = dict(stopped["db"]["fireworks"])
+    assert states["again validate 0"] == "COMPLETED" and states["again select 1"] == "DEFUSED"
+    assert stopped["db"]["workflow_state"] == ["DEFUSED"]
+    assert stopped["log"][0]["stop_reason"] == "max_iterations (0) reached"
+    assert stopped["db"]["ids"] == first["db"]["ids"]
 
 
 @pytest.mark.parametrize("bad", ["no_campaign", "placeholder"])

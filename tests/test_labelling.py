@@ -12,7 +12,7 @@ from ase.calculators.emt import EMT
 from conftest import make_cells
 
 from nequix_fw.cli import main
-from nequix_fw.dataset import read_labelled, update_dataset
+from nequix_fw.dataset import dataset_ids, read_labelled, update_dataset
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.settings import LabellingSettings
@@ -61,6 +61,31 @@ def test_label_with_emt_equals_direct_emt(selected, tmp_path, capsys):
     assert summary["n_success"] == 5 and summary["n_failed"] == 1
 
 
+def test_rerun_reuses_finished_labels(selected, tmp_path, capsys):
+    """A rerun after a crash or walltime kill labels only what is missing or failed, and only
+    reuses labels of the same level of theory."""
+    out = tmp_path / "o"
+    assert _label(selected["dir"], out, capsys, "--min-distance", "1.0")[0] == 0
+    first = {p.parent.name: p.read_text() for p in out.glob("*/task.json")}
+    ok = sorted(sid for sid, t in first.items() if json.loads(t)["status"] == "success")
+    shutil.rmtree(out / ok[0])  # killed before it started
+    (out / ok[1] / "task.json").unlink()  # killed between writing the labels and its record
+    code, cap = _label(selected["dir"], out, capsys, "--min-distance", "1.0")
+    assert code == 0
+    assert "labelled 5 of 6 structures with ase (3 from an earlier run); 1 failed" in cap.out
+    for sid in ok[2:]:
+        assert (out / sid / "task.json").read_text() == first[sid]
+    for sid in ok[:2]:  # computed again, to the same labels
+        task = json.loads((out / sid / "task.json").read_text())
+        assert task["status"] == "success"
+        assert json.loads(first[sid])["wall_time_s"] != task["wall_time_s"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["n_reused"], summary["n_success"], summary["n_failed"]) == (3, 5, 1)
+    code, cap = _label(selected["dir"], out, capsys, "--min-distance", "1.0",
+                       "--calculator-params", '{"asap_cutoff": true}')  # fmt: skip
+    assert code == 0 and "structures with ase; 1 failed" in cap.out  # another settings hash
+
+
 def test_absurd_forces_recorded_as_failed(selected, tmp_path):
     s = LabellingSettings(calculator="emt", max_force=1e-3)
     summary = label_structures(selected["dir"], tmp_path / "o", make_backend(s), s, progress=False)
@@ -81,6 +106,10 @@ def test_update_dataset_is_idempotent_and_reports_conflicts(selected, tmp_path, 
     assert {d.frame.atoms.info["structure_id"] for d in data} == {
         structure_id(a) for a in selected["cells"]
     }
+    # what a campaign's iteration k excludes from its selection: added before iteration k
+    assert dataset_ids(ds, before_iteration=1) == set()
+    assert dataset_ids(ds, before_iteration=2) == dataset_ids(ds) == {structure_id(a) for a in
+                                                                     selected["cells"]}  # fmt: skip
     before = (ds / "training_set.extxyz").read_bytes()
     code = main(["update-dataset", "--new", str(out), "--dataset", str(ds)])
     assert (

@@ -156,10 +156,11 @@ def test_resources_go_into_the_firework_specs(tmp_path):
     specs = {fw.name: fw.spec for fw in campaign_workflow(sections).fws}
     assert specs == {"r label 0": {"_category": "dft",
                                    "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}},
-                     "r dataset 0": {}, "r train 0": {}, "r validate 0": {}}  # fmt: skip
+                     "r dataset 0": {}, "r train 0": {},
+                     "r validate 0": {"_add_launchpad_and_fw_id": True}}  # fmt: skip
     sections["campaign"]["explore"] = False
     specs = {fw.name: fw.spec for fw in exploration_workflow(sections, 1).fws}
-    assert specs == {"r select 1": {"_fworker": "gpu_node"}}
+    assert specs == {"r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True}}
     with pytest.raises(SettingsError, match="resources.relax"):
         make_settings(CampaignSettings, directory="d", initial_structures="i",
                       resources={"relax": {}})  # fmt: skip

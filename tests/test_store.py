@@ -49,11 +49,12 @@ def test_dataset_in_store_is_idempotent_and_trains(store, emt_data, tmp_path):
     # read back through pymongo (the FireWorks LaunchPad's database) and nequix-fw's reader
     check = """
 import json
-from nequix_fw.dataset import read_labelled
+from nequix_fw.dataset import dataset_ids, read_labelled
 from nequix_fw.store import COLLECTION, launchpad_db
 db = launchpad_db("my_launchpad.yaml")
 data = read_labelled(["db:cuau"], "my_launchpad.yaml")
-print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}),
+before = [len(dataset_ids("db:cuau", "my_launchpad.yaml", k)) for k in (None, 0, 1)]
+print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}), "before": before,
                   "energies": [d.energy for d in data], "ids": [d.id for d in data],
                   "iterations": [d.frame.atoms.info.get("iteration") for d in data],
                   "forces0": data[0].forces.tolist()}))
@@ -62,6 +63,7 @@ print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}),
                        capture_output=True, text=True, check=True)  # fmt: skip
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["n"] == 48 and set(got["iterations"]) == {0}
+    assert got["before"] == [48, 0, 48]  # all; added before iteration 0; before iteration 1
     np.testing.assert_allclose(got["energies"], [f.get_potential_energy() for f in frames])
     np.testing.assert_allclose(got["forces0"], frames[0].get_forces())
     # train straight from the store: the same training set as the file

@@ -110,6 +110,16 @@ def _structure_ids(structures: Path) -> dict[tuple[str, int], str]:
     return {(e["file"], 0): e["id"] for e in doc.get("structures", []) if e.get("file")}
 
 
+def _finished(workdir: Path, settings_hash: str) -> dict | None:
+    """The task document of an earlier successful labelling of this structure (`workdir` is
+    named by its content hash) at the same level of theory, if there is one."""
+    task = workdir / "task.json"
+    if not (task.is_file() and (workdir / "labelled.extxyz").is_file()):
+        return None
+    doc = json.loads(task.read_text())
+    return doc if doc["status"] == "success" and doc["settings_hash"] == settings_hash else None
+
+
 def label_structures(
     structures: str | Path,
     output: str | Path,
@@ -120,6 +130,8 @@ def label_structures(
 ) -> dict:
     """Label every structure under `structures`; failures are recorded and the batch goes on.
 
+    A rerun into the same `output` (after a crash or a walltime kill) reuses the structures
+    already labelled successfully at the same level of theory; failed ones are tried again.
     Returns the summary (also written to ``<output>/summary.json``).
     """
     from tqdm import tqdm
@@ -130,10 +142,16 @@ def label_structures(
     check_writable_dir(output)
     frames = list(iter_frames([structures]))
     ids = _structure_ids(structures)
-    results = []
+    settings_hash = backend.settings_hash()
+    results, n_reused = [], 0
     for fr in tqdm(frames, desc=f"label ({backend.name})", unit="struct", disable=not progress):
         sid = ids.get((Path(fr.source).name, fr.frame)) or structure_id(fr.atoms)
         workdir = output / sid
+        done = _finished(workdir, settings_hash)
+        if done is not None:
+            results.append(done)
+            n_reused += 1
+            continue
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         dmin = min_distance(fr.atoms)
@@ -161,7 +179,7 @@ def label_structures(
             "formula": fr.atoms.get_chemical_formula(),
             "backend": backend.name,
             "settings": backend.settings_doc(),
-            "settings_hash": backend.settings_hash(),
+            "settings_hash": settings_hash,
             "iteration": iteration,
             "status": res.status,
             "reason": res.reason,
@@ -180,9 +198,10 @@ def label_structures(
         results.append(doc)
     summary = {
         "backend": backend.name,
-        "settings_hash": backend.settings_hash(),
+        "settings_hash": settings_hash,
         "n_structures": len(results),
         "n_success": sum(r["status"] == "success" for r in results),
+        "n_reused": n_reused,
         "n_failed": sum(r["status"] != "success" for r in results),
         "failed": [
             {"structure_id": r["structure_id"], "reason": r["reason"]}
