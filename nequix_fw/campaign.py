@@ -41,9 +41,15 @@ class Campaign:
         self.settings: CampaignSettings = self.section(CampaignSettings)
         self.directory = Path(self.settings.directory)
 
-    def section(self, cls):
+    def section(self, cls, k: int | None = None):
+        """Settings of section `cls`; at iteration `k` with the schedule's entries up to k."""
         name = next(n for n, c in SECTIONS.items() if c is cls)
-        return make_settings(cls, **self.sections.get(name, {}))
+        values = dict(self.sections.get(name, {}))
+        if k is not None:
+            for start in sorted(self.settings.schedule):
+                if start <= k:
+                    values.update(self.settings.schedule[start].get(name, {}))
+        return make_settings(cls, **values)
 
     @property
     def launchpad(self) -> Path | None:
@@ -87,9 +93,9 @@ def explore_stage(c: Campaign, k: int) -> dict:
     from nequix_fw.exploration import explore
     from nequix_fw.structures import iter_frames
 
-    ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings))
+    ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings, k))
     frames = list(iter_frames([c.settings.initial_structures]))
-    settings = c.section(ExplorationSettings)
+    settings = c.section(ExplorationSettings, k)
     seeds = [s + 1000 * k for s in settings.seeds]  # new trajectories every iteration
     settings = settings.model_copy(update={"seeds": seeds})
     manifest = explore(ensemble, frames, c.iter_dir(k) / "candidates", settings, progress=False)
@@ -107,7 +113,7 @@ def evaluate_stage(c: Campaign, k: int) -> dict:
     if not inputs:
         raise FileNotFoundError("no candidates: enable exploration or give a candidate_pool")
     summary = run_ensemble(c.models(k - 1), inputs, c.iter_dir(k) / "ensemble_results.json",
-                           c.section(EnsembleSettings), progress=False)  # fmt: skip
+                           c.section(EnsembleSettings, k), progress=False)  # fmt: skip
     return c.record(k, n_evaluated=summary.get("n_structures"))
 
 
@@ -120,7 +126,7 @@ def select_stage(c: Campaign, k: int) -> dict:
     # same structures as its first run (labelled by this iteration since)
     labelled = dataset_ids(c.dataset, c.launchpad, before_iteration=k)
     manifest = select_from_results(
-        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings), labelled
+        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings, k), labelled
     )
     return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
 
@@ -128,7 +134,7 @@ def select_stage(c: Campaign, k: int) -> dict:
 def label_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     from nequix_fw.labelling import label_structures, make_backend
 
-    settings = c.section(LabellingSettings)
+    settings = c.section(LabellingSettings, k)
     structures = c.settings.initial_structures if k == 0 else c.iter_dir(k) / "selected"
     summary = label_structures(structures, c.iter_dir(k) / "labels", make_backend(settings, env),
                                settings, iteration=k, progress=False)  # fmt: skip
@@ -148,7 +154,7 @@ def train_stage(c: Campaign, k: int) -> dict:
     from nequix_fw.training import train_ensemble
 
     metas = train_ensemble(
-        [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings),
+        [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings, k),
         finetune_from=c.settings.finetune_from if k == 0 else None,
         warm_start=c.iter_dir(k - 1) / "models" if k > 0 else None,
         overwrite=True, progress=False, launchpad=c.launchpad,
@@ -163,7 +169,7 @@ def validate_stage(c: Campaign, k: int) -> dict:
     if not c.settings.testset:
         return c.record(k, validation=None)
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
-                      launchpad=c.launchpad, settings=c.section(EnsembleSettings))  # fmt: skip
+                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k))  # fmt: skip
     mean = report["ensemble_mean"]
     record = c.record(k, validation={
         "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
@@ -175,7 +181,12 @@ def validate_stage(c: Campaign, k: int) -> dict:
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
     """Why the campaign stops after iteration k's selection (None: label and train)."""
-    n, least = record.get("n_selected", 0), c.settings.min_selected
+    counts, target = record["selection"], c.settings.accurate_fraction
+    n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
+    if target is not None and n_candidates and counts["accurate"] / n_candidates >= target:
+        return (f"converged: {counts['accurate']} of {n_candidates} candidates accurate "
+                f"(>= {target:.0%})")  # fmt: skip
+    n, least = record["n_selected"], c.settings.min_selected
     return f"converged: {n} selected (< {least})" if n < least else None
 
 

@@ -346,6 +346,9 @@ class ExplorationSettings(_Settings):
 Stage = Literal["explore", "select", "label", "dataset", "train", "validate"]
 
 
+ScheduledSection = Literal["ensemble", "selection", "training", "labelling", "exploration"]
+
+
 class FireworkResources(_Settings):
     """Worker and queue requests of one stage's Fireworks (FireWorks spec keys)."""
 
@@ -401,6 +404,10 @@ class CampaignSettings(_Settings):
         None, gt=0, description="Stop once the ensemble mean's validation force RMSE (eV/Å) is "
         "at or below this (needs a testset).",
     )  # fmt: skip
+    accurate_fraction: float | None = Field(
+        None, gt=0, le=1, description="Stop once at least this fraction of an iteration's "
+        "candidates is accurate (max_force_dev < selection.lo; DP-GEN's convergence measure).",
+    )  # fmt: skip
     finetune_from: str | None = Field(
         None, description="Iteration 0 fine-tunes this model (path or pretrained name); "
         "None: from scratch. Later iterations warm-start from the previous ensemble.",
@@ -411,6 +418,18 @@ class CampaignSettings(_Settings):
         description="Where and how each stage's Fireworks run, by stage: explore, select "
         "(evaluate + select), label, dataset, train, validate.",
     )
+    schedule: dict[int, dict[ScheduledSection, dict]] = Field(
+        {},
+        description="Stage settings that change with the iteration: {k: {section: {key: "
+        "value}}} applies from iteration k on, over the sections and earlier entries, e.g. "
+        "hotter and longer MD later: {3: {exploration: {temperatures_K: [900], steps: 5000}}}.",
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        if any(k < 0 for k in self.schedule):
+            raise ValueError("schedule: iterations are >= 0")
+        return self
 
 
 S = TypeVar("S", bound=_Settings)

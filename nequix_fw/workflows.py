@@ -20,7 +20,7 @@ from nequix_fw.firetasks import (
     _GrowingTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
-from nequix_fw.settings import SECTIONS, make_settings, read_sections
+from nequix_fw.settings import SECTIONS, read_sections
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
 _PATHS = {
@@ -62,13 +62,7 @@ def exploration_workflow(sections: dict, k: int) -> Workflow:
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 
-def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
-    """The settings sections of a campaign file, checked, with paths made absolute."""
-    sections = read_sections(config)
-    if "campaign" not in sections:
-        raise SettingsError(f"{config}: no 'campaign' section")
-    if launchpad is not None:
-        sections["campaign"].setdefault("launchpad", str(launchpad))
+def _absolute_paths(sections: dict) -> None:
     for name, keys in _PATHS.items():
         sec = sections.get(name, {})
         for key in keys:
@@ -77,8 +71,28 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
                 sec[key] = [str(Path(v).expanduser().resolve()) for v in value]
             elif value is not None and not PLACEHOLDER.match(str(value)):
                 sec[key] = str(Path(value).expanduser().resolve())
-    for name, values in sections.items():  # every section valid before anything runs
-        make_settings(SECTIONS[name], **values)
+
+
+def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
+    """The settings sections of a campaign file, checked (at every scheduled iteration too),
+    with paths made absolute."""
+    sections = read_sections(config)
+    if "campaign" not in sections:
+        raise SettingsError(f"{config}: no 'campaign' section")
+    if launchpad is not None:
+        sections["campaign"].setdefault("launchpad", str(launchpad))
+    scheduled = Campaign(sections).settings.schedule  # the campaign section is valid
+    sections["campaign"]["schedule"] = {str(k): v for k, v in scheduled.items()}  # BSON keys
+    for entry in [sections, *scheduled.values()]:
+        _absolute_paths(entry)
+    c = Campaign(sections)
+    for k in [0, *scheduled]:  # every section valid before anything runs
+        for cls in SECTIONS.values():
+            try:
+                c.section(cls, k)
+            except SettingsError as exc:
+                where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
+                raise SettingsError(f"{config}: {exc}{where}") from None
     return sections
 
 

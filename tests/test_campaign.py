@@ -97,12 +97,14 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
 
 
 def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
-    r = _campaign(tmp_path, "cu_au", lo=0.0)
+    # from iteration 2 on, the schedule selects at most 2 structures instead of 3
+    r = _campaign(tmp_path, "cu_au", lo=0.0,
+                  extra="campaign: {schedule: {2: {selection: {max_selected: 2}}}}")  # fmt: skip
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1, 2]
-    # iteration 0 labels the 4 initial structures; 1 and 2 each select, label and add 3
-    assert [it["dataset_size"] for it in its] == [4, 7, 10]
-    assert [it["n_selected"] for it in its[1:]] == [3, 3]
+    # iteration 0 labels the 4 initial structures; 1 selects, labels and adds 3, 2 adds 2
+    assert [it["dataset_size"] for it in its] == [4, 7, 9]
+    assert [it["n_selected"] for it in its[1:]] == [3, 2]
     assert its[2]["stop_reason"] == "max_iterations (2) reached"
     assert all(it["validation"]["force_rmse_eV_per_A"] > 0 for it in its)
     for k in range(3):  # every iteration trained its own ensemble; 1 and 2 warm-started
@@ -113,7 +115,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
         }
     # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 6 Fireworks
     db = r["db"]
-    assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 3
+    assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 2
     assert db["backends"] == ["ase"]
     assert len(db["fireworks"]) == 16 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
     assert db["workflow_state"] == ["COMPLETED"]
@@ -125,7 +127,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
     rows = [line.split() for line in p.stdout.splitlines()[2:5]]
     # iteration, selected, labelled, dataset size (the candidate count depends on MD stops)
     assert [[row[0], *row[2:5]] for row in rows] == [["0", "-", "4", "4"], ["1", "3", "3", "7"],
-                                                     ["2", "3", "3", "10"]]  # fmt: skip
+                                                     ["2", "2", "2", "9"]]  # fmt: skip
     assert int(rows[1][1]) > 0 and int(rows[2][1]) > 0
     assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
 
@@ -169,6 +171,47 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path):
     assert stopped["db"]["workflow_state"] == ["DEFUSED"]
     assert stopped["log"][0]["stop_reason"] == "max_iterations (0) reached"
     assert stopped["db"]["ids"] == first["db"]["ids"]
+
+
+def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
+    from nequix_fw.campaign import Campaign, selection_stop
+    from nequix_fw.cli import main
+    from nequix_fw.settings import ExplorationSettings, SelectionSettings
+    from nequix_fw.workflows import campaign_sections
+
+    cfg = tmp_path / "c.yaml"
+    schedule = {2: {"exploration": {"temperatures_K": [900.0]}},
+                3: {"exploration": {"steps": 50}, "selection": {"max_selected": 7}}}  # fmt: skip
+    cfg.write_text(yaml.safe_dump({
+        "campaign": {"directory": "r", "initial_structures": "i.xyz", "schedule": schedule,
+                     "accurate_fraction": 0.95},
+        "exploration": {"temperatures_K": [300.0], "steps": 500},
+        "selection": {"max_selected": 20},
+    }))  # fmt: skip
+    c = Campaign(campaign_sections(cfg))
+    assert list(c.sections["campaign"]["schedule"]) == ["2", "3"]  # string keys for MongoDB
+    explore = [c.section(ExplorationSettings, k) for k in range(1, 5)]
+    assert [(e.temperatures_K, e.steps) for e in explore] == [
+        ([300.0], 500), ([900.0], 500), ([900.0], 50), ([900.0], 50)]  # fmt: skip
+    assert [c.section(SelectionSettings, k).max_selected for k in (2, 3)] == [20, 7]
+    # DP-GEN's convergence measure: the share of candidates the ensemble already gets right
+    record = {"n_selected": 4, "selection": {"accurate": 96, "candidate": 4, "failed": 0}}
+    assert selection_stop(c, 3, record) == "converged: 96 of 100 candidates accurate (>= 95%)"
+    record["selection"].update(accurate=94, candidate=6)
+    assert selection_stop(c, 3, record) is None
+    # a bad value in the schedule is caught when the workflow is built, with where it is
+    schedule[3]["exploration"]["steps"] = -1
+    cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i.xyz",
+                                                "schedule": schedule}}))  # fmt: skip
+    assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid ExplorationSettings: steps" in err
+    assert "(campaign.schedule from iteration 3)" in err
+    cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i.xyz",
+                                                "schedule": {1: {"campaign": {}}}}}))  # fmt: skip
+    assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
+    assert "schedule.1.campaign" in capsys.readouterr().err
+    assert not (tmp_path / "w.yaml").exists()
 
 
 @pytest.mark.parametrize("bad", ["no_campaign", "placeholder"])
