@@ -13,6 +13,7 @@ ensemble k (each member warm-started from its predecessor) and validates it. Lay
 from __future__ import annotations
 
 import json
+from math import ceil
 from pathlib import Path
 
 import numpy as np
@@ -131,22 +132,41 @@ def select_stage(c: Campaign, k: int) -> dict:
     return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
 
 
-def label_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
+def label_inputs(c: Campaign, k: int) -> Path:
+    """What iteration k labels: the initial structures at 0, then the selection."""
+    return Path(c.settings.initial_structures) if k == 0 else c.iter_dir(k) / "selected"
+
+
+def label_groups(c: Campaign, n_structures: int) -> list[int | None]:
+    """The labelling Fireworks' groups for `n_structures` ([None]: one Firework for all)."""
+    size = c.settings.label_group_size
+    if size is None or n_structures <= size:
+        return [None]
+    return list(range(ceil(n_structures / size)))
+
+
+def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None = None) -> dict:
+    """Label iteration k's structures (one group of them); the dataset stage records the
+    counts of all groups."""
     from nequix_fw.labelling import label_structures, make_backend
 
     settings = c.section(LabellingSettings, k)
-    structures = c.settings.initial_structures if k == 0 else c.iter_dir(k) / "selected"
-    summary = label_structures(structures, c.iter_dir(k) / "labels", make_backend(settings, env),
-                               settings, iteration=k, progress=False)  # fmt: skip
-    return c.record(k, n_labelled=summary["n_success"], n_label_failures=summary["n_failed"],
-                    n_label_reused=summary["n_reused"])  # fmt: skip
+    part = None if group is None else (group, c.settings.label_group_size)
+    return label_structures(label_inputs(c, k), c.iter_dir(k) / "labels",
+                            make_backend(settings, env), settings, iteration=k, progress=False,
+                            group=part)  # fmt: skip
 
 
 def dataset_stage(c: Campaign, k: int) -> dict:
     from nequix_fw.dataset import update_dataset
 
-    s = update_dataset(c.iter_dir(k) / "labels", c.dataset, iteration=k, launchpad=c.launchpad)
-    return c.record(k, n_added=s["n_added"], n_conflicts=s["n_conflicts"],
+    labels = c.iter_dir(k) / "labels"
+    s = update_dataset(labels, c.dataset, iteration=k, launchpad=c.launchpad)
+    parts = [json.loads(p.read_text()) for p in sorted(labels.glob("summary*.json"))]
+    return c.record(k, n_labelled=sum(p["n_success"] for p in parts),
+                    n_label_failures=sum(p["n_failed"] for p in parts),
+                    n_label_reused=sum(p["n_reused"] for p in parts),
+                    n_added=s["n_added"], n_conflicts=s["n_conflicts"],
                     dataset_size=s["n_total"], dataset=s["dataset"])  # fmt: skip
 
 

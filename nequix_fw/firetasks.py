@@ -73,17 +73,23 @@ class SelectTask(_GrowingTask):
         from nequix_fw.workflows import labelling_workflow
 
         c, k = self.campaign, self["iteration"]
-        reason = stages.selection_stop(c, k, stages.select_stage(c, k))
-        return self._grow(reason, lambda: labelling_workflow(c.sections, k))
+        record = stages.select_stage(c, k)
+        n = record["n_selected"]
+        return self._grow(stages.selection_stop(c, k, record),
+                          lambda: labelling_workflow(c.sections, k, n))  # fmt: skip
 
 
 @explicit_serialize
 class LabelTask(_StageTask):
-    """Reference labels; ``>>key<<`` settings come from the worker's env (my_fworker.yaml)."""
+    """Reference labels (of one group, with ``group``); ``>>key<<`` settings come from the
+    worker's env (my_fworker.yaml)."""
+
+    optional_params = ["group"]
 
     def run_task(self, fw_spec):
         env = fw_spec.get("_fw_env")
-        return FWAction(stored_data=stages.label_stage(self.campaign, self["iteration"], env))
+        summary = stages.label_stage(self.campaign, self["iteration"], env, self.get("group"))
+        return FWAction(stored_data=summary)
 
 
 @explicit_serialize

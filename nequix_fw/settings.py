@@ -413,6 +413,10 @@ class CampaignSettings(_Settings):
         "None: from scratch. Later iterations warm-start from the previous ensemble.",
     )  # fmt: skip
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
+    label_group_size: int | None = Field(
+        None, ge=1, description="Structures per labelling Firework (DP-GEN's fp_group_size): "
+        "the groups run as parallel Fireworks (jobs); None: one Firework labels them all.",
+    )  # fmt: skip
     resources: dict[Stage, FireworkResources] = Field(
         {},
         description="Where and how each stage's Fireworks run, by stage: explore, select "

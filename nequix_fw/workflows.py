@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fireworks import Firework, Workflow
 
-from nequix_fw.campaign import Campaign
+from nequix_fw.campaign import Campaign, label_groups, label_inputs
 from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
     EvaluateTask,
@@ -21,6 +21,7 @@ from nequix_fw.firetasks import (
 )
 from nequix_fw.labelling import PLACEHOLDER
 from nequix_fw.settings import SECTIONS, read_sections
+from nequix_fw.structures import iter_frames
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
 _PATHS = {
@@ -29,29 +30,34 @@ _PATHS = {
 }
 
 
-def _fw(c: Campaign, k: int, tasks: list, stage: str) -> Firework:
+def _fw(c: Campaign, k: int, tasks: list, stage: str, group: int | None = None) -> Firework:
     resources = c.settings.resources.get(stage)
     spec = resources.spec() if resources else {}
     if any(issubclass(t, _GrowingTask) for t in tasks):  # they look up what they appended
         spec["_add_launchpad_and_fw_id"] = True
-    return Firework([t(sections=c.sections, iteration=k) for t in tasks], spec=spec,
-                    name=f"{c.settings.name} {stage} {k}")  # fmt: skip
+    params = {"sections": c.sections, "iteration": k}
+    if group is not None:
+        params["group"] = group
+    name = f"{c.settings.name} {stage} {k}" + ("" if group is None else f".{group}")
+    return Firework([t(**params) for t in tasks], spec=spec, name=name)
 
 
-def _chain(fws: list[Firework], name: str) -> Workflow:
+def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workflow:
+    """`roots` (run in parallel) -> fws[0] -> fws[1] -> ..."""
     links = {a.fw_id: [b.fw_id] for a, b in zip(fws, fws[1:], strict=False)}
-    return Workflow(fws, links, name=name)
+    links.update({r.fw_id: [fws[0].fw_id] for r in roots})
+    return Workflow([*roots, *fws], links, name=name)
 
 
-def labelling_workflow(sections: dict, k: int) -> Workflow:
-    """label -> update dataset -> train -> validate of iteration k."""
+def labelling_workflow(sections: dict, k: int, n_structures: int) -> Workflow:
+    """label (in groups, in parallel) -> update dataset -> train -> validate of iteration k."""
     c = Campaign(sections)
+    labels = [_fw(c, k, [LabelTask], "label", g) for g in label_groups(c, n_structures)]
     return _chain([
-        _fw(c, k, [LabelTask], "label"),
         _fw(c, k, [UpdateDatasetTask], "dataset"),
         _fw(c, k, [TrainEnsembleTask], "train"),
         _fw(c, k, [ValidateTask], "validate"),
-    ], f"{c.settings.name} iteration {k}")  # fmt: skip
+    ], f"{c.settings.name} iteration {k}", roots=labels)  # fmt: skip
 
 
 def exploration_workflow(sections: dict, k: int) -> Workflow:
@@ -100,6 +106,7 @@ def campaign_workflow(sections: dict) -> Workflow:
     """Iteration 0: label the initial structures, grow the dataset, train, validate; the
     validation appends iteration 1, and so on."""
     c = Campaign(sections)
-    wf = labelling_workflow(sections, 0)
+    n_initial = sum(1 for _ in iter_frames([label_inputs(c, 0)]))
+    wf = labelling_workflow(sections, 0, n_initial)
     wf.name = f"nequix-fw campaign {c.settings.name}"
     return wf

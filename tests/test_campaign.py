@@ -148,14 +148,22 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path):
     labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     pool = f"campaign: {{candidate_pool: [{tmp_path / 'pool.extxyz'}], explore: false, "
-    first = _campaign(tmp_path, "again", lo=0.0, extra=pool + "max_iterations: 1}")
-    names = ["again " + n for n in ("dataset 0", "dataset 1", "label 0", "label 1", "select 1",
-                                    "train 0", "train 1", "validate 0", "validate 1")]  # fmt: skip
+    first = _campaign(tmp_path, "again", lo=0.0,
+                      extra=pool + "max_iterations: 1, label_group_size: 2}")  # fmt: skip
+    # labelling in groups of 2: iteration 0 (4 structures) and 1 (3 selected) in 2 Fireworks each
+    names = ["again " + n for n in ("dataset 0", "dataset 1", "label 0.0", "label 0.1",
+                                    "label 1.0", "label 1.1", "select 1", "train 0", "train 1",
+                                    "validate 0", "validate 1")]  # fmt: skip
     assert first["db"]["fireworks"] == [[n, "COMPLETED"] for n in names]
+    groups = [
+        json.loads(p.read_text())["n_structures"]
+        for p in sorted((first["dir"] / "iter_001" / "labels").glob("summary*.json"))
+    ]
+    assert groups == [2, 1]
     selected = (first["dir"] / "iter_001" / "selected" / "manifest.json").read_text()
 
     again = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"], RLAUNCH)
-    assert again["db"] == first["db"]  # the same nine Fireworks, all COMPLETED, same dataset
+    assert again["db"] == first["db"]  # the same Fireworks, all COMPLETED, same dataset
     assert (again["dir"] / "iter_001" / "selected" / "manifest.json").read_text() == selected
     it1 = again["log"][1]
     assert (it1["n_selected"], it1["n_labelled"], it1["n_label_reused"]) == (3, 3, 3)

@@ -149,15 +149,26 @@ print(json.dumps({"fireworks": fws, "reservations": res,
 def test_resources_go_into_the_firework_specs(tmp_path):
     from nequix_fw.workflows import campaign_workflow, exploration_workflow
 
-    sections = {"campaign": {"name": "r", "directory": str(tmp_path), "initial_structures": "i",
+    ase.io.write(tmp_path / "i.extxyz", make_cells(5))
+    sections = {"campaign": {"name": "r", "directory": str(tmp_path),
+                             "initial_structures": str(tmp_path / "i.extxyz"),
+                             "label_group_size": 2,
                              "resources": {"label": {"category": "dft", "queueadapter": {
                                  "nodes": 2, "walltime": "04:00:00"}},
                                  "select": {"fworker": "gpu_node"}}}}  # fmt: skip
-    specs = {fw.name: fw.spec for fw in campaign_workflow(sections).fws}
-    assert specs == {"r label 0": {"_category": "dft",
-                                   "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}},
+    wf = campaign_workflow(sections)
+    specs = {fw.name: fw.spec for fw in wf.fws}
+    label = {"_category": "dft", "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}}
+    assert specs == {"r label 0.0": label, "r label 0.1": label, "r label 0.2": label,
                      "r dataset 0": {}, "r train 0": {},
                      "r validate 0": {"_add_launchpad_and_fw_id": True}}  # fmt: skip
+    # the 5 initial structures in groups of 2: three parallel labelling Fireworks, then the rest
+    names = {fw.fw_id: fw.name for fw in wf.fws}
+    links = {names[a]: sorted(names[b] for b in bs) for a, bs in wf.links.items()}
+    assert links == {"r label 0.0": ["r dataset 0"], "r label 0.1": ["r dataset 0"],
+                     "r label 0.2": ["r dataset 0"], "r dataset 0": ["r train 0"],
+                     "r train 0": ["r validate 0"], "r validate 0": []}  # fmt: skip
+    assert [t.get("group") for fw in wf.fws for t in fw.tasks if "label" in fw.name] == [0, 1, 2]
     sections["campaign"]["explore"] = False
     specs = {fw.name: fw.spec for fw in exploration_workflow(sections, 1).fws}
     assert specs == {"r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True}}

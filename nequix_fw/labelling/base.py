@@ -127,12 +127,15 @@ def label_structures(
     settings: LabellingSettings,
     iteration: int | None = None,
     progress: bool = True,
+    group: tuple[int, int] | None = None,
 ) -> dict:
     """Label every structure under `structures`; failures are recorded and the batch goes on.
 
     A rerun into the same `output` (after a crash or a walltime kill) reuses the structures
     already labelled successfully at the same level of theory; failed ones are tried again.
-    Returns the summary (also written to ``<output>/summary.json``).
+    `group` = (index, size) labels only that group of the structures (in reading order), as
+    one of several parallel jobs. Returns the summary (also written to
+    ``<output>/summary.json``, or ``summary_<index>.json`` for a group).
     """
     from tqdm import tqdm
 
@@ -141,6 +144,8 @@ def label_structures(
     structures, output = Path(structures), Path(output)
     check_writable_dir(output)
     frames = list(iter_frames([structures]))
+    if group is not None:
+        frames = frames[group[0] * group[1] : (group[0] + 1) * group[1]]
     ids = _structure_ids(structures)
     settings_hash = backend.settings_hash()
     results, n_reused = [], 0
@@ -209,6 +214,7 @@ def label_structures(
             if r["status"] != "success"
         ],  # fmt: skip
     }
-    with atomic_path(output / "summary.json") as tmp:
+    name = "summary.json" if group is None else f"summary_{group[0]:03d}.json"
+    with atomic_path(output / name) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     return summary
