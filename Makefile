@@ -14,7 +14,7 @@ $(BIN)/nequix-fw: pyproject.toml
 	# CPU torch first (a local wheel where the machine has one), so nequix's torch backend does
 	# not pull a multi-GB CUDA build; everything else comes from pyproject.toml.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.7"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,server]"
 	touch $@
 
 setup: $(BIN)/nequix-fw
@@ -35,12 +35,13 @@ models:
 	  [ -f $(MODEL_CACHE)/$$m.nqx ] || cp $(SHARED)/models/$$m.nqx $(MODEL_CACHE)/ ; done
 
 # The main job: (1) the foundation models nequix-mp-1 + nequix-oam-1 rank a pool of structures;
-# (2) a whole active-learning campaign through FireWorks (lpad/rlaunch) on the embedded store,
-# with real Nequix ensembles and EMT as the reference.
+# (2) a whole active-learning campaign through FireWorks (lpad/rlaunch) on the local MongoDB
+# server, with real Nequix ensembles and EMT as the reference.
 DEMO := demo_run
 NFW := $(BIN)/nequix-fw
 CFG := --config examples/demo_settings.yaml
 demo: setup models
+	-@[ -f $(DEMO)/db/server.json ] && $(NFW) db stop --dir $(DEMO)/db >/dev/null 2>&1
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/python examples/make_structures.py initial $(DEMO)/initial_structures
 	$(BIN)/python examples/make_structures.py candidates $(DEMO)/candidates
@@ -50,15 +51,16 @@ demo: setup models
 	  --output $(DEMO)/foundation_results.json
 	$(NFW) select --ensemble $(DEMO)/foundation_results.json $(CFG) \
 	  --output $(DEMO)/foundation_selected
-	@echo "== the active-learning campaign (FireWorks, embedded store $(DEMO)/fw_db.json)"
-	cp my_launchpad.yaml $(DEMO)/
-	cd $(DEMO) && export MONGOMOCK_SERVERSTORE_FILE=$$PWD/fw_db.json \
-	  && ../$(NFW) campaign --config ../examples/campaign.yaml --launchpad my_launchpad.yaml \
-	     --write campaign_wf.yaml \
+	@echo "== the active-learning campaign (FireWorks on the local MongoDB server $(DEMO)/db)"
+	$(NFW) db start --dir $(DEMO)/db --launchpad $(DEMO)/my_launchpad.yaml --name nequix_fw_demo
+	cd $(DEMO) && ../$(NFW) campaign --config ../examples/campaign.yaml \
+	     --launchpad my_launchpad.yaml --write campaign_wf.yaml \
 	  && ../$(BIN)/lpad -l my_launchpad.yaml reset --password $$(date +%Y-%m-%d) \
 	  && ../$(BIN)/lpad -l my_launchpad.yaml add campaign_wf.yaml \
 	  && ../$(BIN)/rlaunch -l my_launchpad.yaml rapidfire \
-	  && ../$(NFW) campaign-status campaign
+	  && ../$(NFW) campaign-status campaign; \
+	  status=$$?; ../$(NFW) db stop --dir db; exit $$status
+	@echo "(the database stays in $(DEMO)/db: nequix-fw db start --dir $(DEMO)/db to query it)"
 
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -17,6 +17,7 @@ from math import ceil
 from pathlib import Path
 
 import numpy as np
+from pymongo.database import Database
 
 from nequix_fw.settings import (
     SECTIONS,
@@ -28,19 +29,22 @@ from nequix_fw.settings import (
     TrainingSettings,
     make_settings,
 )
+from nequix_fw.store import CampaignStore
 from nequix_fw.structures import atomic_path
 
 
 class Campaign:
     """A campaign's settings (raw sections, as a workflow's spec carries them) and layout."""
 
-    def __init__(self, sections: dict):
+    def __init__(self, sections: dict, db: Database | None = None):
         unknown = set(sections) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown settings sections {sorted(unknown)}")
         self.sections = sections
         self.settings: CampaignSettings = self.section(CampaignSettings)
         self.directory = Path(self.settings.directory)
+        self.db = db  # the database of the LaunchPad running a FireTask, if any
+        self._store: CampaignStore | None = None
 
     def section(self, cls, k: int | None = None):
         """Settings of section `cls`; at iteration `k` with the schedule's entries up to k."""
@@ -53,15 +57,27 @@ class Campaign:
         return make_settings(cls, **values)
 
     @property
-    def launchpad(self) -> Path | None:
-        return self.settings.launchpad
+    def launchpad(self) -> Database | Path | None:
+        """Where the store is: the running LaunchPad's database, else the LaunchPad file."""
+        return self.db if self.db is not None else self.settings.launchpad
 
     @property
     def dataset(self) -> str:
         s = self.settings
         if s.dataset:
             return s.dataset
-        return f"db:{s.name}" if s.launchpad else str(self.directory / "training_set")
+        if self.launchpad is not None:
+            return f"db:{s.name}"
+        return str(self.directory / "training_set")
+
+    @property
+    def store(self) -> CampaignStore | None:
+        """Where the campaign's records go besides its directory (None without a database)."""
+        if self.launchpad is None:
+            return None
+        if self._store is None:
+            self._store = CampaignStore(self.launchpad, self.settings.name)
+        return self._store
 
     def iter_dir(self, k: int) -> Path:
         return self.directory / f"iter_{k:03d}"
@@ -73,16 +89,21 @@ class Campaign:
         return [str(p) for p in paths]
 
     def record(self, k: int, **entries) -> dict:
-        """Merge `entries` into iteration k's record of campaign.json (written atomically)."""
+        """Merge `entries` into iteration k's record of campaign.json (written atomically) and
+        of the store's iterations."""
         path = self.directory / "campaign.json"
         log = json.loads(path.read_text()) if path.is_file() else {"name": self.settings.name,
                                                                    "iterations": []}  # fmt: skip
+        if self.settings.launchpad is not None:  # the file's path, never its contents
+            log["launchpad"] = str(self.settings.launchpad)
         its = {it["iteration"]: it for it in log["iterations"]}
         its.setdefault(k, {"iteration": k}).update(entries)
         log["iterations"] = [its[i] for i in sorted(its)]
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(log, indent=1, default=str))
+        if self.store is not None:
+            self.store.save_iteration(k, its[k])
         return its[k]
 
 
@@ -129,6 +150,8 @@ def select_stage(c: Campaign, k: int) -> dict:
     manifest = select_from_results(
         d / "ensemble_results.json", d / "selected", c.section(SelectionSettings, k), labelled
     )
+    if c.store is not None:
+        c.store.save_selection(k, manifest)
     return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
 
 
@@ -152,22 +175,41 @@ def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None 
 
     settings = c.section(LabellingSettings, k)
     part = None if group is None else (group, c.settings.label_group_size)
-    return label_structures(label_inputs(c, k), c.iter_dir(k) / "labels",
-                            make_backend(settings, env), settings, iteration=k, progress=False,
-                            group=part)  # fmt: skip
+    labels = c.iter_dir(k) / "labels"
+    summary = label_structures(label_inputs(c, k), labels, make_backend(settings, env), settings,
+                               iteration=k, progress=False, group=part)  # fmt: skip
+    if c.store is not None:
+        c.store.save_label_tasks(k, [json.loads(p.read_text()) for p in labels.glob("*/task.json")])
+    return summary
 
 
 def dataset_stage(c: Campaign, k: int) -> dict:
+    """Add iteration k's labels (all groups) to the dataset, unless too many failed: then the
+    record carries the stop reason and nothing is added."""
     from nequix_fw.dataset import update_dataset
 
     labels = c.iter_dir(k) / "labels"
-    s = update_dataset(labels, c.dataset, iteration=k, launchpad=c.launchpad)
     parts = [json.loads(p.read_text()) for p in sorted(labels.glob("summary*.json"))]
-    return c.record(k, n_labelled=sum(p["n_success"] for p in parts),
-                    n_label_failures=sum(p["n_failed"] for p in parts),
-                    n_label_reused=sum(p["n_reused"] for p in parts),
-                    n_added=s["n_added"], n_conflicts=s["n_conflicts"],
-                    dataset_size=s["n_total"], dataset=s["dataset"])  # fmt: skip
+    counts = {"n_labelled": sum(p["n_success"] for p in parts),
+              "n_label_failures": sum(p["n_failed"] for p in parts),
+              "n_label_reused": sum(p["n_reused"] for p in parts)}  # fmt: skip
+    stop = labelling_stop(c, k, counts["n_labelled"], counts["n_label_failures"])
+    if stop:
+        return c.record(k, **counts, stop_reason=stop)
+    s = update_dataset(labels, c.dataset, iteration=k, launchpad=c.launchpad)
+    return c.record(k, **counts, n_added=s["n_added"], n_conflicts=s["n_conflicts"],
+                    dataset_size=s["n_total"], dataset=s["dataset"], stop_reason=None)  # fmt: skip
+
+
+def labelling_stop(c: Campaign, k: int, n_ok: int, n_failed: int) -> str | None:
+    """Why iteration k stops after labelling (None: its labels go into the dataset)."""
+    limit = c.section(LabellingSettings, k).max_failed_fraction
+    n = n_ok + n_failed
+    if limit is None or not n or n_failed / n <= limit:
+        return None
+    return (f"labelling failed for {n_failed} of {n} structures (more than {limit:.0%}, "
+            f"labelling.max_failed_fraction): reasons in {c.iter_dir(k) / 'labels'}/*/task.json"
+            )  # fmt: skip
 
 
 def train_stage(c: Campaign, k: int) -> dict:
@@ -179,6 +221,8 @@ def train_stage(c: Campaign, k: int) -> dict:
         warm_start=c.iter_dir(k - 1) / "models" if k > 0 else None,
         overwrite=True, progress=False, launchpad=c.launchpad,
     )  # fmt: skip
+    if c.store is not None:
+        c.store.save_members(k, c.iter_dir(k) / "models", metas)
     losses = [m["best_valid"]["loss"] for m in metas]
     return c.record(k, n_models=len(metas), best_valid_loss=losses)
 
@@ -190,6 +234,8 @@ def validate_stage(c: Campaign, k: int) -> dict:
         return c.record(k, validation=None)
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
                       launchpad=c.launchpad, settings=c.section(EnsembleSettings, k))  # fmt: skip
+    if c.store is not None:
+        c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
     record = c.record(k, validation={
         "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],

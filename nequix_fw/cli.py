@@ -105,7 +105,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
         reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
-        launchpad=args.launchpad,
+        launchpad=args.launchpad, allow_mixed=args.allow_mixed,
     )  # fmt: skip
     mean = report["ensemble_mean"]
     line = (
@@ -248,10 +248,8 @@ def _random_packing(items: list[str] | None) -> list[dict] | None:
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:
-    from nequix_fw.store import ensure_embedded_store
     from nequix_fw.workflows import campaign_sections, campaign_workflow
 
-    ensure_embedded_store()
     if args.write is None and args.launchpad is None:
         raise SettingsError("give --launchpad (add the workflow there) or --write FILE")
     launchpad = Path(args.launchpad).resolve() if args.launchpad else None
@@ -268,7 +266,11 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
         if not launchpad.is_file():
             raise SettingsError(f"{args.launchpad}: LaunchPad file not found")
-        ids = LaunchPad.from_file(str(launchpad)).add_wf(wf)
+        lp = LaunchPad.from_file(str(launchpad))
+        if not lp.fw_id_assigner.count_documents({}) and not lp.workflows.count_documents({}):
+            lp.reset("", require_password=False)  # a new, empty database: nothing to lose
+            print(f"initialised the empty FireWorks database {lp.name}")
+        ids = lp.add_wf(wf)
         print(f"added {wf.name}: Fireworks {sorted(ids.values())}; run it with: "
               f"rlaunch -l {args.launchpad} rapidfire (or qlaunch rapidfire)")  # fmt: skip
     return 0
@@ -279,9 +281,15 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise SettingsError(f"{path}: no campaign record (has iteration 0 run?)")
     log = json.loads(path.read_text())
-    print(f"campaign {log['name']}")
+    its, where = log["iterations"], str(path)
+    if log.get("launchpad") and Path(log["launchpad"]).is_file():
+        from nequix_fw.store import CampaignStore
+
+        its = CampaignStore(log["launchpad"], log["name"]).iterations() or its
+        where = f"MongoDB ({log['launchpad']})"
+    print(f"campaign {log['name']} (from {where})")
     print("iter  candidates  selected  labelled  dataset  force RMSE (eV/Å)  note")
-    for it in log["iterations"]:
+    for it in its:
         rmse = (it.get("validation") or {}).get("force_rmse_eV_per_A")
         cells = [it.get("n_candidates", it.get("n_evaluated")), it.get("n_selected"),
                  it.get("n_labelled"), it.get("dataset_size")]  # fmt: skip
@@ -296,6 +304,67 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db(args: argparse.Namespace) -> int:
+    import os
+
+    import yaml
+
+    from nequix_fw import server
+
+    if args.action == "status":
+        st = server.status(args.dir)
+        state = f"running (pid {st.pid})" if st.running else "not running"
+        print(f"{st.directory}: {state} on {st.host}:{st.port}"
+              + (", authentication on" if st.auth else ""))  # fmt: skip
+        return 0 if st.running else 3
+    if args.action == "stop":
+        st = server.stop(args.dir)
+        print(f"{st.directory}: stopped (pid {st.pid})" if st.running
+              else f"{st.directory}: was not running")  # fmt: skip
+        return 0
+    password = None
+    if args.username:
+        if args.password_file:
+            password = Path(args.password_file).read_text().strip()
+        else:
+            password = os.environ.get("NEQUIX_FW_DB_PASSWORD")
+        if not password:
+            raise SettingsError("--username needs a password: --password-file FILE or the "
+                                "environment variable NEQUIX_FW_DB_PASSWORD")  # fmt: skip
+    st = server.start(args.dir, args.port, args.host, args.username, password)
+    print(f"{st.directory}: MongoDB server (SecantusDB) running (pid {st.pid}) on "
+          f"{st.host}:{st.port}" + (", authentication on" if st.auth else ""))  # fmt: skip
+    config = server.launchpad_config(st, args.name, args.username, password)
+    lp = Path(args.launchpad)
+    if lp.is_file():
+        old = yaml.safe_load(lp.read_text()) or {}
+        if old.get("host") not in (None, "localhost", "127.0.0.1", st.host):
+            print(f"{lp} points at {old.get('host')}: left as it is; for this server use host "
+                  f"{st.host}, port {st.port}")  # fmt: skip
+            return 0
+    server.write_launchpad(lp, config)
+    print(f"LaunchPad file -> {lp} (database {args.name})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nequix_fw.store import CampaignStore, export_dataset
+
+    if args.models is not None:
+        campaign, _, k = args.models.rpartition("/")
+        if not campaign or not k.isdigit():
+            raise SettingsError(f"--models {args.models!r}: expected CAMPAIGN/ITERATION")
+        paths = CampaignStore(args.launchpad, campaign).fetch_members(int(k), Path(args.output))
+        print(f"wrote {len(paths)} checkpoints of {args.models} -> {args.output}")
+        return 0
+    if args.dataset is None:
+        raise SettingsError("give --dataset db:NAME or --models CAMPAIGN/ITERATION")
+    n = export_dataset(args.dataset, args.output, args.format, args.launchpad, args.iteration,
+                       args.backend, args.settings_hash)  # fmt: skip
+    print(f"exported {n} structures of {args.dataset} -> {args.output} ({args.format})")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -307,6 +376,16 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         infos.append(info)
     print(json.dumps(infos, indent=1))
     return 0
+
+
+def _iteration(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"{k}: iterations count from 0")
+    return k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-torch", action="store_true", help="also write .pt checkpoints")
     t.add_argument("--backend", choices=["jax", "torch"], help="training backend (default jax)")
     t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
+    t.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="train on labels from different levels of theory together",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train_ensemble)
 
@@ -395,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--reference", help="reference calculator for E-V and relaxation (emt)")
     v.add_argument("--ev-structure", help="structure for the E-V curve (default: first test one)")
     v.add_argument("--no-plots", action="store_true")
+    v.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="test sets from different levels of theory together",
+    )
     v.set_defaults(func=_cmd_validate)
 
     lb = sub.add_parser("label", help="label selected structures with a reference method")
@@ -414,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
     lb.add_argument("--min-distance", type=float, help="skip structures closer than this (Å)")
-    lb.add_argument("--iteration", type=int, help="AL iteration (recorded as provenance)")
+    lb.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
     lb.add_argument("--config", help="settings YAML (section 'labelling')")
     lb.add_argument("--no-progress", action="store_true")
     lb.set_defaults(func=_cmd_label)
@@ -425,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", required=True, help="training-set directory, or db:NAME in the store"
     )
     u.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    u.add_argument("--iteration", type=int)
+    u.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
     u.add_argument(
         "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
     )
@@ -474,6 +563,38 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("directory", help="the campaign directory (holds campaign.json)")
     cs.add_argument("--plot", action="store_true", help="(re)write <directory>/campaign.png")
     cs.set_defaults(func=_cmd_campaign_status)
+
+    db = sub.add_parser("db", help="the local MongoDB server (start, status, stop)")
+    db.add_argument("action", choices=["start", "status", "stop"])
+    db.add_argument(
+        "--dir",
+        default="nequix_fw_db",
+        help="server directory: data, pid and log files (default ./nequix_fw_db)",
+    )
+    db.add_argument("--port", type=int, help="port (default: the last one used, else a free one)")
+    db.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    db.add_argument(
+        "--launchpad",
+        default="my_launchpad.yaml",
+        help="start: LaunchPad file to write for this server",
+    )
+    db.add_argument("--name", default="nequix_fw", help="start: database name in that file")
+    db.add_argument("--username", help="start: require SCRAM authentication as this user")
+    db.add_argument(
+        "--password-file", help="start: file holding the password (else $NEQUIX_FW_DB_PASSWORD)"
+    )
+    db.set_defaults(func=_cmd_db)
+
+    ex = sub.add_parser("export", help="write a store dataset (or a campaign's models) out")
+    ex.add_argument("--dataset", help="store dataset db:NAME")
+    ex.add_argument("--models", help="CAMPAIGN/ITERATION: that ensemble's checkpoints (GridFS)")
+    ex.add_argument("--output", required=True, help="file (dataset) or directory (models)")
+    ex.add_argument("--format", choices=["extxyz", "ase-db"], default="extxyz")
+    ex.add_argument("--launchpad", help="LaunchPad file of the store")
+    ex.add_argument("--iteration", nargs="+", type=_iteration, help="only these iterations")
+    ex.add_argument("--backend", help="only labels of this backend (ase, vasp, cp2k, script)")
+    ex.add_argument("--settings-hash", help="only labels of this level of theory")
+    ex.set_defaults(func=_cmd_export)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
     m.add_argument("models", nargs="+")

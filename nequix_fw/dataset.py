@@ -8,13 +8,17 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.units import Hartree, Rydberg
 
 from nequix_fw.errors import StructureError
-from nequix_fw.structures import Frame, atomic_path, iter_frames, structure_id
+from nequix_fw.structures import Frame, atomic_path, check_output, iter_frames, structure_id
+
+if TYPE_CHECKING:
+    from nequix_fw.store import DatabaseRef
 
 
 @dataclass
@@ -66,10 +70,14 @@ def labels_of(frame: Frame) -> Labelled:
 
 
 def read_labelled(
-    inputs: Iterable[str | Path], launchpad: str | Path | None = None
+    inputs: Iterable[str | Path],
+    launchpad: DatabaseRef | None = None,
+    allow_mixed: bool = False,
 ) -> list[Labelled]:
     """All labelled structures of the inputs: files or directories (any ASE format) and store
-    datasets (``db:NAME``, in the database of the LaunchPad file `launchpad`)."""
+    datasets (``db:NAME``, in the database of `launchpad`), under the rules of `update_dataset`:
+    one level of theory unless `allow_mixed`, each structure once (the same labels twice are
+    read once; different labels for one structure are an error)."""
     from nequix_fw.store import StoreDataset, is_store_spec
 
     inputs = list(inputs)
@@ -77,9 +85,56 @@ def read_labelled(
     data = [labels_of(f) for f in iter_frames(paths)] if paths else []
     for spec in (p for p in inputs if is_store_spec(p)):
         data += [labels_of(f) for f in StoreDataset(str(spec), launchpad).frames()]
+    data = _one_level_each_once(data, allow_mixed)
     for msg in unit_warnings(data):
         warnings.warn(msg, stacklevel=2)
     return data
+
+
+def level_of_theory(d: Labelled, tasks: dict[Path, str | None] | None = None) -> str | None:
+    """The labelling settings hash of a labelled structure: from its provenance, else from the
+    ``task.json`` beside its file (a `label` output); None for plain files."""
+    h = d.frame.atoms.info.get("settings_hash")
+    if h is not None:
+        return str(h)
+    task = Path(d.frame.source).parent / "task.json"
+    tasks = {} if tasks is None else tasks
+    if task not in tasks:
+        tasks[task] = json.loads(task.read_text()).get("settings_hash") if task.is_file() else None
+    return tasks[task]
+
+
+def _one_level_each_once(data: list[Labelled], allow_mixed: bool) -> list[Labelled]:
+    tasks: dict[Path, str | None] = {}
+    levels: dict[str | None, str] = {}
+    for d in data:
+        levels.setdefault(level_of_theory(d, tasks), d.where)
+    if len(levels) > 1 and not allow_mixed:
+        where = "; ".join(f"{h} ({w})" for h, w in levels.items())
+        raise StructureError(
+            f"labels from different levels of theory (settings hashes {where}) would be "
+            "mixed; pass --allow-mixed to use them together anyway"
+        )
+    seen: dict[str, Labelled] = {}
+    out = []
+    for d in data:
+        sid = d.frame.atoms.info.get("structure_id") or d.id
+        old = seen.get(sid)
+        if old is None:
+            seen[sid] = d
+            out.append(d)
+        elif not _same_labels(old, d):
+            raise StructureError(
+                f"{d.where}: structure {sid} is also in {old.where} with other labels "
+                f"(energy {old.energy:.6f} vs {d.energy:.6f} eV); keep one of them"
+            )
+    return out
+
+
+def _same_labels(a: Labelled, b: Labelled) -> bool:
+    return abs(a.energy - b.energy) <= SAME_ENERGY_EV and np.allclose(
+        a.forces, b.forces, atol=SAME_FORCE_EV_A, rtol=0
+    )
 
 
 def dataset_ids(
@@ -90,16 +145,32 @@ def dataset_ids(
     from nequix_fw.store import StoreDataset, is_store_spec
 
     if is_store_spec(dataset):
-        return StoreDataset(str(dataset), launchpad).ids(before_iteration)
-    path = Path(dataset)
-    path = path / TRAINING_SET_FILE if path.is_dir() else path
+        store = StoreDataset(str(dataset), launchpad)
+        if not len(store):
+            raise StructureError(f"{dataset}: no such dataset in the store (it holds none of "
+                                 "its structures)")  # fmt: skip
+        return store.ids(before_iteration)
+    path = training_set_file(dataset)
     if not path.is_file():
-        return set()
+        raise StructureError(f"{dataset}: no training set there (no such file, or a directory "
+                             f"without {TRAINING_SET_FILE})")  # fmt: skip
     return {
         f.atoms.info.get("structure_id") or structure_id(f.atoms)
         for f in iter_frames([path])
         if before_iteration is None or f.atoms.info.get("iteration", -1) < before_iteration
     }
+
+
+def training_set_file(dataset: str | Path) -> Path:
+    """The file of an on-disk training set: `dataset` itself when it names an extxyz file,
+    else ``<dataset>/training_set.extxyz``."""
+    path = Path(dataset)
+    if path.suffix in (".extxyz", ".xyz"):
+        return path
+    if path.is_file():
+        raise StructureError(f"{path}: a training set is a directory, an .extxyz file or "
+                             "db:NAME")  # fmt: skip
+    return path / TRAINING_SET_FILE
 
 
 def unit_warnings(data: Sequence[Labelled]) -> list[str]:
@@ -242,8 +313,12 @@ def update_dataset(
     new = Path(new)
     if not new.exists():
         raise StructureError(f"{new}: no such file or directory")
+    if iteration is not None and iteration < 0:
+        raise StructureError(f"iteration {iteration}: iterations count from 0")
     store = StoreDataset(str(dataset), launchpad) if is_store_spec(dataset) else None
-    target = None if store else Path(dataset) / TRAINING_SET_FILE
+    target = None if store else training_set_file(dataset)
+    if target is not None:
+        check_output(target, "file")
     items, n_failed = _incoming(new)
     if not items and not n_failed:
         raise StructureError(f"{new}: no labelled structures or label tasks found")
@@ -267,10 +342,7 @@ def update_dataset(
     for item in items:
         old = stored.get(item.structure_id)
         if old is not None:
-            same = abs(old.energy - item.labelled.energy) <= SAME_ENERGY_EV and np.allclose(
-                old.forces, item.labelled.forces, atol=SAME_FORCE_EV_A, rtol=0
-            )
-            if same:
+            if _same_labels(old, item.labelled):
                 duplicates += 1
             else:
                 conflicts.append({

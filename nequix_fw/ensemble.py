@@ -31,7 +31,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from nequix_fw.errors import ModelError, StructureError
 from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
-from nequix_fw.structures import Frame, check_writable_dir, iter_frames, structure_id
+from nequix_fw.structures import Frame, check_output, iter_frames, structure_id
 from nequix_fw.uncertainty import ensemble_metrics
 
 
@@ -180,12 +180,12 @@ class Ensemble:
                 a, b = set(first.atomic_numbers), set(m.atomic_numbers)
                 diff = sorted(a ^ b)
                 raise ModelError(
-                    f"models {first.info.name} and {m.info.name} cover different elements "
+                    f"models {first.info.path} and {m.info.path} cover different elements "
                     f"(differ in {', '.join(chemical_symbols[z] for z in diff)})"
                 )
             if m.cutoff != first.cutoff:
                 raise ModelError(
-                    f"models {first.info.name} and {m.info.name} have different cutoffs "
+                    f"models {first.info.path} and {m.info.path} have different cutoffs "
                     f"({first.cutoff} Å vs {m.cutoff} Å)"
                 )
         self.atomic_numbers = first.atomic_numbers
@@ -227,6 +227,19 @@ class Ensemble:
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def check_distinct(self) -> None:
+        """Refuse members that are copies of one model (the same file or the same weights):
+        copies agree everywhere, so their spread would call every structure accurate."""
+        seen: dict[str, str] = {}
+        for m in self.models:
+            if m.info.sha256 in seen:
+                raise ModelError(
+                    f"models {seen[m.info.sha256]} and {m.info.path} are the same model "
+                    f"(sha256 {m.info.sha256[:12]}): copies have no spread, so every structure "
+                    "would look accurate; give different models"
+                )
+            seen[m.info.sha256] = m.info.path
 
     @property
     def n_architectures(self) -> int:
@@ -498,8 +511,9 @@ def run_ensemble(
         raise ModelError(
             f"uncertainty needs at least 2 models, got {len(model_specs)}: pass more to --models"
         )
-    check_writable_dir(Path(output).resolve().parent)
+    check_output(output, "file")
     ensemble = Ensemble.from_specs(model_specs, settings)
+    ensemble.check_distinct()
     n_frames = 0
     for frame in iter_frames(structures):  # cheap first pass: readable, covered, counted
         ensemble.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")

@@ -22,7 +22,9 @@ class _StageTask(FiretaskBase):
 
     @property
     def campaign(self) -> stages.Campaign:
-        return stages.Campaign(self["sections"])
+        """The campaign, on the database of the LaunchPad that runs this task."""
+        lp = getattr(self, "launchpad", None)  # set by the Rocket (_add_launchpad_and_fw_id)
+        return stages.Campaign(self["sections"], db=lp.db if lp is not None else None)
 
     def run_task(self, fw_spec):
         return FWAction(stored_data=self.stage(self.campaign, self["iteration"]))
@@ -94,9 +96,12 @@ class LabelTask(_StageTask):
 
 @explicit_serialize
 class UpdateDatasetTask(_StageTask):
-    """New labels into the training set (directory or store), idempotently."""
+    """New labels into the training set (directory or store), idempotently; stops the
+    iteration (defuses training and validation) when too many labels failed."""
 
-    stage = staticmethod(stages.dataset_stage)
+    def run_task(self, fw_spec):
+        record = stages.dataset_stage(self.campaign, self["iteration"])
+        return FWAction(stored_data=record, defuse_children=bool(record.get("stop_reason")))
 
 
 @explicit_serialize

@@ -25,7 +25,7 @@ from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError, OutputError
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
-from nequix_fw.structures import min_distance, write_structure
+from nequix_fw.structures import min_distance, umask, write_structure
 from nequix_fw.uncertainty import trust_class
 
 MANIFEST_SCHEMA = "nequix-fw/selection"
@@ -161,7 +161,9 @@ def _prepare_output(output: Path) -> Path:
     parent = output.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output.name}.tmp-"))
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the selection is not
+        return tmp
     except OSError as exc:
         raise OutputError(f"{output}: cannot write there ({exc.strerror or exc})") from None
 

@@ -226,10 +226,20 @@ class LabellingSettings(_Settings):
     scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
     gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
     min_distance: float | None = Field(
-        None, gt=0, description="Skip (fail) structures with atoms closer than this (Å)."
+        0.7,
+        gt=0,
+        description="Structures with atoms closer than this (Å) are recorded as failed and never "
+        "reach the calculator (0.7 Å: the exploration's own stop; H2 is 0.74 Å). None: no check.",
     )
     max_force: float = Field(
         100.0, gt=0, description="Labels with a force above this (eV/Å) are recorded as failed."
+    )
+    max_failed_fraction: float | None = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A campaign iteration whose labelling failed for more than this share of "
+        "its structures stops there, adding nothing (DP-GEN's ratio_failed). None: no limit.",
     )
 
 
@@ -285,7 +295,10 @@ class ExplorationSettings(_Settings):
     check_every: int = Field(10, ge=1, description="Steps between uncertainty/physics checks.")
     sample_every: int = Field(50, ge=1, description="Steps between sampled frames.")
     hi: float | None = Field(
-        None, gt=0, description="Stop a trajectory when max_force_dev exceeds this (eV/Å)."
+        0.5,
+        gt=0,
+        description="Stop a trajectory when max_force_dev exceeds this (eV/Å): beyond it the "
+        "ensemble mean drives the dynamics into nonsense. None: never stop on uncertainty.",
     )
     min_distance: float = Field(0.7, gt=0, description="Stop when atoms come closer (Å).")
     max_temperature_factor: float = Field(

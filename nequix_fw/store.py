@@ -1,27 +1,61 @@
-"""The MongoDB store: labelled structures of a named dataset, with provenance.
+"""The MongoDB store: datasets and everything a campaign produces, in the LaunchPad's database.
 
-The dataset lives in the FireWorks LaunchPad's database (collection ``nequix_fw_dataset``), so a
-campaign and its training data share one database: a real MongoDB (``my_launchpad.yaml``) or
-FireWorks' embedded mongomock backend (``MONGOMOCK_SERVERSTORE_FILE``; that store is loaded at
-start and written back at exit, so one process at a time owns it). Datasets are named on the
-command line as ``db:NAME``. Every document's ``_id`` is ``NAME/<structure content hash>``, so
-adding the same structure twice never duplicates it.
+A campaign and its data share one MongoDB database (your own ``mongod`` or the local server of
+`nequix_fw.server`, as ``my_launchpad.yaml`` says). Collections, every write an idempotent
+upsert keyed by content (rerunning a stage never duplicates anything):
+
+- ``nequix_fw_dataset``: labelled structures; ``_id`` ``NAME/<structure id>`` (datasets are
+  ``db:NAME`` on the command line);
+- ``nequix_fw_iterations``: one record per campaign iteration (counts, selection, decisions,
+  validation metrics, stop reason); ``_id`` ``CAMPAIGN/<k>``;
+- ``nequix_fw_label_tasks``: one labelling task document per structure and iteration (settings
+  hash, custodian corrections in full, wall time, status, reason);
+- ``nequix_fw_models``: one document per trained member (metadata, sha256) with the checkpoint
+  in the GridFS bucket ``nequix_fw_checkpoints``;
+- ``nequix_fw_validation`` and ``nequix_fw_selections``: the iteration's validation report and
+  selection manifest.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 from pathlib import Path
 
+import gridfs
 import numpy as np
+import pymongo
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from fireworks import LaunchPad
+from monty.json import jsanitize
+from pymongo.database import Database
 
 from nequix_fw.errors import SettingsError, StructureError
+from nequix_fw.structures import Frame, atomic_path
 
 PREFIX = "db:"
 COLLECTION = "nequix_fw_dataset"
-_DATABASES: dict[str, object] = {}
+ITERATIONS = "nequix_fw_iterations"
+LABEL_TASKS = "nequix_fw_label_tasks"
+MODELS = "nequix_fw_models"
+CHECKPOINTS = "nequix_fw_checkpoints"  # GridFS bucket
+VALIDATION = "nequix_fw_validation"
+SELECTIONS = "nequix_fw_selections"
+#: The fields people filter by, per collection.
+INDEXES = {
+    COLLECTION: [("dataset", "structure_id"), ("dataset", "info.iteration"),
+                 ("info.settings_hash",), ("info.backend",), ("formula",)],
+    ITERATIONS: [("campaign", "iteration"), ("stop_reason",)],
+    LABEL_TASKS: [("campaign", "iteration"), ("structure_id",), ("status",),
+                  ("settings_hash",)],
+    MODELS: [("campaign", "iteration"), ("sha256",)],
+    VALIDATION: [("campaign", "iteration")],
+    SELECTIONS: [("campaign", "iteration")],
+}  # fmt: skip
+_INDEXED: set[tuple[int, str]] = set()
+#: A LaunchPad file, or the database of a LaunchPad already open (a FireTask's).
+DatabaseRef = str | Path | Database
+_DATABASES: dict[str, Database] = {}
 
 
 def is_store_spec(spec: str | Path) -> bool:
@@ -29,9 +63,11 @@ def is_store_spec(spec: str | Path) -> bool:
     return str(spec).startswith(PREFIX)
 
 
-def launchpad_db(launchpad: str | Path | None = None):
-    """The LaunchPad's pymongo database, one client per process (the embedded store must not be
-    opened twice: each client would write its own copy back at exit)."""
+def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
+    """The pymongo database of a LaunchPad file (one client per file and process), or
+    `launchpad` itself when it already is one."""
+    if isinstance(launchpad, Database):
+        return launchpad
     from fireworks import fw_config
 
     path = launchpad or fw_config.LAUNCHPAD_LOC
@@ -42,49 +78,33 @@ def launchpad_db(launchpad: str | Path | None = None):
                             "my_launchpad.yaml or set FireWorks' LAUNCHPAD_LOC")  # fmt: skip
     key = str(Path(path).resolve())
     if key not in _DATABASES:
-        from fireworks import LaunchPad
-
         if not Path(path).is_file():
             raise SettingsError(f"{path}: LaunchPad file not found")
-        mock = ensure_embedded_store()
-        shared = _open_embedded_store(mock) if mock else None
-        if shared is not None:  # e.g. inside rlaunch: use its store, never a second copy
-            import mongomock
-            import yaml
-
-            name = (yaml.safe_load(Path(path).read_text()) or {}).get("name", "fireworks")
-            _DATABASES[key] = mongomock.MongoClient(_store=shared)[name]
-        else:
-            _DATABASES[key] = LaunchPad.from_file(str(path)).db
+        try:
+            lp = LaunchPad.from_file(str(path))
+        except Exception as exc:  # a malformed file: name it, not the YAML internals
+            raise SettingsError(f"{path}: not a usable LaunchPad file "
+                                f"({type(exc).__name__})") from None  # fmt: skip
+        try:
+            lp.db.list_collection_names()  # reachable, and the credentials are accepted
+        except pymongo.errors.OperationFailure as exc:
+            raise SettingsError(f"{path}: the database {lp.host}:{lp.port} refused access "
+                                f"({exc.details.get('errmsg', 'authentication failed')})"
+                                ) from None  # fmt: skip
+        except pymongo.errors.PyMongoError:
+            raise SettingsError(f"{path}: cannot reach MongoDB at {lp.host}:{lp.port} (start "
+                                "the local one with: nequix-fw db start)") from None  # fmt: skip
+        _DATABASES[key] = lp.db
     return _DATABASES[key]
 
 
-def ensure_embedded_store() -> str | None:
-    """Create FireWorks' embedded store file (empty) if it is in use and missing; its path."""
-    mock = os.environ.get("MONGOMOCK_SERVERSTORE_FILE")
-    if mock and not Path(mock).is_file():
-        Path(mock).write_text("{}")
-    return mock
-
-
-def _open_embedded_store(filename: str):
-    """The embedded (mongomock) store this process already opened for `filename`, if any.
-
-    Each mongomock client loads the file into its own store and writes it back at exit, so a
-    second client in a process that already has one (rlaunch's LaunchPad, while our FireTasks
-    run) would overwrite the other's writes. FireWorks does not hand its client to tasks; the
-    store is found among the live objects instead.
-    """
-    import gc
-
-    from mongomock.store import ServerStore
-
-    target = Path(filename).resolve()
-    for obj in gc.get_objects():
-        if isinstance(obj, ServerStore) and getattr(obj, "_filename", None):
-            if Path(obj._filename).resolve() == target:
-                return obj
-    return None
+def collection(db: Database, name: str):
+    """A store collection, its indexes made on first use in this process."""
+    if (id(db), name) not in _INDEXED:
+        for fields in INDEXES.get(name, []):
+            db[name].create_index([(f, 1) for f in fields])
+        _INDEXED.add((id(db), name))
+    return db[name]
 
 
 class StoreDataset:
@@ -94,7 +114,7 @@ class StoreDataset:
         self.name = str(spec)[len(PREFIX) :] if is_store_spec(spec) else str(spec)
         if not self.name or "/" in self.name:
             raise SettingsError(f"{spec!r}: a store dataset is named db:NAME (no '/')")
-        self.collection = launchpad_db(launchpad)[COLLECTION]
+        self.collection = collection(launchpad_db(launchpad), COLLECTION)
 
     def __str__(self) -> str:
         return PREFIX + self.name
@@ -120,12 +140,11 @@ class StoreDataset:
             out.add(None)
         return out
 
-    def frames(self, ids: set[str] | None = None):
-        """The dataset's structures (those with the given ids, if any) as `Frame`s with their
-        labels and provenance, in the order they were added."""
-        from nequix_fw.structures import Frame
-
-        query: dict = {"dataset": self.name}
+    def frames(self, ids: set[str] | None = None, where: dict | None = None):
+        """The dataset's structures (those with the given ids, and matching the MongoDB filter
+        `where`, if any) as `Frame`s with their labels and provenance, in the order they were
+        added."""
+        query: dict = {**(where or {}), "dataset": self.name}
         if ids is not None:
             query["structure_id"] = {"$in": sorted(ids)}
         docs = self.collection.find(query).sort("added", 1)
@@ -157,7 +176,6 @@ class StoreDataset:
                 "stress": None if stress is None else np.asarray(stress).tolist(),
                 "info": {k2: _plain(v) for k2, v in a.info.items()},
             }  # fmt: skip
-            # one upsert per structure (mongomock's bulk_write does not follow pymongo 4.x)
             result = self.collection.update_one(
                 {"_id": f"{self.name}/{sid}"}, {"$setOnInsert": doc}, upsert=True
             )
@@ -172,3 +190,111 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+class CampaignStore:
+    """What a campaign produces, per iteration, in the store's collections."""
+
+    def __init__(self, launchpad: DatabaseRef, campaign: str):
+        self.db = launchpad_db(launchpad)
+        self.campaign = campaign
+
+    def _key(self, k: int, *rest) -> str:
+        return "/".join([self.campaign, str(k), *map(str, rest)])
+
+    def _put(self, name: str, key: str, k: int, doc: dict) -> None:
+        doc = jsanitize({**doc, "campaign": self.campaign, "iteration": k}, strict=False,
+                        allow_bson=True)  # fmt: skip
+        collection(self.db, name).replace_one({"_id": key}, doc, upsert=True)
+
+    def save_iteration(self, k: int, record: dict) -> None:
+        self._put(ITERATIONS, self._key(k), k, record)
+
+    def iterations(self) -> list[dict]:
+        docs = collection(self.db, ITERATIONS).find({"campaign": self.campaign}, {"_id": 0})
+        return list(docs.sort("iteration", 1))
+
+    def save_label_tasks(self, k: int, tasks: list[dict]) -> None:
+        for t in tasks:
+            self._put(LABEL_TASKS, self._key(k, t["structure_id"]), k, t)
+
+    def save_selection(self, k: int, manifest: dict) -> None:
+        self._put(SELECTIONS, self._key(k), k, manifest)
+
+    def save_validation(self, k: int, report: dict) -> None:
+        self._put(VALIDATION, self._key(k), k, report)
+
+    def save_members(self, k: int, model_dir: Path, metas: list[dict]) -> None:
+        """Each member's metadata, and its checkpoint in GridFS (stored once per sha256)."""
+        fs = gridfs.GridFS(self.db, CHECKPOINTS)
+        for meta in metas:
+            path = Path(model_dir) / f"member_{meta['member']}.nqx"
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            old = fs.find_one({"metadata.sha256": sha})
+            file_id = old._id if old is not None else fs.put(
+                data, filename=path.name, metadata={"sha256": sha, "campaign": self.campaign,
+                                                    "iteration": k})  # fmt: skip
+            self._put(MODELS, self._key(k, path.stem), k, {
+                "member": meta["member"], "file": path.name, "sha256": sha, "gridfs_id": file_id,
+                "metadata": meta})  # fmt: skip
+
+    def fetch_members(self, k: int, outdir: Path) -> list[Path]:
+        """Write iteration k's member checkpoints from GridFS into `outdir` (checked against
+        their sha256), for a worker without the campaign's filesystem."""
+        fs = gridfs.GridFS(self.db, CHECKPOINTS)
+        query = {"campaign": self.campaign, "iteration": k}
+        docs = list(collection(self.db, MODELS).find(query).sort("member", 1))
+        if not docs:
+            raise SettingsError(f"campaign {self.campaign}: no models of iteration {k} stored")
+        outdir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for doc in docs:
+            data = fs.get(doc["gridfs_id"]).read()
+            if hashlib.sha256(data).hexdigest() != doc["sha256"]:
+                raise SettingsError(f"{doc['file']} of iteration {k}: stored checkpoint does "
+                                    "not match its sha256")  # fmt: skip
+            with atomic_path(outdir / doc["file"]) as tmp:
+                tmp.write_bytes(data)
+            paths.append(outdir / doc["file"])
+        return paths
+
+
+def export_dataset(
+    spec: str,
+    output: str | Path,
+    fmt: str = "extxyz",
+    launchpad: DatabaseRef | None = None,
+    iterations: list[int] | None = None,
+    backend: str | None = None,
+    settings_hash: str | None = None,
+) -> int:
+    """Write a store dataset (or the part of it from these iterations, labelling backend and
+    settings hash) to an extxyz file or an ASE database, atomically; how many structures."""
+    import ase.db
+    import ase.io
+
+    if fmt not in ("extxyz", "ase-db"):
+        raise SettingsError(f"--format {fmt!r}: extxyz or ase-db")
+    where: dict = {}
+    if iterations:
+        where["info.iteration"] = {"$in": list(iterations)}
+    if backend:
+        where["info.backend"] = backend
+    if settings_hash:
+        where["info.settings_hash"] = settings_hash
+    store = StoreDataset(spec, launchpad)
+    frames = [f.atoms for f in store.frames(where=where)]
+    if not frames:
+        raise SettingsError(f"{store}: no structures match ({where or 'the whole dataset'})")
+    with atomic_path(output) as tmp:
+        if fmt == "extxyz":
+            ase.io.write(tmp, frames, format="extxyz")
+        else:
+            tmp.unlink()  # ASE makes the database file itself
+            with ase.db.connect(tmp, type="db", append=False) as db:
+                for a in frames:
+                    info = {k: v for k, v in a.info.items() if isinstance(v, (int, float, str))}
+                    db.write(a, key_value_pairs={k: v for k, v in info.items()
+                                                 if k.isidentifier()})  # fmt: skip
+    return len(frames)

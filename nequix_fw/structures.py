@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ from nequix_fw.errors import OutputError, StructureError
 #: File names and suffixes picked up when a directory is given.
 STRUCTURE_SUFFIXES = {".xyz", ".extxyz", ".traj", ".vasp", ".poscar", ".cif"}
 STRUCTURE_PREFIXES = ("POSCAR", "CONTCAR")
+#: Suffix of the temp files of atomic writes.
+TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,23 @@ def min_distance(atoms: Atoms) -> float:
     return float(d.min()) if len(d) else float("inf")
 
 
+def check_output(path: str | Path, kind: str = "file") -> Path:
+    """Fail early, creating nothing, when `path` cannot become an output `kind` ("file" or
+    "directory"): an existing entry of the other kind, or no writable parent."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name for the output")
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: cannot write there (not a writable directory; needed for "
+                          f"{path})")  # fmt: skip
+    return path
+
+
 def check_writable_dir(path: Path) -> None:
     """Fail early if files cannot be created in directory `path`."""
     try:
@@ -119,19 +140,73 @@ def check_writable_dir(path: Path) -> None:
         raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def umask() -> int:
+    """The process's file-creation mask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: Path, mode: int | None = None) -> int:
+    """The permission bits a rewritten `path` gets: `mode` if given, else those `path` already
+    has, else what the umask allows a new file (colleagues keep their read access)."""
+    if mode is not None:
+        return mode
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~umask()
+
+
 @contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success it is renamed onto `path`, else removed."""
+def atomic_path(path: str | Path, mode: int | None = None):
+    """Yield a temp path beside `path`; on success it is renamed onto `path` (with the mode of
+    `new_file_mode`), else removed. Temp files that a killed process left for `path` are
+    removed first (their names carry the host and process id of their writer)."""
     path = Path(path)
     check_writable_dir(path.parent if str(path.parent) else Path("."))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    prefix = f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, new_file_mode(path, mode))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: str | Path) -> int:
+    """Remove the temp files of `atomic_path` for `path` whose writer (a process on this host)
+    is gone, e.g. killed with -9; how many were removed."""
+    path = Path(path)
+    host = socket.gethostname()
+    n = 0
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        writer = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        owner, _, pid = writer.rpartition("-")
+        if owner == host and pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, exited but not yet reaped, does
+    not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def write_structure(atoms: Atoms, path: str | Path, fmt: str) -> None:

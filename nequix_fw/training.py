@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import numpy as np
@@ -29,7 +29,10 @@ from nequix_fw.dataset import Labelled, ids_hash, read_labelled
 from nequix_fw.errors import ModelError, OutputError, StructureError
 from nequix_fw.models import load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
-from nequix_fw.structures import atomic_path
+from nequix_fw.structures import atomic_path, check_output, check_writable_dir
+
+if TYPE_CHECKING:
+    from nequix_fw.store import DatabaseRef
 
 MEMBER_GLOB = "member_*.nqx"
 
@@ -134,16 +137,15 @@ def split_members(n: int, settings: TrainingSettings) -> list[tuple[list[int], l
 
 
 def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    """Refuse an output directory that holds models (unless `overwrite`) or cannot be made;
+    creates nothing."""
+    check_output(outdir, "directory")
     existing = sorted(outdir.glob(MEMBER_GLOB)) if outdir.is_dir() else []
     if existing and not overwrite:
         raise OutputError(
             f"{outdir}: already holds models ({', '.join(p.name for p in existing[:3])}); "
             "pass --overwrite or choose another directory"
         )
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{outdir}: cannot write there ({exc.strerror or exc})") from None
 
 
 def plan_members(
@@ -157,6 +159,11 @@ def plan_members(
         raise StructureError("the training set is empty")
     if finetune_from is not None and warm_start is not None:
         raise ModelError("give --finetune-from or --warm-start, not both")
+    if len(data) < 2 and settings.valid_fraction > 0:
+        raise StructureError(
+            f"{data[0].where}: the training set holds 1 structure; training needs at least 2 "
+            "(the validation split that picks the best epoch takes one)"
+        )
     numbers = sorted({int(z) for d in data for z in d.frame.atoms.numbers})
     splits = split_members(len(data), settings)
     if settings.stress_weight > 0:
@@ -168,6 +175,8 @@ def plan_members(
     facts: dict[str, Any] = {"elements_z": numbers, "n_structures": len(data)}
     plans = []
     if warm_start is not None:
+        if not Path(warm_start).is_dir():
+            raise ModelError(f"{warm_start}: warm-start directory not found")
         prev = sorted(Path(warm_start).glob(MEMBER_GLOB))
         if len(prev) < settings.n_models:
             raise ModelError(
@@ -522,15 +531,18 @@ def train_ensemble(
     warm_start: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    launchpad: str | Path | None = None,
+    launchpad: DatabaseRef | None = None,
+    allow_mixed: bool = False,
 ) -> list[dict]:
     """Train `settings.n_models` members on the labelled structures in `dataset` (files,
-    directories, store datasets ``db:NAME`` of the LaunchPad file `launchpad`)."""
+    directories, store datasets ``db:NAME`` of `launchpad`; one level of theory unless
+    `allow_mixed`)."""
     settings = settings or TrainingSettings()
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
-    data = read_labelled(dataset, launchpad)
+    data = read_labelled(dataset, launchpad, allow_mixed)
     plans, facts = plan_members(data, settings, finetune_from, warm_start)
+    check_writable_dir(outdir)  # inputs and starting models are fine: now make the output
     jobs = [(p, data, settings, outdir, facts) for p in plans]
     if settings.n_workers > 1:
         with ProcessPoolExecutor(settings.n_workers, mp_context=get_context("spawn")) as pool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
@@ -20,8 +21,11 @@ from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError
 from nequix_fw.settings import EnsembleSettings
-from nequix_fw.structures import atomic_path
+from nequix_fw.structures import atomic_path, check_output
 from nequix_fw.uncertainty import atomic_force_deviation
+
+if TYPE_CHECKING:
+    from nequix_fw.store import DatabaseRef
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
@@ -242,14 +246,15 @@ def validate(
     ev_structure: str | Path | None = None,
     plots: bool = True,
     settings: EnsembleSettings | None = None,
-    launchpad: str | Path | None = None,
+    launchpad: DatabaseRef | None = None,
+    allow_mixed: bool = False,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
     JSON report (and PNG plots beside it)."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
-    output = Path(output)
-    data = read_labelled(testset, launchpad)
+    output = check_output(output, "file")
+    data = read_labelled(testset, launchpad, allow_mixed)
     if not data:
         raise NequixFWError("the test set is empty")
     ensemble = Ensemble.from_specs(model_specs, settings)

@@ -17,7 +17,6 @@ from nequix_fw.firetasks import (
     TrainEnsembleTask,
     UpdateDatasetTask,
     ValidateTask,
-    _GrowingTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
 from nequix_fw.settings import SECTIONS, read_sections
@@ -33,8 +32,9 @@ _PATHS = {
 def _fw(c: Campaign, k: int, tasks: list, stage: str, group: int | None = None) -> Firework:
     resources = c.settings.resources.get(stage)
     spec = resources.spec() if resources else {}
-    if any(issubclass(t, _GrowingTask) for t in tasks):  # they look up what they appended
-        spec["_add_launchpad_and_fw_id"] = True
+    # every task reaches the database through the LaunchPad that runs it; growing tasks also
+    # look up what they appended
+    spec["_add_launchpad_and_fw_id"] = True
     params = {"sections": c.sections, "iteration": k}
     if group is not None:
         params["group"] = group
@@ -87,7 +87,10 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
         raise SettingsError(f"{config}: no 'campaign' section")
     if launchpad is not None:
         sections["campaign"].setdefault("launchpad", str(launchpad))
-    scheduled = Campaign(sections).settings.schedule  # the campaign section is valid
+    try:
+        scheduled = Campaign(sections).settings.schedule  # the campaign section is valid
+    except SettingsError as exc:
+        raise SettingsError(f"{config}: {exc}") from None
     sections["campaign"]["schedule"] = {str(k): v for k, v in scheduled.items()}  # BSON keys
     for entry in [sections, *scheduled.values()]:
         _absolute_paths(entry)

@@ -4,14 +4,20 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 from nequix_fw.models import new_model, save_model  # noqa: E402
 
+NFW = str(Path(sys.executable).parent / "nequix-fw")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MP1 = SHARED / "models" / "nequix-mp-1.nqx"
 
@@ -100,3 +106,26 @@ def trained(emt_data, tmp_path_factory) -> dict:
     )
     metas = train_ensemble([emt_data["train"]], out, settings, progress=False)
     return {"dir": out, "metas": metas, "settings": settings}
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory) -> dict:
+    """One local MongoDB server for the test run, started and stopped with `nequix-fw db`;
+    its LaunchPad settings."""
+    d = tmp_path_factory.mktemp("mongo")
+    lp = d / "launchpad.yaml"
+    subprocess.run([NFW, "db", "start", "--dir", str(d / "server"), "--launchpad", str(lp)],
+                   check=True, capture_output=True)  # fmt: skip
+    yield {**yaml.safe_load(lp.read_text()), "directory": d / "server"}
+    subprocess.run([NFW, "db", "stop", "--dir", str(d / "server")], capture_output=True)
+
+
+@pytest.fixture
+def launchpad_file(mongo_server, tmp_path, request) -> Path:
+    """`tmp_path/my_launchpad.yaml`: a database of this test's own on the test server."""
+    config = {k: v for k, v in mongo_server.items() if k != "directory"}
+    test = re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40]
+    config["name"] = f"{test}_{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "my_launchpad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -3,18 +3,19 @@
 ensembles. Each command is its own process (the embedded store is written back at exit)."""
 
 import datetime
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import ase.db
 import ase.io
 import pytest
 import yaml
 from conftest import emt_labelled, make_cells
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 SETTINGS = """
@@ -45,7 +46,8 @@ selection:
 
 QUERY = """
 import json
-from nequix_fw.store import COLLECTION, launchpad_db
+from nequix_fw.store import (COLLECTION, ITERATIONS, LABEL_TASKS, MODELS, SELECTIONS,
+                             VALIDATION, launchpad_db)
 db = launchpad_db("my_launchpad.yaml")
 docs = list(db[COLLECTION].find())
 print(json.dumps({
@@ -54,14 +56,23 @@ print(json.dumps({
     "dataset": sorted((d["dataset"], d["info"]["iteration"]) for d in docs),
     "ids": sorted(d["structure_id"] for d in docs),
     "backends": sorted({d["info"]["backend"] for d in docs}),
+    "counts": {c: db[c].count_documents({}) for c in (ITERATIONS, LABEL_TASKS, MODELS,
+                                                       VALIDATION, SELECTIONS)},
+    "iterations": [(d["iteration"], d.get("dataset_size"), d.get("stop_reason"),
+                    (d.get("validation") or {}).get("force_rmse_eV_per_A"))
+                   for d in db[ITERATIONS].find().sort("iteration", 1)],
+    "tasks": sorted((d["iteration"], d["status"], len(d["settings_hash"]))
+                    for d in db[LABEL_TASKS].find()),
+    "models": sorted((d["iteration"], d["file"], d["sha256"]) for d in db[MODELS].find()),
+    "indexes": sorted(db[LABEL_TASKS].index_information()),
 }))
 """
 
 
 def _fireworks(tmp_path: Path, *commands: list) -> dict:
-    """Run FireWorks commands one process at a time on the campaign's embedded store; the
-    store's state and campaign.json afterwards."""
-    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
+    """Run FireWorks commands one after another on the campaign's database; its state and
+    campaign.json afterwards."""
+    env = dict(os.environ)
     for cmd in [*commands, [sys.executable, "-c", QUERY]]:
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
@@ -75,7 +86,7 @@ RLAUNCH = [BIN / "rlaunch", "-l", "my_launchpad.yaml", "-w", "my_fworker.yaml", 
 
 
 def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
-    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
+    assert (tmp_path / "my_launchpad.yaml").is_file()  # the launchpad_file fixture's
     (tmp_path / "my_fworker.yaml").write_text(
         "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
     )
@@ -96,7 +107,7 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
     )  # fmt: skip
 
 
-def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
+def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpad_file):
     # from iteration 2 on, the schedule selects at most 2 structures instead of 3
     r = _campaign(tmp_path, "cu_au", lo=0.0,
                   extra="campaign: {schedule: {2: {selection: {max_selected: 2}}}}")  # fmt: skip
@@ -130,9 +141,45 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path):
                                                      ["2", "2", "2", "9"]]  # fmt: skip
     assert int(rows[1][1]) > 0 and int(rows[2][1]) > 0
     assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
+    assert "(from MongoDB (" in p.stdout.splitlines()[0]  # campaign-status reads the database
+    # everything the campaign produced is in MongoDB: per iteration its record, labelling tasks,
+    # members (checkpoints in GridFS), validation report and (from 1 on) selection manifest
+    assert db["counts"] == {"nequix_fw_iterations": 3, "nequix_fw_label_tasks": 4 + 3 + 2,
+                            "nequix_fw_models": 3 * 2, "nequix_fw_validation": 3,
+                            "nequix_fw_selections": 2}  # fmt: skip
+    stops = [None, None, "max_iterations (2) reached"]
+    assert [it[:3] for it in db["iterations"]] == [[0, 4, stops[0]], [1, 7, stops[1]],
+                                                   [2, 9, stops[2]]]  # fmt: skip
+    assert [it[3] for it in db["iterations"]] == [
+        it["validation"]["force_rmse_eV_per_A"] for it in its]  # fmt: skip
+    assert {tuple(t[:2]) for t in db["tasks"]} == {(0, "success"), (1, "success"), (2, "success")}
+    assert "campaign_1_iteration_1" in db["indexes"]
+    files = {(k, f): sha for k, f, sha in db["models"]}
+    for k in range(3):
+        for f in ("member_0.nqx", "member_1.nqx"):
+            data = (r["dir"] / f"iter_{k:03d}" / "models" / f).read_bytes()
+            assert files[(k, f)] == hashlib.sha256(data).hexdigest()
+    # export: the training data for other codes, and an ensemble for a worker without the files
+    nfw = [BIN / "nequix-fw"]
+    lp = ["--launchpad", str(tmp_path / "my_launchpad.yaml")]
+    subprocess.run([*nfw, "export", "--dataset", "db:cu_au", "--iteration", "1", "2",
+                    "--output", str(tmp_path / "new.extxyz"), *lp], check=True)  # fmt: skip
+    new = ase.io.read(tmp_path / "new.extxyz", ":")
+    assert sorted(a.info["iteration"] for a in new) == [1, 1, 1, 2, 2]
+    subprocess.run([*nfw, "export", "--dataset", "db:cu_au", "--format", "ase-db", "--output",
+                    str(tmp_path / "all.db"), *lp], check=True)  # fmt: skip
+    with ase.db.connect(tmp_path / "all.db") as con:
+        rows = list(con.select())
+    assert len(rows) == 9 and {row.backend for row in rows} == {"ase"}
+    assert sorted(row.structure_id for row in rows) == db["ids"]
+    subprocess.run([*nfw, "export", "--models", "cu_au/2", "--output", str(tmp_path / "m2"), *lp],
+                   check=True)  # fmt: skip
+    for f in ("member_0.nqx", "member_1.nqx"):
+        assert (tmp_path / "m2" / f).read_bytes() == (r["dir"] / "iter_002" / "models" / f
+                                                      ).read_bytes()  # fmt: skip
 
 
-def test_campaign_stops_when_nothing_is_selected(tmp_path):
+def test_campaign_stops_when_nothing_is_selected(tmp_path, launchpad_file):
     r = _campaign(tmp_path, "quiet", lo=50.0)  # every candidate 'accurate' at 50 eV/Å
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1]
@@ -142,7 +189,7 @@ def test_campaign_stops_when_nothing_is_selected(tmp_path):
     assert r["db"]["workflow_state"] == ["COMPLETED"]
 
 
-def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path):
+def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file):
     """`lpad rerun_fws` on a finished iteration: FireWorks reruns what the first run appended
     (the validation does not append it again), the selection picks the same structures, their
     labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""

@@ -119,12 +119,14 @@ def test_fewer_than_two_models(capsys, model_paths, pool, tmp_path):
 
 def test_models_with_different_cutoffs(capsys, model_paths, pool, tmp_path):
     m, c = new_model([29, 79], seed=0, cutoff=4.0)
-    short = save_model(tmp_path / "short.nqx", m, c)
+    (tmp_path / "short").mkdir()
+    short = save_model(tmp_path / "short" / "m0.nqx", m, c)  # the same file name: paths tell
     code, _, err = run_cli(
         capsys, "run-ensemble", "--models", model_paths[0], short, "--structures", pool,
         "--output", tmp_path / "r.json",
     )  # fmt: skip
-    assert code == 2 and "m0 and short have different cutoffs (5.0 Å vs 4.0 Å)" in err
+    assert code == 2
+    assert f"models {model_paths[0]} and {short} have different cutoffs (5.0 Å vs 4.0 Å)" in err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -124,7 +124,7 @@ def test_uncovered_element_is_named(ensemble):
 def test_different_elements_or_cutoffs_refused(model_paths, tmp_path):
     m, c = new_model([29, 46], seed=0)
     pd = save_model(tmp_path / "cupd.nqx", m, c)
-    msg = r"m0 and cupd cover different elements \(differ in Pd, Au\)"
+    msg = rf"models {model_paths[0]} and {pd} cover different elements \(differ in Pd, Au\)"
     with pytest.raises(ModelError, match=msg):
         Ensemble.from_specs([model_paths[0], pd])
     m, c = new_model([29, 79], seed=0, cutoff=4.0)

@@ -96,7 +96,7 @@ def test_bad_exploration_inputs(trained, tmp_path):
     with pytest.raises(SettingsError, match="must be a multiple of check_every"):
         make_settings(ExplorationSettings, sample_every=15, check_every=10)
     mol = ase.Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
-    with pytest.raises(SettingsError, match="NPT needs a periodic cell"):
+    with pytest.raises(SettingsError, match="Cu2: NPT needs a fully periodic cell"):
         run_md(mol, EMT(), 300.0, ExplorationSettings(steps=10), pressure_GPa=1.0)
     ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
     ni = bulk("Ni", "fcc", a=3.52)

@@ -2,7 +2,9 @@
 
 import json
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ase.io
@@ -90,7 +92,8 @@ def test_absurd_forces_recorded_as_failed(selected, tmp_path):
     s = LabellingSettings(calculator="emt", max_force=1e-3)
     summary = label_structures(selected["dir"], tmp_path / "o", make_backend(s), s, progress=False)
     assert summary["n_failed"] == 6
-    assert all(f["reason"].startswith("max force") for f in summary["failed"])
+    reasons = sorted(f["reason"].split(" ")[0] for f in summary["failed"])
+    assert reasons == ["max"] * 5 + ["min"]  # the too-close one never reached EMT (0.7 Å)
 
 
 def test_update_dataset_is_idempotent_and_reports_conflicts(selected, tmp_path, capsys):
@@ -216,10 +219,15 @@ def test_script_failures_are_recorded(selected, tmp_path, capsys):
     s = LabellingSettings(backend="script", command="echo boom >&2; exit 3")
     summary = label_structures(selected["dir"], tmp_path / "o", make_backend(s), s, progress=False)
     assert summary["n_failed"] == 6
-    assert {f["reason"] for f in summary["failed"]} == {"command exited 3: boom"}
+    assert {f["reason"] for f in summary["failed"]} == {
+        "command exited 3: boom",
+        "min interatomic distance 0.500 Å < 0.7 Å: not sent to script",
+    }
     s = LabellingSettings(backend="script", command="true")
     summary = label_structures(selected["dir"], tmp_path / "o2", make_backend(s), s, progress=False)
-    assert {f["reason"] for f in summary["failed"]} == {"the command left no result file"}
+    too_close = "min interatomic distance 0.500 Å < 0.7 Å: not sent to script"
+    reasons = {f["reason"] for f in summary["failed"]}
+    assert reasons == {"the command left no result file", too_close}
     src = str(selected["dir"])
     code = main(["label", "--backend", "script", "--command", "nosuchprog --fast",
                  "--structures", src, "--output", str(tmp_path / "o3")])  # fmt: skip
@@ -266,3 +274,28 @@ def test_truncated_results_and_bad_poscar(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "POSCAR: cannot read structures" in err
     assert not list((tmp_path / "o").glob("*/task.json"))
+
+
+def test_script_timeout_kills_the_whole_command(selected, tmp_path):
+    """A command past --timeout is killed with its children (nothing runs or writes on), and
+    its output files are kept."""
+    cmd = 'bash -c "echo started; sleep 4; echo late > late.txt"; sleep 30'
+    s = LabellingSettings(backend="script", command=cmd, timeout_s=1, min_distance=1.0)
+    one = selected["dir"] / f"{structure_id(selected['cells'][0])}.vasp"
+    summary = label_structures(one, tmp_path / "o", make_backend(s), s, progress=False)
+    assert summary["failed"][0]["reason"] == "timed out after 1.0 s"
+    (work,) = [p.parent for p in (tmp_path / "o").glob("*/task.json")]
+    assert (work / "script.out").read_text() == "started\n" and (work / "script.err").exists()
+    time.sleep(4.5)
+    assert not (work / "late.txt").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 30" not in ps and "sleep 4" not in ps
+
+
+def test_fresh_output_with_a_duplicated_frame_reuses_nothing(tmp_path, capsys):
+    a = make_cells(2, seed=4)
+    ase.io.write(tmp_path / "in.extxyz", [a[0], a[1], a[0]])
+    code, cap = _label(tmp_path / "in.extxyz", tmp_path / "o", capsys)
+    assert code == 0, cap.err
+    assert "labelled 2 of 2 structures with ase; 0 failed" in cap.out  # one label per structure
+    assert "earlier run" not in cap.out

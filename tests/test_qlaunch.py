@@ -1,12 +1,10 @@
-"""The campaign on a real (one-node) SLURM: `qlaunch -r singleshot` puts each Firework into its
-own `sbatch` job with its stage's queue requests (`campaign.resources`), and the jobs' `rlaunch`
-runs it. On the embedded store one FireWorks process at a time owns the store file, so every
-`qlaunch` and every job's `rlaunch` takes the same `flock`."""
+"""The campaign on a real (one-node) SLURM against the local MongoDB server: `qlaunch -r
+rapidfire` puts each ready Firework into its own `sbatch` job with its stage's queue requests
+(`campaign.resources`), several jobs run at once (labelling groups), and each job's `rlaunch`
+runs its Firework."""
 
-import datetime
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,15 +31,16 @@ campaign:
   testset: [testset.extxyz]
   max_iterations: 1
   explore: false
+  label_group_size: 2
   resources:
-    label: {queueadapter: {ntasks: 2}}
+    label: {queueadapter: {walltime: "00:10:00"}}
     train: {queueadapter: {walltime: "00:20:00", cpus_per_task: 2}}
 training:
   n_models: 2
   epochs: 2
   batch_size: 4
   architecture: {hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}
-labelling: {backend: ase, calculator: ">>reference_calculator<<"}
+labelling: {backend: ase, calculator: ">>reference_calculator<<", calculator_params: {delay_s: 7}}
 selection: {lo: 0.0, max_selected: 3}
 """
 
@@ -59,91 +58,89 @@ def _run(cmd: list, cwd: Path, env: dict) -> str:
     return p.stdout + p.stderr
 
 
-def _wait_for_job(launch_dir: Path, timeout_s: float = 300) -> str:
-    """The id of the job submitted from `launch_dir`, once SLURM has run it."""
-    name = re.search(r"--job-name=(\S+)", (launch_dir / "FW_submit.script").read_text()).group(1)
+def _queue_empty(timeout_s: float = 300) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        queued = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True,
-                                text=True, check=True).stdout.split()  # fmt: skip
-        outputs = list(launch_dir.glob(f"{name}-*.out"))
-        if not queued and outputs:
-            return outputs[0].name.removeprefix(f"{name}-").removesuffix(".out")
+        if not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            return
         time.sleep(1)
-    subprocess.run(["scancel", "-n", name])
-    raise AssertionError(f"SLURM job {name} did not finish in {timeout_s} s")
+    raise AssertionError(f"SLURM jobs still queued after {timeout_s} s")
 
 
-def test_campaign_through_qlaunch_on_slurm(slurm, tmp_path):
-    db, lock = tmp_path / "fw_db.json", tmp_path / "fw_db.lock"
-    lp, fw = tmp_path / "my_launchpad.yaml", tmp_path / "my_fworker.yaml"
-    lp.write_text((ROOT / "my_launchpad.yaml").read_text())
+QUERY = """
+import json
+from nequix_fw.store import COLLECTION, launchpad_db
+db = launchpad_db("my_launchpad.yaml")
+fws = {f["fw_id"]: (f["name"], f["state"]) for f in db.fireworks.find()}
+launches = {}
+for l in db.launches.find():
+    times = {h["state"]: str(h["created_on"]) for h in l["state_history"]}  # ISO strings
+    res = [h.get("reservation_id") for h in l["state_history"] if h["state"] == "RESERVED"]
+    launches.setdefault(l["fw_id"], []).append({"job": res[0] if res else None, "dir":
+        l["launch_dir"], "start": times.get("RUNNING"), "end": times.get("COMPLETED")})
+print(json.dumps({"fireworks": fws, "launches": launches,
+                  "workflow_state": [w["state"] for w in db.workflows.find()],
+                  "dataset": sorted(d["info"]["iteration"] for d in db[COLLECTION].find())}))
+"""
+
+
+def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_file):
+    lp, fw = launchpad_file, tmp_path / "my_fworker.yaml"
+    # EMT that takes 7 s a structure (jobs are submitted 5 s apart), so that the labelling groups visibly run side by side
     fw.write_text("name: slurm_worker\ncategory: ''\nquery: '{}'\n"
-                  "env:\n  reference_calculator: emt\n")  # fmt: skip
+                  "env:\n  reference_calculator: slow_emt:SlowEMT\n")  # fmt: skip
     qadapter = yaml.safe_load((ROOT / "my_qadapter.yaml").read_text())
-    qadapter.update(  # the node has 2 cores: one per task unless a stage asks for more
-        rocket_launch=f"flock {lock} {BIN}/rlaunch -l {lp} -w {fw} singleshot",
-        pre_rocket=f"export MONGOMOCK_SERVERSTORE_FILE={db}",
-        cpus_per_task=None,
-    )
+    qadapter.update(  # the node has 2 cores: one per job unless a stage asks for more
+        rocket_launch=f"{BIN}/rlaunch -l {lp} -w {fw} singleshot",
+        pre_rocket=f"export PYTHONPATH={ROOT / 'tests' / 'standins'}", cpus_per_task=None,
+    )  # fmt: skip
     (tmp_path / "my_qadapter.yaml").write_text(yaml.safe_dump(qadapter))
     ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     ase.io.write(tmp_path / "testset.extxyz", emt_labelled(4, seed=9))
     (tmp_path / "campaign.yaml").write_text(SETTINGS)
-    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(db)}
-    _run([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad", lp,
-          "--write", "wf.yaml"], tmp_path, env)  # fmt: skip
-    _run([BIN / "lpad", "-l", lp, "reset", "--password", datetime.date.today().isoformat()],
+    env = dict(os.environ)
+    _run([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad", lp],
          tmp_path, env)  # fmt: skip
-    _run([BIN / "lpad", "-l", lp, "add", "wf.yaml"], tmp_path, env)
-
-    jobs = []  # (Firework id, SLURM job id, launch directory)
-    for n in range(20):
-        launch_dir = tmp_path / "jobs" / f"{n:02d}"
-        launch_dir.mkdir(parents=True)
-        log = _run(["flock", lock, BIN / "qlaunch", "-l", lp, "-w", fw, "-q",
-                    tmp_path / "my_qadapter.yaml", "--launch_dir", launch_dir, "-r",
-                    "singleshot"], tmp_path, env)  # fmt: skip
-        if "No jobs exist in the LaunchPad" in log:
+    (tmp_path / "jobs").mkdir()
+    qlaunch = [BIN / "qlaunch", "-l", lp, "-w", fw, "-q", tmp_path / "my_qadapter.yaml",
+               "--launch_dir", tmp_path / "jobs", "-r", "rapidfire", "--sleep", "2"]  # fmt: skip
+    for _ in range(10):  # rapidfire returns when nothing is ready or waiting for a running job
+        _run(qlaunch, tmp_path, env)
+        _queue_empty()
+        state = json.loads(_run([sys.executable, "-c", QUERY], tmp_path, env).splitlines()[-1])
+        if state["workflow_state"] == ["COMPLETED"]:
             break
-        fw_id = re.search(r"reserved FW with fw_id: (\d+)", log).group(1)
-        jobs.append((int(fw_id), _wait_for_job(launch_dir), launch_dir))
-
-    query = """
-import json
-from nequix_fw.store import COLLECTION, launchpad_db
-db = launchpad_db("my_launchpad.yaml")
-fws = {f["fw_id"]: (f["name"], f["state"]) for f in db.fireworks.find()}
-res = {l["fw_id"]: [h.get("reservation_id") for h in l["state_history"]
-                    if h["state"] == "RESERVED"][0] for l in db.launches.find()}
-print(json.dumps({"fireworks": fws, "reservations": res,
-                  "workflow_state": [w["state"] for w in db.workflows.find()],
-                  "dataset": sorted(d["info"]["iteration"] for d in db[COLLECTION].find())}))
-"""
-    out = _run([sys.executable, "-c", query], tmp_path, env).strip().splitlines()[-1]
-    state = json.loads(out)
     fws = {int(k): v for k, v in state["fireworks"].items()}
-    # iteration 0 (label, dataset, train, validate), then select 1 appended by validate 0, then
-    # iteration 1's label..validate appended by select 1: nine Fireworks, nine SLURM jobs
-    assert len(jobs) == len(fws) == 9
+    launches = {int(k): v for k, v in state["launches"].items()}
+    # iteration 0 (2 label groups, dataset, train, validate), select 1 appended by validate 0,
+    # then iteration 1's label groups..validate appended by select 1: eleven Fireworks
+    names = sorted(name for name, _ in fws.values())
+    assert names == ["q dataset 0", "q dataset 1", "q label 0.0", "q label 0.1", "q label 1.0",
+                     "q label 1.1", "q select 1", "q train 0", "q train 1", "q validate 0",
+                     "q validate 1"]  # fmt: skip
     assert {s for _, s in fws.values()} == {"COMPLETED"}
     assert state["workflow_state"] == ["COMPLETED"]
-    assert state["dataset"] == [0] * 4 + [1] * 3
-    names = [fws[fw_id][0] for fw_id, _, _ in jobs]
-    assert names == ["q label 0", "q dataset 0", "q train 0", "q validate 0", "q select 1",
-                     "q label 1", "q dataset 1", "q train 1", "q validate 1"]  # fmt: skip
-    for fw_id, job_id, launch_dir in jobs:
-        # FireWorks recorded the SLURM job (whose output file named it) that ran the Firework
-        assert state["reservations"][str(fw_id)] == job_id
+    assert state["dataset"] == [0] * 4 + [1] * 3  # complete, nothing twice
+    assert all(len(v) == 1 for v in launches.values())  # every Firework ran once
+    by_name = {fws[i][0]: launches[i][0] for i in fws}
+    # the two labelling groups of an iteration ran at the same time, in two SLURM jobs
+    for k in (0, 1):
+        a, b = by_name[f"q label {k}.0"], by_name[f"q label {k}.1"]
+        assert a["job"] != b["job"]
+        assert a["start"] < b["end"] and b["start"] < a["end"], (a, b)
+    for name, launch in by_name.items():
+        # FireWorks recorded the SLURM job (whose output file names it) that ran the Firework
+        launch_dir = Path(launch["dir"])
+        job_name = name.replace(" ", "_")
+        assert (launch_dir / f"{job_name}-{launch['job']}.out").is_file()
         script = (launch_dir / "FW_submit.script").read_text()
-        assert f"--job-name={fws[fw_id][0].replace(' ', '_')}" in script
-        stage = fws[fw_id][0].split()[1]
+        assert f"--job-name={job_name}" in script
+        stage = name.split()[1]
         # each stage's queue requests, the rest from my_qadapter.yaml
-        assert ("#SBATCH --ntasks=2" in script) == (stage == "label")
-        assert ("#SBATCH --ntasks=1" in script) == (stage != "label")
         assert ("#SBATCH --cpus-per-task=2" in script) == (stage == "train")
-        assert "#SBATCH --time=" + ("00:20:00" if stage == "train" else "02:00:00") in script
+        walltime = {"train": "00:20:00", "label": "00:10:00"}.get(stage, "02:00:00")
+        assert f"#SBATCH --time={walltime}" in script
 
 
 def test_resources_go_into_the_firework_specs(tmp_path):
@@ -158,10 +155,11 @@ def test_resources_go_into_the_firework_specs(tmp_path):
                                  "select": {"fworker": "gpu_node"}}}}  # fmt: skip
     wf = campaign_workflow(sections)
     specs = {fw.name: fw.spec for fw in wf.fws}
-    label = {"_category": "dft", "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}}
+    # every task reaches the database through the LaunchPad that runs it
+    lp = {"_add_launchpad_and_fw_id": True}
+    label = {"_category": "dft", "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}, **lp}
     assert specs == {"r label 0.0": label, "r label 0.1": label, "r label 0.2": label,
-                     "r dataset 0": {}, "r train 0": {},
-                     "r validate 0": {"_add_launchpad_and_fw_id": True}}  # fmt: skip
+                     "r dataset 0": lp, "r train 0": lp, "r validate 0": lp}  # fmt: skip
     # the 5 initial structures in groups of 2: three parallel labelling Fireworks, then the rest
     names = {fw.fw_id: fw.name for fw in wf.fws}
     links = {names[a]: sorted(names[b] for b in bs) for a, bs in wf.links.items()}

@@ -1,5 +1,5 @@
-"""The MongoDB store through FireWorks' embedded mongomock backend, with real processes: the
-embedded store is loaded at start and written back at exit, so each step is its own command."""
+"""The MongoDB store on the local MongoDB server, with real processes (each step its own
+command, as a user runs them)."""
 
 import json
 import os
@@ -11,14 +11,12 @@ import ase.io
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 NFW = str(Path(sys.executable).parent / "nequix-fw")
 
 
 @pytest.fixture
-def store(tmp_path):
-    (tmp_path / "my_launchpad.yaml").write_text((ROOT / "my_launchpad.yaml").read_text())
-    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "fw_db.json")}
+def store(tmp_path, launchpad_file):
+    env = dict(os.environ)
 
     def run(*args, check=True):
         p = subprocess.run([NFW, *args], cwd=tmp_path, env=env, capture_output=True, text=True)

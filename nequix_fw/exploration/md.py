@@ -70,12 +70,15 @@ def run_md(
     Every `check_every` steps the trajectory is checked: ensemble uncertainty above `hi`, atoms
     closer than `min_distance`, a temperature above `max_temperature_factor` x target, or
     non-finite forces stop it, recording why and when. Frames are sampled every `sample_every`
-    steps with their provenance (parent id, condition, step, time, uncertainty).
+    steps with their provenance (parent id, condition, step, time, uncertainty). A trajectory
+    stopped on uncertainty also keeps its last checked frame that was still in trust (info
+    ``last_in_trust``), the most informative one, when it was not sampled already.
     """
     from ase.md.velocitydistribution import thermalize_momenta
 
     if pressure_GPa is not None and not atoms.pbc.all():
-        raise SettingsError("NPT needs a periodic cell; this structure is not fully periodic")
+        raise SettingsError(f"{atoms.get_chemical_formula()}: NPT needs a fully periodic cell; "
+                            "this structure is not")  # fmt: skip
     rng = np.random.default_rng(seed)
     a = atoms.copy()
     a.calc = calc
@@ -84,7 +87,16 @@ def run_md(
     parent_id = parent_id or structure_id(atoms)
     condition = {"temperature_K": temperature_K, "pressure_GPa": pressure_GPa, "seed": seed}
     frames: list[Atoms] = []
-    reason, step = "completed", 0
+    reason, step, in_trust = "completed", 0, None
+
+    def snapshot() -> Atoms:
+        f = Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc)
+        f.info.update(generator="md", parent_id=parent_id, step=step,
+                      time_fs=step * settings.timestep_fs, temperature_K=temperature_K, seed=seed,
+                      **({"pressure_GPa": pressure_GPa} if pressure_GPa is not None else {}),
+                      **({"max_force_dev": float(dev)} if dev is not None else {}))  # fmt: skip
+        return f
+
     while step < settings.steps:
         dyn.run(settings.check_every)
         step += settings.check_every
@@ -98,14 +110,14 @@ def run_md(
             reason = "min_distance"
         elif a.get_temperature() > settings.max_temperature_factor * temperature_K:
             reason = "temperature"
-        if reason == "completed" and step % settings.sample_every == 0:
-            f = Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc)
-            f.info.update(generator="md", parent_id=parent_id, step=step,
-                          time_fs=step * settings.timestep_fs, temperature_K=temperature_K,
-                          seed=seed,
-                          **({"pressure_GPa": pressure_GPa} if pressure_GPa is not None else {}),
-                          **({"max_force_dev": float(dev)} if dev is not None else {}))  # fmt: skip
-            frames.append(f)
+        if reason == "completed":
+            in_trust = snapshot()
+            if step % settings.sample_every == 0:
+                frames.append(in_trust)
+        elif reason == "uncertainty" and in_trust is not None:
+            if not frames or frames[-1] is not in_trust:
+                in_trust.info["last_in_trust"] = True
+                frames.append(in_trust)
         if reason != "completed":
             break
     return Trajectory(frames, reason, step, condition)

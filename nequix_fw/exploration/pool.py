@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 import ase.io
 import numpy as np
 from ase import Atoms
 from tqdm import tqdm
 
-from nequix_fw.errors import StructureError
+from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.exploration.distortions import (
     distorted_copies,
     random_packing,
@@ -21,7 +20,7 @@ from nequix_fw.exploration.distortions import (
 )
 from nequix_fw.exploration.md import Trajectory, run_md
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings
-from nequix_fw.structures import Frame, atomic_path, check_writable_dir, structure_id
+from nequix_fw.structures import Frame, atomic_path, check_output, structure_id
 
 
 def generate_structures(structures: list[Frame], settings: ExplorationSettings) -> list[Atoms]:
@@ -92,10 +91,14 @@ def explore(
 
     if not structures and not settings.random_packing:
         raise StructureError("no starting structures for exploration")
-    output = Path(output)
-    check_writable_dir(output)
+    output = check_output(output, "directory")
+    ensemble.check_distinct()
     for fr in structures:
-        ensemble.check_covered(fr.atoms, f"{fr.source} frame {fr.frame}")
+        where = f"{fr.source} frame {fr.frame}"
+        ensemble.check_covered(fr.atoms, where)
+        if settings.steps and settings.pressures_GPa and not fr.atoms.pbc.all():
+            raise SettingsError(f"{where}: NPT (pressures_GPa) needs a fully periodic cell, and "
+                                "this structure is not; explore it at constant volume")  # fmt: skip
     generated = generate_structures(structures, settings)
     for a in generated:
         ensemble.check_covered(a, f"generated structure ({a.info['generator']})")
@@ -132,6 +135,14 @@ def explore(
     for a in generated:
         pool.setdefault(structure_id(a), a)
     frames = list(pool.values())
+    if not frames:
+        raise StructureError(
+            f"{output}: the exploration yielded no candidate frame: {len(trajectories)} "
+            f"trajectories of {settings.steps} steps sample every {settings.sample_every} steps, "
+            "and no distortions or random packings were asked for; lower sample_every "
+            "(--sample-every) or raise steps"
+        )
+    output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "candidates.extxyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
     manifest = {

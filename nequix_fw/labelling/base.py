@@ -23,7 +23,13 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError, SettingsError
 from nequix_fw.settings import LabellingSettings
-from nequix_fw.structures import atomic_path, check_writable_dir, iter_frames, min_distance
+from nequix_fw.structures import (
+    atomic_path,
+    check_output,
+    check_writable_dir,
+    iter_frames,
+    min_distance,
+)
 
 TASK_SCHEMA = "nequix-fw/label-task"
 
@@ -141,16 +147,19 @@ def label_structures(
 
     from nequix_fw.structures import structure_id
 
-    structures, output = Path(structures), Path(output)
-    check_writable_dir(output)
+    structures, output = Path(structures), check_output(output, "directory")
     frames = list(iter_frames([structures]))
+    check_writable_dir(output)  # the input is readable: now make the output
     if group is not None:
         frames = frames[group[0] * group[1] : (group[0] + 1) * group[1]]
     ids = _structure_ids(structures)
     settings_hash = backend.settings_hash()
-    results, n_reused = [], 0
+    results, n_reused, seen = [], 0, set()
     for fr in tqdm(frames, desc=f"label ({backend.name})", unit="struct", disable=not progress):
         sid = ids.get((Path(fr.source).name, fr.frame)) or structure_id(fr.atoms)
+        if sid in seen:  # the same structure twice in the input: labelled once
+            continue
+        seen.add(sid)
         workdir = output / sid
         done = _finished(workdir, settings_hash)
         if done is not None:
@@ -207,6 +216,7 @@ def label_structures(
         "n_structures": len(results),
         "n_success": sum(r["status"] == "success" for r in results),
         "n_reused": n_reused,
+        "n_duplicates": len(frames) - len(results),
         "n_failed": sum(r["status"] != "success" for r in results),
         "failed": [
             {"structure_id": r["structure_id"], "reason": r["reason"]}

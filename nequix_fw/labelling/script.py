@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,38 @@ def find_result(workdir: Path) -> Path | None:
         if found:
             return found[0]
     return None
+
+
+def run_command(command: str, workdir: Path, env: dict, timeout_s: float | None) -> int | None:
+    """Run `command` through the shell in `workdir`, output to ``script.out``/``script.err``
+    there; its exit code, or None when it ran past `timeout_s`. The command runs in a process
+    group of its own, and the whole group is killed at the time-out (a shell's children too)."""
+    with open(workdir / "script.out", "wb") as out, open(workdir / "script.err", "wb") as err:
+        proc = subprocess.Popen(command, shell=True, cwd=workdir, env=env, stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return None
+        except BaseException:  # interrupted: leave nothing running behind
+            _kill_group(proc)
+            raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the command's process group, SIGKILL whatever is left of it after 5 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone
+        pass
+    proc.wait()
 
 
 class ScriptBackend(LabellingBackend):
@@ -61,19 +94,14 @@ class ScriptBackend(LabellingBackend):
         ase.io.write(workdir / "POSCAR", atoms, format="vasp", direct=True)
         env = {**os.environ, "NEQUIX_FW_STRUCTURE": str(workdir / "POSCAR")}
         doc: dict = {"command": self.command}
-        try:
-            proc = subprocess.run(
-                self.command, shell=True, cwd=workdir, env=env, capture_output=True, text=True,
-                timeout=self.timeout_s,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
+        returncode = run_command(self.command, workdir, env, self.timeout_s)
+        if returncode is None:
             return LabelResult(None, "failed", f"timed out after {self.timeout_s} s", doc)
-        (workdir / "script.out").write_text(proc.stdout)
-        (workdir / "script.err").write_text(proc.stderr)
-        doc["returncode"] = proc.returncode
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or [""]
-            return LabelResult(None, "failed", f"command exited {proc.returncode}: {tail[0]}", doc)
+        doc["returncode"] = returncode
+        if returncode != 0:
+            err = (workdir / "script.err").read_text(errors="replace")
+            tail = err.strip().splitlines()[-1:] or [""]
+            return LabelResult(None, "failed", f"command exited {returncode}: {tail[0]}", doc)
         result = find_result(workdir)
         if result is None:
             return LabelResult(None, "failed", "the command left no result file", doc)

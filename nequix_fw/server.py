@@ -1,0 +1,224 @@
+"""The local MongoDB server: SecantusDB run as its own process, for machines without `mongod`.
+
+SecantusDB (GPL-2.0-only, the optional extra ``nequix-fw[server]``) speaks MongoDB's wire
+protocol on WiredTiger; it is started and stopped through its command line ``secantusd-py``
+and never imported. A server directory holds::
+
+    <dir>/data/         WiredTiger files (reopened intact after a restart or a kill -9)
+    <dir>/server.json   host, port and whether authentication is on (kept after a stop)
+    <dir>/server.pid    the running server's process id (removed by `stop`)
+    <dir>/server.log    the server's output
+
+The server fsyncs its log at every commit (``--sync-on-commit``): without it, writes
+acknowledged just before a ``kill -9`` were lost here. A campaign writes a few documents per
+Firework, so the cost does not show.
+
+Production users point ``my_launchpad.yaml`` at their own ``mongod``; nothing else here cares
+which server answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pymongo
+import yaml
+
+from nequix_fw.errors import SettingsError
+from nequix_fw.structures import atomic_path, process_alive
+
+log = logging.getLogger(__name__)
+
+EXECUTABLE = "secantusd-py"
+DEFAULT_HOST = "127.0.0.1"
+
+
+class ServerError(SettingsError):
+    """The local server cannot be started, reached or stopped."""
+
+
+@dataclass
+class ServerState:
+    """Where a server directory's server listens, and whether it runs now."""
+
+    directory: Path
+    host: str
+    port: int
+    auth: bool
+    pid: int | None  # None: not running
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def _executable() -> str:
+    beside = Path(sys.executable).parent / EXECUTABLE
+    found = str(beside) if beside.is_file() else shutil.which(EXECUTABLE)
+    if not found:
+        raise ServerError(
+            f"{EXECUTABLE} not found: the local MongoDB server is the optional extra "
+            "'pip install nequix-fw[server]' (SecantusDB, GPL-2.0-only); or point "
+            "my_launchpad.yaml at your own mongod"
+        )
+    return found
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ping(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a MongoDB server answers `ping` at host:port (no credentials needed)."""
+    client = pymongo.MongoClient(host, port, directConnection=True,
+                                 serverSelectionTimeoutMS=int(timeout_s * 1000))  # fmt: skip
+    try:
+        client.admin.command("ping")
+        return True
+    except pymongo.errors.PyMongoError:
+        return False
+    finally:
+        client.close()
+
+
+def status(directory: str | Path) -> ServerState:
+    """The server of `directory`: its address and pid (None when it is not running; a pid
+    file left by a killed server is stale and ignored)."""
+    directory = Path(directory).expanduser().resolve()
+    conf = directory / "server.json"
+    if not conf.is_file():
+        raise ServerError(f"{directory}: no server here (start one with: nequix-fw db start "
+                          f"--dir {directory})")  # fmt: skip
+    c = json.loads(conf.read_text())
+    pid_file = directory / "server.pid"
+    pid = int(pid_file.read_text()) if pid_file.is_file() else None
+    if pid is not None and not process_alive(pid):
+        pid = None
+    return ServerState(directory, c["host"], int(c["port"]), bool(c.get("auth")), pid)
+
+
+def _launch(directory: Path, host: str, port: int, auth: bool, wait_s: float) -> int:
+    data = directory / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [_executable(), "--host", host, "--port", str(port), "--storage-path", str(data),
+           "--log-level", "WARNING", "--sync-on-commit", *(["--auth"] if auth else [])]  # fmt: skip
+    with open(directory / "server.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    (directory / "server.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (directory / "server.log").read_text(errors="replace").strip().splitlines()
+            (directory / "server.pid").unlink(missing_ok=True)
+            raise ServerError(f"{directory}: the server exited at start (code {proc.returncode}"
+                              f"): {tail[-1] if tail else 'no output'}")  # fmt: skip
+        if ping(host, port, 0.5):
+            return proc.pid
+        time.sleep(0.2)
+    _terminate(proc.pid, 5.0)
+    (directory / "server.pid").unlink(missing_ok=True)
+    raise ServerError(f"{directory}: the server did not answer on {host}:{port} in {wait_s:.0f} s "
+                      f"(see {directory / 'server.log'})")  # fmt: skip
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not process_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def start(
+    directory: str | Path,
+    port: int | None = None,
+    host: str = DEFAULT_HOST,
+    username: str | None = None,
+    password: str | None = None,
+    wait_s: float = 60.0,
+) -> ServerState:
+    """Start the server of `directory` in the background and wait until it answers.
+
+    The port is `port`, else the one this directory used before, else a free one. With
+    `username` and `password` the first start creates that user (role ``root``) and every start
+    requires SCRAM authentication. Refuses a second start while the server runs; a pid file
+    left by a killed server is stale and is replaced.
+    """
+    directory = Path(directory).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "server.json"
+    old = status(directory) if conf.is_file() else None
+    if old is not None and old.running:
+        raise ServerError(f"{directory}: a server already runs here (pid {old.pid}, "
+                          f"{old.host}:{old.port}); stop it with: nequix-fw db stop --dir "
+                          f"{directory}")  # fmt: skip
+    if (username is None) != (password is None):
+        raise ServerError("give both a user name and a password, or neither")
+    port = port or (old.port if old else None) or free_port(host)
+    if ping(host, port, 0.3):
+        raise ServerError(f"{host}:{port}: another server already listens there; choose "
+                          "another --port")  # fmt: skip
+    auth = bool(old and old.auth)
+    if username is not None and not auth:  # provision the user, then restart with auth
+        pid = _launch(directory, host, port, False, wait_s)
+        try:
+            client = pymongo.MongoClient(host, port, directConnection=True)
+            client.admin.command("createUser", username, pwd=password, roles=["root"])
+            client.close()
+        finally:
+            _terminate(pid, 10.0)
+            (directory / "server.pid").unlink(missing_ok=True)
+        auth = True
+    with atomic_path(conf) as tmp:
+        tmp.write_text(json.dumps({"host": host, "port": port, "auth": auth}, indent=1))
+    pid = _launch(directory, host, port, auth, wait_s)
+    log.info("MongoDB server (SecantusDB) pid %d on %s:%d, data in %s", pid, host, port,
+             directory / "data")  # fmt: skip
+    return ServerState(directory, host, port, auth, pid)
+
+
+def stop(directory: str | Path, timeout_s: float = 20.0) -> ServerState:
+    """Stop the server of `directory` (SIGTERM, then SIGKILL after `timeout_s`)."""
+    state = status(directory)
+    if state.running:
+        _terminate(state.pid, timeout_s)
+    (state.directory / "server.pid").unlink(missing_ok=True)
+    return state
+
+
+def launchpad_config(
+    state: ServerState, name: str, username: str | None = None, password: str | None = None
+) -> dict:
+    """A FireWorks LaunchPad file's contents for database `name` on this server."""
+    return {"host": state.host, "port": state.port, "name": name, "username": username,
+            "password": password, "authsource": "admin" if username else None,
+            "mongoclient_kwargs": {"directConnection": True},
+            "logdir": None, "strm_lvl": "INFO"}  # fmt: skip
+
+
+def write_launchpad(path: str | Path, config: dict) -> Path:
+    """Write a LaunchPad file atomically; readable by its owner only when it holds a
+    password."""
+    path = Path(path)
+    with atomic_path(path, mode=0o600 if config.get("password") else None) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
