@@ -86,7 +86,8 @@ print(json.dumps({"fireworks": fws, "launches": launches,
 
 def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_file):
     lp, fw = launchpad_file, tmp_path / "my_fworker.yaml"
-    # EMT that takes 7 s a structure (jobs are submitted 5 s apart), so that the labelling groups visibly run side by side
+    # EMT that takes 7 s a structure (jobs are submitted 5 s apart), so that the labelling
+    # groups visibly run side by side
     fw.write_text("name: slurm_worker\ncategory: ''\nquery: '{}'\n"
                   "env:\n  reference_calculator: slow_emt:SlowEMT\n")  # fmt: skip
     qadapter = yaml.safe_load((ROOT / "my_qadapter.yaml").read_text())
