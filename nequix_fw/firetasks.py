@@ -9,6 +9,8 @@ run appended).
 
 from __future__ import annotations
 
+import time
+
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
 from nequix_fw import campaign as stages
@@ -27,6 +29,15 @@ class _StageTask(FiretaskBase):
         return stages.Campaign(self["sections"], db=lp.db if lp is not None else None)
 
     def run_task(self, fw_spec):
+        """The stage, timed: ``task_wall_s`` in the launch's stored data (what FireWorks and
+        the database add around it is the rest of the launch's time)."""
+        t0 = time.perf_counter()
+        action = self.run_stage(fw_spec)
+        action.stored_data = {**(action.stored_data or {}),
+                              "task_wall_s": time.perf_counter() - t0}  # fmt: skip
+        return action
+
+    def run_stage(self, fw_spec) -> FWAction:
         return FWAction(stored_data=self.stage(self.campaign, self["iteration"]))
 
 
@@ -71,7 +82,7 @@ class SelectTask(_GrowingTask):
     """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
     the campaign when too few structures were selected."""
 
-    def run_task(self, fw_spec):
+    def run_stage(self, fw_spec):
         from nequix_fw.workflows import labelling_workflow
 
         c, k = self.campaign, self["iteration"]
@@ -88,7 +99,7 @@ class LabelTask(_StageTask):
 
     optional_params = ["group"]
 
-    def run_task(self, fw_spec):
+    def run_stage(self, fw_spec):
         env = fw_spec.get("_fw_env")
         summary = stages.label_stage(self.campaign, self["iteration"], env, self.get("group"))
         return FWAction(stored_data=summary)
@@ -99,7 +110,7 @@ class UpdateDatasetTask(_StageTask):
     """New labels into the training set (directory or store), idempotently; stops the
     iteration (defuses training and validation) when too many labels failed."""
 
-    def run_task(self, fw_spec):
+    def run_stage(self, fw_spec):
         record = stages.dataset_stage(self.campaign, self["iteration"])
         return FWAction(stored_data=record, defuse_children=bool(record.get("stop_reason")))
 
@@ -115,7 +126,7 @@ class TrainEnsembleTask(_StageTask):
 class ValidateTask(_GrowingTask):
     """Validation; appends the next iteration unless a stopping rule holds."""
 
-    def run_task(self, fw_spec):
+    def run_stage(self, fw_spec):
         from nequix_fw.workflows import exploration_workflow
 
         c, k = self.campaign, self["iteration"]
