@@ -27,6 +27,7 @@ from nequix_fw.settings import (
     LabellingSettings,
     SelectionSettings,
     TrainingSettings,
+    ValidationSettings,
     make_settings,
 )
 from nequix_fw.store import CampaignStore
@@ -106,6 +107,12 @@ class Campaign:
             self.store.save_iteration(k, its[k])
         return its[k]
 
+    def iteration_record(self, k: int) -> dict:
+        """Iteration k's record in campaign.json ({} if it has none yet)."""
+        path = self.directory / "campaign.json"
+        its = json.loads(path.read_text())["iterations"] if path.is_file() else []
+        return next((it for it in its if it["iteration"] == k), {})
+
 
 # -- the stages -----------------------------------------------------------------------------------
 
@@ -140,19 +147,29 @@ def evaluate_stage(c: Campaign, k: int) -> dict:
 
 
 def select_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.dataset import dataset_ids
-    from nequix_fw.selection import select_from_results
+    from nequix_fw.dataset import dataset_ids, read_labelled
+    from nequix_fw.selection import resolve_lo, select_from_results
 
     d = c.iter_dir(k)
     # never pay twice for a structure labelled earlier; a rerun of this selection picks the
     # same structures as its first run (labelled by this iteration since)
     labelled = dataset_ids(c.dataset, c.launchpad, before_iteration=k)
+    settings = c.section(SelectionSettings, k)
+    update: dict = {"seed": settings.seed + k}  # new random draws every iteration
+    if settings.lo == "auto":  # from the calibration of the ensemble that made the predictions
+        update["lo"] = resolve_lo(settings, c.iteration_record(k - 1).get("calibration"),
+                                  f"the validation of iteration {k - 1}")  # fmt: skip
+    settings = settings.model_copy(update=update)
+    known = None
+    if settings.diverse:  # keep away from what the training set already holds
+        known = [x.frame.atoms for x in read_labelled([c.dataset], c.launchpad, allow_mixed=True)]
     manifest = select_from_results(
-        d / "ensemble_results.json", d / "selected", c.section(SelectionSettings, k), labelled
+        d / "ensemble_results.json", d / "selected", settings, labelled, known
     )
     if c.store is not None:
         c.store.save_selection(k, manifest)
-    return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"])
+    return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"],
+                    selection_method=settings.method, selection_lo=settings.lo)  # fmt: skip
 
 
 def label_inputs(c: Campaign, k: int) -> Path:
@@ -233,14 +250,16 @@ def validate_stage(c: Campaign, k: int) -> dict:
     if not c.settings.testset:
         return c.record(k, validation=None)
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
-                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k))  # fmt: skip
+                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k),
+                      validation=c.section(ValidationSettings, k))  # fmt: skip
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
     record = c.record(k, validation={
         "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
         "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
-    })  # fmt: skip
+    }, calibration=(report.get("uncertainty") or {}).get("calibration"),
+       md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"))  # fmt: skip
     plot_progress(c.directory)
     return record
 
@@ -260,8 +279,19 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     """Why the campaign stops after iteration k's validation (None: go on to k + 1)."""
     s = c.settings
     rmse = (record.get("validation") or {}).get("force_rmse_eV_per_A")
-    if s.target_force_rmse is not None and rmse is not None and rmse <= s.target_force_rmse:
-        return f"converged: validation force RMSE {rmse:.4f} <= {s.target_force_rmse} eV/Å"
+    stable = record.get("md_stable_fraction")
+    met = []  # every target given must hold
+    if s.target_force_rmse is not None:
+        met.append(rmse is not None and rmse <= s.target_force_rmse)
+    if s.md_stable_fraction is not None:
+        met.append(stable is not None and stable >= s.md_stable_fraction)
+    if met and all(met):
+        why = []
+        if s.target_force_rmse is not None:
+            why.append(f"validation force RMSE {rmse:.4f} <= {s.target_force_rmse} eV/Å")
+        if s.md_stable_fraction is not None:
+            why.append(f"{stable:.0%} of MD runs stable (>= {s.md_stable_fraction:.0%})")
+        return "converged: " + ", ".join(why)
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None

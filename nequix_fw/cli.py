@@ -43,6 +43,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.threshold is not None and args.lo is not None:
         raise SettingsError("give --threshold or --lo, not both (--threshold is --lo)")
     lo = args.threshold if args.threshold is not None else args.lo
+    if lo is not None and lo != "auto":
+        try:
+            lo = float(lo)
+        except ValueError:
+            raise SettingsError(f"--lo {lo!r}: a number (eV/Å) or auto") from None
     settings = load_settings(
         args.config,
         SelectionSettings,
@@ -52,13 +57,28 @@ def _cmd_select(args: argparse.Namespace) -> int:
         diverse=True if args.diverse else None,
         min_distance=args.min_distance,
         format=args.format,
+        method=args.method,
+        seed=args.seed,
+        target_force_error=args.target_force_error,
     )
-    exclude = None
+    if settings.lo == "auto":
+        from nequix_fw.selection import resolve_lo
+
+        if not args.calibration:
+            raise SettingsError("--lo auto needs --calibration (a validate report)")
+        report = json.loads(Path(args.calibration).read_text())
+        cal = (report.get("uncertainty") or {}).get("calibration")
+        settings = settings.model_copy(update={"lo": resolve_lo(settings, cal, args.calibration)})
+        print(f"lo = {settings.lo:.4g} eV/Å from the calibration in {args.calibration}")
+    exclude, known = None, None
     if args.exclude_dataset:
-        from nequix_fw.dataset import dataset_ids
+        from nequix_fw.dataset import dataset_ids, read_labelled
 
         exclude = dataset_ids(args.exclude_dataset, args.launchpad)
-    manifest = select_from_results(args.ensemble, args.output, settings, exclude)
+        if settings.diverse:  # the picks also keep away from the training set's structures
+            data = read_labelled([args.exclude_dataset], args.launchpad, allow_mixed=True)
+            known = [d.frame.atoms for d in data]
+    manifest = select_from_results(args.ensemble, args.output, settings, exclude, known)
     c = manifest["counts"]
     print(
         f"{c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; "
@@ -100,12 +120,17 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from nequix_fw.settings import ValidationSettings, load_settings
     from nequix_fw.validation import validate
 
+    checks = load_settings(
+        args.config, ValidationSettings, md_stability=True if args.md_stability else None,
+        md_temperature_K=args.md_temperature, md_steps=args.md_steps,
+    )  # fmt: skip
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
         reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
-        launchpad=args.launchpad, allow_mixed=args.allow_mixed,
+        launchpad=args.launchpad, allow_mixed=args.allow_mixed, validation=checks,
     )  # fmt: skip
     mean = report["ensemble_mean"]
     line = (
@@ -124,6 +149,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             f"ROC AUC {auc if auc is None else round(auc, 3)} "
             f"(error > {uq['error_threshold_eV_per_A']} eV/Å)"
         )
+    md = report.get("md_stability")
+    if md:
+        n_ok = sum(r["stop_reason"] == "stable" for r in md["runs"])
+        stops = ", ".join(sorted({r["stop_reason"] for r in md["runs"]} - {"stable"}))
+        others = f" (others: {stops})" if stops else ""
+        print(f"MD stability at {md['temperature_K']:g} K: {n_ok} of {md['n_runs']} runs stable "
+              f"for {md['length_fs'] / 1000:g} ps{others}")  # fmt: skip
     print(f"report -> {args.output}")
     return 0
 
@@ -424,7 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="directory for selected structures")
     s.add_argument("--config", help="settings YAML (section 'selection')")
     s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
-    s.add_argument("--lo", type=float, help="lower trust level on max_force_dev (eV/Å)")
+    s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
+    s.add_argument(
+        "--target-force-error",
+        type=float,
+        help="--lo auto: the max force error (eV/Å) counted as accurate",
+    )
+    s.add_argument("--calibration", help="--lo auto: validate report holding the calibration")
     s.add_argument("--hi", type=float, help="upper trust level (eV/Å); above: failed")
     s.add_argument("--max-selected", type=int, help="most structures selected")
     s.add_argument(
@@ -432,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--min-distance", type=float, help="minimum interatomic distance (Å)")
     s.add_argument("--format", choices=["vasp", "extxyz"])
+    s.add_argument(
+        "--method",
+        choices=["uncertainty", "random"],
+        help="random: the control, max-selected drawn uniformly (not failed)",
+    )
+    s.add_argument("--seed", type=int, help="seed of --method random")
     s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
     s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     s.set_defaults(func=_cmd_select)
@@ -484,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test sets from different levels of theory together",
     )
+    v.add_argument("--config", help="settings YAML (section 'validation')")
+    v.add_argument(
+        "--md-stability",
+        action="store_true",
+        help="NVT runs of the ensemble mean from the test structures: stable?",
+    )
+    v.add_argument("--md-temperature", type=float, help="MD stability temperature (K)")
+    v.add_argument("--md-steps", type=int, help="MD stability steps per run")
     v.set_defaults(func=_cmd_validate)
 
     lb = sub.add_parser("label", help="label selected structures with a reference method")

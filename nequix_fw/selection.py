@@ -4,6 +4,8 @@ Every structure gets a class: ``accurate`` (max_force_dev < lo), ``candidate``
 (lo <= max_force_dev < hi) or ``failed`` (max_force_dev >= hi, a non-finite prediction, or atoms
 closer than ``min_distance``). Candidates are selected, highest uncertainty first or, with
 ``diverse``, by farthest-point sampling on a structural descriptor, up to ``max_selected``.
+``method: random`` is the control: ``max_selected`` drawn uniformly from every structure that is
+not failed (accurate ones too) and not already labelled.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from ase.geometry import complete_cell
 from matscipy.neighbours import neighbour_list
 
 from nequix_fw import __version__
-from nequix_fw.errors import NequixFWError, OutputError
+from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
 from nequix_fw.structures import min_distance, umask, write_structure
-from nequix_fw.uncertainty import trust_class
+from nequix_fw.uncertainty import lower_trust_level, trust_class
 
 MANIFEST_SCHEMA = "nequix-fw/selection"
 MANIFEST_VERSION = 1
@@ -76,15 +78,34 @@ def descriptor(atoms: Atoms, elements: list[int]) -> np.ndarray:
     return np.concatenate([comp, hist, vol])
 
 
-def farthest_point_order(x: np.ndarray, first: int, k: int) -> list[int]:
-    """Indices of `k` rows of `x` by farthest-point sampling, starting at row `first`."""
+def farthest_point_order(
+    x: np.ndarray, first: int | None, k: int, known: np.ndarray | None = None
+) -> list[int]:
+    """Indices of `k` rows of `x` by farthest-point sampling, starting at row `first`; with
+    `known` (rows already in the training set), distances count from those too, and without
+    `first` the first pick is the row farthest from them."""
+    dist = np.full(len(x), np.inf)
+    if known is not None and len(known):
+        dist = np.min(np.linalg.norm(x[:, None, :] - known[None, :, :], axis=2), axis=1)
+    if first is None:
+        first = int(np.argmax(dist))
     chosen = [first]
-    dist = np.linalg.norm(x - x[first], axis=1)
+    dist = np.minimum(dist, np.linalg.norm(x - x[first], axis=1))
     while len(chosen) < min(k, len(x)):
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
     return chosen
+
+
+def resolve_lo(settings: SelectionSettings, calibration: dict | None, where: str) -> float:
+    """The lower trust level (eV/Å) of `lo: auto`: from `calibration` (see
+    `nequix_fw.uncertainty.calibrate`), so that structures predicted to have a max force error
+    under `target_force_error` are accurate."""
+    if not calibration:
+        raise SettingsError(f"selection.lo: auto needs a calibration of the uncertainty, and "
+                            f"{where} has none (it needs a labelled test set)")  # fmt: skip
+    return lower_trust_level(calibration, settings.target_force_error)
 
 
 def classify(
@@ -105,7 +126,8 @@ def classify(
             entry.cls = trust_class(dev, settings.lo, settings.hi)
             if entry.cls == "failed":
                 entry.reason = f"max_force_dev {dev:.4g} eV/Å >= hi {settings.hi} eV/Å"
-        needs_atoms = entry.cls == "candidate" and (settings.min_distance or settings.diverse)
+        pickable = ("candidate", "accurate") if settings.method == "random" else ("candidate",)
+        needs_atoms = entry.cls in pickable and (settings.min_distance or settings.diverse)
         if needs_atoms:
             atoms = record_atoms(rec)
             if settings.min_distance is not None:
@@ -122,24 +144,37 @@ def classify(
 
 
 def choose(
-    entries: list[Entry], settings: SelectionSettings, exclude: set[str] | None = None
+    entries: list[Entry],
+    settings: SelectionSettings,
+    exclude: set[str] | None = None,
+    known: np.ndarray | None = None,
 ) -> list[Entry]:
     """Mark and return the selected candidates, in selection order; candidates whose id is in
-    `exclude` (already labelled) are not selected again."""
+    `exclude` (already labelled) are not selected again. With `diverse`, farthest-point
+    sampling starts from the most uncertain candidate, or, given `known` (descriptors of the
+    training set), from the candidate least like the training set, and keeps away from it."""
     exclude = exclude or set()
+    pickable = ("candidate", "accurate") if settings.method == "random" else ("candidate",)
     for e in entries:
-        if e.cls == "candidate" and e.id in exclude:
+        if e.cls in pickable and e.id in exclude:
             e.reason = "already labelled"
     seen: set[str] = set(exclude)
     cands = []
     for e in entries:  # the same structure twice in the input is selected once
-        if e.cls == "candidate" and e.id not in seen:
+        if e.cls in pickable and e.id not in seen:
             seen.add(e.id)
             cands.append(e)
-    cands.sort(key=lambda e: -e.metrics["max_force_dev"])
     k = len(cands) if settings.max_selected is None else min(settings.max_selected, len(cands))
+    if settings.method == "random":
+        rng = np.random.default_rng(settings.seed)
+        chosen = [cands[i] for i in sorted(rng.choice(len(cands), size=k, replace=False))]
+        for e in chosen:
+            e.selected = True
+        return chosen
+    cands.sort(key=lambda e: -e.metrics["max_force_dev"])
     if settings.diverse and 0 < k < len(cands):
-        order = farthest_point_order(np.stack([e.descriptor for e in cands]), 0, k)
+        x = np.stack([e.descriptor for e in cands])
+        order = farthest_point_order(x, None if known is not None else 0, k, known)
         chosen = [cands[i] for i in order]
     else:
         chosen = cands[:k]
@@ -183,13 +218,21 @@ def select_from_results(
     output: str | Path,
     settings: SelectionSettings,
     exclude: set[str] | None = None,
+    training_set: list[Atoms] | None = None,
 ) -> dict:
     """Classify and select from an ensemble-results file; write files + manifest atomically.
 
-    Structures whose id is in `exclude` (e.g. those already in the training set) are never
-    selected. Returns the manifest. The output directory appears complete or not at all.
+    With `diverse` and a `training_set`, the picks keep away from its structures as well as
+    from each other. Structures whose id is in `exclude` (e.g. those already in the training
+    set) are never selected. Returns the manifest. The output directory appears complete or not
+    at all.
     """
     results_path, output = Path(results_path), Path(output)
+    if settings.lo == "auto":
+        raise SettingsError(
+            "selection.lo: auto is resolved from a calibration first (a campaign does it; by "
+            "hand: select --calibration validation_report.json)"
+        )
     header, records = read_results(results_path)
     n_models = len(header.get("models", []))
     if n_models < 2:
@@ -200,7 +243,10 @@ def select_from_results(
     entries = classify(records, settings, elements)
     if not entries:
         raise NequixFWError(f"{results_path}: holds no structures")
-    chosen = {e.id: e for e in choose(entries, settings, exclude)}
+    known = None
+    if settings.diverse and training_set:
+        known = np.stack([descriptor(a, elements) for a in training_set])
+    chosen = {e.id: e for e in choose(entries, settings, exclude, known)}
     tmp = _prepare_output(output)
     try:
         suffix = "vasp" if settings.format == "vasp" else "extxyz"

@@ -71,7 +71,23 @@ class EnsembleSettings(_Settings):
 class SelectionSettings(_Settings):
     """DP-GEN-style trust levels on `max_force_dev` (eV/Å) and the caps on what is selected."""
 
-    lo: float = Field(0.05, ge=0, description="Lower trust level (eV/Å): below it, 'accurate'.")
+    method: Literal["uncertainty", "random"] = Field(
+        "uncertainty",
+        description="'uncertainty': the candidates between the trust levels (by uncertainty, or "
+        "diverse); 'random': max_selected picked uniformly from every structure that is not "
+        "failed and not already labelled, seeded by `seed` (the control a campaign is measured "
+        "against, at the same label budget).",
+    )
+    seed: int = Field(0, description="Seed of random selection (a campaign adds the iteration).")
+    lo: float | Literal["auto"] = Field(
+        0.05,
+        description="Lower trust level (eV/Å): below it, 'accurate'. 'auto': derived from the "
+        "calibration of the last validation so that structures predicted to be under "
+        "`target_force_error` are accurate (needs `target_force_error`).",
+    )
+    target_force_error: float | None = Field(
+        None, gt=0, description="With lo: auto, the max force error (eV/Å) that is accurate enough."
+    )
     hi: float | None = Field(
         None,
         ge=0,
@@ -97,6 +113,12 @@ class SelectionSettings(_Settings):
 
     @model_validator(mode="after")
     def _check_levels(self) -> SelectionSettings:
+        if self.lo == "auto":
+            if self.target_force_error is None:
+                raise ValueError("lo: auto needs target_force_error (eV/Å)")
+            return self
+        if self.lo < 0:
+            raise ValueError(f"lo must be >= 0 eV/Å, got {self.lo}")
         if self.hi is not None and self.lo > self.hi:
             raise ValueError(f"lo ({self.lo} eV/Å) must not exceed hi ({self.hi} eV/Å)")
         return self
@@ -359,7 +381,9 @@ class ExplorationSettings(_Settings):
 Stage = Literal["explore", "select", "label", "dataset", "train", "validate"]
 
 
-ScheduledSection = Literal["ensemble", "selection", "training", "labelling", "exploration"]
+ScheduledSection = Literal[
+    "ensemble", "selection", "training", "labelling", "exploration", "validation"
+]
 
 
 class FireworkResources(_Settings):
@@ -417,6 +441,11 @@ class CampaignSettings(_Settings):
         None, gt=0, description="Stop once the ensemble mean's validation force RMSE (eV/Å) is "
         "at or below this (needs a testset).",
     )  # fmt: skip
+    md_stable_fraction: float | None = Field(
+        None, gt=0, le=1, description="Stop once at least this fraction of the validation's MD "
+        "stability runs stays physical (needs validation.md_stability); with target_force_rmse "
+        "too, both must hold.",
+    )  # fmt: skip
     accurate_fraction: float | None = Field(
         None, gt=0, le=1, description="Stop once at least this fraction of an iteration's "
         "candidates is accurate (max_force_dev < selection.lo; DP-GEN's convergence measure).",
@@ -449,6 +478,30 @@ class CampaignSettings(_Settings):
         return self
 
 
+class ValidationSettings(_Settings):
+    """Validation besides the errors: MD stability of the ensemble mean (NVT, Bussi thermostat,
+    from the held-out structures)."""
+
+    md_stability: bool = Field(False, description="Run the MD stability check.")
+    md_temperature_K: float = Field(1000.0, gt=0, description="Temperature of the runs (K).")
+    md_steps: int = Field(500, ge=1, description="Steps per run.")
+    md_timestep_fs: float = Field(2.0, gt=0, description="Time step (fs).")
+    md_n_runs: int = Field(4, ge=1, description="Runs, from the first test structures.")
+    md_check_every: int = Field(10, ge=1, description="Steps between checks.")
+    md_min_distance_A: float = Field(
+        0.7, gt=0, description="Atoms closer than this (Å): the structure collapsed."
+    )
+    md_max_temperature_factor: float = Field(
+        3.0, gt=1, description="A temperature above this multiple of the target: a runaway."
+    )
+    md_max_energy_drift_eV_per_atom_ps: float = Field(
+        0.05,
+        gt=0,
+        description="Largest drift of the conserved energy (potential + kinetic - what the "
+        "thermostat exchanged), eV/atom per ps.",
+    )
+
+
 S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
@@ -457,6 +510,7 @@ SECTIONS: dict[str, type[_Settings]] = {
     "training": TrainingSettings,
     "labelling": LabellingSettings,
     "exploration": ExplorationSettings,
+    "validation": ValidationSettings,
     "campaign": CampaignSettings,
 }
 

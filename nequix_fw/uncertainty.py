@@ -53,3 +53,34 @@ def trust_class(max_force_dev: float, lo: float, hi: float | None) -> TrustClass
     if hi is not None and max_force_dev >= hi:
         return "failed"
     return "candidate"
+
+
+def calibrate(max_force_dev, max_force_error, coverage: float = 0.9) -> dict:
+    """How `max_force_dev` (eV/Å) relates to the true max force error (eV/Å) on labelled data.
+
+    ``scale``: the geometric-mean ratio error / deviation (the least-squares fit of
+    ``log err = log scale + log dev``), so ``scale * dev`` estimates the error.
+    ``conformal_factor``: the split-conformal quantile of that ratio at `coverage`, so that
+    ``error <= conformal_factor * dev`` holds for that share of new structures from the same
+    distribution (exchangeability). Structures with zero deviation or error are left out.
+    """
+    dev = np.asarray(max_force_dev, dtype=np.float64)
+    err = np.asarray(max_force_error, dtype=np.float64)
+    keep = (dev > 0) & (err > 0) & np.isfinite(dev) & np.isfinite(err)
+    ratio = err[keep] / dev[keep]
+    n = len(ratio)
+    if n < 2:
+        raise ValueError(f"calibration needs at least 2 structures with a deviation, got {n}")
+    level = min(1.0, np.ceil((n + 1) * coverage) / n)  # finite-sample conformal level
+    return {
+        "scale": float(np.exp(np.log(ratio).mean())),
+        "conformal_factor": float(np.quantile(ratio, level, method="higher")),
+        "coverage": coverage,
+        "n_structures": n,
+    }
+
+
+def lower_trust_level(calibration: dict, target_force_error: float) -> float:
+    """The `lo` (eV/Å) below which a structure's max force error is predicted to be under
+    `target_force_error` (eV/Å) with the calibration's coverage."""
+    return target_force_error / calibration["conformal_factor"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from ase.data import chemical_symbols
 from ase.units import GPa
 
@@ -20,9 +20,9 @@ from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError
-from nequix_fw.settings import EnsembleSettings
-from nequix_fw.structures import atomic_path, check_output
-from nequix_fw.uncertainty import atomic_force_deviation
+from nequix_fw.settings import EnsembleSettings, ValidationSettings
+from nequix_fw.structures import atomic_path, check_output, min_distance
+from nequix_fw.uncertainty import atomic_force_deviation, calibrate
 
 if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
@@ -91,8 +91,13 @@ def uncertainty_quality(
         for p, d in zip(preds, data, strict=True)
     ])  # fmt: skip
     rho = spearmanr(dev, err).statistic if len(dev) > 2 else np.nan
+    try:
+        calibration = calibrate(dev, err)
+    except ValueError:  # too few structures with a spread
+        calibration = None
     return {
         "n_structures": len(dev),
+        "calibration": calibration,
         "spearman_max_force_dev_vs_max_force_error": None if np.isnan(rho) else float(rho),
         "roc_auc": roc_auc(dev, err > threshold),
         "error_threshold_eV_per_A": threshold,
@@ -167,6 +172,52 @@ def physics_checks(ensemble: Ensemble, structure: Atoms, reference: str) -> dict
             "position_rmsd_A": float(np.sqrt((disp**2).sum(1).mean())),
         },
     }
+
+
+def md_stability(structures: Sequence[Atoms], calc, settings: ValidationSettings) -> dict:
+    """NVT runs (Bussi) of `calc` (e.g. the ensemble mean) from each structure: which stay
+    physical, and for how long. A run stops when atoms come closer than `md_min_distance_A`
+    ("collapsed"), the temperature runs away, forces or energies are not finite, or the conserved
+    energy (potential + kinetic - what the thermostat exchanged) drifts by more than
+    `md_max_energy_drift_eV_per_atom_ps` (Bussi et al., J. Chem. Phys. 126, 014101 (2007))."""
+    from ase.md.bussi import Bussi
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+
+    s = settings
+    runs = []
+    for i, start in enumerate(structures[: s.md_n_runs]):
+        a = start.copy()
+        a.calc = calc
+        rng = np.random.default_rng(i)
+        thermalize_momenta(a, s.md_temperature_K, rng=rng)
+        Stationary(a)
+        dyn = Bussi(a, s.md_timestep_fs * units.fs, s.md_temperature_K, 100 * units.fs, rng=rng)
+        h0 = a.get_potential_energy() + a.get_kinetic_energy()
+        reason, step, drift, survived_fs = "stable", 0, 0.0, 0.0
+        while reason == "stable" and step < s.md_steps:
+            dyn.run(s.md_check_every)
+            step += s.md_check_every
+            e, f = a.get_potential_energy(), a.get_forces()
+            if not (np.isfinite(e) and np.isfinite(f).all()):
+                reason = "non-finite"
+            elif min_distance(a) < s.md_min_distance_A:
+                reason = "collapsed"
+            elif a.get_temperature() > s.md_max_temperature_factor * s.md_temperature_K:
+                reason = "temperature runaway"
+            else:
+                h = e + a.get_kinetic_energy() - dyn.transferred_energy
+                drift = abs(h - h0) / len(a) / (step * s.md_timestep_fs / 1000)
+                if drift > s.md_max_energy_drift_eV_per_atom_ps:
+                    reason = "energy drift"
+                else:
+                    survived_fs = step * s.md_timestep_fs
+        runs.append({"formula": start.get_chemical_formula(), "stop_reason": reason,
+                     "survived_fs": survived_fs,
+                     "energy_drift_eV_per_atom_ps": float(drift)})  # fmt: skip
+    stable = sum(r["stop_reason"] == "stable" for r in runs)
+    return {"temperature_K": s.md_temperature_K, "length_fs": s.md_steps * s.md_timestep_fs,
+            "n_runs": len(runs), "stable_fraction": stable / len(runs) if runs else None,
+            "runs": runs}  # fmt: skip
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -248,6 +299,7 @@ def validate(
     settings: EnsembleSettings | None = None,
     launchpad: DatabaseRef | None = None,
     allow_mixed: bool = False,
+    validation: ValidationSettings | None = None,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
     JSON report (and PNG plots beside it)."""
@@ -289,6 +341,9 @@ def validate(
 
         structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
         report["physics"] = physics_checks(ensemble, structure, reference)
+    if validation is not None and validation.md_stability:
+        starts = [d.frame.atoms.copy() for d in data]
+        report["md_stability"] = md_stability(starts, EnsembleCalculator(ensemble), validation)
     if plots:
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     with atomic_path(output) as tmp:

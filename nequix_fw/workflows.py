@@ -19,7 +19,7 @@ from nequix_fw.firetasks import (
     ValidateTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
-from nequix_fw.settings import SECTIONS, read_sections
+from nequix_fw.settings import SECTIONS, ValidationSettings, read_sections
 from nequix_fw.structures import iter_frames
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
@@ -102,6 +102,12 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
             except SettingsError as exc:
                 where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
                 raise SettingsError(f"{config}: {exc}{where}") from None
+    if (
+        c.settings.md_stable_fraction is not None
+        and not c.section(ValidationSettings, 0).md_stability
+    ):
+        raise SettingsError(f"{config}: campaign.md_stable_fraction needs validation.md_stability: "
+                            "true (the runs it counts)")  # fmt: skip
     return sections
 
 

@@ -38,7 +38,7 @@ def server(tmp_path):
 
 
 def _setup(
-    root: Path, name: str, labelling: dict, max_iterations: int = 1, epochs: int = 30
+    root: Path, name: str, labelling: dict, max_iterations: int = 1, epochs: int = 10
 ) -> dict:
     """A campaign directory with its own database: initial cells, a fixed candidate pool."""
     root.mkdir(parents=True, exist_ok=True)

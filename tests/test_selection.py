@@ -130,7 +130,8 @@ def test_min_distance_filter_marks_failed(model_paths, tmp_path):
     "values, msg",
     [
         ({"lo": 0.3, "hi": 0.1}, "lo (0.3 eV/Å) must not exceed hi (0.1 eV/Å)"),
-        ({"lo": -0.1}, "lo: Input should be greater than or equal to 0"),
+        ({"lo": -0.1}, "lo must be >= 0 eV/Å, got -0.1"),
+        ({"lo": "auto"}, "lo: auto needs target_force_error (eV/Å)"),
         ({"hi": -1.0}, "hi: Input should be greater than or equal to 0"),
         ({"max_selected": 0}, "max_selected: Input should be greater than or equal to 1"),
     ],
@@ -196,3 +197,112 @@ def test_already_labelled_structures_are_not_selected_again(results, tmp_path, c
     assert sorted(chosen) == sorted(ranked[2:5])
     skipped = {s["id"]: s["reason"] for s in manifest["structures"] if s["id"] in ranked[:2]}
     assert skipped == {ranked[0]: "already labelled", ranked[1]: "already labelled"}
+
+
+def _entries(n_candidates: int, n_accurate: int, n_failed: int) -> list:
+    from nequix_fw.selection import Entry
+
+    classes = ["candidate"] * n_candidates + ["accurate"] * n_accurate + ["failed"] * n_failed
+    return [Entry(id=f"s{i}", source="x", frame=i, formula="Cu4", n_atoms=4, cls=c,
+                  metrics={"max_force_dev": 0.01 * i}) for i, c in enumerate(classes)]  # fmt: skip
+
+
+def test_random_selection_is_uniform_reproducible_and_skips_failed_and_labelled():
+    from nequix_fw.selection import choose
+    from nequix_fw.settings import SelectionSettings
+
+    excluded = {"s0", "s21"}
+    counts = np.zeros(40)
+    for seed in range(3000):
+        s = SelectionSettings(method="random", max_selected=9, seed=seed, lo=0.1)
+        chosen = choose(_entries(20, 10, 10), s, exclude=excluded)
+        assert len(chosen) == 9 and len({e.id for e in chosen}) == 9
+        for e in chosen:
+            counts[int(e.id[1:])] += 1
+    # never a failed (30-39) or an already labelled structure; accurate ones are drawn too
+    assert counts[30:].sum() == 0 and counts[0] == 0 and counts[21] == 0
+    pickable = [i for i in range(30) if i not in (0, 21)]
+    freq = counts[pickable] / 3000
+    assert np.allclose(freq, 9 / 28, atol=0.035)  # uniform: 9 of 28, each
+    s = SelectionSettings(method="random", max_selected=5, seed=7)
+    first = [e.id for e in choose(_entries(20, 10, 10), s)]
+    assert first == [e.id for e in choose(_entries(20, 10, 10), s)]  # the same seed, the same
+    other = SelectionSettings(method="random", max_selected=5, seed=8)
+    assert first != [e.id for e in choose(_entries(20, 10, 10), other)]
+    # the uncertainty method takes the most uncertain candidates, never accurate ones
+    unc = choose(_entries(20, 10, 10), SelectionSettings(max_selected=5, lo=0.1))
+    assert [e.id for e in unc] == ["s19", "s18", "s17", "s16", "s15"]
+
+
+def test_calibration_recovers_a_known_scale_and_sets_lo():
+    from nequix_fw.selection import resolve_lo
+    from nequix_fw.settings import SelectionSettings
+    from nequix_fw.uncertainty import calibrate, lower_trust_level
+
+    rng = np.random.default_rng(0)
+    dev = rng.lognormal(-2.0, 0.8, size=4000)  # eV/Å
+    noise = rng.lognormal(0.0, 0.3, size=4000)
+    err = 2.5 * dev * noise  # the true error is 2.5x the spread, with log-normal scatter
+    cal = calibrate(dev, err, coverage=0.9)
+    assert cal["scale"] == pytest.approx(2.5, rel=0.02)
+    # conformal factor: the 90% quantile of the ratio, exp(1.2816 * 0.3) * 2.5 analytically
+    assert cal["conformal_factor"] == pytest.approx(2.5 * np.exp(1.2816 * 0.3), rel=0.03)
+    # on fresh data from the same distribution the bound holds for ~90% of structures
+    dev2 = rng.lognormal(-2.0, 0.8, size=4000)
+    err2 = 2.5 * dev2 * rng.lognormal(0.0, 0.3, size=4000)
+    assert np.mean(err2 <= cal["conformal_factor"] * dev2) == pytest.approx(0.9, abs=0.02)
+    lo = lower_trust_level(cal, 0.1)
+    assert lo == pytest.approx(0.1 / cal["conformal_factor"])
+    s = SelectionSettings(lo="auto", target_force_error=0.1)
+    assert resolve_lo(s, cal, "here") == lo
+    with pytest.raises(SettingsError, match="lo: auto needs a calibration .* iteration 2 has none"):
+        resolve_lo(s, None, "the validation of iteration 2")
+    with pytest.raises(ValueError, match="at least 2 structures"):
+        calibrate([0.1], [0.2])
+
+
+def test_select_lo_auto_from_a_validation_report(results, tmp_path, capsys):
+    from nequix_fw.cli import main
+
+    report = tmp_path / "validation_report.json"
+    report.write_text(json.dumps({"uncertainty": {"calibration": {
+        "scale": 1.5, "conformal_factor": 2.0, "coverage": 0.9, "n_structures": 30}}}))  # fmt: skip
+    sel = str(tmp_path / "sel")
+    code = main(["select", "--ensemble", str(results), "--lo", "auto", "--target-force-error",
+                 "0.2", "--calibration", str(report), "--output", sel])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "lo = 0.1 eV/Å from the calibration" in out
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert manifest["settings"]["lo"] == pytest.approx(0.1)
+    code = main(["select", "--ensemble", str(results), "--lo", "auto", "--output",
+                 str(tmp_path / "sel2")])  # fmt: skip
+    assert code == 2 and "lo: auto needs target_force_error" in capsys.readouterr().err
+
+
+def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path):
+    """Candidates that are near-copies of training structures are passed over for new ones when
+    the training set seeds the farthest-point sampling."""
+    training = make_cells(6, seed=31)  # 4- to 16-atom Cu/Au cells
+    near = []
+    for k, a in enumerate(training):
+        b = a.copy()
+        b.rattle(0.002, seed=50 + k)  # a near-copy of a training structure
+        near.append(b)
+    new = []
+    for k in range(4):  # unlike anything in the training set: strained and rattled Cu8
+        b = bulk("Cu", "fcc", a=3.9 + 0.1 * k, cubic=True).repeat((2, 1, 1))
+        b.rattle(0.2, seed=70 + k)
+        new.append(b)
+    ase.io.write(tmp_path / "pool.extxyz", near + new)
+    run_ensemble(model_paths, [tmp_path / "pool.extxyz"], tmp_path / "r.json", progress=False)
+    s = SelectionSettings(lo=0.0, max_selected=4, diverse=True)
+    with_training = select_from_results(tmp_path / "r.json", tmp_path / "a", s,
+                                        training_set=training)  # fmt: skip
+    picked = {e["id"] for e in with_training["structures"] if e["selected"]}
+    assert picked == {structure_id(a) for a in new}
+    # without it, picks start from the most uncertain and may well be near-copies
+    plain = select_from_results(tmp_path / "r.json", tmp_path / "b", s)
+    assert len([e for e in plain["structures"] if e["selected"]]) == 4
+    # the farthest-point order itself: the first pick is the row farthest from the known rows
+    x = np.array([[0.0], [0.1], [5.0], [2.0]])
+    assert farthest_point_order(x, None, 2, known=np.array([[0.0]])) == [2, 3]

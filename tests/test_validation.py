@@ -92,6 +92,21 @@ def test_validate_cli(report, emt_data, tmp_path, capsys):
     assert code == 0 and "ensemble mean on 16 structures: energy RMSE" in stdout
     assert "uncertainty: Spearman" in stdout and out.is_file()
     assert not list(tmp_path.glob("*.png"))
+    # the calibration of the uncertainty is in the report, with MD stability on request
+    doc = json.loads(out.read_text())
+    cal = doc["uncertainty"]["calibration"]
+    dev = np.array(doc["uncertainty"]["max_force_dev"])
+    err = np.array(doc["uncertainty"]["max_force_error"])
+    assert cal["scale"] == pytest.approx(np.exp(np.mean(np.log(err / dev))), rel=1e-9)
+    assert np.mean(err <= cal["conformal_factor"] * dev) >= 0.9
+    code = main(["validate", "--models", *map(str, report["models"]), "--testset",
+                 str(emt_data["test"]), "--output", str(out), "--no-plots", "--md-stability",
+                 "--md-temperature", "300", "--md-steps", "20"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    md = json.loads(out.read_text())["md_stability"]
+    assert code == 0 and md["n_runs"] == 4 and md["length_fs"] == 40.0
+    n_ok = sum(r["stop_reason"] == "stable" for r in md["runs"])
+    assert f"MD stability at 300 K: {n_ok} of 4 runs stable for 0.04 ps" in stdout
 
 
 def test_testset_without_forces(report, tmp_path, capsys):
@@ -105,3 +120,25 @@ def test_testset_without_forces(report, tmp_path, capsys):
                  "--output", str(tmp_path / "r.json")])  # fmt: skip
     assert code == 2 and "no forces label" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_md_stability_flags_a_collapsing_trajectory():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.morse import MorsePotential
+
+    from nequix_fw.settings import ValidationSettings
+    from nequix_fw.validation import md_stability
+
+    cells = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2)) for _ in range(2)]
+    s = ValidationSettings(md_stability=True, md_temperature_K=600, md_steps=200, md_n_runs=2)
+    ok = md_stability(cells, EMT(), s)
+    assert ok["stable_fraction"] == 1.0 and ok["length_fs"] == 400.0
+    assert all(r["survived_fs"] == 400.0 for r in ok["runs"])
+    assert all(r["energy_drift_eV_per_atom_ps"] < 0.05 for r in ok["runs"])
+    # a pair potential with its minimum at 0.5 Å pulls the atoms together: a collapse
+    bad = md_stability(cells, MorsePotential(epsilon=3.0, r0=0.5, rho0=2.0, rcut1=3.0,
+                                            rcut2=4.0), s)  # fmt: skip
+    assert bad["stable_fraction"] == 0.0
+    assert [r["stop_reason"] for r in bad["runs"]] == ["collapsed", "collapsed"]
+    assert all(0 < r["survived_fs"] < 400.0 for r in bad["runs"])
