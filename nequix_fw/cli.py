@@ -320,15 +320,23 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         its = CampaignStore(log["launchpad"], log["name"]).iterations() or its
         where = f"MongoDB ({log['launchpad']})"
     print(f"campaign {log['name']} (from {where})")
-    print("iter  candidates  selected  labelled  dataset  force RMSE (eV/Å)  note")
+    print("iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "
+          "MD stable  method       note")  # fmt: skip
+    print(" " * 46 + "(eV/Å)  (meV/atom)  factor")
+
+    def cell(value, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
     for it in its:
-        rmse = (it.get("validation") or {}).get("force_rmse_eV_per_A")
-        cells = [it.get("n_candidates", it.get("n_evaluated")), it.get("n_selected"),
-                 it.get("n_labelled"), it.get("dataset_size")]  # fmt: skip
-        cells = ["-" if v is None else str(v) for v in cells]
-        print(f"{it['iteration']:>4}  {cells[0]:>10}  {cells[1]:>8}  {cells[2]:>8}  "
-              f"{cells[3]:>7}  {'-' if rmse is None else f'{rmse:.4f}':>17}  "
-              f"{it.get('stop_reason') or ''}")  # fmt: skip
+        val = it.get("validation") or {}
+        print(f"{it['iteration']:>4}  {cell(it.get('n_candidates', it.get('n_evaluated'))):>10}  "
+              f"{cell(it.get('n_selected')):>8}  {cell(it.get('n_labelled')):>8}  "
+              f"{cell(it.get('dataset_size')):>7}  "
+              f"{cell(val.get('force_rmse_eV_per_A'), '.4f'):>10}  "
+              f"{cell(val.get('energy_rmse_meV_per_atom'), '.1f'):>11}  "
+              f"{cell((it.get('calibration') or {}).get('conformal_factor'), '.2f'):>6}  "
+              f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
+              f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}")  # fmt: skip
     if args.plot:
         from nequix_fw.campaign import plot_progress
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.formula import Formula
 from ase.geometry import complete_cell
 from matscipy.neighbours import neighbour_list
 
@@ -166,21 +167,61 @@ def choose(
             cands.append(e)
     k = len(cands) if settings.max_selected is None else min(settings.max_selected, len(cands))
     if settings.method == "random":
-        rng = np.random.default_rng(settings.seed)
-        chosen = [cands[i] for i in sorted(rng.choice(len(cands), size=k, replace=False))]
-        for e in chosen:
-            e.selected = True
-        return chosen
-    cands.sort(key=lambda e: -e.metrics["max_force_dev"])
-    if settings.diverse and 0 < k < len(cands):
-        x = np.stack([e.descriptor for e in cands])
-        order = farthest_point_order(x, None if known is not None else 0, k, known)
-        chosen = [cands[i] for i in order]
+        order = np.random.default_rng(settings.seed).permutation(len(cands))
     else:
-        chosen = cands[:k]
+        cands.sort(key=lambda e: -e.metrics["max_force_dev"])
+        order = np.arange(len(cands))
+        if settings.diverse and 0 < k < len(cands):
+            x = np.stack([e.descriptor for e in cands])
+            # the whole order when quotas may pass over some picks
+            n = len(cands) if _has_quotas(settings) else k
+            order = farthest_point_order(x, None if known is not None else 0, n, known)
+    chosen = _within_quotas([cands[i] for i in order], settings, k)
+    if settings.method == "random":
+        position = {id(e): i for i, e in enumerate(cands)}
+        chosen.sort(key=lambda e: position[id(e)])  # in input order
     for e in chosen:
         e.selected = True
     return chosen
+
+
+def _has_quotas(settings: SelectionSettings) -> bool:
+    return bool(settings.max_per_element) or settings.max_per_composition is not None
+
+
+def _within_quotas(ordered: list[Entry], settings: SelectionSettings, k: int) -> list[Entry]:
+    """The first `k` of `ordered` that keep within the per-element and per-composition quotas
+    (those passed over get the reason)."""
+    if not _has_quotas(settings):
+        return ordered[:k]
+    per_element: dict[str, int] = {}
+    per_composition: dict[str, int] = {}
+    chosen = []
+    for e in ordered:
+        if len(chosen) == k:
+            break
+        formula = Formula(e.formula)
+        elements = set(formula.count())
+        full = [el for el in elements
+                if per_element.get(el, 0) >= settings.max_per_element.get(el, np.inf)]  # fmt: skip
+        comp = str(formula.reduce()[0])
+        if full or per_composition.get(comp, 0) >= (settings.max_per_composition or np.inf):
+            e.reason = (f"quota: max_per_element {full[0]}" if full
+                        else f"quota: max_per_composition {comp}")  # fmt: skip
+            continue
+        chosen.append(e)
+        per_composition[comp] = per_composition.get(comp, 0) + 1
+        for el in elements:
+            per_element[el] = per_element.get(el, 0) + 1
+    return chosen
+
+
+def check_quotas(settings: SelectionSettings, elements: list[str], where: str) -> None:
+    """Refuse quotas for elements that none of the structures holds."""
+    missing = sorted(set(settings.max_per_element) - set(elements))
+    if missing:
+        raise SettingsError(f"selection.max_per_element: {', '.join(missing)} in none of the "
+                            f"structures of {where} (they hold {', '.join(elements)})")  # fmt: skip
 
 
 def _prepare_output(output: Path) -> Path:
@@ -243,6 +284,8 @@ def select_from_results(
     entries = classify(records, settings, elements)
     if not entries:
         raise NequixFWError(f"{results_path}: holds no structures")
+    present = sorted({el for e in entries for el in Formula(e.formula).count()})
+    check_quotas(settings, present, str(results_path))
     known = None
     if settings.diverse and training_set:
         known = np.stack([descriptor(a, elements) for a in training_set])

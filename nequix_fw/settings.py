@@ -79,6 +79,14 @@ class SelectionSettings(_Settings):
         "against, at the same label budget).",
     )
     seed: int = Field(0, description="Seed of random selection (a campaign adds the iteration).")
+    max_per_element: dict[str, int] = Field(
+        {},
+        description="Quotas: at most this many selected structures containing each element, "
+        "e.g. {Au: 5}, so that one easy-to-break phase cannot take the whole budget.",
+    )
+    max_per_composition: int | None = Field(
+        None, ge=1, description="At most this many selected structures per reduced formula."
+    )
     lo: float | Literal["auto"] = Field(
         0.05,
         description="Lower trust level (eV/Å): below it, 'accurate'. 'auto': derived from the "
@@ -113,6 +121,13 @@ class SelectionSettings(_Settings):
 
     @model_validator(mode="after")
     def _check_levels(self) -> SelectionSettings:
+        from ase.data import atomic_numbers
+
+        unknown = sorted(el for el in self.max_per_element if el not in atomic_numbers)
+        if unknown:
+            raise ValueError(f"max_per_element: unknown elements {unknown}")
+        if any(n < 0 for n in self.max_per_element.values()):
+            raise ValueError("max_per_element: quotas are >= 0")
         if self.lo == "auto":
             if self.target_force_error is None:
                 raise ValueError("lo: auto needs target_force_error (eV/Å)")

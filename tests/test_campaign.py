@@ -135,11 +135,17 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = subprocess.run([BIN / "nequix-fw", "campaign-status", str(r["dir"]), "--plot"],
                        capture_output=True, text=True, check=True)  # fmt: skip
-    rows = [line.split() for line in p.stdout.splitlines()[2:5]]
+    rows = [line.split() for line in p.stdout.splitlines()[3:6]]
     # iteration, selected, labelled, dataset size (the candidate count depends on MD stops)
     assert [[row[0], *row[2:5]] for row in rows] == [["0", "-", "4", "4"], ["1", "3", "3", "7"],
                                                      ["2", "2", "2", "9"]]  # fmt: skip
     assert int(rows[1][1]) > 0 and int(rows[2][1]) > 0
+    # validation errors, the calibration factor and the selection method of every iteration
+    for row, it in zip(rows, its, strict=True):
+        assert row[5] == f"{it['validation']['force_rmse_eV_per_A']:.4f}"
+        assert row[6] == f"{it['validation']['energy_rmse_meV_per_atom']:.1f}"
+        assert row[7] == f"{it['calibration']['conformal_factor']:.2f}"
+    assert [row[9] for row in rows] == ["-", "uncertainty", "uncertainty"]
     assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
     assert "(from MongoDB (" in p.stdout.splitlines()[0]  # campaign-status reads the database
     # everything the campaign produced is in MongoDB: per iteration its record, labelling tasks,

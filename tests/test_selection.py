@@ -306,3 +306,45 @@ def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path):
     # the farthest-point order itself: the first pick is the row farthest from the known rows
     x = np.array([[0.0], [0.1], [5.0], [2.0]])
     assert farthest_point_order(x, None, 2, known=np.array([[0.0]])) == [2, 3]
+
+
+def test_quotas_per_element_and_composition(results, tmp_path, capsys):
+    from nequix_fw.cli import main
+    from nequix_fw.selection import Entry, choose
+
+    def entry(i, formula):
+        return Entry(id=f"q{i}", source="x", frame=i, formula=formula, n_atoms=4,
+                     cls="candidate", metrics={"max_force_dev": 1.0 - 0.01 * i})  # fmt: skip
+
+    # the most uncertain ones all hold Au: a quota of 2 lets the Cu-only ones in
+    entries = [entry(i, f) for i, f in enumerate(["Cu3Au", "Cu2Au2", "CuAu3", "Cu3Au", "Cu4",
+                                                   "Cu8", "Cu4", "Cu4"])]  # fmt: skip
+    s = SelectionSettings(max_selected=5, max_per_element={"Au": 2}, max_per_composition=2)
+    chosen = choose(entries, s)
+    assert [e.formula for e in chosen] == ["Cu3Au", "Cu2Au2", "Cu4", "Cu8"]  # Cu4 = Cu8 reduced
+    assert entries[2].reason == "quota: max_per_element Au"
+    assert entries[6].reason == "quota: max_per_composition Cu"
+    # a quota for an element no structure holds is one clear error
+    code = main(
+        [
+            "select",
+            "--ensemble",
+            str(results),
+            "--lo",
+            "0",
+            "--config",
+            str(_quota_config(tmp_path, "{Pt: 3}")),
+            "--output",
+            str(tmp_path / "s"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "selection.max_per_element: Pt in none of the structures" in err
+    with pytest.raises(SettingsError, match=r"unknown elements \['Xx'\]"):
+        make_settings(SelectionSettings, max_per_element={"Xx": 1})
+
+
+def _quota_config(tmp_path, quotas: str):
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(f"selection:\n  max_per_element: {quotas}\n")
+    return cfg
