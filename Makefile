@@ -53,7 +53,7 @@ demo: setup models
 	  --output $(DEMO)/foundation_selected
 	@echo "== the active-learning campaign (FireWorks on the local MongoDB server $(DEMO)/db)"
 	$(NFW) db start --dir $(DEMO)/db --launchpad $(DEMO)/my_launchpad.yaml --name nequix_fw_demo
-	cd $(DEMO) && ../$(NFW) campaign --config ../examples/campaign.yaml \
+	cd $(DEMO) && ../$(NFW) campaign --config ../workflows/emt_cu_au.yaml \
 	     --launchpad my_launchpad.yaml --write campaign_wf.yaml \
 	  && ../$(BIN)/lpad -l my_launchpad.yaml reset --password $$(date +%Y-%m-%d) \
 	  && ../$(BIN)/lpad -l my_launchpad.yaml add campaign_wf.yaml \

@@ -1,6 +1,6 @@
 """The FireWorks and database share of a campaign's wall time, per iteration.
 
-Runs the demo campaign (`examples/campaign.yaml`, EMT labels, small Nequix ensembles) through
+Runs the demo campaign (`workflows/emt_cu_au.yaml`, EMT labels, small Nequix ensembles) through
 `rlaunch rapidfire` on a local MongoDB server (`nequix-fw db start`), then reads the launches:
 an iteration's wall time runs from its first Firework's start to its last one's end; its stage
 time is the sum of the FireTasks' own `task_wall_s` (the science, store writes included); the
@@ -88,7 +88,7 @@ def main() -> None:
     for kind, out in (("initial", "initial_structures"), ("candidates", "candidates"),
                       ("testset", "validation_set")):  # fmt: skip
         _run([py, ROOT / "examples" / "make_structures.py", kind, work / out], work)
-    cfg = yaml.safe_load((ROOT / "examples" / "campaign.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "workflows" / "emt_cu_au.yaml").read_text())
     cfg["campaign"]["max_iterations"] = args.max_iterations
     cfg["campaign"]["target_force_rmse"] = None
     (work / "campaign.yaml").write_text(yaml.safe_dump(cfg))

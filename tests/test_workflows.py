@@ -1,0 +1,114 @@
+"""The preset campaigns of `workflows/`: each builds its workflow (paths made absolute,
+placeholders kept for the worker, schedule and resources in place); the EMT one also runs."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import pytest
+import yaml
+from ase.build import bulk
+from conftest import emt_labelled, make_cells
+
+from nequix_fw.campaign import Campaign
+from nequix_fw.settings import ExplorationSettings, LabellingSettings, SelectionSettings
+from nequix_fw.workflows import campaign_sections, campaign_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "workflows").glob("*.yaml"))
+BIN = Path(sys.executable).parent
+
+
+def _inputs(d: Path, element: str) -> None:
+    """initial_structures/, candidates/ and validation_set/ for a preset run in `d`."""
+    for sub in ("initial_structures", "candidates", "validation_set"):
+        (d / sub).mkdir()
+    if element == "Si":
+        cells = [bulk("Si", "diamond", a=5.43, cubic=True) for _ in range(3)]
+        for k, a in enumerate(cells):
+            a.rattle(0.05, seed=k)
+        ase.io.write(d / "initial_structures" / "si.extxyz", cells)
+        ase.io.write(d / "validation_set" / "si.extxyz", emt_labelled(2, seed=1))  # any labels
+    else:
+        ase.io.write(d / "initial_structures" / "cells.extxyz", make_cells(5, seed=3))
+        ase.io.write(d / "candidates" / "pool.extxyz", make_cells(4, seed=5))
+        ase.io.write(d / "validation_set" / "test.extxyz", emt_labelled(4, seed=9))
+
+
+def test_the_presets_are_there():
+    assert [p.name for p in PRESETS] == ["cp2k_si.yaml", "emt_cu_au.yaml", "finetune_mp1.yaml",
+                                         "npt_hot_schedule.yaml", "vasp_mpstatic.yaml"]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(preset, tmp_path / preset.name)
+    _inputs(tmp_path, "Si" if "cp2k" in preset.name else "Cu")
+    sections = campaign_sections(preset.name, tmp_path / "my_launchpad.yaml")
+    wf = campaign_workflow(sections)
+    c = Campaign(sections)
+    n_initial = len(list(ase.io.iread(next((tmp_path / "initial_structures").iterdir()))))
+    size = c.settings.label_group_size
+    groups = 1 if size is None or n_initial <= size else -(-n_initial // size)
+    names = sorted(fw.name for fw in wf.fws)
+    label = [f"{c.settings.name} label 0"] if groups == 1 else [
+        f"{c.settings.name} label 0.{g}" for g in range(groups)]  # fmt: skip
+    assert names == sorted([*label, *(f"{c.settings.name} {s} 0"
+                                      for s in ("dataset", "train", "validate"))])  # fmt: skip
+    # every path absolute, worker placeholders kept for the worker's env
+    assert Path(c.settings.initial_structures).is_absolute()
+    assert all(Path(p).is_absolute() for p in c.settings.testset)
+    labelling = c.section(LabellingSettings, 0)
+    for fw in wf.fws:
+        assert fw.spec["_add_launchpad_and_fw_id"] is True
+    if preset.stem == "vasp_mpstatic":
+        assert labelling.vasp_cmd == ">>vasp_cmd<<" and str(labelling.vasp_psp_dir) == (
+            ">>vasp_psp_dir<<")  # fmt: skip
+        specs = {fw.name: fw.spec for fw in wf.fws}
+        assert specs["vasp_mpstatic train 0"]["_category"] == "gpu"
+        assert specs["vasp_mpstatic label 0"]["_queueadapter"]["ntasks"] == 64
+    if preset.stem == "finetune_mp1":
+        assert c.settings.finetune_from == "nequix-mp-1"
+        s1, s2 = c.section(SelectionSettings, 1), c.section(SelectionSettings, 2)
+        assert (s1.lo, s2.lo, s2.target_force_error) == (0.05, "auto", 0.1)
+    if preset.stem == "npt_hot_schedule":
+        temps = [c.section(ExplorationSettings, k).temperatures_K for k in (1, 3, 5)]
+        assert temps == [[300.0, 600.0], [900.0, 1200.0], [1200.0, 1500.0]]
+        assert c.section(ExplorationSettings, 5).pressures_GPa == [0.0, 5.0]
+    if preset.stem == "cp2k_si":
+        assert labelling.backend == "cp2k" and labelling.cp2k_input_set == "StaticSet"
+
+
+def test_emt_preset_runs(tmp_path, launchpad_file):
+    """The EMT preset through FireWorks, shortened to one iteration of small training."""
+    _inputs(tmp_path, "Cu")
+    cfg = yaml.safe_load((ROOT / "workflows" / "emt_cu_au.yaml").read_text())
+    cfg["campaign"].update(max_iterations=1, target_force_rmse=None)
+    cfg["training"].update(
+        n_models=2,
+        epochs=3,
+        architecture={
+            "hidden_irreps": "8x0e + 4x1o",
+            "n_layers": 1,
+            "lmax": 1,
+            "radial_mlp_size": 8,
+        },
+    )
+    cfg["exploration"].update(steps=0, n_distortions=2)  # distortions only: quick
+    cfg["selection"].update(lo=0.0, hi=None)  # 3-epoch models: every candidate is uncertain
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ)
+    for cmd in ([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
+                 launchpad_file], [BIN / "rlaunch", "-l", launchpad_file, "rapidfire"],
+                [BIN / "nequix-fw", "campaign-status", "campaign"]):  # fmt: skip
+        p = subprocess.run([str(x) for x in cmd], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)  # fmt: skip
+        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
+    assert "max_iterations (1) reached" in p.stdout
+    its = yaml.safe_load((tmp_path / "campaign" / "campaign.json").read_text())["iterations"]
+    assert its[0]["dataset_size"] == 5 and its[1]["n_selected"] > 0
+    assert its[1]["dataset_size"] == 5 + its[1]["n_labelled"]
