@@ -100,7 +100,7 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         seed=args.seed,
         n_workers=args.workers,
-        save_torch=True if args.save_torch else None,
+        save_torch=False if args.no_torch else (True if args.save_torch else None),
         backend=args.backend,
     )
     metas = train_ensemble(
@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, help="members trained in parallel processes")
     t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
     t.add_argument("--warm-start", help="previous iteration's model directory")
-    t.add_argument("--save-torch", action="store_true", help="also write .pt checkpoints")
+    t.add_argument("--save-torch", action="store_true",
+                   help="also write .pt checkpoints (the default; see --no-torch)")
+    t.add_argument("--no-torch", action="store_true", help="write .nqx checkpoints only")
     t.add_argument("--backend", choices=["jax", "torch"], help="training backend (default jax)")
     t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
     t.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -238,16 +239,38 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
     plain = [
         p for p in candidates
         if p.is_file() and p.parent not in task_dirs
-        and (p.suffix in (".extxyz", ".xyz", ".traj") or p.name.startswith(("vasprun", "OUTCAR")))
+        and (p.suffix in (".extxyz", ".xyz", ".traj") or vasp_result_name(p) is not None)
     ]  # fmt: skip
-    vasp = [p for p in plain if p.name.startswith(("vasprun", "OUTCAR"))]
+    vasp = [p for p in plain if vasp_result_name(p) is not None]
     others = [p for p in plain if p not in vasp]
     labelled = [labels_of(f) for f in iter_frames(others)] if others else []
-    labelled += [vasp_result_labels(p) for p in vasp]
-    for d in labelled:
-        prov = {"backend": "file", "settings_hash": None, "iteration": None, "source": d.where}
-        items.append(Incoming(d, d.id, prov))
+    names = [""] * len(labelled)
+    for p in vasp:
+        labelled.append(vasp_result_labels(p))
+        names.append(vasp_result_name(p))
+    for d, name in zip(labelled, names, strict=True):
+        h = d.frame.atoms.info.get("settings_hash")
+        prov = {"backend": "file", "settings_hash": h, "iteration": None, "source": d.where}
+        # <NAME>_OUTCAR of the design's launch_dft.sh: the labels of selected structure NAME
+        sid = name if STRUCTURE_ID.fullmatch(name) else d.frame.atoms.info.get("structure_id")
+        items.append(Incoming(d, sid or d.id, prov))
     return items, n_failed
+
+
+#: A structure id (content hash), as selected structures are named.
+STRUCTURE_ID = re.compile(r"[0-9a-f]{20}")
+
+
+def vasp_result_name(path: Path) -> str | None:
+    """For a VASP result file (``OUTCAR``, ``vasprun.xml``, gzipped or not, or the design's
+    ``<NAME>_OUTCAR`` / ``<NAME>_vasprun.xml``): NAME ('' without one); None for other files."""
+    name = path.name.removesuffix(".gz")
+    for kind in ("OUTCAR", "vasprun.xml"):
+        if name == kind or name.startswith(kind + "."):
+            return ""
+        if name.endswith("_" + kind):
+            return name[: -len(kind) - 1]
+    return None
 
 
 #: VASP writes this at the end of a run that finished; a truncated OUTCAR lacks it.
@@ -259,7 +282,7 @@ def vasp_result_labels(path: Path) -> Labelled:
     files), OUTCAR through ASE once VASP's end-of-run footer shows the run finished. Energy is
     e_0 (sigma -> 0) either way."""
     path = Path(path)
-    if path.name.startswith("OUTCAR"):
+    if "OUTCAR" in path.name:
         import gzip
 
         import ase.io

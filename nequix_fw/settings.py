@@ -188,7 +188,11 @@ class TrainingSettings(_Settings):
         description="Training backend: 'jax' (nequix's fastest) or 'torch' (NequixTorch; also "
         "writes .pt). Both write .nqx checkpoints for the ensemble engine.",
     )
-    save_torch: bool = Field(False, description="Also write a .pt checkpoint per member.")
+    save_torch: bool = Field(
+        True,
+        description="Also write a .pt checkpoint (nequix's torch backend) beside each member's "
+        ".nqx, as the original design's validate_models.py --models models_new/*.pt expects.",
+    )
     n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
 
 

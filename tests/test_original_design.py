@@ -1,0 +1,100 @@
+"""The original design's walkthrough (../shared/original-design/README.es.md, steps 3-7) as
+written: its scripts, flags and file names, and its `launch_dft.sh` run unchanged against the
+stand-in `vasp_std` (and an `mpirun` stand-in)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from nequix_fw.models import new_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LAUNCH_DFT = SHARED / "original-design" / "launch_dft.sh"
+FIXTURES = SHARED / "vasp-fixtures"
+
+pytestmark = pytest.mark.skipif(not LAUNCH_DFT.is_file(), reason="no shared original design")
+
+
+def _sh(cmd: str, cwd: Path, env: dict) -> str:
+    p = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=900)  # fmt: skip
+    assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
+    return p.stdout
+
+
+def test_walkthrough_steps_3_to_7(tmp_path):
+    env = {**os.environ, "PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
+           "STANDIN_VASP_FIXTURES": str(FIXTURES), "STANDIN_VASP_NO_ERROR": "1",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    py = f"{sys.executable} {ROOT}"
+    # 1-2. the environment and the initial structures: five (random, widely spread) Si models,
+    # rattled Si4 cells
+    (tmp_path / "models").mkdir()
+    for k in range(1, 6):
+        module, config = new_model([14], seed=k, hidden_irreps="8x0e + 4x1o", lmax=1,
+                                   atom_energies={14: -5.4}, mlp_init_scale=16.0)  # fmt: skip
+        save_model(tmp_path / "models" / f"model_{k}.pt", module, config)
+    initial = tmp_path / "data" / "initial_structures"
+    initial.mkdir(parents=True)
+    cells = []
+    for k in range(4):
+        a = bulk("Si", "diamond", a=5.43).repeat((2, 1, 1))
+        a.rattle(0.3, seed=k)
+        cells.append(a)
+    ase.io.write(initial / "si2.xyz", cells)
+    # 3. evaluation with the ensemble
+    models = " ".join(f"models/model_{k}.pt" for k in range(1, 6))
+    out = _sh(f"{py}/run_ensemble.py --models {models} --structures data/initial_structures/ "
+              "--output ensemble_results.json", tmp_path, env)  # fmt: skip
+    assert "evaluated 4 structures" in out and "with 5 models" in out
+    results = json.loads((tmp_path / "ensemble_results.json").read_text())
+    assert len(results["structures"]) == 4
+    # 4. active selection (random models disagree: everything above 0.08 eV/Å)
+    out = _sh(f"{py}/select_high_uncertainty.py --ensemble ensemble_results.json "
+              "--threshold 0.08 --output selected_structures/", tmp_path, env)  # fmt: skip
+    selected = sorted(p.stem for p in (tmp_path / "selected_structures").glob("*.vasp"))
+    assert len(selected) == 4 and "selected 4" in out
+    # 5. the design's launch_dft.sh, unchanged, with INCAR/KPOINTS/POTCAR in the project
+    (tmp_path / "INCAR").write_text((FIXTURES / "al_static" / "INCAR").read_text())
+    (tmp_path / "KPOINTS").write_text("Gamma\n0\nGamma\n4 4 4\n")
+    (tmp_path / "POTCAR").write_text("stand-in POTCAR: the stand-in VASP does not read it\n")
+    _sh(f"bash {LAUNCH_DFT} selected_structures/", tmp_path, env)
+    results_dir = tmp_path / "data" / "dft_results"
+    for name in selected:
+        for suffix in ("OUTCAR", "CONTCAR", "log"):
+            assert (results_dir / f"{name}_{suffix}").is_file()
+    # 6. dataset expansion and retraining
+    out = _sh(f"{py}/update_dataset.py --new data/dft_results/ --dataset data/training_set/",
+              tmp_path, env)  # fmt: skip
+    assert "added 4 structures" in out
+    train = ase.io.read(tmp_path / "data" / "training_set" / "training_set.extxyz", ":")
+    assert sorted(a.info["structure_id"] for a in train) == selected  # paired by name
+    for a in train:  # the labels of the run: final step, e_0
+        assert a.get_potential_energy() == pytest.approx(-10.84147246, abs=1e-6)
+    _sh(f"{py}/train_ensemble.py --dataset data/training_set/ --outdir models_new/", tmp_path,
+        env)  # fmt: skip
+    members = sorted(p.name for p in (tmp_path / "models_new").glob("member_*"))
+    assert [m for m in members if m.endswith(".pt")] == [f"member_{k}.pt" for k in range(4)]
+    assert [m for m in members if m.endswith(".nqx")] == [f"member_{k}.nqx" for k in range(4)]
+    # 7. validation against reference data, with the new .pt models
+    val = tmp_path / "data" / "validation_set"
+    val.mkdir()
+    with gzip.open(FIXTURES / "si2_relax" / "vasprun.xml.gz", "rt") as fh:
+        (tmp_path / "vasprun.xml").write_text(fh.read())
+    ase.io.write(val / "si2_relax.extxyz", ase.io.read(tmp_path / "vasprun.xml", ":"))
+    out = _sh(f"{py}/validate_models.py --models models_new/*.pt --testset data/validation_set/ "
+              "--output validation_report.json", tmp_path, env)  # fmt: skip
+    report = json.loads((tmp_path / "validation_report.json").read_text())
+    assert len(report["models"]) == 4 and report["n_structures"] == 3
+    assert all(m["path"].endswith(".pt") for m in report["models"])
+    rmse = report["ensemble_mean"]["forces_eV_per_A"]["rmse"]
+    assert np.isfinite(rmse) and f"force RMSE {rmse:.4f} eV/Å" in out
