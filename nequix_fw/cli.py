@@ -506,8 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, help="members trained in parallel processes")
     t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
     t.add_argument("--warm-start", help="previous iteration's model directory")
-    t.add_argument("--save-torch", action="store_true",
-                   help="also write .pt checkpoints (the default; see --no-torch)")
+    t.add_argument(
+        "--save-torch",
+        action="store_true",
+        help="also write .pt checkpoints (the default; see --no-torch)",
+    )
     t.add_argument("--no-torch", action="store_true", help="write .nqx checkpoints only")
     t.add_argument("--backend", choices=["jax", "torch"], help="training backend (default jax)")
     t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")

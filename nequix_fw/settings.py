@@ -264,6 +264,14 @@ class LabellingSettings(_Settings):
     cp2k_data_dir: Path = Field(
         Path("/usr/share/cp2k"), description="Basis sets and GTH potentials (CP2K_DATA_DIR)."
     )
+    cp2k_cutoff_Ry: float = Field(
+        400.0, gt=0, description="Default CP2K input (no template, no set): plane-wave cutoff "
+        "of the finest grid (Ry; REL_CUTOFF 50 Ry).",
+    )  # fmt: skip
+    cp2k_kpoint_spacing: float = Field(
+        0.3, gt=0, description="Default CP2K input: Monkhorst-Pack grid with at most this "
+        "spacing between k-points (Å⁻¹, 2π included; VASP's KSPACING), Γ only for molecules.",
+    )  # fmt: skip
     scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
     gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
     min_distance: float | None = Field(

@@ -145,3 +145,39 @@ def test_pymatgen_input_set_labels_equal_direct_run(tmp_path):
     backend = make_backend(s)
     with pytest.raises(SettingsError, match="needs periodic cells"):
         backend.write_input(ase.Atoms("Si2", positions=[[0, 0, 0], [2.3, 0, 0]]), tmp_path)
+
+
+def test_default_input_labels_si_and_al(tmp_path):
+    """No template and no input set: the default PBE input (DZVP-MOLOPT-SR-GTH, GTH-PBE, k-point
+    grid, diagonalisation with smearing) labels a semiconductor and a metal."""
+    from nequix_fw.errors import SettingsError
+    from nequix_fw.labelling.cp2k import basis_and_potential, kpoint_grid
+
+    si = bulk("Si", "diamond", a=5.43)
+    si.rattle(0.05, seed=1)
+    al = bulk("Al", "fcc", a=4.05)
+    (tmp_path / "in").mkdir()
+    for name, a in (("si2", si), ("al", al)):
+        ase.io.write(tmp_path / "in" / f"{name}.vasp", a, format="vasp")
+    # coarser than the defaults (400 Ry, 0.3/Å) to keep the test short
+    s = LabellingSettings(backend="cp2k", cp2k_cutoff_Ry=250, cp2k_kpoint_spacing=0.6)
+    summary = label_structures(tmp_path / "in", tmp_path / "out", make_backend(s), s,
+                               progress=False)  # fmt: skip
+    assert summary["n_success"] == 2, summary
+    got = {}
+    for task in (tmp_path / "out").glob("*/task.json"):
+        inp = (task.parent / "cp2k.inp").read_text()
+        a = ase.io.read(task.parent / "labelled.extxyz")
+        got[a.get_chemical_formula()] = (a, inp)
+    a, inp = got["Si2"]
+    assert "DZVP-MOLOPT-SR-GTH" in inp and "GTH-PBE-q4" in inp and "SMEAR" in inp
+    assert "MONKHORST-PACK 4 4 4" in inp and "STRESS_TENSOR ANALYTICAL" in inp
+    assert a.get_potential_energy() / 2 == pytest.approx(-107.0, abs=1.0)  # GTH Si, eV/atom
+    np.testing.assert_allclose(a.get_forces().sum(0), 0, atol=1e-3)  # Newton's third law
+    assert np.abs(a.get_forces()).max() > 0.1  # the rattled atoms feel real forces
+    a, inp = got["Al"]
+    assert "GTH-PBE-q3" in inp and kpoint_grid(al, 0.6) == [5, 5, 5]
+    np.testing.assert_allclose(a.get_forces(), 0, atol=1e-4)  # one atom: no force
+    assert np.isfinite(a.get_stress()).all()
+    with pytest.raises(SettingsError, match="no DZVP-MOLOPT basis for Pu"):
+        basis_and_potential("Pu", Path("/usr/share/cp2k"))

@@ -65,6 +65,102 @@ def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool
     return energy, forces, stress, converged
 
 
+#: Version of the default input below: part of its settings hash, so a change of the input is a
+#: new level of theory.
+DEFAULT_VERSION = 1
+BASIS_FILE, POTENTIAL_FILE = "BASIS_MOLOPT", "GTH_POTENTIALS"
+
+
+def basis_and_potential(element: str, data_dir: Path) -> tuple[str, str]:
+    """The DZVP-MOLOPT-SR-GTH basis (else DZVP-MOLOPT-GTH) and the GTH-PBE potential of an
+    element in CP2K's data directory."""
+    basis_text = (data_dir / BASIS_FILE).read_text(errors="replace")
+    pot_text = (data_dir / POTENTIAL_FILE).read_text(errors="replace")
+    basis = next((b for b in ("DZVP-MOLOPT-SR-GTH", "DZVP-MOLOPT-GTH")
+                  if re.search(rf"^\s*{element}\s+{b}\b", basis_text, re.M)), None)  # fmt: skip
+    pot = re.search(rf"^\s*{element}\s+(GTH-PBE-q\d+)\b", pot_text, re.M)
+    if basis is None or pot is None:
+        what = "DZVP-MOLOPT basis" if basis is None else "GTH-PBE potential"
+        raise SettingsError(f"the default CP2K input has no {what} for {element} in "
+                            f"{data_dir}: give labelling.cp2k_template")  # fmt: skip
+    return basis, pot.group(1)
+
+
+def kpoint_grid(atoms: Atoms, spacing: float) -> list[int]:
+    """Monkhorst-Pack divisions with at most `spacing` (Å⁻¹, 2π included) between k-points."""
+    if not atoms.pbc.all():
+        return [1, 1, 1]
+    b = 2 * np.pi * np.linalg.norm(atoms.cell.reciprocal(), axis=1)
+    return [max(1, int(np.ceil(x / spacing))) for x in b]
+
+
+def default_input(atoms: Atoms, settings: LabellingSettings) -> str:
+    """The default CP2K input for `atoms`: PBE, DZVP-MOLOPT(-SR)-GTH basis sets and GTH-PBE
+    potentials, `cp2k_cutoff_Ry`, a Monkhorst-Pack grid of `cp2k_kpoint_spacing`; the SCF by
+    diagonalisation with Broyden mixing and Fermi-Dirac smearing (300 K), which converges for
+    metals and insulators alike (OT does not take k-points or smearing). &CELL and &COORD are
+    filled in by the backend."""
+    kinds = []
+    for el in sorted(set(atoms.get_chemical_symbols())):
+        basis, pot = basis_and_potential(el, Path(settings.cp2k_data_dir))
+        kinds.append(f"    &KIND {el}\n      BASIS_SET {basis}\n      POTENTIAL {pot}\n"
+                     "    &END KIND")  # fmt: skip
+    grid = kpoint_grid(atoms, settings.cp2k_kpoint_spacing)
+    kpoints = "" if grid == [1, 1, 1] else (
+        "    &KPOINTS\n      SCHEME MONKHORST-PACK " + " ".join(map(str, grid))
+        + "\n      SYMMETRY OFF\n      FULL_GRID OFF\n    &END KPOINTS\n")  # fmt: skip
+    n_added = max(8, len(atoms))
+    return f"""&GLOBAL
+  PROJECT cp2k
+  RUN_TYPE ENERGY_FORCE
+  PRINT_LEVEL LOW
+&END GLOBAL
+&FORCE_EVAL
+  METHOD Quickstep
+  &DFT
+    BASIS_SET_FILE_NAME {BASIS_FILE}
+    POTENTIAL_FILE_NAME {POTENTIAL_FILE}
+    &MGRID
+      CUTOFF {settings.cp2k_cutoff_Ry}
+      REL_CUTOFF 50
+    &END MGRID
+    &QS
+      EPS_DEFAULT 1.0E-10
+    &END QS
+{kpoints}    &SCF
+      SCF_GUESS ATOMIC
+      EPS_SCF 1.0E-6
+      MAX_SCF 200
+      ADDED_MOS {n_added}
+      &DIAGONALIZATION
+        ALGORITHM STANDARD
+      &END DIAGONALIZATION
+      &MIXING
+        METHOD BROYDEN_MIXING
+        ALPHA 0.3
+      &END MIXING
+      &SMEAR ON
+        METHOD FERMI_DIRAC
+        ELECTRONIC_TEMPERATURE [K] 300
+      &END SMEAR
+    &END SCF
+    &XC
+      &XC_FUNCTIONAL PBE
+      &END XC_FUNCTIONAL
+    &END XC
+  &END DFT
+  &SUBSYS
+    &CELL
+      ABC 10.0 10.0 10.0
+    &END CELL
+    &COORD
+    &END COORD
+{chr(10).join(kinds)}
+  &END SUBSYS
+&END FORCE_EVAL
+"""
+
+
 class Cp2kBackend(LabellingBackend):
     """CP2K through custodian's `Cp2kJob`, handlers and `Cp2kOutputValidator`."""
 
@@ -80,12 +176,15 @@ class Cp2kBackend(LabellingBackend):
                                 f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
         if not Path(settings.cp2k_data_dir).is_dir():
             raise SettingsError(f"labelling.cp2k_data_dir: {settings.cp2k_data_dir} not found")
-        if (settings.cp2k_template is None) == (settings.cp2k_input_set is None):
-            raise SettingsError("the cp2k backend needs either labelling.cp2k_template (a CP2K "
-                                "input) or labelling.cp2k_input_set, not both")  # fmt: skip
+        if settings.cp2k_template is not None and settings.cp2k_input_set is not None:
+            raise SettingsError("give labelling.cp2k_template (a CP2K input) or "
+                                "labelling.cp2k_input_set, not both")  # fmt: skip
         self.input_set = None
+        self.template_path = None
         if settings.cp2k_input_set is not None:
             self.input_set = input_set_class(settings.cp2k_input_set)
+            return
+        if settings.cp2k_template is None:  # the default input, written per structure
             return
         path = Path(settings.cp2k_template).expanduser()
         try:
@@ -98,6 +197,10 @@ class Cp2kBackend(LabellingBackend):
         self.template_path = path
 
     def settings_doc(self) -> dict:
+        if self.input_set is None and self.template_path is None:
+            s = self.settings
+            return {"default_input": DEFAULT_VERSION, "cutoff_Ry": s.cp2k_cutoff_Ry,
+                    "kpoint_spacing": s.cp2k_kpoint_spacing}  # fmt: skip
         if self.input_set is not None:
             return {
                 "input_set": f"{self.input_set.__module__}.{self.input_set.__name__}",
@@ -111,13 +214,18 @@ class Cp2kBackend(LabellingBackend):
 
         from pymatgen.core import Lattice
         from pymatgen.io.ase import AseAtomsAdaptor
-        from pymatgen.io.cp2k.inputs import Cell, Coord, Keyword, Section
+        from pymatgen.io.cp2k.inputs import Cell, Coord, Cp2kInput, Keyword, Section
 
         if self.input_set is not None:
             ci = self._from_input_set(atoms)
             ci.write_file(str(workdir / INPUT))
             return workdir / INPUT
-        ci = copy.deepcopy(self.template)
+        if self.template_path is None:
+            text = default_input(atoms, self.settings)
+            template = Cp2kInput.from_str(text)
+        else:
+            template = self.template
+        ci = copy.deepcopy(template)
         kinds = {
             str(sec.section_parameters[0])
             for sec in ci["FORCE_EVAL"]["SUBSYS"].subsections.values()
