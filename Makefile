@@ -41,7 +41,7 @@ DEMO := demo_run
 NFW := $(BIN)/nequix-fw
 CFG := --config examples/demo_settings.yaml
 demo: setup models
-	-@[ -f $(DEMO)/db/server.json ] && $(NFW) db stop --dir $(DEMO)/db >/dev/null 2>&1
+	@if [ -f $(DEMO)/db/server.json ]; then $(NFW) db stop --dir $(DEMO)/db >/dev/null; fi
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/python examples/make_structures.py initial $(DEMO)/initial_structures
 	$(BIN)/python examples/make_structures.py candidates $(DEMO)/candidates

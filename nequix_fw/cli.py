@@ -322,7 +322,7 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
     print(f"campaign {log['name']} (from {where})")
     print("iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "
           "MD stable  method       note")  # fmt: skip
-    print(" " * 46 + "(eV/Å)  (meV/atom)  factor")
+    print(" " * 51 + "(eV/Å)   (meV/atom)  factor")
 
     def cell(value, spec: str = "") -> str:
         return "-" if value is None else format(value, spec)

@@ -223,11 +223,12 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
     """Labelled structures under `new`: label task directories (task.json) and plain files."""
     items: list[Incoming] = []
     n_failed = 0
-    task_dirs = set()
+    task_dirs, task_ids = set(), set()
     tasks = sorted(new.rglob("task.json")) if new.is_dir() else []
     for task in tasks:
         task_dirs.add(task.parent)
         doc = json.loads(task.read_text())
+        task_ids.add(doc["structure_id"])
         if doc.get("status") != "success" or not doc.get("labelled_file"):
             n_failed += 1
             continue
@@ -240,6 +241,7 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
         p for p in candidates
         if p.is_file() and p.parent not in task_dirs
         and (p.suffix in (".extxyz", ".xyz", ".traj") or vasp_result_name(p) is not None)
+        and (vasp_result_name(p) or p.stem) not in task_ids  # a batch's raw result, labelled
     ]  # fmt: skip
     vasp = [p for p in plain if vasp_result_name(p) is not None]
     others = [p for p in plain if p not in vasp]

@@ -98,3 +98,102 @@ def test_walkthrough_steps_3_to_7(tmp_path):
     assert all(m["path"].endswith(".pt") for m in report["models"])
     rmse = report["ensemble_mean"]["forces_eV_per_A"]["rmse"]
     assert np.isfinite(rmse) and f"force RMSE {rmse:.4f} eV/Å" in out
+
+
+BATCH_EMT = """
+import sys
+from pathlib import Path
+import ase.io
+from ase.calculators.emt import EMT
+structures, output, crash = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+for p in sorted(structures.glob("*.vasp")):
+    a = ase.io.read(p)
+    if crash.is_file() and p.stem == crash.read_text():
+        continue  # this one 'crashes': no result
+    a.calc = EMT()
+    a.get_potential_energy()
+    ase.io.write(output / f"{p.stem}.extxyz", a)
+"""
+
+
+def test_script_backend_batch_mode(tmp_path, capsys):
+    """A command with {structures} runs once for the whole selection; each structure's labels are
+    collected by name, misses are recorded, and a rerun computes only what is missing."""
+    from ase.calculators.emt import EMT
+    from conftest import make_cells
+
+    from nequix_fw.cli import main
+    from nequix_fw.structures import structure_id
+
+    sel = tmp_path / "selected_structures"
+    sel.mkdir()
+    cells = make_cells(4, seed=8)
+    ids = []
+    for a in cells:
+        ids.append(structure_id(a))
+        ase.io.write(sel / f"{ids[-1]}.vasp", a, format="vasp", direct=True)
+    (tmp_path / "batch.py").write_text(BATCH_EMT)
+    (tmp_path / "crash").write_text(ids[2])
+    cmd = f"{sys.executable} {tmp_path / 'batch.py'} {{structures}} {{output}} {tmp_path / 'crash'}"
+    out = tmp_path / "labels"
+    args = ["label", "--backend", "script", "--command", cmd, "--structures", str(sel),
+            "--output", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "labelled 3 of 4 structures with script; 1 failed" in stdout
+    assert f"failed {ids[2]}: the batch command left no result for {ids[2]}" in stdout
+    for a, sid in zip(cells, ids, strict=True):
+        if sid == ids[2]:
+            continue
+        got = ase.io.read(out / sid / "labelled.extxyz")
+        ref = a.copy()
+        ref.calc = EMT()
+        assert got.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-5)
+    # update-dataset takes the task directories, not the batch's raw files a second time
+    from nequix_fw.dataset import update_dataset
+
+    s = update_dataset(out, tmp_path / "ds")
+    assert s["n_added"] == 3 and s["n_failed_tasks_skipped"] == 1
+    # a rerun (the crash fixed) computes only the missing one
+    (tmp_path / "crash").unlink()
+    assert main(args) == 0
+    assert "labelled 4 of 4 structures with script (3 from an earlier run)" in (
+        capsys.readouterr().out)  # fmt: skip
+
+
+def test_launch_dft_sh_as_a_batch_command(tmp_path, capsys):
+    """`label --backend script --command "bash launch_dft.sh {structures}"`: the design's script,
+    unchanged, labels a selection in one go."""
+    from nequix_fw.cli import main
+
+    env_vars = {"PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
+                "STANDIN_VASP_FIXTURES": str(FIXTURES), "STANDIN_VASP_NO_ERROR": "1"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env_vars}
+    os.environ.update(env_vars)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        sel = tmp_path / "selected_structures"
+        sel.mkdir()
+        for k in range(2):  # Si2, as the replayed run
+            a = bulk("Si", "diamond", a=5.43)
+            a.rattle(0.02, seed=k)
+            ase.io.write(sel / f"s{k}.vasp", a, format="vasp", direct=True)
+        for name in ("INCAR", "KPOINTS", "POTCAR"):
+            (tmp_path / name).write_text("stand-in\n")
+        code = main(["label", "--backend", "script", "--command",
+                     f"bash {LAUNCH_DFT} {{structures}}", "--structures", str(sel),
+                     "--output", "data/dft_results", "--no-progress"])  # fmt: skip
+        stdout = capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert code == 0 and "labelled 2 of 2 structures with script; 0 failed" in stdout
+    tasks = [json.loads(p.read_text()) for p in (tmp_path / "data" / "dft_results").glob(
+        "*/task.json")]  # fmt: skip
+    assert len(tasks) == 2 and all(t["result_file"].endswith("_OUTCAR") for t in tasks)
+    assert all(t["batch_returncode"] == 0 for t in tasks)

@@ -61,6 +61,11 @@ class LabellingBackend(ABC):
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         """Compute energy, forces (and stress for periodic cells) of `atoms` in `workdir`."""
 
+    def prepare(self, pending: list[tuple[str, Atoms]], output: Path) -> None:  # noqa: B027
+        """An optional hook, called once with every (structure id, structure) about to be
+        labelled, before the `label` calls: a backend that computes them all at once (a batch
+        script) runs here."""
+
 
 def import_class(name: str, default_module: str, base: type, setting: str) -> type:
     """A class by name in `default_module`, or 'module:Class', that must subclass `base`."""
@@ -154,22 +159,31 @@ def label_structures(
         frames = frames[group[0] * group[1] : (group[0] + 1) * group[1]]
     ids = _structure_ids(structures)
     settings_hash = backend.settings_hash()
-    results, n_reused, seen = [], 0, set()
-    for fr in tqdm(frames, desc=f"label ({backend.name})", unit="struct", disable=not progress):
+    todo, seen = [], set()  # (frame, id, earlier task document or None)
+    for fr in frames:
         sid = ids.get((Path(fr.source).name, fr.frame)) or structure_id(fr.atoms)
-        if sid in seen:  # the same structure twice in the input: labelled once
-            continue
-        seen.add(sid)
+        if sid not in seen:  # the same structure twice in the input: labelled once
+            seen.add(sid)
+            todo.append((fr, sid, _finished(output / sid, settings_hash)))
+    too_close: dict[str, float] = {}  # never sent to the backend
+    if settings.min_distance is not None:
+        for fr, sid, done in todo:
+            if done is None and (d := min_distance(fr.atoms)) < settings.min_distance:
+                too_close[sid] = d
+    backend.prepare([(sid, fr.atoms) for fr, sid, done in todo
+                     if done is None and sid not in too_close], output)  # fmt: skip
+    results, n_reused = [], 0
+    for fr, sid, done in tqdm(todo, desc=f"label ({backend.name})", unit="struct",
+                              disable=not progress):  # fmt: skip
         workdir = output / sid
-        done = _finished(workdir, settings_hash)
         if done is not None:
             results.append(done)
             n_reused += 1
             continue
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        dmin = min_distance(fr.atoms)
-        if settings.min_distance is not None and dmin < settings.min_distance:
+        if sid in too_close:
+            dmin = too_close[sid]
             res = LabelResult(None, "failed", f"min interatomic distance {dmin:.3f} Å < "
                               f"{settings.min_distance} Å: not sent to {backend.name}")  # fmt: skip
         else:
