@@ -63,7 +63,7 @@ demo: setup models
 	@echo "(the database stays in $(DEMO)/db: nequix-fw db start --dir $(DEMO)/db to query it)"
 
 test: setup sysdeps
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -84,21 +84,7 @@ def test_copies_of_one_model_are_refused(model_paths, tmp_path, capsys):
 
 
 def test_missing_dataset_to_exclude_is_an_error(model_paths, tmp_path, capsys):
-    ase.io.write(tmp_path / "s.extxyz", make_cells(3))
-    assert (
-        run(
-            capsys,
-            "run-ensemble",
-            "--models",
-            *model_paths,
-            "--structures",
-            tmp_path / "s.extxyz",
-            "--output",
-            tmp_path / "r.json",
-            "--no-progress",
-        )[0]
-        == 0
-    )
+    _results(capsys, model_paths, tmp_path)
     code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "0",
                        "--exclude-dataset", "/nonexistent", "--output",
                        tmp_path / "sel")  # fmt: skip
@@ -233,21 +219,7 @@ def test_killed_writers_leave_no_temp_files_and_modes_are_kept(emt_data, tmp_pat
 
 
 def test_selection_directory_honours_the_umask(model_paths, tmp_path, capsys):
-    ase.io.write(tmp_path / "s.extxyz", make_cells(3))
-    assert (
-        run(
-            capsys,
-            "run-ensemble",
-            "--models",
-            *model_paths,
-            "--structures",
-            tmp_path / "s.extxyz",
-            "--output",
-            tmp_path / "r.json",
-            "--no-progress",
-        )[0]
-        == 0
-    )
+    _results(capsys, model_paths, tmp_path)
     assert run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "0", "--output",
                tmp_path / "sel")[0] == 0  # fmt: skip
     assert stat.S_IMODE((tmp_path / "sel").stat().st_mode) == 0o777 & ~_umask()
@@ -255,6 +227,14 @@ def test_selection_directory_honours_the_umask(model_paths, tmp_path, capsys):
     for f in ["manifest.json", *(e["file"] for e in manifest["structures"] if e["selected"])]:
         assert stat.S_IMODE((tmp_path / "sel" / f).stat().st_mode) == 0o666 & ~_umask()
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~_umask()
+
+
+def _results(capsys, model_paths, tmp_path) -> None:
+    """`tmp_path/r.json`: the models' results on three cells."""
+    ase.io.write(tmp_path / "s.extxyz", make_cells(3))
+    argv = ["run-ensemble", "--models", *model_paths, "--structures", tmp_path / "s.extxyz",
+            "--output", tmp_path / "r.json", "--no-progress"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
 
 
 def _umask() -> int:

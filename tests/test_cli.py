@@ -165,7 +165,8 @@ def test_non_finite_run_continues_and_records(capsys, model_paths, pool, tmp_pat
     "args, msg",
     [
         (["--lo", "0.3", "--hi", "0.1"], "lo (0.3 eV/Å) must not exceed hi (0.1 eV/Å)"),
-        (["--threshold", "-0.1"], "lo: Input should be greater than or equal to 0"),
+        (["--threshold", "-0.1"], "lo must be >= 0 eV/Å, got -0.1"),
+        (["--lo", "high"], "--lo 'high': a number (eV/Å) or auto"),
         (["--threshold", "0.1", "--lo", "0.1"], "give --threshold or --lo, not both"),
     ],
 )

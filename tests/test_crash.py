@@ -38,7 +38,7 @@ def server(tmp_path):
 
 
 def _setup(
-    root: Path, name: str, labelling: dict, max_iterations: int = 1, epochs: int = 10
+    root: Path, name: str, labelling: dict, max_iterations: int = 1, epochs: int = 5
 ) -> dict:
     """A campaign directory with its own database: initial cells, a fixed candidate pool."""
     root.mkdir(parents=True, exist_ok=True)
@@ -164,16 +164,22 @@ def _flaky_pool(n: int) -> list:
     return [cells[i] for i in sorted(pick)]
 
 
+def _flaky_campaign(tmp_path: Path, name: str, cells: list, labelling: dict) -> dict:
+    """Iteration 0 of a campaign labelling `cells` with the flaky oracle, run to its end."""
+    root = tmp_path / name
+    root.mkdir()
+    ase.io.write(root / "initial.extxyz", cells)
+    c = _setup(root, name, labelling, max_iterations=0, epochs=3)
+    _ok([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], c["dir"])
+    return c
+
+
 def test_flaky_oracle_and_failure_ratio(tmp_path, server):
     oracle = f"{sys.executable} {HERE / 'standins' / 'flaky_emt.py'}"
     cells = _flaky_pool(12)
     labelling = {"backend": "script", "command": oracle, "timeout_s": 3.0,
                  "max_failed_fraction": 0.3}  # fmt: skip
-    root = tmp_path / "flaky"
-    root.mkdir()
-    ase.io.write(root / "initial.extxyz", cells)
-    c = _setup(root, "flaky", labelling, max_iterations=0, epochs=3)
-    _ok([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], c["dir"])
+    c = _flaky_campaign(tmp_path, "flaky", cells, labelling)
     s = _state(c)
     assert {st for _, st in s["fireworks"]} == {"COMPLETED"}
     assert s["n_docs"] == 12 - 3 and s["log"][0]["n_label_failures"] == 3
@@ -183,11 +189,7 @@ def test_flaky_oracle_and_failure_ratio(tmp_path, server):
                       "timed out after 3.0 s"}  # fmt: skip
     # the same campaign with a stricter limit stops iteration 0 instead of training on the rest
     labelling["max_failed_fraction"] = 0.2
-    root2 = tmp_path / "strict"
-    root2.mkdir()
-    ase.io.write(root2 / "initial.extxyz", cells)
-    c2 = _setup(root2, "strict", labelling, max_iterations=0, epochs=3)
-    _ok([BIN / "rlaunch", "-l", c2["lp"], "rapidfire"], c2["dir"])
+    c2 = _flaky_campaign(tmp_path, "strict", cells, labelling)
     s2 = _state(c2)
     states = dict(s2["fireworks"])
     assert states["strict dataset 0"] == "COMPLETED" and states["strict train 0"] == "DEFUSED"

@@ -289,7 +289,8 @@ def test_script_timeout_kills_the_whole_command(selected, tmp_path):
     time.sleep(4.5)
     assert not (work / "late.txt").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 30" not in ps and "sleep 4" not in ps
+    running = {line.strip() for line in ps.splitlines()}
+    assert "sleep 30" not in running and "sleep 4" not in running
 
 
 def test_fresh_output_with_a_duplicated_frame_reuses_nothing(tmp_path, capsys):

@@ -40,7 +40,7 @@ training:
   epochs: 2
   batch_size: 4
   architecture: {hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}
-labelling: {backend: ase, calculator: ">>reference_calculator<<", calculator_params: {delay_s: 7}}
+labelling: {backend: ase, calculator: ">>reference_calculator<<", calculator_params: {delay_s: 4}}
 selection: {lo: 0.0, max_selected: 3}
 """
 
@@ -86,7 +86,7 @@ print(json.dumps({"fireworks": fws, "launches": launches,
 
 def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_file):
     lp, fw = launchpad_file, tmp_path / "my_fworker.yaml"
-    # EMT that takes 7 s a structure (jobs are submitted 5 s apart), so that the labelling
+    # EMT that takes 4 s a structure (jobs are submitted 1 s apart), so that the labelling
     # groups visibly run side by side
     fw.write_text("name: slurm_worker\ncategory: ''\nquery: '{}'\n"
                   "env:\n  reference_calculator: slow_emt:SlowEMT\n")  # fmt: skip
@@ -96,6 +96,8 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
         pre_rocket=f"export PYTHONPATH={ROOT / 'tests' / 'standins'}", cpus_per_task=None,
     )  # fmt: skip
     (tmp_path / "my_qadapter.yaml").write_text(yaml.safe_dump(qadapter))
+    # qlaunch waits QUEUE_UPDATE_INTERVAL (5 s) after each submission; SLURM here answers at once
+    (tmp_path / "FW_config.yaml").write_text("QUEUE_UPDATE_INTERVAL: 1\n")
     ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     ase.io.write(tmp_path / "testset.extxyz", emt_labelled(4, seed=9))
