@@ -62,8 +62,10 @@ demo: setup models
 	  status=$$?; ../$(NFW) db stop --dir db; exit $$status
 	@echo "(the database stays in $(DEMO)/db: nequix-fw db start --dir $(DEMO)/db to query it)"
 
+# Two pytest workers (pytest-xdist), a test module each at a time: much of the suite waits on
+# subprocesses (rlaunch, qlaunch/SLURM, CP2K, the database), so two run well on 2 cores.
 test: setup sysdeps
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
