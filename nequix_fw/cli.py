@@ -365,7 +365,11 @@ def _cmd_db(args: argparse.Namespace) -> int:
     password = None
     if args.username:
         if args.password_file:
-            password = Path(args.password_file).read_text().strip()
+            try:
+                password = Path(args.password_file).read_text().strip()
+            except OSError as exc:
+                raise SettingsError(f"{args.password_file}: cannot read the password file "
+                                    f"({exc.strerror})") from None  # fmt: skip
         else:
             password = os.environ.get("NEQUIX_FW_DB_PASSWORD")
         if not password:

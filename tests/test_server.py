@@ -84,6 +84,10 @@ def test_authentication_and_errors(tmp_path, monkeypatch):
     p = _db("start", "--dir", tmp_path / "s2", "--launchpad", tmp_path / "l2.yaml",
             "--username", "bob")  # fmt: skip
     assert p.returncode == 2 and "--username needs a password" in p.stderr
+    p = _db("start", "--dir", tmp_path / "s2", "--username", "bob", "--password-file",
+            tmp_path / "nope.txt")  # fmt: skip
+    assert p.returncode == 2 and "nope.txt: cannot read the password file" in p.stderr
+    assert not (tmp_path / "s2").exists()
     monkeypatch.setattr(server, "EXECUTABLE", "no-such-secantusd")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(server.ServerError, match=r"nequix-fw\[server\]"):
