@@ -92,16 +92,14 @@ class Campaign:
     def record(self, k: int, **entries) -> dict:
         """Merge `entries` into iteration k's record of campaign.json (written atomically) and
         of the store's iterations."""
-        path = self.directory / "campaign.json"
-        log = json.loads(path.read_text()) if path.is_file() else {"name": self.settings.name,
-                                                                   "iterations": []}  # fmt: skip
+        log = self._log()
         if self.settings.launchpad is not None:  # the file's path, never its contents
             log["launchpad"] = str(self.settings.launchpad)
         its = {it["iteration"]: it for it in log["iterations"]}
         its.setdefault(k, {"iteration": k}).update(entries)
         log["iterations"] = [its[i] for i in sorted(its)]
         self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with atomic_path(self.directory / "campaign.json") as tmp:
             tmp.write_text(json.dumps(log, indent=1, default=str))
         if self.store is not None:
             self.store.save_iteration(k, its[k])
@@ -109,9 +107,13 @@ class Campaign:
 
     def iteration_record(self, k: int) -> dict:
         """Iteration k's record in campaign.json ({} if it has none yet)."""
+        return next((it for it in self._log()["iterations"] if it["iteration"] == k), {})
+
+    def _log(self) -> dict:
         path = self.directory / "campaign.json"
-        its = json.loads(path.read_text())["iterations"] if path.is_file() else []
-        return next((it for it in its if it["iteration"] == k), {})
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"name": self.settings.name, "iterations": []}
 
 
 # -- the stages -----------------------------------------------------------------------------------
@@ -195,8 +197,9 @@ def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None 
     labels = c.iter_dir(k) / "labels"
     summary = label_structures(label_inputs(c, k), labels, make_backend(settings, env), settings,
                                iteration=k, progress=False, group=part)  # fmt: skip
-    if c.store is not None:
-        c.store.save_label_tasks(k, [json.loads(p.read_text()) for p in labels.glob("*/task.json")])
+    if c.store is not None:  # this group's task documents
+        tasks = [labels / sid / "task.json" for sid in summary["structure_ids"]]
+        c.store.save_label_tasks(k, [json.loads(p.read_text()) for p in tasks])
     return summary
 
 
@@ -280,18 +283,15 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     s = c.settings
     rmse = (record.get("validation") or {}).get("force_rmse_eV_per_A")
     stable = record.get("md_stable_fraction")
-    met = []  # every target given must hold
+    met = []  # every target given must hold: what holds, or False
     if s.target_force_rmse is not None:
-        met.append(rmse is not None and rmse <= s.target_force_rmse)
+        ok = rmse is not None and rmse <= s.target_force_rmse
+        met.append(ok and f"validation force RMSE {rmse:.4f} <= {s.target_force_rmse} eV/Å")
     if s.md_stable_fraction is not None:
-        met.append(stable is not None and stable >= s.md_stable_fraction)
+        ok = stable is not None and stable >= s.md_stable_fraction
+        met.append(ok and f"{stable:.0%} of MD runs stable (>= {s.md_stable_fraction:.0%})")
     if met and all(met):
-        why = []
-        if s.target_force_rmse is not None:
-            why.append(f"validation force RMSE {rmse:.4f} <= {s.target_force_rmse} eV/Å")
-        if s.md_stable_fraction is not None:
-            why.append(f"{stable:.0%} of MD runs stable (>= {s.md_stable_fraction:.0%})")
-        return "converged: " + ", ".join(why)
+        return "converged: " + ", ".join(met)
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None

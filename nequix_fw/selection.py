@@ -109,6 +109,11 @@ def resolve_lo(settings: SelectionSettings, calibration: dict | None, where: str
     return lower_trust_level(calibration, settings.target_force_error)
 
 
+def _pickable(settings: SelectionSettings) -> tuple[str, ...]:
+    """The classes a method selects from: random draws accurate structures too."""
+    return ("candidate", "accurate") if settings.method == "random" else ("candidate",)
+
+
 def classify(
     records: Iterable[dict], settings: SelectionSettings, elements: list[int]
 ) -> list[Entry]:
@@ -127,7 +132,7 @@ def classify(
             entry.cls = trust_class(dev, settings.lo, settings.hi)
             if entry.cls == "failed":
                 entry.reason = f"max_force_dev {dev:.4g} eV/Å >= hi {settings.hi} eV/Å"
-        pickable = ("candidate", "accurate") if settings.method == "random" else ("candidate",)
+        pickable = _pickable(settings)
         needs_atoms = entry.cls in pickable and (settings.min_distance or settings.diverse)
         if needs_atoms:
             atoms = record_atoms(rec)
@@ -155,7 +160,7 @@ def choose(
     sampling starts from the most uncertain candidate, or, given `known` (descriptors of the
     training set), from the candidate least like the training set, and keeps away from it."""
     exclude = exclude or set()
-    pickable = ("candidate", "accurate") if settings.method == "random" else ("candidate",)
+    pickable = _pickable(settings)
     for e in entries:
         if e.cls in pickable and e.id in exclude:
             e.reason = "already labelled"

@@ -293,8 +293,9 @@ def export_dataset(
         else:
             tmp.unlink()  # ASE makes the database file itself
             with ase.db.connect(tmp, type="db", append=False) as db:
-                for a in frames:
-                    info = {k: v for k, v in a.info.items() if isinstance(v, (int, float, str))}
-                    db.write(a, key_value_pairs={k: v for k, v in info.items()
-                                                 if k.isidentifier()})  # fmt: skip
+                for a in frames:  # ASE keeps plain values under identifier keys
+                    plain = (int, float, str)
+                    pairs = {k: v for k, v in a.info.items()
+                             if k.isidentifier() and isinstance(v, plain)}  # fmt: skip
+                    db.write(a, key_value_pairs=pairs)
     return len(frames)

@@ -228,6 +228,7 @@ def label_structures(
         "backend": backend.name,
         "settings_hash": settings_hash,
         "n_structures": len(results),
+        "structure_ids": [r["structure_id"] for r in results],
         "n_success": sum(r["status"] == "success" for r in results),
         "n_reused": n_reused,
         "n_duplicates": len(frames) - len(results),

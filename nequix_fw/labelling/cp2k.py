@@ -14,6 +14,7 @@ forces and stress parsed with pymatgen's ``Cp2kOutput``: forces (Hartree/Bohr ->
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -71,11 +72,16 @@ DEFAULT_VERSION = 1
 BASIS_FILE, POTENTIAL_FILE = "BASIS_MOLOPT", "GTH_POTENTIALS"
 
 
+@functools.lru_cache(maxsize=8)
+def _data_file(path: Path) -> str:
+    """A CP2K data file's text, read once per process (they are megabytes)."""
+    return path.read_text(errors="replace")
+
+
 def basis_and_potential(element: str, data_dir: Path) -> tuple[str, str]:
     """The DZVP-MOLOPT-SR-GTH basis (else DZVP-MOLOPT-GTH) and the GTH-PBE potential of an
     element in CP2K's data directory."""
-    basis_text = (data_dir / BASIS_FILE).read_text(errors="replace")
-    pot_text = (data_dir / POTENTIAL_FILE).read_text(errors="replace")
+    basis_text, pot_text = _data_file(data_dir / BASIS_FILE), _data_file(data_dir / POTENTIAL_FILE)
     basis = next((b for b in ("DZVP-MOLOPT-SR-GTH", "DZVP-MOLOPT-GTH")
                   if re.search(rf"^\s*{element}\s+{b}\b", basis_text, re.M)), None)  # fmt: skip
     pot = re.search(rf"^\s*{element}\s+(GTH-PBE-q\d+)\b", pot_text, re.M)
