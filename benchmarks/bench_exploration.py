@@ -8,7 +8,14 @@ averaged. Engine: `EnsembleCalculator` (one neighbour list with a skin, members 
 apart; then both sides advance
 in turns of 10 steps, so that noise on the machine hits both alike.
 
+Walkers table: aggregate MD steps/s of N trajectories of one cell (different seeds) advanced as
+batched walkers (`run_walkers`: every step one compiled call over all walkers) vs the path
+before them, one trajectory at a time (`EnsembleCalculator`, `walkers: 1`). Each batched run
+first runs `--warmup` steps (compilation, timed apart), then `--walker-steps` steps.
+
 Usage: python benchmarks/bench_exploration.py [--steps 200] [--warmup 5] [--members 4]
+       [--tables naive walkers] [--walkers 1 8 64 256] [--walker-steps 20]
+       [--max-batch-atoms 30000]
 """
 
 from __future__ import annotations
@@ -62,6 +69,53 @@ def timed(dyn, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def walker_table(paths: list[Path], args) -> None:
+    """Aggregate steps/s of batched walkers vs one trajectory at a time."""
+    import jax
+
+    from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+    from nequix_fw.exploration import run_md
+    from nequix_fw.exploration.walkers import run_nvt_walkers
+    from nequix_fw.settings import EnsembleSettings, ExplorationSettings
+
+    device = jax.devices()[0].device_kind
+    ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None))
+    # every walker runs to the end: no uncertainty or physics stops (random-weight models)
+    common = dict(temperatures_K=[600.0], timestep_fs=2.0, check_every=args.warmup,
+                  sample_every=args.warmup, hi=None, min_distance=0.01,
+                  max_temperature_factor=1e6)  # fmt: skip
+    print(f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps")
+    print("| cell | walkers | one at a time: steps/s | batched: walker-steps/s | speed-up | "
+          "batched s/step | batched warm-up (s) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for reps in ((2, 2, 2), (3, 3, 3)):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+        atoms.rattle(0.02, seed=1)
+        calc = EnsembleCalculator(ens)
+        warm = ExplorationSettings(steps=args.warmup, **common)
+        run_md(atoms, calc, 600.0, warm, seed=0)
+        t0 = time.perf_counter()
+        run_md(atoms, calc, 600.0, ExplorationSettings(steps=args.walker_steps, **common))
+        single = args.walker_steps / (time.perf_counter() - t0)
+        for n in args.walkers:
+            if n * len(atoms) > args.max_batch_atoms:
+                print(f"| Cu{len(atoms)} | {n} | {single:.1f} | not run (> --max-batch-atoms) "
+                      "| | | |")  # fmt: skip
+                continue
+            jobs = [(atoms, 600.0, None, seed, "bench") for seed in range(n)]
+            t0 = time.perf_counter()
+            run_nvt_walkers(ens, jobs, ExplorationSettings(steps=args.warmup, walkers=n, **common))
+            warmup = time.perf_counter() - t0
+            s = ExplorationSettings(steps=args.walker_steps, walkers=n, **common)
+            t0 = time.perf_counter()
+            trajs, batch = run_nvt_walkers(ens, jobs, s)
+            wall = time.perf_counter() - t0
+            assert all(t.stop_reason == "completed" for t in trajs), "a walker stopped early"
+            rate = n * args.walker_steps / wall
+            print(f"| Cu{len(atoms)} | {n} | {single:.1f} | {rate:.1f} | **{rate / single:.1f}x** "
+                  f"| {wall / args.walker_steps:.4f} | {warmup:.1f} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     from nequix_fw.ensemble import Ensemble, EnsembleCalculator
     from nequix_fw.models import new_model, save_model
@@ -71,6 +125,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--members", type=int, default=4)
+    p.add_argument("--tables", nargs="+", choices=["naive", "walkers"],
+                   default=["naive", "walkers"])  # fmt: skip
+    p.add_argument("--walkers", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--walker-steps", type=int, default=20)
+    p.add_argument("--max-batch-atoms", type=int, default=30000,
+                   help="skip walker counts whose batch holds more atoms")  # fmt: skip
     args = p.parse_args()
     arch = ArchitectureSettings().model_dump()
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +142,10 @@ def main() -> None:
         settings = EnsembleSettings(compilation_cache_dir=None)
         print(f"{args.members} members ({arch['hidden_irreps']}, {arch['n_layers']} layers), "
               f"{args.steps} Langevin steps after {args.warmup} warm-up steps")  # fmt: skip
+        if "walkers" in args.tables:
+            walker_table(paths, args)
+        if "naive" not in args.tables:
+            return
         print("| cell | naive steps/s | engine steps/s | speed-up | naive warm-up (s) | "
               "engine warm-up (s) | max |Δx| (Å) |")  # fmt: skip
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -221,8 +221,8 @@ def _cmd_explore(args: argparse.Namespace) -> int:
         pressures_GPa=args.pressures, steps=args.steps, timestep_fs=args.timestep,
         sample_every=args.sample_every, check_every=args.check_every, hi=args.hi,
         seeds=args.seeds, thermostat=args.thermostat, barostat=args.barostat,
-        n_workers=args.workers, n_distortions=args.distortions, rattle_A=args.rattle,
-        strain_max=args.strain, strain_volumetric=args.strain_volumetric,
+        n_workers=args.workers, walkers=args.walkers, n_distortions=args.distortions,
+        rattle_A=args.rattle, strain_max=args.strain, strain_volumetric=args.strain_volumetric,
         strain_shear=args.strain_shear, vacancies=args.vacancies,
         substitutions=_pairs(args.substitute, "--substitute", "OLD:NEW"),
         substitution_fraction=args.substitution_fraction,
@@ -605,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--thermostat", choices=["langevin", "bussi", "nose_hoover"])
     x.add_argument("--barostat", choices=["berendsen", "mtk", "mtk_isotropic"])
     x.add_argument("--workers", type=int, help="processes running trajectories in parallel")
+    x.add_argument(
+        "--walkers", type=int, help="trajectories advanced together, one ensemble call a step"
+    )
     x.add_argument("--distortions", type=int, help="distorted copies per starting structure")
     x.add_argument("--rattle", type=float, help="rattle amplitude of the copies (Å)")
     x.add_argument("--strain", type=float, help="random symmetric strain, max component")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +76,14 @@ def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> di
     return graph
 
 
-def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None):
+def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None, n_node: int | None = None):
     """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket);
-    `n_edge` fixes the edge capacity instead (it must hold the batch's edges)."""
+    `n_edge` and `n_node` fix the capacities instead (they must hold the batch and, for nodes,
+    one padding node)."""
     import jraph
 
     batch = jraph.batch_np(graphs)  # numpy: eager jnp ops would compile for every new size
-    n_node = bucket_size(int(batch.n_node.sum()) + 1, 16)
+    n_node = n_node or bucket_size(int(batch.n_node.sum()) + 1, 16)
     n_edge = n_edge or bucket_size(int(batch.n_edge.sum()), 64)
     return jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
 
@@ -121,14 +123,14 @@ def _configure_compilation_cache(cache_dir: Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _apply_vmap(stacked, static, graph):
+def _apply_vmap(stacked, graph, static):
     import equinox as eqx
     import jax
 
     return jax.vmap(lambda params: eqx.combine(params, static)(graph))(stacked)
 
 
-def _apply_map(stacked, static, graph):
+def _apply_map(stacked, graph, static):
     import equinox as eqx
     import jax
 
@@ -138,7 +140,7 @@ def _apply_map(stacked, static, graph):
 class _StackedGroup:
     """Models of one architecture, parameters stacked along a leading model axis."""
 
-    def __init__(self, indices: list[int], modules: list, vmap: bool):
+    def __init__(self, indices: list[int], modules: list, vmap: bool, xla_options: dict):
         import equinox as eqx
         import jax
         import jax.numpy as jnp
@@ -152,10 +154,12 @@ class _StackedGroup:
         self.stacked = jax.tree_util.tree_unflatten(
             treedef, [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
         )
-        self._fn = eqx.filter_jit(_apply_vmap if vmap else _apply_map)
+        apply = _apply_vmap if vmap else _apply_map
+        self._fn = jax.jit(partial(apply, static=self.static),
+                           compiler_options=dict(xla_options) or None)  # fmt: skip
 
     def __call__(self, graph):
-        return self._fn(self.stacked, self.static, graph)
+        return self._fn(self.stacked, graph)
 
 
 def _architecture_key(model: NequixModel, module) -> str:
@@ -206,7 +210,8 @@ class Ensemble:
             for i, module in enumerate(modules):
                 groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
             self._groups = [
-                _StackedGroup(idx, [modules[i] for i in idx], vmap) for idx in groups.values()
+                _StackedGroup(idx, [modules[i] for i in idx], vmap, self.settings.xla_options)
+                for idx in groups.values()
             ]
         else:
             self._calculators = [m.calculator(backend="torch") for m in self.models]
@@ -298,19 +303,27 @@ class Ensemble:
                 on_batch(len(batch))
         return out  # type: ignore[return-value]
 
-    def predict_graph(self, atoms: Atoms, graph: dict, edge_capacity: int) -> Prediction:
-        """Predictions for one structure from its prebuilt graph, padded to `edge_capacity`
-        edges (the JAX path of the `EnsembleCalculator`: one compilation per capacity)."""
-        pred = self._predict_batch([graph], edge_capacity)[0]
-        if not atoms.pbc.all():
-            pred.stresses = None
-        return pred
+    def predict_graphs(
+        self, graphs: list[dict], n_graph: int, n_node: int, n_edge: int
+    ) -> list[Prediction]:
+        """Predictions for prebuilt graphs padded to fixed capacities (`n_graph` structures
+        with one spare, `n_node` atoms with one spare, `n_edge` edges): one compilation for
+        every call with the same capacities, whatever the graphs. Stresses are for fully
+        periodic cells only; callers drop them for the others."""
+        return self._predict_batch(graphs, n_edge, n_graph, n_node)
 
-    def _predict_batch(self, graphs: list[dict], n_edge: int | None = None) -> list[Prediction]:
+    def _predict_batch(
+        self,
+        graphs: list[dict],
+        n_edge: int | None = None,
+        n_graph: int | None = None,
+        n_node: int | None = None,
+    ) -> list[Prediction]:
         from nequix.data import dict_to_graphstuple
 
-        n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
-        padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph, n_edge)
+        if n_graph is None:
+            n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
+        padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph, n_edge, n_node)
         n_node = padded.nodes["positions"].shape[0]
         m = len(self.models)
         energies = np.zeros((m, n_graph))
@@ -437,11 +450,15 @@ class NeighbourCache:
         self._key = (atoms.numbers.tobytes(), atoms.pbc.tobytes())
         self._cell = cell.copy()
         self._scaled = np.linalg.solve(cell.T, atoms.positions.T).T
+        self._positions = atoms.positions.copy()
         self.builds += 1
 
     def _valid(self, atoms: Atoms, cell: np.ndarray) -> bool:
         if self._key != (atoms.numbers.tobytes(), atoms.pbc.tobytes()):
             return False
+        if np.array_equal(cell, self._cell):  # fixed cell (NVT): Cartesian displacements
+            moved = np.sqrt(((atoms.positions - self._positions) ** 2).sum(axis=1).max())
+            return self.cutoff + 2 * moved <= self.cutoff + self.skin
         strain = np.linalg.norm(np.linalg.solve(self._cell, cell) - np.eye(3), ord=2)
         scaled = np.linalg.solve(cell.T, atoms.positions.T).T
         moved = np.sqrt((((scaled - self._scaled) @ cell) ** 2).sum(axis=1)).max()
@@ -472,10 +489,9 @@ class EnsembleCalculator(Calculator):
         self.ensemble.check_covered(self.atoms, "structure")
         if self.ensemble.settings.backend == "jax":
             graph = self.neighbours.graph(self.atoms, self.ensemble._atom_indices)
-            n_edge = int(graph["n_edge"][0])
-            if n_edge > self.edge_capacity or "numbers" in system_changes:
-                self.edge_capacity = bucket_size(math.ceil(n_edge * self.edge_headroom), 64)
-            pred = self.ensemble.predict_graph(self.atoms, graph, self.edge_capacity)
+            pred = self._predict_graph(graph, "numbers" in system_changes)
+            if not self.atoms.pbc.all():
+                pred.stresses = None
         else:
             pred = self.ensemble.predict([self.atoms])[0]
         energy = float(pred.energies.mean())
@@ -488,6 +504,13 @@ class EnsembleCalculator(Calculator):
         }
         if pred.stresses is not None:
             self.results["stress"] = pred.stresses.mean(axis=0)
+
+    def _predict_graph(self, graph: dict, new_structure: bool) -> Prediction:
+        n_edge = int(graph["n_edge"][0])
+        if n_edge > self.edge_capacity or new_structure:
+            self.edge_capacity = bucket_size(math.ceil(n_edge * self.edge_headroom), 64)
+        n_node = bucket_size(len(self.atoms) + 1, 16)
+        return self.ensemble.predict_graphs([graph], 2, n_node, self.edge_capacity)[0]
 
 
 def run_ensemble(

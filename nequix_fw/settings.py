@@ -59,6 +59,12 @@ class EnsembleSettings(_Settings):
         "'vmap' (in parallel; best on a GPU), 'map' (one after another, lax.map; best on CPU, "
         "measured 25-35 % faster there), 'auto': vmap on a GPU, map on CPU.",
     )
+    xla_options: dict[str, int | float | bool | str] = Field(
+        {},
+        description="XLA compiler options for the ensemble's compiled call (JAX backend), e.g. "
+        "{xla_gpu_autotune_level: 0}: on a GPU a cold start is mostly compilation, and GEMM "
+        "autotuning is half of it.",
+    )
     skin_A: float = Field(
         0.5,
         ge=0,
@@ -356,6 +362,13 @@ class ExplorationSettings(_Settings):
     seeds: list[int] = Field([0], min_length=1, description="One trajectory per seed.")
     n_workers: int = Field(
         1, ge=1, description="Processes running trajectories in parallel (each loads the models)."
+    )
+    walkers: int = Field(
+        64,
+        ge=1,
+        description="Trajectories advanced together in each process: every MD step of all of "
+        "them is one compiled ensemble call (JAX backend; memory grows with walkers x atoms). "
+        "1: one trajectory after the other.",
     )
     n_distortions: int = Field(
         0, ge=0, description="Distorted copies of each starting structure added to the pool."

@@ -255,3 +255,88 @@ def test_explore_pool_with_generators_and_parallel_workers(trained, tmp_path, ca
     code = main(["explore", "--models", *models, "--structures", str(start), "--output",
                  str(tmp_path / "x"), "--rattle", "0.1"])  # fmt: skip
     assert code == 2 and "give --distortions N" in capsys.readouterr().err
+
+
+def _assert_same_trajectories(one, batched):
+    assert [t.stop_reason for t in one] == [t.stop_reason for t in batched]
+    assert [t.stop_step for t in one] == [t.stop_step for t in batched]
+    for a, b in zip(one, batched, strict=True):
+        assert len(a.frames) == len(b.frames) > 0 and a.condition == b.condition
+        for fa, fb in zip(a.frames, b.frames, strict=True):
+            np.testing.assert_allclose(fa.positions, fb.positions, atol=1e-4)
+            np.testing.assert_allclose(fa.cell[:], fb.cell[:], atol=1e-5)
+            assert fa.info["max_force_dev"] == pytest.approx(fb.info["max_force_dev"], 1e-3)
+            assert fa.info["step"] == fb.info["step"]
+
+
+@pytest.fixture(scope="module")
+def walker_jobs(trained):
+    ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
+    small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    big = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    big.numbers[[0, 5, 9]] = 79
+    jobs = [(small, 300.0, None, 0, "a"), (big, 900.0, None, 1, "b"), (small, 2500.0, None, 2, "c"),
+            (big, 600.0, None, 3, "d"), (small, 600.0, None, 4, "e")]  # fmt: skip
+    return ens, jobs
+
+
+def _walker_settings(ens, jobs, thermostat, walkers, **kw) -> ExplorationSettings:
+    """60 steps of 4 fs; an upper trust level that the 2500 K trajectory (job 2) crosses
+    before the end, not at once."""
+    common = dict(steps=60, timestep_fs=4.0, check_every=5, sample_every=10, thermostat=thermostat)
+    ref = run_md(jobs[2][0], EnsembleCalculator(ens), 2500.0,
+                 ExplorationSettings(**common, hi=None), seed=2)  # fmt: skip
+    devs = [f.info["max_force_dev"] for f in ref.frames]
+    return ExplorationSettings(**common, hi=0.5 * (devs[0] + max(devs)), walkers=walkers, **kw)
+
+
+@pytest.mark.parametrize("thermostat", ["langevin", "bussi"])
+def test_batched_nvt_walkers_equal_ase_one_trajectory_at_a_time(walker_jobs, thermostat):
+    """Five NVT trajectories (two sizes, two elements; one stopped early on uncertainty) as
+    three walkers in lockstep, integrated in numpy: the stopped walker's slot takes the next
+    start, every step of the running walkers is one ensemble call at fixed capacities
+    (compiled once), and each trajectory equals ASE's integrator on the one-walker path."""
+    from nequix_fw.exploration.walkers import run_nvt_walkers, run_trajectories
+
+    ens, jobs = walker_jobs
+    one = run_trajectories(ens, jobs, _walker_settings(ens, jobs, thermostat, 1))
+    batched, evaluate = run_nvt_walkers(ens, jobs, _walker_settings(ens, jobs, thermostat, 3))
+    _assert_same_trajectories(one, batched)
+    assert one[2].stop_reason == "uncertainty" and one[2].stop_step < 60
+    assert one[2].frames[-1].info.get("last_in_trust") or one[2].stop_step % 10 == 5
+    steps = sum(t.stop_step + 1 for t in one)  # one initial call + one per step
+    assert evaluate.walker_steps == steps and evaluate.calls < 0.5 * steps
+    assert evaluate.capacity_changes == 1 and evaluate.n_graph == 4
+
+
+@pytest.mark.parametrize("thermostat", ["nose_hoover", "npt"])
+def test_batched_ase_walkers_equal_one_trajectory_at_a_time(walker_jobs, thermostat):
+    """Nosé-Hoover chains and NPT (Berendsen) keep ASE's integrators, one thread per walker;
+    their force calls are batched, and the trajectories equal the one-walker path."""
+    from nequix_fw.exploration.walkers import run_trajectories, run_walkers
+
+    ens, jobs = walker_jobs
+    if thermostat == "npt":  # the large cells under 1 GPa
+        jobs = [(a, t, 1.0 if len(a) == 32 else None, s, i) for a, t, _, s, i in jobs]
+        thermostat = "langevin"
+    one = run_trajectories(ens, jobs, _walker_settings(ens, jobs, thermostat, 1))
+    batched, evaluate = run_walkers(ens, jobs, _walker_settings(ens, jobs, thermostat, 3))
+    _assert_same_trajectories(one, batched)
+    assert evaluate.walker_steps >= sum(t.stop_step + 1 for t in one)
+    assert evaluate.calls < 0.5 * evaluate.walker_steps and evaluate.capacity_changes == 1
+
+
+def test_batched_walker_error_reaches_the_caller(walker_jobs):
+    """A walker that fails (an element the models do not cover) raises in the caller once the
+    other walkers have stopped; nothing hangs."""
+    from nequix_fw.exploration.walkers import run_trajectories
+
+    ens, _ = walker_jobs
+    cu = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    ni = bulk("Ni", "fcc", a=3.52, cubic=True)
+    jobs = [(cu, 300.0, None, 0, "a"), (ni, 300.0, None, 0, "b"), (cu, 600.0, None, 1, "c")]
+    for thermostat in ("langevin", "nose_hoover"):
+        s = ExplorationSettings(steps=20, check_every=5, sample_every=5, walkers=4,
+                                thermostat=thermostat)  # fmt: skip
+        with pytest.raises(StructureError, match="contains Ni"):
+            run_trajectories(ens, jobs, s)

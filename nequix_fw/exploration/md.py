@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,63 @@ def _dynamics(atoms: Atoms, temperature_K: float, pressure_GPa: float | None,
                     friction=settings.friction_per_fs / units.fs, fixcm=False, rng=rng)  # fmt: skip
 
 
+def stop_reason(
+    settings: ExplorationSettings,
+    temperature_K: float,
+    energy: float,
+    forces: np.ndarray,
+    max_force_dev: float | None,
+    min_dist: Callable[[], float],
+    temperature: float,
+) -> str:
+    """Why a trajectory stops at a check ("completed": it goes on), in the order of the checks:
+    non-finite results, uncertainty above `hi`, atoms too close, temperature runaway."""
+    if not np.isfinite(forces).all() or not np.isfinite(energy):
+        return "non-finite"
+    if settings.hi is not None and max_force_dev is not None and max_force_dev > settings.hi:
+        return "uncertainty"
+    if min_dist() < settings.min_distance:
+        return "min_distance"
+    if temperature > settings.max_temperature_factor * temperature_K:
+        return "temperature"
+    return "completed"
+
+
+class FrameLog:
+    """The frames a trajectory keeps: every `sample_every` steps while in trust, and on an
+    uncertainty stop its last checked frame still in trust (info ``last_in_trust``)."""
+
+    def __init__(self, settings: ExplorationSettings, parent_id: str, temperature_K: float,
+                 pressure_GPa: float | None, seed: int):  # fmt: skip
+        self.settings = settings
+        self.info = {"generator": "md", "parent_id": parent_id, "temperature_K": temperature_K,
+                     "seed": seed}  # fmt: skip
+        if pressure_GPa is not None:
+            self.info["pressure_GPa"] = pressure_GPa
+        self.condition = {"temperature_K": temperature_K, "pressure_GPa": pressure_GPa,
+                          "seed": seed}  # fmt: skip
+        self.frames: list[Atoms] = []
+        self._in_trust: Atoms | None = None
+
+    def checked(self, step: int, reason: str, atoms: Atoms, max_force_dev: float | None) -> None:
+        """Record the check at `step` of `atoms` (copied) that gave `reason`."""
+        if reason == "completed":
+            f = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+            f.info.update(self.info, step=step, time_fs=step * self.settings.timestep_fs,
+                          **({"max_force_dev": float(max_force_dev)}
+                             if max_force_dev is not None else {}))  # fmt: skip
+            self._in_trust = f
+            if step % self.settings.sample_every == 0:
+                self.frames.append(f)
+        elif reason == "uncertainty" and self._in_trust is not None:
+            if not self.frames or self.frames[-1] is not self._in_trust:
+                self._in_trust.info["last_in_trust"] = True
+                self.frames.append(self._in_trust)
+
+    def trajectory(self, reason: str, step: int) -> Trajectory:
+        return Trajectory(self.frames, reason, step, self.condition)
+
+
 def run_md(
     atoms: Atoms,
     calc,
@@ -67,12 +125,10 @@ def run_md(
 ) -> Trajectory:
     """MD on `calc` (an `EnsembleCalculator`, or any ASE calculator) under one condition.
 
-    Every `check_every` steps the trajectory is checked: ensemble uncertainty above `hi`, atoms
-    closer than `min_distance`, a temperature above `max_temperature_factor` x target, or
-    non-finite forces stop it, recording why and when. Frames are sampled every `sample_every`
-    steps with their provenance (parent id, condition, step, time, uncertainty). A trajectory
-    stopped on uncertainty also keeps its last checked frame that was still in trust (info
-    ``last_in_trust``), the most informative one, when it was not sampled already.
+    Every `check_every` steps the trajectory is checked (`stop_reason`): ensemble uncertainty
+    above `hi`, atoms closer than `min_distance`, a temperature above `max_temperature_factor`
+    x target, or non-finite forces stop it, recording why and when. Frames are kept as
+    `FrameLog` says, with their provenance (parent id, condition, step, time, uncertainty).
     """
     from ase.md.velocitydistribution import thermalize_momenta
 
@@ -84,40 +140,13 @@ def run_md(
     a.calc = calc
     thermalize_momenta(a, temperature_K, rng=rng)
     dyn = _dynamics(a, temperature_K, pressure_GPa, settings, rng)
-    parent_id = parent_id or structure_id(atoms)
-    condition = {"temperature_K": temperature_K, "pressure_GPa": pressure_GPa, "seed": seed}
-    frames: list[Atoms] = []
-    reason, step, in_trust = "completed", 0, None
-
-    def snapshot() -> Atoms:
-        f = Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc)
-        f.info.update(generator="md", parent_id=parent_id, step=step,
-                      time_fs=step * settings.timestep_fs, temperature_K=temperature_K, seed=seed,
-                      **({"pressure_GPa": pressure_GPa} if pressure_GPa is not None else {}),
-                      **({"max_force_dev": float(dev)} if dev is not None else {}))  # fmt: skip
-        return f
-
-    while step < settings.steps:
+    log = FrameLog(settings, parent_id or structure_id(atoms), temperature_K, pressure_GPa, seed)
+    reason, step = "completed", 0
+    while step < settings.steps and reason == "completed":
         dyn.run(settings.check_every)
         step += settings.check_every
-        forces = a.get_forces()
         dev = a.calc.results.get("max_force_dev")
-        if not np.isfinite(forces).all() or not np.isfinite(a.get_potential_energy()):
-            reason = "non-finite"
-        elif settings.hi is not None and dev is not None and dev > settings.hi:
-            reason = "uncertainty"
-        elif min_distance(a) < settings.min_distance:
-            reason = "min_distance"
-        elif a.get_temperature() > settings.max_temperature_factor * temperature_K:
-            reason = "temperature"
-        if reason == "completed":
-            in_trust = snapshot()
-            if step % settings.sample_every == 0:
-                frames.append(in_trust)
-        elif reason == "uncertainty" and in_trust is not None:
-            if not frames or frames[-1] is not in_trust:
-                in_trust.info["last_in_trust"] = True
-                frames.append(in_trust)
-        if reason != "completed":
-            break
-    return Trajectory(frames, reason, step, condition)
+        reason = stop_reason(settings, temperature_K, a.get_potential_energy(), a.get_forces(),
+                             dev, lambda: min_distance(a), a.get_temperature())  # fmt: skip
+        log.checked(step, reason, a, dev)
+    return log.trajectory(reason, step)

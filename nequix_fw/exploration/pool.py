@@ -18,7 +18,8 @@ from nequix_fw.exploration.distortions import (
     with_substitutions,
     with_vacancies,
 )
-from nequix_fw.exploration.md import Trajectory, run_md
+from nequix_fw.exploration.md import Trajectory
+from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings
 from nequix_fw.structures import Frame, atomic_path, check_output, structure_id
 
@@ -58,20 +59,19 @@ def generate_structures(structures: list[Frame], settings: ExplorationSettings) 
     return out
 
 
-_WORKER_CALC = None
+_WORKER_ENSEMBLE = None
 
 
 def _init_worker(model_paths: list[str], ensemble_settings: dict) -> None:
-    global _WORKER_CALC
-    from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+    global _WORKER_ENSEMBLE
+    from nequix_fw.ensemble import Ensemble
 
-    settings = EnsembleSettings(**ensemble_settings)
-    _WORKER_CALC = EnsembleCalculator(Ensemble.from_specs(model_paths, settings))
+    _WORKER_ENSEMBLE = Ensemble.from_specs(model_paths, EnsembleSettings(**ensemble_settings))
 
 
-def _run_job(job: tuple) -> Trajectory:
-    atoms, temperature, pressure, seed, parent_id, settings = job
-    return run_md(atoms, _WORKER_CALC, temperature, settings, pressure, seed, parent_id)
+def _run_jobs(args: tuple) -> list[Trajectory]:
+    jobs, settings = args
+    return run_trajectories(_WORKER_ENSEMBLE, jobs, settings)
 
 
 def explore(
@@ -84,10 +84,10 @@ def explore(
     """Build the candidate pool and write it (`candidates.extxyz` + `manifest.json`).
 
     MD runs the schedule (temperatures x pressures x seeds) from every starting structure on
-    the ensemble mean, in `settings.n_workers` processes; distorted copies and random
-    packings are added; the pool is deduplicated by content hash.
+    the ensemble mean, as batched walkers (`settings.walkers` at a time) in each of
+    `settings.n_workers` processes; distorted copies and random packings are added; the pool
+    is deduplicated by content hash.
     """
-    from nequix_fw.ensemble import EnsembleCalculator
 
     if not structures and not settings.random_packing:
         raise StructureError("no starting structures for exploration")
@@ -106,22 +106,20 @@ def explore(
     parents = {id(fr): structure_id(fr.atoms) for fr in structures}
     conditions = [(fr, t, p, s) for fr in structures for t in settings.temperatures_K
                   for p in pressures for s in settings.seeds] if settings.steps else []  # fmt: skip
-    jobs = [(fr.atoms, t, p, s, parents[id(fr)], settings) for fr, t, p, s in conditions]
-    trajs: list[Trajectory] = []
+    jobs = [(fr.atoms, t, p, s, parents[id(fr)]) for fr, t, p, s in conditions]
     with tqdm(total=len(jobs), desc="explore", unit="traj", disable=not progress) as bar:
         if settings.n_workers > 1 and len(jobs) > 1:
             init = ([m.info.path for m in ensemble.models], ensemble.settings.model_dump())
             n = min(settings.n_workers, len(jobs))
+            chunks = [jobs[i::n] for i in range(n)]
             ctx = get_context("spawn")
+            trajs: list[Trajectory | None] = [None] * len(jobs)
             with ProcessPoolExecutor(n, ctx, _init_worker, init) as workers:
-                for traj in workers.map(_run_job, jobs):
-                    trajs.append(traj)
-                    bar.update()
+                for i, chunk in enumerate(workers.map(_run_jobs, [(c, settings) for c in chunks])):
+                    trajs[i::n] = chunk
+                    bar.update(len(chunk))
         else:
-            calc = EnsembleCalculator(ensemble)
-            for atoms, t, p, s, pid, _ in jobs:
-                trajs.append(run_md(atoms, calc, t, settings, p, s, pid))
-                bar.update()
+            trajs = run_trajectories(ensemble, jobs, settings, bar.update)
     pool: dict[str, Atoms] = {}
     trajectories = []
     for (fr, *_), traj in zip(conditions, trajs, strict=True):
