@@ -125,7 +125,7 @@ def main() -> None:
     args = p.parse_args()
     options = {"member_mapping": args.member_mapping,
                "xla_options": {k: _number(v) for k, v in
-                               (o.split("=", 1) for o in args.xla_option)}}  # fmt: skip
+                               (o.split("=", 1) for o in args.xla_option)} or None}  # fmt: skip
     if args.side:
         run_side(args.side, args.model, args.n, args.models, Path(args.out), args.cache,
                  json.loads(args.engine_options))  # fmt: skip

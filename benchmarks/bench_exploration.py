@@ -15,7 +15,8 @@ first runs `--warmup` steps (compilation, timed apart), then `--walker-steps` st
 
 Usage: python benchmarks/bench_exploration.py [--steps 200] [--warmup 5] [--members 4]
        [--tables naive walkers] [--walkers 1 8 64 256] [--walker-steps 20]
-       [--max-batch-atoms 30000]
+       [--max-batch-atoms 30000] [--cells Cu32 Cu108] [--member-mapping auto|vmap|map]
+       [--xla-option xla_gpu_autotune_level=0]
 """
 
 from __future__ import annotations
@@ -79,16 +80,20 @@ def walker_table(paths: list[Path], args) -> None:
     from nequix_fw.settings import EnsembleSettings, ExplorationSettings
 
     device = jax.devices()[0].device_kind
-    ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None))
+    options = {"member_mapping": args.member_mapping,
+               "xla_options": dict(o.split("=", 1) for o in args.xla_option)}  # fmt: skip
+    options["xla_options"] = {k: int(v) for k, v in options["xla_options"].items()} or None
+    ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None, **options))
     # every walker runs to the end: no uncertainty or physics stops (random-weight models)
     common = dict(temperatures_K=[600.0], timestep_fs=2.0, check_every=args.warmup,
                   sample_every=args.warmup, hi=None, min_distance=0.01,
                   max_temperature_factor=1e6)  # fmt: skip
-    print(f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps")
+    print(f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps, "
+          f"engine {options}")  # fmt: skip
     print("| cell | walkers | one at a time: steps/s | batched: walker-steps/s | speed-up | "
-          "batched s/step | batched warm-up (s) |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for reps in ((2, 2, 2), (3, 3, 3)):
+          "batched s/step | waiting on the ensemble | batched warm-up (s) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for reps in [{"Cu32": (2, 2, 2), "Cu108": (3, 3, 3)}[c] for c in args.cells]:
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
         atoms.rattle(0.02, seed=1)
         calc = EnsembleCalculator(ens)
@@ -100,7 +105,7 @@ def walker_table(paths: list[Path], args) -> None:
         for n in args.walkers:
             if n * len(atoms) > args.max_batch_atoms:
                 print(f"| Cu{len(atoms)} | {n} | {single:.1f} | not run (> --max-batch-atoms) "
-                      "| | | |")  # fmt: skip
+                      "| | | | |")  # fmt: skip
                 continue
             jobs = [(atoms, 600.0, None, seed, "bench") for seed in range(n)]
             t0 = time.perf_counter()
@@ -113,7 +118,8 @@ def walker_table(paths: list[Path], args) -> None:
             assert all(t.stop_reason == "completed" for t in trajs), "a walker stopped early"
             rate = n * args.walker_steps / wall
             print(f"| Cu{len(atoms)} | {n} | {single:.1f} | {rate:.1f} | **{rate / single:.1f}x** "
-                  f"| {wall / args.walker_steps:.4f} | {warmup:.1f} |", flush=True)  # fmt: skip
+                  f"| {wall / args.walker_steps:.4f} | {batch.seconds / wall:.0%} | {warmup:.1f} |",
+                  flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -129,6 +135,10 @@ def main() -> None:
                    default=["naive", "walkers"])  # fmt: skip
     p.add_argument("--walkers", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--walker-steps", type=int, default=20)
+    p.add_argument("--cells", nargs="+", choices=["Cu32", "Cu108"], default=["Cu32", "Cu108"])
+    p.add_argument("--member-mapping", choices=["auto", "vmap", "map"], default="auto")
+    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=INT",
+                   help="XLA option of the engine's compiled call (xla_options)")  # fmt: skip
     p.add_argument("--max-batch-atoms", type=int, default=30000,
                    help="skip walker counts whose batch holds more atoms")  # fmt: skip
     args = p.parse_args()

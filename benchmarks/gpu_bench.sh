@@ -7,6 +7,8 @@
 # (nequix, ase, jraph, matscipy, pydantic, pydantic_core, annotated-types, typing-inspection,
 # e3nn-jax) and the model in .models/nequix-mp-1.nqx.
 # Usage: bash benchmarks/gpu_bench.sh [--quick]   (--quick: a CPU dry run of the same steps)
+# Other engine settings to compare: bench_ensemble.py and bench_exploration.py take
+# --member-mapping and --xla-option.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -21,24 +23,16 @@ MODEL=${MODEL:-.models/nequix-mp-1.nqx}
 if [ "${1:-}" = "--quick" ]; then
     WALKERS="1 2"; STEPS=5; N=3; T_WALK=600; T_COLD=300
 else
-    WALKERS="1 8 64 256"; STEPS=30; N=40; T_WALK=260; T_COLD=70
+    WALKERS="1 8 64 256"; STEPS=30; N=40; T_WALK=150; T_COLD=50
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$OUT/device.txt"
 $PY -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 start=$(date +%s)
-timeout $T_WALK $PY benchmarks/bench_exploration.py --tables walkers --walkers $WALKERS \
-    --walker-steps $STEPS 2>&1 | grep -v Warning | tee "$OUT/walkers.txt"
+# batched walkers with the default engine settings (vmap, XLA defaults for MD)
+timeout $T_WALK $PY benchmarks/bench_exploration.py --tables walkers --walker-steps $STEPS \
+    --walkers $WALKERS 2>&1 | grep -v Warning | tee "$OUT/walkers.txt"
 echo "walkers: $(( $(date +%s) - start )) s"
-cold() {  # name, then bench_ensemble options
-    local name=$1; shift
-    local t0=$(date +%s)
-    timeout $T_COLD $PY benchmarks/bench_ensemble.py --model "$MODEL" --n $N --only engine \
-        --cold-only "$@" 2>&1 | grep -v Warning | tail -3 | tee "$OUT/cold_$name.txt"
-    echo "$name: $(( $(date +%s) - t0 )) s in all"
-}
-cold default
-cold autotune0 --xla-option xla_gpu_autotune_level=0
-cold map_autotune0 --member-mapping map --xla-option xla_gpu_autotune_level=0
-cold autotune0_effort --xla-option xla_gpu_autotune_level=0 \
-    --xla-option exec_time_optimization_effort=-1.0
+# the engine's cold start with its default settings (map, no GEMM autotuning for evaluation)
+timeout $T_COLD $PY benchmarks/bench_ensemble.py --model "$MODEL" --n $N --only engine \
+    --cold-only 2>&1 | grep -v Warning | tail -3 | tee "$OUT/cold.txt"
 echo "total: $(( $(date +%s) - start )) s"

@@ -53,6 +53,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
         SelectionSettings,
         lo=lo,
         hi=args.hi,
+        relative_force_level=args.relative_force_level,
+        stress_lo=args.stress_lo,
+        stress_hi=args.stress_hi,
         max_selected=args.max_selected,
         diverse=True if args.diverse else None,
         min_distance=args.min_distance,
@@ -476,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--calibration", help="--lo auto: validate report holding the calibration")
     s.add_argument("--hi", type=float, help="upper trust level (eV/Å); above: failed")
+    s.add_argument("--relative-force-level", type=float,
+                   help="DP-GEN's use_relative: levels on dev/(|F| + this, eV/Å)")  # fmt: skip
+    s.add_argument("--stress-lo", type=float, help="lower trust level on stress_std (GPa)")
+    s.add_argument("--stress-hi", type=float, help="upper trust level on stress_std (GPa)")
     s.add_argument("--max-selected", type=int, help="most structures selected")
     s.add_argument(
         "--diverse", action="store_true", help="farthest-point sampling instead of top uncertainty"

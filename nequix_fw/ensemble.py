@@ -138,9 +138,10 @@ def _apply_map(stacked, graph, static):
 
 
 class _StackedGroup:
-    """Models of one architecture, parameters stacked along a leading model axis."""
+    """Models of one architecture, parameters stacked along a leading model axis, with one
+    compiled function per (mapping, XLA options) asked for."""
 
-    def __init__(self, indices: list[int], modules: list, vmap: bool, xla_options: dict):
+    def __init__(self, indices: list[int], modules: list):
         import equinox as eqx
         import jax
         import jax.numpy as jnp
@@ -154,12 +155,17 @@ class _StackedGroup:
         self.stacked = jax.tree_util.tree_unflatten(
             treedef, [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
         )
-        apply = _apply_vmap if vmap else _apply_map
-        self._fn = jax.jit(partial(apply, static=self.static),
-                           compiler_options=dict(xla_options) or None)  # fmt: skip
+        self._fns: dict[str, Callable] = {}
 
-    def __call__(self, graph):
-        return self._fn(self.stacked, graph)
+    def __call__(self, graph, vmap: bool, xla_options: dict):
+        import jax
+
+        key = repr((vmap, sorted(xla_options.items())))
+        if key not in self._fns:
+            apply = _apply_vmap if vmap else _apply_map
+            self._fns[key] = jax.jit(partial(apply, static=self.static),
+                                     compiler_options=dict(xla_options) or None)  # fmt: skip
+        return self._fns[key](self.stacked, graph)
 
 
 def _architecture_key(model: NequixModel, module) -> str:
@@ -203,15 +209,20 @@ class Ensemble:
             self.max_edges_per_batch = self.settings.max_edges_per_batch or (
                 8192 if on_cpu else 32768
             )
-            mode = self.settings.member_mapping
-            vmap = mode == "vmap" or (mode == "auto" and not on_cpu)
+            mapping, options = self.settings.member_mapping, self.settings.xla_options
+            # (vmap, XLA options) for batch evaluation and for MD: see EnsembleSettings
+            self._compiled = {
+                md: (mapping == "vmap" or (mapping == "auto" and md and not on_cpu),
+                     options if options is not None
+                     else {} if on_cpu or md else {"xla_gpu_autotune_level": 0})
+                for md in (False, True)
+            }  # fmt: skip
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
             for i, module in enumerate(modules):
                 groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
             self._groups = [
-                _StackedGroup(idx, [modules[i] for i in idx], vmap, self.settings.xla_options)
-                for idx in groups.values()
+                _StackedGroup(idx, [modules[i] for i in idx]) for idx in groups.values()
             ]
         else:
             self._calculators = [m.calculator(backend="torch") for m in self.models]
@@ -310,7 +321,7 @@ class Ensemble:
         with one spare, `n_node` atoms with one spare, `n_edge` edges): one compilation for
         every call with the same capacities, whatever the graphs. Stresses are for fully
         periodic cells only; callers drop them for the others."""
-        return self._predict_batch(graphs, n_edge, n_graph, n_node)
+        return self._predict_batch(graphs, n_edge, n_graph, n_node, md=True)
 
     def _predict_batch(
         self,
@@ -318,22 +329,14 @@ class Ensemble:
         n_edge: int | None = None,
         n_graph: int | None = None,
         n_node: int | None = None,
+        md: bool = False,
     ) -> list[Prediction]:
         from nequix.data import dict_to_graphstuple
 
         if n_graph is None:
             n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
         padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph, n_edge, n_node)
-        n_node = padded.nodes["positions"].shape[0]
-        m = len(self.models)
-        energies = np.zeros((m, n_graph))
-        forces = np.zeros((m, n_node, 3))
-        stress = np.zeros((m, n_graph, 3, 3))
-        for group in self._groups:
-            e, f, s = group(padded)
-            energies[group.indices] = np.asarray(e)
-            forces[group.indices] = np.asarray(f)
-            stress[group.indices] = np.asarray(s)
+        energies, forces, stress = self.collect(self.dispatch(padded, md))
         preds = []
         start = 0
         for k, g in enumerate(graphs):
@@ -347,6 +350,27 @@ class Ensemble:
             )
             start += n
         return preds
+
+    def dispatch(self, padded, md: bool) -> list:
+        """Start the evaluation of a padded nequix `GraphsTuple` of G graphs and N nodes and
+        return at once (JAX runs it asynchronously); `collect` waits for the results. `md`:
+        compiled as for MD (many calls of one shape) rather than for batch evaluation."""
+        vmap, options = self._compiled[md]
+        return [(group.indices, group(padded, vmap, options)) for group in self._groups]
+
+    def collect(self, dispatched: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-model energies (M, G) in eV, forces (M, N, 3) in eV/Å and 3x3 stresses
+        (M, G, 3, 3) in eV/Å³ of a `dispatch`."""
+        m = len(self.models)
+        _, (e, f, _) = dispatched[0]
+        energies = np.zeros((m, e.shape[-1]))
+        forces = np.zeros((m, f.shape[-2], 3))
+        stress = np.zeros((m, e.shape[-1], 3, 3))
+        for indices, (e, f, s) in dispatched:
+            energies[indices] = np.asarray(e)
+            forces[indices] = np.asarray(f)
+            stress[indices] = np.asarray(s)
+        return energies, forces, stress
 
     def _predict_torch(self, atoms: Atoms) -> Prediction:
         energies, forces, stresses = [], [], []

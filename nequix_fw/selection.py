@@ -2,7 +2,9 @@
 
 Every structure gets a class: ``accurate`` (max_force_dev < lo), ``candidate``
 (lo <= max_force_dev < hi) or ``failed`` (max_force_dev >= hi, a non-finite prediction, or atoms
-closer than ``min_distance``). Candidates are selected, highest uncertainty first or, with
+closer than ``min_distance``). With ``relative_force_level`` the levels apply to DP-GEN's relative
+force deviation instead; with ``stress_lo``/``stress_hi`` the stress deviation is classified too,
+and the worse class of the two counts. Candidates are selected, highest uncertainty first or, with
 ``diverse``, by farthest-point sampling on a structural descriptor, up to ``max_selected``.
 ``method: random`` is the control: ``max_selected`` drawn uniformly from every structure that is
 not failed (accurate ones too) and not already labelled.
@@ -29,7 +31,7 @@ from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
 from nequix_fw.structures import min_distance, umask, write_structure
-from nequix_fw.uncertainty import lower_trust_level, trust_class
+from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, trust_class
 
 MANIFEST_SCHEMA = "nequix-fw/selection"
 MANIFEST_VERSION = 1
@@ -114,6 +116,24 @@ def _pickable(settings: SelectionSettings) -> tuple[str, ...]:
     return ("candidate", "accurate") if settings.method == "random" else ("candidate",)
 
 
+def _metric(settings: SelectionSettings) -> str:
+    """The force-deviation metric the trust levels apply to."""
+    return "max_force_dev" if settings.relative_force_level is None else "max_relative_force_dev"
+
+
+def relative_force_deviation(rec: dict, level: float) -> float:
+    """DP-GEN's relative force deviation of a results record: max over atoms of the per-atom
+    deviation over (|mean force| + `level`), from the record's per-model forces."""
+    if rec.get("forces") is None:
+        raise SettingsError(
+            f"{rec['source']} frame {rec['frame']}: relative_force_level needs per-model forces "
+            "in the ensemble results; run run-ensemble with ensemble.store_per_model: true"
+        )
+    forces = np.asarray(rec["forces"], dtype=np.float64)
+    norm = np.linalg.norm(forces.mean(axis=0), axis=1)
+    return float((atomic_force_deviation(forces) / (norm + level)).max())
+
+
 def classify(
     records: Iterable[dict], settings: SelectionSettings, elements: list[int]
 ) -> list[Entry]:
@@ -129,9 +149,22 @@ def classify(
         if rec.get("status") != "ok" or dev is None:
             entry.cls, entry.reason = "failed", rec.get("error") or "no prediction"
         else:
+            if settings.relative_force_level is not None:
+                dev = relative_force_deviation(rec, settings.relative_force_level)
+                m["max_relative_force_dev"] = dev
             entry.cls = trust_class(dev, settings.lo, settings.hi)
             if entry.cls == "failed":
-                entry.reason = f"max_force_dev {dev:.4g} eV/Å >= hi {settings.hi} eV/Å"
+                entry.reason = f"{_metric(settings)} {dev:.4g} >= hi {settings.hi}"
+            stress = m.get("stress_std")
+            if settings.stress_lo is not None and stress is not None and entry.cls != "failed":
+                sc = trust_class(stress, settings.stress_lo, settings.stress_hi)
+                if sc == "failed":
+                    entry.cls = "failed"
+                    entry.reason = (
+                        f"stress_std {stress:.4g} GPa >= stress_hi {settings.stress_hi} GPa"
+                    )
+                elif sc == "candidate":
+                    entry.cls = "candidate"
         pickable = _pickable(settings)
         needs_atoms = entry.cls in pickable and (settings.min_distance or settings.diverse)
         if needs_atoms:
@@ -174,7 +207,7 @@ def choose(
     if settings.method == "random":
         order = np.random.default_rng(settings.seed).permutation(len(cands))
     else:
-        cands.sort(key=lambda e: -e.metrics["max_force_dev"])
+        cands.sort(key=lambda e: -e.metrics[_metric(settings)])
         order = np.arange(len(cands))
         if settings.diverse and 0 < k < len(cands):
             x = np.stack([e.descriptor for e in cands])

@@ -56,14 +56,15 @@ class EnsembleSettings(_Settings):
     member_mapping: Literal["auto", "vmap", "map"] = Field(
         "auto",
         description="How stacked members of one architecture run in their compiled call: "
-        "'vmap' (in parallel; best on a GPU), 'map' (one after another, lax.map; best on CPU, "
-        "measured 25-35 % faster there), 'auto': vmap on a GPU, map on CPU.",
+        "'vmap' (in parallel), 'map' (one after another, lax.map). 'auto', as measured best: "
+        "map on CPU (25-35 % faster there); on a GPU, map for batch evaluation (it compiles "
+        "faster, and a cold start is mostly compilation) and vmap for MD (faster steps).",
     )
-    xla_options: dict[str, int | float | bool | str] = Field(
-        {},
-        description="XLA compiler options for the ensemble's compiled call (JAX backend), e.g. "
-        "{xla_gpu_autotune_level: 0}: on a GPU a cold start is mostly compilation, and GEMM "
-        "autotuning is half of it.",
+    xla_options: dict[str, int | float | bool | str] | None = Field(
+        None,
+        description="XLA compiler options of the ensemble's compiled call (JAX backend), e.g. "
+        "{xla_gpu_autotune_level: 0}. None, as measured best: on a GPU, no GEMM autotuning for "
+        "batch evaluation (half its compile time) and XLA's defaults for MD; none on CPU.",
     )
     skin_A: float = Field(
         0.5,
@@ -108,6 +109,24 @@ class SelectionSettings(_Settings):
         description="Upper trust level (eV/Å): at or above it, 'failed' (not sent to DFT). "
         "None: no upper level.",
     )
+    relative_force_level: float | None = Field(
+        None,
+        gt=0,
+        description="DP-GEN's use_relative: with a level ε (eV/Å), the trust levels apply to "
+        "the relative force deviation max_i dev_i / (|F_i| + ε) (dimensionless; F_i the "
+        "ensemble's mean force on atom i), so that atoms under large forces may deviate more. "
+        "Needs per-model forces in the results (ensemble.store_per_model). None: absolute.",
+    )
+    stress_lo: float | None = Field(
+        None,
+        ge=0,
+        description="Lower trust level on the stress deviation `stress_std` (GPa; periodic "
+        "cells), DP-GEN's model_devi_v_trust_lo: at or above it a structure is a candidate "
+        "even when its forces are in trust. None: stresses are not used.",
+    )
+    stress_hi: float | None = Field(
+        None, ge=0, description="Upper trust level on `stress_std` (GPa): at or above, 'failed'."
+    )
     max_selected: int | None = Field(
         None, ge=1, description="Most candidates selected per call (None: all)."
     )
@@ -134,7 +153,15 @@ class SelectionSettings(_Settings):
             raise ValueError(f"max_per_element: unknown elements {unknown}")
         if any(n < 0 for n in self.max_per_element.values()):
             raise ValueError("max_per_element: quotas are >= 0")
+        if self.stress_hi is not None and self.stress_lo is None:
+            raise ValueError("stress_hi needs stress_lo (GPa)")
+        if None not in (self.stress_lo, self.stress_hi) and self.stress_lo > self.stress_hi:
+            raise ValueError(f"stress_lo ({self.stress_lo} GPa) must not exceed stress_hi "
+                             f"({self.stress_hi} GPa)")  # fmt: skip
         if self.lo == "auto":
+            if self.relative_force_level is not None:
+                raise ValueError("lo: auto calibrates absolute force errors; it does not go "
+                                 "with relative_force_level")  # fmt: skip
             if self.target_force_error is None:
                 raise ValueError("lo: auto needs target_force_error (eV/Å)")
             return self

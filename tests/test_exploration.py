@@ -290,23 +290,32 @@ def _walker_settings(ens, jobs, thermostat, walkers, **kw) -> ExplorationSetting
     return ExplorationSettings(**common, hi=0.5 * (devs[0] + max(devs)), walkers=walkers, **kw)
 
 
-@pytest.mark.parametrize("thermostat", ["langevin", "bussi"])
-def test_batched_nvt_walkers_equal_ase_one_trajectory_at_a_time(walker_jobs, thermostat):
-    """Five NVT trajectories (two sizes, two elements; one stopped early on uncertainty) as
-    three walkers in lockstep, integrated in numpy: the stopped walker's slot takes the next
-    start, every step of the running walkers is one ensemble call at fixed capacities
-    (compiled once), and each trajectory equals ASE's integrator on the one-walker path."""
+@pytest.mark.parametrize(("thermostat", "walkers", "filter_pairs"),
+                         [("langevin", 3, None), ("bussi", 3, None), ("langevin", 8, None),
+                          ("bussi", 8, False)])  # fmt: skip
+def test_batched_nvt_walkers_equal_ase_one_trajectory_at_a_time(
+    walker_jobs, thermostat, walkers, filter_pairs
+):
+    """NVT trajectories (two sizes, two elements; one stopped early on uncertainty) as
+    walkers in lockstep, integrated in numpy: a stopped walker's slot takes the next start,
+    every step of the running walkers is one ensemble call at fixed capacities (compiled once;
+    from 8 walkers on, two halves take turns), and each trajectory equals ASE's integrator on
+    the one-walker path, also when every pair within cutoff + skin is an edge (the GPU's
+    choice: the model's envelope is zero beyond the cutoff)."""
     from nequix_fw.exploration.walkers import run_nvt_walkers, run_trajectories
 
     ens, jobs = walker_jobs
+    if walkers == 8:  # ten trajectories in two halves of four
+        jobs = jobs + [(a, t + 100, p, s + 10, i + "2") for a, t, p, s, i in jobs]
     one = run_trajectories(ens, jobs, _walker_settings(ens, jobs, thermostat, 1))
-    batched, evaluate = run_nvt_walkers(ens, jobs, _walker_settings(ens, jobs, thermostat, 3))
+    settings = _walker_settings(ens, jobs, thermostat, walkers)
+    batched, evaluate = run_nvt_walkers(ens, jobs, settings, filter_pairs=filter_pairs)
     _assert_same_trajectories(one, batched)
     assert one[2].stop_reason == "uncertainty" and one[2].stop_step < 60
     assert one[2].frames[-1].info.get("last_in_trust") or one[2].stop_step % 10 == 5
     steps = sum(t.stop_step + 1 for t in one)  # one initial call + one per step
     assert evaluate.walker_steps == steps and evaluate.calls < 0.5 * steps
-    assert evaluate.capacity_changes == 1 and evaluate.n_graph == 4
+    assert evaluate.capacity_changes == 1 and evaluate.n_graph == (4 if walkers == 3 else 5)
 
 
 @pytest.mark.parametrize("thermostat", ["nose_hoover", "npt"])

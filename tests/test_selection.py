@@ -348,3 +348,45 @@ def _quota_config(tmp_path, quotas: str):
     cfg = tmp_path / "q.yaml"
     cfg.write_text(f"selection:\n  max_per_element: {quotas}\n")
     return cfg
+
+
+def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
+    """DP-GEN's use_relative: the levels apply to dev_i / (|F_i| + level), recomputed here from
+    the per-model forces; stress levels add candidates whose forces are in trust and fail
+    structures above stress_hi."""
+    from nequix_fw.cli import main
+    from nequix_fw.uncertainty import atomic_force_deviation
+
+    _, recs = read_results(results)
+    recs = list(recs)
+    want = {}
+    for r in recs:
+        f = np.array(r["forces"])
+        rel = atomic_force_deviation(f) / (np.linalg.norm(f.mean(axis=0), axis=1) + 0.5)
+        want[r["id"]] = rel.max()
+        # relative <= absolute / level, and it is not just a rescaling of the absolute metric
+        assert rel.max() <= r["metrics"]["max_force_dev"] / 0.5 + 1e-9
+    lo = float(np.median(list(want.values())))
+    out = tmp_path / "rel"
+    assert main(["select", "--ensemble", str(results), "--output", str(out), "--lo", str(lo),
+                 "--relative-force-level", "0.5", "--format", "extxyz"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    picked = {e["id"] for e in manifest["structures"] if e["selected"]}
+    assert picked == {i for i, v in want.items() if v >= lo} and 0 < len(picked) < len(want)
+    # stress levels: with force levels that call everything accurate, stress_std decides
+    stress = {r["id"]: r["metrics"]["stress_std"] for r in recs}
+    s_lo, s_hi = np.quantile(list(stress.values()), [0.5, 0.9])
+    out = tmp_path / "stress"
+    code = main(["select", "--ensemble", str(results), "--output", str(out), "--lo", "1000",
+                 "--stress-lo", str(s_lo), "--stress-hi", str(s_hi),
+                 "--format", "extxyz"])  # fmt: skip
+    assert code == 0
+    entries = json.loads((out / "manifest.json").read_text())["structures"]
+    got = {e["id"]: e["class"] for e in entries}
+    for i, v in stress.items():
+        assert got[i] == ("failed" if v >= s_hi else "candidate" if v >= s_lo else "accurate")
+    with pytest.raises(SettingsError, match="stress_hi needs stress_lo"):
+        make_settings(SelectionSettings, stress_hi=1.0)
+    with pytest.raises(SettingsError, match="does not go with relative_force_level"):
+        make_settings(SelectionSettings, lo="auto", target_force_error=0.1,
+                      relative_force_level=1.0)  # fmt: skip

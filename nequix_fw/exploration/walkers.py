@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import islice
 
+import jraph
 import numpy as np
 from ase import Atoms, units
 from ase.geometry import complete_cell
@@ -34,7 +37,6 @@ from ase.geometry import complete_cell
 from nequix_fw.ensemble import (
     Ensemble,
     EnsembleCalculator,
-    NeighbourCache,
     Prediction,
     bucket_size,
 )
@@ -52,7 +54,8 @@ class BatchEvaluator:
     `n_walkers` + 1 graphs and the atoms of the `n_walkers` largest structures (`max_atoms`)
     + 1; the edge capacity is `max_atoms` times the most edges per atom seen, with
     `edge_headroom`, so a walker replaced by a larger start of similar density still fits; it
-    only grows (and recompiles) when a batch exceeds it.
+    only grows (and recompiles) when a batch exceeds it. `seconds` is the time spent in the
+    ensemble's calls, padding included.
     """
 
     edge_headroom = 1.1
@@ -66,17 +69,43 @@ class BatchEvaluator:
         self.calls = 0  # batched ensemble calls
         self.walker_steps = 0  # force evaluations served
         self.capacity_changes = 0
+        self.seconds = 0.0
 
-    def __call__(self, graphs: list[dict]) -> list[Prediction]:
-        n_edge = sum(int(g["n_edge"][0]) for g in graphs)
+    def fit_edges(self, n_edge: int, edges_per_atom: float) -> int:
+        """The edge capacity for a batch of `n_edge` edges (grown when needed)."""
         if n_edge > self.edge_capacity:
-            density = max(int(g["n_edge"][0]) / int(g["n_node"][0]) for g in graphs)
-            need = max(n_edge, density * self.max_atoms) * self.edge_headroom
+            need = max(n_edge, edges_per_atom * self.max_atoms) * self.edge_headroom
             self.edge_capacity = bucket_size(math.ceil(need), 64)
             self.capacity_changes += 1
+        return self.edge_capacity
+
+    def __call__(self, graphs: list[dict]) -> list[Prediction]:
+        t0 = time.perf_counter()
+        n_edge = sum(int(g["n_edge"][0]) for g in graphs)
+        density = max(int(g["n_edge"][0]) / int(g["n_node"][0]) for g in graphs)
+        capacity = self.fit_edges(n_edge, density)
+        out = self.ensemble.predict_graphs(graphs, self.n_graph, self.n_node, capacity)
+        self._count(len(graphs), t0)
+        return out
+
+    def dispatch(self, graph: jraph.GraphsTuple) -> list:
+        """Start the ensemble's call on a padded batch (asynchronous)."""
+        t0 = time.perf_counter()
+        out = self.ensemble.dispatch(graph, md=True)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def collect(self, dispatched: list, n_walkers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-model energies (M, n_walkers) and forces (M, atoms, 3) of a dispatched batch."""
+        t0 = time.perf_counter()
+        energies, forces, _ = self.ensemble.collect(dispatched)
+        self._count(n_walkers, t0)
+        return energies[:, :n_walkers], forces
+
+    def _count(self, n_walkers: int, t0: float) -> None:
         self.calls += 1
-        self.walker_steps += len(graphs)
-        return self.ensemble.predict_graphs(graphs, self.n_graph, self.n_node, self.edge_capacity)
+        self.walker_steps += n_walkers
+        self.seconds += time.perf_counter() - t0
 
 
 def _evaluator(ensemble: Ensemble, jobs: Sequence[MDJob], n: int) -> BatchEvaluator:
@@ -84,11 +113,13 @@ def _evaluator(ensemble: Ensemble, jobs: Sequence[MDJob], n: int) -> BatchEvalua
     return BatchEvaluator(ensemble, n, sum(largest))
 
 
-# -- NVT walkers in numpy ---------------------------------------------------------------------
+# -- NVT walkers in numpy, in lockstep --------------------------------------------------------
 
 
 class _NVTWalker:
-    """One NVT trajectory of a batched run (`run_md`'s equations, state and checks)."""
+    """One NVT trajectory of a batched run: its random stream, thermostat constants,
+    neighbour list (cutoff + skin, rebuilt when an atom has moved skin/2), checks and frames.
+    Its positions and momenta live in the lockstep's arrays."""
 
     def __init__(self, index: int, job: MDJob, settings: ExplorationSettings, ensemble: Ensemble):
         from ase.md.velocitydistribution import thermalize_momenta
@@ -99,98 +130,225 @@ class _NVTWalker:
         self.rng = np.random.default_rng(seed)
         self.atoms = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         thermalize_momenta(self.atoms, temperature_K, rng=self.rng)
-        self.p = self.atoms.get_momenta()
-        self.m = self.atoms.get_masses()[:, None]
-        self.dt = dt = settings.timestep_fs * units.fs
+        self.n = len(atoms)
+        self.masses = self.atoms.get_masses()[:, None]
+        self.species = np.array([ensemble._atom_indices[z] for z in atoms.numbers], np.int32)
+        self.cell = complete_cell(atoms.cell)
+        dt = settings.timestep_fs * units.fs
         kt = units.kB * temperature_K
-        self.langevin = settings.thermostat == "langevin"
-        if self.langevin:  # ase.md.langevin.Langevin.updatevars
+        if settings.thermostat == "langevin":  # ase.md.langevin.Langevin.updatevars
             fr = settings.friction_per_fs / units.fs
-            sigma = np.sqrt(2 * kt * fr / self.m)
-            self.c1 = dt / 2.0 - dt * dt * fr / 8.0
-            self.c2 = dt * fr / 2 - dt * dt * fr * fr / 8.0
+            sigma = np.sqrt(2 * kt * fr / self.masses)
             self.c3 = np.sqrt(dt) * sigma / 2.0 - dt**1.5 * fr * sigma / 8.0
             self.c5 = dt**1.5 * sigma / (2 * np.sqrt(3))
             self.c4 = fr / 2.0 * self.c5
-            self.dof = 3 * len(atoms) - 3  # FixCom removes the centre-of-mass motion
+            self.dof = 3 * self.n - 3  # FixCom removes the centre-of-mass motion
         else:  # ase.md.bussi.Bussi
-            self.dof = 3 * len(atoms)
+            self.dof = 3 * self.n
             self.exp_term = math.exp(-dt / (settings.taut_fs * units.fs))
             self.target_kinetic_energy = 0.5 * kt * self.dof
-        self.neighbours = NeighbourCache(ensemble.cutoff, ensemble.settings.skin_A)
-        self.atom_indices = ensemble._atom_indices
         self.log = FrameLog(settings, parent_id, temperature_K, None, seed)
         self.step = 0
-        self.forces: np.ndarray | None = None  # mean forces at the current positions
+        self.started = False  # forces at the starting positions received
         self.energy = 0.0
         self.broken = False  # non-finite results: frozen until the next check stops it
         self.reason: str | None = None  # set when the trajectory ends
-        self._graph: dict | None = None
+        self.pairs: tuple[np.ndarray, ...] | None = None  # i, j, shifts, shift vectors (Å)
 
-    def graph(self) -> dict:
-        self._graph = self.neighbours.graph(self.atoms, self.atom_indices)
-        return self._graph
+    def build_pairs(self, positions: np.ndarray, cutoff: float) -> None:
+        from matscipy.neighbours import neighbour_list
 
-    def drift(self) -> None:
-        """The step up to the force call: thermostat, half kick, full drift."""
-        m, f, x = self.m, self.forces, self.atoms.positions.copy()
-        if self.langevin:  # ase.md.langevin.Langevin.step, FixCom.adjust_positions
-            v = self.p / m
-            xi = self.rng.standard_normal(size=x.shape)
-            eta = self.rng.standard_normal(size=x.shape)
-            rnd_pos = self.c5 * eta
-            self.rnd_vel = self.c3 * xi - self.c4 * eta
-            v += self.c1 * f / m - self.c2 * v + self.rnd_vel
-            new = x + self.dt * v + rnd_pos
-            mass = m[:, 0]
-            new += mass @ x / mass.sum() - mass @ new / mass.sum()
-            self.atoms.positions = new
-            self.v = (new - x - rnd_pos) / self.dt
-        else:  # ase.md.bussi.Bussi.scale_velocities, then ase.md.verlet.VelocityVerlet.step
-            kinetic = 0.5 * np.vdot(self.p, self.p / m)
-            scaling = (1 - self.exp_term) * self.target_kinetic_energy / kinetic / self.dof
-            r1 = self.rng.standard_normal()
-            rest = 2.0 * self.rng.standard_gamma(0.5 * (self.dof - 1))
-            alpha = math.sqrt(self.exp_term + scaling * (rest + r1**2)
-                              + 2 * r1 * math.sqrt(self.exp_term * scaling))  # fmt: skip
-            self.p = alpha * self.p + 0.5 * self.dt * f
-            self.atoms.positions = x + self.dt * self.p / m
+        i, j, shifts = neighbour_list("ijS", positions=positions, cell=self.cell,
+                                      pbc=self.atoms.pbc, cutoff=cutoff)  # fmt: skip
+        self.pairs = (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float32),
+                      shifts.astype(np.float64) @ self.cell)  # fmt: skip
+        self.built_at = positions.copy()
 
-    def receive(self, pred: Prediction | None) -> None:
-        """The forces at the new positions (None for a frozen walker): finish the step,
-        check it every `check_every` steps."""
-        if pred is not None:
-            energy, forces = float(pred.energies.mean()), pred.forces.mean(axis=0)
-            if self.forces is not None:  # the second half kick
-                if self.langevin:
-                    v = self.v + self.c1 * forces / self.m - self.c2 * self.v + self.rnd_vel
-                    p = v * self.m
-                    self.p = p - self.m * (p.sum(axis=0) / self.m.sum())  # FixCom.adjust_momenta
-                else:
-                    self.p = self.p + 0.5 * self.dt * forces
-            first = self.forces is None
-            self.forces, self.energy = forces, energy
-            self.broken = not (np.isfinite(forces).all() and np.isfinite(energy))
-            if first:
-                return
-        self.step += 1
-        if self.step % self.settings.check_every:
-            return
-        dev = float(atomic_force_deviation(pred.forces).max()) if pred is not None else None
-        temperature = np.vdot(self.p, self.p / self.m) / (self.dof * units.kB)
-        reason = stop_reason(self.settings, self.temperature_K, self.energy, self.forces, dev,
-                             self._min_distance, temperature)  # fmt: skip
+    def bussi_alpha(self, kinetic_energy: float) -> float:
+        """ase.md.bussi.Bussi.calculate_alpha (Eq. A7), drawing from this walker's stream."""
+        scaling = (1 - self.exp_term) * self.target_kinetic_energy / kinetic_energy / self.dof
+        r1 = self.rng.standard_normal()
+        rest = 2.0 * self.rng.standard_gamma(0.5 * (self.dof - 1))
+        return math.sqrt(self.exp_term + scaling * (rest + r1**2)
+                         + 2 * r1 * math.sqrt(self.exp_term * scaling))  # fmt: skip
+
+    def check(self, positions, momenta, forces, member_forces, min_dist) -> None:
+        """`run_md`'s check of this walker at its current step."""
+        dev = float(atomic_force_deviation(member_forces).max())
+        temperature = np.vdot(momenta, momenta / self.masses) / (self.dof * units.kB)
+        reason = stop_reason(self.settings, self.temperature_K, self.energy, forces, dev,
+                             min_dist, temperature)  # fmt: skip
+        self.atoms.positions = positions
         self.log.checked(self.step, reason, self.atoms, dev)
         if reason != "completed" or self.step >= self.settings.steps:
             self.reason = reason
 
-    def _min_distance(self) -> float:
-        g = self._graph
-        if g is None or self.settings.min_distance >= self.neighbours.cutoff:
-            return min_distance(self.atoms)
-        pos = self.atoms.positions
-        d = pos[g["senders"]] - pos[g["receivers"]] + g["shifts"] @ complete_cell(self.atoms.cell)
-        return float(np.sqrt((d**2).sum(axis=1).min())) if len(d) else math.inf
+
+class _Lockstep:
+    """The running walkers' positions, momenta and forces in concatenated arrays (each walker a
+    contiguous range), advanced together with ASE's equations written for arrays."""
+
+    def __init__(self, walkers: list[_NVTWalker], old: _Lockstep | None, settings, cutoff, skin,
+                 filter_pairs: bool):  # fmt: skip
+        self.walkers = walkers
+        self.settings, self.cutoff, self.skin = settings, cutoff, skin
+        self.filter_pairs = filter_pairs
+        self.dt = settings.timestep_fs * units.fs
+        counts = np.array([w.n for w in walkers])
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.owner = np.repeat(np.arange(len(walkers)), counts)
+        kept = {}
+        for w, a, b in old.ranges() if old is not None else ():
+            kept[id(w)] = (old.x[a:b], old.p[a:b], old.f[a:b])
+        parts = [kept.get(id(w)) or (w.atoms.positions.copy(), w.atoms.get_momenta(),
+                                     np.zeros((w.n, 3))) for w in walkers]  # fmt: skip
+        self.x = np.concatenate([q[0] for q in parts])
+        self.p = np.concatenate([q[1] for q in parts])
+        self.f = np.concatenate([q[2] for q in parts])
+        self.m = np.concatenate([w.masses for w in walkers])
+        self.species = np.concatenate([w.species for w in walkers])
+        self.langevin = settings.thermostat == "langevin"
+        if self.langevin:
+            fr = settings.friction_per_fs / units.fs
+            self.c1 = self.dt / 2.0 - self.dt * self.dt * fr / 8.0
+            self.c2 = self.dt * fr / 2 - self.dt * self.dt * fr * fr / 8.0
+            self.c3 = np.concatenate([w.c3 for w in walkers])
+            self.c4 = np.concatenate([w.c4 for w in walkers])
+            self.c5 = np.concatenate([w.c5 for w in walkers])
+        self._pairs: tuple[np.ndarray, ...] | None = None
+
+    def ranges(self):
+        for w, a in zip(self.walkers, self.starts, strict=True):
+            yield w, a, a + w.n
+
+    def _segment_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(values, self.starts, axis=0)
+
+    def drift(self) -> None:
+        """Every started, unbroken walker up to its force call: thermostat, half kick, drift."""
+        moving = np.repeat([w.started and not w.broken for w in self.walkers],
+                           [w.n for w in self.walkers])[:, None]  # fmt: skip
+        x, m = self.x.copy(), self.m
+        if self.langevin:  # ase.md.langevin.Langevin.step with FixCom.adjust_positions
+            xi, eta = np.zeros_like(x), np.zeros_like(x)
+            for w, a, b in self.ranges():
+                if w.started and not w.broken:
+                    xi[a:b] = w.rng.standard_normal(size=(w.n, 3))
+                    eta[a:b] = w.rng.standard_normal(size=(w.n, 3))
+            rnd_pos = self.c5 * eta
+            self.rnd_vel = self.c3 * xi - self.c4 * eta
+            v = self.p / m
+            v += self.c1 * self.f / m - self.c2 * v + self.rnd_vel
+            new = x + self.dt * v + rnd_pos
+            mass = self._segment_sum(m)
+            new += ((self._segment_sum(m * x) - self._segment_sum(m * new)) / mass)[self.owner]
+            self.v = (new - x - rnd_pos) / self.dt
+            self.x = np.where(moving, new, x)
+        else:  # ase.md.bussi.Bussi.scale_velocities, then VelocityVerlet.step
+            kinetic = 0.5 * self._segment_sum((self.p * self.p / m).sum(axis=1))
+            alpha = np.array([w.bussi_alpha(k) if w.started and not w.broken else 1.0
+                              for w, k in zip(self.walkers, kinetic, strict=True)])  # fmt: skip
+            p = alpha[self.owner, None] * self.p + 0.5 * self.dt * self.f
+            self.p = np.where(moving, p, self.p)
+            self.x = np.where(moving, x + self.dt * self.p / m, x)
+
+    def graph(self, evaluate: BatchEvaluator) -> jraph.GraphsTuple:
+        """The padded batch of all walkers' graphs at the evaluator's capacities.
+
+        With `filter_pairs` only the pairs within the cutoff become edges (recomputed each
+        step in numpy: on CPU the model's work dominates); without, every pair within cutoff +
+        skin does, so the edges change only when a walker rebuilds its list. That gives the
+        same energies and forces, since nequix's radial envelope is exactly zero beyond the
+        cutoff, and moves the host's per-step work to the device (a GPU's choice).
+        """
+        import jraph
+
+        cut = self.cutoff + self.skin
+        rebuilt = self._pairs is None
+        for w, a, b in self.ranges():
+            moved = 0.0 if w.pairs is None else np.sqrt(((self.x[a:b] - w.built_at) ** 2)
+                                                        .sum(axis=1).max())  # fmt: skip
+            if w.pairs is None or self.skin <= 0 or self.cutoff + 2 * moved > cut:
+                w.build_pairs(self.x[a:b], cut)
+                rebuilt = True
+        if rebuilt:
+            pairs = [w.pairs for w in self.walkers]
+            self._pairs = (
+                np.concatenate([q[0] + a for q, a in zip(pairs, self.starts, strict=True)]),
+                np.concatenate([q[1] + a for q, a in zip(pairs, self.starts, strict=True)]),
+                np.concatenate([q[2] for q in pairs]),
+                np.concatenate([q[3] for q in pairs]) if self.filter_pairs else None,
+                np.repeat(np.arange(len(pairs)), [len(q[0]) for q in pairs]),
+            )
+        if rebuilt or self.filter_pairs:
+            i, j, shifts, vectors, owner = self._pairs
+            if self.filter_pairs:
+                d = self.x[j] - self.x[i] + vectors
+                keep = np.einsum("ij,ij->i", d, d) < self.cutoff**2
+                i, j, shifts, owner = i[keep], j[keep], shifts[keep], owner[keep]
+            self._edges = self._pad_edges(evaluate, i, j, shifts, owner)
+        n_node, n_edge, senders, receivers, edge_shifts, cells = self._edges
+        positions = np.zeros((evaluate.n_node, 3), np.float32)
+        positions[: len(self.x)] = self.x
+        species = np.zeros(evaluate.n_node, np.int32)
+        species[: len(self.x)] = self.species
+        return jraph.GraphsTuple(
+            n_node=n_node, n_edge=n_edge,
+            nodes={"species": species, "positions": positions, "forces": None},
+            edges={"shifts": edge_shifts}, senders=senders, receivers=receivers,
+            globals={"cell": cells, "energy": None, "stress": None},
+        )  # fmt: skip
+
+    def _pad_edges(self, evaluate, i, j, shifts, owner) -> tuple[np.ndarray, ...]:
+        n_edge = np.bincount(owner, minlength=len(self.walkers))
+        n_atoms, counts = len(self.x), [w.n for w in self.walkers]
+        capacity = evaluate.fit_edges(len(i), float((n_edge / counts).max()))
+        extra = evaluate.n_graph - len(self.walkers) - 1
+        nodes = np.concatenate([counts, [evaluate.n_node - n_atoms], [0] * extra])
+        edges = np.concatenate([n_edge, [capacity - len(i)], [0] * extra])
+        senders = np.full(capacity, n_atoms, np.int32)
+        receivers = np.full(capacity, n_atoms, np.int32)
+        senders[: len(i)], receivers[: len(i)] = j, i
+        edge_shifts = np.zeros((capacity, 3), np.float32)
+        edge_shifts[: len(i)] = shifts
+        cells = np.zeros((evaluate.n_graph, 3, 3), np.float32)
+        cells[: len(self.walkers)] = [w.cell for w in self.walkers]
+        return (nodes.astype(np.int32), edges.astype(np.int32), senders, receivers,
+                edge_shifts, cells)  # fmt: skip
+
+    def receive(self, energies: np.ndarray, member_forces: np.ndarray) -> None:
+        """Forces at the new positions: finish each walker's step and check it every
+        `check_every` steps."""
+        n_atoms = len(self.x)
+        forces = member_forces[:, :n_atoms].mean(axis=0)
+        finishing = np.repeat([w.started and not w.broken for w in self.walkers],
+                              [w.n for w in self.walkers])[:, None]  # fmt: skip
+        if self.langevin:  # the second half of Langevin.step, then FixCom.adjust_momenta
+            v = self.v + self.c1 * forces / self.m - self.c2 * self.v + self.rnd_vel
+            p = v * self.m
+            p -= self.m * (self._segment_sum(p) / self._segment_sum(self.m))[self.owner]
+        else:
+            p = self.p + 0.5 * self.dt * forces
+        self.p = np.where(finishing, p, self.p)
+        for k, (w, a, b) in enumerate(self.ranges()):
+            if not w.broken:
+                w.energy = float(energies[:, k].mean())
+                self.f[a:b] = forces[a:b]
+                w.broken = not (np.isfinite(forces[a:b]).all() and np.isfinite(w.energy))
+            if not w.started:
+                w.started = True
+                continue
+            w.step += 1
+            if w.step % self.settings.check_every == 0:
+                min_dist = partial(self._min_distance, w, self.x[a:b])
+                w.check(self.x[a:b], self.p[a:b], self.f[a:b], member_forces[:, a:b], min_dist)
+
+    def _min_distance(self, w: _NVTWalker, x: np.ndarray) -> float:
+        if self.settings.min_distance >= self.cutoff:
+            return min_distance(Atoms(w.atoms.numbers, x, cell=w.cell, pbc=w.atoms.pbc))
+        i, j, _, vectors = w.pairs
+        d = x[j] - x[i] + vectors
+        return float(np.sqrt(np.einsum("ij,ij->i", d, d).min())) if len(d) else math.inf
 
 
 def run_nvt_walkers(
@@ -198,33 +356,59 @@ def run_nvt_walkers(
     jobs: Sequence[MDJob],
     settings: ExplorationSettings,
     on_done: Callable[[], None] | None = None,
+    filter_pairs: bool | None = None,
 ) -> tuple[list[Trajectory], BatchEvaluator]:
     """Run NVT `jobs` (Langevin or Bussi) as up to `settings.walkers` walkers advanced in
-    lockstep; trajectories in job order."""
+    lockstep; trajectories in job order. `filter_pairs` (default: on CPU only): see
+    `_Lockstep.graph`.
+
+    From 8 walkers on, the walkers form two halves that take turns: while the ensemble
+    evaluates one half (asynchronously, on the GPU), the other half's integration and graph
+    are done in numpy, so the host's work hides behind the device's.
+    """
     if settings.thermostat not in ("langevin", "bussi") or any(j[2] is not None for j in jobs):
         raise ValueError("run_nvt_walkers runs NVT Langevin or Bussi jobs only")
+    if filter_pairs is None:
+        import jax
+
+        filter_pairs = jax.default_backend() == "cpu"
     n = min(settings.walkers, len(jobs))
-    evaluate = _evaluator(ensemble, jobs, n)
+    sizes = [n] if n < 8 else [n - n // 2, n // 2]
+    evaluate = _evaluator(ensemble, jobs, sizes[0])
     out: list[Trajectory | None] = [None] * len(jobs)
     queue = iter(range(len(jobs)))
-    active = [_NVTWalker(k, jobs[k], settings, ensemble) for k in islice(queue, n)]
-    while active:
-        live = [w for w in active if not w.broken]
-        preds = evaluate([w.graph() for w in live]) if live else []
-        by_walker = dict(zip(map(id, live), preds, strict=True))
-        for w in active:
-            w.receive(by_walker.get(id(w)))
-        for w in active:
-            if w.reason is not None:
-                out[w.index] = w.log.trajectory(w.reason, w.step)
-                if on_done is not None:
-                    on_done()
-        active = [w for w in active if w.reason is None]
-        for w in active:
-            if not w.broken:
-                w.drift()
-        while len(active) < n and (k := next(queue, None)) is not None:
-            active.append(_NVTWalker(k, jobs[k], settings, ensemble))
+    walkers = [[_NVTWalker(k, jobs[k], settings, ensemble) for k in islice(queue, size)]
+               for size in sizes]  # fmt: skip
+    states: list[_Lockstep | None] = [None] * len(sizes)
+    pending: list[list | None] = [None] * len(sizes)
+
+    def advance(g: int) -> None:  # integrate group g up to its force call, and dispatch it
+        if walkers[g]:
+            if states[g] is None or states[g].walkers is not walkers[g]:
+                states[g] = _Lockstep(walkers[g], states[g], settings, ensemble.cutoff,
+                                      ensemble.settings.skin_A, filter_pairs)  # fmt: skip
+            states[g].drift()
+            pending[g] = evaluate.dispatch(states[g].graph(evaluate))
+
+    for g in range(len(sizes)):
+        advance(g)
+    while any(p is not None for p in pending):
+        for g, size in enumerate(sizes):
+            if pending[g] is None:
+                continue
+            energies, forces = evaluate.collect(pending[g], len(walkers[g]))
+            pending[g] = None
+            states[g].receive(energies, forces)
+            done = [w for w in walkers[g] if w.reason is not None]
+            if done:
+                for w in done:
+                    out[w.index] = w.log.trajectory(w.reason, w.step)
+                    if on_done is not None:
+                        on_done()
+                walkers[g] = [w for w in walkers[g] if w.reason is None]
+                while len(walkers[g]) < size and (k := next(queue, None)) is not None:
+                    walkers[g].append(_NVTWalker(k, jobs[k], settings, ensemble))
+            advance(g)
     return out, evaluate  # type: ignore[return-value]
 
 
