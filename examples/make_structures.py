@@ -3,16 +3,21 @@
 Usage:
   python examples/make_structures.py initial OUTDIR      # unlabelled starting pool
   python examples/make_structures.py candidates OUTDIR   # a fresh, hotter pool to explore
-  python examples/make_structures.py testset OUTDIR      # EMT-labelled held-out set
+  python examples/make_structures.py testset OUTDIR      # EMT-labelled held-out set (MD frames
+                                                         # at 600/1200 K, cells rattled <= 0.1 Å)
 """
 
 import sys
 from pathlib import Path
 
 import ase.io
+import numpy as np
+from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import thermalize_momenta
 
 from nequix_fw.exploration import distorted_copies
 
@@ -31,6 +36,31 @@ def pool(seed: int, mild: float, hot: float, n: int) -> dict[str, list]:
     return out
 
 
+def held_out(seed: int) -> list:
+    """Structures of the kind the demo explores, from seeds nothing else uses: EMT MD frames at
+    its exploration temperatures (600 and 1200 K) and cells rattled by up to 0.1 Å (random
+    directions, lengths uniform in [0, 0.1] Å) and strained by up to 2 %."""
+    rng = np.random.default_rng(seed)
+    starts = [bulk(el, "fcc", a=a, cubic=True).repeat((2, 2, 1)) for el, a in LATTICE.items()]
+    alloy = bulk("Cu", "fcc", a=3.57, cubic=True).repeat((2, 2, 1))
+    alloy.numbers[::3] = 28
+    starts.append(alloy)
+    out = []
+    for k, start in enumerate(starts):
+        for temperature in (600, 1200):
+            a = start.copy()
+            a.calc = EMT()
+            thermalize_momenta(a, temperature, rng=rng)
+            dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng,
+                           fixcm=False)  # fmt: skip
+            for _ in range(2):
+                dyn.run(100)
+                out.append(Atoms(a.numbers, a.positions, cell=a.cell, pbc=True))
+        out += distorted_copies(start, 2, rattle_std=0.1, strain_max=0.02, seed=seed + k,
+                                rattle_distribution="uniform")  # fmt: skip
+    return out
+
+
 def main(kind: str, outdir: str) -> None:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +71,7 @@ def main(kind: str, outdir: str) -> None:
         for name, frames in pool(100, 0.08, 0.25, 8).items():
             ase.io.write(out / f"{name}_candidates.extxyz", frames)
     elif kind == "testset":
-        frames = [a for fr in pool(200, 0.05, 0.2, 4).values() for a in fr]
+        frames = held_out(200)
         for a in frames:
             a.calc = EMT()
             labels = dict(energy=a.get_potential_energy(), forces=a.get_forces(),

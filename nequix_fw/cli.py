@@ -128,7 +128,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     checks = load_settings(
         args.config, ValidationSettings, md_stability=True if args.md_stability else None,
-        md_temperature_K=args.md_temperature, md_steps=args.md_steps,
+        md_temperature_K=args.md_temperature, md_steps=args.md_steps, md_n_runs=args.md_runs,
     )  # fmt: skip
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
@@ -560,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--md-temperature", type=float, help="MD stability temperature (K)")
     v.add_argument("--md-steps", type=int, help="MD stability steps per run")
+    v.add_argument("--md-runs", type=int, help="MD stability runs (from the first test structures)")
     v.set_defaults(func=_cmd_validate)
 
     lb = sub.add_parser("label", help="label selected structures with a reference method")

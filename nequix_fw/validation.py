@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.data import chemical_symbols
 from ase.units import GPa
+from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError
-from nequix_fw.settings import EnsembleSettings, ValidationSettings
-from nequix_fw.structures import atomic_path, check_output, min_distance
+from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
+from nequix_fw.structures import atomic_path, check_output
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
 
 if TYPE_CHECKING:
@@ -174,46 +175,43 @@ def physics_checks(ensemble: Ensemble, structure: Atoms, reference: str) -> dict
     }
 
 
-def md_stability(structures: Sequence[Atoms], calc, settings: ValidationSettings) -> dict:
-    """NVT runs (Bussi) of `calc` (e.g. the ensemble mean) from each structure: which stay
-    physical, and for how long. A run stops when atoms come closer than `md_min_distance_A`
-    ("collapsed"), the temperature runs away, forces or energies are not finite, or the conserved
-    energy (potential + kinetic - what the thermostat exchanged) drifts by more than
+_REASONS = {"completed": "stable", "min_distance": "collapsed",
+            "temperature": "temperature runaway", "energy_drift": "energy drift",
+            "non-finite": "non-finite"}  # fmt: skip
+
+
+def md_stability(structures: Sequence[Atoms], model, settings: ValidationSettings,
+                 progress: bool = False) -> dict:  # fmt: skip
+    """NVT runs (Bussi) of `model` from each structure: which stay physical, and for how long.
+    `model` is an `Ensemble` (its mean; the runs go as batched walkers, one ensemble call a
+    step for all of them) or any ASE calculator (one run after the other). A run stops when
+    atoms come closer than `md_min_distance_A` ("collapsed"), the temperature runs away, forces
+    or energies are not finite, or the conserved energy (potential + kinetic - what the
+    thermostat exchanged) drifts by more than
     `md_max_energy_drift_eV_per_atom_ps` (Bussi et al., J. Chem. Phys. 126, 014101 (2007))."""
-    from ase.md.bussi import Bussi
-    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+    from nequix_fw.exploration.md import run_md
+    from nequix_fw.exploration.walkers import run_trajectories
 
     s = settings
-    runs = []
-    for i, start in enumerate(structures[: s.md_n_runs]):
-        a = start.copy()
-        a.calc = calc
-        rng = np.random.default_rng(i)
-        thermalize_momenta(a, s.md_temperature_K, rng=rng)
-        Stationary(a)
-        dyn = Bussi(a, s.md_timestep_fs * units.fs, s.md_temperature_K, 100 * units.fs, rng=rng)
-        h0 = a.get_potential_energy() + a.get_kinetic_energy()
-        reason, step, drift, survived_fs = "stable", 0, 0.0, 0.0
-        while reason == "stable" and step < s.md_steps:
-            dyn.run(s.md_check_every)
-            step += s.md_check_every
-            e, f = a.get_potential_energy(), a.get_forces()
-            if not (np.isfinite(e) and np.isfinite(f).all()):
-                reason = "non-finite"
-            elif min_distance(a) < s.md_min_distance_A:
-                reason = "collapsed"
-            elif a.get_temperature() > s.md_max_temperature_factor * s.md_temperature_K:
-                reason = "temperature runaway"
-            else:
-                h = e + a.get_kinetic_energy() - dyn.transferred_energy
-                drift = abs(h - h0) / len(a) / (step * s.md_timestep_fs / 1000)
-                if drift > s.md_max_energy_drift_eV_per_atom_ps:
-                    reason = "energy drift"
-                else:
-                    survived_fs = step * s.md_timestep_fs
-        runs.append({"formula": start.get_chemical_formula(), "stop_reason": reason,
-                     "survived_fs": survived_fs,
-                     "energy_drift_eV_per_atom_ps": float(drift)})  # fmt: skip
+    starts = list(structures[: s.md_n_runs])
+    md = ExplorationSettings(
+        temperatures_K=[s.md_temperature_K], steps=s.md_steps, timestep_fs=s.md_timestep_fs,
+        thermostat="bussi", taut_fs=100.0, check_every=s.md_check_every,
+        sample_every=s.md_check_every * max(1, s.md_steps // s.md_check_every), hi=None,
+        min_distance=s.md_min_distance_A, max_temperature_factor=s.md_max_temperature_factor,
+        max_energy_drift_eV_per_atom_ps=s.md_max_energy_drift_eV_per_atom_ps,
+        walkers=max(1, len(starts)),
+    )  # fmt: skip
+    jobs = [(a, s.md_temperature_K, None, i, f"md-stability-{i}") for i, a in enumerate(starts)]
+    with tqdm(total=len(jobs), desc="md stability", unit="run", disable=not progress) as bar:
+        if isinstance(model, Ensemble):
+            trajs = run_trajectories(model, jobs, md, bar.update) if jobs else []
+        else:
+            trajs = [run_md(a, model, t, md, p, seed, pid) for a, t, p, seed, pid in jobs]
+    runs = [{"formula": a.get_chemical_formula(), "stop_reason": _REASONS[t.stop_reason],
+             "survived_fs": t.survived_step * s.md_timestep_fs,
+             "energy_drift_eV_per_atom_ps": t.energy_drift}
+            for a, t in zip(starts, trajs, strict=True)]  # fmt: skip
     stable = sum(r["stop_reason"] == "stable" for r in runs)
     return {"temperature_K": s.md_temperature_K, "length_fs": s.md_steps * s.md_timestep_fs,
             "n_runs": len(runs), "stable_fraction": stable / len(runs) if runs else None,
@@ -343,7 +341,7 @@ def validate(
         report["physics"] = physics_checks(ensemble, structure, reference)
     if validation is not None and validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
-        report["md_stability"] = md_stability(starts, EnsembleCalculator(ensemble), validation)
+        report["md_stability"] = md_stability(starts, ensemble, validation)
     if plots:
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     with atomic_path(output) as tmp:

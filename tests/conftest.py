@@ -96,13 +96,13 @@ def emt_data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def trained(emt_data, tmp_path_factory) -> dict:
-    """A 2-member tiny ensemble trained for 15 epochs on EMT data (shared by several tests)."""
+    """A 2-member tiny ensemble trained for 20 epochs on EMT data (shared by several tests)."""
     from nequix_fw.settings import TrainingSettings
     from nequix_fw.training import train_ensemble
 
     out = tmp_path_factory.mktemp("trained")
     settings = TrainingSettings(
-        n_models=2, epochs=15, batch_size=4, patience=None, architecture=TINY_ARCH
+        n_models=2, epochs=20, batch_size=4, patience=None, architecture=TINY_ARCH
     )
     metas = train_ensemble([emt_data["train"]], out, settings, progress=False)
     return {"dir": out, "metas": metas, "settings": settings}

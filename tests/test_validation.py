@@ -142,3 +142,25 @@ def test_md_stability_flags_a_collapsing_trajectory():
     assert bad["stable_fraction"] == 0.0
     assert [r["stop_reason"] for r in bad["runs"]] == ["collapsed", "collapsed"]
     assert all(0 < r["survived_fs"] < 400.0 for r in bad["runs"])
+
+
+def test_md_stability_of_an_ensemble_runs_as_batched_walkers(trained):
+    """The ensemble's mean: every start a walker of one batched run; an energy-drift limit
+    below what the runs reach stops them with that reason."""
+    from ase.build import bulk
+
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.settings import ValidationSettings
+    from nequix_fw.validation import md_stability
+
+    ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
+    cells = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1)) for _ in range(3)]
+    s = ValidationSettings(md_stability=True, md_temperature_K=300, md_steps=100, md_n_runs=3,
+                           md_max_energy_drift_eV_per_atom_ps=10.0)  # fmt: skip
+    ok = md_stability(cells, ens, s)
+    assert ok["n_runs"] == 3 and ok["stable_fraction"] == 1.0
+    drifts = [r["energy_drift_eV_per_atom_ps"] for r in ok["runs"]]
+    assert all(r["survived_fs"] == 200.0 for r in ok["runs"]) and 0 < min(drifts)
+    tight = s.model_copy(update={"md_max_energy_drift_eV_per_atom_ps": 0.5 * min(drifts)})
+    bad = md_stability(cells, ens, tight)
+    assert [r["stop_reason"] for r in bad["runs"]] == ["energy drift"] * 3

@@ -18,9 +18,13 @@ class Trajectory:
     """Outcome of one MD run: sampled frames (with provenance in `info`) and why it stopped."""
 
     frames: list[Atoms]
-    stop_reason: str  # "completed" | "uncertainty" | "min_distance" | "temperature" | "non-finite"
+    stop_reason: (
+        str  # completed | uncertainty | min_distance | temperature | non-finite | energy_drift
+    )
     stop_step: int
     condition: dict
+    survived_step: int = 0  # the last check that passed
+    energy_drift: float | None = None  # eV/atom/ps at the last check (Bussi)
 
 
 def _dynamics(atoms: Atoms, temperature_K: float, pressure_GPa: float | None,
@@ -65,9 +69,11 @@ def stop_reason(
     max_force_dev: float | None,
     min_dist: Callable[[], float],
     temperature: float,
+    energy_drift: float | None = None,
 ) -> str:
     """Why a trajectory stops at a check ("completed": it goes on), in the order of the checks:
-    non-finite results, uncertainty above `hi`, atoms too close, temperature runaway."""
+    non-finite results, uncertainty above `hi`, atoms too close, temperature runaway, drift of
+    the conserved energy (eV/atom/ps, Bussi)."""
     if not np.isfinite(forces).all() or not np.isfinite(energy):
         return "non-finite"
     if settings.hi is not None and max_force_dev is not None and max_force_dev > settings.hi:
@@ -76,7 +82,15 @@ def stop_reason(
         return "min_distance"
     if temperature > settings.max_temperature_factor * temperature_K:
         return "temperature"
+    limit = settings.max_energy_drift_eV_per_atom_ps
+    if limit is not None and energy_drift is not None and energy_drift > limit:
+        return "energy_drift"
     return "completed"
+
+
+def energy_drift(h: float, h0: float, n_atoms: int, time_fs: float) -> float:
+    """Drift (eV/atom/ps) of a conserved energy from `h0` to `h` (eV) over `time_fs`."""
+    return abs(h - h0) / n_atoms / (time_fs / 1000)
 
 
 class FrameLog:
@@ -94,9 +108,16 @@ class FrameLog:
                           "seed": seed}  # fmt: skip
         self.frames: list[Atoms] = []
         self._in_trust: Atoms | None = None
+        self.survived_step = 0  # the last check passed
+        self.energy_drift: float | None = None
 
-    def checked(self, step: int, reason: str, atoms: Atoms, max_force_dev: float | None) -> None:
-        """Record the check at `step` of `atoms` (copied) that gave `reason`."""
+    def checked(self, step: int, reason: str, atoms: Atoms, max_force_dev: float | None,
+                drift: float | None = None) -> None:  # fmt: skip
+        """Record the check at `step` of `atoms` (copied) that gave `reason`; `drift`: the
+        conserved energy's drift so far (eV/atom/ps), where tracked."""
+        self.energy_drift = drift
+        if reason == "completed":
+            self.survived_step = step
         if reason == "completed":
             f = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
             f.info.update(self.info, step=step, time_fs=step * self.settings.timestep_fs,
@@ -111,7 +132,8 @@ class FrameLog:
                 self.frames.append(self._in_trust)
 
     def trajectory(self, reason: str, step: int) -> Trajectory:
-        return Trajectory(self.frames, reason, step, self.condition)
+        return Trajectory(self.frames, reason, step, self.condition, self.survived_step,
+                          self.energy_drift)  # fmt: skip
 
 
 def run_md(
@@ -141,12 +163,17 @@ def run_md(
     thermalize_momenta(a, temperature_K, rng=rng)
     dyn = _dynamics(a, temperature_K, pressure_GPa, settings, rng)
     log = FrameLog(settings, parent_id or structure_id(atoms), temperature_K, pressure_GPa, seed)
+    h0 = a.get_potential_energy() + a.get_kinetic_energy()
     reason, step = "completed", 0
     while step < settings.steps and reason == "completed":
         dyn.run(settings.check_every)
         step += settings.check_every
         dev = a.calc.results.get("max_force_dev")
+        drift = None
+        if hasattr(dyn, "transferred_energy"):  # Bussi's conserved energy
+            h = a.get_potential_energy() + a.get_kinetic_energy() - dyn.transferred_energy
+            drift = energy_drift(h, h0, len(a), step * settings.timestep_fs)
         reason = stop_reason(settings, temperature_K, a.get_potential_energy(), a.get_forces(),
-                             dev, lambda: min_distance(a), a.get_temperature())  # fmt: skip
-        log.checked(step, reason, a, dev)
+                             dev, lambda: min_distance(a), a.get_temperature(), drift)  # fmt: skip
+        log.checked(step, reason, a, dev, drift)
     return log.trajectory(reason, step)

@@ -40,7 +40,7 @@ from nequix_fw.ensemble import (
     Prediction,
     bucket_size,
 )
-from nequix_fw.exploration.md import FrameLog, Trajectory, run_md, stop_reason
+from nequix_fw.exploration.md import FrameLog, Trajectory, energy_drift, run_md, stop_reason
 from nequix_fw.settings import ExplorationSettings
 from nequix_fw.structures import min_distance
 from nequix_fw.uncertainty import atomic_force_deviation
@@ -147,6 +147,7 @@ class _NVTWalker:
             self.dof = 3 * self.n
             self.exp_term = math.exp(-dt / (settings.taut_fs * units.fs))
             self.target_kinetic_energy = 0.5 * kt * self.dof
+            self.transferred_energy = 0.0
         self.log = FrameLog(settings, parent_id, temperature_K, None, seed)
         self.step = 0
         self.started = False  # forces at the starting positions received
@@ -165,21 +166,29 @@ class _NVTWalker:
         self.built_at = positions.copy()
 
     def bussi_alpha(self, kinetic_energy: float) -> float:
-        """ase.md.bussi.Bussi.calculate_alpha (Eq. A7), drawing from this walker's stream."""
+        """ase.md.bussi.Bussi.calculate_alpha (Eq. A7), drawing from this walker's stream; the
+        energy the thermostat exchanges is tracked as Bussi.scale_velocities does."""
         scaling = (1 - self.exp_term) * self.target_kinetic_energy / kinetic_energy / self.dof
         r1 = self.rng.standard_normal()
         rest = 2.0 * self.rng.standard_gamma(0.5 * (self.dof - 1))
-        return math.sqrt(self.exp_term + scaling * (rest + r1**2)
-                         + 2 * r1 * math.sqrt(self.exp_term * scaling))  # fmt: skip
+        alpha = math.sqrt(self.exp_term + scaling * (rest + r1**2)
+                          + 2 * r1 * math.sqrt(self.exp_term * scaling))  # fmt: skip
+        self.transferred_energy += (alpha**2 - 1.0) * kinetic_energy
+        return alpha
 
     def check(self, positions, momenta, forces, member_forces, min_dist) -> None:
         """`run_md`'s check of this walker at its current step."""
         dev = float(atomic_force_deviation(member_forces).max())
-        temperature = np.vdot(momenta, momenta / self.masses) / (self.dof * units.kB)
+        kinetic = 0.5 * np.vdot(momenta, momenta / self.masses)
+        temperature = 2 * kinetic / (self.dof * units.kB)
+        drift = None
+        if self.settings.thermostat == "bussi":
+            h = self.energy + kinetic - self.transferred_energy
+            drift = energy_drift(h, self.h0, self.n, self.step * self.settings.timestep_fs)
         reason = stop_reason(self.settings, self.temperature_K, self.energy, forces, dev,
-                             min_dist, temperature)  # fmt: skip
+                             min_dist, temperature, drift)  # fmt: skip
         self.atoms.positions = positions
-        self.log.checked(self.step, reason, self.atoms, dev)
+        self.log.checked(self.step, reason, self.atoms, dev, drift)
         if reason != "completed" or self.step >= self.settings.steps:
             self.reason = reason
 
@@ -337,6 +346,7 @@ class _Lockstep:
                 w.broken = not (np.isfinite(forces[a:b]).all() and np.isfinite(w.energy))
             if not w.started:
                 w.started = True
+                w.h0 = w.energy + 0.5 * np.vdot(self.p[a:b], self.p[a:b] / self.m[a:b])
                 continue
             w.step += 1
             if w.step % self.settings.check_every == 0:

@@ -1,0 +1,274 @@
+"""Does our selection need fewer labels than random? Pool-mode active learning with EMT as the
+oracle on Cu-Au, three arms side by side.
+
+The pool: EMT MD frames of 32-atom Cu-Au cells (0-50 % Au) at 300, 900 and 1500 K, plus
+strained and rattled cells. Every arm starts from the same small labelled set and adds the same
+number of labels per iteration, with the same training settings:
+
+- *uncertainty*: the product's selection (`run-ensemble` + `select`: candidates above `lo`,
+  farthest-point sampling relative to the training set);
+- *random*: `selection.method: random` (the control);
+- *every_nth*: every N-th pool structure in pool order (what a user without an ensemble does).
+
+Two held-out sets from other seeds than the pool: *in-distribution* (the pool's mix) and *tail*
+(1500 K MD, cells rattled by 0.2 Å, a vacancy, a (111) surface slab). Each iteration records the
+ensemble mean's force and energy RMSE on both, and the Spearman correlation and ROC AUC of
+`max_force_dev` against the true max force error (`validate`). At the end, the MD stability of
+each arm's final ensemble at 1500 K from the tail set's bulk starts. Prints the tables, writes
+`al_efficiency.json` and `al_efficiency.png` (learning curves) into `--output`.
+
+Usage: python benchmarks/al_efficiency.py [--quick] [--seeds 0 1 2] [--output al_efficiency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms, units
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import thermalize_momenta
+
+from nequix_fw.exploration import distorted_copies
+from nequix_fw.structures import structure_id
+
+ARMS = ("uncertainty", "random", "every_nth")
+
+
+def _alloy(rng: np.random.Generator, au_fraction: float) -> Atoms:
+    a = bulk("Cu", "fcc", a=3.61 + 0.47 * au_fraction, cubic=True).repeat((2, 2, 2))
+    n_au = int(round(au_fraction * len(a)))
+    a.numbers[rng.choice(len(a), n_au, replace=False)] = 79
+    return a
+
+
+def _md(start: Atoms, temperature: float, n: int, rng, every: int = 40) -> list[Atoms]:
+    a = start.copy()
+    a.calc = EMT()
+    thermalize_momenta(a, temperature, rng=rng)
+    dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng,
+                   fixcm=False)  # fmt: skip
+    out = []
+    for _ in range(n):
+        dyn.run(every)
+        out.append(Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc))
+    return out
+
+
+def structures(kind: str, seed: int, scale: int) -> list[Atoms]:
+    """The pool or a held-out set (`kind`: pool, in_dist, tail), EMT-labelled."""
+    rng = np.random.default_rng(seed)
+    out: list[Atoms] = []
+    fractions = (0.0, 0.125, 0.25, 0.5)
+    if kind in ("pool", "in_dist"):
+        for x in fractions:
+            start = _alloy(rng, x)
+            for t in (300, 900, 1500):
+                out += _md(start, t, scale, rng)
+            out += distorted_copies(start, scale, rattle_std=0.08, strain_max=0.03,
+                                    seed=int(rng.integers(1 << 30)))  # fmt: skip
+    else:  # the tail: hotter, more distorted, defects and a surface
+        for x in fractions:
+            start = _alloy(rng, x)
+            out += _md(start, 1500, max(2, scale // 2), rng)
+            out += distorted_copies(start, max(2, scale // 2), rattle_std=0.2, strain_max=0.05,
+                                    seed=int(rng.integers(1 << 30)))  # fmt: skip
+            vac = start.copy()
+            del vac[int(rng.integers(len(vac)))]
+            out += _md(vac, 900, 2, rng)
+        slab = fcc111("Cu", size=(2, 2, 4), a=3.61, vacuum=6.0, periodic=True)
+        slab.numbers[rng.choice(len(slab), 4, replace=False)] = 79
+        out += _md(slab, 600, 4, rng)
+    for a in out:
+        a.calc = EMT()
+        labels = dict(energy=a.get_potential_energy(), forces=a.get_forces())
+        if a.pbc.all():
+            labels["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **labels)
+    return out
+
+
+def _validate(models: list[Path], testset: Path, out: Path) -> dict:
+    from nequix_fw.validation import validate
+
+    r = validate([str(m) for m in models], [testset], out, plots=False)
+    q = r.get("uncertainty") or {}
+    mean = r["ensemble_mean"]
+    return {"force_rmse": mean["forces_eV_per_A"]["rmse"],
+            "energy_rmse_meV": mean["energy_per_atom_meV"]["rmse"],
+            "spearman": q.get("spearman_max_force_dev_vs_max_force_error"),
+            "roc_auc": q.get("roc_auc")}  # fmt: skip
+
+
+def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work: Path,
+            args) -> dict:  # fmt: skip
+    """One arm, one seed: iterations of train -> validate -> select -> label."""
+    from nequix_fw.ensemble import run_ensemble
+    from nequix_fw.selection import select_from_results
+    from nequix_fw.settings import ArchitectureSettings, SelectionSettings, TrainingSettings
+
+    rng = np.random.default_rng(seed)
+    ids = [structure_id(a) for a in pool]
+    labelled = sorted(rng.choice(len(pool), args.initial, replace=False).tolist())
+    arch = ArchitectureSettings(hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1,
+                                radial_mlp_size=16)  # fmt: skip
+    curve = []
+    previous = None
+    for it in range(args.iterations + 1):
+        d = work / f"{arm}_s{seed}" / f"iter_{it}"
+        d.mkdir(parents=True, exist_ok=True)
+        ase.io.write(d / "train.extxyz", [pool[i] for i in labelled])
+        training = TrainingSettings(n_models=args.members, epochs=args.epochs, batch_size=4,
+                                    patience=15, seed=seed, architecture=arch)  # fmt: skip
+        t0 = time.perf_counter()
+        from nequix_fw.training import train_ensemble
+
+        train_ensemble([d / "train.extxyz"], d / "models", training, warm_start=previous,
+                       overwrite=True, progress=False)  # fmt: skip
+        previous = d / "models"
+        models = sorted((d / "models").glob("member_*.nqx"))
+        point = {"iteration": it, "labels": len(labelled), "train_s": time.perf_counter() - t0}
+        for name, path in sets.items():
+            point[name] = _validate(models, path, d / f"validate_{name}.json")
+        curve.append(point)
+        print(f"  {arm} seed {seed} it {it}: {len(labelled)} labels, force RMSE "
+              f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
+              f"(in-dist / tail)", flush=True)  # fmt: skip
+        if it == args.iterations:
+            break
+        unlabelled = [i for i in range(len(pool)) if i not in set(labelled)]
+        if arm == "every_nth":
+            step = max(1, len(unlabelled) // args.per_iteration)
+            picks = unlabelled[::step][: args.per_iteration]
+        else:
+            ase.io.write(d / "pool.extxyz", [pool[i] for i in unlabelled])
+            run_ensemble([str(m) for m in models], [d / "pool.extxyz"], d / "pool.json",
+                         progress=False)  # fmt: skip
+            sel = SelectionSettings(
+                method="random" if arm == "random" else "uncertainty", seed=seed * 1000 + it,
+                lo=0.0, max_selected=args.per_iteration, diverse=arm == "uncertainty",
+                format="extxyz",
+            )  # fmt: skip
+            manifest = select_from_results(d / "pool.json", d / "selected", sel,
+                                           training_set=[pool[i] for i in labelled])  # fmt: skip
+            chosen = {e["id"] for e in manifest["structures"] if e["selected"]}
+            picks = [i for i in unlabelled if ids[i] in chosen]
+        labelled = sorted(set(labelled) | set(picks))
+    md = None
+    if args.md_steps:
+        from nequix_fw.ensemble import Ensemble
+        from nequix_fw.settings import ValidationSettings
+        from nequix_fw.validation import md_stability
+
+        starts = [a for a in ase.io.read(sets["tail"], ":") if a.pbc.all()][: args.md_runs]
+        s = ValidationSettings(md_stability=True, md_temperature_K=1500, md_steps=args.md_steps,
+                               md_n_runs=len(starts))  # fmt: skip
+        md = md_stability(starts, Ensemble.from_specs(models), s)["stable_fraction"]
+    return {"arm": arm, "seed": seed, "curve": curve, "md_stable_fraction_1500K": md}
+
+
+def labels_to_reach(curve: list[dict], target: float, which: str) -> float | None:
+    """Labels at which the force RMSE first falls to `target` (linear between iterations)."""
+    pts = [(c["labels"], c[which]["force_rmse"]) for c in curve]
+    for (n0, e0), (n1, e1) in zip(pts[:-1], pts[1:], strict=True):
+        if e0 <= target:
+            return float(n0)
+        if e1 <= target:
+            return n0 + (n1 - n0) * (e0 - target) / (e0 - e1)
+    return float(pts[-1][0]) if pts[-1][1] <= target else None
+
+
+def report(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colours = dict(zip(ARMS, ("C0", "C1", "C2"), strict=True))
+    for r in results:
+        c = r["curve"]
+        n = [p["labels"] for p in c]
+        kw = dict(color=colours[r["arm"]], alpha=0.8,
+                  label=r["arm"] if r["seed"] == results[0]["seed"] else None)  # fmt: skip
+        axes[0].plot(n, [p["in_dist"]["force_rmse"] for p in c], "o-", **kw)
+        axes[1].plot(n, [p["tail"]["force_rmse"] for p in c], "o-", **kw)
+        axes[2].plot(n, [p["in_dist"]["energy_rmse_meV"] for p in c], "o-", **kw)
+    for ax, title, unit in zip(axes, ("forces, in-distribution", "forces, tail", "energies, "
+                                      "in-distribution"), ("eV/Å", "eV/Å", "meV/atom"),
+                               strict=True):  # fmt: skip
+        ax.set(xlabel="labels", ylabel=f"RMSE ({unit})", title=title, yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "al_efficiency.png", dpi=120)
+    print("\n| arm | seeds | final force RMSE in-dist (eV/Å) | tail (eV/Å) | energy in-dist "
+          "(meV/atom) | labels to 0.10 eV/Å (tail) | labels to 0.05 (tail) | Spearman (last) | "
+          "ROC AUC (last) | MD stable 1500 K |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def ms(values) -> str:
+        v = [x for x in values if x is not None]
+        if not v:
+            return "n/a"
+        return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    def reach(rs, target) -> str:
+        v = [labels_to_reach(r["curve"], target, "tail") for r in rs]
+        got = [x for x in v if x is not None]
+        return f"{np.mean(got):.0f} ({len(got)}/{len(v)} seeds)" if got else "not reached"
+
+    for arm in ARMS:
+        rs = [r for r in results if r["arm"] == arm]
+        if not rs:
+            continue
+        last = [r["curve"][-1] for r in rs]
+        print(f"| {arm} | {len(rs)} | {ms(p['in_dist']['force_rmse'] for p in last)} | "
+              f"{ms(p['tail']['force_rmse'] for p in last)} | "
+              f"{ms(p['in_dist']['energy_rmse_meV'] for p in last)} | {reach(rs, 0.10)} | "
+              f"{reach(rs, 0.05)} | {ms(p['in_dist']['spearman'] for p in last)} | "
+              f"{ms(p['in_dist']['roc_auc'] for p in last)} | "
+              f"{ms(r['md_stable_fraction_1500K'] for r in rs)} |")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, small everything")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--output", default="al_efficiency")
+    args = p.parse_args()
+    args.scale, args.initial, args.iterations, args.per_iteration = 8, 12, 4, 12
+    args.members, args.epochs, args.md_steps, args.md_runs = 4, 60, 2500, 8
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.scale, args.iterations, args.per_iteration = 4, 2, 8
+        args.members, args.epochs, args.md_steps, args.md_runs = 2, 20, 500, 4
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pool = structures("pool", 1000, args.scale)
+    sets = {}
+    for name, seed in (("in_dist", 2000), ("tail", 3000)):
+        sets[name] = out / f"{name}.extxyz"
+        ase.io.write(sets[name], structures(name, seed, args.scale))
+    sizes = ", ".join(f"{k} {len(ase.io.read(v, index=':'))}" for k, v in sets.items())
+    print(f"pool {len(pool)} structures; held-out {sizes}; {args.initial} initial labels + "
+          f"{args.iterations} x {args.per_iteration}")  # fmt: skip
+    results = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            results.append(run_arm(arm, seed, pool, sets, out / "runs", args))
+    (out / "al_efficiency.json").write_text(json.dumps(results, indent=1))
+    report(results, out)
+    print(f"\n{time.perf_counter() - t0:.0f} s in all; plots: {out / 'al_efficiency.png'}")
+
+
+if __name__ == "__main__":
+    main()
