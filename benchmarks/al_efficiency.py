@@ -37,7 +37,6 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 
 from nequix_fw.exploration import distorted_copies
-from nequix_fw.structures import structure_id
 
 ARMS = ("uncertainty", "random", "every_nth")
 
@@ -115,7 +114,6 @@ def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work:
     from nequix_fw.settings import ArchitectureSettings, SelectionSettings, TrainingSettings
 
     rng = np.random.default_rng(seed)
-    ids = [structure_id(a) for a in pool]
     labelled = sorted(rng.choice(len(pool), args.initial, replace=False).tolist())
     arch = ArchitectureSettings(hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1,
                                 radial_mlp_size=16)  # fmt: skip
@@ -158,8 +156,8 @@ def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work:
             )  # fmt: skip
             manifest = select_from_results(d / "pool.json", d / "selected", sel,
                                            training_set=[pool[i] for i in labelled])  # fmt: skip
-            chosen = {e["id"] for e in manifest["structures"] if e["selected"]}
-            picks = [i for i in unlabelled if ids[i] in chosen]
+            # frames of pool.extxyz, i.e. positions in `unlabelled`
+            picks = [unlabelled[e["frame"]] for e in manifest["structures"] if e["selected"]]
         labelled = sorted(set(labelled) | set(picks))
     md = None
     if args.md_steps:
