@@ -17,7 +17,7 @@ ensemble mean's force and energy RMSE on both, and the Spearman correlation and 
 each arm's final ensemble at 1500 K from the tail set's bulk starts. Prints the tables, writes
 `al_efficiency.json` and `al_efficiency.png` (learning curves) into `--output`.
 
-Usage: python benchmarks/al_efficiency.py [--quick] [--seeds 0 1 2] [--output al_efficiency]
+Usage: python benchmarks/al_efficiency.py [--quick] [--seeds 0 1 2] [--arms ...] [--output DIR]
 """
 
 from __future__ import annotations
@@ -238,14 +238,15 @@ def report(results: list[dict], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, small everything")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--quick: 0)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--output", default="al_efficiency")
     args = p.parse_args()
     args.scale, args.initial, args.iterations, args.per_iteration = 8, 12, 4, 12
     args.members, args.epochs, args.md_steps, args.md_runs = 4, 60, 2500, 8
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
-        args.seeds = args.seeds[:1]
         args.scale, args.iterations, args.per_iteration = 4, 2, 8
         args.members, args.epochs, args.md_steps, args.md_runs = 2, 20, 500, 4
     out = Path(args.output)
