@@ -80,9 +80,8 @@ def walker_table(paths: list[Path], args) -> None:
     from nequix_fw.settings import EnsembleSettings, ExplorationSettings
 
     device = jax.devices()[0].device_kind
-    options = {"member_mapping": args.member_mapping,
-               "xla_options": dict(o.split("=", 1) for o in args.xla_option)}  # fmt: skip
-    options["xla_options"] = {k: int(v) for k, v in options["xla_options"].items()} or None
+    xla = {k: int(v) for k, v in (o.split("=", 1) for o in args.xla_option)}
+    options = {"member_mapping": args.member_mapping, "xla_options": xla or None}
     ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None, **options))
     # every walker runs to the end: no uncertainty or physics stops (random-weight models)
     common = dict(temperatures_K=[600.0], timestep_fs=2.0, check_every=args.warmup,

@@ -15,7 +15,6 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 from ase.units import GPa
-from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
@@ -180,8 +179,7 @@ _REASONS = {"completed": "stable", "min_distance": "collapsed",
             "non-finite": "non-finite"}  # fmt: skip
 
 
-def md_stability(structures: Sequence[Atoms], model, settings: ValidationSettings,
-                 progress: bool = False) -> dict:  # fmt: skip
+def md_stability(structures: Sequence[Atoms], model, settings: ValidationSettings) -> dict:
     """NVT runs (Bussi) of `model` from each structure: which stay physical, and for how long.
     `model` is an `Ensemble` (its mean; the runs go as batched walkers, one ensemble call a
     step for all of them) or any ASE calculator (one run after the other). A run stops when
@@ -203,11 +201,10 @@ def md_stability(structures: Sequence[Atoms], model, settings: ValidationSetting
         walkers=max(1, len(starts)),
     )  # fmt: skip
     jobs = [(a, s.md_temperature_K, None, i, f"md-stability-{i}") for i, a in enumerate(starts)]
-    with tqdm(total=len(jobs), desc="md stability", unit="run", disable=not progress) as bar:
-        if isinstance(model, Ensemble):
-            trajs = run_trajectories(model, jobs, md, bar.update) if jobs else []
-        else:
-            trajs = [run_md(a, model, t, md, p, seed, pid) for a, t, p, seed, pid in jobs]
+    if isinstance(model, Ensemble):
+        trajs = run_trajectories(model, jobs, md)
+    else:
+        trajs = [run_md(a, model, t, md, p, seed, pid) for a, t, p, seed, pid in jobs]
     runs = [{"formula": a.get_chemical_formula(), "stop_reason": _REASONS[t.stop_reason],
              "survived_fs": t.survived_step * s.md_timestep_fs,
              "energy_drift_eV_per_atom_ps": t.energy_drift}

@@ -18,9 +18,8 @@ class Trajectory:
     """Outcome of one MD run: sampled frames (with provenance in `info`) and why it stopped."""
 
     frames: list[Atoms]
-    stop_reason: (
-        str  # completed | uncertainty | min_distance | temperature | non-finite | energy_drift
-    )
+    # completed | uncertainty | min_distance | temperature | non-finite | energy_drift
+    stop_reason: str
     stop_step: int
     condition: dict
     survived_step: int = 0  # the last check that passed
@@ -118,7 +117,6 @@ class FrameLog:
         self.energy_drift = drift
         if reason == "completed":
             self.survived_step = step
-        if reason == "completed":
             f = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
             f.info.update(self.info, step=step, time_fs=step * self.settings.timestep_fs,
                           **({"max_force_dev": float(max_force_dev)}

@@ -233,10 +233,14 @@ class _Lockstep:
     def _segment_sum(self, values: np.ndarray) -> np.ndarray:
         return np.add.reduceat(values, self.starts, axis=0)
 
+    def _stepping(self) -> np.ndarray:
+        """(atoms, 1) whether each atom's walker takes steps (started, results finite)."""
+        return np.repeat([w.started and not w.broken for w in self.walkers],
+                         [w.n for w in self.walkers])[:, None]  # fmt: skip
+
     def drift(self) -> None:
         """Every started, unbroken walker up to its force call: thermostat, half kick, drift."""
-        moving = np.repeat([w.started and not w.broken for w in self.walkers],
-                           [w.n for w in self.walkers])[:, None]  # fmt: skip
+        moving = self._stepping()
         x, m = self.x.copy(), self.m
         if self.langevin:  # ase.md.langevin.Langevin.step with FixCom.adjust_positions
             xi, eta = np.zeros_like(x), np.zeros_like(x)
@@ -330,8 +334,7 @@ class _Lockstep:
         `check_every` steps."""
         n_atoms = len(self.x)
         forces = member_forces[:, :n_atoms].mean(axis=0)
-        finishing = np.repeat([w.started and not w.broken for w in self.walkers],
-                              [w.n for w in self.walkers])[:, None]  # fmt: skip
+        finishing = self._stepping()
         if self.langevin:  # the second half of Langevin.step, then FixCom.adjust_momenta
             v = self.v + self.c1 * forces / self.m - self.c2 * self.v + self.rnd_vel
             p = v * self.m
