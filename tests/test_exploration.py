@@ -96,6 +96,8 @@ def test_bad_exploration_inputs(trained, tmp_path):
         make_settings(ExplorationSettings, temperatures_K=[300, -5])
     with pytest.raises(SettingsError, match="must be a multiple of check_every"):
         make_settings(ExplorationSettings, sample_every=15, check_every=10)
+    with pytest.raises(SettingsError, match="max_energy_drift_eV_per_atom_ps needs the Bussi"):
+        make_settings(ExplorationSettings, max_energy_drift_eV_per_atom_ps=0.1)  # Langevin
     mol = ase.Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
     with pytest.raises(SettingsError, match="Cu2: NPT needs a fully periodic cell"):
         run_md(mol, EMT(), 300.0, ExplorationSettings(steps=10), pressure_GPa=1.0)

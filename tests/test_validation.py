@@ -144,6 +144,21 @@ def test_md_stability_flags_a_collapsing_trajectory():
     assert all(0 < r["survived_fs"] < 400.0 for r in bad["runs"])
 
 
+def test_validate_cli_md_stability_runs(trained, emt_data, tmp_path, capsys):
+    """`validate --md-stability --md-runs N` runs N starts of the test set for --md-steps."""
+    from nequix_fw.cli import main
+
+    models = [str(p) for p in sorted(trained["dir"].glob("member_*.nqx"))]
+    out = tmp_path / "r.json"
+    code = main(["validate", "--models", *models, "--testset", str(emt_data["test"]),
+                 "--output", str(out), "--no-plots", "--md-stability", "--md-temperature", "300",
+                 "--md-steps", "40", "--md-runs", "3"])  # fmt: skip
+    assert code == 0
+    md = json.loads(out.read_text())["md_stability"]
+    assert md["n_runs"] == 3 and md["temperature_K"] == 300.0 and md["length_fs"] == 80.0
+    assert "MD stability at 300 K" in capsys.readouterr().out
+
+
 def test_md_stability_of_an_ensemble_runs_as_batched_walkers(trained):
     """The ensemble's mean: every start a walker of one batched run; an energy-drift limit
     below what the runs reach stops them with that reason."""
