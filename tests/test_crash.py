@@ -91,6 +91,21 @@ def _running(c: dict, name: str) -> bool:
     return c["db"].fireworks.count_documents({"name": name, "state": "RUNNING"}) == 1
 
 
+def _training(c: dict, k: int):
+    """A check that iteration `k`'s training is under way: its Firework checked out (the
+    workflow's lock released; a worker killed inside FireWorks' checkout leaves the lock set,
+    which is another failure than this test's) and the ensemble's output directory made."""
+
+    def check() -> bool:
+        fw = c["db"].fireworks.find_one({"name": f"{c['db'].name} train {k}", "state": "RUNNING"})
+        if fw is None or c["db"].workflows.find_one({"nodes": fw["fw_id"], "locked": True}):
+            return False
+        return (c["dir"] / "run" / f"iter_{k:03d}" / "models").is_dir()
+
+    check.__doc__ = f"iteration {k}'s training under way"
+    return check
+
+
 def _kill(p: subprocess.Popen) -> None:
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
@@ -132,13 +147,13 @@ def test_killed_worker_and_server_lose_nothing(tmp_path, server):
     assert c["db"].fireworks.find_one({"name": "crash label 0"})["state"] == "READY"
     # 2. a new worker; the database server dies (kill -9) while it trains, and comes back
     worker = _rlaunch(c)
-    _wait(lambda: _running(c, "crash train 0"))
+    _wait(_training(c, 0))
     pid = int((server / "server.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     time.sleep(1)
     _ok([NFW, "db", "start", "--dir", server, "--launchpad", tmp_path / "base.yaml"], tmp_path)
     # 3. the worker dies while it trains iteration 1's ensemble
-    _wait(lambda: _running(c, "crash train 1"))
+    _wait(_training(c, 1))
     _kill(worker)
     time.sleep(2)
     _ok(lost_runs, c["dir"])
