@@ -58,6 +58,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         stress_hi=args.stress_hi,
         max_selected=args.max_selected,
         diverse=True if args.diverse else None,
+        descriptor=args.descriptor,
         min_distance=args.min_distance,
         format=args.format,
         method=args.method,
@@ -486,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-selected", type=int, help="most structures selected")
     s.add_argument(
         "--diverse", action="store_true", help="farthest-point sampling instead of top uncertainty"
+    )
+    s.add_argument(
+        "--descriptor",
+        choices=["structure", "learned"],
+        help="descriptor of --diverse: hand-made, or the first model's features",
     )
     s.add_argument("--min-distance", type=float, help="minimum interatomic distance (Å)")
     s.add_argument("--format", choices=["vasp", "extxyz"])

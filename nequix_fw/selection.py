@@ -16,17 +16,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from ase.formula import Formula
-from ase.geometry import complete_cell
-from matscipy.neighbours import neighbour_list
 
 from nequix_fw import __version__
+from nequix_fw.descriptors import LearnedFeatures, structural
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
@@ -35,9 +34,6 @@ from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, tru
 
 MANIFEST_SCHEMA = "nequix-fw/selection"
 MANIFEST_VERSION = 1
-#: Radial range (Å) and bins of the distance histogram in the diversity descriptor.
-DESCRIPTOR_R = (0.5, 6.0)
-DESCRIPTOR_BINS = 24
 
 
 @dataclass
@@ -61,24 +57,6 @@ class Entry:
         d.pop("descriptor")
         d["class"] = d.pop("cls")
         return d
-
-
-def descriptor(atoms: Atoms, elements: list[int]) -> np.ndarray:
-    """Composition fractions + Gaussian-smeared pair-distance histogram per atom + volume/atom.
-
-    Cheap and invariant; near-duplicate structures get near-identical vectors.
-    """
-    comp = np.array([np.mean(atoms.numbers == z) for z in elements])
-    r0, r1 = DESCRIPTOR_R
-    centres = np.linspace(r0, r1, DESCRIPTOR_BINS)
-    width = (r1 - r0) / DESCRIPTOR_BINS
-    d = neighbour_list(
-        "d", positions=atoms.positions, cell=complete_cell(atoms.cell), pbc=atoms.pbc, cutoff=r1
-    )
-    hist = np.exp(-0.5 * ((d[:, None] - centres[None, :]) / width) ** 2).sum(axis=0) / len(atoms)
-    hist /= max(1.0, hist.sum()) / 10.0  # scale to ~unit weight against the composition part
-    vol = [atoms.get_volume() / len(atoms) / 20.0] if atoms.pbc.all() else [0.0]
-    return np.concatenate([comp, hist, vol])
 
 
 def farthest_point_order(
@@ -134,11 +112,27 @@ def relative_force_deviation(rec: dict, level: float) -> float:
     return float((atomic_force_deviation(forces) / (norm + level)).max())
 
 
+Describe = Callable[[Sequence[Atoms]], np.ndarray]
+
+
+def describer(settings: SelectionSettings, models: list[dict]) -> Describe:
+    """The descriptor of `settings.descriptor` for the ensemble of `models` (results header
+    entries): hand-made, or the learned features of the first model."""
+    if settings.descriptor == "learned":
+        from nequix_fw.models import load_model
+
+        return LearnedFeatures(load_model(models[0]["path"]))
+    elements = sorted({int(z) for m in models for z in _numbers(m["elements"])})
+    return lambda structures: np.stack([structural(a, elements) for a in structures])
+
+
 def classify(
-    records: Iterable[dict], settings: SelectionSettings, elements: list[int]
+    records: Iterable[dict], settings: SelectionSettings, describe: Describe | None = None
 ) -> list[Entry]:
-    """Class of every record (one pass; descriptors kept for candidates when `diverse`)."""
+    """Class of every record (one pass; with `diverse`, the candidates' descriptors by
+    `describe`)."""
     entries = []
+    described: list[tuple[Entry, Atoms]] = []
     for rec in records:
         m = rec.get("metrics") or {}
         dev = m.get("max_force_dev")
@@ -177,8 +171,11 @@ def classify(
                         f"min interatomic distance {dmin:.3f} Å < {settings.min_distance} Å"
                     )
             if entry.cls == "candidate" and settings.diverse:
-                entry.descriptor = descriptor(atoms, elements)
+                described.append((entry, atoms))
         entries.append(entry)
+    if described:
+        for (entry, _), x in zip(described, describe([a for _, a in described]), strict=True):
+            entry.descriptor = x
     return entries
 
 
@@ -318,15 +315,15 @@ def select_from_results(
         raise NequixFWError(
             f"{results_path}: uncertainty needs at least 2 models, these results have {n_models}"
         )
-    elements = sorted({int(z) for m in header["models"] for z in _numbers(m["elements"])})
-    entries = classify(records, settings, elements)
+    describe = describer(settings, header["models"]) if settings.diverse else None
+    entries = classify(records, settings, describe)
     if not entries:
         raise NequixFWError(f"{results_path}: holds no structures")
     present = sorted({el for e in entries for el in Formula(e.formula).count()})
     check_quotas(settings, present, str(results_path))
     known = None
     if settings.diverse and training_set:
-        known = np.stack([descriptor(a, elements) for a in training_set])
+        known = describe(training_set)
     chosen = {e.id: e for e in choose(entries, settings, exclude, known)}
     tmp = _prepare_output(output)
     try:

@@ -135,6 +135,12 @@ class SelectionSettings(_Settings):
         description="Pick by farthest-point sampling on a structural descriptor, starting from "
         "the most uncertain, instead of by uncertainty alone.",
     )
+    descriptor: Literal["structure", "learned"] = Field(
+        "structure",
+        description="Descriptor of `diverse`: 'structure', composition + pair-distance "
+        "histogram + volume per atom; 'learned', the first model's invariant per-atom features "
+        "after its last layer, summed per element over the structure's atoms / n atoms.",
+    )
     min_distance: float | None = Field(
         None,
         gt=0,

@@ -279,9 +279,10 @@ def test_select_lo_auto_from_a_validation_report(results, tmp_path, capsys):
     assert code == 2 and "lo: auto needs target_force_error" in capsys.readouterr().err
 
 
-def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path):
+@pytest.mark.parametrize("descriptor", ["structure", "learned"])
+def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path, descriptor):
     """Candidates that are near-copies of training structures are passed over for new ones when
-    the training set seeds the farthest-point sampling."""
+    the training set seeds the farthest-point sampling, with either descriptor."""
     training = make_cells(6, seed=31)  # 4- to 16-atom Cu/Au cells
     near = []
     for k, a in enumerate(training):
@@ -295,7 +296,7 @@ def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path):
         new.append(b)
     ase.io.write(tmp_path / "pool.extxyz", near + new)
     run_ensemble(model_paths, [tmp_path / "pool.extxyz"], tmp_path / "r.json", progress=False)
-    s = SelectionSettings(lo=0.0, max_selected=4, diverse=True)
+    s = SelectionSettings(lo=0.0, max_selected=4, diverse=True, descriptor=descriptor)
     with_training = select_from_results(tmp_path / "r.json", tmp_path / "a", s,
                                         training_set=training)  # fmt: skip
     picked = {e["id"] for e in with_training["structures"] if e["selected"]}
@@ -390,3 +391,31 @@ def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
     with pytest.raises(SettingsError, match="does not go with relative_force_level"):
         make_settings(SelectionSettings, lo="auto", target_force_error=0.1,
                       relative_force_level=1.0)  # fmt: skip
+
+
+def test_learned_features_are_invariant_and_batched(model_paths):
+    """The learned descriptor: the same vector for a rotated, translated and permuted copy,
+    the same in a batch as alone, one block of features per element weighted by its share."""
+    from nequix_fw.descriptors import LearnedFeatures
+    from nequix_fw.models import load_model
+
+    model = load_model(model_paths[0])
+    describe = LearnedFeatures(model)
+    cells = make_cells(5, seed=41)
+    a = cells[3]
+    b = a.copy()
+    b.rotate(37, "x", rotate_cell=True)
+    b.rotate(71, "z", rotate_cell=True)
+    b.translate([0.3, -1.1, 2.0])
+    b = b[np.random.default_rng(0).permutation(len(b))]
+    x = describe(cells + [b])
+    assert x.shape == (6, 2 * (x.shape[1] // 2))
+    np.testing.assert_allclose(x[5], x[3], atol=2e-5)
+    np.testing.assert_allclose(describe([a])[0], x[3], atol=1e-5)
+    # an all-Cu cell has nothing in the Au block; a near-copy is far closer than another cell
+    cu = next(i for i, c in enumerate(cells) if 79 not in c.numbers)
+    assert np.all(x[cu].reshape(2, -1)[1] == 0) and np.any(x[cu] != 0)
+    c = a.copy()
+    c.rattle(0.002, seed=1)
+    near = np.linalg.norm(describe([c])[0] - x[3])
+    assert near < 0.05 * min(np.linalg.norm(x[i] - x[3]) for i in range(5) if i != 3)
