@@ -135,6 +135,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
         reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
         launchpad=args.launchpad, allow_mixed=args.allow_mixed, validation=checks,
+        progress=not args.no_progress,
     )  # fmt: skip
     mean = report["ensemble_mean"]
     line = (
@@ -567,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--md-temperature", type=float, help="MD stability temperature (K)")
     v.add_argument("--md-steps", type=int, help="MD stability steps per run")
     v.add_argument("--md-runs", type=int, help="MD stability runs (from the first test structures)")
+    v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_cmd_validate)
 
     lb = sub.add_parser("label", help="label selected structures with a reference method")

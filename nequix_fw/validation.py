@@ -179,14 +179,19 @@ _REASONS = {"completed": "stable", "min_distance": "collapsed",
             "non-finite": "non-finite"}  # fmt: skip
 
 
-def md_stability(structures: Sequence[Atoms], model, settings: ValidationSettings) -> dict:
+def md_stability(
+    structures: Sequence[Atoms], model, settings: ValidationSettings, progress: bool = False
+) -> dict:
     """NVT runs (Bussi) of `model` from each structure: which stay physical, and for how long.
     `model` is an `Ensemble` (its mean; the runs go as batched walkers, one ensemble call a
     step for all of them) or any ASE calculator (one run after the other). A run stops when
     atoms come closer than `md_min_distance_A` ("collapsed"), the temperature runs away, forces
     or energies are not finite, or the conserved energy (potential + kinetic - what the
     thermostat exchanged) drifts by more than
-    `md_max_energy_drift_eV_per_atom_ps` (Bussi et al., J. Chem. Phys. 126, 014101 (2007))."""
+    `md_max_energy_drift_eV_per_atom_ps` (Bussi et al., J. Chem. Phys. 126, 014101 (2007)).
+    `progress`: a bar of finished runs."""
+    from tqdm import tqdm
+
     from nequix_fw.exploration.md import run_md
     from nequix_fw.exploration.walkers import run_trajectories
 
@@ -201,10 +206,14 @@ def md_stability(structures: Sequence[Atoms], model, settings: ValidationSetting
         walkers=max(1, len(starts)),
     )  # fmt: skip
     jobs = [(a, s.md_temperature_K, None, i, f"md-stability-{i}") for i, a in enumerate(starts)]
-    if isinstance(model, Ensemble):
-        trajs = run_trajectories(model, jobs, md)
-    else:
-        trajs = [run_md(a, model, t, md, p, seed, pid) for a, t, p, seed, pid in jobs]
+    with tqdm(total=len(jobs), desc="MD stability", unit="run", disable=not progress) as bar:
+        if isinstance(model, Ensemble):
+            trajs = run_trajectories(model, jobs, md, bar.update)
+        else:
+            trajs = []
+            for a, t, p, seed, pid in jobs:
+                trajs.append(run_md(a, model, t, md, p, seed, pid))
+                bar.update()
     runs = [{"formula": a.get_chemical_formula(), "stop_reason": _REASONS[t.stop_reason],
              "survived_fs": t.survived_step * s.md_timestep_fs,
              "energy_drift_eV_per_atom_ps": t.energy_drift}
@@ -295,9 +304,10 @@ def validate(
     launchpad: DatabaseRef | None = None,
     allow_mixed: bool = False,
     validation: ValidationSettings | None = None,
+    progress: bool = False,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
-    JSON report (and PNG plots beside it)."""
+    JSON report (and PNG plots beside it). `progress`: bars for the long parts."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
     output = check_output(output, "file")
@@ -338,7 +348,7 @@ def validate(
         report["physics"] = physics_checks(ensemble, structure, reference)
     if validation is not None and validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
-        report["md_stability"] = md_stability(starts, ensemble, validation)
+        report["md_stability"] = md_stability(starts, ensemble, validation, progress)
     if plots:
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     with atomic_path(output) as tmp:

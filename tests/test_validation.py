@@ -145,7 +145,8 @@ def test_md_stability_flags_a_collapsing_trajectory():
 
 
 def test_validate_cli_md_stability_runs(trained, emt_data, tmp_path, capsys):
-    """`validate --md-stability --md-runs N` runs N starts of the test set for --md-steps."""
+    """`validate --md-stability --md-runs N` runs N starts of the test set for --md-steps,
+    with a progress bar of finished runs."""
     from nequix_fw.cli import main
 
     models = [str(p) for p in sorted(trained["dir"].glob("member_*.nqx"))]
@@ -156,7 +157,9 @@ def test_validate_cli_md_stability_runs(trained, emt_data, tmp_path, capsys):
     assert code == 0
     md = json.loads(out.read_text())["md_stability"]
     assert md["n_runs"] == 3 and md["temperature_K"] == 300.0 and md["length_fs"] == 80.0
-    assert "MD stability at 300 K" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "MD stability at 300 K" in printed.out
+    assert "MD stability: 100%" in printed.err and "3/3" in printed.err  # the progress bar
 
 
 def test_md_stability_of_an_ensemble_runs_as_batched_walkers(trained):
