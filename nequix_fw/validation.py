@@ -20,6 +20,7 @@ from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError
+from nequix_fw.labelling.ase_calc import calculator_class
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
 from nequix_fw.structures import atomic_path, check_output
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
@@ -111,12 +112,9 @@ def uncertainty_quality(
 
 
 def reference_calculator(name: str):
-    """An ASE calculator by name (the cheap references available everywhere)."""
-    if name.lower() == "emt":
-        from ase.calculators.emt import EMT
-
-        return EMT()
-    raise SettingsError(f"unknown reference calculator {name!r} (known: emt)")
+    """An ASE calculator by name or 'module:Class', with its default parameters (EMT is the
+    cheap reference available everywhere)."""
+    return calculator_class(name)()
 
 
 def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:

@@ -117,6 +117,10 @@ def test_bad_vasp_inputs(vasp_env, capsys):
     with pytest.raises(SettingsError, match="no POTCAR for Ge"):
         label_structures(vasp_env["structures"], vasp_env["tmp"] / "o2", make_backend(s), s,
                          progress=False)  # fmt: skip
+    # a file that is not a POTCAR, named in the error
+    (vasp_env["inputs"] / "POTCAR").write_text("PAW Si\n but no dataset\n")
+    with pytest.raises(SettingsError, match=r"vasp_inputs/POTCAR: not a valid POTCAR"):
+        make_backend(s)
 
 
 @pytest.fixture

@@ -7,31 +7,23 @@ import inspect
 from pathlib import Path
 
 from ase import Atoms
-from ase.calculators.calculator import Calculator, FileIOCalculator
+from ase.calculators.calculator import Calculator, FileIOCalculator, get_calculator_class
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
 
-#: Short names for calculators that need no external program.
-SHORT_NAMES = {
-    "emt": "ase.calculators.emt:EMT",
-    "lj": "ase.calculators.lj:LennardJones",
-    "morse": "ase.calculators.morse:MorsePotential",
-}
-
 
 def calculator_class(name: str) -> type[Calculator]:
-    """Resolve 'emt' or 'package.module:Class' to an ASE calculator class."""
-    target = SHORT_NAMES.get(name.lower(), name)
-    module_name, _, cls_name = target.partition(":")
-    if not cls_name:
-        raise SettingsError(
-            f"calculator {name!r}: use a short name ({', '.join(SHORT_NAMES)}) or 'module:Class'"
-        )
+    """Resolve an ASE calculator name ('emt', 'lj', 'morse', 'vasp', ... as ASE's
+    `get_calculator_class` knows them) or 'package.module:Class' to its class."""
+    module_name, _, cls_name = name.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), cls_name)
+        if cls_name:
+            return getattr(importlib.import_module(module_name), cls_name)
+        return get_calculator_class(name.lower())
     except (ImportError, AttributeError) as exc:
-        raise SettingsError(f"calculator {name!r} cannot be imported ({exc})") from None
+        hint = "" if cls_name else "; an ASE calculator name (emt, lj, ...) or 'module:Class'"
+        raise SettingsError(f"calculator {name!r} cannot be imported ({exc}{hint})") from None
 
 
 def _known_parameters(cls: type[Calculator]) -> set[str] | None:

@@ -22,13 +22,13 @@ Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.stress import full_3x3_to_voigt_6_stress
 from ase.units import GPa
 
 from nequix_fw.errors import SettingsError
@@ -87,12 +87,21 @@ def psp_dir(configured: Path | None) -> Path:
     return path
 
 
-def potcar_elements(path: Path) -> list[str]:
-    """Element symbols of a POTCAR, in order (from its TITEL lines)."""
-    titles = re.findall(r"TITEL\s*=\s*\S+\s+([A-Z][a-z]?)", path.read_text(errors="replace"))
-    if not titles:
-        raise SettingsError(f"{path}: no TITEL lines, not a POTCAR")
-    return titles
+def read_potcar(path: Path) -> dict[str, str]:
+    """The datasets of a POTCAR by element, in order (pymatgen's `Potcar`)."""
+    import warnings
+
+    from pymatgen.io.vasp import Potcar
+
+    try:
+        with warnings.catch_warnings():  # a POTCAR pymatgen has no hash for is still a POTCAR
+            warnings.simplefilter("ignore")
+            potcar = Potcar.from_file(str(path))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise SettingsError(f"{path}: not a valid POTCAR ({type(exc).__name__}: {exc})") from None
+    if not len(potcar):
+        raise SettingsError(f"{path}: no datasets, not a POTCAR")
+    return {single.element: single.data for single in potcar}
 
 
 def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | None, dict]:
@@ -105,8 +114,8 @@ def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | No
     stress = None
     if step.get("stress") is not None:
         kbar = np.asarray(step["stress"], dtype=float)
-        full = -0.1 * kbar * GPa  # VASP kBar, compressive positive -> ASE eV/Å3
-        stress = full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+        # VASP kBar, compressive positive -> ASE eV/Å3
+        stress = full_3x3_to_voigt_6_stress(-0.1 * kbar * GPa)
     atoms = AseAtomsAdaptor.get_atoms(run.final_structure)
     facts = {
         "converged_electronic": bool(run.converged_electronic),
@@ -144,15 +153,8 @@ class VaspBackend(LabellingBackend):
         missing = [f for f in INPUT_FILES if not (self.inputs / f).is_file()]
         if missing:
             raise SettingsError(f"{self.inputs}: missing {', '.join(missing)}")
-        self.potcar_elements = potcar_elements(self.inputs / "POTCAR")
-        text = (self.inputs / "POTCAR").read_text(errors="replace")
-        blocks = [b for b in re.split(r"(?<=End of Dataset\n)", text) if b.strip()]
-        if len(blocks) != len(self.potcar_elements):
-            raise SettingsError(
-                f"{self.inputs / 'POTCAR'}: {len(self.potcar_elements)} TITEL lines but "
-                f"{len(blocks)} 'End of Dataset' blocks; not a valid POTCAR"
-            )
-        self.potcar_blocks = dict(zip(self.potcar_elements, blocks, strict=True))
+        self.potcar_blocks = read_potcar(self.inputs / "POTCAR")
+        self.potcar_elements = list(self.potcar_blocks)
 
     def settings_doc(self) -> dict:
         from pymatgen.io.vasp import Incar
