@@ -285,12 +285,10 @@ def vasp_result_labels(path: Path) -> Labelled:
     e_0 (sigma -> 0) either way."""
     path = Path(path)
     if "OUTCAR" in path.name:
-        import gzip
-
         import ase.io
+        from monty.io import zopen
 
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", errors="replace") as fh:
+        with zopen(path, "rt", errors="replace") as fh:
             if OUTCAR_FOOTER not in fh.read():
                 raise StructureError(f"{path}: truncated OUTCAR (VASP did not finish the run)")
         try:

@@ -21,7 +21,6 @@ Labels, parsed with pymatgen's ``Vasprun`` from the last ionic step:
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from ase import Atoms
 from ase.stress import full_3x3_to_voigt_6_stress
 from ase.units import GPa
+from monty.os import cd
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import (
@@ -237,15 +237,12 @@ class VaspBackend(LabellingBackend):
             monitor_freq=5,
         )  # fmt: skip
         doc: dict = {"command": s.vasp_cmd}
-        cwd = os.getcwd()
         try:
-            os.chdir(workdir)  # custodian's scratch_dir copies the *current* directory
-            c.run()
+            with cd(workdir):  # custodian's scratch_dir copies the *current* directory
+                c.run()
         except Exception as exc:  # custodian gives up: max errors, validator failure, ...
             doc["corrections"] = custodian_corrections(workdir)
             return LabelResult(None, "failed", f"custodian: {exc}", doc)
-        finally:
-            os.chdir(cwd)
         doc["corrections"] = custodian_corrections(workdir)
         vasprun = next(iter(sorted(workdir.glob("vasprun.xml*"))), None)
         try:
