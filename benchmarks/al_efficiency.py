@@ -38,7 +38,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 
 from nequix_fw.exploration import distorted_copies
 
-ARMS = ("uncertainty", "random", "every_nth")
+ARMS = ("uncertainty", "uncertainty_learned", "random", "every_nth")
 
 
 def _alloy(rng: np.random.Generator, au_fraction: float) -> Atoms:
@@ -71,8 +71,9 @@ def structures(kind: str, seed: int, scale: int) -> list[Atoms]:
             start = _alloy(rng, x)
             for t in (300, 900, 1500):
                 out += _md(start, t, scale, rng)
-            out += distorted_copies(start, scale, rattle_std=0.08, strain_max=0.03,
-                                    seed=int(rng.integers(1 << 30)))  # fmt: skip
+            for rattle in np.linspace(0.02, 0.2, scale):  # mild to strong
+                out += distorted_copies(start, 1, rattle_std=rattle, strain_max=0.05,
+                                        seed=int(rng.integers(1 << 30)))  # fmt: skip
     else:  # the tail: hotter, more distorted, defects and a surface
         for x in fractions:
             start = _alloy(rng, x)
@@ -85,13 +86,7 @@ def structures(kind: str, seed: int, scale: int) -> list[Atoms]:
         slab = fcc111("Cu", size=(2, 2, 4), a=3.61, vacuum=6.0, periodic=True)
         slab.numbers[rng.choice(len(slab), 4, replace=False)] = 79
         out += _md(slab, 600, 4, rng)
-    for a in out:
-        a.calc = EMT()
-        labels = dict(energy=a.get_potential_energy(), forces=a.get_forces())
-        if a.pbc.all():
-            labels["stress"] = a.get_stress()
-        a.calc = SinglePointCalculator(a, **labels)
-    return out
+    return _label(out)
 
 
 def _validate(models: list[Path], testset: Path, out: Path) -> dict:
@@ -106,36 +101,78 @@ def _validate(models: list[Path], testset: Path, out: Path) -> dict:
             "roc_auc": q.get("roc_auc")}  # fmt: skip
 
 
+def _label(frames: list[Atoms]) -> list[Atoms]:
+    """`frames` with EMT's energy, forces and (periodic cells) stress as single-point labels."""
+    for a in frames:
+        a.calc = EMT()
+        labels = dict(energy=a.get_potential_energy(), forces=a.get_forces())
+        if a.pbc.all():
+            labels["stress"] = a.get_stress()
+        a.calc = SinglePointCalculator(a, **labels)
+    return frames
+
+
+def _stability(models: list[Path], sets: dict[str, Path], args) -> float:
+    """Fraction of NVT runs at 1500 K of the ensemble mean, from the tail set's bulk
+    structures, that stay physical for `args.md_steps` steps."""
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.settings import ValidationSettings
+    from nequix_fw.validation import md_stability
+
+    starts = [a for a in ase.io.read(sets["tail"], ":") if a.pbc.all()][: args.md_runs]
+    s = ValidationSettings(md_stability=True, md_temperature_K=1500, md_steps=args.md_steps,
+                           md_n_runs=len(starts))  # fmt: skip
+    return md_stability(starts, Ensemble.from_specs(models), s)["stable_fraction"]
+
+
+def _train_point(d: Path, train: list[Atoms], previous: Path | None, sets: dict[str, Path],
+                 seed: int, args) -> tuple[list[Path], dict]:  # fmt: skip
+    """Train the ensemble on `train` into `d`/models; validate it on the held-out sets."""
+    from nequix_fw.settings import ArchitectureSettings, TrainingSettings
+    from nequix_fw.training import train_ensemble
+
+    d.mkdir(parents=True, exist_ok=True)
+    ase.io.write(d / "train.extxyz", train)
+    arch = ArchitectureSettings(hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1,
+                                radial_mlp_size=16)  # fmt: skip
+    training = TrainingSettings(n_models=args.members, epochs=args.epochs, batch_size=4,
+                                patience=15, seed=seed, architecture=arch)  # fmt: skip
+    t0 = time.perf_counter()
+    train_ensemble([d / "train.extxyz"], d / "models", training, warm_start=previous,
+                   overwrite=True, progress=False)  # fmt: skip
+    models = sorted((d / "models").glob("member_*.nqx"))
+    point = {"labels": len(train), "train_s": time.perf_counter() - t0}
+    for name, path in sets.items():
+        point[name] = _validate(models, path, d / f"validate_{name}.json")
+    return models, point
+
+
+def _selection(arm: str, seed: int, it: int, n: int, **kw):
+    from nequix_fw.settings import SelectionSettings
+
+    return SelectionSettings(
+        method="random" if arm == "random" else "uncertainty", seed=seed * 1000 + it, lo=0.0,
+        max_selected=n, diverse=arm.startswith("uncertainty"),
+        descriptor="learned" if arm == "uncertainty_learned" else "structure", format="extxyz",
+        **kw,
+    )  # fmt: skip
+
+
 def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work: Path,
             args) -> dict:  # fmt: skip
-    """One arm, one seed: iterations of train -> validate -> select -> label."""
+    """Pool mode, one arm, one seed: iterations of train -> validate -> select -> label."""
     from nequix_fw.ensemble import run_ensemble
     from nequix_fw.selection import select_from_results
-    from nequix_fw.settings import ArchitectureSettings, SelectionSettings, TrainingSettings
 
     rng = np.random.default_rng(seed)
     labelled = sorted(rng.choice(len(pool), args.initial, replace=False).tolist())
-    arch = ArchitectureSettings(hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1,
-                                radial_mlp_size=16)  # fmt: skip
     curve = []
     previous = None
     for it in range(args.iterations + 1):
         d = work / f"{arm}_s{seed}" / f"iter_{it}"
-        d.mkdir(parents=True, exist_ok=True)
-        ase.io.write(d / "train.extxyz", [pool[i] for i in labelled])
-        training = TrainingSettings(n_models=args.members, epochs=args.epochs, batch_size=4,
-                                    patience=15, seed=seed, architecture=arch)  # fmt: skip
-        t0 = time.perf_counter()
-        from nequix_fw.training import train_ensemble
-
-        train_ensemble([d / "train.extxyz"], d / "models", training, warm_start=previous,
-                       overwrite=True, progress=False)  # fmt: skip
+        models, point = _train_point(d, [pool[i] for i in labelled], previous, sets, seed, args)
         previous = d / "models"
-        models = sorted((d / "models").glob("member_*.nqx"))
-        point = {"iteration": it, "labels": len(labelled), "train_s": time.perf_counter() - t0}
-        for name, path in sets.items():
-            point[name] = _validate(models, path, d / f"validate_{name}.json")
-        curve.append(point)
+        curve.append({"iteration": it, **point})
         print(f"  {arm} seed {seed} it {it}: {len(labelled)} labels, force RMSE "
               f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
               f"(in-dist / tail)", flush=True)  # fmt: skip
@@ -149,27 +186,75 @@ def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work:
             ase.io.write(d / "pool.extxyz", [pool[i] for i in unlabelled])
             run_ensemble([str(m) for m in models], [d / "pool.extxyz"], d / "pool.json",
                          progress=False)  # fmt: skip
-            sel = SelectionSettings(
-                method="random" if arm == "random" else "uncertainty", seed=seed * 1000 + it,
-                lo=0.0, max_selected=args.per_iteration, diverse=arm == "uncertainty",
-                format="extxyz",
-            )  # fmt: skip
+            sel = _selection(arm, seed, it, args.per_iteration)
             manifest = select_from_results(d / "pool.json", d / "selected", sel,
                                            training_set=[pool[i] for i in labelled])  # fmt: skip
             # frames of pool.extxyz, i.e. positions in `unlabelled`
             picks = [unlabelled[e["frame"]] for e in manifest["structures"] if e["selected"]]
         labelled = sorted(set(labelled) | set(picks))
-    md = None
-    if args.md_steps:
-        from nequix_fw.ensemble import Ensemble
-        from nequix_fw.settings import ValidationSettings
-        from nequix_fw.validation import md_stability
+    md = _stability(models, sets, args) if args.md_steps else None
+    return {"mode": "pool", "arm": arm, "seed": seed, "curve": curve,
+            "md_stable_fraction_1500K": md}  # fmt: skip
 
-        starts = [a for a in ase.io.read(sets["tail"], ":") if a.pbc.all()][: args.md_runs]
-        s = ValidationSettings(md_stability=True, md_temperature_K=1500, md_steps=args.md_steps,
-                               md_n_runs=len(starts))  # fmt: skip
-        md = md_stability(starts, Ensemble.from_specs(models), s)["stable_fraction"]
-    return {"arm": arm, "seed": seed, "curve": curve, "md_stable_fraction_1500K": md}
+
+def initial_set(seed: int, n: int) -> list[Atoms]:
+    """`n` mildly distorted cells (the 4 compositions in turn), EMT-labelled: what a user
+    starts an exploration campaign from."""
+    rng = np.random.default_rng(seed)
+    fractions = (0.0, 0.125, 0.25, 0.5)
+    out = []
+    for k in range(n):
+        start = _alloy(rng, fractions[k % len(fractions)])
+        out += distorted_copies(start, 1, rattle_std=0.03, strain_max=0.01,
+                                seed=int(rng.integers(1 << 30)))  # fmt: skip
+    return _label(out)
+
+
+def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args) -> dict:
+    """Exploration mode, one arm, one seed: each iteration trains, validates (errors and MD
+    stability at 1500 K), explores with its own ensemble (NVT at 300/900/1500 K from the four
+    ideal alloy cells, stopping where the uncertainty passes `exploration.hi`), selects from
+    the frames by the arm's method and labels the picks with EMT."""
+    from nequix_fw.ensemble import Ensemble, run_ensemble
+    from nequix_fw.exploration import explore
+    from nequix_fw.selection import select_from_results
+    from nequix_fw.settings import ExplorationSettings
+    from nequix_fw.structures import Frame
+
+    rng = np.random.default_rng(10_000 + seed)
+    starts = [Frame(_alloy(rng, x), "start", k) for k, x in enumerate((0.0, 0.125, 0.25, 0.5))]
+    train = initial_set(20_000 + seed, args.initial)
+    curve = []
+    previous = None
+    for it in range(args.iterations + 1):
+        d = work / f"explore_{arm}_s{seed}" / f"iter_{it}"
+        models, point = _train_point(d, train, previous, sets, seed, args)
+        previous = d / "models"
+        point["md_stable_fraction_1500K"] = _stability(models, sets, args)
+        curve.append({"iteration": it, **point})
+        print(f"  explore {arm} seed {seed} it {it}: {len(train)} labels, force RMSE "
+              f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
+              f"(in-dist / tail), MD stable {point['md_stable_fraction_1500K']:.2f}",
+              flush=True)  # fmt: skip
+        if it == args.iterations:
+            break
+        ensemble = Ensemble.from_specs(models)
+        settings = ExplorationSettings(
+            temperatures_K=[300.0, 900.0, 1500.0], steps=args.explore_steps, sample_every=20,
+            thermostat="langevin", seeds=[seed * 100 + it], hi=args.explore_hi,
+        )  # fmt: skip
+        manifest = explore(ensemble, starts, d / "explore", settings, progress=False)
+        curve[-1]["explored_frames"] = len(manifest["frames"])
+        run_ensemble([str(m) for m in models], [d / "explore" / "candidates.extxyz"],
+                     d / "candidates.json", progress=False)  # fmt: skip
+        sel = _selection(arm, seed, it, args.per_iteration, min_distance=1.5)
+        chosen = select_from_results(d / "candidates.json", d / "selected", sel,
+                                     training_set=train)  # fmt: skip
+        picked = [ase.io.read(d / "selected" / e["file"]) for e in chosen["structures"]
+                  if e["selected"]]  # fmt: skip
+        train = train + _label(picked)
+    return {"mode": "explore", "arm": arm, "seed": seed, "curve": curve,
+            "md_stable_fraction_1500K": curve[-1]["md_stable_fraction_1500K"]}  # fmt: skip
 
 
 def labels_to_reach(curve: list[dict], target: float, which: str) -> float | None:
@@ -183,88 +268,130 @@ def labels_to_reach(curve: list[dict], target: float, which: str) -> float | Non
     return float(pts[-1][0]) if pts[-1][1] <= target else None
 
 
+def labels_to_stable(curve: list[dict]) -> float | None:
+    """Labels at the first iteration whose every MD run at 1500 K stayed physical."""
+    return next((float(c["labels"]) for c in curve if c["md_stable_fraction_1500K"] == 1.0), None)
+
+
+def _ms(values) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def _mean_labels(values: list[float | None]) -> str:
+    got = [x for x in values if x is not None]
+    return f"{np.mean(got):.0f} ({len(got)}/{len(values)} seeds)" if got else "not reached"
+
+
 def report(results: list[dict], out: Path) -> None:
+    """Learning curves (PNG, one row per mode) and the tables of each mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colours = dict(zip(ARMS, ("C0", "C1", "C2"), strict=True))
-    for r in results:
-        c = r["curve"]
-        n = [p["labels"] for p in c]
-        kw = dict(color=colours[r["arm"]], alpha=0.8,
-                  label=r["arm"] if r["seed"] == results[0]["seed"] else None)  # fmt: skip
-        axes[0].plot(n, [p["in_dist"]["force_rmse"] for p in c], "o-", **kw)
-        axes[1].plot(n, [p["tail"]["force_rmse"] for p in c], "o-", **kw)
-        axes[2].plot(n, [p["in_dist"]["energy_rmse_meV"] for p in c], "o-", **kw)
-    for ax, title, unit in zip(axes, ("forces, in-distribution", "forces, tail", "energies, "
-                                      "in-distribution"), ("eV/Å", "eV/Å", "meV/atom"),
-                               strict=True):  # fmt: skip
-        ax.set(xlabel="labels", ylabel=f"RMSE ({unit})", title=title, yscale="log")
-        ax.legend()
+    modes = [m for m in ("pool", "explore") if any(r["mode"] == m for r in results)]
+    fig, axes = plt.subplots(len(modes), 4, figsize=(20, 4 * len(modes)), squeeze=False)
+    colours = dict(zip(ARMS, ("C0", "C3", "C1", "C2"), strict=True))
+    for row, mode in zip(axes, modes, strict=True):
+        rs = [r for r in results if r["mode"] == mode]
+        for r in rs:
+            c = r["curve"]
+            n = [p["labels"] for p in c]
+            kw = dict(color=colours[r["arm"]], alpha=0.8,
+                      label=r["arm"] if r["seed"] == rs[0]["seed"] else None)  # fmt: skip
+            row[0].plot(n, [p["in_dist"]["force_rmse"] for p in c], "o-", **kw)
+            row[1].plot(n, [p["tail"]["force_rmse"] for p in c], "o-", **kw)
+            row[2].plot(n, [p["in_dist"]["energy_rmse_meV"] for p in c], "o-", **kw)
+            if mode == "explore":
+                row[3].plot(n, [p["md_stable_fraction_1500K"] for p in c], "o-", **kw)
+        titles = ("forces, in-distribution", "forces, tail", "energies, in-distribution")
+        for ax, title, unit in zip(row, titles, ("eV/Å", "eV/Å", "meV/atom"), strict=False):
+            ax.set(xlabel="labels", ylabel=f"RMSE ({unit})", title=f"{mode}: {title}",
+                   yscale="log")  # fmt: skip
+            ax.legend()
+        if mode == "explore":
+            row[3].set(xlabel="labels", ylabel="fraction stable", ylim=(-0.05, 1.05),
+                       title="explore: MD stable at 1500 K")  # fmt: skip
+            row[3].legend()
+        else:
+            row[3].axis("off")
     fig.tight_layout()
     fig.savefig(out / "al_efficiency.png", dpi=120)
-    print("\n| arm | seeds | final force RMSE in-dist (eV/Å) | tail (eV/Å) | energy in-dist "
-          "(meV/atom) | labels to 0.10 eV/Å (tail) | labels to 0.05 (tail) | Spearman (last) | "
-          "ROC AUC (last) | MD stable 1500 K |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-
-    def ms(values) -> str:
-        v = [x for x in values if x is not None]
-        if not v:
-            return "n/a"
-        return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-    def reach(rs, target) -> str:
-        v = [labels_to_reach(r["curve"], target, "tail") for r in rs]
-        got = [x for x in v if x is not None]
-        return f"{np.mean(got):.0f} ({len(got)}/{len(v)} seeds)" if got else "not reached"
-
-    for arm in ARMS:
-        rs = [r for r in results if r["arm"] == arm]
-        if not rs:
-            continue
-        last = [r["curve"][-1] for r in rs]
-        print(f"| {arm} | {len(rs)} | {ms(p['in_dist']['force_rmse'] for p in last)} | "
-              f"{ms(p['tail']['force_rmse'] for p in last)} | "
-              f"{ms(p['in_dist']['energy_rmse_meV'] for p in last)} | {reach(rs, 0.10)} | "
-              f"{reach(rs, 0.05)} | {ms(p['in_dist']['spearman'] for p in last)} | "
-              f"{ms(p['in_dist']['roc_auc'] for p in last)} | "
-              f"{ms(r['md_stable_fraction_1500K'] for r in rs)} |")  # fmt: skip
+    for mode in modes:
+        print(f"\n{mode} mode (mean ± std over seeds)\n")
+        print(
+            "| arm | seeds | final force RMSE in-dist (eV/Å) | tail (eV/Å) | energy in-dist "
+            "(meV/atom) | labels to 0.10 eV/Å (tail) | labels to 0.05 (tail) | Spearman "
+            "(last) | ROC AUC (last) | MD stable 1500 K (final) | labels to all stable |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for arm in ARMS:
+            rs = [r for r in results if r["arm"] == arm and r["mode"] == mode]
+            if not rs:
+                continue
+            last = [r["curve"][-1] for r in rs]
+            stable = (_mean_labels([labels_to_stable(r["curve"]) for r in rs])
+                      if mode == "explore" else "n/a")  # fmt: skip
+            print(f"| {arm} | {len(rs)} | {_ms(p['in_dist']['force_rmse'] for p in last)} | "
+                  f"{_ms(p['tail']['force_rmse'] for p in last)} | "
+                  f"{_ms(p['in_dist']['energy_rmse_meV'] for p in last)} | "
+                  f"{_mean_labels([labels_to_reach(r['curve'], 0.10, 'tail') for r in rs])} | "
+                  f"{_mean_labels([labels_to_reach(r['curve'], 0.05, 'tail') for r in rs])} | "
+                  f"{_ms(p['in_dist']['spearman'] for p in last)} | "
+                  f"{_ms(p['in_dist']['roc_auc'] for p in last)} | "
+                  f"{_ms(r['md_stable_fraction_1500K'] for r in rs)} | {stable} |")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["pool", "explore"], default="pool")
     p.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, small everything")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (--quick: 0)")
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, help="default: all (explore: no every_nth)")
     p.add_argument("--output", default="al_efficiency")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="only print the tables and plot of earlier runs (their al_efficiency.json)",
+    )
     args = p.parse_args()
-    args.scale, args.initial, args.iterations, args.per_iteration = 8, 12, 4, 12
-    args.members, args.epochs, args.md_steps, args.md_runs = 4, 60, 2500, 8
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report([r for f in args.report for r in json.loads(Path(f).read_text())], out)
+        return
+    args.scale, args.initial, args.iterations, args.per_iteration = 16, 12, 4, 12
+    args.members, args.epochs, args.md_steps, args.md_runs = 3, 40, 1500, 8
+    args.explore_steps, args.explore_hi = 500, 2.0
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.arms is None:
+        args.arms = [a for a in ARMS if args.mode == "pool" or a != "every_nth"]
     if args.quick:
         args.scale, args.iterations, args.per_iteration = 4, 2, 8
         args.members, args.epochs, args.md_steps, args.md_runs = 2, 20, 500, 4
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+        args.explore_steps = 200
     t0 = time.perf_counter()
-    pool = structures("pool", 1000, args.scale)
     sets = {}
     for name, seed in (("in_dist", 2000), ("tail", 3000)):
         sets[name] = out / f"{name}.extxyz"
         ase.io.write(sets[name], structures(name, seed, args.scale))
     sizes = ", ".join(f"{k} {len(ase.io.read(v, index=':'))}" for k, v in sets.items())
-    print(f"pool {len(pool)} structures; held-out {sizes}; {args.initial} initial labels + "
-          f"{args.iterations} x {args.per_iteration}")  # fmt: skip
+    pool = structures("pool", 1000, args.scale) if args.mode == "pool" else []
+    print(f"{args.mode} mode: pool {len(pool)} structures; held-out {sizes}; {args.initial} "
+          f"initial labels + {args.iterations} x {args.per_iteration}")  # fmt: skip
     results = []
     for seed in args.seeds:
         for arm in args.arms:
-            results.append(run_arm(arm, seed, pool, sets, out / "runs", args))
-    (out / "al_efficiency.json").write_text(json.dumps(results, indent=1))
+            if args.mode == "pool":
+                results.append(run_arm(arm, seed, pool, sets, out / "runs", args))
+            else:
+                results.append(run_explore_arm(arm, seed, sets, out / "runs", args))
+            (out / "al_efficiency.json").write_text(json.dumps(results, indent=1))
     report(results, out)
     print(f"\n{time.perf_counter() - t0:.0f} s in all; plots: {out / 'al_efficiency.png'}")
 
