@@ -114,7 +114,7 @@ def _one_level_each_once(data: list[Labelled], allow_mixed: bool) -> list[Labell
         where = "; ".join(f"{h} ({w})" for h, w in levels.items())
         raise StructureError(
             f"labels from different levels of theory (settings hashes {where}) would be "
-            "mixed; pass --allow-mixed to use them together anyway"
+            "mixed; allow_mixed (command line: --allow-mixed) uses them together anyway"
         )
     seen: dict[str, Labelled] = {}
     out = []
@@ -358,7 +358,7 @@ def update_dataset(
         raise StructureError(
             f"{new}: labels from different levels of theory (settings hashes "
             f"{', '.join(sorted(str(x) for x in levels))}) would be mixed; "
-            "pass --allow-mixed to merge them anyway"
+            "allow_mixed (command line: --allow-mixed) merges them anyway"
         )
     stored = {d.frame.atoms.info.get("structure_id", d.id): d for d in existing}
     added, duplicates, conflicts = [], 0, []

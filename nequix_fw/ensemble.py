@@ -556,7 +556,7 @@ def run_ensemble(
     settings = settings or EnsembleSettings()
     if len(model_specs) < 2:
         raise ModelError(
-            f"uncertainty needs at least 2 models, got {len(model_specs)}: pass more to --models"
+            f"uncertainty needs at least 2 models, got {len(model_specs)} (command line: --models)"
         )
     check_output(output, "file")
     ensemble = Ensemble.from_specs(model_specs, settings)

@@ -74,8 +74,9 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
     if path is None and Path("my_launchpad.yaml").is_file():
         path = "my_launchpad.yaml"
     if path is None:
-        raise SettingsError("store datasets (db:NAME) need a LaunchPad file: pass --launchpad "
-                            "my_launchpad.yaml or set FireWorks' LAUNCHPAD_LOC")  # fmt: skip
+        raise SettingsError("store datasets (db:NAME) need a LaunchPad file: the launchpad "
+                            "argument (command line: --launchpad my_launchpad.yaml) or "
+                            "FireWorks' LAUNCHPAD_LOC")  # fmt: skip
     key = str(Path(path).resolve())
     if key not in _DATABASES:
         if not Path(path).is_file():
@@ -275,7 +276,7 @@ def export_dataset(
     import ase.io
 
     if fmt not in ("extxyz", "ase-db"):
-        raise SettingsError(f"--format {fmt!r}: extxyz or ase-db")
+        raise SettingsError(f"export format {fmt!r}: extxyz or ase-db")
     where: dict = {}
     if iterations:
         where["info.iteration"] = {"$in": list(iterations)}

@@ -144,7 +144,7 @@ def _check_outdir(outdir: Path, overwrite: bool) -> None:
     if existing and not overwrite:
         raise OutputError(
             f"{outdir}: already holds models ({', '.join(p.name for p in existing[:3])}); "
-            "pass --overwrite or choose another directory"
+            "set overwrite (command line: --overwrite) or choose another directory"
         )
 
 
@@ -158,7 +158,8 @@ def plan_members(
     if not data:
         raise StructureError("the training set is empty")
     if finetune_from is not None and warm_start is not None:
-        raise ModelError("give --finetune-from or --warm-start, not both")
+        raise ModelError("finetune_from and warm_start exclude each other (command line: "
+                         "--finetune-from, --warm-start): give one")  # fmt: skip
     if len(data) < 2 and settings.valid_fraction > 0:
         raise StructureError(
             f"{data[0].where}: the training set holds 1 structure; training needs at least 2 "
