@@ -68,11 +68,40 @@ def test_plots_and_physics_written(report):
         "validation_report_parity.png", "validation_report_per_element.png",
         "validation_report_uncertainty.png", "validation_report_ev.png",
     }  # fmt: skip
+    import matplotlib.image
+
     for name in rep["plots"]:
-        assert (path.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(path.parent / name)  # a real image with something drawn
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img[..., :3].std() > 0.05
     phys = rep["physics"]
     assert phys["ev_reference"]["bulk_modulus_GPa"] > 50  # EMT Cu-Au: ~100-140 GPa
-    assert abs(phys["v0_error_percent"]) < 25 and phys["relaxation"]["position_rmsd_A"] >= 0
+    assert abs(phys["v0_error_percent"]) < 25
+    rel = phys["relaxation"]
+    # the models are not EMT: their minimum lies elsewhere, and on EMT's surface no lower than
+    # EMT's own minimum of the same basin
+    assert 0 < rel["position_rmsd_A"] < 0.5
+    assert rel["reference_energy_of_model_minimum_minus_reference_minimum_eV"] > -1e-3
+
+
+def test_energy_volume_and_relaxation_reproduce_known_emt_values():
+    """EMT copper: a0 3.59 Å and B 134 GPa (ASE's equation-of-state tutorial); a rattled
+    cell relaxes back to the ideal lattice's energy with forces under fmax."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.validation import energy_volume, relaxation
+
+    ev = energy_volume(bulk("Cu", "fcc", a=3.6), EMT(), np.linspace(-0.06, 0.06, 7))
+    assert (4 * ev["v0"]) ** (1 / 3) == pytest.approx(3.59, abs=0.005)
+    assert ev["bulk_modulus_GPa"] == pytest.approx(134, rel=0.02)
+    ideal = bulk("Cu", "fcc", a=3.5898, cubic=True).repeat(2)
+    start = ideal.copy()
+    start.rattle(0.05, seed=1)
+    relaxed = relaxation(start, EMT(), fmax=0.01)
+    assert np.abs(relaxed.get_forces()).max() < 0.01
+    ideal.calc = EMT()
+    e_ideal = ideal.get_potential_energy()
+    assert relaxed.get_potential_energy() == pytest.approx(e_ideal, abs=1e-3 * len(ideal))
 
 
 def test_roc_auc_matches_pairwise_definition():
