@@ -290,35 +290,3 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         assert "invalid SelectionSettings" in capsys.readouterr().err
     assert not (tmp_path / "w.yaml").exists()
-
-
-def test_cli_argument_errors(tmp_path, capsys):
-    """Malformed explore/campaign arguments: one-line errors, exit 2, before any model work."""
-    from nequix_fw.cli import main
-
-    base = ["explore", "--models", "unused.nqx", "--structures", "unused.xyz", "--output",
-            str(tmp_path / "o")]  # fmt: skip
-    cases = [
-        ([*base, "--distortions", "2", "--substitute", "CuAu"],
-         "--substitute 'CuAu': expected OLD:NEW"),
-        ([*base, "--random", "Cu16:dense"], "--random 'Cu16:dense': expected FORMULA:DENSITY[:N]"),
-        ([*base, "--random", "Xx2:5"], "composition 'Xx2' names unknown elements ['Xx']"),
-        (["campaign", "--config", str(tmp_path / "c.yaml")],
-         "give --launchpad (add the workflow there) or --write FILE"),
-        (["campaign-status", str(tmp_path)], "campaign.json: no campaign record"),
-    ]  # fmt: skip
-    for argv, msg in cases:
-        assert main(argv) == 2, argv
-        assert msg in capsys.readouterr().err, argv
-    assert not (tmp_path / "o").exists()
-
-
-def test_vasp_input_set_needs_potcar_library(monkeypatch):
-    from pymatgen.core import SETTINGS
-
-    from nequix_fw.errors import SettingsError
-    from nequix_fw.labelling.vasp import psp_dir
-
-    monkeypatch.setitem(SETTINGS, "PMG_VASP_PSP_DIR", None)
-    with pytest.raises(SettingsError, match="VASP input sets need POTCARs: set labelling.vasp_psp"):
-        psp_dir(None)

@@ -198,3 +198,24 @@ def test_missing_results_file(capsys, tmp_path):
         capsys, "select", "--ensemble", tmp_path / "r.json", "--output", tmp_path / "s"
     )
     assert code == 2 and "r.json: cannot read ensemble results (No such file or directory)" in err
+
+
+def test_cli_argument_errors(tmp_path, capsys):
+    """Malformed explore/campaign arguments: one-line errors, exit 2, before any model work."""
+    from nequix_fw.cli import main
+
+    base = ["explore", "--models", "unused.nqx", "--structures", "unused.xyz", "--output",
+            str(tmp_path / "o")]  # fmt: skip
+    cases = [
+        ([*base, "--distortions", "2", "--substitute", "CuAu"],
+         "--substitute 'CuAu': expected OLD:NEW"),
+        ([*base, "--random", "Cu16:dense"], "--random 'Cu16:dense': expected FORMULA:DENSITY[:N]"),
+        ([*base, "--random", "Xx2:5"], "composition 'Xx2' names unknown elements ['Xx']"),
+        (["campaign", "--config", str(tmp_path / "c.yaml")],
+         "give --launchpad (add the workflow there) or --write FILE"),
+        (["campaign-status", str(tmp_path)], "campaign.json: no campaign record"),
+    ]  # fmt: skip
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert not (tmp_path / "o").exists()

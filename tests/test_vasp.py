@@ -210,3 +210,14 @@ def test_input_set_settings_errors(vasp_env, psp_dir):
     with pytest.raises(SettingsError, match="is not a directory"):
         make_backend(LabellingSettings(backend="vasp", vasp_input_set="MPStaticSet",
                                        vasp_psp_dir=psp_dir / "nowhere"))  # fmt: skip
+
+
+def test_vasp_input_set_needs_potcar_library(monkeypatch):
+    from pymatgen.core import SETTINGS
+
+    from nequix_fw.errors import SettingsError
+    from nequix_fw.labelling.vasp import psp_dir
+
+    monkeypatch.setitem(SETTINGS, "PMG_VASP_PSP_DIR", None)
+    with pytest.raises(SettingsError, match="VASP input sets need POTCARs: set labelling.vasp_psp"):
+        psp_dir(None)
