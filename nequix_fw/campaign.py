@@ -13,6 +13,7 @@ ensemble k (each member warm-started from its predecessor) and validates it. Lay
 from __future__ import annotations
 
 import json
+import logging
 from math import ceil
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from nequix_fw.settings import (
 )
 from nequix_fw.store import CampaignStore
 from nequix_fw.structures import atomic_path
+
+logger = logging.getLogger(__name__)
 
 
 class Campaign:
@@ -103,6 +106,8 @@ class Campaign:
             tmp.write_text(json.dumps(log, indent=1, default=str))
         if self.store is not None:
             self.store.save_iteration(k, its[k])
+        logger.info("campaign %s iteration %d: %s", self.settings.name, k,
+                 ", ".join(f"{key}={value}" for key, value in entries.items()))  # fmt: skip
         return its[k]
 
     def iteration_record(self, k: int) -> dict:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from nequix_fw import __version__
+from nequix_fw import LOG_FORMAT, __version__
 from nequix_fw.errors import NequixFWError, SettingsError
 
 
@@ -440,6 +441,12 @@ def _iteration(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nequix-fw", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nequix-fw {__version__}")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="what the stages log to stderr (info: what a long run did)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run-ensemble", help="evaluate structures with an ensemble of models")
@@ -693,11 +700,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("nequix_fw")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
     try:
         return args.func(args)
     except NequixFWError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

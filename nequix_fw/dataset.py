@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,9 @@ from nequix_fw.structures import Frame, atomic_path, check_output, iter_frames, 
 
 if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -387,6 +391,8 @@ def update_dataset(
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
+    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", store or target, len(added),
+             duplicates, len(conflicts))  # fmt: skip
     return {
         "dataset": str(store or target),
         "n_added": len(added),

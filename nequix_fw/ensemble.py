@@ -16,6 +16,7 @@ The fast path (``backend="jax"``):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import Frame, check_output, iter_frames, structure_id
 from nequix_fw.uncertainty import ensemble_metrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -571,4 +574,5 @@ def run_ensemble(
         for rec in ensemble.evaluate(iter_frames(structures), on_batch=bar.update):
             writer.write(rec)
         bar.close()
+    logger.info("%d models evaluated %d structures -> %s", len(ensemble), n_frames, output)
     return writer.summary

@@ -9,11 +9,16 @@ run appended).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
+from nequix_fw import LOG_FORMAT
 from nequix_fw import campaign as stages
+
+#: The log file of a stage, in its launch directory.
+LAUNCH_LOG = "nequix_fw.log"
 
 
 class _StageTask(FiretaskBase):
@@ -30,12 +35,24 @@ class _StageTask(FiretaskBase):
 
     def run_task(self, fw_spec):
         """The stage, timed: ``task_wall_s`` in the launch's stored data (what FireWorks and
-        the database add around it is the rest of the launch's time)."""
-        t0 = time.perf_counter()
-        action = self.run_stage(fw_spec)
-        action.stored_data = {**(action.stored_data or {}),
-                              "task_wall_s": time.perf_counter() - t0}  # fmt: skip
-        return action
+        the database add around it is the rest of the launch's time). What the stage logs at
+        INFO and above goes to ``nequix_fw.log`` in the launch directory."""
+        handler = logging.FileHandler(LAUNCH_LOG)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger = logging.getLogger("nequix_fw")
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(min(level or logging.INFO, logging.INFO))
+        try:
+            t0 = time.perf_counter()
+            action = self.run_stage(fw_spec)
+            action.stored_data = {**(action.stored_data or {}),
+                                  "task_wall_s": time.perf_counter() - t0}  # fmt: skip
+            return action
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            handler.close()
 
     def run_stage(self, fw_spec) -> FWAction:
         return FWAction(stored_data=self.stage(self.campaign, self["iteration"]))

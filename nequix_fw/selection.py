@@ -13,6 +13,7 @@ not failed (accurate ones too) and not already labelled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
 from nequix_fw.structures import min_distance, umask, write_structure
 from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, trust_class
+
+logger = logging.getLogger(__name__)
+
 
 MANIFEST_SCHEMA = "nequix-fw/selection"
 MANIFEST_VERSION = 1
@@ -354,6 +358,8 @@ def select_from_results(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("selection from %s: %s -> %s", results_path,
+             ", ".join(f"{n} {c}" for c, n in counts.items()), output)  # fmt: skip
     return manifest
 
 

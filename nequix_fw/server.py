@@ -37,7 +37,7 @@ import yaml
 from nequix_fw.errors import SettingsError
 from nequix_fw.structures import atomic_path, process_alive
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 EXECUTABLE = "secantusd-py"
 DEFAULT_HOST = "127.0.0.1"
@@ -191,7 +191,7 @@ def start(
     with atomic_path(conf) as tmp:
         tmp.write_text(json.dumps({"host": host, "port": port, "auth": auth}, indent=1))
     pid = _launch(directory, host, port, auth, wait_s)
-    log.info("MongoDB server (SecantusDB) pid %d on %s:%d, data in %s", pid, host, port,
+    logger.info("MongoDB server (SecantusDB) pid %d on %s:%d, data in %s", pid, host, port,
              directory / "data")  # fmt: skip
     return ServerState(directory, host, port, auth, pid)
 

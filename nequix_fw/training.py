@@ -14,6 +14,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from nequix_fw.structures import atomic_path, check_output, check_writable_dir
 
 if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
+
+logger = logging.getLogger(__name__)
+
 
 MEMBER_GLOB = "member_*.nqx"
 
@@ -550,4 +554,8 @@ def train_ensemble(
             metas = list(pool.map(_train_member_worker, jobs))
     else:
         metas = [train_member(*job, progress=progress) for job in jobs]
+    for i, m in enumerate(metas):
+        logger.info(
+            "member %d of %s: best validation loss %.4g", i, outdir, m["best_valid"]["loss"]
+        )
     return metas

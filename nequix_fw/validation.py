@@ -7,6 +7,7 @@ Units in the report: energy errors in meV/atom, forces in eV/Å, stress in GPa, 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from nequix_fw.labelling.ase_calc import calculator_class
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
 from nequix_fw.structures import atomic_path, check_output
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
@@ -351,4 +354,12 @@ def validate(
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
+    m = report["ensemble_mean"]
+    logger.info(
+        "validation on %d structures: energy RMSE %.3g meV/atom, force RMSE %.4g eV/Å -> %s",
+        len(data),
+        m["energy_per_atom_meV"]["rmse"],
+        m["forces_eV_per_A"]["rmse"],
+        output,
+    )
     return report

@@ -130,6 +130,13 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert db["backends"] == ["ase"]
     assert len(db["fireworks"]) == 16 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
     assert db["workflow_state"] == ["COMPLETED"]
+    # each stage logged what it did into its launch directory
+    logs = [p.read_text() for p in tmp_path.rglob("launcher_*/nequix_fw.log")]
+    assert len(logs) == 16 and all(logs)
+    text = "".join(logs)
+    assert text.count("INFO nequix_fw.labelling.base: labelled ") == 3
+    assert "campaign cu_au iteration 2: n_models=2" in text
+    assert text.count("INFO nequix_fw.validation: validation on 6 structures") == 3
     # the progress plot is redrawn after every validation; campaign-status prints the table
     png = r["dir"] / "campaign.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -419,3 +419,18 @@ def test_learned_features_are_invariant_and_batched(model_paths):
     c.rattle(0.002, seed=1)
     near = np.linalg.norm(describe([c])[0] - x[3])
     assert near < 0.05 * min(np.linalg.norm(x[i] - x[3]) for i in range(5) if i != 3)
+
+
+def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
+    """`nequix-fw --log-level info` logs the stage's outcome on stderr; the default is quiet."""
+    from nequix_fw.cli import main
+
+    out = tmp_path / "sel"
+    argv = ["select", "--ensemble", str(results), "--output", str(out), "--lo", "0.0",
+            "--max-selected", "5"]  # fmt: skip
+    assert main(argv) == 0
+    assert "nequix_fw" not in capsys.readouterr().err
+    assert main(["--log-level", "info", *argv]) == 0
+    err = capsys.readouterr().err
+    assert f"INFO nequix_fw.selection: selection from {results}: " in err
+    assert f"24 candidate, 0 failed, 5 selected, 0 already_labelled -> {out}" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -22,6 +23,8 @@ from nequix_fw.exploration.md import Trajectory
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings
 from nequix_fw.structures import Frame, atomic_path, check_output, structure_id
+
+logger = logging.getLogger(__name__)
 
 
 def generate_structures(structures: list[Frame], settings: ExplorationSettings) -> list[Atoms]:
@@ -151,4 +154,15 @@ def explore(
     }  # fmt: skip
     with atomic_path(output / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
+    stops: dict[str, int] = {}
+    for t in trajectories:
+        stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
+    logger.info(
+        "explored %d trajectories (stops: %s), %d generated structures: %d candidates -> %s",
+        len(trajectories),
+        stops,
+        len(generated),
+        len(frames),
+        output,
+    )
     return manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from nequix_fw.structures import (
     iter_frames,
     min_distance,
 )
+
+logger = logging.getLogger(__name__)
+
 
 TASK_SCHEMA = "nequix-fw/label-task"
 
@@ -242,4 +246,9 @@ def label_structures(
     name = "summary.json" if group is None else f"summary_{group[0]:03d}.json"
     with atomic_path(output / name) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
+    for f in summary["failed"]:
+        logger.warning("labelling of %s failed: %s", f["structure_id"], f["reason"])
+    logger.info("labelled %d structures into %s: %d succeeded (%d reused), %d failed",
+             summary["n_structures"], output, summary["n_success"], n_reused,
+             summary["n_failed"])  # fmt: skip
     return summary
