@@ -161,7 +161,7 @@ def _selection(arm: str, seed: int, it: int, n: int, **kw):
 def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work: Path,
             args) -> dict:  # fmt: skip
     """Pool mode, one arm, one seed: iterations of train -> validate -> select -> label."""
-    from nequix_fw.ensemble import run_ensemble
+    from nequix_fw.evaluation import run_ensemble
     from nequix_fw.selection import select_from_results
 
     rng = np.random.default_rng(seed)
@@ -215,7 +215,8 @@ def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args
     stability at 1500 K), explores with its own ensemble (NVT at 300/900/1500 K from the four
     ideal alloy cells, stopping where the uncertainty passes `exploration.hi`), selects from
     the frames by the arm's method and labels the picks with EMT."""
-    from nequix_fw.ensemble import Ensemble, run_ensemble
+    from nequix_fw.ensemble import Ensemble
+    from nequix_fw.evaluation import run_ensemble
     from nequix_fw.exploration import explore
     from nequix_fw.selection import select_from_results
     from nequix_fw.settings import ExplorationSettings

@@ -18,8 +18,15 @@ from math import ceil
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from pymongo.database import Database
 
+from nequix_fw.dataset import dataset_ids, read_labelled, update_dataset
+from nequix_fw.ensemble import Ensemble
+from nequix_fw.evaluation import run_ensemble
+from nequix_fw.exploration import explore
+from nequix_fw.labelling import label_structures, make_backend
+from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
     SECTIONS,
     CampaignSettings,
@@ -32,7 +39,9 @@ from nequix_fw.settings import (
     make_settings,
 )
 from nequix_fw.store import CampaignStore
-from nequix_fw.structures import atomic_path
+from nequix_fw.structures import atomic_path, iter_frames
+from nequix_fw.training import train_ensemble
+from nequix_fw.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +134,6 @@ class Campaign:
 
 
 def explore_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.ensemble import Ensemble
-    from nequix_fw.exploration import explore
-    from nequix_fw.structures import iter_frames
 
     ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings, k))
     frames = list(iter_frames([c.settings.initial_structures]))
@@ -142,7 +148,6 @@ def explore_stage(c: Campaign, k: int) -> dict:
 
 
 def evaluate_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.ensemble import run_ensemble
 
     pool = c.iter_dir(k) / "candidates" / "candidates.extxyz"
     inputs = ([pool] if pool.is_file() else []) + list(c.settings.candidate_pool)
@@ -154,8 +159,6 @@ def evaluate_stage(c: Campaign, k: int) -> dict:
 
 
 def select_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.dataset import dataset_ids, read_labelled
-    from nequix_fw.selection import resolve_lo, select_from_results
 
     d = c.iter_dir(k)
     # never pay twice for a structure labelled earlier; a rerun of this selection picks the
@@ -195,7 +198,6 @@ def label_groups(c: Campaign, n_structures: int) -> list[int | None]:
 def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None = None) -> dict:
     """Label iteration k's structures (one group of them); the dataset stage records the
     counts of all groups."""
-    from nequix_fw.labelling import label_structures, make_backend
 
     settings = c.section(LabellingSettings, k)
     part = None if group is None else (group, c.settings.label_group_size)
@@ -211,7 +213,6 @@ def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None 
 def dataset_stage(c: Campaign, k: int) -> dict:
     """Add iteration k's labels (all groups) to the dataset, unless too many failed: then the
     record carries the stop reason and nothing is added."""
-    from nequix_fw.dataset import update_dataset
 
     labels = c.iter_dir(k) / "labels"
     parts = [json.loads(p.read_text()) for p in sorted(labels.glob("summary*.json"))]
@@ -238,8 +239,6 @@ def labelling_stop(c: Campaign, k: int, n_ok: int, n_failed: int) -> str | None:
 
 
 def train_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.training import train_ensemble
-
     metas = train_ensemble(
         [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings, k),
         finetune_from=c.settings.finetune_from if k == 0 else None,
@@ -253,13 +252,14 @@ def train_stage(c: Campaign, k: int) -> dict:
 
 
 def validate_stage(c: Campaign, k: int) -> dict:
-    from nequix_fw.validation import validate
 
     if not c.settings.testset:
         return c.record(k, validation=None)
+    checks = c.section(ValidationSettings, k)
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
-                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k),
-                      validation=c.section(ValidationSettings, k))  # fmt: skip
+                      reference=checks.reference, reference_params=checks.reference_params,
+                      ev_structure=checks.structure, launchpad=c.launchpad,
+                      settings=c.section(EnsembleSettings, k), validation=checks)  # fmt: skip
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
@@ -267,9 +267,20 @@ def validate_stage(c: Campaign, k: int) -> dict:
         "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
         "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
     }, calibration=(report.get("uncertainty") or {}).get("calibration"),
-       md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"))  # fmt: skip
+       md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
+       properties=_property_errors(report.get("physics")))  # fmt: skip
     plot_progress(c.directory)
     return record
+
+
+def _property_errors(physics: dict | None) -> dict | None:
+    """The structural checks' errors against the reference, by tolerance name."""
+    if not physics:
+        return None
+    vacancy = physics.get("vacancy") or {}
+    return {"v0_percent": physics["v0_error_percent"],
+            "bulk_modulus_percent": physics["bulk_modulus_error_percent"],
+            "vacancy_formation_eV": vacancy.get("error_eV")}  # fmt: skip
 
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
@@ -295,6 +306,11 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     if s.md_stable_fraction is not None:
         ok = stable is not None and stable >= s.md_stable_fraction
         met.append(ok and f"{stable:.0%} of MD runs stable (>= {s.md_stable_fraction:.0%})")
+    errors = record.get("properties") or {}
+    for name, tolerance in s.property_tolerances.items():
+        err = errors.get(name)
+        ok = err is not None and abs(err) <= tolerance
+        met.append(ok and f"{name} error {err:+.3g} within {tolerance}")
     if met and all(met):
         return "converged: " + ", ".join(met)
     if k >= s.max_iterations:
@@ -305,16 +321,12 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
 def plot_progress(directory: str | Path) -> Path:
     """`<directory>/campaign.png`: validation errors, dataset size and selections per
     iteration, from campaign.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     directory = Path(directory)
     its = json.loads((directory / "campaign.json").read_text())["iterations"]
     k = [it["iteration"] for it in its]
     val = [it.get("validation") or {} for it in its]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(k, [v.get("force_rmse_eV_per_A", np.nan) for v in val], "o-", label="forces")
     ax1.set(xlabel="iteration", ylabel="force RMSE (eV/Å)", title="validation (ensemble mean)")
     ax1b = ax1.twinx()
@@ -329,5 +341,4 @@ def plot_progress(directory: str | Path) -> Path:
     path = directory / "campaign.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return path

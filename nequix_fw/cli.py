@@ -16,7 +16,7 @@ from nequix_fw.errors import NequixFWError, SettingsError
 
 
 def _cmd_run_ensemble(args: argparse.Namespace) -> int:
-    from nequix_fw.ensemble import run_ensemble
+    from nequix_fw.evaluation import run_ensemble
     from nequix_fw.settings import EnsembleSettings, load_settings
 
     settings = load_settings(
@@ -168,22 +168,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_label(args: argparse.Namespace) -> int:
     from nequix_fw.labelling import fworker_env, label_structures, make_backend
-    from nequix_fw.settings import LabellingSettings, load_settings
 
-    params = None
-    if args.calculator_params:
-        try:
-            params = json.loads(args.calculator_params)
-        except json.JSONDecodeError as exc:
-            raise SettingsError(f"--calculator-params is not valid JSON ({exc})") from None
-    settings = load_settings(
-        args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
-        calculator_params=params, min_distance=args.min_distance, command=args.command,
-        timeout_s=args.timeout, vasp_cmd=args.vasp_cmd, vasp_inputs=args.vasp_inputs,
-        vasp_input_set=args.vasp_input_set, vasp_psp_dir=args.vasp_psp_dir,
-        cp2k_cmd=args.cp2k_cmd, cp2k_template=args.cp2k_template,
-        cp2k_input_set=args.cp2k_input_set,
-    )  # fmt: skip
+    settings = _labelling_settings(args)
     backend = make_backend(settings, fworker_env(args.fworker))
     summary = label_structures(
         args.structures, args.output, backend, settings,
@@ -195,6 +181,44 @@ def _cmd_label(args: argparse.Namespace) -> int:
         f"{summary['backend']}{reused}; {summary['n_failed']} failed -> {args.output}"
     )
     for f in summary["failed"]:
+        print(f"  failed {f['structure_id']}: {f['reason']}")
+    return 0
+
+
+def _labelling_settings(args: argparse.Namespace):
+    """The labelling section of --config with the command line's values over it."""
+    from nequix_fw.settings import LabellingSettings, load_settings
+
+    params = None
+    if args.calculator_params:
+        try:
+            params = json.loads(args.calculator_params)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"--calculator-params is not valid JSON ({exc})") from None
+    return load_settings(
+        args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
+        calculator_params=params, min_distance=args.min_distance, command=args.command,
+        timeout_s=args.timeout, vasp_cmd=args.vasp_cmd, vasp_inputs=args.vasp_inputs,
+        vasp_input_set=args.vasp_input_set, vasp_psp_dir=args.vasp_psp_dir,
+        cp2k_cmd=args.cp2k_cmd, cp2k_template=args.cp2k_template,
+        cp2k_input_set=args.cp2k_input_set,
+    )  # fmt: skip
+
+
+def _cmd_relabel(args: argparse.Namespace) -> int:
+    from nequix_fw.labelling import fworker_env, make_backend
+    from nequix_fw.labelling.relabel import relabel
+
+    settings = _labelling_settings(args)
+    backend = make_backend(settings, fworker_env(args.fworker))
+    r = relabel(args.dataset, args.to, backend, settings, args.output, args.launchpad,
+                progress=not args.no_progress)  # fmt: skip
+    lab, ds = r["labels"], r["dataset"]
+    reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
+    print(f"relabelled {lab['n_success']} of {lab['n_structures']} structures with "
+          f"{lab['backend']}{reused}; {lab['n_failed']} failed; added {ds['n_added']} "
+          f"({ds['n_duplicates']} already there); {ds['n_total']} in {ds['dataset']}")  # fmt: skip
+    for f in lab["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
     return 0
 
@@ -438,6 +462,26 @@ def _iteration(text: str) -> int:
     return k
 
 
+def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
+    """The options of `label` and `relabel` that mirror the labelling settings."""
+    lb.add_argument("--backend", choices=["ase", "script", "vasp", "cp2k"])
+    lb.add_argument("--cp2k-cmd", help="cp2k backend: CP2K command (default cp2k.psmp)")
+    lb.add_argument("--cp2k-template", help="cp2k backend: CP2K input used as template")
+    lb.add_argument("--vasp-cmd", help="vasp backend: VASP command (e.g. 'mpirun vasp_std')")
+    lb.add_argument("--vasp-inputs", help="vasp backend: directory with INCAR, KPOINTS, POTCAR")
+    lb.add_argument("--vasp-input-set", help="vasp backend: pymatgen input set, e.g. MPStaticSet")
+    lb.add_argument("--vasp-psp-dir", help="vasp backend: POTCAR library for input sets")
+    lb.add_argument("--cp2k-input-set", help="cp2k backend: pymatgen CP2K set, e.g. StaticSet")
+    lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
+    lb.add_argument("--command", help="script backend: shell command run per structure")
+    lb.add_argument("--timeout", type=float, help="wall-time limit per structure (s)")
+    lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")
+    lb.add_argument("--calculator-params", help="calculator keywords as JSON")
+    lb.add_argument("--min-distance", type=float, help="skip structures closer than this (Å)")
+    lb.add_argument("--config", help="settings YAML (section 'labelling')")
+    lb.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nequix-fw", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nequix-fw {__version__}")
@@ -581,24 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("label", help="label selected structures with a reference method")
     lb.add_argument("--structures", required=True, help="selected structures (directory/file)")
     lb.add_argument("--output", required=True, help="directory for one task directory each")
-    lb.add_argument("--backend", choices=["ase", "script", "vasp", "cp2k"])
-    lb.add_argument("--cp2k-cmd", help="cp2k backend: CP2K command (default cp2k.psmp)")
-    lb.add_argument("--cp2k-template", help="cp2k backend: CP2K input used as template")
-    lb.add_argument("--vasp-cmd", help="vasp backend: VASP command (e.g. 'mpirun vasp_std')")
-    lb.add_argument("--vasp-inputs", help="vasp backend: directory with INCAR, KPOINTS, POTCAR")
-    lb.add_argument("--vasp-input-set", help="vasp backend: pymatgen input set, e.g. MPStaticSet")
-    lb.add_argument("--vasp-psp-dir", help="vasp backend: POTCAR library for input sets")
-    lb.add_argument("--cp2k-input-set", help="cp2k backend: pymatgen CP2K set, e.g. StaticSet")
-    lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
-    lb.add_argument("--command", help="script backend: shell command run per structure")
-    lb.add_argument("--timeout", type=float, help="wall-time limit per structure (s)")
-    lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")
-    lb.add_argument("--calculator-params", help="calculator keywords as JSON")
-    lb.add_argument("--min-distance", type=float, help="skip structures closer than this (Å)")
     lb.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
-    lb.add_argument("--config", help="settings YAML (section 'labelling')")
-    lb.add_argument("--no-progress", action="store_true")
     lb.set_defaults(func=_cmd_label)
+    rl = sub.add_parser(
+        "relabel", help="label every structure of a dataset again, into a new dataset"
+    )
+    rl.add_argument("--dataset", required=True, help="dataset to relabel (directory or db:NAME)")
+    rl.add_argument("--to", required=True, help="new dataset (directory or db:NEW)")
+    rl.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
+    rl.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+    rl.set_defaults(func=_cmd_relabel)
+    for parser in (lb, rl):  # the labelling options
+        _labelling_arguments(parser)
 
     u = sub.add_parser("update-dataset", help="add labelled structures to the training set")
     u.add_argument("--new", required=True, help="label output directory (or labelled files)")

@@ -12,11 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import ase.io
 import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
-from ase.units import Hartree, Rydberg
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.stress import full_3x3_to_voigt_6_stress
+from ase.units import GPa, Hartree, Rydberg
+from monty.io import zopen
+from pymatgen.io.ase import AseAtomsAdaptor
+from pymatgen.io.vasp import Vasprun
 
 from nequix_fw.errors import StructureError
+from nequix_fw.store import StoreDataset, is_store_spec
 from nequix_fw.structures import Frame, atomic_path, check_output, iter_frames, structure_id
 
 if TYPE_CHECKING:
@@ -83,7 +91,6 @@ def read_labelled(
     datasets (``db:NAME``, in the database of `launchpad`), under the rules of `update_dataset`:
     one level of theory unless `allow_mixed`, each structure once (the same labels twice are
     read once; different labels for one structure are an error)."""
-    from nequix_fw.store import StoreDataset, is_store_spec
 
     inputs = list(inputs)
     paths = [p for p in inputs if not is_store_spec(p)]
@@ -147,7 +154,6 @@ def dataset_ids(
 ) -> set[str]:
     """Structure ids in a training set (directory or store dataset db:NAME); empty if none.
     With `before_iteration`, only those added before that campaign iteration (or without one)."""
-    from nequix_fw.store import StoreDataset, is_store_spec
 
     if is_store_spec(dataset):
         store = StoreDataset(str(dataset), launchpad)
@@ -289,9 +295,6 @@ def vasp_result_labels(path: Path) -> Labelled:
     e_0 (sigma -> 0) either way."""
     path = Path(path)
     if "OUTCAR" in path.name:
-        import ase.io
-        from monty.io import zopen
-
         with zopen(path, "rt", errors="replace") as fh:
             if OUTCAR_FOOTER not in fh.read():
                 raise StructureError(f"{path}: truncated OUTCAR (VASP did not finish the run)")
@@ -303,11 +306,29 @@ def vasp_result_labels(path: Path) -> Labelled:
     return _vasprun_labels(path)
 
 
+def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | None, dict]:
+    """Final structure, energy (eV), forces (eV/Å), ASE stress (eV/Å³) and run facts."""
+    run = Vasprun(str(path), parse_dos=False, parse_eigen=False)
+    step = run.ionic_steps[-1]
+    stress = None
+    if step.get("stress") is not None:
+        kbar = np.asarray(step["stress"], dtype=float)
+        # VASP kBar, compressive positive -> ASE eV/Å3
+        stress = full_3x3_to_voigt_6_stress(-0.1 * kbar * GPa)
+    atoms = AseAtomsAdaptor.get_atoms(run.final_structure)
+    facts = {
+        "converged_electronic": bool(run.converged_electronic),
+        "converged_ionic": bool(run.converged_ionic),
+        "functional": run.parameters.get("GGA") or run.incar.get("METAGGA") or "PE",
+        "encut_eV": run.parameters.get("ENCUT"),
+    }
+    # pymatgen's final_energy is e_0_energy with the fix for VASP versions that write it as 0
+    energy = float(run.final_energy)
+    return atoms, energy, np.asarray(step["forces"], float), stress, facts
+
+
 def _vasprun_labels(path: Path) -> Labelled:
     """Final-step labels of a vasprun.xml with pymatgen (which refuses truncated files)."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    from nequix_fw.labelling.vasp import parse_vasprun
 
     try:
         atoms, energy, forces, stress, _ = parse_vasprun(path)
@@ -323,9 +344,11 @@ def update_dataset(
     iteration: int | None = None,
     allow_mixed: bool = False,
     launchpad: str | Path | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Add the labelled structures under `new` to the training set in directory `dataset`, or
-    to the store dataset ``db:NAME`` (in the database of the LaunchPad file `launchpad`).
+    to the store dataset ``db:NAME`` (in the database of the LaunchPad file `launchpad`);
+    `provenance` is added to every new structure's record.
 
     Idempotent: a structure already present with the same labels is skipped; with different
     labels it is reported as a conflict and the stored labels are kept. Refuses to mix levels of
@@ -333,9 +356,6 @@ def update_dataset(
     (``<dataset>/training_set.extxyz``) is rewritten atomically; store documents are keyed by
     content hash, so a rerun (or a rerun after a crash) adds each structure once.
     """
-    import ase.io
-
-    from nequix_fw.store import StoreDataset, is_store_spec
 
     new = Path(new)
     if not new.exists():
@@ -379,7 +399,7 @@ def update_dataset(
             continue
         atoms = item.labelled.frame.atoms.copy()
         atoms.calc = item.labelled.frame.atoms.calc
-        prov = {**item.provenance, "structure_id": item.structure_id}
+        prov = {**item.provenance, **(provenance or {}), "structure_id": item.structure_id}
         if iteration is not None:  # the caller's iteration wins over the task's
             prov["iteration"] = iteration
         atoms.info.update({k: v for k, v in prov.items() if v is not None})
@@ -391,8 +411,8 @@ def update_dataset(
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
-    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", store or target, len(added),
-             duplicates, len(conflicts))  # fmt: skip
+    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", store or target,
+                len(added), duplicates, len(conflicts))  # fmt: skip
     return {
         "dataset": str(store or target),
         "n_added": len(added),

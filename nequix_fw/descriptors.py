@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 from ase.geometry import complete_cell
 from matscipy.neighbours import neighbour_list
+from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
 
+from nequix_fw.graphs import build_graph, pack_batches, pad_batch
 from nequix_fw.models import NequixModel
 
 #: Radial range (Å) and bins of the distance histogram in the structural descriptor.
@@ -41,7 +45,6 @@ class LearnedFeatures:
     features per element of the model, weighted by that element's share of the atoms."""
 
     def __init__(self, model: NequixModel, max_edges_per_batch: int = 8192):
-        import equinox as eqx
 
         class _Features(eqx.Module):  # stands in for the readout: passes the features on
             def __call__(self, x):
@@ -55,12 +58,9 @@ class LearnedFeatures:
 
     def __call__(self, structures: Sequence[Atoms]) -> np.ndarray:
         """One row per structure, (n elements x n features) columns."""
-        from nequix.data import dict_to_graphstuple
-
-        from nequix_fw.ensemble import build_graph, pack_batches, pad_batch
 
         zs = self.model.atomic_numbers
-        index = {z: i for i, z in enumerate(zs)}
+        index = atomic_numbers_to_indices(zs)
         graphs = [build_graph(a, index, self.model.cutoff) for a in structures]
         out: list[np.ndarray | None] = [None] * len(graphs)
         edges = [len(g["senders"]) for g in graphs]
@@ -82,7 +82,6 @@ class LearnedFeatures:
 
 def _node_features(module, data):
     """`module.node_energies` of a padded periodic batch (nequix's own displacements)."""
-    import jax.numpy as jnp
 
     n_edges = data.edges["shifts"].shape[0]
     cell = jnp.repeat(data.globals["cell"], data.n_edge, axis=0, total_repeat_length=n_edges)

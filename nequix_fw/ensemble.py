@@ -23,17 +23,23 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 from ase.geometry import complete_cell
 from ase.stress import full_3x3_to_voigt_6_stress
+from matscipy.neighbours import neighbour_list
+from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
 
 from nequix_fw.errors import ModelError, StructureError
+from nequix_fw.graphs import bucket_size, build_graph, pack_batches, pad_batch
 from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
-from nequix_fw.structures import Frame, check_output, iter_frames, structure_id
+from nequix_fw.structures import Frame, structure_id
 from nequix_fw.uncertainty import ensemble_metrics
 
 logger = logging.getLogger(__name__)
@@ -68,57 +74,9 @@ class EnsembleRecord:
     error: str | None = None
 
 
-def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> dict:
-    """nequix's graph dict for `atoms`, always with a cell (identity for molecules), so that
-    periodic, slab and molecular structures share one compiled function (stress is reported
-    for fully periodic cells only)."""
-    from nequix.data import preprocess_graph
-
-    graph = preprocess_graph(atoms, atom_indices, cutoff, False)
-    graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
-    return graph
-
-
-def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None, n_node: int | None = None):
-    """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket);
-    `n_edge` and `n_node` fix the capacities instead (they must hold the batch and, for nodes,
-    one padding node)."""
-    import jraph
-
-    batch = jraph.batch_np(graphs)  # numpy: eager jnp ops would compile for every new size
-    n_node = n_node or bucket_size(int(batch.n_node.sum()) + 1, 16)
-    n_edge = n_edge or bucket_size(int(batch.n_edge.sum()), 64)
-    return jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
-
-
-def bucket_size(n: int, minimum: int) -> int:
-    """Round `n` up to a size bucket: quarter steps between powers of two (<=25% padding)."""
-    n = max(int(n), minimum)
-    step = max(1, 2 ** int(math.floor(math.log2(n))) // 4)
-    return int(math.ceil(n / step) * step)
-
-
-def pack_batches(edge_counts: Sequence[int], max_edges: int, max_graphs: int) -> list[list[int]]:
-    """Split structures into balanced batches (largest first into the emptiest batch).
-
-    Balanced batches land in the same size bucket, so a chunk compiles once.
-    """
-    n = len(edge_counts)
-    n_batches = max(math.ceil(sum(edge_counts) / max_edges), math.ceil(n / max_graphs), 1)
-    batches: list[list[int]] = [[] for _ in range(n_batches)]
-    loads = [0] * n_batches
-    for i in sorted(range(n), key=lambda k: -edge_counts[k]):
-        open_ = [b for b in range(n_batches) if len(batches[b]) < max_graphs]
-        b = min(open_, key=lambda k: loads[k])
-        batches[b].append(i)
-        loads[b] += edge_counts[i]
-    return [sorted(b) for b in batches if b]
-
-
 def _configure_compilation_cache(cache_dir: Path | None) -> None:
     if cache_dir is None:
         return
-    import jax
 
     path = Path(cache_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -127,15 +85,11 @@ def _configure_compilation_cache(cache_dir: Path | None) -> None:
 
 
 def _apply_vmap(stacked, graph, static):
-    import equinox as eqx
-    import jax
 
     return jax.vmap(lambda params: eqx.combine(params, static)(graph))(stacked)
 
 
 def _apply_map(stacked, graph, static):
-    import equinox as eqx
-    import jax
 
     return jax.lax.map(lambda params: eqx.combine(params, static)(graph), stacked)
 
@@ -145,9 +99,6 @@ class _StackedGroup:
     compiled function per (mapping, XLA options) asked for."""
 
     def __init__(self, indices: list[int], modules: list):
-        import equinox as eqx
-        import jax
-        import jax.numpy as jnp
 
         self.indices = indices
         params, self.static = eqx.partition(modules[0], eqx.is_array)
@@ -161,7 +112,6 @@ class _StackedGroup:
         self._fns: dict[str, Callable] = {}
 
     def __call__(self, graph, vmap: bool, xla_options: dict):
-        import jax
 
         key = repr((vmap, sorted(xla_options.items())))
         if key not in self._fns:
@@ -172,8 +122,6 @@ class _StackedGroup:
 
 
 def _architecture_key(model: NequixModel, module) -> str:
-    import equinox as eqx
-    import jax
 
     shapes = [x.shape for x in jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))]
     return repr((sorted(model.info.architecture.items()), model.atomic_numbers, shapes))
@@ -203,10 +151,8 @@ class Ensemble:
                 )
         self.atomic_numbers = first.atomic_numbers
         self.cutoff = first.cutoff
-        self._atom_indices = {z: i for i, z in enumerate(self.atomic_numbers)}
+        self._atom_indices = atomic_numbers_to_indices(self.atomic_numbers)
         if self.settings.backend == "jax":
-            import jax
-
             _configure_compilation_cache(self.settings.compilation_cache_dir)
             on_cpu = jax.default_backend() == "cpu"
             self.max_edges_per_batch = self.settings.max_edges_per_batch or (
@@ -334,7 +280,6 @@ class Ensemble:
         n_node: int | None = None,
         md: bool = False,
     ) -> list[Prediction]:
-        from nequix.data import dict_to_graphstuple
 
         if n_graph is None:
             n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
@@ -465,8 +410,6 @@ class NeighbourCache:
         }
 
     def _build(self, atoms: Atoms, cell: np.ndarray, atom_indices: dict[int, int]) -> None:
-        from matscipy.neighbours import neighbour_list
-
         i, j, shifts = neighbour_list(
             "ijS", positions=atoms.positions, cell=cell, pbc=atoms.pbc,
             cutoff=self.cutoff + self.skin,
@@ -538,41 +481,3 @@ class EnsembleCalculator(Calculator):
             self.edge_capacity = bucket_size(math.ceil(n_edge * self.edge_headroom), 64)
         n_node = bucket_size(len(self.atoms) + 1, 16)
         return self.ensemble.predict_graphs([graph], 2, n_node, self.edge_capacity)[0]
-
-
-def run_ensemble(
-    model_specs: Sequence[str | Path],
-    structures: Sequence[str | Path],
-    output: str | Path,
-    settings: EnsembleSettings | None = None,
-    progress: bool = True,
-) -> dict:
-    """Evaluate every input structure with the ensemble and write the results JSON atomically.
-
-    Inputs are checked first (readable, elements covered), so bad input fails before any
-    model work. Returns the summary written at the end of the file.
-    """
-    from tqdm import tqdm
-
-    from nequix_fw.results import ResultsWriter
-
-    settings = settings or EnsembleSettings()
-    if len(model_specs) < 2:
-        raise ModelError(
-            f"uncertainty needs at least 2 models, got {len(model_specs)} (command line: --models)"
-        )
-    check_output(output, "file")
-    ensemble = Ensemble.from_specs(model_specs, settings)
-    ensemble.check_distinct()
-    n_frames = 0
-    for frame in iter_frames(structures):  # cheap first pass: readable, covered, counted
-        ensemble.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
-        n_frames += 1
-    models = [m.info.to_dict() for m in ensemble.models]
-    with ResultsWriter(output, models, settings.model_dump(mode="json")) as writer:
-        bar = tqdm(total=n_frames, unit="struct", disable=not progress, desc="ensemble")
-        for rec in ensemble.evaluate(iter_frames(structures), on_batch=bar.update):
-            writer.write(rec)
-        bar.close()
-    logger.info("%d models evaluated %d structures -> %s", len(ensemble), n_frames, output)
-    return writer.summary

@@ -1,10 +1,8 @@
 """FireTasks: thin FireWorks wrappers over the campaign stages of `nequix_fw.campaign`.
 
 Each task gets the campaign's settings sections and its iteration; its summary goes to the
-launch's ``stored_data`` (and to ``campaign.json``). `SelectTask` and `ValidateTask` make the
-workflow dynamic: they append the rest of the iteration, or the next one, as FWAction
-additions, and append nothing when the campaign stops (nor when a rerun finds what its first
-run appended).
+launch's ``stored_data`` (and to ``campaign.json``). The two tasks that grow the workflow
+(`SelectTask`, `ValidateTask`) live with the workflow's builders in `nequix_fw.workflows`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from nequix_fw import campaign as stages
 LAUNCH_LOG = "nequix_fw.log"
 
 
-class _StageTask(FiretaskBase):
+class StageTask(FiretaskBase):
     """Runs `stage(campaign, iteration)` and stores its summary in the launch."""
 
     required_params = ["sections", "iteration"]
@@ -59,58 +57,21 @@ class _StageTask(FiretaskBase):
 
 
 @explicit_serialize
-class ExploreTask(_StageTask):
+class ExploreTask(StageTask):
     """Ensemble-driven MD, distortions and random packing from the initial structures."""
 
     stage = staticmethod(stages.explore_stage)
 
 
 @explicit_serialize
-class EvaluateTask(_StageTask):
+class EvaluateTask(StageTask):
     """The previous ensemble on the candidates (run-ensemble)."""
 
     stage = staticmethod(stages.evaluate_stage)
 
 
-class _GrowingTask(_StageTask):
-    """A stage that decides whether the campaign goes on and appends the next Fireworks.
-
-    Its Firework carries ``_add_launchpad_and_fw_id``, so a rerun (``lpad rerun_fws``) can see
-    the Fireworks its first run appended: FireWorks reruns those as its descendants, so they are
-    not appended again, and they are defused when the rerun decides to stop.
-    """
-
-    def _children(self) -> list[int]:
-        lp = getattr(self, "launchpad", None)  # None when run outside a LaunchPad
-        return lp.get_wf_by_fw_id_lzyfw(self.fw_id).links[self.fw_id] if lp else []
-
-    def _grow(self, stop_reason: str | None, addition) -> FWAction:
-        """Stop (`stop_reason`) or go on with `addition()`; the decision goes into the record
-        (None: goes on), replacing that of an earlier run."""
-        children = self._children()
-        record = self.campaign.record(self["iteration"], stop_reason=stop_reason)
-        if stop_reason:
-            return FWAction(stored_data=record, defuse_children=bool(children))
-        return FWAction(stored_data=record, additions=[] if children else [addition()])
-
-
 @explicit_serialize
-class SelectTask(_GrowingTask):
-    """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
-    the campaign when too few structures were selected."""
-
-    def run_stage(self, fw_spec):
-        from nequix_fw.workflows import labelling_workflow
-
-        c, k = self.campaign, self["iteration"]
-        record = stages.select_stage(c, k)
-        n = record["n_selected"]
-        return self._grow(stages.selection_stop(c, k, record),
-                          lambda: labelling_workflow(c.sections, k, n))  # fmt: skip
-
-
-@explicit_serialize
-class LabelTask(_StageTask):
+class LabelTask(StageTask):
     """Reference labels (of one group, with ``group``); ``>>key<<`` settings come from the
     worker's env (my_fworker.yaml)."""
 
@@ -123,7 +84,7 @@ class LabelTask(_StageTask):
 
 
 @explicit_serialize
-class UpdateDatasetTask(_StageTask):
+class UpdateDatasetTask(StageTask):
     """New labels into the training set (directory or store), idempotently; stops the
     iteration (defuses training and validation) when too many labels failed."""
 
@@ -133,19 +94,7 @@ class UpdateDatasetTask(_StageTask):
 
 
 @explicit_serialize
-class TrainEnsembleTask(_StageTask):
+class TrainEnsembleTask(StageTask):
     """The iteration's ensemble (fine-tune or scratch at 0, warm start after)."""
 
     stage = staticmethod(stages.train_stage)
-
-
-@explicit_serialize
-class ValidateTask(_GrowingTask):
-    """Validation; appends the next iteration unless a stopping rule holds."""
-
-    def run_stage(self, fw_spec):
-        from nequix_fw.workflows import exploration_workflow
-
-        c, k = self.campaign, self["iteration"]
-        reason = stages.iteration_stop(c, k, stages.validate_stage(c, k))
-        return self._grow(reason, lambda: exploration_workflow(c.sections, k + 1))

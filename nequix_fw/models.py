@@ -13,7 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import equinox as eqx
+import jax
 from ase.data import chemical_symbols
+from nequix.calculator import NequixCalculator
+from nequix.model import Nequix
+from nequix.model import save_model as save_jax
 
 from nequix_fw.errors import ModelError
 from nequix_fw.structures import atomic_path
@@ -34,7 +39,6 @@ def pretrained_dir() -> Path:
 
 
 def known_pretrained() -> list[str]:
-    from nequix.calculator import NequixCalculator
 
     return sorted(NequixCalculator.URLS)
 
@@ -76,7 +80,7 @@ class NequixModel:
         """The JAX module (a torch checkpoint is converted in memory with nequix's converter)."""
         if self.info.backend == "jax":
             return self.module
-        from nequix.torch_impl.utils import convert_model_torch_to_jax
+        from nequix.torch_impl.utils import convert_model_torch_to_jax  # noqa: PLC0415
 
         return convert_model_torch_to_jax(self.module, self.config, False)[0]
 
@@ -84,13 +88,12 @@ class NequixModel:
         """The torch module (a JAX checkpoint is converted in memory with nequix's converter)."""
         if self.info.backend == "torch":
             return self.module
-        from nequix.torch_impl.utils import convert_model_jax_to_torch
+        from nequix.torch_impl.utils import convert_model_jax_to_torch  # noqa: PLC0415
 
         return convert_model_jax_to_torch(self.module, self.config, False)[0]
 
     def calculator(self, backend: Backend = "jax"):
         """nequix's own ASE `NequixCalculator` for this checkpoint, on `backend`."""
-        from nequix.calculator import NequixCalculator
 
         path = Path(self.info.path)
         if backend != self.info.backend:
@@ -160,14 +163,12 @@ def load_model(spec: str | Path) -> NequixModel:
     backend: Backend = "torch" if path.suffix == ".pt" else "jax"
     try:
         if backend == "jax":
-            import equinox as eqx
-
             module = _load_jax(path, config)
             # trainable parameters: the per-element reference energies are a fixed prior
             n_params = sum(x.size for x in _leaves(eqx.filter(module, eqx.is_array)))
             n_params -= module.atom_energies.size
         else:
-            from nequix.torch_impl.model import load_model as load_torch
+            from nequix.torch_impl.model import load_model as load_torch  # noqa: PLC0415
 
             module, config = load_torch(str(path), False)
             module.eval()
@@ -194,9 +195,6 @@ def load_model(spec: str | Path) -> NequixModel:
 def _load_jax(path: Path, config: dict):
     """nequix's `load_model`, but the skeleton is built with `eqx.filter_eval_shape` (no random
     initialisation to throw away: about 3x faster, more on a GPU), then filled from the file."""
-    import equinox as eqx
-    import jax
-    from nequix.model import Nequix
 
     like = eqx.filter_eval_shape(
         Nequix,
@@ -210,7 +208,6 @@ def _load_jax(path: Path, config: dict):
 
 
 def _leaves(tree) -> list:
-    import jax
 
     return jax.tree_util.tree_leaves(tree)
 
@@ -236,8 +233,6 @@ def new_model(
     atom_energies: dict[int, float] | None = None,
 ) -> tuple[Any, dict]:
     """A randomly initialised JAX Nequix model and its nequix config (small by default)."""
-    import jax
-    from nequix.model import Nequix
 
     zs = sorted(int(z) for z in atomic_numbers)
     e0 = {z: float((atom_energies or {}).get(z, 0.0)) for z in zs}
@@ -279,18 +274,16 @@ def save_model(path: str | Path, module: Any, config: dict) -> Path:
     is_torch_module = type(module).__module__.startswith("nequix.torch_impl")
     with atomic_path(path) as tmp:
         if path.suffix == ".nqx":
-            from nequix.model import save_model as save_jax
-
             if is_torch_module:
-                from nequix.torch_impl.utils import convert_model_torch_to_jax
+                from nequix.torch_impl.utils import convert_model_torch_to_jax  # noqa: PLC0415
 
                 module = convert_model_torch_to_jax(module, config, False)[0]
             save_jax(str(tmp), module, config)
         elif path.suffix == ".pt":
-            from nequix.torch_impl.model import save_model as save_torch
+            from nequix.torch_impl.model import save_model as save_torch  # noqa: PLC0415
 
             if not is_torch_module:
-                from nequix.torch_impl.utils import convert_model_jax_to_torch
+                from nequix.torch_impl.utils import convert_model_jax_to_torch  # noqa: PLC0415
 
                 module = convert_model_jax_to_torch(module, config, False)[0]
             save_torch(str(tmp), module, config)

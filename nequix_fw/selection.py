@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.data import atomic_numbers
 from ase.formula import Formula
 
 from nequix_fw import __version__
 from nequix_fw.descriptors import LearnedFeatures, structural
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
+from nequix_fw.models import load_model
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.settings import SelectionSettings
 from nequix_fw.structures import min_distance, umask, write_structure
@@ -123,8 +125,6 @@ def describer(settings: SelectionSettings, models: list[dict]) -> Describe:
     """The descriptor of `settings.descriptor` for the ensemble of `models` (results header
     entries): hand-made, or the learned features of the first model."""
     if settings.descriptor == "learned":
-        from nequix_fw.models import load_model
-
         return LearnedFeatures(load_model(models[0]["path"]))
     elements = sorted({int(z) for m in models for z in _numbers(m["elements"])})
     return lambda structures: np.stack([structural(a, elements) for a in structures])
@@ -364,6 +364,5 @@ def select_from_results(
 
 
 def _numbers(symbols: list[str]) -> list[int]:
-    from ase.data import atomic_numbers
 
     return [atomic_numbers[s] for s in symbols]

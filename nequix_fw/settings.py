@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
+from ase.data import atomic_numbers
+from ase.formula import Formula
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nequix_fw.errors import SettingsError
@@ -152,7 +154,6 @@ class SelectionSettings(_Settings):
 
     @model_validator(mode="after")
     def _check_levels(self) -> SelectionSettings:
-        from ase.data import atomic_numbers
 
         unknown = sorted(el for el in self.max_per_element if el not in atomic_numbers)
         if unknown:
@@ -347,7 +348,6 @@ class RandomPackingSettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> RandomPackingSettings:
-        from ase.formula import Formula
 
         try:
             count = Formula(self.composition).count()
@@ -355,7 +355,6 @@ class RandomPackingSettings(_Settings):
             raise ValueError(f"composition {self.composition!r} is not a formula ({exc})") from None
         if not count or any(n <= 0 for n in count.values()):
             raise ValueError(f"composition {self.composition!r} holds no atoms")
-        from ase.data import atomic_numbers
 
         unknown = sorted(el for el in count if el not in atomic_numbers)
         if unknown:
@@ -446,7 +445,6 @@ class ExplorationSettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> ExplorationSettings:
-        from ase.data import atomic_numbers
 
         if any(t <= 0 for t in self.temperatures_K):
             raise ValueError(f"temperatures must be > 0 K, got {self.temperatures_K}")
@@ -536,6 +534,12 @@ class CampaignSettings(_Settings):
         "stability runs stays physical (needs validation.md_stability); with target_force_rmse "
         "too, both must hold.",
     )  # fmt: skip
+    property_tolerances: dict[Literal["v0_percent", "bulk_modulus_percent",
+                                      "vacancy_formation_eV"], float] = Field(
+        {}, description="Stop once the structural checks agree with validation.reference within "
+        "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), e.g. "
+        "{v0_percent: 1, bulk_modulus_percent: 5}; with the other targets, all must hold.",
+    )  # fmt: skip
     accurate_fraction: float | None = Field(
         None, gt=0, le=1, description="Stop once at least this fraction of an iteration's "
         "candidates is accurate (max_force_dev < selection.lo; DP-GEN's convergence measure).",
@@ -565,12 +569,28 @@ class CampaignSettings(_Settings):
     def _check_schedule(self):
         if any(k < 0 for k in self.schedule):
             raise ValueError("schedule: iterations are >= 0")
+        bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
+        if bad:
+            raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")
         return self
 
 
 class ValidationSettings(_Settings):
-    """Validation besides the errors: MD stability of the ensemble mean (NVT, Bussi thermostat,
-    from the held-out structures)."""
+    """Validation besides the errors: structural checks against a reference calculator, and MD
+    stability of the ensemble mean (NVT, Bussi thermostat, from the held-out structures)."""
+
+    reference: str | None = Field(
+        None,
+        description="Reference ASE calculator of the structural checks (E-V curve: V0 and B0 by "
+        "Birch-Murnaghan; relaxation; vacancy formation energy of elemental cells): a name "
+        "(emt, lj, ...) or 'module:Class'. None: no structural checks.",
+    )
+    reference_params: dict = Field(
+        default_factory=dict, description="Keywords of the reference calculator."
+    )
+    structure: Path | None = Field(
+        None, description="Structure of the structural checks (default: the first test one)."
+    )
 
     md_stability: bool = Field(False, description="Run the MD stability check.")
     md_temperature_K: float = Field(1000.0, gt=0, description="Temperature of the runs (K).")

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import ase.db
+import ase.io
 import gridfs
 import numpy as np
 import pymongo
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from fireworks import LaunchPad
+from fireworks import LaunchPad, fw_config
 from monty.json import jsanitize
 from pymongo.database import Database
 
@@ -68,7 +70,6 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
     `launchpad` itself when it already is one."""
     if isinstance(launchpad, Database):
         return launchpad
-    from fireworks import fw_config
 
     path = launchpad or fw_config.LAUNCHPAD_LOC
     if path is None and Path("my_launchpad.yaml").is_file():
@@ -272,8 +273,6 @@ def export_dataset(
 ) -> int:
     """Write a store dataset (or the part of it from these iterations, labelling backend and
     settings hash) to an extxyz file or an ASE database, atomically; how many structures."""
-    import ase.db
-    import ase.io
 
     if fmt not in ("extxyz", "ase-db"):
         raise SettingsError(f"export format {fmt!r}: extxyz or ase-db")

@@ -15,6 +15,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from ase import Atoms
+from ase.geometry import complete_cell
+from matscipy.neighbours import neighbour_list
 
 from nequix_fw.errors import OutputError, StructureError
 
@@ -101,8 +103,6 @@ def iter_frames(inputs: Iterable[str | Path]) -> Iterator[Frame]:
 
 def min_distance(atoms: Atoms) -> float:
     """Smallest interatomic distance in Å (periodic images included); inf for one atom."""
-    from ase.geometry import complete_cell
-    from matscipy.neighbours import neighbour_list
 
     if len(atoms) < 2 and not atoms.pbc.any():
         return float("inf")

@@ -18,19 +18,37 @@ import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jraph
+import nequix
 import numpy as np
+import optax
+from ase.data import chemical_symbols
+from ase.stress import voigt_6_to_full_3x3_stress
+from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
+from nequix.model import Nequix, weight_decay_mask
+from nequix.train import evaluate as nequix_evaluate
+from nequix.train import loss as nequix_loss
+from scipy.optimize import least_squares
+from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, ids_hash, read_labelled
+from nequix_fw.ensemble import Ensemble
+from nequix_fw.epochs import EpochLog, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
-from nequix_fw.models import load_model, new_model, save_model
+from nequix_fw.graphs import bucket_size, build_graph
+from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
+from nequix_fw.training_torch import fit_torch
 
 if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
@@ -53,7 +71,6 @@ def fit_reference_energies(
     absolute deviation keeps a few high-energy structures (which active learning favours) from
     pulling the references up.
     """
-    from scipy.optimize import least_squares
 
     n_atoms = counts.sum(axis=1, keepdims=True)
     a, b = counts / n_atoms, energies / n_atoms[:, 0]
@@ -75,9 +92,6 @@ def _counts(data: list[Labelled], numbers: list[int]) -> np.ndarray:
 
 def _graph_dict(d: Labelled, atom_indices: dict[int, int], cutoff: float) -> dict:
     """nequix's graph dict of a labelled structure, with its labels."""
-    from ase.stress import voigt_6_to_full_3x3_stress
-
-    from nequix_fw.ensemble import build_graph
 
     g = build_graph(d.frame.atoms, atom_indices, cutoff)
     g["forces"] = d.forces.astype(np.float32)
@@ -89,9 +103,6 @@ def _graph_dict(d: Labelled, atom_indices: dict[int, int], cutoff: float) -> dic
 
 def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
     """Padded batches of `graphs[idx]`, all padded to the largest batch's size bucket."""
-    import jraph
-
-    from nequix_fw.ensemble import bucket_size
 
     groups = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     n_node = max(sum(int(graphs[i].n_node[0]) for i in g) for g in groups)
@@ -226,7 +237,6 @@ def plan_members(
 
 
 def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
-    from ase.data import chemical_symbols
 
     missing = sorted(set(numbers) - set(model_numbers))
     if missing:
@@ -238,9 +248,8 @@ def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
 
 def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, cutoff: float) -> dict:
     """nequix's shift (eV/atom), scale (eV/Å) and average neighbour count, on the whole set."""
-    from nequix_fw.ensemble import build_graph
 
-    idx = {z: i for i, z in enumerate(numbers)}
+    idx = atomic_numbers_to_indices(numbers)
     counts = _counts(data, numbers)
     n_atoms = counts.sum(axis=1)
     resid = (np.array([d.energy for d in data]) - counts @ e0) / n_atoms
@@ -255,7 +264,6 @@ def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, cutoff
 
 def _reference_correction(base, data, counts, numbers) -> np.ndarray:
     """Per-element shift (eV) of a foundation model's reference energies to fit the data."""
-    from nequix_fw.ensemble import Ensemble
 
     preds = Ensemble([base]).predict([d.frame.atoms for d in data])
     resid = np.array([d.energy - p.energies[0] for d, p in zip(data, preds, strict=True)])
@@ -266,12 +274,6 @@ def _reference_correction(base, data, counts, numbers) -> np.ndarray:
 
 
 def _start_module(plan: MemberPlan):
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    from nequix.model import Nequix
-
-    from nequix_fw.models import REQUIRED_CONFIG_KEYS
 
     config = dict(plan.config)
     if plan.init_path is None:
@@ -298,10 +300,6 @@ _TEMPLATES: dict[str, Any] = {}
 def _canonical(module, config: dict):
     """Re-hang `module`'s parameters on the first module of the same architecture, so that
     members share compiled training steps (e3nn's static parts compare by identity)."""
-    import equinox as eqx
-    import jax
-
-    from nequix_fw.models import REQUIRED_CONFIG_KEYS
 
     key = repr([(k, config[k]) for k in REQUIRED_CONFIG_KEYS])
     template = _TEMPLATES.setdefault(key, module)
@@ -313,15 +311,17 @@ def _canonical(module, config: dict):
     return eqx.combine(params, static)
 
 
-@functools.lru_cache(maxsize=8)
-def _optimizer_cached(lr, min_lr, warmup, total, clip, wd):
-    import optax
-    from nequix.model import weight_decay_mask
-
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=lr * 0.1, peak_value=lr, warmup_steps=max(warmup, 1),
-        decay_steps=max(total, warmup + 1), end_value=min_lr,
+def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
+    """AdamW with gradient clipping on the learning-rate schedule (shared across members)."""
+    return _optimizer_cached(
+        learning_rate_schedule(settings, steps_per_epoch), settings.grad_clip_norm,
+        settings.weight_decay,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_cached(schedule, clip, wd):
+
     optim = optax.chain(
         optax.clip_by_global_norm(clip),
         optax.adamw(schedule, weight_decay=wd, mask=weight_decay_mask),
@@ -329,19 +329,7 @@ def _optimizer_cached(lr, min_lr, warmup, total, clip, wd):
     return optim, schedule
 
 
-def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
-    """AdamW with gradient clipping, linear warm-up and cosine decay (shared across members)."""
-    return _optimizer_cached(
-        settings.learning_rate, settings.min_learning_rate,
-        int(settings.warmup_epochs * steps_per_epoch), settings.epochs * steps_per_epoch,
-        settings.grad_clip_norm, settings.weight_decay,
-    )  # fmt: skip
-
-
 def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_decay):
-    import jax
-    import jax.numpy as jnp
-    from nequix.train import loss as nequix_loss
 
     (value, _), grads = eqx.filter_value_and_grad(nequix_loss, has_aux=True)(
         model, batch, *weights, loss_type
@@ -359,48 +347,10 @@ def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_d
 _train_step = eqx.filter_jit(_step_impl)
 
 
-class EpochLog:
-    """Per-epoch bookkeeping shared by both backends: the training curve, the best model by
-    validation loss, early stopping."""
-
-    def __init__(self, member: int, patience: int | None):
-        self.member, self.patience = member, patience
-        self.rows: list[dict] = []
-        self.best_loss, self.best_model, self.best_epoch, self.best_val = float("inf"), None, -1, {}
-
-    def update(self, epoch: int, train_loss: float, val: dict, learning_rate: float,
-               seconds: float, snapshot) -> bool:  # fmt: skip
-        """Record an epoch (`snapshot()` gives the model to keep if it is the best so far);
-        True when training should stop."""
-        if not np.isfinite(val["loss"]):
-            raise ModelError(f"member {self.member}: loss became non-finite at epoch {epoch}")
-        if val["loss"] < self.best_loss:
-            self.best_loss, self.best_model, self.best_epoch, self.best_val = (
-                val["loss"],
-                snapshot(),
-                epoch,
-                val,
-            )
-        self.rows.append({
-            "epoch": epoch, "train_loss": train_loss, "learning_rate": learning_rate,
-            "epoch_s": seconds, **{f"val_{k}": v for k, v in val.items()},
-        })  # fmt: skip
-        return self.patience is not None and epoch - self.best_epoch >= self.patience
-
-    def result(self) -> tuple:
-        return self.best_model, self.best_epoch, self.best_val, self.rows
-
-
 def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
              settings: TrainingSettings, progress: bool):  # fmt: skip
     """Train `module` with JAX; returns (best EMA module, best epoch, its validation metrics,
     the per-epoch log rows)."""
-    import equinox as eqx
-    import jax.numpy as jnp
-    import jraph
-    from nequix.data import dict_to_graphstuple
-    from nequix.train import loss as nequix_loss
-    from tqdm import tqdm
 
     module = _canonical(module, config)
     graphs = [dict_to_graphstuple(g) for g in graph_dicts]
@@ -414,15 +364,10 @@ def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
     loss_type = settings.loss_type
 
     def evaluate(model, batches) -> dict:
-        tot: dict[str, float] = {}
-        n = 0
-        for b in batches:
-            value, metrics = nequix_loss(model, b, *weights, loss_type)
-            k = int(jraph.get_graph_padding_mask(b).sum())
-            for key, v in {"loss": value, **metrics}.items():
-                tot[key] = tot.get(key, 0.0) + float(v) * k
-            n += k
-        return {key: v / n for key, v in tot.items()}
+        """nequix's loss and metrics over `batches`, weighted by their structures."""
+        return {
+            k: float(v) for k, v in nequix_evaluate(model, batches, *weights, loss_type).items()
+        }
 
     valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
     opt_state = optim.init(eqx.filter(module, eqx.is_array))
@@ -463,11 +408,9 @@ def train_member(
     request), its metadata JSON and training-curve CSV."""
     t_start = time.perf_counter()
     module, config = _start_module(plan)
-    atom_indices = {int(z): i for i, z in enumerate(sorted(config["atomic_numbers"]))}
+    atom_indices = atomic_numbers_to_indices([int(z) for z in config["atomic_numbers"]])
     dicts = [_graph_dict(d, atom_indices, float(config["cutoff"])) for d in data]
     if settings.backend == "torch":
-        from nequix_fw.training_torch import fit_torch
-
         best_model, best_epoch, best_val, log_rows = fit_torch(
             module, config, plan, dicts, data, settings, progress
         )
@@ -486,7 +429,6 @@ def train_member(
         writer.writeheader()
         writer.writerows(log_rows)
         tmp.write_text(buf.getvalue())
-    import nequix
 
     meta = {
         "member": plan.index,
@@ -518,7 +460,6 @@ def train_member(
 
 
 def _dist_version(name: str) -> str:
-    from importlib.metadata import version
 
     return version(name)
 

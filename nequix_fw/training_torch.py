@@ -10,48 +10,32 @@ converted with nequix's converter, so a seed gives the same initial weights on b
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import numpy as np
+from nequix.data import dict_to_pytorch_geometric
+from tqdm import tqdm
 
 from nequix_fw.dataset import Labelled
+from nequix_fw.epochs import EpochLog, learning_rate_schedule
 from nequix_fw.settings import TrainingSettings
-from nequix_fw.training import EpochLog
 
 
 def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
-    from torch_geometric.data import Batch
+    from torch_geometric.data import Batch  # noqa: PLC0415
 
     return [Batch.from_data_list([graphs[i] for i in idx[k : k + batch_size]])
             for k in range(0, len(idx), batch_size)]  # fmt: skip
-
-
-def _schedule(settings: TrainingSettings, steps_per_epoch: int):
-    """Learning-rate factor per step: optax's warmup_cosine_decay_schedule, as the JAX path."""
-    warmup = max(int(settings.warmup_epochs * steps_per_epoch), 1)
-    total = max(settings.epochs * steps_per_epoch, warmup + 1)
-    floor = settings.min_learning_rate / settings.learning_rate
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        t = min(step - warmup, total - warmup) / (total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
 
 
 def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[Labelled],
               settings: TrainingSettings, progress: bool):  # fmt: skip
     """Train `module` (JAX, converted here) on torch; returns (best EMA torch module, best
     epoch, its validation metrics, the per-epoch log rows)."""
-    import torch
-    from nequix.data import dict_to_pytorch_geometric
-    from nequix.torch_impl.model import get_optimizer_param_groups
-    from nequix.torch_impl.train import evaluate, loss
-    from nequix.torch_impl.utils import convert_model_jax_to_torch
-    from tqdm import tqdm
+    import torch  # noqa: PLC0415
+    from nequix.torch_impl.model import get_optimizer_param_groups  # noqa: PLC0415
+    from nequix.torch_impl.train import evaluate, loss  # noqa: PLC0415
+    from nequix.torch_impl.utils import convert_model_jax_to_torch  # noqa: PLC0415
 
     torch.manual_seed(plan.seed)
     model = convert_model_jax_to_torch(module, config, False)[0].train()
@@ -64,8 +48,10 @@ def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[La
     optim = torch.optim.AdamW(
         get_optimizer_param_groups(model, settings.weight_decay), lr=settings.learning_rate
     )
-    factor = _schedule(settings, steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
+    schedule = learning_rate_schedule(settings, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: float(schedule(step)) / settings.learning_rate
+    )
     weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
     valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
     log = EpochLog(plan.index, settings.patience)
@@ -94,7 +80,7 @@ def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[La
         else:
             val = {"loss": train_loss}
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        stop = log.update(epoch, train_loss, val, settings.learning_rate * factor(i),
+        stop = log.update(epoch, train_loss, val, float(schedule(i)),
                           time.perf_counter() - t0, lambda: copy.deepcopy(ema).eval())  # fmt: skip
         if stop:
             break

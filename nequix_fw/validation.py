@@ -15,13 +15,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
+from ase.eos import EquationOfState
+from ase.io import read
+from ase.optimize import BFGS
 from ase.units import GPa
+from matplotlib.figure import Figure
+from scipy.stats import rankdata, spearmanr
+from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError
-from nequix_fw.labelling.ase_calc import calculator_class
+from nequix_fw.exploration.md import run_md
+from nequix_fw.exploration.walkers import run_trajectories
+from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
 from nequix_fw.structures import atomic_path, check_output
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
@@ -73,7 +81,6 @@ def error_metrics(data: Sequence[Labelled], energies, forces, stresses) -> dict:
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve (Mann-Whitney U with tied ranks); None with one class only."""
-    from scipy.stats import rankdata
 
     pos = np.asarray(positive, bool)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
@@ -87,7 +94,6 @@ def uncertainty_quality(
     data: Sequence[Labelled], preds: Sequence[Prediction], threshold: float
 ) -> dict:
     """How well `max_force_dev` ranks the true max force error of the ensemble mean."""
-    from scipy.stats import spearmanr
 
     dev = np.array([atomic_force_deviation(p.forces).max() for p in preds])
     err = np.array([
@@ -114,15 +120,19 @@ def uncertainty_quality(
 # -- physics checks -------------------------------------------------------------------------------
 
 
-def reference_calculator(name: str):
-    """An ASE calculator by name or 'module:Class', with its default parameters (EMT is the
-    cheap reference available everywhere)."""
-    return calculator_class(name)()
+def reference_calculator(name: str, params: dict | None = None):
+    """An ASE calculator by name or 'module:Class', with keywords `params` (EMT is the cheap
+    reference available everywhere)."""
+    cls = calculator_class(name)
+    check_parameters(cls, params or {}, name)
+    try:
+        return cls(**(params or {}))
+    except TypeError as exc:
+        raise SettingsError(f"calculator {name!r}: bad parameters ({exc})") from None
 
 
 def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:
     """E-V curve by isotropic scaling; Birch-Murnaghan fit (V0 in Å³/atom, B in GPa)."""
-    from ase.eos import EquationOfState
 
     vols, ens = [], []
     for s in strains:
@@ -138,7 +148,6 @@ def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:
 
 
 def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atoms:
-    from ase.optimize import BFGS
 
     a = atoms.copy()
     a.calc = calc
@@ -146,20 +155,36 @@ def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atom
     return a
 
 
-def physics_checks(ensemble: Ensemble, structure: Atoms, reference: str) -> dict:
-    """E-V curve and relaxation of `structure` with the ensemble mean and the reference."""
-    ref = reference_calculator(reference)
-    mine = EnsembleCalculator(ensemble)
+def vacancy_formation_energy(atoms: Atoms, calc) -> float:
+    """E(N-1) - (N-1)/N E(N) (eV) of an elemental periodic cell, both with relaxed positions at
+    the cell's volume (the first atom removed)."""
+    perfect = relaxation(atoms, calc)
+    vacancy = perfect.copy()
+    del vacancy[0]
+    n = len(perfect)
+    return float(
+        relaxation(vacancy, calc).get_potential_energy()
+        - (n - 1) / n * perfect.get_potential_energy()
+    )
+
+
+def physics_checks(calc, structure: Atoms, reference) -> dict:
+    """E-V curve, relaxation and (elemental periodic cells) vacancy formation energy of
+    `structure` with `calc` (e.g. an `EnsembleCalculator` of the ensemble mean) and with the
+    `reference` ASE calculator; errors relative to the reference."""
     strains = np.linspace(-0.06, 0.06, 7)
-    ev_m, ev_r = energy_volume(structure, mine, strains), energy_volume(structure, ref, strains)
+    ev_m, ev_r = (
+        energy_volume(structure, calc, strains),
+        energy_volume(structure, reference, strains),
+    )
     start = structure.copy()
     start.rattle(0.05, seed=0)
-    rel_m, rel_r = relaxation(start, mine), relaxation(start, ref)
+    rel_m, rel_r = relaxation(start, calc), relaxation(start, reference)
     # compare relaxed geometries on the reference's energy surface
-    e_mine_on_ref = float(Atoms(rel_m, calculator=ref).get_potential_energy())
+    e_mine_on_ref = float(Atoms(rel_m, calculator=reference).get_potential_energy())
     disp = rel_m.positions - rel_r.positions
-    return {
-        "reference": reference,
+    out = {
+        "reference": type(reference).__name__,
         "formula": structure.get_chemical_formula(),
         "ev_model": ev_m,
         "ev_reference": ev_r,
@@ -172,7 +197,13 @@ def physics_checks(ensemble: Ensemble, structure: Atoms, reference: str) -> dict
             - float(rel_r.get_potential_energy()),
             "position_rmsd_A": float(np.sqrt((disp**2).sum(1).mean())),
         },
+        "vacancy": None,
     }
+    if structure.pbc.all() and len(set(structure.numbers)) == 1 and len(structure) > 1:
+        e_m = vacancy_formation_energy(structure, calc)
+        e_r = vacancy_formation_energy(structure, reference)
+        out["vacancy"] = {"formation_energy_eV": e_m, "reference_eV": e_r, "error_eV": e_m - e_r}
+    return out
 
 
 _REASONS = {"completed": "stable", "min_distance": "collapsed",
@@ -191,10 +222,6 @@ def md_stability(
     thermostat exchanged) drifts by more than
     `md_max_energy_drift_eV_per_atom_ps` (Bussi et al., J. Chem. Phys. 126, 014101 (2007)).
     `progress`: a bar of finished runs."""
-    from tqdm import tqdm
-
-    from nequix_fw.exploration.md import run_md
-    from nequix_fw.exploration.walkers import run_trajectories
 
     s = settings
     starts = list(structures[: s.md_n_runs])
@@ -229,23 +256,18 @@ def md_stability(
 
 
 def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = []
 
     def save(fig, name):
         path = prefix.parent / f"{prefix.name}_{name}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
         files.append(path.name)
 
     n_atoms = np.array([len(d.frame.atoms) for d in data])
     ref_e = np.array([d.energy for d in data]) / n_atoms
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subplots(1, 2)
     ax[0].scatter(ref_e, np.asarray(mean_e) / n_atoms, s=8)
     lims = [min(ref_e.min(), (mean_e / n_atoms).min()), max(ref_e.max(), (mean_e / n_atoms).max())]
     ax[0].plot(lims, lims, "k--", lw=0.8)
@@ -261,7 +283,8 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
     save(fig, "parity")
 
     per_el = report["ensemble_mean"]["forces_per_element_eV_per_A"]
-    fig, ax = plt.subplots(figsize=(max(4, len(per_el) * 0.8), 3.5))
+    fig = Figure(figsize=(max(4, len(per_el) * 0.8), 3.5))
+    ax = fig.subplots()
     ax.bar(list(per_el), [v["rmse"] for v in per_el.values()], label="RMSE")
     ax.bar(list(per_el), [v["mae"] for v in per_el.values()], width=0.5, label="MAE")
     ax.set(ylabel="force error (eV/Å)", title="force error per element")
@@ -270,7 +293,8 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
 
     uq = report.get("uncertainty")
     if uq:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
+        fig = Figure(figsize=(4.5, 4))
+        ax = fig.subplots()
         ax.scatter(uq["max_force_dev"], uq["max_force_error"], s=10)
         ax.axhline(uq["error_threshold_eV_per_A"], color="k", ls="--", lw=0.8)
         rho = uq["spearman_max_force_dev_vs_max_force_error"]
@@ -280,7 +304,8 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
 
     phys = report.get("physics")
     if phys:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
+        fig = Figure(figsize=(4.5, 4))
+        ax = fig.subplots()
         for key, label in (("ev_reference", phys["reference"]), ("ev_model", "ensemble mean")):
             ax.plot(phys[key]["volumes"], phys[key]["energies"], "o-", label=label)
         ax.set(xlabel="volume (Å³/atom)", ylabel="energy (eV/atom)",
@@ -299,6 +324,7 @@ def validate(
     output: str | Path,
     error_threshold: float = 0.1,
     reference: str | None = None,
+    reference_params: dict | None = None,
     ev_structure: str | Path | None = None,
     plots: bool = True,
     settings: EnsembleSettings | None = None,
@@ -343,10 +369,13 @@ def validate(
     if len(ensemble) >= 2:
         report["uncertainty"] = uncertainty_quality(data, preds, error_threshold)
     if reference is not None:
-        from ase.io import read
-
         structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
-        report["physics"] = physics_checks(ensemble, structure, reference)
+        report["physics"] = physics_checks(
+            EnsembleCalculator(ensemble),
+            structure,
+            reference_calculator(reference, reference_params),
+        )
+        report["physics"]["reference"] = reference
     if validation is not None and validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)

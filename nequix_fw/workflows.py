@@ -1,22 +1,25 @@
 """The campaign as a FireWorks workflow: iteration 0 up front, later iterations appended by the
-workflow itself (see `nequix_fw.firetasks`)."""
+workflow itself. `SelectTask` and `ValidateTask` make it dynamic: they append the rest of the
+iteration, or the next one, as FWAction additions built here, and append nothing when the
+campaign stops (nor when a rerun finds what its first run appended). The stage tasks are in
+`nequix_fw.firetasks`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fireworks import Firework, Workflow
+from fireworks import Firework, FWAction, Workflow, explicit_serialize
 
+from nequix_fw import campaign as stages
 from nequix_fw.campaign import Campaign, label_groups, label_inputs
 from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
     EvaluateTask,
     ExploreTask,
     LabelTask,
-    SelectTask,
+    StageTask,
     TrainEnsembleTask,
     UpdateDatasetTask,
-    ValidateTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
 from nequix_fw.settings import SECTIONS, ValidationSettings, read_sections
@@ -26,6 +29,7 @@ from nequix_fw.structures import iter_frames
 _PATHS = {
     "campaign": ("directory", "initial_structures", "candidate_pool", "testset", "launchpad"),
     "labelling": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
+    "validation": ("structure",),
 }
 
 
@@ -108,6 +112,9 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     ):
         raise SettingsError(f"{config}: campaign.md_stable_fraction needs validation.md_stability: "
                             "true (the runs it counts)")  # fmt: skip
+    if c.settings.property_tolerances and not c.section(ValidationSettings, 0).reference:
+        raise SettingsError(f"{config}: campaign.property_tolerances needs validation.reference "
+                            "(the calculator the structural checks compare with)")  # fmt: skip
     return sections
 
 
@@ -119,3 +126,51 @@ def campaign_workflow(sections: dict) -> Workflow:
     wf = labelling_workflow(sections, 0, n_initial)
     wf.name = f"nequix-fw campaign {c.settings.name}"
     return wf
+
+
+# -- the tasks that grow the workflow ---------------------------------------------------------
+
+
+class _GrowingTask(StageTask):
+    """A stage that decides whether the campaign goes on and appends the next Fireworks.
+
+    Its Firework carries ``_add_launchpad_and_fw_id``, so a rerun (``lpad rerun_fws``) can see
+    the Fireworks its first run appended: FireWorks reruns those as its descendants, so they are
+    not appended again, and they are defused when the rerun decides to stop.
+    """
+
+    def _children(self) -> list[int]:
+        lp = getattr(self, "launchpad", None)  # None when run outside a LaunchPad
+        return lp.get_wf_by_fw_id_lzyfw(self.fw_id).links[self.fw_id] if lp else []
+
+    def _grow(self, stop_reason: str | None, addition) -> FWAction:
+        """Stop (`stop_reason`) or go on with `addition()`; the decision goes into the record
+        (None: goes on), replacing that of an earlier run."""
+        children = self._children()
+        record = self.campaign.record(self["iteration"], stop_reason=stop_reason)
+        if stop_reason:
+            return FWAction(stored_data=record, defuse_children=bool(children))
+        return FWAction(stored_data=record, additions=[] if children else [addition()])
+
+
+@explicit_serialize
+class SelectTask(_GrowingTask):
+    """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
+    the campaign when too few structures were selected."""
+
+    def run_stage(self, fw_spec):
+        c, k = self.campaign, self["iteration"]
+        record = stages.select_stage(c, k)
+        n = record["n_selected"]
+        return self._grow(stages.selection_stop(c, k, record),
+                          lambda: labelling_workflow(c.sections, k, n))  # fmt: skip
+
+
+@explicit_serialize
+class ValidateTask(_GrowingTask):
+    """Validation; appends the next iteration unless a stopping rule holds."""
+
+    def run_stage(self, fw_spec):
+        c, k = self.campaign, self["iteration"]
+        reason = stages.iteration_stop(c, k, stages.validate_stage(c, k))
+        return self._grow(reason, lambda: exploration_workflow(c.sections, k + 1))

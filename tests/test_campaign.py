@@ -297,3 +297,36 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         assert "invalid SelectionSettings" in capsys.readouterr().err
     assert not (tmp_path / "w.yaml").exists()
+
+
+def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
+    """The structural checks' errors against validation.reference stop the campaign once all
+    are within campaign.property_tolerances; bad tolerances are refused."""
+    from nequix_fw.campaign import Campaign, iteration_stop
+    from nequix_fw.cli import main
+    from nequix_fw.workflows import campaign_sections
+
+    cfg = tmp_path / "c.yaml"
+    settings = {"campaign": {"directory": "r", "initial_structures": "i.xyz", "max_iterations": 5,
+                             "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5}},
+                "validation": {"reference": "emt"}}  # fmt: skip
+    cfg.write_text(yaml.safe_dump(settings))
+    c = Campaign(campaign_sections(cfg))
+    record = {"properties": {"v0_percent": 0.4, "bulk_modulus_percent": -7.0,
+                             "vacancy_formation_eV": None}}  # fmt: skip
+    assert iteration_stop(c, 1, record) is None  # B0 off by 7% > 5%
+    record["properties"]["bulk_modulus_percent"] = -4.0
+    assert iteration_stop(c, 1, record) == (
+        "converged: bulk_modulus_percent error -4 within 5.0, v0_percent error +0.4 within 1.0"
+    )
+    assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
+    # without a reference to compare with, a negative tolerance, an unknown property
+    cases = [({"validation": {}}, "campaign.property_tolerances needs validation.reference"),
+             ({"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
+              "property_tolerances: v0_percent must be > 0"),
+             ({"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},
+              "property_tolerances.c11")]  # fmt: skip
+    for change, msg in cases:
+        cfg.write_text(yaml.safe_dump({**settings, **change}))
+        assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
+        assert msg in capsys.readouterr().err, msg

@@ -16,7 +16,7 @@ hits = []
 monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
 )
-from nequix_fw.ensemble import run_ensemble
+from nequix_fw.evaluation import run_ensemble
 from nequix_fw.settings import EnsembleSettings
 models, structures, out, cache = sys.argv[1:5]
 settings = EnsembleSettings(compilation_cache_dir=Path(cache))

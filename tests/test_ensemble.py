@@ -4,8 +4,9 @@ from ase import Atoms
 from ase.build import bulk
 from ase.units import GPa
 
-from nequix_fw.ensemble import Ensemble, EnsembleCalculator, bucket_size, pack_batches
+from nequix_fw.ensemble import Ensemble, EnsembleCalculator
 from nequix_fw.errors import ModelError, StructureError
+from nequix_fw.graphs import bucket_size, pack_batches
 from nequix_fw.models import load_model, new_model, save_model
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import Frame

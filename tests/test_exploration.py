@@ -9,7 +9,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from nequix_fw.cli import main
-from nequix_fw.ensemble import Ensemble, EnsembleCalculator, NeighbourCache, build_graph
+from nequix_fw.ensemble import Ensemble, EnsembleCalculator, NeighbourCache
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.exploration import (
     distorted_copies,
@@ -19,6 +19,7 @@ from nequix_fw.exploration import (
     with_substitutions,
     with_vacancies,
 )
+from nequix_fw.graphs import build_graph
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, make_settings
 from nequix_fw.structures import Frame, min_distance, structure_id
 

@@ -6,8 +6,8 @@ import pytest
 from ase.build import bulk
 from conftest import make_cells
 
-from nequix_fw.ensemble import run_ensemble
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
+from nequix_fw.evaluation import run_ensemble
 from nequix_fw.results import read_results
 from nequix_fw.selection import farthest_point_order, select_from_results
 from nequix_fw.settings import SelectionSettings, make_settings

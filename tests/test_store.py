@@ -96,3 +96,52 @@ def test_store_errors(store, tmp_path):
     p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:a/b",
                      "--launchpad", "nowhere.yaml", check=False)  # fmt: skip
     assert p.returncode == 2 and "a store dataset is named db:NAME (no '/')" in p.stderr
+
+
+def test_relabel_is_resumed_after_a_kill(store, tmp_path):
+    """`relabel --dataset db:OLD --to db:NEW`: every structure labelled at the new level of
+    theory once, with its provenance, also when the first run was killed (`kill -9`) midway."""
+    import signal
+    import time
+
+    from ase.calculators.lj import LennardJones
+    from conftest import emt_labelled
+
+    from nequix_fw.dataset import read_labelled
+
+    run, lp = store["run"], ["--launchpad", "my_launchpad.yaml"]
+    ase.io.write(tmp_path / "emt.extxyz", emt_labelled(6, seed=4))
+    run("update-dataset", "--new", "emt.extxyz", "--dataset", "db:old", *lp)
+    env = {**store["env"], "PYTHONPATH": str(Path(__file__).parent / "standins")}
+    slow = ["relabel", "--dataset", "db:old", "--to", "db:new", "--output", "relabel", *lp,
+            "--calculator", "slow_emt:SlowEMT", "--calculator-params", '{"delay_s": 1.0}',
+            "--no-progress"]  # fmt: skip
+    p = subprocess.Popen([NFW, *slow], cwd=tmp_path, env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    end = time.monotonic() + 120
+    while len(list((tmp_path / "relabel" / "labels").glob("*/task.json"))) < 2:
+        assert time.monotonic() < end and p.poll() is None
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    out = subprocess.run([NFW, *slow], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "relabelled 6 of 6 structures" in out.stdout and "from an earlier run" in out.stdout
+    assert "added 6 (0 already there); 6 in db:new" in out.stdout
+    lp_file = tmp_path / "my_launchpad.yaml"
+    old = {d.frame.atoms.info["structure_id"]: d for d in read_labelled(["db:old"], lp_file)}
+    new = read_labelled(["db:new"], lp_file)
+    assert sorted(d.frame.atoms.info["structure_id"] for d in new) == sorted(old)
+    assert {d.frame.atoms.info["relabelled_from"] for d in new} == {"db:old"}
+    # relabelled at another level of theory: LJ, computed here for the same structures
+    lj = ["relabel", "--dataset", "db:old", "--to", "db:lj", "--output", "relabel_lj", *lp,
+          "--calculator", "lj", "--calculator-params", '{"sigma": 2.3, "epsilon": 0.4}',
+          ]  # fmt: skip
+    run(*lj)
+    for d in read_labelled(["db:lj"], lp_file):
+        a = old[d.frame.atoms.info["structure_id"]].frame.atoms.copy()
+        a.calc = LennardJones(sigma=2.3, epsilon=0.4)
+        assert d.energy == pytest.approx(a.get_potential_energy(), rel=1e-9)
+    # the same dataset as the target is refused
+    bad = run("relabel", "--dataset", "db:old", "--to", "db:old", "--output", "x", *lp, check=False)
+    assert bad.returncode == 2 and "the new dataset must differ from db:old" in bad.stderr

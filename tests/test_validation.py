@@ -211,3 +211,26 @@ def test_md_stability_of_an_ensemble_runs_as_batched_walkers(trained):
     tight = s.model_copy(update={"md_max_energy_drift_eV_per_atom_ps": 0.5 * min(drifts)})
     bad = md_stability(cells, ens, tight)
     assert [r["stop_reason"] for r in bad["runs"]] == ["energy drift"] * 3
+
+
+def test_physics_checks_against_any_reference_with_vacancy():
+    """The structural checks of a calculator against itself find no error; the vacancy
+    formation energy of EMT copper is in its known range (about 1 eV); an alloy has none."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.errors import SettingsError
+    from nequix_fw.validation import physics_checks, reference_calculator
+
+    cu = bulk("Cu", "fcc", a=3.59, cubic=True).repeat(2)
+    phys = physics_checks(EMT(), cu, reference_calculator("EMT"))
+    assert phys["v0_error_percent"] == pytest.approx(0, abs=1e-9)
+    assert phys["bulk_modulus_error_percent"] == pytest.approx(0, abs=1e-9)
+    assert phys["relaxation"]["position_rmsd_A"] == pytest.approx(0, abs=1e-9)
+    vac = phys["vacancy"]
+    assert vac["error_eV"] == pytest.approx(0, abs=1e-9) and 0.8 < vac["reference_eV"] < 1.4
+    alloy = cu.copy()
+    alloy.numbers[0] = 79
+    assert physics_checks(EMT(), alloy, EMT())["vacancy"] is None
+    with pytest.raises(SettingsError, match="calculator 'emt': bad parameters \\(unknown sigma"):
+        reference_calculator("emt", {"sigma": 1.0})

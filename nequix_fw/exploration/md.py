@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
+from ase.constraints import FixCom
+from ase.md.bussi import Bussi
+from ase.md.langevin import Langevin
+from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT, NoseHooverChainNVT
+from ase.md.nptberendsen import NPTBerendsen
+from ase.md.velocitydistribution import thermalize_momenta
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.settings import ExplorationSettings
@@ -32,28 +38,19 @@ def _dynamics(atoms: Atoms, temperature_K: float, pressure_GPa: float | None,
     taut, taup = settings.taut_fs * units.fs, settings.taup_fs * units.fs
     if pressure_GPa is not None:
         if settings.barostat == "berendsen":
-            from ase.md.nptberendsen import NPTBerendsen
-
             return NPTBerendsen(
                 atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
                 taut=taut, taup=taup,
                 compressibility_au=settings.compressibility_per_GPa / units.GPa,
             )  # fmt: skip
-        from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
 
         cls = MTKNPT if settings.barostat == "mtk" else IsotropicMTKNPT
         return cls(atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
                    tdamp=taut, pdamp=taup)  # fmt: skip
     if settings.thermostat == "bussi":
-        from ase.md.bussi import Bussi
-
         return Bussi(atoms, dt, temperature_K, taut, rng=rng)
     if settings.thermostat == "nose_hoover":
-        from ase.md.nose_hoover_chain import NoseHooverChainNVT
-
         return NoseHooverChainNVT(atoms, dt, temperature_K=temperature_K, tdamp=taut)
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
 
     atoms.set_constraint(FixCom())  # the centre of mass stays put (ASE's advice over fixcm)
     return Langevin(atoms, dt, temperature_K=temperature_K,
@@ -150,7 +147,6 @@ def run_md(
     x target, or non-finite forces stop it, recording why and when. Frames are kept as
     `FrameLog` says, with their provenance (parent id, condition, step, time, uncertainty).
     """
-    from ase.md.velocitydistribution import thermalize_momenta
 
     if pressure_GPa is not None and not atoms.pbc.all():
         raise SettingsError(f"{atoms.get_chemical_formula()}: NPT needs a fully periodic cell; "

@@ -12,6 +12,7 @@ import numpy as np
 from ase import Atoms
 from tqdm import tqdm
 
+from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.exploration.distortions import (
     distorted_copies,
@@ -67,7 +68,6 @@ _WORKER_ENSEMBLE = None
 
 def _init_worker(model_paths: list[str], ensemble_settings: dict) -> None:
     global _WORKER_ENSEMBLE
-    from nequix_fw.ensemble import Ensemble
 
     _WORKER_ENSEMBLE = Ensemble.from_specs(model_paths, EnsembleSettings(**ensemble_settings))
 

@@ -29,18 +29,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import islice
 
+import jax
 import jraph
 import numpy as np
 from ase import Atoms, units
 from ase.geometry import complete_cell
+from ase.md.velocitydistribution import thermalize_momenta
+from matscipy.neighbours import neighbour_list
 
-from nequix_fw.ensemble import (
-    Ensemble,
-    EnsembleCalculator,
-    Prediction,
-    bucket_size,
-)
+from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.exploration.md import FrameLog, Trajectory, energy_drift, run_md, stop_reason
+from nequix_fw.graphs import bucket_size
 from nequix_fw.settings import ExplorationSettings
 from nequix_fw.structures import min_distance
 from nequix_fw.uncertainty import atomic_force_deviation
@@ -122,7 +121,6 @@ class _NVTWalker:
     Its positions and momenta live in the lockstep's arrays."""
 
     def __init__(self, index: int, job: MDJob, settings: ExplorationSettings, ensemble: Ensemble):
-        from ase.md.velocitydistribution import thermalize_momenta
 
         atoms, temperature_K, _, seed, parent_id = job
         ensemble.check_covered(atoms, f"structure {parent_id}")
@@ -157,8 +155,6 @@ class _NVTWalker:
         self.pairs: tuple[np.ndarray, ...] | None = None  # i, j, shifts, shift vectors (Å)
 
     def build_pairs(self, positions: np.ndarray, cutoff: float) -> None:
-        from matscipy.neighbours import neighbour_list
-
         i, j, shifts = neighbour_list("ijS", positions=positions, cell=self.cell,
                                       pbc=self.atoms.pbc, cutoff=cutoff)  # fmt: skip
         self.pairs = (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float32),
@@ -274,7 +270,6 @@ class _Lockstep:
         same energies and forces, since nequix's radial envelope is exactly zero beyond the
         cutoff, and moves the host's per-step work to the device (a GPU's choice).
         """
-        import jraph
 
         cut = self.cutoff + self.skin
         rebuilt = self._pairs is None
@@ -382,8 +377,6 @@ def run_nvt_walkers(
     if settings.thermostat not in ("langevin", "bussi") or any(j[2] is not None for j in jobs):
         raise ValueError("run_nvt_walkers runs NVT Langevin or Bussi jobs only")
     if filter_pairs is None:
-        import jax
-
         filter_pairs = jax.default_backend() == "cpu"
     n = min(settings.walkers, len(jobs))
     sizes = [n] if n < 8 else [n - n // 2, n // 2]

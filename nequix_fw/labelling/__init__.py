@@ -5,8 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fireworks import FWorker
+
 from nequix_fw.errors import SettingsError
+from nequix_fw.labelling.ase_calc import AseCalculatorBackend
 from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.labelling.cp2k import Cp2kBackend
+from nequix_fw.labelling.script import ScriptBackend
+from nequix_fw.labelling.vasp import VaspBackend
 from nequix_fw.settings import LabellingSettings, make_settings
 
 __all__ = ["LabellingBackend", "label_structures", "make_backend", "resolve_placeholders"]
@@ -42,7 +48,6 @@ def fworker_env(path: str | Path | None) -> dict:
     """The ``env`` of a FireWorks worker file (my_fworker.yaml); {} without one."""
     if path is None:
         return {}
-    from fireworks import FWorker
 
     try:
         return dict(FWorker.from_file(str(path)).env or {})
@@ -57,19 +62,11 @@ def make_backend(settings: LabellingSettings, env: dict | None = None) -> Labell
     FireWorks worker's env)."""
     settings = resolve_placeholders(settings, env)
     if settings.backend == "ase":
-        from nequix_fw.labelling.ase_calc import AseCalculatorBackend
-
         return AseCalculatorBackend(settings.calculator, settings.calculator_params)
     if settings.backend == "script":
-        from nequix_fw.labelling.script import ScriptBackend
-
         return ScriptBackend(settings.command, settings.timeout_s)
     if settings.backend == "vasp":
-        from nequix_fw.labelling.vasp import VaspBackend
-
         return VaspBackend(settings)
     if settings.backend == "cp2k":
-        from nequix_fw.labelling.cp2k import Cp2kBackend
-
         return Cp2kBackend(settings)
     raise SettingsError(f"unknown labelling backend {settings.backend!r}")

@@ -42,6 +42,17 @@ def _known_parameters(cls: type[Calculator]) -> set[str] | None:
     return names
 
 
+def check_parameters(cls: type[Calculator], params: dict, name: str) -> None:
+    """Refuse keywords that calculator `cls` (named `name`) does not know."""
+    known = _known_parameters(cls)
+    unknown = sorted(set(params) - known) if known is not None else []
+    if unknown:
+        raise SettingsError(
+            f"calculator {name!r}: bad parameters (unknown {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))})"
+        )
+
+
 class AseCalculatorBackend(LabellingBackend):
     """Runs an ASE calculator in the structure's working directory."""
 
@@ -51,13 +62,7 @@ class AseCalculatorBackend(LabellingBackend):
         self.calculator = calculator
         self.params = dict(params or {})
         self._cls = calculator_class(calculator)
-        known = _known_parameters(self._cls)
-        unknown = sorted(set(self.params) - known) if known is not None else []
-        if unknown:
-            raise SettingsError(
-                f"calculator {calculator!r}: bad parameters (unknown {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))})"
-            )
+        check_parameters(self._cls, self.params, calculator)
 
     def settings_doc(self) -> dict:
         return {"calculator": f"{self._cls.__module__}:{self._cls.__name__}", **self.params}

@@ -9,6 +9,7 @@ policy (pre-run distance filter, non-finite or absurd forces) and writes, per st
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError, SettingsError
@@ -30,6 +32,7 @@ from nequix_fw.structures import (
     check_writable_dir,
     iter_frames,
     min_distance,
+    structure_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,6 @@ class LabellingBackend(ABC):
 
 def import_class(name: str, default_module: str, base: type, setting: str) -> type:
     """A class by name in `default_module`, or 'module:Class', that must subclass `base`."""
-    import importlib
 
     module, _, cls = name.rpartition(":")
     try:
@@ -152,9 +154,6 @@ def label_structures(
     one of several parallel jobs. Returns the summary (also written to
     ``<output>/summary.json``, or ``summary_<index>.json`` for a group).
     """
-    from tqdm import tqdm
-
-    from nequix_fw.structures import structure_id
 
     structures, output = Path(structures), check_output(output, "directory")
     frames = list(iter_frames([structures]))

@@ -14,16 +14,25 @@ forces and stress parsed with pymatgen's ``Cp2kOutput``: forces (Hartree/Bohr ->
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.stress import full_3x3_to_voigt_6_stress
 from ase.units import Bohr, GPa, Hartree
+from custodian import Custodian
+from custodian.cp2k import handlers as h
+from custodian.cp2k.jobs import Cp2kJob
+from custodian.cp2k.validators import Cp2kOutputValidator
+from pymatgen.core import Lattice
+from pymatgen.io.ase import AseAtomsAdaptor
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import (
@@ -40,15 +49,14 @@ INPUT, OUTPUT = "cp2k.inp", "cp2k.out"
 
 def input_set_class(name: str) -> type:
     """A pymatgen CP2K input set class by name (in pymatgen.io.cp2k.sets) or 'module:Class'."""
-    from pymatgen.io.cp2k.sets import DftSet
+    from pymatgen.io.cp2k.sets import DftSet  # noqa: PLC0415
 
     return import_class(name, "pymatgen.io.cp2k.sets", DftSet, "labelling.cp2k_input_set")
 
 
 def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool]:
     """Energy (eV), forces (eV/Å), ASE-convention stress (eV/Å³, Voigt) and SCF convergence."""
-    from ase.stress import full_3x3_to_voigt_6_stress
-    from pymatgen.io.cp2k.outputs import Cp2kOutput
+    from pymatgen.io.cp2k.outputs import Cp2kOutput  # noqa: PLC0415
 
     text = path.read_text(errors="replace")
     totals = re.findall(r"ENERGY\| Total FORCE_EVAL.*?:\s+(\S+)", text)
@@ -173,7 +181,7 @@ class Cp2kBackend(LabellingBackend):
     name = "cp2k"
 
     def __init__(self, settings: LabellingSettings):
-        from pymatgen.io.cp2k.inputs import Cp2kInput
+        from pymatgen.io.cp2k.inputs import Cp2kInput  # noqa: PLC0415
 
         self.settings = settings
         self.cmd = shlex.split(settings.cp2k_cmd)
@@ -216,11 +224,8 @@ class Cp2kBackend(LabellingBackend):
 
     def write_input(self, atoms: Atoms, workdir: Path) -> Path:
         """This structure's input (template or input set), forces and stress printed."""
-        import copy
 
-        from pymatgen.core import Lattice
-        from pymatgen.io.ase import AseAtomsAdaptor
-        from pymatgen.io.cp2k.inputs import Cell, Coord, Cp2kInput, Keyword, Section
+        from pymatgen.io.cp2k.inputs import Cell, Coord, Cp2kInput, Keyword, Section  # noqa: PLC0415
 
         if self.input_set is not None:
             ci = self._from_input_set(atoms)
@@ -265,10 +270,8 @@ class Cp2kBackend(LabellingBackend):
         return workdir / INPUT
 
     def _from_input_set(self, atoms: Atoms):
-        import warnings
 
-        from pymatgen.io.ase import AseAtomsAdaptor
-        from pymatgen.io.cp2k.inputs import Keyword
+        from pymatgen.io.cp2k.inputs import Keyword  # noqa: PLC0415
 
         name = self.settings.cp2k_input_set
         if not atoms.pbc.all():
@@ -292,10 +295,6 @@ class Cp2kBackend(LabellingBackend):
         return ci
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
-        from custodian import Custodian
-        from custodian.cp2k import handlers as h
-        from custodian.cp2k.jobs import Cp2kJob
-        from custodian.cp2k.validators import Cp2kOutputValidator
 
         workdir = workdir.resolve()
         self.write_input(atoms, workdir)

@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
-import numpy as np
 from ase import Atoms
-from ase.stress import full_3x3_to_voigt_6_stress
-from ase.units import GPa
+from custodian import Custodian
+from custodian.vasp import handlers as h
+from custodian.vasp.jobs import VaspJob
+from custodian.vasp.validators import VaspFilesValidator, VasprunXMLValidator
 from monty.os import cd
+from pymatgen.core import SETTINGS
+from pymatgen.io.ase import AseAtomsAdaptor
+from pymatgen.io.vasp import Incar, Poscar, Potcar
+from pymatgen.io.vasp.sets import VaspInputSet
 
+from nequix_fw.dataset import parse_vasprun
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import (
     LabellingBackend,
@@ -46,7 +53,6 @@ INPUT_FILES = ("INCAR", "KPOINTS", "POTCAR")
 
 def handler_group(name: str, wall_time_s: float | None = None) -> list:
     """A fresh list of custodian handlers, grouped as in atomate."""
-    from custodian.vasp import handlers as h
 
     groups = {
         "default": lambda: [
@@ -68,14 +74,12 @@ def handler_group(name: str, wall_time_s: float | None = None) -> list:
 
 def input_set_class(name: str) -> type:
     """A pymatgen VASP input set class by name (in pymatgen.io.vasp.sets) or 'module:Class'."""
-    from pymatgen.io.vasp.sets import VaspInputSet
 
     return import_class(name, "pymatgen.io.vasp.sets", VaspInputSet, "labelling.vasp_input_set")
 
 
 def psp_dir(configured: Path | None) -> Path:
     """The POTCAR library directory: the setting, else pymatgen's PMG_VASP_PSP_DIR."""
-    from pymatgen.core import SETTINGS
 
     path = configured or SETTINGS.get("PMG_VASP_PSP_DIR")
     if path is None:
@@ -89,9 +93,6 @@ def psp_dir(configured: Path | None) -> Path:
 
 def read_potcar(path: Path) -> dict[str, str]:
     """The datasets of a POTCAR by element, in order (pymatgen's `Potcar`)."""
-    import warnings
-
-    from pymatgen.io.vasp import Potcar
 
     try:
         with warnings.catch_warnings():  # a POTCAR pymatgen has no hash for is still a POTCAR
@@ -102,30 +103,6 @@ def read_potcar(path: Path) -> dict[str, str]:
     if not len(potcar):
         raise SettingsError(f"{path}: no datasets, not a POTCAR")
     return {single.element: single.data for single in potcar}
-
-
-def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | None, dict]:
-    """Final structure, energy (eV), forces (eV/Å), ASE stress (eV/Å³) and run facts."""
-    from pymatgen.io.ase import AseAtomsAdaptor
-    from pymatgen.io.vasp import Vasprun
-
-    run = Vasprun(str(path), parse_dos=False, parse_eigen=False)
-    step = run.ionic_steps[-1]
-    stress = None
-    if step.get("stress") is not None:
-        kbar = np.asarray(step["stress"], dtype=float)
-        # VASP kBar, compressive positive -> ASE eV/Å3
-        stress = full_3x3_to_voigt_6_stress(-0.1 * kbar * GPa)
-    atoms = AseAtomsAdaptor.get_atoms(run.final_structure)
-    facts = {
-        "converged_electronic": bool(run.converged_electronic),
-        "converged_ionic": bool(run.converged_ionic),
-        "functional": run.parameters.get("GGA") or run.incar.get("METAGGA") or "PE",
-        "encut_eV": run.parameters.get("ENCUT"),
-    }
-    # pymatgen's final_energy is e_0_energy with the fix for VASP versions that write it as 0
-    energy = float(run.final_energy)
-    return atoms, energy, np.asarray(step["forces"], float), stress, facts
 
 
 class VaspBackend(LabellingBackend):
@@ -157,7 +134,6 @@ class VaspBackend(LabellingBackend):
         self.potcar_elements = list(self.potcar_blocks)
 
     def settings_doc(self) -> dict:
-        from pymatgen.io.vasp import Incar
 
         if self.input_set is not None:
             return {
@@ -176,8 +152,6 @@ class VaspBackend(LabellingBackend):
         }
 
     def _write_inputs(self, atoms: Atoms, workdir: Path) -> None:
-        from pymatgen.io.ase import AseAtomsAdaptor
-        from pymatgen.io.vasp import Incar, Poscar
 
         if self.input_set is not None:
             self._write_input_set(AseAtomsAdaptor.get_structure(atoms), workdir)
@@ -194,7 +168,6 @@ class VaspBackend(LabellingBackend):
         (workdir / "POTCAR").write_text("".join(self.potcar_blocks[el] for el in symbols))
 
     def _write_input_set(self, structure, workdir: Path) -> None:
-        from pymatgen.core import SETTINGS
 
         params = dict(self.settings.vasp_input_set_params)
         if self.settings.incar_overrides:
@@ -222,9 +195,6 @@ class VaspBackend(LabellingBackend):
         return self.potcar_elements.index(symbol)
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
-        from custodian import Custodian
-        from custodian.vasp.jobs import VaspJob
-        from custodian.vasp.validators import VaspFilesValidator, VasprunXMLValidator
 
         workdir = workdir.resolve()
         self._write_inputs(atoms, workdir)

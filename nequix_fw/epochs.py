@@ -1,0 +1,59 @@
+"""What both training backends share: the learning-rate schedule and the per-epoch log."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import optax
+
+from nequix_fw.errors import ModelError
+from nequix_fw.settings import TrainingSettings
+
+
+def learning_rate_schedule(settings: TrainingSettings, steps_per_epoch: int):
+    """Learning rate per optimiser step: linear warm-up from 0.1 x `learning_rate` over
+    `warmup_epochs`, then cosine decay to `min_learning_rate` (optax's schedule)."""
+    return _schedule(settings.learning_rate, settings.min_learning_rate,
+                     max(int(settings.warmup_epochs * steps_per_epoch), 1),
+                     settings.epochs * steps_per_epoch)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(lr: float, min_lr: float, warmup: int, total: int):
+    return optax.warmup_cosine_decay_schedule(
+        init_value=lr * 0.1, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1), end_value=min_lr,
+    )  # fmt: skip
+
+
+class EpochLog:
+    """Per-epoch bookkeeping shared by both backends: the training curve, the best model by
+    validation loss, early stopping."""
+
+    def __init__(self, member: int, patience: int | None):
+        self.member, self.patience = member, patience
+        self.rows: list[dict] = []
+        self.best_loss, self.best_model, self.best_epoch, self.best_val = float("inf"), None, -1, {}
+
+    def update(self, epoch: int, train_loss: float, val: dict, learning_rate: float,
+               seconds: float, snapshot) -> bool:  # fmt: skip
+        """Record an epoch (`snapshot()` gives the model to keep if it is the best so far);
+        True when training should stop."""
+        if not np.isfinite(val["loss"]):
+            raise ModelError(f"member {self.member}: loss became non-finite at epoch {epoch}")
+        if val["loss"] < self.best_loss:
+            self.best_loss, self.best_model, self.best_epoch, self.best_val = (
+                val["loss"],
+                snapshot(),
+                epoch,
+                val,
+            )
+        self.rows.append({
+            "epoch": epoch, "train_loss": train_loss, "learning_rate": learning_rate,
+            "epoch_s": seconds, **{f"val_{k}": v for k, v in val.items()},
+        })  # fmt: skip
+        return self.patience is not None and epoch - self.best_epoch >= self.patience
+
+    def result(self) -> tuple:
+        return self.best_model, self.best_epoch, self.best_val, self.rows

@@ -1,0 +1,51 @@
+"""The evaluation stage: an ensemble on structures, written to a results file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nequix_fw.ensemble import Ensemble
+from nequix_fw.errors import ModelError
+from nequix_fw.results import ResultsWriter
+from nequix_fw.settings import EnsembleSettings
+from nequix_fw.structures import check_output, iter_frames
+
+logger = logging.getLogger(__name__)
+
+
+def run_ensemble(
+    model_specs: Sequence[str | Path],
+    structures: Sequence[str | Path],
+    output: str | Path,
+    settings: EnsembleSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate every input structure with the ensemble and write the results JSON atomically.
+
+    Inputs are checked first (readable, elements covered), so bad input fails before any
+    model work. Returns the summary written at the end of the file.
+    """
+    settings = settings or EnsembleSettings()
+    if len(model_specs) < 2:
+        raise ModelError(
+            f"uncertainty needs at least 2 models, got {len(model_specs)} (command line: --models)"
+        )
+    check_output(output, "file")
+    ensemble = Ensemble.from_specs(model_specs, settings)
+    ensemble.check_distinct()
+    n_frames = 0
+    for frame in iter_frames(structures):  # cheap first pass: readable, covered, counted
+        ensemble.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
+        n_frames += 1
+    models = [m.info.to_dict() for m in ensemble.models]
+    with ResultsWriter(output, models, settings.model_dump(mode="json")) as writer:
+        bar = tqdm(total=n_frames, unit="struct", disable=not progress, desc="ensemble")
+        for rec in ensemble.evaluate(iter_frames(structures), on_batch=bar.update):
+            writer.write(rec)
+        bar.close()
+    logger.info("%d models evaluated %d structures -> %s", len(ensemble), n_frames, output)
+    return writer.summary

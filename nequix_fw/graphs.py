@@ -1,0 +1,56 @@
+"""Graphs of structures for Nequix: nequix's own neighbour-list graphs, batched and padded to
+size buckets so that JAX compiles once per bucket. Shared by evaluation, MD and training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jraph
+import numpy as np
+from ase import Atoms
+from ase.geometry import complete_cell
+from nequix.data import preprocess_graph
+
+
+def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> dict:
+    """nequix's graph dict for `atoms`, always with a cell (identity for molecules), so that
+    periodic, slab and molecular structures share one compiled function (stress is reported
+    for fully periodic cells only)."""
+    graph = preprocess_graph(atoms, atom_indices, cutoff, False)
+    graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
+    return graph
+
+
+def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None, n_node: int | None = None):
+    """Batch nequix GraphsTuples and pad them to size buckets (one compilation per bucket);
+    `n_edge` and `n_node` fix the capacities instead (they must hold the batch and, for nodes,
+    one padding node)."""
+    batch = jraph.batch_np(graphs)  # numpy: eager jnp ops would compile for every new size
+    n_node = n_node or bucket_size(int(batch.n_node.sum()) + 1, 16)
+    n_edge = n_edge or bucket_size(int(batch.n_edge.sum()), 64)
+    return jraph.pad_with_graphs(batch, n_node=n_node, n_edge=n_edge, n_graph=n_graph)
+
+
+def bucket_size(n: int, minimum: int) -> int:
+    """Round `n` up to a size bucket: quarter steps between powers of two (<=25% padding)."""
+    n = max(int(n), minimum)
+    step = max(1, 2 ** int(math.floor(math.log2(n))) // 4)
+    return int(math.ceil(n / step) * step)
+
+
+def pack_batches(edge_counts: Sequence[int], max_edges: int, max_graphs: int) -> list[list[int]]:
+    """Split structures into balanced batches (largest first into the emptiest batch).
+
+    Balanced batches land in the same size bucket, so a chunk compiles once.
+    """
+    n = len(edge_counts)
+    n_batches = max(math.ceil(sum(edge_counts) / max_edges), math.ceil(n / max_graphs), 1)
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    loads = [0] * n_batches
+    for i in sorted(range(n), key=lambda k: -edge_counts[k]):
+        open_ = [b for b in range(n_batches) if len(batches[b]) < max_graphs]
+        b = min(open_, key=lambda k: loads[k])
+        batches[b].append(i)
+        loads[b] += edge_counts[i]
+    return [sorted(b) for b in batches if b]

@@ -1,0 +1,55 @@
+"""Relabelling: every structure of a dataset labelled again at another level of theory, into a
+new dataset (DP-GEN's tools/relabel.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ase.io
+from ase import Atoms
+
+from nequix_fw.dataset import read_labelled, update_dataset
+from nequix_fw.errors import SettingsError, StructureError
+from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.settings import LabellingSettings
+from nequix_fw.structures import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def relabel(
+    dataset: str | Path,
+    to: str | Path,
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    output: str | Path,
+    launchpad: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Label every structure of `dataset` (a directory, file or ``db:NAME``) with `backend`
+    into the dataset `to`. The structures are frozen in `output`/structures.extxyz by the first
+    run and labelled in `output`/labels, so a rerun after a crash labels only what is left and
+    adds each structure once. Each new document keeps its structure id (the content hash, the
+    same as in `dataset`) and records ``relabelled_from``: `dataset`."""
+    if str(to) == str(dataset):
+        raise SettingsError(f"relabel: the new dataset must differ from {dataset} (the old "
+                            "labels would be mixed with the new)")  # fmt: skip
+    output = Path(output)
+    structures = output / "structures.extxyz"
+    if not structures.is_file():
+        data = read_labelled([dataset], launchpad, allow_mixed=True)
+        if not data:
+            raise StructureError(f"{dataset}: holds no structures to relabel")
+        frames = [Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
+                        pbc=d.frame.atoms.pbc) for d in data]  # fmt: skip
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(structures) as tmp:
+            ase.io.write(tmp, frames, format="extxyz")
+    labels = label_structures(structures, output / "labels", backend, settings, progress=progress)
+    added = update_dataset(output / "labels", to, launchpad=launchpad,
+                           provenance={"relabelled_from": str(dataset)})  # fmt: skip
+    logger.info("relabelled %s -> %s: %d labelled (%d reused), %d failed, %d added", dataset, to,
+                labels["n_success"], labels["n_reused"], labels["n_failed"],
+                added["n_added"])  # fmt: skip
+    return {"labels": labels, "dataset": added}

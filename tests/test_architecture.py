@@ -1,0 +1,67 @@
+"""The package's layers (README, Architecture): each module imports only from its own layer or
+the ones below, and no import cycle exists."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nequix_fw"
+LAYERS = {
+    1: ["errors", "settings", "structures", "__init__"],
+    2: ["models", "graphs", "ensemble", "uncertainty", "results", "descriptors", "epochs",
+        "store", "server"],
+    3: ["evaluation", "selection", "exploration", "labelling", "dataset", "training",
+        "training_torch", "validation"],
+    4: ["campaign", "firetasks", "workflows"],
+    5: ["cli"],
+}  # fmt: skip
+LAYER = {name: k for k, names in LAYERS.items() for name in names}
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(p for p in rel.parts if p != "__init__") or "__init__"
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules `path` imports (top-level and nested), as dotted names."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nequix_fw"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("nequix_fw")]
+        for n in names:
+            mod = n.removeprefix("nequix_fw").lstrip(".")
+            if (PACKAGE / (mod.replace(".", "/") + ".py")).is_file() or (
+                PACKAGE / mod.replace(".", "/") / "__init__.py"
+            ).is_file():
+                out.add(mod or "__init__")
+    return out
+
+
+def test_layers_and_no_cycles():
+    graph = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+    for mod in graph:  # every module has a layer
+        assert mod.split(".")[0] in LAYER, f"{mod}: not in any layer of the README"
+    upward = [(m, d) for m, deps in graph.items() for d in deps
+              if LAYER[d.split(".")[0]] > LAYER[m.split(".")[0]]]  # fmt: skip
+    assert not upward, f"imports from a higher layer: {upward}"
+    # no cycles between modules (a package's __init__ and its own modules count as one)
+    top = {m: {d.split(".")[0] for d in deps} - {m.split(".")[0]} for m, deps in graph.items()}
+    edges: dict[str, set[str]] = {}
+    for m, deps in top.items():
+        edges.setdefault(m.split(".")[0], set()).update(deps)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])
