@@ -67,7 +67,25 @@ class Campaign:
             for start in sorted(self.settings.schedule):
                 if start <= k:
                     values.update(self.settings.schedule[start].get(name, {}))
+            stage = self.stage(k)
+            if stage is not None:
+                values.update(self.settings.stages[stage].settings.get(name, {}))
         return make_settings(cls, **values)
+
+    def stage(self, k: int) -> int | None:
+        """Index of iteration k's exploration stage (None without stages, and at iteration 0,
+        which labels the initial structures): each iteration that converged its stage moves
+        the next one to the following stage."""
+        if k < 1 or not getattr(self, "settings", None) or not self.settings.stages:
+            return None
+        stage = 0
+        for it in self._log()["iterations"]:
+            if 1 <= it["iteration"] < k and it.get("stage_converged"):
+                stage += 1
+        return min(stage, len(self.settings.stages) - 1)
+
+    def stage_name(self, stage: int) -> str:
+        return self.settings.stages[stage].name or str(stage)
 
     @property
     def launchpad(self) -> Database | Path | None:
@@ -96,10 +114,18 @@ class Campaign:
         return self.directory / f"iter_{k:03d}"
 
     def models(self, k: int) -> list[str]:
-        paths = sorted((self.iter_dir(k) / "models").glob("member_*.nqx"))
+        paths = sorted(self.models_dir(k).glob("member_*.nqx"))
         if not paths:
-            raise FileNotFoundError(f"{self.iter_dir(k) / 'models'}: no trained members")
+            raise FileNotFoundError(f"{self.models_dir(k)}: no trained members")
         return [str(p) for p in paths]
+
+    def models_dir(self, k: int) -> Path:
+        """The ensemble in use after iteration k: its own, or, when it trained none (a stage
+        that converged without selecting), that of the last iteration before it that did."""
+        for j in range(k, -1, -1):
+            if any((self.iter_dir(j) / "models").glob("member_*.nqx")):
+                return self.iter_dir(j) / "models"
+        return self.iter_dir(k) / "models"
 
     def record(self, k: int, **entries) -> dict:
         """Merge `entries` into iteration k's record of campaign.json (written atomically) and
@@ -242,7 +268,7 @@ def train_stage(c: Campaign, k: int) -> dict:
     metas = train_ensemble(
         [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings, k),
         finetune_from=c.settings.finetune_from if k == 0 else None,
-        warm_start=c.iter_dir(k - 1) / "models" if k > 0 else None,
+        warm_start=c.models_dir(k - 1) if k > 0 else None,
         overwrite=True, progress=False, launchpad=c.launchpad,
     )  # fmt: skip
     if c.store is not None:
@@ -283,6 +309,32 @@ def _property_errors(physics: dict | None) -> dict | None:
             "vacancy_formation_eV": vacancy.get("error_eV")}  # fmt: skip
 
 
+def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
+    """After iteration k's selection: (why the campaign stops or None, whether to label). With
+    stages, a stage whose accurate fraction is reached, or that selected fewer than
+    `min_selected`, has converged: the next iteration explores in the next stage (after
+    labelling what was selected, if enough was), and the last stage's convergence stops the
+    campaign."""
+    stage = c.stage(k)
+    if stage is None:
+        return selection_stop(c, k, record), True
+    st, counts, n = c.settings.stages[stage], record["selection"], record["n_selected"]
+    n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
+    why = None
+    if st.accurate_fraction is not None and n_candidates:
+        if counts["accurate"] / n_candidates >= st.accurate_fraction:
+            why = (f"{counts['accurate']} of {n_candidates} candidates accurate "
+                   f"(>= {st.accurate_fraction:.0%})")  # fmt: skip
+    if why is None and n < c.settings.min_selected:
+        why = f"{n} selected (< {c.settings.min_selected})"
+    c.record(k, stage=stage, stage_converged=why)
+    if why is None:
+        return None, True
+    if stage == len(c.settings.stages) - 1:
+        return f"converged: last stage {c.stage_name(stage)}: {why}", False
+    return None, n >= c.settings.min_selected
+
+
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
     """Why the campaign stops after iteration k's selection (None: label and train)."""
     counts, target = record["selection"], c.settings.accurate_fraction
@@ -313,6 +365,15 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
         met.append(ok and f"{name} error {err:+.3g} within {tolerance}")
     if met and all(met):
         return "converged: " + ", ".join(met)
+    stage = c.stage(k)
+    if stage is not None and not record.get("stage_converged"):
+        st = s.stages[stage]
+        done = sum(1 for j in range(1, k + 1) if c.stage(j) == stage)
+        if st.iterations is not None and done >= st.iterations:
+            why = f"{done} iterations"
+            c.record(k, stage_converged=why)
+            if stage == len(s.stages) - 1:
+                return f"converged: last stage {c.stage_name(stage)}: {why}"
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None

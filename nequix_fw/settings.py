@@ -497,6 +497,30 @@ class FireworkResources(_Settings):
         return {k: v for k, v in keys.items() if v}
 
 
+class StageSettings(_Settings):
+    """One exploration stage of a campaign (`campaign.stages`): its settings and when it has
+    converged, so that the campaign moves on to the next stage."""
+
+    name: str | None = Field(None, description="Stage name (reports); default: its index.")
+    settings: dict[ScheduledSection, dict] = Field(
+        {}, description="Section values of this stage, over the sections and the schedule, e.g. "
+        "{exploration: {temperatures_K: [1200], steps: 5000}}.",
+    )  # fmt: skip
+    accurate_fraction: float | None = Field(
+        None, gt=0, le=1, description="Converged once at least this fraction of an iteration's "
+        "candidates is accurate (max_force_dev < selection.lo).",
+    )  # fmt: skip
+    iterations: int | None = Field(
+        None, ge=1, description="Converged after this many iterations in the stage."
+    )
+
+    @model_validator(mode="after")
+    def _check_condition(self) -> StageSettings:
+        if self.accurate_fraction is None and self.iterations is None:
+            raise ValueError("a stage needs accurate_fraction or iterations (when it converges)")
+        return self
+
+
 class CampaignSettings(_Settings):
     """An active-learning campaign run by FireWorks: its data, its directory, when it stops."""
 
@@ -563,6 +587,14 @@ class CampaignSettings(_Settings):
         description="Stage settings that change with the iteration: {k: {section: {key: "
         "value}}} applies from iteration k on, over the sections and earlier entries, e.g. "
         "hotter and longer MD later: {3: {exploration: {temperatures_K: [900], steps: 5000}}}.",
+    )
+
+    stages: list[StageSettings] = Field(
+        [],
+        description="Staged exploration: iterations from 1 on run the first stage until it "
+        "converges (its accurate_fraction, its iterations, or fewer than min_selected "
+        "selected), then the next; the campaign stops when the last converges. Replaces the "
+        "campaign-wide accurate_fraction and min_selected stops.",
     )
 
     @model_validator(mode="after")

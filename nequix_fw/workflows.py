@@ -22,7 +22,7 @@ from nequix_fw.firetasks import (
     UpdateDatasetTask,
 )
 from nequix_fw.labelling import PLACEHOLDER
-from nequix_fw.settings import SECTIONS, ValidationSettings, read_sections
+from nequix_fw.settings import SECTIONS, ValidationSettings, make_settings, read_sections
 from nequix_fw.structures import iter_frames
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
@@ -106,6 +106,12 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
             except SettingsError as exc:
                 where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
                 raise SettingsError(f"{config}: {exc}{where}") from None
+    for i, stage in enumerate(c.settings.stages):  # every stage's sections valid too
+        for name, values in stage.settings.items():
+            try:
+                make_settings(SECTIONS[name], **{**sections.get(name, {}), **values})
+            except SettingsError as exc:
+                raise SettingsError(f"{config}: {exc} (campaign.stages[{i}])") from None
     if (
         c.settings.md_stable_fraction is not None
         and not c.section(ValidationSettings, 0).md_stability
@@ -156,14 +162,18 @@ class _GrowingTask(StageTask):
 @explicit_serialize
 class SelectTask(_GrowingTask):
     """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
-    the campaign when too few structures were selected."""
+    the campaign when too few structures were selected (with stages: moves to the next stage,
+    or stops after the last)."""
 
     def run_stage(self, fw_spec):
         c, k = self.campaign, self["iteration"]
         record = stages.select_stage(c, k)
         n = record["n_selected"]
-        return self._grow(stages.selection_stop(c, k, record),
-                          lambda: labelling_workflow(c.sections, k, n))  # fmt: skip
+        stop, label = stages.selection_decision(c, k, record)
+        if label:
+            return self._grow(stop, lambda: labelling_workflow(c.sections, k, n))
+        # a stage converged with too little to label: the next iteration, in the next stage
+        return self._grow(stop, lambda: exploration_workflow(c.sections, k + 1))
 
 
 @explicit_serialize
