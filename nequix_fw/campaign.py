@@ -34,6 +34,7 @@ from nequix_fw.settings import (
     ExplorationSettings,
     LabellingSettings,
     SelectionSettings,
+    SystemSettings,
     TrainingSettings,
     ValidationSettings,
     make_settings,
@@ -59,8 +60,9 @@ class Campaign:
         self.db = db  # the database of the LaunchPad running a FireTask, if any
         self._store: CampaignStore | None = None
 
-    def section(self, cls, k: int | None = None):
-        """Settings of section `cls`; at iteration `k` with the schedule's entries up to k."""
+    def section(self, cls, k: int | None = None, system: SystemSettings | None = None):
+        """Settings of section `cls`; at iteration `k` with the schedule's entries up to k (and
+        the stage's), and for `system` with its own."""
         name = next(n for n, c in SECTIONS.items() if c is cls)
         values = dict(self.sections.get(name, {}))
         if k is not None:
@@ -70,7 +72,31 @@ class Campaign:
             stage = self.stage(k)
             if stage is not None:
                 values.update(self.settings.stages[stage].settings.get(name, {}))
+        if system is not None:
+            values.update(system.settings.get(name, {}))
+            if cls is SelectionSettings and system.max_selected is not None:
+                values["max_selected"] = system.max_selected
         return make_settings(cls, **values)
+
+    def systems_at(self, k: int) -> list[SystemSettings | None]:
+        """The systems explored at iteration k: those not converged before it ([None]: a
+        campaign of one system)."""
+        if not self.settings.systems:
+            return [None]
+        done = set()
+        for it in self._log()["iterations"]:
+            if it["iteration"] < k:
+                done |= {n for n, rec in (it.get("systems") or {}).items() if rec.get("converged")}
+        return [system for system in self.settings.systems if system.name not in done]
+
+    def system_dir(self, k: int, what: str, system: SystemSettings | None) -> Path:
+        """Iteration k's `what` directory (candidates, selected), per system with systems."""
+        d = self.iter_dir(k) / what
+        return d if system is None else d / system.name
+
+    def results_file(self, k: int, system: SystemSettings | None) -> Path:
+        name = "ensemble_results" + ("" if system is None else f"_{system.name}")
+        return self.iter_dir(k) / f"{name}.json"
 
     def stage(self, k: int) -> int | None:
         """Index of iteration k's exploration stage (None without stages, and at iteration 0,
@@ -160,52 +186,80 @@ class Campaign:
 
 
 def explore_stage(c: Campaign, k: int) -> dict:
-
+    """MD, distortions and random packings from the initial structures (of every system still
+    explored) with ensemble k-1."""
     ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings, k))
-    frames = list(iter_frames([c.settings.initial_structures]))
-    settings = c.section(ExplorationSettings, k)
-    seeds = [s + 1000 * k for s in settings.seeds]  # new trajectories every iteration
-    settings = settings.model_copy(update={"seeds": seeds})
-    manifest = explore(ensemble, frames, c.iter_dir(k) / "candidates", settings, progress=False)
-    stops: dict[str, int] = {}
-    for t in manifest["trajectories"]:
-        stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
-    return c.record(k, n_candidates=len(manifest["frames"]), trajectory_stops=stops)
+    counts, stops = {}, {}
+    for system in c.systems_at(k):
+        starts = system.initial_structures if system else c.settings.initial_structures
+        settings = c.section(ExplorationSettings, k, system)
+        seeds = [s + 1000 * k for s in settings.seeds]  # new trajectories every iteration
+        settings = settings.model_copy(update={"seeds": seeds})
+        out = c.system_dir(k, "candidates", system)
+        manifest = explore(ensemble, list(iter_frames([starts])), out, settings, progress=False)
+        counts[system.name if system else None] = len(manifest["frames"])
+        for t in manifest["trajectories"]:
+            stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
+    if c.settings.systems:
+        return c.record(k, n_candidates=sum(counts.values()), trajectory_stops=stops,
+                        system_candidates=counts)  # fmt: skip
+    return c.record(k, n_candidates=counts[None], trajectory_stops=stops)
 
 
 def evaluate_stage(c: Campaign, k: int) -> dict:
-
-    pool = c.iter_dir(k) / "candidates" / "candidates.extxyz"
-    inputs = ([pool] if pool.is_file() else []) + list(c.settings.candidate_pool)
-    if not inputs:
-        raise FileNotFoundError("no candidates: enable exploration or give a candidate_pool")
-    summary = run_ensemble(c.models(k - 1), inputs, c.iter_dir(k) / "ensemble_results.json",
-                           c.section(EnsembleSettings, k), progress=False)  # fmt: skip
-    return c.record(k, n_evaluated=summary.get("n_structures"))
+    """Ensemble k-1 on the candidates (explored and fixed) of every system still explored."""
+    n = 0
+    for system in c.systems_at(k):
+        pool = c.system_dir(k, "candidates", system) / "candidates.extxyz"
+        fixed = system.candidate_pool if system else c.settings.candidate_pool
+        inputs = ([pool] if pool.is_file() else []) + list(fixed)
+        if not inputs:
+            where = f" of system {system.name}" if system else ""
+            raise FileNotFoundError(f"no candidates{where}: enable exploration or give a "
+                                    "candidate_pool")  # fmt: skip
+        summary = run_ensemble(c.models(k - 1), inputs, c.results_file(k, system),
+                               c.section(EnsembleSettings, k), progress=False)  # fmt: skip
+        n += summary.get("n_structures") or 0
+    return c.record(k, n_evaluated=n)
 
 
 def select_stage(c: Campaign, k: int) -> dict:
-
-    d = c.iter_dir(k)
+    """Each system's selection (its own trust levels and quota) into selected/ (selected/<name>/
+    with systems); never a structure labelled before."""
     # never pay twice for a structure labelled earlier; a rerun of this selection picks the
     # same structures as its first run (labelled by this iteration since)
     labelled = dataset_ids(c.dataset, c.launchpad, before_iteration=k)
-    settings = c.section(SelectionSettings, k)
-    update: dict = {"seed": settings.seed + k}  # new random draws every iteration
-    if settings.lo == "auto":  # from the calibration of the ensemble that made the predictions
-        update["lo"] = resolve_lo(settings, c.iteration_record(k - 1).get("calibration"),
-                                  f"the validation of iteration {k - 1}")  # fmt: skip
-    settings = settings.model_copy(update=update)
     known = None
-    if settings.diverse:  # keep away from what the training set already holds
-        known = [x.frame.atoms for x in read_labelled([c.dataset], c.launchpad, allow_mixed=True)]
-    manifest = select_from_results(
-        d / "ensemble_results.json", d / "selected", settings, labelled, known
-    )
+    manifests, systems = {}, {}
+    for system in c.systems_at(k):
+        settings = c.section(SelectionSettings, k, system)
+        update: dict = {"seed": settings.seed + k}  # new random draws every iteration
+        if settings.lo == "auto":  # from the calibration of the ensemble that predicted
+            update["lo"] = resolve_lo(settings, c.iteration_record(k - 1).get("calibration"),
+                                      f"the validation of iteration {k - 1}")  # fmt: skip
+        settings = settings.model_copy(update=update)
+        if settings.diverse and known is None:  # keep away from the training set
+            data = read_labelled([c.dataset], c.launchpad, allow_mixed=True)
+            known = [x.frame.atoms for x in data]
+        manifest = select_from_results(c.results_file(k, system),
+                                       c.system_dir(k, "selected", system), settings, labelled,
+                                       known)  # fmt: skip
+        labelled = labelled | {e["id"] for e in manifest["structures"] if e["selected"]}
+        name = system.name if system else None
+        manifests[name] = manifest
+        n = manifest["counts"]["selected"]
+        systems[name] = {"selection": manifest["counts"], "n_selected": n,
+                         "selection_lo": settings.lo}  # fmt: skip
     if c.store is not None:
-        c.store.save_selection(k, manifest)
-    return c.record(k, selection=manifest["counts"], n_selected=manifest["counts"]["selected"],
-                    selection_method=settings.method, selection_lo=settings.lo)  # fmt: skip
+        c.store.save_selection(k, manifests[None] if None in manifests else {"systems": manifests})
+    counts = {key: sum(m["counts"][key] for m in manifests.values())
+              for key in next(iter(manifests.values()))["counts"]}  # fmt: skip
+    first = c.section(SelectionSettings, k)
+    entries = {"selection": counts, "n_selected": counts["selected"],
+               "selection_method": first.method}  # fmt: skip
+    if c.settings.systems:
+        return c.record(k, **entries, systems=systems)
+    return c.record(k, **entries, selection_lo=systems[None]["selection_lo"])
 
 
 def label_inputs(c: Campaign, k: int) -> Path:
@@ -278,7 +332,6 @@ def train_stage(c: Campaign, k: int) -> dict:
 
 
 def validate_stage(c: Campaign, k: int) -> dict:
-
     if not c.settings.testset:
         return c.record(k, validation=None)
     checks = c.section(ValidationSettings, k)
@@ -315,6 +368,8 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
     `min_selected`, has converged: the next iteration explores in the next stage (after
     labelling what was selected, if enough was), and the last stage's convergence stops the
     campaign."""
+    if c.settings.systems:
+        return _systems_decision(c, k, record)
     stage = c.stage(k)
     if stage is None:
         return selection_stop(c, k, record), True
@@ -333,6 +388,29 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
     if stage == len(c.settings.stages) - 1:
         return f"converged: last stage {c.stage_name(stage)}: {why}", False
     return None, n >= c.settings.min_selected
+
+
+def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
+    """Each system explored at k converges on its own (accurate fraction, or fewer than
+    min_selected selected) and is no longer explored; the campaign stops when all have."""
+    systems = record["systems"]
+    for system in c.systems_at(k):
+        rec = systems[system.name]
+        counts, n = rec["selection"], rec["n_selected"]
+        n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
+        target = system.accurate_fraction or c.settings.accurate_fraction
+        why = None
+        if target is not None and n_candidates and counts["accurate"] / n_candidates >= target:
+            why = f"{counts['accurate']} of {n_candidates} candidates accurate (>= {target:.0%})"
+        elif n < c.settings.min_selected:
+            why = f"{n} selected (< {c.settings.min_selected})"
+        rec["converged"] = why
+    c.record(k, systems=systems)
+    if all(rec.get("converged") for rec in systems.values()):
+        why = "; ".join(f"{name}: {rec['converged']}" for name, rec in systems.items())
+        return f"converged: every system ({why})", False
+    n = record["n_selected"]
+    return None, n > 0  # nothing to label: the next iteration explores the other systems
 
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:

@@ -45,7 +45,6 @@ class LearnedFeatures:
     features per element of the model, weighted by that element's share of the atoms."""
 
     def __init__(self, model: NequixModel, max_edges_per_batch: int = 8192):
-
         class _Features(eqx.Module):  # stands in for the readout: passes the features on
             def __call__(self, x):
                 return x

@@ -85,12 +85,10 @@ def _configure_compilation_cache(cache_dir: Path | None) -> None:
 
 
 def _apply_vmap(stacked, graph, static):
-
     return jax.vmap(lambda params: eqx.combine(params, static)(graph))(stacked)
 
 
 def _apply_map(stacked, graph, static):
-
     return jax.lax.map(lambda params: eqx.combine(params, static)(graph), stacked)
 
 
@@ -99,7 +97,6 @@ class _StackedGroup:
     compiled function per (mapping, XLA options) asked for."""
 
     def __init__(self, indices: list[int], modules: list):
-
         self.indices = indices
         params, self.static = eqx.partition(modules[0], eqx.is_array)
         treedef = jax.tree_util.tree_structure(params)
@@ -112,7 +109,6 @@ class _StackedGroup:
         self._fns: dict[str, Callable] = {}
 
     def __call__(self, graph, vmap: bool, xla_options: dict):
-
         key = repr((vmap, sorted(xla_options.items())))
         if key not in self._fns:
             apply = _apply_vmap if vmap else _apply_map
@@ -122,7 +118,6 @@ class _StackedGroup:
 
 
 def _architecture_key(model: NequixModel, module) -> str:
-
     shapes = [x.shape for x in jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))]
     return repr((sorted(model.info.architecture.items()), model.atomic_numbers, shapes))
 
@@ -280,7 +275,6 @@ class Ensemble:
         n_node: int | None = None,
         md: bool = False,
     ) -> list[Prediction]:
-
         if n_graph is None:
             n_graph = 2 if len(graphs) == 1 else self.settings.max_structures_per_batch + 1
         padded = pad_batch([dict_to_graphstuple(g) for g in graphs], n_graph, n_edge, n_node)

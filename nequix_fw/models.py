@@ -39,7 +39,6 @@ def pretrained_dir() -> Path:
 
 
 def known_pretrained() -> list[str]:
-
     return sorted(NequixCalculator.URLS)
 
 
@@ -208,7 +207,6 @@ def _load_jax(path: Path, config: dict):
 
 
 def _leaves(tree) -> list:
-
     return jax.tree_util.tree_leaves(tree)
 
 

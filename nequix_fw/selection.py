@@ -364,5 +364,4 @@ def select_from_results(
 
 
 def _numbers(symbols: list[str]) -> list[int]:
-
     return [atomic_numbers[s] for s in symbols]

@@ -154,7 +154,6 @@ class SelectionSettings(_Settings):
 
     @model_validator(mode="after")
     def _check_levels(self) -> SelectionSettings:
-
         unknown = sorted(el for el in self.max_per_element if el not in atomic_numbers)
         if unknown:
             raise ValueError(f"max_per_element: unknown elements {unknown}")
@@ -348,7 +347,6 @@ class RandomPackingSettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> RandomPackingSettings:
-
         try:
             count = Formula(self.composition).count()
         except ValueError as exc:
@@ -445,7 +443,6 @@ class ExplorationSettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> ExplorationSettings:
-
         if any(t <= 0 for t in self.temperatures_K):
             raise ValueError(f"temperatures must be > 0 K, got {self.temperatures_K}")
         if self.sample_every % self.check_every:
@@ -521,6 +518,30 @@ class StageSettings(_Settings):
         return self
 
 
+class SystemSettings(_Settings):
+    """One system of a multi-system campaign (`campaign.systems`, DP-GEN's sys_configs): its
+    exploration starts, its own settings, label quota and convergence."""
+
+    name: str = Field(description="System name (directories, records, reports).")
+    initial_structures: Path = Field(
+        description="Where this system's exploration starts (file or directory)."
+    )
+    candidate_pool: list[Path] = Field(
+        [], description="Fixed candidates of this system, evaluated every iteration."
+    )
+    settings: dict[ScheduledSection, dict] = Field(
+        {}, description="Section values of this system over the sections and the schedule, "
+        "e.g. {exploration: {temperatures_K: [1500]}, selection: {lo: 0.1}}.",
+    )  # fmt: skip
+    max_selected: int | None = Field(
+        None, ge=1, description="Label quota: at most this many selected per iteration."
+    )
+    accurate_fraction: float | None = Field(
+        None, gt=0, le=1, description="Converged (no longer explored) once at least this "
+        "fraction of its candidates is accurate; default campaign.accurate_fraction.",
+    )  # fmt: skip
+
+
 class CampaignSettings(_Settings):
     """An active-learning campaign run by FireWorks: its data, its directory, when it stops."""
 
@@ -589,6 +610,14 @@ class CampaignSettings(_Settings):
         "hotter and longer MD later: {3: {exploration: {temperatures_K: [900], steps: 5000}}}.",
     )
 
+    systems: list[SystemSettings] = Field(
+        [],
+        description="Several systems in one campaign: each explored from its own starts with "
+        "its own settings, trust levels and quota, selected and reported on its own, and no "
+        "longer explored once converged (accurate fraction reached, or fewer than "
+        "min_selected selected); the campaign stops when every system has converged. "
+        "initial_structures are still what iteration 0 labels (all systems'). Not with stages.",
+    )
     stages: list[StageSettings] = Field(
         [],
         description="Staged exploration: iterations from 1 on run the first stage until it "
@@ -601,6 +630,11 @@ class CampaignSettings(_Settings):
     def _check_schedule(self):
         if any(k < 0 for k in self.schedule):
             raise ValueError("schedule: iterations are >= 0")
+        names = [system.name for system in self.systems]
+        if len(set(names)) != len(names):
+            raise ValueError(f"systems: names must differ ({', '.join(names)})")
+        if self.systems and self.stages:
+            raise ValueError("systems and stages cannot be combined (yet)")
         bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
         if bad:
             raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")

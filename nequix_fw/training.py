@@ -237,7 +237,6 @@ def plan_members(
 
 
 def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
-
     missing = sorted(set(numbers) - set(model_numbers))
     if missing:
         raise StructureError(
@@ -274,7 +273,6 @@ def _reference_correction(base, data, counts, numbers) -> np.ndarray:
 
 
 def _start_module(plan: MemberPlan):
-
     config = dict(plan.config)
     if plan.init_path is None:
         zs = config["atomic_numbers"]
@@ -321,7 +319,6 @@ def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
 
 @functools.lru_cache(maxsize=8)
 def _optimizer_cached(schedule, clip, wd):
-
     optim = optax.chain(
         optax.clip_by_global_norm(clip),
         optax.adamw(schedule, weight_decay=wd, mask=weight_decay_mask),
@@ -330,7 +327,6 @@ def _optimizer_cached(schedule, clip, wd):
 
 
 def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_decay):
-
     (value, _), grads = eqx.filter_value_and_grad(nequix_loss, has_aux=True)(
         model, batch, *weights, loss_type
     )
@@ -460,7 +456,6 @@ def train_member(
 
 
 def _dist_version(name: str) -> str:
-
     return version(name)
 
 

@@ -148,7 +148,6 @@ def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:
 
 
 def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atoms:
-
     a = atoms.copy()
     a.calc = calc
     BFGS(a, logfile=None).run(fmax=fmax, steps=steps)

@@ -73,8 +73,10 @@ def exploration_workflow(sections: dict, k: int) -> Workflow:
 
 
 def _absolute_paths(sections: dict) -> None:
-    for name, keys in _PATHS.items():
-        sec = sections.get(name, {})
+    places = [(sections.get(name, {}), keys) for name, keys in _PATHS.items()]
+    places += [(system, ("initial_structures", "candidate_pool"))
+               for system in sections.get("campaign", {}).get("systems", [])]  # fmt: skip
+    for sec, keys in places:
         for key in keys:
             value = sec.get(key)
             if isinstance(value, list):
@@ -106,12 +108,15 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
             except SettingsError as exc:
                 where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
                 raise SettingsError(f"{config}: {exc}{where}") from None
-    for i, stage in enumerate(c.settings.stages):  # every stage's sections valid too
-        for name, values in stage.settings.items():
+    overrides = [(f"campaign.stages[{i}]", st.settings) for i, st in enumerate(c.settings.stages)]
+    overrides += [(f"campaign.systems[{i}]", system.settings)
+                  for i, system in enumerate(c.settings.systems)]  # fmt: skip
+    for where, settings in overrides:  # every stage's and system's sections valid too
+        for name, values in settings.items():
             try:
                 make_settings(SECTIONS[name], **{**sections.get(name, {}), **values})
             except SettingsError as exc:
-                raise SettingsError(f"{config}: {exc} (campaign.stages[{i}])") from None
+                raise SettingsError(f"{config}: {exc} ({where})") from None
     if (
         c.settings.md_stable_fraction is not None
         and not c.section(ValidationSettings, 0).md_stability

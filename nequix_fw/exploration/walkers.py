@@ -121,7 +121,6 @@ class _NVTWalker:
     Its positions and momenta live in the lockstep's arrays."""
 
     def __init__(self, index: int, job: MDJob, settings: ExplorationSettings, ensemble: Ensemble):
-
         atoms, temperature_K, _, seed, parent_id = job
         ensemble.check_covered(atoms, f"structure {parent_id}")
         self.index, self.settings, self.temperature_K = index, settings, temperature_K

@@ -270,7 +270,6 @@ class Cp2kBackend(LabellingBackend):
         return workdir / INPUT
 
     def _from_input_set(self, atoms: Atoms):
-
         from pymatgen.io.cp2k.inputs import Keyword  # noqa: PLC0415
 
         name = self.settings.cp2k_input_set
@@ -295,7 +294,6 @@ class Cp2kBackend(LabellingBackend):
         return ci
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
-
         workdir = workdir.resolve()
         self.write_input(atoms, workdir)
         os.environ.setdefault("CP2K_DATA_DIR", str(self.settings.cp2k_data_dir))

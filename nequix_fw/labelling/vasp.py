@@ -134,7 +134,6 @@ class VaspBackend(LabellingBackend):
         self.potcar_elements = list(self.potcar_blocks)
 
     def settings_doc(self) -> dict:
-
         if self.input_set is not None:
             return {
                 "input_set": f"{self.input_set.__module__}.{self.input_set.__name__}",
@@ -152,7 +151,6 @@ class VaspBackend(LabellingBackend):
         }
 
     def _write_inputs(self, atoms: Atoms, workdir: Path) -> None:
-
         if self.input_set is not None:
             self._write_input_set(AseAtomsAdaptor.get_structure(atoms), workdir)
             return
@@ -168,7 +166,6 @@ class VaspBackend(LabellingBackend):
         (workdir / "POTCAR").write_text("".join(self.potcar_blocks[el] for el in symbols))
 
     def _write_input_set(self, structure, workdir: Path) -> None:
-
         params = dict(self.settings.vasp_input_set_params)
         if self.settings.incar_overrides:
             params["user_incar_settings"] = {
@@ -195,7 +192,6 @@ class VaspBackend(LabellingBackend):
         return self.potcar_elements.index(symbol)
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
-
         workdir = workdir.resolve()
         self._write_inputs(atoms, workdir)
         s = self.settings
