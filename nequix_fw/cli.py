@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from nequix_fw import LOG_FORMAT, __version__
 from nequix_fw.errors import NequixFWError, SettingsError
@@ -50,21 +52,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         except ValueError:
             raise SettingsError(f"--lo {lo!r}: a number (eV/Å) or auto") from None
     settings = load_settings(
-        args.config,
-        SelectionSettings,
-        lo=lo,
-        hi=args.hi,
-        relative_force_level=args.relative_force_level,
-        stress_lo=args.stress_lo,
-        stress_hi=args.stress_hi,
-        max_selected=args.max_selected,
-        diverse=True if args.diverse else None,
-        descriptor=args.descriptor,
-        min_distance=args.min_distance,
-        format=args.format,
-        method=args.method,
-        seed=args.seed,
-        target_force_error=args.target_force_error,
+        args.config, SelectionSettings, lo=lo, **_settings_from(args, SelectionSettings)
     )
     if settings.lo == "auto":
         from nequix_fw.selection import resolve_lo
@@ -246,24 +234,20 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     from nequix_fw.settings import ExplorationSettings, load_settings
     from nequix_fw.structures import iter_frames
 
+    values = _settings_from(args, ExplorationSettings)
     settings = load_settings(
-        args.config, ExplorationSettings, temperatures_K=args.temperatures,
-        pressures_GPa=args.pressures, steps=args.steps, timestep_fs=args.timestep,
-        sample_every=args.sample_every, check_every=args.check_every, hi=args.hi,
-        seeds=args.seeds, thermostat=args.thermostat, barostat=args.barostat,
-        n_workers=args.workers, walkers=args.walkers, n_distortions=args.distortions,
-        rattle_A=args.rattle, strain_max=args.strain, strain_volumetric=args.strain_volumetric,
-        strain_shear=args.strain_shear, vacancies=args.vacancies,
+        args.config, ExplorationSettings, **values,
         substitutions=_pairs(args.substitute, "--substitute", "OLD:NEW"),
-        substitution_fraction=args.substitution_fraction,
         random_packing=_random_packing(args.random),
     )  # fmt: skip
-    asked = [f for f in ("rattle", "strain", "strain_volumetric", "strain_shear", "vacancies",
-                         "substitute") if getattr(args, f) is not None]  # fmt: skip
+    shaping = {"rattle_A": "--rattle", "strain_max": "--strain",
+               "strain_volumetric": "--strain-volumetric", "strain_shear": "--strain-shear",
+               "vacancies": "--vacancies", "substitutions": "--substitute"}  # fmt: skip
+    values["substitutions"] = args.substitute
+    asked = [flag for field, flag in shaping.items() if values.get(field) is not None]
     if asked and not settings.n_distortions:
         raise SettingsError(
-            f"--{asked[0].replace('_', '-')} shapes distorted copies, but none are made: "
-            "give --distortions N"
+            f"{asked[0]} shapes distorted copies, but none are made: give --distortions N"
         )
     ensemble = Ensemble.from_specs(args.models)
     manifest = explore(ensemble, list(iter_frames(args.structures)), args.output, settings,
@@ -462,6 +446,31 @@ def _iteration(text: str) -> int:
     return k
 
 
+def _setting(parser: argparse.ArgumentParser, cls, field: str, flag: str | None = None, **kw):
+    """An option that mirrors settings field `cls.field`: its type, list-ness, choices and help
+    come from the field; `_settings_from` hands its value to that field."""
+    annotation = cls.model_fields[field].annotation
+    if get_origin(annotation) in (Union, UnionType):  # X | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        kw.setdefault("choices", list(get_args(annotation)))
+    elif get_origin(annotation) is list:
+        kw.setdefault("nargs", "+")
+        kw.setdefault("type", get_args(annotation)[0])
+    elif annotation in (int, float):
+        kw.setdefault("type", annotation)
+    description = cls.model_fields[field].description or ""
+    kw.setdefault("help", description.split(". ")[0].rstrip(".").replace("%", "%%"))
+    action = parser.add_argument(flag or "--" + field.replace("_", "-"), **kw)
+    options = parser.get_default("_settings_options") or []
+    parser.set_defaults(_settings_options=[*options, (action.dest, cls, field)])
+
+
+def _settings_from(args: argparse.Namespace, cls) -> dict:
+    """The values of the options `_setting` added for settings class `cls`, by field."""
+    return {field: getattr(args, dest) for dest, c, field in args._settings_options if c is cls}
+
+
 def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     """The options of `label` and `relabel` that mirror the labelling settings."""
     lb.add_argument("--backend", choices=["ase", "script", "vasp", "cp2k"])
@@ -483,6 +492,8 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nequix_fw.settings import ExplorationSettings, SelectionSettings
+
     p = argparse.ArgumentParser(prog="nequix-fw", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nequix-fw {__version__}")
     p.add_argument(
@@ -525,34 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="settings YAML (section 'selection')")
     s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
     s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
-    s.add_argument(
-        "--target-force-error",
-        type=float,
-        help="--lo auto: the max force error (eV/Å) counted as accurate",
-    )
+    ss = SelectionSettings
+    _setting(s, ss, "target_force_error")
     s.add_argument("--calibration", help="--lo auto: validate report holding the calibration")
-    s.add_argument("--hi", type=float, help="upper trust level (eV/Å); above: failed")
-    s.add_argument("--relative-force-level", type=float,
-                   help="DP-GEN's use_relative: levels on dev/(|F| + this, eV/Å)")  # fmt: skip
-    s.add_argument("--stress-lo", type=float, help="lower trust level on stress_std (GPa)")
-    s.add_argument("--stress-hi", type=float, help="upper trust level on stress_std (GPa)")
-    s.add_argument("--max-selected", type=int, help="most structures selected")
-    s.add_argument(
-        "--diverse", action="store_true", help="farthest-point sampling instead of top uncertainty"
-    )
-    s.add_argument(
-        "--descriptor",
-        choices=["structure", "learned"],
-        help="descriptor of --diverse: hand-made, or the first model's features",
-    )
-    s.add_argument("--min-distance", type=float, help="minimum interatomic distance (Å)")
-    s.add_argument("--format", choices=["vasp", "extxyz"])
-    s.add_argument(
-        "--method",
-        choices=["uncertainty", "random"],
-        help="random: the control, max-selected drawn uniformly (not failed)",
-    )
-    s.add_argument("--seed", type=int, help="seed of --method random")
+    for field in ("hi", "relative_force_level", "stress_lo", "stress_hi", "max_selected"):
+        _setting(s, ss, field)
+    _setting(s, ss, "diverse", action="store_const", const=True)
+    for field in ("descriptor", "min_distance", "format", "method", "seed"):
+        _setting(s, ss, field)
     s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
     s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     s.set_defaults(func=_cmd_select)
@@ -655,28 +646,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--structures", nargs="+", required=True, help="starting structures")
     x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
     x.add_argument("--config", help="settings YAML (section 'exploration')")
-    x.add_argument("--temperatures", nargs="+", type=float, help="temperatures (K)")
-    x.add_argument("--pressures", nargs="+", type=float, help="pressures (GPa): NPT")
-    x.add_argument("--steps", type=int)
-    x.add_argument("--timestep", type=float, help="time step (fs)")
-    x.add_argument("--sample-every", type=int)
-    x.add_argument("--check-every", type=int)
-    x.add_argument("--hi", type=float, help="stop a trajectory above this max_force_dev (eV/Å)")
-    x.add_argument("--seeds", nargs="+", type=int)
-    x.add_argument("--thermostat", choices=["langevin", "bussi", "nose_hoover"])
-    x.add_argument("--barostat", choices=["berendsen", "mtk", "mtk_isotropic"])
-    x.add_argument("--workers", type=int, help="processes running trajectories in parallel")
-    x.add_argument(
-        "--walkers", type=int, help="trajectories advanced together, one ensemble call a step"
-    )
-    x.add_argument("--distortions", type=int, help="distorted copies per starting structure")
-    x.add_argument("--rattle", type=float, help="rattle amplitude of the copies (Å)")
-    x.add_argument("--strain", type=float, help="random symmetric strain, max component")
-    x.add_argument("--strain-volumetric", type=float, help="isotropic strain range (±)")
-    x.add_argument("--strain-shear", type=float, help="shear strain range (±)")
-    x.add_argument("--vacancies", type=int, help="atoms removed from each copy")
+    xs = ExplorationSettings
+    _setting(x, xs, "temperatures_K", "--temperatures")
+    _setting(x, xs, "pressures_GPa", "--pressures")
+    _setting(x, xs, "steps")
+    _setting(x, xs, "timestep_fs", "--timestep")
+    _setting(x, xs, "sample_every")
+    _setting(x, xs, "check_every")
+    _setting(x, xs, "hi")
+    _setting(x, xs, "seeds")
+    _setting(x, xs, "thermostat")
+    _setting(x, xs, "barostat")
+    _setting(x, xs, "n_workers", "--workers")
+    _setting(x, xs, "walkers")
+    _setting(x, xs, "n_distortions", "--distortions")
+    _setting(x, xs, "rattle_A", "--rattle")
+    _setting(x, xs, "strain_max", "--strain")
+    _setting(x, xs, "strain_volumetric")
+    _setting(x, xs, "strain_shear")
+    _setting(x, xs, "vacancies")
     x.add_argument("--substitute", nargs="+", metavar="OLD:NEW", help="element swaps in copies")
-    x.add_argument("--substitution-fraction", type=float)
+    _setting(x, xs, "substitution_fraction")
     x.add_argument(
         "--random",
         nargs="+",
