@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from math import ceil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pymongo.database import Database
 from nequix_fw.dataset import dataset_ids, read_labelled, update_dataset
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.evaluation import run_ensemble
-from nequix_fw.exploration import explore
+from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
@@ -102,7 +103,7 @@ class Campaign:
         """Index of iteration k's exploration stage (None without stages, and at iteration 0,
         which labels the initial structures): each iteration that converged its stage moves
         the next one to the following stage."""
-        if k < 1 or not getattr(self, "settings", None) or not self.settings.stages:
+        if k < 1 or not self.settings.stages:
             return None
         stage = 0
         for it in self._log()["iterations"]:
@@ -167,8 +168,8 @@ class Campaign:
             tmp.write_text(json.dumps(log, indent=1, default=str))
         if self.store is not None:
             self.store.save_iteration(k, its[k])
-        logger.info("campaign %s iteration %d: %s", self.settings.name, k,
-                 ", ".join(f"{key}={value}" for key, value in entries.items()))  # fmt: skip
+        summary = ", ".join(f"{key}={value}" for key, value in entries.items())
+        logger.info("campaign %s iteration %d: %s", self.settings.name, k, summary)
         return its[k]
 
     def iteration_record(self, k: int) -> dict:
@@ -189,7 +190,7 @@ def explore_stage(c: Campaign, k: int) -> dict:
     """MD, distortions and random packings from the initial structures (of every system still
     explored) with ensemble k-1."""
     ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings, k))
-    counts, stops = {}, {}
+    counts, stops = {}, Counter()
     for system in c.systems_at(k):
         starts = system.initial_structures if system else c.settings.initial_structures
         settings = c.section(ExplorationSettings, k, system)
@@ -198,12 +199,11 @@ def explore_stage(c: Campaign, k: int) -> dict:
         out = c.system_dir(k, "candidates", system)
         manifest = explore(ensemble, list(iter_frames([starts])), out, settings, progress=False)
         counts[system.name if system else None] = len(manifest["frames"])
-        for t in manifest["trajectories"]:
-            stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
+        stops.update(stop_counts(manifest["trajectories"]))
     if c.settings.systems:
-        return c.record(k, n_candidates=sum(counts.values()), trajectory_stops=stops,
+        return c.record(k, n_candidates=sum(counts.values()), trajectory_stops=dict(stops),
                         system_candidates=counts)  # fmt: skip
-    return c.record(k, n_candidates=counts[None], trajectory_stops=stops)
+    return c.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
 
 
 def evaluate_stage(c: Campaign, k: int) -> dict:
@@ -373,15 +373,9 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
     stage = c.stage(k)
     if stage is None:
         return selection_stop(c, k, record), True
-    st, counts, n = c.settings.stages[stage], record["selection"], record["n_selected"]
-    n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
-    why = None
-    if st.accurate_fraction is not None and n_candidates:
-        if counts["accurate"] / n_candidates >= st.accurate_fraction:
-            why = (f"{counts['accurate']} of {n_candidates} candidates accurate "
-                   f"(>= {st.accurate_fraction:.0%})")  # fmt: skip
-    if why is None and n < c.settings.min_selected:
-        why = f"{n} selected (< {c.settings.min_selected})"
+    n = record["n_selected"]
+    why = _converged(record["selection"], n, c.settings.stages[stage].accurate_fraction,
+                     c.settings.min_selected)  # fmt: skip
     c.record(k, stage=stage, stage_converged=why)
     if why is None:
         return None, True
@@ -396,15 +390,9 @@ def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bo
     systems = record["systems"]
     for system in c.systems_at(k):
         rec = systems[system.name]
-        counts, n = rec["selection"], rec["n_selected"]
-        n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
         target = system.accurate_fraction or c.settings.accurate_fraction
-        why = None
-        if target is not None and n_candidates and counts["accurate"] / n_candidates >= target:
-            why = f"{counts['accurate']} of {n_candidates} candidates accurate (>= {target:.0%})"
-        elif n < c.settings.min_selected:
-            why = f"{n} selected (< {c.settings.min_selected})"
-        rec["converged"] = why
+        rec["converged"] = _converged(rec["selection"], rec["n_selected"], target,
+                                      c.settings.min_selected)  # fmt: skip
     c.record(k, systems=systems)
     if all(rec.get("converged") for rec in systems.values()):
         why = "; ".join(f"{name}: {rec['converged']}" for name, rec in systems.items())
@@ -413,15 +401,25 @@ def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bo
     return None, n > 0  # nothing to label: the next iteration explores the other systems
 
 
+def _converged(counts: dict, n_selected: int, accurate_fraction: float | None,
+               min_selected: int) -> str | None:  # fmt: skip
+    """Why a selection (its class `counts`) shows convergence: at least `accurate_fraction` of
+    the candidates accurate (DP-GEN's measure), or fewer than `min_selected` selected."""
+    n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
+    if accurate_fraction is not None and n_candidates:
+        if counts["accurate"] / n_candidates >= accurate_fraction:
+            return (f"{counts['accurate']} of {n_candidates} candidates accurate "
+                    f"(>= {accurate_fraction:.0%})")  # fmt: skip
+    if n_selected < min_selected:
+        return f"{n_selected} selected (< {min_selected})"
+    return None
+
+
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
     """Why the campaign stops after iteration k's selection (None: label and train)."""
-    counts, target = record["selection"], c.settings.accurate_fraction
-    n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
-    if target is not None and n_candidates and counts["accurate"] / n_candidates >= target:
-        return (f"converged: {counts['accurate']} of {n_candidates} candidates accurate "
-                f"(>= {target:.0%})")  # fmt: skip
-    n, least = record["n_selected"], c.settings.min_selected
-    return f"converged: {n} selected (< {least})" if n < least else None
+    why = _converged(record["selection"], record["n_selected"], c.settings.accurate_fraction,
+                     c.settings.min_selected)  # fmt: skip
+    return f"converged: {why}" if why else None
 
 
 def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:

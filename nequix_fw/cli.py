@@ -230,7 +230,7 @@ def _cmd_update_dataset(args: argparse.Namespace) -> int:
 
 def _cmd_explore(args: argparse.Namespace) -> int:
     from nequix_fw.ensemble import Ensemble
-    from nequix_fw.exploration import explore
+    from nequix_fw.exploration import explore, stop_counts
     from nequix_fw.settings import ExplorationSettings, load_settings
     from nequix_fw.structures import iter_frames
 
@@ -252,9 +252,7 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     ensemble = Ensemble.from_specs(args.models)
     manifest = explore(ensemble, list(iter_frames(args.structures)), args.output, settings,
                        progress=not args.no_progress)  # fmt: skip
-    reasons: dict[str, int] = {}
-    for t in manifest["trajectories"]:
-        reasons[t["stop_reason"]] = reasons.get(t["stop_reason"], 0) + 1
+    reasons = stop_counts(manifest["trajectories"])
     stops = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
     print(
         f"{len(manifest['trajectories'])} trajectories ({stops}); "

@@ -51,9 +51,10 @@ class LearnedFeatures:
 
         self.model = model
         self.max_edges = max_edges_per_batch
-        self._module = eqx.tree_at(lambda m: m.readout, model.jax_module(), _Features())
+        module = model.jax_module()
+        self._module = eqx.tree_at(lambda m: m.readout, module, _Features())
         self._fn = eqx.filter_jit(_node_features)
-        self._e0 = np.asarray(model.jax_module().atom_energies, dtype=np.float64)
+        self._e0 = np.asarray(module.atom_energies, dtype=np.float64)
 
     def __call__(self, structures: Sequence[Atoms]) -> np.ndarray:
         """One row per structure, (n elements x n features) columns."""

@@ -358,8 +358,8 @@ def select_from_results(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("selection from %s: %s -> %s", results_path,
-             ", ".join(f"{n} {c}" for c, n in counts.items()), output)  # fmt: skip
+    classes = ", ".join(f"{n} {c}" for c, n in counts.items())
+    logger.info("selection from %s: %s -> %s", results_path, classes, output)
     return manifest
 
 

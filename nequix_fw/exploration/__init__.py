@@ -7,7 +7,7 @@ from nequix_fw.exploration.distortions import (
     with_vacancies,
 )
 from nequix_fw.exploration.md import Trajectory, run_md
-from nequix_fw.exploration.pool import explore, generate_structures
+from nequix_fw.exploration.pool import explore, generate_structures, stop_counts
 
 __all__ = [
     "Trajectory",
@@ -16,6 +16,7 @@ __all__ = [
     "generate_structures",
     "random_packing",
     "run_md",
+    "stop_counts",
     "with_substitutions",
     "with_vacancies",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -75,6 +76,11 @@ def _init_worker(model_paths: list[str], ensemble_settings: dict) -> None:
 def _run_jobs(args: tuple) -> list[Trajectory]:
     jobs, settings = args
     return run_trajectories(_WORKER_ENSEMBLE, jobs, settings)
+
+
+def stop_counts(trajectories: list[dict]) -> dict[str, int]:
+    """How many trajectories (of an exploration manifest) stopped for each reason."""
+    return dict(Counter(t["stop_reason"] for t in trajectories))
 
 
 def explore(
@@ -154,13 +160,10 @@ def explore(
     }  # fmt: skip
     with atomic_path(output / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
-    stops: dict[str, int] = {}
-    for t in trajectories:
-        stops[t["stop_reason"]] = stops.get(t["stop_reason"], 0) + 1
     logger.info(
         "explored %d trajectories (stops: %s), %d generated structures: %d candidates -> %s",
         len(trajectories),
-        stops,
+        stop_counts(trajectories),
         len(generated),
         len(frames),
         output,

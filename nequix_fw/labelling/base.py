@@ -248,6 +248,6 @@ def label_structures(
     for f in summary["failed"]:
         logger.warning("labelling of %s failed: %s", f["structure_id"], f["reason"])
     logger.info("labelled %d structures into %s: %d succeeded (%d reused), %d failed",
-             summary["n_structures"], output, summary["n_success"], n_reused,
-             summary["n_failed"])  # fmt: skip
+                summary["n_structures"], output, summary["n_success"], n_reused,
+                summary["n_failed"])  # fmt: skip
     return summary
