@@ -332,14 +332,26 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
         assert msg in capsys.readouterr().err, msg
 
 
-def test_stage_settings_are_checked(tmp_path, capsys):
+def test_stage_and_system_settings_are_checked(tmp_path, capsys):
+    """Bad stages and systems: one error line, exit 2, no workflow written."""
     from nequix_fw.cli import main
 
     cfg = tmp_path / "c.yaml"
-    for stages, msg in (([{"name": "x"}], "a stage needs accurate_fraction or iterations"),
-                        ([{"iterations": 1, "settings": {"exploration": {"steps": -1}}}],
-                         "(campaign.stages[0])")):  # fmt: skip
+    system = {"name": "cu", "initial_structures": "cu.xyz"}
+    stage = {"iterations": 1}
+    cases = [
+        ({"stages": [{"name": "x"}]}, "a stage needs accurate_fraction or iterations"),
+        ({"stages": [{"iterations": 1, "settings": {"exploration": {"steps": -1}}}]},
+         "(campaign.stages[0])"),
+        ({"systems": [system, system]}, "systems: names must differ (cu, cu)"),
+        ({"systems": [system], "stages": [stage]}, "systems and stages cannot be combined"),
+        ({"systems": [{**system, "settings": {"selection": {"hi": -1}}}]},
+         "(campaign.systems[0])"),
+    ]  # fmt: skip
+    for extra, msg in cases:
         cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i",
-                                                    "stages": stages}}))  # fmt: skip
+                                                    **extra}}))  # fmt: skip
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
-        assert msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w.yaml").exists()
