@@ -27,6 +27,7 @@ from nequix_fw.ensemble import Ensemble
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.labelling import label_structures, make_backend
+from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
     SECTIONS,
@@ -43,7 +44,7 @@ from nequix_fw.settings import (
 from nequix_fw.store import CampaignStore
 from nequix_fw.structures import atomic_path, iter_frames
 from nequix_fw.training import train_ensemble
-from nequix_fw.validation import validate
+from nequix_fw.validation import LABELLING, validate
 
 logger = logging.getLogger(__name__)
 
@@ -331,14 +332,21 @@ def train_stage(c: Campaign, k: int) -> dict:
     return c.record(k, n_models=len(metas), best_valid_loss=losses)
 
 
-def validate_stage(c: Campaign, k: int) -> dict:
+def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
+    """Validate ensemble k on the test set; with ``validation.reference: labelling``, against
+    the E-V set that the campaign's labelling backend (``>>key<<`` settings from the worker's
+    `env`) labels once."""
     if not c.settings.testset:
         return c.record(k, validation=None)
     checks = c.section(ValidationSettings, k)
+    reference_data = checks.reference_data
+    if checks.reference == LABELLING:
+        reference_data = [reference_ev_set(c, checks, env)]
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
                       reference=checks.reference, reference_params=checks.reference_params,
-                      ev_structure=checks.structure, launchpad=c.launchpad,
-                      settings=c.section(EnsembleSettings, k), validation=checks)  # fmt: skip
+                      ev_structure=checks.structure, reference_data=reference_data,
+                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k),
+                      validation=checks)  # fmt: skip
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
@@ -350,6 +358,21 @@ def validate_stage(c: Campaign, k: int) -> dict:
        properties=_property_errors(report.get("physics")))  # fmt: skip
     plot_progress(c.directory)
     return record
+
+
+def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) -> str:
+    """The campaign's E-V reference set (the dataset <dataset>_reference_ev): `checks.structure`
+    (default: the first test structure) at 7 volumes, labelled by the campaign's labelling
+    backend in <directory>/reference_ev the first time, reused after."""
+    if checks.structure is not None:
+        structure = next(iter_frames([checks.structure])).atoms
+    else:
+        structure = read_labelled(c.settings.testset, c.launchpad)[0].frame.atoms
+    to = f"{c.dataset}_reference_ev"
+    settings = c.section(LabellingSettings, 0)
+    label_ev_set(structure, to, make_backend(settings, env), settings,
+                 c.directory / "reference_ev", launchpad=c.launchpad, progress=False)  # fmt: skip
+    return to
 
 
 def _property_errors(physics: dict | None) -> dict | None:

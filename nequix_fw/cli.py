@@ -119,12 +119,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     checks = load_settings(
         args.config, ValidationSettings, md_stability=True if args.md_stability else None,
         md_temperature_K=args.md_temperature, md_steps=args.md_steps, md_n_runs=args.md_runs,
+        reference=args.reference, reference_data=args.reference_data,
+        structure=args.ev_structure,
     )  # fmt: skip
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
-        reference=args.reference, ev_structure=args.ev_structure, plots=not args.no_plots,
-        launchpad=args.launchpad, allow_mixed=args.allow_mixed, validation=checks,
-        progress=not args.no_progress,
+        reference=checks.reference, reference_params=checks.reference_params,
+        ev_structure=checks.structure, reference_data=checks.reference_data,
+        plots=not args.no_plots, launchpad=args.launchpad, allow_mixed=args.allow_mixed,
+        validation=checks, progress=not args.no_progress,
     )  # fmt: skip
     mean = report["ensemble_mean"]
     line = (
@@ -150,6 +153,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         others = f" (others: {stops})" if stops else ""
         print(f"MD stability at {md['temperature_K']:g} K: {n_ok} of {md['n_runs']} runs stable "
               f"for {md['length_fs'] / 1000:g} ps{others}")  # fmt: skip
+    phys = report.get("physics")
+    if phys and phys["v0_error_percent"] is None:
+        print(f"E-V of {phys['formula']} against {phys['reference']}: the model's curve has no "
+              f"fit ({phys['ev_model']['fit_error']})")  # fmt: skip
+    elif phys:
+        print(f"E-V of {phys['formula']} against {phys['reference']}: V0 error "
+              f"{phys['v0_error_percent']:+.2f} %, B0 error "
+              f"{phys['bulk_modulus_error_percent']:+.1f} %")  # fmt: skip
     print(f"report -> {args.output}")
     return 0
 
@@ -208,6 +219,24 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
           f"({ds['n_duplicates']} already there); {ds['n_total']} in {ds['dataset']}")  # fmt: skip
     for f in lab["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
+    return 0
+
+
+def _cmd_ev_set(args: argparse.Namespace) -> int:
+    from nequix_fw.labelling import fworker_env, make_backend
+    from nequix_fw.labelling.ev_set import label_ev_set
+    from nequix_fw.structures import iter_frames
+
+    settings = _labelling_settings(args)
+    backend = make_backend(settings, fworker_env(args.fworker))
+    structure = next(iter_frames([args.structure])).atoms
+    r = label_ev_set(structure, args.to, backend, settings, args.output, args.launchpad,
+                     progress=not args.no_progress)  # fmt: skip
+    lab, ds = r["labels"], r["dataset"]
+    reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
+    print(f"E-V set of {structure.get_chemical_formula()}: labelled {lab['n_success']} of "
+          f"{lab['n_structures']} volumes with {lab['backend']}{reused}; {ds['n_total']} in "
+          f"{ds['dataset']} (validate --reference-data {args.to})")  # fmt: skip
     return 0
 
 
@@ -592,6 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="true max force error (eV/Å) counted as 'bad' for ROC AUC",
     )
     v.add_argument("--reference", help="reference calculator for E-V and relaxation (emt)")
+    v.add_argument(
+        "--reference-data",
+        nargs="+",
+        help="labelled E-V data instead of a calculator (files, dirs, db:NAME; see ev-set)",
+    )
     v.add_argument("--ev-structure", help="structure for the E-V curve (default: first test one)")
     v.add_argument("--no-plots", action="store_true")
     v.add_argument(
@@ -624,7 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
     rl.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     rl.set_defaults(func=_cmd_relabel)
-    for parser in (lb, rl):  # the labelling options
+    ev = sub.add_parser(
+        "ev-set", help="label a structure at 7 volumes (-6 to +6 %%): E-V reference data"
+    )
+    ev.add_argument("--structure", required=True, help="the (periodic) structure file")
+    ev.add_argument("--to", required=True, help="dataset of the E-V set (directory or db:NAME)")
+    ev.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
+    ev.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+    ev.set_defaults(func=_cmd_ev_set)
+    for parser in (lb, rl, ev):  # the labelling options
         _labelling_arguments(parser)
 
     u = sub.add_parser("update-dataset", help="add labelled structures to the training set")

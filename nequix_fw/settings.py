@@ -649,11 +649,19 @@ class ValidationSettings(_Settings):
         None,
         description="Reference ASE calculator of the structural checks (E-V curve: V0 and B0 by "
         "Birch-Murnaghan; relaxation; vacancy formation energy of elemental cells): a name "
-        "(emt, lj, ...) or 'module:Class'. None: no structural checks.",
+        "(emt, lj, ...) or 'module:Class'. In a campaign, 'labelling': the campaign's own "
+        "labelling backend (VASP, CP2K, ...) labels an E-V set of `structure` once (7 volumes, "
+        "-6 to +6 %), stored as the dataset <dataset>_reference_ev, and the E-V check compares "
+        "with it. None: no structural checks.",
     )
     reference_params: dict = Field(
         default_factory=dict, description="Keywords of the reference calculator."
     )
+    reference_data: list[str] = Field(
+        [], description="Labelled E-V data instead of a calculator (files, directories or "
+        "db:NAME; one composition at >= 5 volumes, e.g. from `nequix-fw ev-set`): the E-V check "
+        "compares with it.",
+    )  # fmt: skip
     structure: Path | None = Field(
         None, description="Structure of the structural checks (default: the first test one)."
     )
@@ -676,6 +684,13 @@ class ValidationSettings(_Settings):
         description="Largest drift of the conserved energy (potential + kinetic - what the "
         "thermostat exchanged), eV/atom per ps.",
     )
+
+    @model_validator(mode="after")
+    def _one_reference(self):
+        if self.reference not in (None, "labelling") and self.reference_data:
+            raise ValueError("reference (a calculator) and reference_data (labelled E-V data) "
+                             "exclude each other: give one")  # fmt: skip
+        return self
 
 
 S = TypeVar("S", bound=_Settings)

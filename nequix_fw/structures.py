@@ -7,7 +7,7 @@ import hashlib
 import os
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +216,17 @@ def write_structure(atoms: Atoms, path: str | Path, fmt: str) -> None:
             ase.io.write(tmp, atoms, format="vasp", direct=True)
         else:
             ase.io.write(tmp, atoms, format=fmt)
+
+
+#: Volume strains of the E-V curves (isotropic scaling, fractions of the volume).
+EV_STRAINS = np.linspace(-0.06, 0.06, 7)
+
+
+def scaled_cells(atoms: Atoms, strains: Sequence[float] = EV_STRAINS) -> list[Atoms]:
+    """`atoms` scaled isotropically to each volume strain (the E-V set)."""
+    cells = []
+    for s in strains:
+        a = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        a.set_cell(atoms.cell[:] * (1 + s) ** (1 / 3), scale_atoms=True)
+        cells.append(a)
+    return cells

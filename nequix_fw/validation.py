@@ -26,12 +26,12 @@ from tqdm import tqdm
 from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
-from nequix_fw.errors import NequixFWError, SettingsError
+from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
-from nequix_fw.structures import atomic_path, check_output
+from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_cells
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from nequix_fw.store import DatabaseRef
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+#: `validation.reference` naming the campaign's own labelling backend as the reference.
+LABELLING = "labelling"
 
 
 def _err_stats(err: np.ndarray) -> dict:
@@ -131,20 +134,73 @@ def reference_calculator(name: str, params: dict | None = None):
         raise SettingsError(f"calculator {name!r}: bad parameters ({exc})") from None
 
 
-def energy_volume(atoms: Atoms, calc, strains: np.ndarray) -> dict:
-    """E-V curve by isotropic scaling; Birch-Murnaghan fit (V0 in Å³/atom, B in GPa)."""
+def birch_murnaghan(volumes: Sequence[float], energies: Sequence[float]) -> dict:
+    """Birch-Murnaghan fit of per-atom volumes (Å³) and energies (eV): V0, E0, B (GPa); all
+    None (and `fit_error` says why) for a curve the fit cannot follow, e.g. one without a
+    minimum (an undertrained model)."""
+    out = {"volumes": list(volumes), "energies": list(energies)}
+    try:
+        v0, e0, b = EquationOfState(out["volumes"], out["energies"], eos="birchmurnaghan").fit()
+    except (RuntimeError, ValueError) as exc:
+        why = str(exc)
+    else:
+        # a minimum up to half the sampled span outside it is extrapolated, farther is none
+        lo, hi = min(out["volumes"]), max(out["volumes"])
+        lo, hi = lo - (hi - lo) / 2, hi + (hi - lo) / 2
+        if np.isfinite([v0, e0, b]).all() and b > 0 and lo <= v0 <= hi:
+            return {**out, "v0": float(v0), "e0": float(e0), "bulk_modulus_GPa": float(b / GPa)}
+        why = f"no minimum between {lo:.4g} and {hi:.4g} Å³/atom (fit: V0 {v0:.4g}, B {b:.3g})"
+    return {**out, "v0": None, "e0": None, "bulk_modulus_GPa": None, "fit_error": why}
 
+
+def energy_volume(atoms: Atoms, calc, strains: Sequence[float] = EV_STRAINS) -> dict:
+    """E-V curve by isotropic scaling; Birch-Murnaghan fit (V0 in Å³/atom, B in GPa)."""
     vols, ens = [], []
-    for s in strains:
-        a = atoms.copy()
-        a.set_cell(atoms.cell[:] * (1 + s) ** (1 / 3), scale_atoms=True)
+    for a in scaled_cells(atoms, strains):
         a.calc = calc
         vols.append(a.get_volume() / len(a))
         ens.append(a.get_potential_energy() / len(a))
-    eos = EquationOfState(vols, ens, eos="birchmurnaghan")
-    v0, e0, b = eos.fit()
-    return {"volumes": vols, "energies": ens, "v0": float(v0), "e0": float(e0),
-            "bulk_modulus_GPa": float(b / GPa)}  # fmt: skip
+    return birch_murnaghan(vols, ens)
+
+
+def _ev_errors(ev_m: dict, ev_r: dict, reference: str) -> dict:
+    """V0 and B0 errors (%) of the model's E-V fit (None where it failed) against the
+    reference's, which must fit."""
+    if ev_r["v0"] is None:
+        raise StructureError(
+            f"E-V curve of {reference}: no Birch-Murnaghan fit ({ev_r['fit_error']}); is the "
+            "structure near its equilibrium volume (the curve spans -6..+6 %)?"
+        )
+
+    def err(key):
+        return None if ev_m[key] is None else 100 * (ev_m[key] - ev_r[key]) / ev_r[key]
+
+    return {"ev_model": ev_m, "ev_reference": ev_r, "v0_error_percent": err("v0"),
+            "bulk_modulus_error_percent": err("bulk_modulus_GPa")}  # fmt: skip
+
+
+def ev_checks_against_labels(calc, data: Sequence[Labelled], where: str) -> dict:
+    """The E-V check against labelled reference data (`where`: its name in the report): one
+    composition at several volumes, e.g. an E-V set labelled with VASP or CP2K. The model's
+    curve is computed on the same cells; both are fitted (Birch-Murnaghan)."""
+    formulas = {d.frame.atoms.get_chemical_formula(empirical=True) for d in data}
+    volumes = sorted({round(d.frame.atoms.get_volume() / len(d.frame.atoms), 6) for d in data})
+    if len(formulas) != 1 or len(volumes) < 5:
+        raise StructureError(
+            f"{where}: an E-V reference set is one composition at >= 5 volumes; found "
+            f"{', '.join(sorted(formulas))} at {len(volumes)} volume(s) in {len(data)} structures"
+        )
+    data = sorted(data, key=lambda d: d.frame.atoms.get_volume() / len(d.frame.atoms))
+    vols = [d.frame.atoms.get_volume() / len(d.frame.atoms) for d in data]
+    ref = [d.energy / len(d.frame.atoms) for d in data]
+    mine = []
+    for d in data:
+        a = Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
+                  pbc=d.frame.atoms.pbc, calculator=calc)  # fmt: skip
+        mine.append(a.get_potential_energy() / len(a))
+    return {"reference": where, "formula": data[0].frame.atoms.get_chemical_formula(),
+            **_ev_errors(birch_murnaghan(vols, mine), birch_murnaghan(vols, ref), where),
+            "relaxation": None, "vacancy": None}  # fmt: skip
 
 
 def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atoms:
@@ -171,11 +227,7 @@ def physics_checks(calc, structure: Atoms, reference) -> dict:
     """E-V curve, relaxation and (elemental periodic cells) vacancy formation energy of
     `structure` with `calc` (e.g. an `EnsembleCalculator` of the ensemble mean) and with the
     `reference` ASE calculator; errors relative to the reference."""
-    strains = np.linspace(-0.06, 0.06, 7)
-    ev_m, ev_r = (
-        energy_volume(structure, calc, strains),
-        energy_volume(structure, reference, strains),
-    )
+    ev_m, ev_r = energy_volume(structure, calc), energy_volume(structure, reference)
     start = structure.copy()
     start.rattle(0.05, seed=0)
     rel_m, rel_r = relaxation(start, calc), relaxation(start, reference)
@@ -185,12 +237,7 @@ def physics_checks(calc, structure: Atoms, reference) -> dict:
     out = {
         "reference": type(reference).__name__,
         "formula": structure.get_chemical_formula(),
-        "ev_model": ev_m,
-        "ev_reference": ev_r,
-        "v0_error_percent": 100 * (ev_m["v0"] - ev_r["v0"]) / ev_r["v0"],
-        "bulk_modulus_error_percent": 100
-        * (ev_m["bulk_modulus_GPa"] - ev_r["bulk_modulus_GPa"])
-        / ev_r["bulk_modulus_GPa"],
+        **_ev_errors(ev_m, ev_r, type(reference).__name__),
         "relaxation": {
             "reference_energy_of_model_minimum_minus_reference_minimum_eV": e_mine_on_ref
             - float(rel_r.get_potential_energy()),
@@ -325,6 +372,7 @@ def validate(
     reference: str | None = None,
     reference_params: dict | None = None,
     ev_structure: str | Path | None = None,
+    reference_data: Sequence[str | Path] = (),
     plots: bool = True,
     settings: EnsembleSettings | None = None,
     launchpad: DatabaseRef | None = None,
@@ -333,9 +381,22 @@ def validate(
     progress: bool = False,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
-    JSON report (and PNG plots beside it). `progress`: bars for the long parts."""
+    JSON report (and PNG plots beside it). The structural checks compare with the `reference`
+    calculator (E-V curve of `ev_structure`, relaxation, vacancy) or with labelled
+    `reference_data` (an E-V set). `progress`: bars for the long parts."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
+    if reference == LABELLING:
+        if not reference_data:
+            raise SettingsError(
+                f"validation.reference {LABELLING!r} means an E-V set labelled by a campaign's "
+                "labelling backend; outside a campaign give validation.reference_data "
+                "(--reference-data), e.g. made by `nequix-fw ev-set`"
+            )
+        reference = None
+    if reference is not None and reference_data:
+        raise SettingsError("validation.reference (a calculator) and validation.reference_data "
+                            "(labelled E-V data) exclude each other: give one")  # fmt: skip
     output = check_output(output, "file")
     data = read_labelled(testset, launchpad, allow_mixed)
     if not data:
@@ -375,6 +436,11 @@ def validate(
             reference_calculator(reference, reference_params),
         )
         report["physics"]["reference"] = reference
+    elif reference_data:
+        where = ", ".join(str(r) for r in reference_data)
+        report["physics"] = ev_checks_against_labels(
+            EnsembleCalculator(ensemble), read_labelled(reference_data, launchpad), where
+        )
     if validation is not None and validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)

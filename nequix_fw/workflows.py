@@ -23,13 +23,14 @@ from nequix_fw.firetasks import (
 )
 from nequix_fw.labelling import PLACEHOLDER
 from nequix_fw.settings import SECTIONS, ValidationSettings, make_settings, read_sections
+from nequix_fw.store import is_store_spec
 from nequix_fw.structures import iter_frames
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
 _PATHS = {
     "campaign": ("directory", "initial_structures", "candidate_pool", "testset", "launchpad"),
     "labelling": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
-    "validation": ("structure",),
+    "validation": ("structure", "reference_data"),
 }
 
 
@@ -72,6 +73,13 @@ def exploration_workflow(sections: dict, k: int) -> Workflow:
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 
+def _absolute(value: str) -> str:
+    """A path made absolute (placeholders and store datasets db:NAME as they are)."""
+    if PLACEHOLDER.match(str(value)) or is_store_spec(value):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def _absolute_paths(sections: dict) -> None:
     places = [(sections.get(name, {}), keys) for name, keys in _PATHS.items()]
     places += [(system, ("initial_structures", "candidate_pool"))
@@ -80,9 +88,9 @@ def _absolute_paths(sections: dict) -> None:
         for key in keys:
             value = sec.get(key)
             if isinstance(value, list):
-                sec[key] = [str(Path(v).expanduser().resolve()) for v in value]
-            elif value is not None and not PLACEHOLDER.match(str(value)):
-                sec[key] = str(Path(value).expanduser().resolve())
+                sec[key] = [_absolute(v) for v in value]
+            elif value is not None:
+                sec[key] = _absolute(value)
 
 
 def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
@@ -123,9 +131,14 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     ):
         raise SettingsError(f"{config}: campaign.md_stable_fraction needs validation.md_stability: "
                             "true (the runs it counts)")  # fmt: skip
-    if c.settings.property_tolerances and not c.section(ValidationSettings, 0).reference:
+    checks = c.section(ValidationSettings, 0)
+    if c.settings.property_tolerances and not (checks.reference or checks.reference_data):
         raise SettingsError(f"{config}: campaign.property_tolerances needs validation.reference "
-                            "(the calculator the structural checks compare with)")  # fmt: skip
+                            "or validation.reference_data (what the structural checks compare "
+                            "with)")  # fmt: skip
+    if (checks.reference or checks.reference_data) and not c.settings.testset:
+        raise SettingsError(f"{config}: the structural checks (validation.reference) run in the "
+                            "validation, which needs campaign.testset")  # fmt: skip
     return sections
 
 
@@ -187,5 +200,6 @@ class ValidateTask(_GrowingTask):
 
     def run_stage(self, fw_spec):
         c, k = self.campaign, self["iteration"]
-        reason = stages.iteration_stop(c, k, stages.validate_stage(c, k))
+        record = stages.validate_stage(c, k, fw_spec.get("_fw_env"))
+        reason = stages.iteration_stop(c, k, record)
         return self._grow(reason, lambda: exploration_workflow(c.sections, k + 1))

@@ -53,7 +53,7 @@ docs = list(db[COLLECTION].find())
 print(json.dumps({
     "fireworks": sorted((f["name"], f["state"]) for f in db.fireworks.find()),
     "workflow_state": [w["state"] for w in db.workflows.find()],
-    "dataset": sorted((d["dataset"], d["info"]["iteration"]) for d in docs),
+    "dataset": sorted((d["dataset"], d["info"].get("iteration", -1)) for d in docs),
     "ids": sorted(d["structure_id"] for d in docs),
     "backends": sorted({d["info"]["backend"] for d in docs}),
     "counts": {c: db[c].count_documents({}) for c in (ITERATIONS, LABEL_TASKS, MODELS,
@@ -94,7 +94,7 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
     ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
     settings = yaml.safe_load(SETTINGS.format(name=name, lo=lo))
     for section, values in yaml.safe_load(extra or "{}").items():
-        settings[section].update(values)
+        settings.setdefault(section, {}).update(values)
     (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(settings))
     today = datetime.date.today().isoformat()
     return _fireworks(
@@ -308,6 +308,7 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
 
     cfg = tmp_path / "c.yaml"
     settings = {"campaign": {"directory": "r", "initial_structures": "i.xyz", "max_iterations": 5,
+                             "testset": ["t.xyz"],
                              "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5}},
                 "validation": {"reference": "emt"}}  # fmt: skip
     cfg.write_text(yaml.safe_dump(settings))
@@ -321,7 +322,10 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     )
     assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
     # without a reference to compare with, a negative tolerance, an unknown property
+    no_testset = {k: v for k, v in settings["campaign"].items() if k != "testset"}
     cases = [({"validation": {}}, "campaign.property_tolerances needs validation.reference"),
+             ({"campaign": no_testset}, "the structural checks (validation.reference) run in "
+              "the validation, which needs campaign.testset"),
              ({"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
               "property_tolerances: v0_percent must be > 0"),
              ({"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},

@@ -1,10 +1,12 @@
 """Campaigns of other shapes, run with FireWorks on the local MongoDB server: staged exploration
-(`campaign.stages`) and several systems (`campaign.systems`). In a file of their own so that the
-test workers share the campaign tests."""
+(`campaign.stages`), several systems (`campaign.systems`), structural checks against an E-V set
+labelled by the campaign's own backend. In a file of their own so that the test workers share
+the campaign tests."""
 
 import json
 
 import ase.io
+import pytest
 from conftest import make_cells
 from test_campaign import _campaign
 
@@ -63,3 +65,42 @@ campaign:
     m = json.loads((r["dir"] / "iter_002" / "candidates" / "cuau" / "manifest.json").read_text())
     assert {t["temperature_K"] for t in m["trajectories"]} == {1000.0}  # its own settings
     assert its[1]["system_candidates"]["cu"] > 0
+
+
+def test_structural_checks_against_an_ev_set_labelled_once_by_the_campaign(
+    tmp_path, launchpad_file
+):
+    """validation.reference: labelling: the campaign's labelling backend (EMT through the
+    worker's >>reference_calculator<< placeholder) labels the E-V set of the first test
+    structure once, into the dataset db:<name>_reference_ev; every validation compares the
+    ensemble's E-V curve with it and records the errors that property_tolerances judge."""
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.validation import energy_volume
+
+    extra = """
+campaign: {max_iterations: 1, property_tolerances: {v0_percent: 0.001}}
+validation: {reference: labelling}
+"""
+    r = _campaign(tmp_path, "evref", lo=0.0, extra=extra)
+    its = r["log"]
+    assert [it["iteration"] for it in its] == [0, 1]
+    assert its[1]["stop_reason"] == "max_iterations (1) reached"  # 0.001 % is never met
+    work = r["dir"] / "reference_ev"
+    tasks = [json.loads(p.read_text()) for p in work.glob("labels/*/task.json")]
+    assert len(tasks) == 7 and {t["status"] for t in tasks} == {"success"}
+    summary = json.loads((work / "labels" / "summary.json").read_text())
+    assert summary["n_reused"] == 7  # the second validation labelled nothing again
+    first = ase.io.read(tmp_path / "testset.extxyz", index=0)
+    direct = energy_volume(first, EMT())
+    for k, it in enumerate(its):
+        phys = json.loads((r["dir"] / f"iter_{k:03d}" / "validation.json").read_text())["physics"]
+        assert phys["reference"] == "db:evref_reference_ev" and phys["relaxation"] is None
+        assert phys["ev_reference"]["v0"] == pytest.approx(direct["v0"], rel=1e-6)
+        assert phys["ev_reference"]["bulk_modulus_GPa"] == pytest.approx(
+            direct["bulk_modulus_GPa"], rel=1e-4
+        )
+        assert it["properties"]["v0_percent"] == phys["v0_error_percent"]
+    # stored in MongoDB as a dataset of its own, apart from the training set
+    datasets = [name for name, _ in r["db"]["dataset"]]
+    assert datasets.count("evref_reference_ev") == 7 and datasets.count("evref") == 4 + 3

@@ -234,3 +234,58 @@ def test_physics_checks_against_any_reference_with_vacancy():
     assert physics_checks(EMT(), alloy, EMT())["vacancy"] is None
     with pytest.raises(SettingsError, match="calculator 'emt': bad parameters \\(unknown sigma"):
         reference_calculator("emt", {"sigma": 1.0})
+
+
+def test_ev_check_against_a_labelled_ev_set_equals_the_calculator_check(
+    report, emt_data, tmp_path, capsys
+):
+    """`ev-set` labels a structure at 7 volumes (any backend; EMT here) into a dataset, once: a
+    rerun labels nothing again. `validate --reference-data` on that set gives the same V0 and
+    B0 errors as `--reference emt` (the same cells, the same reference energies)."""
+    first = ase.io.read(emt_data["test"], index=0)
+    ase.io.write(tmp_path / "start.extxyz", first)
+    ev = ["ev-set", "--structure", str(tmp_path / "start.extxyz"), "--to",
+          str(tmp_path / "ev_set"), "--output", str(tmp_path / "ev_work"), "--backend", "ase",
+          "--calculator", "emt", "--no-progress"]  # fmt: skip
+    assert main(ev) == 0
+    assert "labelled 7 of 7 volumes with ase; 7 in" in capsys.readouterr().out
+    assert main(ev) == 0  # once: the rerun reuses every label and adds nothing
+    assert "(7 from an earlier run); 7 in" in capsys.readouterr().out
+    models = [str(m) for m in report["models"]]
+    base = ["validate", "--models", *models, "--testset", str(emt_data["test"]), "--no-plots"]
+    assert main([*base, "--output", str(tmp_path / "calc.json"), "--reference", "emt"]) == 0
+    assert main([*base, "--output", str(tmp_path / "data.json"), "--reference-data",
+                 str(tmp_path / "ev_set")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    calc = json.loads((tmp_path / "calc.json").read_text())["physics"]
+    data = json.loads((tmp_path / "data.json").read_text())["physics"]
+    assert data["reference"] == str(tmp_path / "ev_set") and data["relaxation"] is None
+    for key in ("v0_error_percent", "bulk_modulus_error_percent"):  # to the file's digits
+        assert data[key] == pytest.approx(calc[key], rel=1e-4)
+    assert data["ev_reference"]["v0"] == pytest.approx(calc["ev_reference"]["v0"], rel=1e-7)
+    assert f"against {tmp_path / 'ev_set'}: V0 error {data['v0_error_percent']:+.2f} %" in printed
+    # both references at once, or data that is no E-V set: one clear error line, exit 2
+    code = main([*base, "--output", str(tmp_path / "x.json"), "--reference", "emt",
+                 "--reference-data", str(tmp_path / "ev_set")])  # fmt: skip
+    assert code == 2 and "exclude each other" in capsys.readouterr().err
+    code = main([*base, "--output", str(tmp_path / "x.json"), "--reference-data",
+                 str(emt_data["test"])])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "an E-V reference set is one composition at >= 5 volumes" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_ev_curve_without_a_minimum_has_no_fit_and_no_error():
+    """An undertrained model's E-V curve without a minimum: no V0/B0 (the property is not met)
+    instead of a crashed validation; a reference without one is a clear error."""
+    from nequix_fw.validation import _ev_errors, birch_murnaghan
+
+    vols = np.linspace(15, 18, 7)
+    flat = birch_murnaghan(vols, -0.5 * vols)  # monotonic: no minimum
+    assert flat["v0"] is None and flat["bulk_modulus_GPa"] is None and flat["fit_error"]
+    good = birch_murnaghan(vols, 0.1 * (vols - 16.5) ** 2)
+    assert good["v0"] == pytest.approx(16.5, rel=1e-3)
+    errors = _ev_errors(flat, good, "ref")
+    assert errors["v0_error_percent"] is None and errors["bulk_modulus_error_percent"] is None
+    with pytest.raises(StructureError, match="E-V curve of ref: no Birch-Murnaghan fit"):
+        _ev_errors(good, flat, "ref")

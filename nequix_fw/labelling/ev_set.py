@@ -1,0 +1,56 @@
+"""An E-V set labelled with a labelling backend: the reference data of the structural checks
+against DFT (`validation.reference_data`, and `validation.reference: labelling` in a campaign)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ase.io
+from ase import Atoms
+
+from nequix_fw.dataset import update_dataset
+from nequix_fw.errors import StructureError
+from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.settings import LabellingSettings
+from nequix_fw.structures import EV_STRAINS, atomic_path, scaled_cells
+
+logger = logging.getLogger(__name__)
+
+
+def label_ev_set(
+    structure: Atoms,
+    to: str | Path,
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    output: str | Path,
+    launchpad=None,
+    progress: bool = True,
+) -> dict:
+    """Label `structure` scaled to the E-V volumes (`validation.EV_STRAINS`) with `backend`
+    into the dataset `to` (a directory, file or ``db:NAME``). The cells are written to
+    `output`/structures.extxyz and labelled in `output`/labels, so a rerun labels nothing twice
+    (the once-per-campaign reference). Fails unless at least 5 volumes were labelled."""
+    if not structure.pbc.all():
+        raise StructureError(f"{structure.get_chemical_formula()}: an E-V set needs a periodic "
+                             "cell")  # fmt: skip
+    output = Path(output)
+    cells = output / "structures.extxyz"
+    if not cells.is_file():
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cells) as tmp:
+            ase.io.write(tmp, scaled_cells(structure), format="extxyz")
+    labels = label_structures(cells, output / "labels", backend, settings, progress=progress)
+    if labels["n_success"] < 5:
+        raise StructureError(
+            f"E-V set of {structure.get_chemical_formula()}: {labels['n_success']} of "
+            f"{len(EV_STRAINS)} volumes labelled (>= 5 needed); reasons in "
+            f"{output / 'labels'}/*/task.json"
+        )
+    formula = structure.get_chemical_formula()
+    added = update_dataset(
+        output / "labels", to, launchpad=launchpad, provenance={"reference_ev_of": formula}
+    )
+    logger.info("E-V set of %s: %d volumes labelled (%d reused) -> %s", formula,
+                labels["n_success"], labels["n_reused"], to)  # fmt: skip
+    return {"labels": labels, "dataset": added}
