@@ -71,7 +71,7 @@ class Campaign:
             for start in sorted(self.settings.schedule):
                 if start <= k:
                     values.update(self.settings.schedule[start].get(name, {}))
-            stage = self.stage(k)
+            stage = self.stage(k, system)
             if stage is not None:
                 values.update(self.settings.stages[stage].settings.get(name, {}))
         if system is not None:
@@ -100,15 +100,17 @@ class Campaign:
         name = "ensemble_results" + ("" if system is None else f"_{system.name}")
         return self.iter_dir(k) / f"{name}.json"
 
-    def stage(self, k: int) -> int | None:
+    def stage(self, k: int, system: SystemSettings | None = None) -> int | None:
         """Index of iteration k's exploration stage (None without stages, and at iteration 0,
         which labels the initial structures): each iteration that converged its stage moves
-        the next one to the following stage."""
-        if k < 1 or not self.settings.stages:
+        the next one to the following stage. With systems, each system goes through the
+        stages on its own (None without a system)."""
+        if k < 1 or not self.settings.stages or (self.settings.systems and system is None):
             return None
         stage = 0
         for it in self._log()["iterations"]:
-            if 1 <= it["iteration"] < k and it.get("stage_converged"):
+            rec = it if system is None else (it.get("systems") or {}).get(system.name, {})
+            if 1 <= it["iteration"] < k and rec.get("stage_converged"):
                 stage += 1
         return min(stage, len(self.settings.stages) - 1)
 
@@ -409,19 +411,35 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
 
 def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
     """Each system explored at k converges on its own (accurate fraction, or fewer than
-    min_selected selected) and is no longer explored; the campaign stops when all have."""
+    min_selected selected) and is no longer explored; the campaign stops when all have. With
+    stages, each system goes through them on its own: converging a stage moves the system to
+    the next, and converging the last ends it."""
     systems = record["systems"]
     for system in c.systems_at(k):
         rec = systems[system.name]
-        target = system.accurate_fraction or c.settings.accurate_fraction
-        rec["converged"] = _converged(rec["selection"], rec["n_selected"], target,
-                                      c.settings.min_selected)  # fmt: skip
+        stage = c.stage(k, system)
+        if stage is None:
+            target = system.accurate_fraction or c.settings.accurate_fraction
+        else:
+            target = c.settings.stages[stage].accurate_fraction
+        why = _converged(rec["selection"], rec["n_selected"], target, c.settings.min_selected)
+        if stage is None:
+            rec["converged"] = why
+            continue
+        rec.update(stage=stage, stage_converged=why, converged=None)
+        if why and stage == len(c.settings.stages) - 1:
+            rec["converged"] = f"last stage {c.stage_name(stage)}: {why}"
     c.record(k, systems=systems)
-    if all(rec.get("converged") for rec in systems.values()):
-        why = "; ".join(f"{name}: {rec['converged']}" for name, rec in systems.items())
-        return f"converged: every system ({why})", False
-    n = record["n_selected"]
-    return None, n > 0  # nothing to label: the next iteration explores the other systems
+    return _every_system_converged(systems), record["n_selected"] > 0
+
+
+def _every_system_converged(systems: dict) -> str | None:
+    """The stop reason once every system explored in an iteration (its `systems` records) has
+    converged: the others converged before."""
+    if not systems or not all(rec.get("converged") for rec in systems.values()):
+        return None
+    why = "; ".join(f"{name}: {rec['converged']}" for name, rec in systems.items())
+    return f"converged: every system ({why})"
 
 
 def _converged(counts: dict, n_selected: int, accurate_fraction: float | None,
@@ -464,6 +482,10 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
         met.append(ok and f"{name} error {err:+.3g} within {tolerance}")
     if met and all(met):
         return "converged: " + ", ".join(met)
+    if s.systems and s.stages:
+        stop = _systems_stage_iterations(c, k)
+        if stop:
+            return stop
     stage = c.stage(k)
     if stage is not None and not record.get("stage_converged"):
         st = s.stages[stage]
@@ -476,6 +498,28 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None
+
+
+def _systems_stage_iterations(c: Campaign, k: int) -> str | None:
+    """After iteration k's validation, with systems and stages: a system that has spent its
+    stage's `iterations` converges that stage (the last: the system). The stop reason once
+    every system has converged."""
+    systems = c.iteration_record(k).get("systems")
+    if not systems:  # iteration 0 explores nothing
+        return None
+    for system in c.systems_at(k):
+        rec = systems.get(system.name)
+        stage = c.stage(k, system)
+        if rec is None or rec.get("stage_converged") or stage is None:
+            continue
+        st = c.settings.stages[stage]
+        done = sum(1 for j in range(1, k + 1) if c.stage(j, system) == stage)
+        if st.iterations is not None and done >= st.iterations:
+            rec["stage_converged"] = f"{done} iterations"
+            if stage == len(c.settings.stages) - 1:
+                rec["converged"] = f"last stage {c.stage_name(stage)}: {done} iterations"
+    c.record(k, systems=systems)
+    return _every_system_converged(systems)
 
 
 def plot_progress(directory: str | Path) -> Path:

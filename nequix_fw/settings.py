@@ -616,7 +616,8 @@ class CampaignSettings(_Settings):
         "its own settings, trust levels and quota, selected and reported on its own, and no "
         "longer explored once converged (accurate fraction reached, or fewer than "
         "min_selected selected); the campaign stops when every system has converged. "
-        "initial_structures are still what iteration 0 labels (all systems'). Not with stages.",
+        "initial_structures are still what iteration 0 labels (all systems'). With stages, each "
+        "system goes through them on its own.",
     )
     stages: list[StageSettings] = Field(
         [],
@@ -633,8 +634,12 @@ class CampaignSettings(_Settings):
         names = [system.name for system in self.systems]
         if len(set(names)) != len(names):
             raise ValueError(f"systems: names must differ ({', '.join(names)})")
-        if self.systems and self.stages:
-            raise ValueError("systems and stages cannot be combined (yet)")
+        per_system = {"exploration", "selection"}
+        other = sorted({name for st in self.stages for name in st.settings} - per_system)
+        if self.systems and other:
+            raise ValueError(f"with systems, each system goes through the stages on its own, "
+                             f"so a stage sets exploration and selection only, not "
+                             f"{', '.join(other)} (use schedule)")  # fmt: skip
         bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
         if bad:
             raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")

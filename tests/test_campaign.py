@@ -65,6 +65,8 @@ print(json.dumps({
                     for d in db[LABEL_TASKS].find()),
     "models": sorted((d["iteration"], d["file"], d["sha256"]) for d in db[MODELS].find()),
     "indexes": sorted(db[LABEL_TASKS].index_information()),
+    "fizzled": [l["action"]["stored_data"]["_exception"]["_stacktrace"][-1500:]
+                for l in db.launches.find({"state": "FIZZLED"})],
 }))
 """
 
@@ -348,7 +350,9 @@ def test_stage_and_system_settings_are_checked(tmp_path, capsys):
         ({"stages": [{"iterations": 1, "settings": {"exploration": {"steps": -1}}}]},
          "(campaign.stages[0])"),
         ({"systems": [system, system]}, "systems: names must differ (cu, cu)"),
-        ({"systems": [system], "stages": [stage]}, "systems and stages cannot be combined"),
+        ({"systems": [system], "stages": [{**stage, "settings": {"training": {"epochs": 3}}}]},
+         "with systems, each system goes through the stages on its own, so a stage sets "
+         "exploration and selection only, not training"),
         ({"systems": [{**system, "settings": {"selection": {"hi": -1}}}]},
          "(campaign.systems[0])"),
     ]  # fmt: skip

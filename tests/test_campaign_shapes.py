@@ -104,3 +104,39 @@ validation: {reference: labelling}
     # stored in MongoDB as a dataset of its own, apart from the training set
     datasets = [name for name, _ in r["db"]["dataset"]]
     assert datasets.count("evref_reference_ev") == 7 and datasets.count("evref") == 4 + 3
+
+
+def test_systems_go_through_the_stages_on_their_own(tmp_path, launchpad_file):
+    """campaign.systems with campaign.stages: each system has its own stage. 'cu' (its own trust
+    level makes its candidates accurate) converges stage 'cool' at its selection in iteration 1
+    and stage 'hot' in 2, and is done; 'cuau' converges 'cool' by its iteration count, then stays
+    in 'hot' (quota 2 a time) until max_iterations, explored alone."""
+    ase.io.write(tmp_path / "cu.extxyz", make_cells(2, seed=11, au_every=0))
+    ase.io.write(tmp_path / "cuau.extxyz", make_cells(2, seed=12, au_every=1))
+    extra = """
+campaign:
+  max_iterations: 3
+  systems:
+    - {name: cu, initial_structures: cu.extxyz, settings: {selection: {lo: 50.0}}}
+    - {name: cuau, initial_structures: cuau.extxyz, max_selected: 2}
+  stages:
+    - {name: cool, iterations: 1, settings: {exploration: {temperatures_K: [300]}}}
+    - {name: hot, accurate_fraction: 0.9, settings: {exploration: {temperatures_K: [1000]}}}
+"""
+    r = _campaign(tmp_path, "sysstages", lo=0.0, extra=extra)
+    assert not r["db"]["fizzled"], r["db"]["fizzled"][0]
+    its = {it["iteration"]: it for it in r["log"]}
+    assert sorted(its) == [0, 1, 2, 3] and its[3]["stop_reason"] == "max_iterations (3) reached"
+    cu, cuau = its[1]["systems"]["cu"], its[1]["systems"]["cuau"]
+    assert (cu["stage"], cu["stage_converged"], cu["n_selected"]) == (0, "0 selected (< 1)", 0)
+    assert (cuau["stage"], cuau["stage_converged"], cuau["n_selected"]) == (0, "1 iterations", 2)
+    cu, cuau = its[2]["systems"]["cu"], its[2]["systems"]["cuau"]
+    assert cu["stage"] == 1 and cu["converged"].startswith("last stage hot: ")
+    assert cuau["stage"] == 1 and cuau["stage_converged"] is None and not cuau["converged"]
+    assert set(its[3]["systems"]) == {"cuau"} and its[3]["systems"]["cuau"]["stage"] == 1
+    assert [its[k]["dataset_size"] for k in range(4)] == [4, 6, 8, 10]  # cuau's 2 each time
+    for k, system, temperature in ((1, "cu", 300.0), (1, "cuau", 300.0), (2, "cu", 1000.0),
+                                   (2, "cuau", 1000.0), (3, "cuau", 1000.0)):  # fmt: skip
+        path = r["dir"] / f"iter_{k:03d}" / "candidates" / system / "manifest.json"
+        m = json.loads(path.read_text())
+        assert {t["temperature_K"] for t in m["trajectories"]} == {temperature}, (k, system)

@@ -184,23 +184,26 @@ def test_default_input_labels_si_and_al(tmp_path):
         basis_and_potential("Pu", Path("/usr/share/cp2k"))
 
 
-def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(mp1, tmp_path, capsys):
+def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(
+    mp1, tmp_path, capsys, launchpad_file
+):
     """`ev-set --backend cp2k` (the default PBE input, coarser for speed) labels Si2 at 7
-    volumes; its fit gives PBE silicon (a0 5.46 Å, B0 about 89 GPa); `validate
-    --reference-data` compares nequix-mp-1's E-V curve on the same cells with it."""
+    volumes into a store dataset; its fit gives PBE silicon (a0 5.46 Å, B0 about 89 GPa);
+    `validate --reference-data` compares nequix-mp-1's E-V curve on the same cells with it."""
     from nequix_fw.cli import main
 
     ase.io.write(tmp_path / "si2.vasp", bulk("Si", "diamond", a=5.47), format="vasp")
     (tmp_path / "cp2k.yaml").write_text(
-        "labelling: {backend: cp2k, cp2k_cutoff_Ry: 250, cp2k_kpoint_spacing: 0.6}\n"
+        "labelling: {cp2k_cutoff_Ry: 250, cp2k_kpoint_spacing: 0.6}\n"
     )
-    assert main(["ev-set", "--structure", str(tmp_path / "si2.vasp"), "--to",
-                 str(tmp_path / "ev"), "--output", str(tmp_path / "work"), "--config",
-                 str(tmp_path / "cp2k.yaml"), "--no-progress"]) == 0  # fmt: skip
+    lp = str(launchpad_file)
+    assert main(["ev-set", "--structure", str(tmp_path / "si2.vasp"), "--to", "db:si_ev_pbe",
+                 "--output", str(tmp_path / "work"), "--backend", "cp2k", "--config",
+                 str(tmp_path / "cp2k.yaml"), "--launchpad", lp, "--no-progress"]) == 0  # fmt: skip
     assert "labelled 7 of 7 volumes with cp2k" in capsys.readouterr().out
     out = tmp_path / "r.json"
-    assert main(["validate", "--models", str(mp1), "--testset", str(tmp_path / "ev"),
-                 "--reference-data", str(tmp_path / "ev"), "--output", str(out),
+    assert main(["validate", "--models", str(mp1), "--testset", "db:si_ev_pbe",
+                 "--reference-data", "db:si_ev_pbe", "--launchpad", lp, "--output", str(out),
                  "--no-plots", "--no-progress"]) == 0  # fmt: skip
     phys = json.loads(out.read_text())["physics"]
     ref, mine = phys["ev_reference"], phys["ev_model"]
@@ -209,4 +212,4 @@ def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(mp1, tmp_path
     # mp-1 (trained on Materials Project PBE) is close on V0, further on B0
     assert abs(phys["v0_error_percent"]) < 4 and abs(phys["bulk_modulus_error_percent"]) < 30
     assert phys["v0_error_percent"] == pytest.approx(100 * (mine["v0"] / ref["v0"] - 1))
-    assert f"E-V of Si2 against {tmp_path / 'ev'}: V0 error" in capsys.readouterr().out
+    assert "E-V of Si2 against db:si_ev_pbe: V0 error" in capsys.readouterr().out
