@@ -14,7 +14,12 @@ from ase.build import bulk
 from conftest import emt_labelled, make_cells
 
 from nequix_fw.campaign import Campaign
-from nequix_fw.settings import ExplorationSettings, LabellingSettings, SelectionSettings
+from nequix_fw.settings import (
+    ExplorationSettings,
+    LabellingSettings,
+    SelectionSettings,
+    ValidationSettings,
+)
 from nequix_fw.workflows import campaign_sections, campaign_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +85,10 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         assert temps == [[300.0, 600.0], [900.0, 1200.0], [1200.0, 1500.0]]
         assert c.section(ExplorationSettings, 5).pressures_GPa == [0.0, 5.0]
     if preset.stem == "cp2k_si":
-        assert labelling.backend == "cp2k" and labelling.cp2k_input_set == "StaticSet"
+        # the default input (k-points), checked against an E-V set CP2K labels once
+        assert labelling.backend == "cp2k" and labelling.cp2k_input_set is None
+        assert labelling.cp2k_template is None and labelling.cp2k_kpoint_spacing == 0.5
+        assert c.section(ValidationSettings, 0).reference == "labelling"
 
 
 def test_emt_preset_runs(tmp_path, launchpad_file):
