@@ -486,12 +486,15 @@ class FireworkResources(_Settings):
         "{walltime: '04:00:00', nodes: 2, ntasks: 64, gres: 'gpu:1'}; applied by "
         "`qlaunch -r` (reservation mode).",
     )
+    priority: int | None = Field(
+        None, description="FireWorks _priority: ready Fireworks of higher priority run first."
+    )
 
     def spec(self) -> dict:
         """The Firework spec entries."""
         keys = {"_category": self.category, "_fworker": self.fworker,
-                "_queueadapter": self.queueadapter}  # fmt: skip
-        return {k: v for k, v in keys.items() if v}
+                "_queueadapter": self.queueadapter, "_priority": self.priority}  # fmt: skip
+        return {k: v for k, v in keys.items() if v is not None and v != {}}
 
 
 class StageSettings(_Settings):

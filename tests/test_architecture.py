@@ -11,7 +11,7 @@ LAYERS = {
         "store", "server"],
     3: ["evaluation", "selection", "exploration", "labelling", "dataset", "training",
         "training_torch", "validation"],
-    4: ["campaign", "firetasks", "workflows"],
+    4: ["campaign", "firetasks", "workflows", "powerups"],
     5: ["cli"],
 }  # fmt: skip
 LAYER = {name: k for k, names in LAYERS.items() for name in names}

@@ -120,3 +120,51 @@ def test_emt_preset_runs(tmp_path, launchpad_file):
     its = yaml.safe_load((tmp_path / "campaign" / "campaign.json").read_text())["iterations"]
     assert its[0]["dataset_size"] == 5 and its[1]["n_selected"] > 0
     assert its[1]["dataset_size"] == 5 + its[1]["n_labelled"]
+
+
+def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, monkeypatch):
+    """add_priority / set_category / set_queueadapter / set_fworker change the matching
+    Fireworks' specs and the campaign's resources in every task, so that the iterations the
+    workflow appends later carry them too; use_stand_in_labels makes a VASP campaign label
+    with EMT (its schedule cannot switch back)."""
+    from fireworks import Workflow
+
+    from nequix_fw.labelling import make_backend
+    from nequix_fw.powerups import (
+        add_priority,
+        set_category,
+        set_fworker,
+        set_queueadapter,
+        use_stand_in_labels,
+    )
+    from nequix_fw.workflows import exploration_workflow, labelling_workflow
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "workflows" / "vasp_mpstatic.yaml", "c.yaml")
+    _inputs(tmp_path, "Cu")
+    wf = campaign_workflow(campaign_sections("c.yaml", tmp_path / "my_launchpad.yaml"))
+    wf = add_priority(wf, 7)
+    wf = set_category(wf, "fast", stages=["train"])
+    wf = set_queueadapter(wf, {"walltime": "02:00:00", "nodes": 2}, stages=["label"])
+    wf = set_fworker(wf, "big", stages=["validate"])
+    wf = use_stand_in_labels(wf)
+    wf = Workflow.from_dict(wf.to_dict())  # as lpad add stores it
+    specs = {fw.name.split()[-2]: fw.spec for fw in wf.fws}
+    assert {s["_priority"] for s in specs.values()} == {7}
+    assert specs["train"]["_category"] == "fast" and "_category" not in specs["dataset"]
+    assert specs["label"]["_queueadapter"]["walltime"] == "02:00:00"
+    assert specs["label"]["_queueadapter"]["nodes"] == 2
+    assert specs["label"]["_queueadapter"]["ntasks"] == 64  # the preset's other keys kept
+    assert specs["validate"]["_fworker"] == "big"
+    sections = wf.fws[0].tasks[0]["sections"]
+    later = [*exploration_workflow(sections, 1).fws, *labelling_workflow(sections, 1, 3).fws]
+    later_specs = {fw.name.split()[-2]: fw.spec for fw in later}
+    assert set(later_specs) == {"explore", "select", "label", "dataset", "train", "validate"}
+    assert {s["_priority"] for s in later_specs.values()} == {7}
+    assert later_specs["train"]["_category"] == "fast"
+    assert later_specs["label"]["_queueadapter"]["walltime"] == "02:00:00"
+    c = Campaign(sections)
+    backend = make_backend(c.section(LabellingSettings, 3))
+    assert backend.name == "ase" and backend.calculator == "emt"
+    with pytest.raises(ValueError, match="unknown stages \\['training'\\]"):
+        add_priority(wf, 1, stages=["training"])
