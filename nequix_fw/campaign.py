@@ -39,6 +39,7 @@ from nequix_fw.settings import (
     SystemSettings,
     TrainingSettings,
     ValidationSettings,
+    fill_placeholders,
     make_settings,
 )
 from nequix_fw.store import CampaignStore
@@ -52,11 +53,14 @@ logger = logging.getLogger(__name__)
 class Campaign:
     """A campaign's settings (raw sections, as a workflow's spec carries them) and layout."""
 
-    def __init__(self, sections: dict, db: Database | None = None):
+    def __init__(self, sections: dict, db: Database | None = None, env: dict | None = None):
+        """`env`: the FireWorks worker's env, which fills ``>>key<<`` values in any section
+        (None: they are left out, as when a workflow is built)."""
         unknown = set(sections) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown settings sections {sorted(unknown)}")
         self.sections = sections
+        self.env = env
         self.settings: CampaignSettings = self.section(CampaignSettings)
         self.directory = Path(self.settings.directory)
         self.db = db  # the database of the LaunchPad running a FireTask, if any
@@ -78,7 +82,7 @@ class Campaign:
             values.update(system.settings.get(name, {}))
             if cls is SelectionSettings and system.max_selected is not None:
                 values["max_selected"] = system.max_selected
-        return make_settings(cls, **values)
+        return make_settings(cls, **fill_placeholders(values, self.env, name))
 
     def systems_at(self, k: int) -> list[SystemSettings | None]:
         """The systems explored at iteration k: those not converged before it ([None]: a

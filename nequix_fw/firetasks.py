@@ -27,9 +27,11 @@ class StageTask(FiretaskBase):
 
     @property
     def campaign(self) -> stages.Campaign:
-        """The campaign, on the database of the LaunchPad that runs this task."""
+        """The campaign, on the database of the LaunchPad that runs this task, its ``>>key<<``
+        values (in any section, atomate's env_chk) filled from the worker's env."""
         lp = getattr(self, "launchpad", None)  # set by the Rocket (_add_launchpad_and_fw_id)
-        return stages.Campaign(self["sections"], db=lp.db if lp is not None else None)
+        return stages.Campaign(self["sections"], db=lp.db if lp is not None else None,
+                               env=getattr(self, "env", None))  # fmt: skip
 
     def run_task(self, fw_spec):
         """The stage, timed: ``task_wall_s`` in the launch's stored data (what FireWorks and
@@ -41,6 +43,7 @@ class StageTask(FiretaskBase):
         level = logger.level
         logger.addHandler(handler)
         logger.setLevel(min(level or logging.INFO, logging.INFO))
+        self.env = dict(fw_spec.get("_fw_env") or {})
         try:
             t0 = time.perf_counter()
             action = self.run_stage(fw_spec)

@@ -13,6 +13,7 @@ A settings file is a YAML mapping with one section per stage, e.g.::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -712,6 +713,31 @@ SECTIONS: dict[str, type[_Settings]] = {
     "validation": ValidationSettings,
     "campaign": CampaignSettings,
 }
+
+
+#: A value filled from the FireWorks worker's env at run time (atomate's env_chk): ``>>key<<``.
+PLACEHOLDER = re.compile(r"^>>(\w+)<<$")
+
+
+def fill_placeholders(values: dict, env: dict | None, where: str) -> dict:
+    """`values` (one section's) with every ``>>key<<`` value replaced by the worker's
+    ``env[key]``; with `env` None (building a workflow, where no worker is known yet) the
+    placeholders are left out, so that the rest is checked with the defaults in their place."""
+    out = {}
+    for name, value in values.items():
+        m = PLACEHOLDER.match(value) if isinstance(value, str) else None
+        if m is None:
+            out[name] = value
+        elif env is not None:
+            key = m.group(1)
+            if key not in env:
+                raise SettingsError(
+                    f"{where}.{name} is {value!r}, a FireWorks worker placeholder, but the "
+                    f"worker env has no {key!r}: set env: {{{key}: ...}} in my_fworker.yaml "
+                    "(CLI: --fworker FILE)"
+                )
+            out[name] = env[key]
+    return out
 
 
 def make_settings(cls: type[S], **values) -> S:

@@ -21,8 +21,14 @@ from nequix_fw.firetasks import (
     TrainEnsembleTask,
     UpdateDatasetTask,
 )
-from nequix_fw.labelling import PLACEHOLDER
-from nequix_fw.settings import SECTIONS, ValidationSettings, make_settings, read_sections
+from nequix_fw.settings import (
+    PLACEHOLDER,
+    SECTIONS,
+    ValidationSettings,
+    fill_placeholders,
+    make_settings,
+    read_sections,
+)
 from nequix_fw.store import is_store_spec
 from nequix_fw.structures import iter_frames
 
@@ -121,8 +127,9 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
                   for i, system in enumerate(c.settings.systems)]  # fmt: skip
     for where, settings in overrides:  # every stage's and system's sections valid too
         for name, values in settings.items():
+            merged = fill_placeholders({**sections.get(name, {}), **values}, None, name)
             try:
-                make_settings(SECTIONS[name], **{**sections.get(name, {}), **values})
+                make_settings(SECTIONS[name], **merged)
             except SettingsError as exc:
                 raise SettingsError(f"{config}: {exc} ({where})") from None
     if (

@@ -27,7 +27,7 @@ campaign:
   max_iterations: 2
 training:
   n_models: 2
-  epochs: 3
+  epochs: ">>train_epochs<<"
   batch_size: 4
   architecture: {{hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}}
 labelling:
@@ -91,6 +91,7 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
     assert (tmp_path / "my_launchpad.yaml").is_file()  # the launchpad_file fixture's
     (tmp_path / "my_fworker.yaml").write_text(
         "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
+        "  train_epochs: 3\n"
     )
     ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
     ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
@@ -126,6 +127,8 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
         assert len(metas) == 2 and {m["start"] for m in metas} == {
             "scratch" if k == 0 else "warm_start"
         }
+        # training.epochs is ">>train_epochs<<": the worker's env gave 3 (env_chk)
+        assert {m["epochs_run"] for m in metas} == {3}
     # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 6 Fireworks
     db = r["db"]
     assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 2

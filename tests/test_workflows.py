@@ -71,8 +71,11 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
     for fw in wf.fws:
         assert fw.spec["_add_launchpad_and_fw_id"] is True
     if preset.stem == "vasp_mpstatic":
-        assert labelling.vasp_cmd == ">>vasp_cmd<<" and str(labelling.vasp_psp_dir) == (
-            ">>vasp_psp_dir<<")  # fmt: skip
+        # kept for the worker's env (filled when a task runs)
+        raw = sections["labelling"]
+        assert raw["vasp_cmd"] == ">>vasp_cmd<<" and raw["vasp_psp_dir"] == ">>vasp_psp_dir<<"
+        filled = Campaign(sections, env={"vasp_cmd": "srun vasp_std", "vasp_psp_dir": "/psp"})
+        assert filled.section(LabellingSettings, 0).vasp_cmd == "srun vasp_std"
         specs = {fw.name: fw.spec for fw in wf.fws}
         assert specs["vasp_mpstatic train 0"]["_category"] == "gpu"
         assert specs["vasp_mpstatic label 0"]["_queueadapter"]["ntasks"] == 64
@@ -168,3 +171,28 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     assert backend.name == "ase" and backend.calculator == "emt"
     with pytest.raises(ValueError, match="unknown stages \\['training'\\]"):
         add_priority(wf, 1, stages=["training"])
+
+
+def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypatch):
+    """`>>key<<` in any section (a typed field too, a stage's or a system's settings): the
+    workflow builds with it left for the worker; the worker's env fills it; a worker without
+    the key gets one error naming the setting and the key."""
+    from nequix_fw.errors import SettingsError
+    from nequix_fw.settings import TrainingSettings
+
+    monkeypatch.chdir(tmp_path)
+    _inputs(tmp_path, "Cu")
+    cfg = {"campaign": {"directory": "run", "initial_structures": "initial_structures",
+                        "stages": [{"iterations": 1, "settings": {
+                            "exploration": {"steps": ">>md_steps<<"}}}]},
+           "training": {"n_models": ">>n_members<<", "epochs": 2}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    sections = campaign_sections("c.yaml")
+    campaign_workflow(sections)  # builds: the placeholders wait for the worker
+    assert sections["training"]["n_models"] == ">>n_members<<"
+    c = Campaign(sections, env={"n_members": 3, "md_steps": 40})
+    assert c.section(TrainingSettings, 0).n_models == 3
+    assert c.section(ExplorationSettings, 1).steps == 40  # the stage's value, filled
+    with pytest.raises(SettingsError, match="training.n_models is '>>n_members<<', a FireWorks "
+                       "worker placeholder, but the worker env has no 'n_members'"):  # fmt: skip
+        Campaign(sections, env={}).section(TrainingSettings, 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from fireworks import FWorker
@@ -13,11 +12,9 @@ from nequix_fw.labelling.base import LabellingBackend, label_structures
 from nequix_fw.labelling.cp2k import Cp2kBackend
 from nequix_fw.labelling.script import ScriptBackend
 from nequix_fw.labelling.vasp import VaspBackend
-from nequix_fw.settings import LabellingSettings, make_settings
+from nequix_fw.settings import LabellingSettings, fill_placeholders, make_settings
 
 __all__ = ["LabellingBackend", "label_structures", "make_backend", "resolve_placeholders"]
-
-PLACEHOLDER = re.compile(r"^>>(\w+)<<$")
 
 
 def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> LabellingSettings:
@@ -26,22 +23,11 @@ def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> Label
     As in atomate, commands and paths that differ per machine (``vasp_cmd: ">>vasp_cmd<<"``)
     live in the worker's ``my_fworker.yaml`` (``env: {vasp_cmd: "srun vasp_std"}``).
     """
-    updates = {}
-    for name, value in settings:
-        m = PLACEHOLDER.match(str(value)) if isinstance(value, str | Path) else None
-        if m is None:
-            continue
-        key = m.group(1)
-        if not env or key not in env:
-            raise SettingsError(
-                f"labelling.{name} is {value!r}, a FireWorks worker placeholder, but the worker "
-                f"env has no {key!r}: set env: {{{key}: ...}} in my_fworker.yaml (CLI: "
-                "--fworker FILE)"
-            )
-        updates[name] = env[key]
-    if not updates:
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in settings.model_dump().items()}
+    filled = fill_placeholders(values, env or {}, "labelling")
+    if filled == values:
         return settings
-    return make_settings(LabellingSettings, **{**settings.model_dump(), **updates})
+    return make_settings(LabellingSettings, **filled)
 
 
 def fworker_env(path: str | Path | None) -> dict:
