@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from types import UnionType
@@ -88,13 +89,8 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
     settings = load_settings(
         args.config,
         TrainingSettings,
-        n_models=args.n_models,
-        epochs=args.epochs,
-        strategy=args.strategy,
-        seed=args.seed,
-        n_workers=args.workers,
+        **_settings_from(args, TrainingSettings),
         save_torch=False if args.no_torch else (True if args.save_torch else None),
-        backend=args.backend,
     )
     metas = train_ensemble(
         args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
@@ -118,9 +114,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     checks = load_settings(
         args.config, ValidationSettings, md_stability=True if args.md_stability else None,
-        md_temperature_K=args.md_temperature, md_steps=args.md_steps, md_n_runs=args.md_runs,
-        reference=args.reference, reference_data=args.reference_data,
-        structure=args.ev_structure,
+        **_settings_from(args, ValidationSettings),
     )  # fmt: skip
     report = validate(
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
@@ -194,14 +188,8 @@ def _labelling_settings(args: argparse.Namespace):
             params = json.loads(args.calculator_params)
         except json.JSONDecodeError as exc:
             raise SettingsError(f"--calculator-params is not valid JSON ({exc})") from None
-    return load_settings(
-        args.config, LabellingSettings, backend=args.backend, calculator=args.calculator,
-        calculator_params=params, min_distance=args.min_distance, command=args.command,
-        timeout_s=args.timeout, vasp_cmd=args.vasp_cmd, vasp_inputs=args.vasp_inputs,
-        vasp_input_set=args.vasp_input_set, vasp_psp_dir=args.vasp_psp_dir,
-        cp2k_cmd=args.cp2k_cmd, cp2k_template=args.cp2k_template,
-        cp2k_input_set=args.cp2k_input_set,
-    )  # fmt: skip
+    return load_settings(args.config, LabellingSettings, calculator_params=params,
+                         **_settings_from(args, LabellingSettings))  # fmt: skip
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
@@ -487,7 +475,8 @@ def _setting(parser: argparse.ArgumentParser, cls, field: str, flag: str | None 
     elif annotation in (int, float):
         kw.setdefault("type", annotation)
     description = cls.model_fields[field].description or ""
-    kw.setdefault("help", description.split(". ")[0].rstrip(".").replace("%", "%%"))
+    first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", description)[0]  # its first sentence
+    kw.setdefault("help", first.rstrip(".").replace("%", "%%"))
     action = parser.add_argument(flag or "--" + field.replace("_", "-"), **kw)
     options = parser.get_default("_settings_options") or []
     parser.set_defaults(_settings_options=[*options, (action.dest, cls, field)])
@@ -499,27 +488,27 @@ def _settings_from(args: argparse.Namespace, cls) -> dict:
 
 
 def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
-    """The options of `label` and `relabel` that mirror the labelling settings."""
-    lb.add_argument("--backend", choices=["ase", "script", "vasp", "cp2k"])
-    lb.add_argument("--cp2k-cmd", help="cp2k backend: CP2K command (default cp2k.psmp)")
-    lb.add_argument("--cp2k-template", help="cp2k backend: CP2K input used as template")
-    lb.add_argument("--vasp-cmd", help="vasp backend: VASP command (e.g. 'mpirun vasp_std')")
-    lb.add_argument("--vasp-inputs", help="vasp backend: directory with INCAR, KPOINTS, POTCAR")
-    lb.add_argument("--vasp-input-set", help="vasp backend: pymatgen input set, e.g. MPStaticSet")
-    lb.add_argument("--vasp-psp-dir", help="vasp backend: POTCAR library for input sets")
-    lb.add_argument("--cp2k-input-set", help="cp2k backend: pymatgen CP2K set, e.g. StaticSet")
+    """The options of `label`, `relabel` and `ev-set`: most mirror the labelling settings."""
+    from nequix_fw.settings import LabellingSettings
+
+    for field in ("backend", "cp2k_cmd", "cp2k_template", "vasp_cmd", "vasp_inputs",
+                  "vasp_input_set", "vasp_psp_dir", "cp2k_input_set", "command", "calculator",
+                  "min_distance"):  # fmt: skip
+        _setting(lb, LabellingSettings, field)
+    _setting(lb, LabellingSettings, "timeout_s", "--timeout")
     lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
-    lb.add_argument("--command", help="script backend: shell command run per structure")
-    lb.add_argument("--timeout", type=float, help="wall-time limit per structure (s)")
-    lb.add_argument("--calculator", help="ASE calculator: emt, lj, or module:Class")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
-    lb.add_argument("--min-distance", type=float, help="skip structures closer than this (Å)")
     lb.add_argument("--config", help="settings YAML (section 'labelling')")
     lb.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nequix_fw.settings import ExplorationSettings, SelectionSettings
+    from nequix_fw.settings import (
+        ExplorationSettings,
+        SelectionSettings,
+        TrainingSettings,
+        ValidationSettings,
+    )
 
     p = argparse.ArgumentParser(prog="nequix-fw", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nequix-fw {__version__}")
@@ -586,11 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
     t.add_argument("--config", help="settings YAML (section 'training')")
-    t.add_argument("--n-models", type=int)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--strategy", choices=["splits", "seeds", "bootstrap"])
-    t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="members trained in parallel processes")
+    for field in ("n_models", "epochs", "strategy", "seed"):
+        _setting(t, TrainingSettings, field)
+    _setting(t, TrainingSettings, "n_workers", "--workers")
     t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
     t.add_argument("--warm-start", help="previous iteration's model directory")
     t.add_argument(
@@ -599,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write .pt checkpoints (the default; see --no-torch)",
     )
     t.add_argument("--no-torch", action="store_true", help="write .nqx checkpoints only")
-    t.add_argument("--backend", choices=["jax", "torch"], help="training backend (default jax)")
+    _setting(t, TrainingSettings, "backend")
     t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
     t.add_argument(
         "--allow-mixed",
@@ -620,13 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="true max force error (eV/Å) counted as 'bad' for ROC AUC",
     )
-    v.add_argument("--reference", help="reference calculator for E-V and relaxation (emt)")
-    v.add_argument(
-        "--reference-data",
-        nargs="+",
-        help="labelled E-V data instead of a calculator (files, dirs, db:NAME; see ev-set)",
-    )
-    v.add_argument("--ev-structure", help="structure for the E-V curve (default: first test one)")
+    _setting(v, ValidationSettings, "reference")
+    _setting(v, ValidationSettings, "reference_data")
+    _setting(v, ValidationSettings, "structure", "--ev-structure")
     v.add_argument("--no-plots", action="store_true")
     v.add_argument(
         "--allow-mixed",
@@ -639,9 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="NVT runs of the ensemble mean from the test structures: stable?",
     )
-    v.add_argument("--md-temperature", type=float, help="MD stability temperature (K)")
-    v.add_argument("--md-steps", type=int, help="MD stability steps per run")
-    v.add_argument("--md-runs", type=int, help="MD stability runs (from the first test structures)")
+    _setting(v, ValidationSettings, "md_temperature_K", "--md-temperature")
+    _setting(v, ValidationSettings, "md_steps")
+    _setting(v, ValidationSettings, "md_n_runs", "--md-runs")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_cmd_validate)
 
