@@ -160,10 +160,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from nequix_fw.labelling import fworker_env, label_structures, make_backend
+    from nequix_fw.labelling import label_structures, make_backend
 
     settings = _labelling_settings(args)
-    backend = make_backend(settings, fworker_env(args.fworker))
+    backend = make_backend(settings, _fworker_env(args.fworker))
     summary = label_structures(
         args.structures, args.output, backend, settings,
         iteration=args.iteration, progress=not args.no_progress,
@@ -176,6 +176,21 @@ def _cmd_label(args: argparse.Namespace) -> int:
     for f in summary["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
     return 0
+
+
+def _fworker_env(path: str | Path | None) -> dict:
+    """The ``env`` of a FireWorks worker file (my_fworker.yaml); {} without one."""
+    from fireworks import FWorker
+
+    if path is None:
+        return {}
+
+    try:
+        return dict(FWorker.from_file(str(path)).env or {})
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: FireWorks worker file not found") from None
+    except Exception as exc:
+        raise SettingsError(f"{path}: not a FireWorks worker file ({exc})") from None
 
 
 def _labelling_settings(args: argparse.Namespace):
@@ -193,11 +208,11 @@ def _labelling_settings(args: argparse.Namespace):
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
-    from nequix_fw.labelling import fworker_env, make_backend
+    from nequix_fw.labelling import make_backend
     from nequix_fw.labelling.relabel import relabel
 
     settings = _labelling_settings(args)
-    backend = make_backend(settings, fworker_env(args.fworker))
+    backend = make_backend(settings, _fworker_env(args.fworker))
     r = relabel(args.dataset, args.to, backend, settings, args.output, args.launchpad,
                 progress=not args.no_progress)  # fmt: skip
     lab, ds = r["labels"], r["dataset"]
@@ -211,12 +226,12 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
 
 
 def _cmd_ev_set(args: argparse.Namespace) -> int:
-    from nequix_fw.labelling import fworker_env, make_backend
+    from nequix_fw.labelling import make_backend
     from nequix_fw.labelling.ev_set import label_ev_set
     from nequix_fw.structures import iter_frames
 
     settings = _labelling_settings(args)
-    backend = make_backend(settings, fworker_env(args.fworker))
+    backend = make_backend(settings, _fworker_env(args.fworker))
     structure = next(iter_frames([args.structure])).atoms
     r = label_ev_set(structure, args.to, backend, settings, args.output, args.launchpad,
                      progress=not args.no_progress)  # fmt: skip

@@ -65,3 +65,17 @@ def test_layers_and_no_cycles():
     for node in edges:
         if node not in state:
             visit(node, [])
+
+
+def test_stages_import_nothing_of_fireworks():
+    """The stage modules (layer 3) take plain data; FireWorks is the orchestration's."""
+    for path in PACKAGE.rglob("*.py"):
+        if LAYER[_module(path).split(".")[0]] != 3:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            assert not any(n.split(".")[0] == "fireworks" for n in names), path

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fireworks import FWorker
-
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.ase_calc import AseCalculatorBackend
 from nequix_fw.labelling.base import LabellingBackend, label_structures
@@ -28,19 +26,6 @@ def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> Label
     if filled == values:
         return settings
     return make_settings(LabellingSettings, **filled)
-
-
-def fworker_env(path: str | Path | None) -> dict:
-    """The ``env`` of a FireWorks worker file (my_fworker.yaml); {} without one."""
-    if path is None:
-        return {}
-
-    try:
-        return dict(FWorker.from_file(str(path)).env or {})
-    except FileNotFoundError:
-        raise SettingsError(f"{path}: FireWorks worker file not found") from None
-    except Exception as exc:
-        raise SettingsError(f"{path}: not a FireWorks worker file ({exc})") from None
 
 
 def make_backend(settings: LabellingSettings, env: dict | None = None) -> LabellingBackend:
