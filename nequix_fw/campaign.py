@@ -492,16 +492,23 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
             return stop
     stage = c.stage(k)
     if stage is not None and not record.get("stage_converged"):
-        st = s.stages[stage]
-        done = sum(1 for j in range(1, k + 1) if c.stage(j) == stage)
-        if st.iterations is not None and done >= st.iterations:
-            why = f"{done} iterations"
+        why = _stage_spent(c, k, stage)
+        if why:
             c.record(k, stage_converged=why)
             if stage == len(s.stages) - 1:
                 return f"converged: last stage {c.stage_name(stage)}: {why}"
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None
+
+
+def _stage_spent(
+    c: Campaign, k: int, stage: int, system: SystemSettings | None = None
+) -> str | None:
+    """Why `stage` has converged by its iteration count after iteration k (of `system`)."""
+    limit = c.settings.stages[stage].iterations
+    done = sum(1 for j in range(1, k + 1) if c.stage(j, system) == stage)
+    return f"{done} iterations" if limit is not None and done >= limit else None
 
 
 def _systems_stage_iterations(c: Campaign, k: int) -> str | None:
@@ -516,12 +523,11 @@ def _systems_stage_iterations(c: Campaign, k: int) -> str | None:
         stage = c.stage(k, system)
         if rec is None or rec.get("stage_converged") or stage is None:
             continue
-        st = c.settings.stages[stage]
-        done = sum(1 for j in range(1, k + 1) if c.stage(j, system) == stage)
-        if st.iterations is not None and done >= st.iterations:
-            rec["stage_converged"] = f"{done} iterations"
+        why = _stage_spent(c, k, stage, system)
+        if why:
+            rec["stage_converged"] = why
             if stage == len(c.settings.stages) - 1:
-                rec["converged"] = f"last stage {c.stage_name(stage)}: {done} iterations"
+                rec["converged"] = f"last stage {c.stage_name(stage)}: {why}"
     c.record(k, systems=systems)
     return _every_system_converged(systems)
 

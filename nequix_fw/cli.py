@@ -652,18 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
         "relabel", help="label every structure of a dataset again, into a new dataset"
     )
     rl.add_argument("--dataset", required=True, help="dataset to relabel (directory or db:NAME)")
-    rl.add_argument("--to", required=True, help="new dataset (directory or db:NEW)")
-    rl.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
-    rl.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     rl.set_defaults(func=_cmd_relabel)
     ev = sub.add_parser(
         "ev-set", help="label a structure at 7 volumes (-6 to +6 %%): E-V reference data"
     )
     ev.add_argument("--structure", required=True, help="the (periodic) structure file")
-    ev.add_argument("--to", required=True, help="dataset of the E-V set (directory or db:NAME)")
-    ev.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
-    ev.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     ev.set_defaults(func=_cmd_ev_set)
+    into = ((rl, "new dataset (directory or db:NEW)"),
+            (ev, "dataset of the E-V set (directory or db:NAME)"))  # fmt: skip
+    for parser, to_help in into:  # label frozen structures into a dataset, resumably
+        parser.add_argument("--to", required=True, help=to_help)
+        parser.add_argument("--output", required=True,
+                            help="work directory (a rerun resumes there)")  # fmt: skip
+        parser.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     for parser in (lb, rl, ev):  # the labelling options
         _labelling_arguments(parser)
 

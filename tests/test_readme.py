@@ -218,16 +218,23 @@ def vasp_standin(monkeypatch):
     return ase.io.read(FIX / "si2_relax" / "vasprun.xml.gz", index=0)
 
 
-def test_readme_loop_by_hand(trained, tmp_path, monkeypatch, vasp_standin):
-    """select (trust levels, cap, diversity, distance, extxyz), explore (NVT; NPT with the MTK
-    barostat, worker processes, distortions, substitutions, random packings), label (EMT, VASP
-    through mpirun, CP2K with a template, the user's script with a time-out) and training
-    (4 members on splits in worker processes) as the README writes them."""
+@pytest.fixture
+def workdir(trained, tmp_path, monkeypatch) -> Path:
+    """The current directory of a README walk: `models/m1.nqx`, `models/m2.nqx` (the tiny
+    trained ensemble), $PWD set as a shell would."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PWD", str(tmp_path))
     Path("models").mkdir()
     for i, m in enumerate(sorted(trained["dir"].glob("member_*.nqx")), start=1):
         shutil.copy(m, f"models/m{i}.nqx")
+    return tmp_path
+
+
+def test_readme_loop_by_hand(workdir, vasp_standin):
+    """select (trust levels, cap, diversity, distance, extxyz), explore (NVT; NPT with the MTK
+    barostat, worker processes, distortions, substitutions, random packings), label (EMT, VASP
+    through mpirun, CP2K with a template, the user's script with a time-out) and training
+    (4 members on splits in worker processes) as the README writes them."""
     Path("data/initial_structures").mkdir(parents=True)
     for i, a in enumerate(emt_labelled(12, seed=31)):
         ase.io.write(f"data/initial_structures/s{i}.extxyz", a)
@@ -289,15 +296,10 @@ def test_readme_loop_by_hand(trained, tmp_path, monkeypatch, vasp_standin):
         assert len(cp2k) == 1 and np.abs(cp2k[0].forces).max() > 0.1
 
 
-def test_readme_store_commands(trained, emt_data, tmp_path, monkeypatch, launchpad_file,
-                               vasp_standin):  # fmt: skip
+def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
     """With the MongoDB store: select never re-selects what a dataset holds, torch training
     on a store dataset, relabelling a dataset at another level of theory, export by iteration
     and backend, and FireWorks' view of the same database."""
-    monkeypatch.chdir(tmp_path)
-    Path("models").mkdir()
-    for i, m in enumerate(sorted(trained["dir"].glob("member_*.nqx")), start=1):
-        shutil.copy(m, f"models/m{i}.nqx")
     Path("data/dft_results").mkdir(parents=True)
     for i, a in enumerate(emt_labelled(6, seed=41)):
         ase.io.write(f"data/dft_results/s{i}.extxyz", a)

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,3 +252,23 @@ def label_structures(
                 summary["n_structures"], output, summary["n_success"], n_reused,
                 summary["n_failed"])  # fmt: skip
     return summary
+
+
+def label_frozen(
+    output: str | Path,
+    make_frames: Callable[[], list[Atoms]],
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    progress: bool = True,
+) -> dict:
+    """Label the structures `make_frames()` gives, frozen by the first run in
+    `output`/structures.extxyz and labelled in `output`/labels, so that a rerun (after a crash)
+    labels only what is left, and never a different set. Returns `label_structures`' summary."""
+    output = Path(output)
+    structures = output / "structures.extxyz"
+    if not structures.is_file():
+        frames = make_frames()
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_path(structures) as tmp:
+            ase.io.write(tmp, frames, format="extxyz")
+    return label_structures(structures, output / "labels", backend, settings, progress=progress)

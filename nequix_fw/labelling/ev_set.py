@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ase.io
 from ase import Atoms
 
 from nequix_fw.dataset import update_dataset
 from nequix_fw.errors import StructureError
-from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
-from nequix_fw.structures import EV_STRAINS, atomic_path, scaled_cells
+from nequix_fw.structures import EV_STRAINS, scaled_cells
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +34,7 @@ def label_ev_set(
         raise StructureError(f"{structure.get_chemical_formula()}: an E-V set needs a periodic "
                              "cell")  # fmt: skip
     output = Path(output)
-    cells = output / "structures.extxyz"
-    if not cells.is_file():
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cells) as tmp:
-            ase.io.write(tmp, scaled_cells(structure), format="extxyz")
-    labels = label_structures(cells, output / "labels", backend, settings, progress=progress)
+    labels = label_frozen(output, lambda: scaled_cells(structure), backend, settings, progress)
     if labels["n_success"] < 5:
         raise StructureError(
             f"E-V set of {structure.get_chemical_formula()}: {labels['n_success']} of "

@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ase.io
 from ase import Atoms
 
 from nequix_fw.dataset import read_labelled, update_dataset
 from nequix_fw.errors import SettingsError, StructureError
-from nequix_fw.labelling.base import LabellingBackend, label_structures
+from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
-from nequix_fw.structures import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +34,15 @@ def relabel(
         raise SettingsError(f"relabel: the new dataset must differ from {dataset} (the old "
                             "labels would be mixed with the new)")  # fmt: skip
     output = Path(output)
-    structures = output / "structures.extxyz"
-    if not structures.is_file():
+
+    def structures() -> list[Atoms]:
         data = read_labelled([dataset], launchpad, allow_mixed=True)
         if not data:
             raise StructureError(f"{dataset}: holds no structures to relabel")
-        frames = [Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
-                        pbc=d.frame.atoms.pbc) for d in data]  # fmt: skip
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_path(structures) as tmp:
-            ase.io.write(tmp, frames, format="extxyz")
-    labels = label_structures(structures, output / "labels", backend, settings, progress=progress)
+        return [Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
+                      pbc=d.frame.atoms.pbc) for d in data]  # fmt: skip
+
+    labels = label_frozen(output, structures, backend, settings, progress)
     added = update_dataset(output / "labels", to, launchpad=launchpad,
                            provenance={"relabelled_from": str(dataset)})  # fmt: skip
     logger.info("relabelled %s -> %s: %d labelled (%d reused), %d failed, %d added", dataset, to,
