@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
 
@@ -50,8 +51,62 @@ from nequix_fw.validation import LABELLING, validate
 logger = logging.getLogger(__name__)
 
 
+class CampaignLog:
+    """Where a campaign's stages report: one record per iteration in <directory>/campaign.json
+    and, with a database, in the store of campaign `name`."""
+
+    def __init__(self, directory: str | Path, name: str, db: Database | None = None,
+                 launchpad: str | Path | None = None):  # fmt: skip
+        """`db`: the database of the LaunchPad running a FireTask; `launchpad`: the LaunchPad
+        file (the store's database when there is no `db`; its path goes into campaign.json)."""
+        self.directory = Path(directory)
+        self.name = name
+        self.launchpad_file = None if launchpad is None else Path(launchpad)
+        self.launchpad: Database | Path | None = db if db is not None else self.launchpad_file
+        self._store: CampaignStore | None = None
+
+    @property
+    def store(self) -> CampaignStore | None:
+        """Where the campaign's records go besides its directory (None without a database)."""
+        if self.launchpad is None:
+            return None
+        if self._store is None:
+            self._store = CampaignStore(self.launchpad, self.name)
+        return self._store
+
+    def record(self, k: int, **entries) -> dict:
+        """Merge `entries` into iteration k's record of campaign.json (written atomically) and
+        of the store's iterations."""
+        log = self.read()
+        if self.launchpad_file is not None:  # the file's path, never its contents
+            log["launchpad"] = str(self.launchpad_file)
+        its = {it["iteration"]: it for it in log["iterations"]}
+        its.setdefault(k, {"iteration": k}).update(entries)
+        log["iterations"] = [its[i] for i in sorted(its)]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.directory / "campaign.json") as tmp:
+            tmp.write_text(json.dumps(log, indent=1, default=str))
+        if self.store is not None:
+            self.store.save_iteration(k, its[k])
+        summary = ", ".join(f"{key}={value}" for key, value in entries.items())
+        logger.info("campaign %s iteration %d: %s", self.name, k, summary)
+        return its[k]
+
+    def iteration_record(self, k: int) -> dict:
+        """Iteration k's record in campaign.json ({} if it has none yet)."""
+        return next((it for it in self.read()["iterations"] if it["iteration"] == k), {})
+
+    def read(self) -> dict:
+        """campaign.json (an empty record before the first stage reported)."""
+        path = self.directory / "campaign.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"name": self.name, "iterations": []}
+
+
 class Campaign:
-    """A campaign's settings (raw sections, as a workflow's spec carries them) and layout."""
+    """A campaign's settings (raw sections, as its growing FireTasks carry them), its layout and
+    its log: what the workflow's builders resolve each stage's inputs from."""
 
     def __init__(self, sections: dict, db: Database | None = None, env: dict | None = None):
         """`env`: the FireWorks worker's env, which fills ``>>key<<`` values in any section
@@ -63,13 +118,13 @@ class Campaign:
         self.env = env
         self.settings: CampaignSettings = self.section(CampaignSettings)
         self.directory = Path(self.settings.directory)
-        self.db = db  # the database of the LaunchPad running a FireTask, if any
-        self._store: CampaignStore | None = None
+        self.log = CampaignLog(self.directory, self.settings.name, db, self.settings.launchpad)
 
-    def section(self, cls, k: int | None = None, system: SystemSettings | None = None):
-        """Settings of section `cls`; at iteration `k` with the schedule's entries up to k (and
-        the stage's), and for `system` with its own."""
-        name = next(n for n, c in SECTIONS.items() if c is cls)
+    def section_values(self, name: str, k: int | None = None,
+                       system: SystemSettings | None = None) -> dict:  # fmt: skip
+        """The values of section `name` as given (``>>key<<`` placeholders kept): at iteration
+        `k` with the schedule's entries up to k (and the stage's), and for `system` with its
+        own."""
         values = dict(self.sections.get(name, {}))
         if k is not None:
             for start in sorted(self.settings.schedule):
@@ -80,8 +135,15 @@ class Campaign:
                 values.update(self.settings.stages[stage].settings.get(name, {}))
         if system is not None:
             values.update(system.settings.get(name, {}))
-            if cls is SelectionSettings and system.max_selected is not None:
+            if name == "selection" and system.max_selected is not None:
                 values["max_selected"] = system.max_selected
+        return values
+
+    def section(self, cls, k: int | None = None, system: SystemSettings | None = None):
+        """Settings of section `cls` (see `section_values`), placeholders filled from the
+        worker's env."""
+        name = next(n for n, c in SECTIONS.items() if c is cls)
+        values = self.section_values(name, k, system)
         return make_settings(cls, **fill_placeholders(values, self.env, name))
 
     def systems_at(self, k: int) -> list[SystemSettings | None]:
@@ -90,7 +152,7 @@ class Campaign:
         if not self.settings.systems:
             return [None]
         done = set()
-        for it in self._log()["iterations"]:
+        for it in self.log.read()["iterations"]:
             if it["iteration"] < k:
                 done |= {n for n, rec in (it.get("systems") or {}).items() if rec.get("converged")}
         return [system for system in self.settings.systems if system.name not in done]
@@ -112,7 +174,7 @@ class Campaign:
         if k < 1 or not self.settings.stages or (self.settings.systems and system is None):
             return None
         stage = 0
-        for it in self._log()["iterations"]:
+        for it in self.log.read()["iterations"]:
             rec = it if system is None else (it.get("systems") or {}).get(system.name, {})
             if 1 <= it["iteration"] < k and rec.get("stage_converged"):
                 stage += 1
@@ -124,34 +186,23 @@ class Campaign:
     @property
     def launchpad(self) -> Database | Path | None:
         """Where the store is: the running LaunchPad's database, else the LaunchPad file."""
-        return self.db if self.db is not None else self.settings.launchpad
+        return self.log.launchpad
 
     @property
     def dataset(self) -> str:
-        s = self.settings
-        if s.dataset:
-            return s.dataset
-        if self.launchpad is not None:
-            return f"db:{s.name}"
-        return str(self.directory / "training_set")
+        """The training set: `campaign.dataset`, else the store dataset db:<name> (a campaign
+        runs from a LaunchPad, whose database holds it)."""
+        return self.settings.dataset or f"db:{self.settings.name}"
 
     @property
     def store(self) -> CampaignStore | None:
-        """Where the campaign's records go besides its directory (None without a database)."""
-        if self.launchpad is None:
-            return None
-        if self._store is None:
-            self._store = CampaignStore(self.launchpad, self.settings.name)
-        return self._store
+        return self.log.store
 
     def iter_dir(self, k: int) -> Path:
         return self.directory / f"iter_{k:03d}"
 
     def models(self, k: int) -> list[str]:
-        paths = sorted(self.models_dir(k).glob("member_*.nqx"))
-        if not paths:
-            raise FileNotFoundError(f"{self.models_dir(k)}: no trained members")
-        return [str(p) for p in paths]
+        return member_files(self.models_dir(k))
 
     def models_dir(self, k: int) -> Path:
         """The ensemble in use after iteration k: its own, or, when it trained none (a stage
@@ -162,72 +213,77 @@ class Campaign:
         return self.iter_dir(k) / "models"
 
     def record(self, k: int, **entries) -> dict:
-        """Merge `entries` into iteration k's record of campaign.json (written atomically) and
-        of the store's iterations."""
-        log = self._log()
-        if self.settings.launchpad is not None:  # the file's path, never its contents
-            log["launchpad"] = str(self.settings.launchpad)
-        its = {it["iteration"]: it for it in log["iterations"]}
-        its.setdefault(k, {"iteration": k}).update(entries)
-        log["iterations"] = [its[i] for i in sorted(its)]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.directory / "campaign.json") as tmp:
-            tmp.write_text(json.dumps(log, indent=1, default=str))
-        if self.store is not None:
-            self.store.save_iteration(k, its[k])
-        summary = ", ".join(f"{key}={value}" for key, value in entries.items())
-        logger.info("campaign %s iteration %d: %s", self.settings.name, k, summary)
-        return its[k]
+        return self.log.record(k, **entries)
 
     def iteration_record(self, k: int) -> dict:
-        """Iteration k's record in campaign.json ({} if it has none yet)."""
-        return next((it for it in self._log()["iterations"] if it["iteration"] == k), {})
+        return self.log.iteration_record(k)
 
-    def _log(self) -> dict:
-        path = self.directory / "campaign.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        return {"name": self.settings.name, "iterations": []}
+
+def member_files(models_dir: str | Path) -> list[str]:
+    """The trained members (member_*.nqx) of an ensemble directory."""
+    paths = sorted(Path(models_dir).glob("member_*.nqx"))
+    if not paths:
+        raise FileNotFoundError(f"{models_dir}: no trained members")
+    return [str(p) for p in paths]
 
 
 # -- the stages -----------------------------------------------------------------------------------
 
 
-def explore_stage(c: Campaign, k: int) -> dict:
-    """MD, distortions and random packings from the initial structures (of every system still
-    explored) with ensemble k-1."""
-    ensemble = Ensemble.from_specs(c.models(k - 1), c.section(EnsembleSettings, k))
+@dataclass
+class SystemExploration:
+    """One system's exploration in an iteration (`name` None: the campaign's only system)."""
+
+    name: str | None
+    initial_structures: Path
+    settings: ExplorationSettings
+    output: Path  # candidates.extxyz + manifest.json
+
+
+@dataclass
+class SystemCandidates:
+    """One system's candidates in an iteration: the explored pool (if it was made) and the
+    fixed ones, evaluated into `output` (ensemble_results.json)."""
+
+    name: str | None
+    explored: Path | None
+    fixed: list[Path]
+    output: Path
+
+
+def explore_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
+                  systems: list[SystemExploration]) -> dict:  # fmt: skip
+    """MD, distortions and random packings from each system's starts with the ensemble of
+    `models` (that of iteration k-1)."""
+    engine = Ensemble.from_specs(models, ensemble)
     counts, stops = {}, Counter()
-    for system in c.systems_at(k):
-        starts = system.initial_structures if system else c.settings.initial_structures
-        settings = c.section(ExplorationSettings, k, system)
-        seeds = [s + 1000 * k for s in settings.seeds]  # new trajectories every iteration
-        settings = settings.model_copy(update={"seeds": seeds})
-        out = c.system_dir(k, "candidates", system)
-        manifest = explore(ensemble, list(iter_frames([starts])), out, settings, progress=False)
-        counts[system.name if system else None] = len(manifest["frames"])
+    for system in systems:
+        starts = list(iter_frames([system.initial_structures]))
+        manifest = explore(engine, starts, system.output, system.settings, progress=False)
+        counts[system.name] = len(manifest["frames"])
         stops.update(stop_counts(manifest["trajectories"]))
-    if c.settings.systems:
-        return c.record(k, n_candidates=sum(counts.values()), trajectory_stops=dict(stops),
-                        system_candidates=counts)  # fmt: skip
-    return c.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
+    if None not in counts:
+        return log.record(k, n_candidates=sum(counts.values()), trajectory_stops=dict(stops),
+                          system_candidates=counts)  # fmt: skip
+    return log.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
 
 
-def evaluate_stage(c: Campaign, k: int) -> dict:
-    """Ensemble k-1 on the candidates (explored and fixed) of every system still explored."""
+def evaluate_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
+                   systems: list[SystemCandidates]) -> dict:  # fmt: skip
+    """The ensemble of `models` (iteration k-1's) on each system's candidates."""
     n = 0
-    for system in c.systems_at(k):
-        pool = c.system_dir(k, "candidates", system) / "candidates.extxyz"
-        fixed = system.candidate_pool if system else c.settings.candidate_pool
-        inputs = ([pool] if pool.is_file() else []) + list(fixed)
+    for system in systems:
+        explored = system.explored
+        inputs = ([explored] if explored is not None and explored.is_file() else []) + list(
+            system.fixed
+        )
         if not inputs:
-            where = f" of system {system.name}" if system else ""
+            where = f" of system {system.name}" if system.name else ""
             raise FileNotFoundError(f"no candidates{where}: enable exploration or give a "
                                     "candidate_pool")  # fmt: skip
-        summary = run_ensemble(c.models(k - 1), inputs, c.results_file(k, system),
-                               c.section(EnsembleSettings, k), progress=False)  # fmt: skip
+        summary = run_ensemble(models, inputs, system.output, ensemble, progress=False)
         n += summary.get("n_structures") or 0
-    return c.record(k, n_evaluated=n)
+    return log.record(k, n_evaluated=n)
 
 
 def select_stage(c: Campaign, k: int) -> dict:
@@ -282,60 +338,72 @@ def label_groups(c: Campaign, n_structures: int) -> list[int | None]:
     return list(range(ceil(n_structures / size)))
 
 
-def label_stage(c: Campaign, k: int, env: dict | None = None, group: int | None = None) -> dict:
-    """Label iteration k's structures (one group of them); the dataset stage records the
-    counts of all groups."""
-
-    settings = c.section(LabellingSettings, k)
-    part = None if group is None else (group, c.settings.label_group_size)
-    labels = c.iter_dir(k) / "labels"
-    summary = label_structures(label_inputs(c, k), labels, make_backend(settings, env), settings,
-                               iteration=k, progress=False, group=part)  # fmt: skip
-    if c.store is not None:  # this group's task documents
-        tasks = [labels / sid / "task.json" for sid in summary["structure_ids"]]
-        c.store.save_label_tasks(k, [json.loads(p.read_text()) for p in tasks])
+def label_stage(log: CampaignLog, k: int, structures: Path, output: Path,
+                settings: LabellingSettings, env: dict | None = None,
+                group: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    """Label iteration k's `structures` (one `group` = (index, size) of them) into `output`;
+    the dataset stage records the counts of all groups."""
+    summary = label_structures(structures, output, make_backend(settings, env), settings,
+                               iteration=k, progress=False, group=group)  # fmt: skip
+    if log.store is not None:  # this group's task documents
+        tasks = [output / sid / "task.json" for sid in summary["structure_ids"]]
+        log.store.save_label_tasks(k, [json.loads(p.read_text()) for p in tasks])
     return summary
 
 
-def dataset_stage(c: Campaign, k: int) -> dict:
-    """Add iteration k's labels (all groups) to the dataset, unless too many failed: then the
-    record carries the stop reason and nothing is added."""
-
-    labels = c.iter_dir(k) / "labels"
+def dataset_stage(log: CampaignLog, k: int, labels: Path, dataset: str,
+                  max_failed_fraction: float | None) -> dict:  # fmt: skip
+    """Add iteration k's `labels` (all groups) to `dataset`, unless more than
+    `max_failed_fraction` failed: then the record carries the stop reason and nothing is
+    added."""
     parts = [json.loads(p.read_text()) for p in sorted(labels.glob("summary*.json"))]
     counts = {"n_labelled": sum(p["n_success"] for p in parts),
               "n_label_failures": sum(p["n_failed"] for p in parts),
               "n_label_reused": sum(p["n_reused"] for p in parts)}  # fmt: skip
-    stop = labelling_stop(c, k, counts["n_labelled"], counts["n_label_failures"])
+    stop = labelling_stop(labels, counts["n_labelled"], counts["n_label_failures"],
+                          max_failed_fraction)  # fmt: skip
     if stop:
-        return c.record(k, **counts, stop_reason=stop)
-    s = update_dataset(labels, c.dataset, iteration=k, launchpad=c.launchpad)
-    return c.record(k, **counts, n_added=s["n_added"], n_conflicts=s["n_conflicts"],
-                    dataset_size=s["n_total"], dataset=s["dataset"], stop_reason=None)  # fmt: skip
+        return log.record(k, **counts, stop_reason=stop)
+    s = update_dataset(labels, dataset, iteration=k, launchpad=log.launchpad)
+    return log.record(
+        k,
+        **counts,
+        n_added=s["n_added"],
+        n_conflicts=s["n_conflicts"],
+        dataset_size=s["n_total"],
+        dataset=s["dataset"],
+        stop_reason=None,
+    )
 
 
-def labelling_stop(c: Campaign, k: int, n_ok: int, n_failed: int) -> str | None:
-    """Why iteration k stops after labelling (None: its labels go into the dataset)."""
-    limit = c.section(LabellingSettings, k).max_failed_fraction
+def labelling_stop(labels: Path, n_ok: int, n_failed: int, limit: float | None) -> str | None:
+    """Why an iteration stops after labelling into `labels` (None: its labels go into the
+    dataset)."""
     n = n_ok + n_failed
     if limit is None or not n or n_failed / n <= limit:
         return None
     return (f"labelling failed for {n_failed} of {n} structures (more than {limit:.0%}, "
-            f"labelling.max_failed_fraction): reasons in {c.iter_dir(k) / 'labels'}/*/task.json"
-            )  # fmt: skip
+            f"labelling.max_failed_fraction): reasons in {labels}/*/task.json")  # fmt: skip
 
 
-def train_stage(c: Campaign, k: int) -> dict:
-    metas = train_ensemble(
-        [c.dataset], c.iter_dir(k) / "models", c.section(TrainingSettings, k),
-        finetune_from=c.settings.finetune_from if k == 0 else None,
-        warm_start=c.models_dir(k - 1) if k > 0 else None,
-        overwrite=True, progress=False, launchpad=c.launchpad,
-    )  # fmt: skip
-    if c.store is not None:
-        c.store.save_members(k, c.iter_dir(k) / "models", metas)
+def train_stage(
+    log: CampaignLog,
+    k: int,
+    dataset: str,
+    output: Path,
+    settings: TrainingSettings,
+    finetune_from: str | None = None,
+    warm_start: Path | None = None,
+) -> dict:
+    """Train iteration k's ensemble on `dataset` into `output`: fine-tuned from
+    `finetune_from`, warm-started from the members in `warm_start`, or from scratch."""
+    metas = train_ensemble([dataset], output, settings, finetune_from=finetune_from,
+                           warm_start=warm_start, overwrite=True, progress=False,
+                           launchpad=log.launchpad)  # fmt: skip
+    if log.store is not None:
+        log.store.save_members(k, output, metas)
     losses = [m["best_valid"]["loss"] for m in metas]
-    return c.record(k, n_models=len(metas), best_valid_loss=losses)
+    return log.record(k, n_models=len(metas), best_valid_loss=losses)
 
 
 def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:

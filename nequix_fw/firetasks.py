@@ -1,37 +1,47 @@
 """FireTasks: thin FireWorks wrappers over the campaign stages of `nequix_fw.campaign`.
 
-Each task gets the campaign's settings sections and its iteration; its summary goes to the
-launch's ``stored_data`` (and to ``campaign.json``). The two tasks that grow the workflow
-(`SelectTask`, `ValidateTask`) live with the workflow's builders in `nequix_fw.workflows`.
+As in atomate, each task names its inputs as parameters: its own settings section (the values
+of its iteration, schedule and stage applied when the workflow was built) and the paths it reads
+and writes, so that one value is changed with ``lpad update_fws -u
+'{"_tasks.0.training.epochs": 50}'``. A ``>>key<<`` value in any parameter, or in any value of a
+section, is filled from the worker's env (my_fworker.yaml; atomate's env_chk). Every task reports
+its summary to the campaign's log (``campaign_dir``/campaign.json and the store of
+``campaign_name``) and to the launch's ``stored_data``. The two tasks that grow the workflow
+(`SelectTask`, `ValidateTask`) see the whole campaign; they live with the workflow's builders in
+`nequix_fw.workflows`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
 from nequix_fw import LOG_FORMAT
 from nequix_fw import campaign as stages
+from nequix_fw.settings import (
+    EnsembleSettings,
+    ExplorationSettings,
+    LabellingSettings,
+    TrainingSettings,
+    env_chk,
+    fill_placeholders,
+    make_settings,
+)
 
 #: The log file of a stage, in its launch directory.
 LAUNCH_LOG = "nequix_fw.log"
 
+#: The parameters every stage task has: where it reports.
+LOG_PARAMS = ["iteration", "campaign_dir", "campaign_name"]
+
 
 class StageTask(FiretaskBase):
-    """Runs `stage(campaign, iteration)` and stores its summary in the launch."""
+    """A campaign stage, timed and logged; subclasses define `run_stage`."""
 
-    required_params = ["sections", "iteration"]
-    stage = None  # a function of nequix_fw.campaign (set by each task)
-
-    @property
-    def campaign(self) -> stages.Campaign:
-        """The campaign, on the database of the LaunchPad that runs this task, its ``>>key<<``
-        values (in any section, atomate's env_chk) filled from the worker's env."""
-        lp = getattr(self, "launchpad", None)  # set by the Rocket (_add_launchpad_and_fw_id)
-        return stages.Campaign(self["sections"], db=lp.db if lp is not None else None,
-                               env=getattr(self, "env", None))  # fmt: skip
+    env: dict = {}
 
     def run_task(self, fw_spec):
         """The stage, timed: ``task_wall_s`` in the launch's stored data (what FireWorks and
@@ -56,48 +66,191 @@ class StageTask(FiretaskBase):
             handler.close()
 
     def run_stage(self, fw_spec) -> FWAction:
-        return FWAction(stored_data=self.stage(self.campaign, self["iteration"]))
+        raise NotImplementedError
+
+    @property
+    def db(self):
+        """The database of the LaunchPad running this task (None outside one)."""
+        lp = getattr(self, "launchpad", None)  # set by the Rocket (_add_launchpad_and_fw_id)
+        return lp.db if lp is not None else None
+
+    def value(self, name: str, default=None):
+        """Parameter `name`, a ``>>key<<`` placeholder filled from the worker's env."""
+        return env_chk(self.get(name, default), self.env, name)
+
+    def path(self, name: str) -> Path | None:
+        value = self.value(name)
+        return None if value is None else Path(value)
+
+    def section(self, cls, name: str):
+        """The settings section in parameter `name`, its placeholders filled."""
+        return make_settings(cls, **fill_placeholders(self.get(name) or {}, self.env, name))
+
+    @property
+    def log(self) -> stages.CampaignLog:
+        """Where the stage reports: campaign.json in ``campaign_dir`` and the store."""
+        return stages.CampaignLog(self["campaign_dir"], self["campaign_name"], self.db,
+                                  self.value("launchpad"))  # fmt: skip
 
 
 @explicit_serialize
 class ExploreTask(StageTask):
-    """Ensemble-driven MD, distortions and random packing from the initial structures."""
+    """Ensemble-driven MD, distortions and random packings from each system's starts.
 
-    stage = staticmethod(stages.explore_stage)
+    Required params:
+        iteration (int): the campaign iteration (>= 1).
+        campaign_dir (str), campaign_name (str): where the stage reports.
+        models_dir (str): the ensemble that drives the dynamics (member_*.nqx; iteration k-1's).
+        systems (list[dict]): per system: name (str or None), initial_structures (str),
+            exploration (dict, an ExplorationSettings section; seeds already of this
+            iteration), output (str: candidates.extxyz and manifest.json go there).
+    Optional params:
+        ensemble (dict): EnsembleSettings section of the engine.
+        launchpad (str): LaunchPad file of the store, when not run by a LaunchPad.
+    """
+
+    required_params = [*LOG_PARAMS, "models_dir", "systems"]
+    optional_params = ["ensemble", "launchpad"]
+
+    def run_stage(self, fw_spec):
+        systems = [
+            stages.SystemExploration(
+                s["name"],
+                Path(env_chk(s["initial_structures"], self.env, "initial_structures")),
+                make_settings(
+                    ExplorationSettings,
+                    **fill_placeholders(s["exploration"], self.env, "exploration"),
+                ),
+                Path(s["output"]),
+            )  # fmt: skip
+            for s in self["systems"]
+        ]
+        record = stages.explore_stage(
+            self.log,
+            self["iteration"],
+            stages.member_files(self.path("models_dir")),
+            self.section(EnsembleSettings, "ensemble"),
+            systems,
+        )
+        return FWAction(stored_data=record)
 
 
 @explicit_serialize
 class EvaluateTask(StageTask):
-    """The previous ensemble on the candidates (run-ensemble)."""
+    """The ensemble on each system's candidates (run-ensemble): ensemble_results.json.
 
-    stage = staticmethod(stages.evaluate_stage)
+    Required params:
+        iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
+        models_dir (str): the ensemble (iteration k-1's).
+        systems (list[dict]): per system: name (str or None), explored (str or None: the
+            explored candidates.extxyz, used if it was made), fixed (list[str]: candidates
+            evaluated every iteration), output (str: the results JSON).
+    Optional params:
+        ensemble (dict): EnsembleSettings section. launchpad (str): as ExploreTask.
+    """
+
+    required_params = [*LOG_PARAMS, "models_dir", "systems"]
+    optional_params = ["ensemble", "launchpad"]
+
+    def run_stage(self, fw_spec):
+        systems = [
+            stages.SystemCandidates(
+                s["name"],
+                None if s["explored"] is None else Path(s["explored"]),
+                [Path(env_chk(p, self.env, "fixed")) for p in s["fixed"]],
+                Path(s["output"]),
+            )  # fmt: skip
+            for s in self["systems"]
+        ]
+        record = stages.evaluate_stage(
+            self.log,
+            self["iteration"],
+            stages.member_files(self.path("models_dir")),
+            self.section(EnsembleSettings, "ensemble"),
+            systems,
+        )
+        return FWAction(stored_data=record)
 
 
 @explicit_serialize
 class LabelTask(StageTask):
-    """Reference labels (of one group, with ``group``); ``>>key<<`` settings come from the
-    worker's env (my_fworker.yaml)."""
+    """Reference labels of the structures (of one group of them).
 
-    optional_params = ["group"]
+    Required params:
+        iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
+        structures (str): what to label (file or directory).
+        output (str): the labels directory (one subdirectory per structure, summary*.json).
+        labelling (dict): LabellingSettings section; ``>>key<<`` values come from the worker's
+            env (my_fworker.yaml), e.g. vasp_cmd.
+    Optional params:
+        group (list[int]): [index, size]: only that group of the structures (parallel jobs).
+        launchpad (str): as ExploreTask.
+    """
+
+    required_params = [*LOG_PARAMS, "structures", "output", "labelling"]
+    optional_params = ["group", "launchpad"]
 
     def run_stage(self, fw_spec):
-        env = fw_spec.get("_fw_env")
-        summary = stages.label_stage(self.campaign, self["iteration"], env, self.get("group"))
+        group = self.get("group")
+        summary = stages.label_stage(
+            self.log, self["iteration"], self.path("structures"), self.path("output"),
+            self.section(LabellingSettings, "labelling"), self.env,
+            None if group is None else tuple(group),
+        )  # fmt: skip
         return FWAction(stored_data=summary)
 
 
 @explicit_serialize
 class UpdateDatasetTask(StageTask):
-    """New labels into the training set (directory or store), idempotently; stops the
-    iteration (defuses training and validation) when too many labels failed."""
+    """The iteration's labels (all groups) into the training set, idempotently; stops the
+    iteration (defuses training and validation) when too many labels failed.
+
+    Required params:
+        iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
+        labels (str): the labels directory of the iteration.
+        dataset (str): the training set: a directory or a store dataset db:NAME.
+    Optional params:
+        max_failed_fraction (float): labelling.max_failed_fraction (None: no limit).
+        launchpad (str): as ExploreTask.
+    """
+
+    required_params = [*LOG_PARAMS, "labels", "dataset"]
+    optional_params = ["max_failed_fraction", "launchpad"]
 
     def run_stage(self, fw_spec):
-        record = stages.dataset_stage(self.campaign, self["iteration"])
+        record = stages.dataset_stage(self.log, self["iteration"], self.path("labels"),
+                                      self.value("dataset"),
+                                      self.value("max_failed_fraction"))  # fmt: skip
         return FWAction(stored_data=record, defuse_children=bool(record.get("stop_reason")))
 
 
 @explicit_serialize
 class TrainEnsembleTask(StageTask):
-    """The iteration's ensemble (fine-tune or scratch at 0, warm start after)."""
+    """The iteration's ensemble: fine-tuned or from scratch at iteration 0, each member
+    warm-started from its predecessor after.
 
-    stage = staticmethod(stages.train_stage)
+    Required params:
+        iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
+        dataset (str): the training set (directory or db:NAME).
+        output (str): the ensemble's directory (member_*.nqx).
+        training (dict): TrainingSettings section.
+    Optional params:
+        finetune_from (str): a model (path or pretrained name) to fine-tune.
+        warm_start (str): the previous ensemble's directory.
+        launchpad (str): as ExploreTask.
+    """
+
+    required_params = [*LOG_PARAMS, "dataset", "output", "training"]
+    optional_params = ["finetune_from", "warm_start", "launchpad"]
+
+    def run_stage(self, fw_spec):
+        record = stages.train_stage(
+            self.log,
+            self["iteration"],
+            self.value("dataset"),
+            self.path("output"),
+            self.section(TrainingSettings, "training"),
+            self.value("finetune_from"),
+            self.path("warm_start"),
+        )
+        return FWAction(stored_data=record)

@@ -1,7 +1,7 @@
 """Powerups, as atomate users know them: functions that modify a campaign's workflow before
 `lpad add`. Each changes the Fireworks of the given stages now *and* the campaign's
-`resources` (or sections) that every task carries, so that the Fireworks the campaign appends
-later (its next iterations) get the same.
+`resources` (or sections) that its growing tasks carry, so that the Fireworks the campaign
+appends later (its next iterations) get the same.
 
     wf = campaign_workflow(campaign_sections("campaign.yaml"))
     wf = add_priority(wf, 10)
@@ -25,7 +25,8 @@ def _stage(fw_name: str) -> str:
 
 
 def _sections(wf: Workflow) -> list[dict]:
-    """The settings sections of every task (each task's own copy, or a shared one)."""
+    """The campaign's settings sections in the growing tasks (each one's own copy, or a shared
+    one)."""
     found, seen = [], set()
     for fw in wf.fws:
         for task in fw.tasks:
@@ -90,6 +91,10 @@ def use_stand_in_labels(wf: Workflow, calculator: str = "emt", **params) -> Work
     run of a VASP or CP2K campaign's whole workflow, cheaply (atomate's `use_fake_vasp`)."""
     labelling = {"backend": "ase", "calculator": calculator, "calculator_params": params}
     make_settings(LabellingSettings, **labelling)
+    for fw in wf.fws:
+        for task in fw.tasks:
+            if "labelling" in task:  # a LabelTask's own section
+                task["labelling"] = dict(labelling)
     for sections in _sections(wf):
         sections["labelling"] = dict(labelling)
         for entry in sections.get("campaign", {}).get("schedule", {}).values():

@@ -565,7 +565,7 @@ class CampaignSettings(_Settings):
     dataset: str | None = Field(
         None,
         description="The training set: a directory or a store dataset db:NAME. None: db:<name> "
-        "when a launchpad is given, else <directory>/training_set.",
+        "in the database of the LaunchPad that runs the campaign.",
     )
     launchpad: Path | None = Field(
         None, description="LaunchPad file of the store (db:NAME datasets)."
@@ -719,25 +719,30 @@ SECTIONS: dict[str, type[_Settings]] = {
 PLACEHOLDER = re.compile(r"^>>(\w+)<<$")
 
 
+def env_chk(value, env: dict | None, where: str):
+    """`value`, or the worker's ``env[key]`` when it is a ``>>key<<`` placeholder (atomate's
+    env_chk); `where` names the setting in the error when the worker has no such key."""
+    m = PLACEHOLDER.match(value) if isinstance(value, str) else None
+    if m is None:
+        return value
+    key = m.group(1)
+    if key not in (env or {}):
+        raise SettingsError(
+            f"{where} is {value!r}, a FireWorks worker placeholder, but the worker env has no "
+            f"{key!r}: set env: {{{key}: ...}} in my_fworker.yaml (CLI: --fworker FILE)"
+        )
+    return env[key]
+
+
 def fill_placeholders(values: dict, env: dict | None, where: str) -> dict:
     """`values` (one section's) with every ``>>key<<`` value replaced by the worker's
     ``env[key]``; with `env` None (building a workflow, where no worker is known yet) the
     placeholders are left out, so that the rest is checked with the defaults in their place."""
-    out = {}
-    for name, value in values.items():
-        m = PLACEHOLDER.match(value) if isinstance(value, str) else None
-        if m is None:
-            out[name] = value
-        elif env is not None:
-            key = m.group(1)
-            if key not in env:
-                raise SettingsError(
-                    f"{where}.{name} is {value!r}, a FireWorks worker placeholder, but the "
-                    f"worker env has no {key!r}: set env: {{{key}: ...}} in my_fworker.yaml "
-                    "(CLI: --fworker FILE)"
-                )
-            out[name] = env[key]
-    return out
+    return {
+        name: env_chk(value, env, f"{where}.{name}")
+        for name, value in values.items()
+        if env is not None or not (isinstance(value, str) and PLACEHOLDER.match(value))
+    }
 
 
 def make_settings(cls: type[S], **values) -> S:

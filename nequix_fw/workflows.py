@@ -2,13 +2,14 @@
 workflow itself. `SelectTask` and `ValidateTask` make it dynamic: they append the rest of the
 iteration, or the next one, as FWAction additions built here, and append nothing when the
 campaign stops (nor when a rerun finds what its first run appended). The stage tasks are in
-`nequix_fw.firetasks`."""
+`nequix_fw.firetasks`; the builders here resolve each one's inputs (its iteration's settings,
+schedule and stage applied, and its paths) from the campaign."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fireworks import Firework, FWAction, Workflow, explicit_serialize
+from fireworks import FiretaskBase, Firework, FWAction, Workflow, explicit_serialize
 
 from nequix_fw import campaign as stages
 from nequix_fw.campaign import Campaign, label_groups, label_inputs
@@ -24,6 +25,8 @@ from nequix_fw.firetasks import (
 from nequix_fw.settings import (
     PLACEHOLDER,
     SECTIONS,
+    ExplorationSettings,
+    LabellingSettings,
     ValidationSettings,
     fill_placeholders,
     make_settings,
@@ -40,17 +43,88 @@ _PATHS = {
 }
 
 
-def _fw(c: Campaign, k: int, tasks: list, stage: str, group: int | None = None) -> Firework:
+def _fw(c: Campaign, k: int, tasks: list[FiretaskBase], stage: str,
+        group: int | None = None) -> Firework:  # fmt: skip
     resources = c.settings.resources.get(stage)
     spec = resources.spec() if resources else {}
     # every task reaches the database through the LaunchPad that runs it; growing tasks also
     # look up what they appended
     spec["_add_launchpad_and_fw_id"] = True
-    params = {"sections": c.sections, "iteration": k}
-    if group is not None:
-        params["group"] = group
     name = f"{c.settings.name} {stage} {k}" + ("" if group is None else f".{group}")
-    return Firework([t(**params) for t in tasks], spec=spec, name=name)
+    return Firework(tasks, spec=spec, name=name)
+
+
+def _log_params(c: Campaign, k: int) -> dict:
+    """Where a stage task reports (its iteration, campaign.json, the store)."""
+    params = {"iteration": k, "campaign_dir": str(c.directory), "campaign_name": c.settings.name}
+    if c.settings.launchpad is not None:
+        params["launchpad"] = str(c.settings.launchpad)
+    return params
+
+
+def _value(c: Campaign, cls, k: int, key: str):
+    """Setting `key` of section `cls` at iteration k, as given (a placeholder kept) or its
+    default."""
+    name = next(n for n, sec in SECTIONS.items() if sec is cls)
+    return c.section_values(name, k).get(key, cls.model_fields[key].default)
+
+
+def explore_task(c: Campaign, k: int) -> ExploreTask:
+    """Iteration k's exploration: each system still explored, its settings at k (new seeds
+    every iteration: seed + 1000 k), with the ensemble in use after k-1."""
+    systems = []
+    for system in c.systems_at(k):
+        values = c.section_values("exploration", k, system)
+        seeds = values.get("seeds", ExplorationSettings.model_fields["seeds"].default)
+        if not PLACEHOLDER.match(str(seeds)):
+            values["seeds"] = [s + 1000 * k for s in seeds]
+        starts = system.initial_structures if system else c.settings.initial_structures
+        systems.append({"name": system.name if system else None,
+                        "initial_structures": str(starts), "exploration": values,
+                        "output": str(c.system_dir(k, "candidates", system))})  # fmt: skip
+    return ExploreTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)), systems=systems,
+                       ensemble=c.section_values("ensemble", k))  # fmt: skip
+
+
+def evaluate_task(c: Campaign, k: int) -> EvaluateTask:
+    """Iteration k's evaluation of each system's candidates (explored and fixed)."""
+    systems = []
+    for system in c.systems_at(k):
+        fixed = system.candidate_pool if system else c.settings.candidate_pool
+        explored = c.system_dir(k, "candidates", system) / "candidates.extxyz"
+        systems.append({"name": system.name if system else None, "explored": str(explored),
+                        "fixed": [str(p) for p in fixed],
+                        "output": str(c.results_file(k, system))})  # fmt: skip
+    return EvaluateTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
+                        systems=systems, ensemble=c.section_values("ensemble", k))  # fmt: skip
+
+
+def label_task(c: Campaign, k: int, group: int | None = None) -> LabelTask:
+    """Iteration k's labelling (of one group of its structures)."""
+    params = {"structures": str(label_inputs(c, k)), "output": str(c.iter_dir(k) / "labels"),
+              "labelling": c.section_values("labelling", k)}  # fmt: skip
+    if group is not None:
+        params["group"] = [group, c.settings.label_group_size]
+    return LabelTask(**_log_params(c, k), **params)
+
+
+def dataset_task(c: Campaign, k: int) -> UpdateDatasetTask:
+    """Iteration k's labels into the campaign's training set."""
+    limit = _value(c, LabellingSettings, k, "max_failed_fraction")
+    return UpdateDatasetTask(**_log_params(c, k), labels=str(c.iter_dir(k) / "labels"),
+                             dataset=c.dataset, max_failed_fraction=limit)  # fmt: skip
+
+
+def train_task(c: Campaign, k: int) -> TrainEnsembleTask:
+    """Iteration k's ensemble: fine-tuned (campaign.finetune_from) or from scratch at 0,
+    warm-started from the ensemble in use after k-1 later."""
+    params = {"dataset": c.dataset, "output": str(c.iter_dir(k) / "models"),
+              "training": c.section_values("training", k)}  # fmt: skip
+    if k == 0 and c.settings.finetune_from:
+        params["finetune_from"] = c.settings.finetune_from
+    if k > 0:
+        params["warm_start"] = str(c.models_dir(k - 1))
+    return TrainEnsembleTask(**_log_params(c, k), **params)
 
 
 def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workflow:
@@ -60,22 +134,21 @@ def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workfl
     return Workflow([*roots, *fws], links, name=name)
 
 
-def labelling_workflow(sections: dict, k: int, n_structures: int) -> Workflow:
+def labelling_workflow(c: Campaign, k: int, n_structures: int) -> Workflow:
     """label (in groups, in parallel) -> update dataset -> train -> validate of iteration k."""
-    c = Campaign(sections)
-    labels = [_fw(c, k, [LabelTask], "label", g) for g in label_groups(c, n_structures)]
+    labels = [_fw(c, k, [label_task(c, k, g)], "label", g) for g in label_groups(c, n_structures)]
     return _chain([
-        _fw(c, k, [UpdateDatasetTask], "dataset"),
-        _fw(c, k, [TrainEnsembleTask], "train"),
-        _fw(c, k, [ValidateTask], "validate"),
+        _fw(c, k, [dataset_task(c, k)], "dataset"),
+        _fw(c, k, [train_task(c, k)], "train"),
+        _fw(c, k, [ValidateTask(sections=c.sections, iteration=k)], "validate"),
     ], f"{c.settings.name} iteration {k}", roots=labels)  # fmt: skip
 
 
-def exploration_workflow(sections: dict, k: int) -> Workflow:
+def exploration_workflow(c: Campaign, k: int) -> Workflow:
     """(explore ->) evaluate + select of iteration k >= 1."""
-    c = Campaign(sections)
-    fws = [_fw(c, k, [ExploreTask], "explore")] if c.settings.explore else []
-    fws.append(_fw(c, k, [EvaluateTask, SelectTask], "select"))
+    fws = [_fw(c, k, [explore_task(c, k)], "explore")] if c.settings.explore else []
+    select = SelectTask(sections=c.sections, iteration=k)
+    fws.append(_fw(c, k, [evaluate_task(c, k), select], "select"))
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 
@@ -154,7 +227,7 @@ def campaign_workflow(sections: dict) -> Workflow:
     validation appends iteration 1, and so on."""
     c = Campaign(sections)
     n_initial = sum(1 for _ in iter_frames([label_inputs(c, 0)]))
-    wf = labelling_workflow(sections, 0, n_initial)
+    wf = labelling_workflow(c, 0, n_initial)
     wf.name = f"nequix-fw campaign {c.settings.name}"
     return wf
 
@@ -168,7 +241,20 @@ class _GrowingTask(StageTask):
     Its Firework carries ``_add_launchpad_and_fw_id``, so a rerun (``lpad rerun_fws``) can see
     the Fireworks its first run appended: FireWorks reruns those as its descendants, so they are
     not appended again, and they are defused when the rerun decides to stop.
+
+    Required params:
+        sections (dict): the campaign's settings sections (as `campaign_sections` made them):
+            what the next Fireworks are built from.
+        iteration (int): the campaign iteration.
     """
+
+    required_params = ["sections", "iteration"]
+
+    @property
+    def campaign(self) -> Campaign:
+        """The campaign, on the database of the LaunchPad that runs this task, its ``>>key<<``
+        values (in any section) filled from the worker's env."""
+        return Campaign(self["sections"], db=self.db, env=self.env)
 
     def _children(self) -> list[int]:
         lp = getattr(self, "launchpad", None)  # None when run outside a LaunchPad
@@ -196,9 +282,9 @@ class SelectTask(_GrowingTask):
         n = record["n_selected"]
         stop, label = stages.selection_decision(c, k, record)
         if label:
-            return self._grow(stop, lambda: labelling_workflow(c.sections, k, n))
+            return self._grow(stop, lambda: labelling_workflow(c, k, n))
         # a stage converged with too little to label: the next iteration, in the next stage
-        return self._grow(stop, lambda: exploration_workflow(c.sections, k + 1))
+        return self._grow(stop, lambda: exploration_workflow(c, k + 1))
 
 
 @explicit_serialize
@@ -209,4 +295,4 @@ class ValidateTask(_GrowingTask):
         c, k = self.campaign, self["iteration"]
         record = stages.validate_stage(c, k, fw_spec.get("_fw_env"))
         reason = stages.iteration_stop(c, k, record)
-        return self._grow(reason, lambda: exploration_workflow(c.sections, k + 1))
+        return self._grow(reason, lambda: exploration_workflow(c, k + 1))

@@ -147,6 +147,7 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
 
 
 def test_resources_go_into_the_firework_specs(tmp_path):
+    from nequix_fw.campaign import Campaign
     from nequix_fw.workflows import campaign_workflow, exploration_workflow
 
     ase.io.write(tmp_path / "i.extxyz", make_cells(5))
@@ -169,9 +170,10 @@ def test_resources_go_into_the_firework_specs(tmp_path):
     assert links == {"r label 0.0": ["r dataset 0"], "r label 0.1": ["r dataset 0"],
                      "r label 0.2": ["r dataset 0"], "r dataset 0": ["r train 0"],
                      "r train 0": ["r validate 0"], "r validate 0": []}  # fmt: skip
-    assert [t.get("group") for fw in wf.fws for t in fw.tasks if "label" in fw.name] == [0, 1, 2]
+    groups = [t.get("group") for fw in wf.fws for t in fw.tasks if "label" in fw.name]
+    assert groups == [[0, 2], [1, 2], [2, 2]]  # [index, size]
     sections["campaign"]["explore"] = False
-    specs = {fw.name: fw.spec for fw in exploration_workflow(sections, 1).fws}
+    specs = {fw.name: fw.spec for fw in exploration_workflow(Campaign(sections), 1).fws}
     assert specs == {"r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True}}
     with pytest.raises(SettingsError, match="resources.relax"):
         make_settings(CampaignSettings, directory="d", initial_structures="i",
