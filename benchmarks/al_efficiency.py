@@ -213,8 +213,8 @@ def initial_set(seed: int, n: int) -> list[Atoms]:
 def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args) -> dict:
     """Exploration mode, one arm, one seed: each iteration trains, validates (errors and MD
     stability at 1500 K), explores with its own ensemble (NVT at 300/900/1500 K from the four
-    ideal alloy cells, stopping where the uncertainty passes `exploration.hi`), selects from
-    the frames by the arm's method and labels the picks with EMT."""
+    ideal alloy cells, stopping where the uncertainty passes `exploration.stop_force_dev`),
+    selects from the frames by the arm's method and labels the picks with EMT."""
     from nequix_fw.ensemble import Ensemble
     from nequix_fw.evaluation import run_ensemble
     from nequix_fw.exploration import explore
@@ -242,13 +242,13 @@ def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args
         ensemble = Ensemble.from_specs(models)
         settings = ExplorationSettings(
             temperatures_K=[300.0, 900.0, 1500.0], steps=args.explore_steps, sample_every=20,
-            thermostat="langevin", seeds=[seed * 100 + it], hi=args.explore_hi,
+            thermostat="langevin", seeds=[seed * 100 + it], stop_force_dev=args.explore_hi,
         )  # fmt: skip
         manifest = explore(ensemble, starts, d / "explore", settings, progress=False)
         curve[-1]["explored_frames"] = len(manifest["frames"])
         run_ensemble([str(m) for m in models], [d / "explore" / "candidates.extxyz"],
                      d / "candidates.json", progress=False)  # fmt: skip
-        sel = _selection(arm, seed, it, args.per_iteration, min_distance=1.5)
+        sel = _selection(arm, seed, it, args.per_iteration, min_distance_A=1.5)
         chosen = select_from_results(d / "candidates.json", d / "selected", sel,
                                      training_set=train)  # fmt: skip
         picked = [ase.io.read(d / "selected" / e["file"]) for e in chosen["structures"]

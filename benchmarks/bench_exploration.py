@@ -85,7 +85,7 @@ def walker_table(paths: list[Path], args) -> None:
     ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None, **options))
     # every walker runs to the end: no uncertainty or physics stops (random-weight models)
     common = dict(temperatures_K=[600.0], timestep_fs=2.0, check_every=args.warmup,
-                  sample_every=args.warmup, hi=None, min_distance=0.01,
+                  sample_every=args.warmup, stop_force_dev=None, stop_min_distance_A=0.01,
                   max_temperature_factor=1e6)  # fmt: skip
     print(f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps, "
           f"engine {options}")  # fmt: skip

@@ -476,9 +476,10 @@ def _iteration(text: str) -> int:
     return k
 
 
-def _setting(parser: argparse.ArgumentParser, cls, field: str, flag: str | None = None, **kw):
+def _setting(parser: argparse.ArgumentParser, cls, field: str, *flags: str, **kw):
     """An option that mirrors settings field `cls.field`: its type, list-ness, choices and help
-    come from the field; `_settings_from` hands its value to that field."""
+    come from the field; `_settings_from` hands its value to that field. `flags`: its flags
+    (default: --FIELD)."""
     annotation = cls.model_fields[field].annotation
     if get_origin(annotation) in (Union, UnionType):  # X | None
         annotation = next(a for a in get_args(annotation) if a is not type(None))
@@ -492,7 +493,7 @@ def _setting(parser: argparse.ArgumentParser, cls, field: str, flag: str | None 
     description = cls.model_fields[field].description or ""
     first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", description)[0]  # its first sentence
     kw.setdefault("help", first.rstrip(".").replace("%", "%%"))
-    action = parser.add_argument(flag or "--" + field.replace("_", "-"), **kw)
+    action = parser.add_argument(*(flags or ["--" + field.replace("_", "-")]), **kw)
     options = parser.get_default("_settings_options") or []
     parser.set_defaults(_settings_options=[*options, (action.dest, cls, field)])
 
@@ -507,9 +508,10 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     from nequix_fw.settings import LabellingSettings
 
     for field in ("backend", "cp2k_cmd", "cp2k_template", "vasp_cmd", "vasp_inputs",
-                  "vasp_input_set", "vasp_psp_dir", "cp2k_input_set", "command", "calculator",
-                  "min_distance"):  # fmt: skip
+                  "vasp_input_set", "vasp_psp_dir", "cp2k_input_set", "command",
+                  "calculator"):  # fmt: skip
         _setting(lb, LabellingSettings, field)
+    _setting(lb, LabellingSettings, "min_distance_A", "--min-distance")
     _setting(lb, LabellingSettings, "timeout_s", "--timeout")
     lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
@@ -573,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("hi", "relative_force_level", "stress_lo", "stress_hi", "max_selected"):
         _setting(s, ss, field)
     _setting(s, ss, "diverse", action="store_const", const=True)
-    for field in ("descriptor", "min_distance", "format", "method", "seed"):
+    for field in ("descriptor", "format", "method", "seed"):
         _setting(s, ss, field)
+    _setting(s, ss, "min_distance_A", "--min-distance")
     s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
     s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     s.set_defaults(func=_cmd_select)
@@ -692,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(x, xs, "timestep_fs", "--timestep")
     _setting(x, xs, "sample_every")
     _setting(x, xs, "check_every")
-    _setting(x, xs, "hi")
+    _setting(x, xs, "stop_force_dev", "--hi", "--stop-force-dev")
     _setting(x, xs, "seeds")
     _setting(x, xs, "thermostat")
     _setting(x, xs, "barostat")

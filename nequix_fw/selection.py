@@ -2,7 +2,7 @@
 
 Every structure gets a class: ``accurate`` (max_force_dev < lo), ``candidate``
 (lo <= max_force_dev < hi) or ``failed`` (max_force_dev >= hi, a non-finite prediction, or atoms
-closer than ``min_distance``). With ``relative_force_level`` the levels apply to DP-GEN's relative
+closer than ``min_distance_A``). With ``relative_force_level`` the levels apply to DP-GEN's relative
 force deviation instead; with ``stress_lo``/``stress_hi`` the stress deviation is classified too,
 and the worse class of the two counts. Candidates are selected, highest uncertainty first or, with
 ``diverse``, by farthest-point sampling on a structural descriptor, up to ``max_selected``.
@@ -164,15 +164,15 @@ def classify(
                 elif sc == "candidate":
                     entry.cls = "candidate"
         pickable = _pickable(settings)
-        needs_atoms = entry.cls in pickable and (settings.min_distance or settings.diverse)
+        needs_atoms = entry.cls in pickable and (settings.min_distance_A or settings.diverse)
         if needs_atoms:
             atoms = record_atoms(rec)
-            if settings.min_distance is not None:
+            if settings.min_distance_A is not None:
                 dmin = min_distance(atoms)
-                if dmin < settings.min_distance:
+                if dmin < settings.min_distance_A:
                     entry.cls = "failed"
                     entry.reason = (
-                        f"min interatomic distance {dmin:.3f} Å < {settings.min_distance} Å"
+                        f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å"
                     )
             if entry.cls == "candidate" and settings.diverse:
                 described.append((entry, atoms))

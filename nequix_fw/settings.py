@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import yaml
 from ase.data import atomic_numbers
@@ -27,6 +27,20 @@ from nequix_fw.errors import SettingsError
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    #: Old field names, refused with the new name: {old: new}.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_old_names(cls, values):
+        if isinstance(values, dict):
+            old = sorted(set(values) & set(cls.renamed))
+            if old:
+                raise ValueError(
+                    "renamed: " + ", ".join(f"{o} is now {cls.renamed[o]}" for o in old)
+                )
+        return values
 
 
 class EnsembleSettings(_Settings):
@@ -144,7 +158,7 @@ class SelectionSettings(_Settings):
         "histogram + volume per atom; 'learned', the first model's invariant per-atom features "
         "after its last layer, summed per element over the structure's atoms / n atoms.",
     )
-    min_distance: float | None = Field(
+    min_distance_A: float | None = Field(
         None,
         gt=0,
         description="Minimum interatomic distance (Å); closer pairs mark a structure 'failed'.",
@@ -152,6 +166,8 @@ class SelectionSettings(_Settings):
     format: Literal["vasp", "extxyz"] = Field(
         "vasp", description="File format of selected structures: POSCAR (<id>.vasp) or extxyz."
     )
+
+    renamed = {"min_distance": "min_distance_A"}
 
     @model_validator(mode="after")
     def _check_levels(self) -> SelectionSettings:
@@ -320,7 +336,7 @@ class LabellingSettings(_Settings):
     )  # fmt: skip
     scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
     gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
-    min_distance: float | None = Field(
+    min_distance_A: float | None = Field(
         0.7,
         gt=0,
         description="Structures with atoms closer than this (Å) are recorded as failed and never "
@@ -336,6 +352,8 @@ class LabellingSettings(_Settings):
         description="A campaign iteration whose labelling failed for more than this share of "
         "its structures stops there, adding nothing (DP-GEN's ratio_failed). None: no limit.",
     )
+
+    renamed = {"min_distance": "min_distance_A"}
 
 
 class RandomPackingSettings(_Settings):
@@ -386,13 +404,15 @@ class ExplorationSettings(_Settings):
     compressibility_per_GPa: float = Field(0.01, gt=0, description="Berendsen compressibility.")
     check_every: int = Field(10, ge=1, description="Steps between uncertainty/physics checks.")
     sample_every: int = Field(50, ge=1, description="Steps between sampled frames.")
-    hi: float | None = Field(
+    stop_force_dev: float | None = Field(
         0.5,
         gt=0,
         description="Stop a trajectory when max_force_dev exceeds this (eV/Å): beyond it the "
         "ensemble mean drives the dynamics into nonsense. None: never stop on uncertainty.",
     )
-    min_distance: float = Field(0.7, gt=0, description="Stop when atoms come closer (Å).")
+    stop_min_distance_A: float = Field(
+        0.7, gt=0, description="Stop a trajectory when atoms come closer than this (Å)."
+    )
     max_temperature_factor: float = Field(
         5.0, gt=1, description="Stop when the temperature exceeds this multiple of the target."
     )
@@ -441,6 +461,8 @@ class ExplorationSettings(_Settings):
     random_packing: list[RandomPackingSettings] = Field(
         [], description="Random structures added to the pool."
     )
+
+    renamed = {"hi": "stop_force_dev", "min_distance": "stop_min_distance_A"}
 
     @model_validator(mode="after")
     def _check(self) -> ExplorationSettings:
@@ -751,7 +773,8 @@ def make_settings(cls: type[S], **values) -> S:
         return cls(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or cls.__name__}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or cls.__name__}: "
+            + err["msg"].removeprefix("Value error, ")
             for err in exc.errors()
         )
         raise SettingsError(f"invalid {cls.__name__}: {problems}") from None

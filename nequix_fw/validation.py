@@ -274,8 +274,8 @@ def md_stability(
     md = ExplorationSettings(
         temperatures_K=[s.md_temperature_K], steps=s.md_steps, timestep_fs=s.md_timestep_fs,
         thermostat="bussi", taut_fs=100.0, check_every=s.md_check_every,
-        sample_every=s.md_check_every * max(1, s.md_steps // s.md_check_every), hi=None,
-        min_distance=s.md_min_distance_A, max_temperature_factor=s.md_max_temperature_factor,
+        sample_every=s.md_check_every * max(1, s.md_steps // s.md_check_every), stop_force_dev=None,
+        stop_min_distance_A=s.md_min_distance_A, max_temperature_factor=s.md_max_temperature_factor,
         max_energy_drift_eV_per_atom_ps=s.md_max_energy_drift_eV_per_atom_ps,
         walkers=max(1, len(starts)),
     )  # fmt: skip

@@ -132,7 +132,7 @@ def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
     from nequix_fw.labelling import label_structures, make_backend
     from nequix_fw.settings import ExplorationSettings, LabellingSettings
 
-    assert LabellingSettings().min_distance == 0.7 and ExplorationSettings().hi == 0.5
+    assert LabellingSettings().min_distance_A == 0.7 and ExplorationSettings().stop_force_dev == 0.5
     # atoms 0.001 Å apart never reach the calculator by default
     a = make_cells(1)[0]
     a.positions[1] = a.positions[0] + [0.001, 0, 0]
@@ -193,6 +193,24 @@ def test_campaign_section_errors_name_the_settings_file(tmp_path, capsys):
     cfg.write_text("campaign: {directory: r, initial_structures: i.xyz, max_iterations: -1}\n")
     code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
     assert code == 2 and err.startswith(f"error: {cfg}: invalid CampaignSettings: max_iterations")
+
+
+def test_renamed_settings_are_refused_with_their_new_names(tmp_path, capsys):
+    """exploration.hi (the stop of a trajectory, not selection.hi's trust level) and the three
+    min_distance fields were renamed: the old names give one line naming the new ones, and
+    nothing is written."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\n"
+                   "exploration: {hi: 1.0, min_distance: 0.8}\n")  # fmt: skip
+    code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "hi is now stop_force_dev, min_distance is now stop_min_distance_A" in err
+    assert not (tmp_path / "w.yaml").exists()
+    cfg.write_text("selection: {min_distance: 1.5}\n")
+    code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--config", cfg,
+                       "--output", tmp_path / "sel")  # fmt: skip
+    assert code == 2 and "min_distance is now min_distance_A" in err
+    assert not (tmp_path / "sel").exists()
 
 
 def test_killed_writers_leave_no_temp_files_and_modes_are_kept(emt_data, tmp_path, capsys):

@@ -51,8 +51,9 @@ def test_uncertain_ensemble_stops_trajectories_early(trained):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
 
     def run(hi):  # only uncertainty stops: tiny models may bring atoms close at 2000 K
-        s = ExplorationSettings(steps=400, timestep_fs=5.0, check_every=5, sample_every=5, hi=hi,
-                                min_distance=0.05, max_temperature_factor=100)  # fmt: skip
+        s = ExplorationSettings(steps=400, timestep_fs=5.0, check_every=5, sample_every=5,
+                                stop_force_dev=hi, stop_min_distance_A=0.05,
+                                max_temperature_factor=100)  # fmt: skip
         return run_md(atoms, EnsembleCalculator(Ensemble.from_specs(paths)), 2000.0, s, seed=0)
 
     ref = run(None)
@@ -289,12 +290,12 @@ def _walker_settings(ens, jobs, thermostat, walkers, **kw) -> ExplorationSetting
     at its first check, in the middle of the widest gap between the deviations it reaches (so
     that rounding cannot decide on which side of it a check falls)."""
     common = dict(steps=60, timestep_fs=4.0, check_every=5, sample_every=10, thermostat=thermostat)
-    ref = run_md(jobs[2][0], EnsembleCalculator(ens), 2500.0,
-                 ExplorationSettings(**{**common, "sample_every": 5}, hi=None), seed=2)  # fmt: skip
+    unstopped = ExplorationSettings(**{**common, "sample_every": 5}, stop_force_dev=None)
+    ref = run_md(jobs[2][0], EnsembleCalculator(ens), 2500.0, unstopped, seed=2)
     devs = [f.info["max_force_dev"] for f in ref.frames]
     levels = [devs[0], *sorted(d for d in devs[1:] if d > devs[0])]
     hi = max((b - a, (a + b) / 2) for a, b in zip(levels[:-1], levels[1:], strict=True))[1]
-    return ExplorationSettings(**common, hi=hi, walkers=walkers, **kw)
+    return ExplorationSettings(**common, stop_force_dev=hi, walkers=walkers, **kw)
 
 
 @pytest.mark.parametrize(("thermostat", "walkers", "filter_pairs"),

@@ -280,7 +280,7 @@ def test_script_timeout_kills_the_whole_command(selected, tmp_path):
     """A command past --timeout is killed with its children (nothing runs or writes on), and
     its output files are kept."""
     cmd = 'bash -c "echo started; sleep 4; echo late > late.txt"; sleep 30'
-    s = LabellingSettings(backend="script", command=cmd, timeout_s=1, min_distance=1.0)
+    s = LabellingSettings(backend="script", command=cmd, timeout_s=1, min_distance_A=1.0)
     one = selected["dir"] / f"{structure_id(selected['cells'][0])}.vasp"
     summary = label_structures(one, tmp_path / "o", make_backend(s), s, progress=False)
     assert summary["failed"][0]["reason"] == "timed out after 1.0 s"

@@ -118,7 +118,7 @@ def test_min_distance_filter_marks_failed(model_paths, tmp_path):
     ase.io.write(tmp_path / "p.extxyz", [close, *ok])
     run_ensemble(model_paths, [tmp_path / "p.extxyz"], tmp_path / "r.json", progress=False)
     manifest = select_from_results(
-        tmp_path / "r.json", tmp_path / "s", SelectionSettings(lo=0.0, min_distance=1.5)
+        tmp_path / "r.json", tmp_path / "s", SelectionSettings(lo=0.0, min_distance_A=1.5)
     )
     entry = manifest["structures"][0]
     assert entry["class"] == "failed" and not entry["selected"]

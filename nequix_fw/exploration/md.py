@@ -72,9 +72,10 @@ def stop_reason(
     the conserved energy (eV/atom/ps, Bussi)."""
     if not np.isfinite(forces).all() or not np.isfinite(energy):
         return "non-finite"
-    if settings.hi is not None and max_force_dev is not None and max_force_dev > settings.hi:
+    level = settings.stop_force_dev
+    if level is not None and max_force_dev is not None and max_force_dev > level:
         return "uncertainty"
-    if min_dist() < settings.min_distance:
+    if min_dist() < settings.stop_min_distance_A:
         return "min_distance"
     if temperature > settings.max_temperature_factor * temperature_K:
         return "temperature"
@@ -143,9 +144,10 @@ def run_md(
     """MD on `calc` (an `EnsembleCalculator`, or any ASE calculator) under one condition.
 
     Every `check_every` steps the trajectory is checked (`stop_reason`): ensemble uncertainty
-    above `hi`, atoms closer than `min_distance`, a temperature above `max_temperature_factor`
-    x target, or non-finite forces stop it, recording why and when. Frames are kept as
-    `FrameLog` says, with their provenance (parent id, condition, step, time, uncertainty).
+    above `stop_force_dev`, atoms closer than `stop_min_distance_A`, a temperature above
+    `max_temperature_factor` x target, or non-finite forces stop it, recording why and when.
+    Frames are kept as `FrameLog` says, with their provenance (parent id, condition, step,
+    time, uncertainty).
     """
 
     if pressure_GPa is not None and not atoms.pbc.all():

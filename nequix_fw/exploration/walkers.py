@@ -351,7 +351,7 @@ class _Lockstep:
                 w.check(self.x[a:b], self.p[a:b], self.f[a:b], member_forces[:, a:b], min_dist)
 
     def _min_distance(self, w: _NVTWalker, x: np.ndarray) -> float:
-        if self.settings.min_distance >= self.cutoff:
+        if self.settings.stop_min_distance_A >= self.cutoff:
             return min_distance(Atoms(w.atoms.numbers, x, cell=w.cell, pbc=w.atoms.pbc))
         i, j, _, vectors = w.pairs
         d = x[j] - x[i] + vectors

@@ -170,9 +170,9 @@ def label_structures(
             seen.add(sid)
             todo.append((fr, sid, _finished(output / sid, settings_hash)))
     too_close: dict[str, float] = {}  # never sent to the backend
-    if settings.min_distance is not None:
+    if settings.min_distance_A is not None:
         for fr, sid, done in todo:
-            if done is None and (d := min_distance(fr.atoms)) < settings.min_distance:
+            if done is None and (d := min_distance(fr.atoms)) < settings.min_distance_A:
                 too_close[sid] = d
     backend.prepare([(sid, fr.atoms) for fr, sid, done in todo
                      if done is None and sid not in too_close], output)  # fmt: skip
@@ -188,8 +188,9 @@ def label_structures(
         t0 = time.perf_counter()
         if sid in too_close:
             dmin = too_close[sid]
-            res = LabelResult(None, "failed", f"min interatomic distance {dmin:.3f} Å < "
-                              f"{settings.min_distance} Å: not sent to {backend.name}")  # fmt: skip
+            why = (f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å: "
+                   f"not sent to {backend.name}")  # fmt: skip
+            res = LabelResult(None, "failed", why)
         else:
             try:
                 res = backend.label(fr.atoms, workdir)
