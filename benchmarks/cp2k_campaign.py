@@ -32,7 +32,8 @@ from fireworks import LaunchPad
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PRESET = ROOT / "workflows" / "cp2k_si.yaml"
-STAGES = ("label", "dataset", "train", "validate", "explore", "select")
+STAGES = ("label", "update_dataset", "train_ensemble", "validate", "explore", "run_ensemble",
+          "select")
 
 
 def si_cells(n: int, seed: int, ideal_first: bool = False) -> list:
@@ -56,7 +57,7 @@ def _run(cmd: list, cwd: Path) -> float:
 
 def stage_times(lp: LaunchPad) -> dict[int, dict[str, float]]:
     """Per iteration, the running time (s) of each stage's launches, FireWorks' own measure
-    (labelling groups summed; select is the ensemble's evaluation plus the selection)."""
+    (labelling groups summed)."""
     names = {f["fw_id"]: f["name"] for f in lp.fireworks.find({}, {"fw_id": 1, "name": 1})}
     out: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for launch in lp.launches.find({"state": "COMPLETED"}):

@@ -268,7 +268,7 @@ def explore_stage(log: CampaignLog, k: int, models: list[str], ensemble: Ensembl
     return log.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
 
 
-def evaluate_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
+def run_ensemble_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
                    systems: list[SystemCandidates]) -> dict:  # fmt: skip
     """The ensemble of `models` (iteration k-1's) on each system's candidates."""
     n = 0
@@ -351,7 +351,7 @@ def label_stage(log: CampaignLog, k: int, structures: Path, output: Path,
     return summary
 
 
-def dataset_stage(log: CampaignLog, k: int, labels: Path, dataset: str,
+def update_dataset_stage(log: CampaignLog, k: int, labels: Path, dataset: str,
                   max_failed_fraction: float | None) -> dict:  # fmt: skip
     """Add iteration k's `labels` (all groups) to `dataset`, unless more than
     `max_failed_fraction` failed: then the record carries the stop reason and nothing is
@@ -386,7 +386,7 @@ def labelling_stop(labels: Path, n_ok: int, n_failed: int, limit: float | None) 
             f"labelling.max_failed_fraction): reasons in {labels}/*/task.json")  # fmt: skip
 
 
-def train_stage(
+def train_ensemble_stage(
     log: CampaignLog,
     k: int,
     dataset: str,

@@ -136,7 +136,7 @@ class ExploreTask(StageTask):
 
 
 @explicit_serialize
-class EvaluateTask(StageTask):
+class RunEnsembleTask(StageTask):
     """The ensemble on each system's candidates (run-ensemble): ensemble_results.json.
 
     Required params:
@@ -162,7 +162,7 @@ class EvaluateTask(StageTask):
             )  # fmt: skip
             for s in self["systems"]
         ]
-        record = stages.evaluate_stage(
+        record = stages.run_ensemble_stage(
             self.log,
             self["iteration"],
             stages.member_files(self.path("models_dir")),
@@ -218,7 +218,7 @@ class UpdateDatasetTask(StageTask):
     optional_params = ["max_failed_fraction", "launchpad"]
 
     def run_stage(self, fw_spec):
-        record = stages.dataset_stage(self.log, self["iteration"], self.path("labels"),
+        record = stages.update_dataset_stage(self.log, self["iteration"], self.path("labels"),
                                       self.value("dataset"),
                                       self.value("max_failed_fraction"))  # fmt: skip
         return FWAction(stored_data=record, defuse_children=bool(record.get("stop_reason")))
@@ -244,7 +244,7 @@ class TrainEnsembleTask(StageTask):
     optional_params = ["finetune_from", "warm_start", "launchpad"]
 
     def run_stage(self, fw_spec):
-        record = stages.train_stage(
+        record = stages.train_ensemble_stage(
             self.log,
             self["iteration"],
             self.value("dataset"),

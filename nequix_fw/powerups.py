@@ -14,10 +14,7 @@ from collections.abc import Iterable
 
 from fireworks import Workflow
 
-from nequix_fw.settings import FireworkResources, LabellingSettings, make_settings
-
-#: The stages of a campaign's Fireworks (their names: "<campaign> <stage> <k>[.<group>]").
-STAGES = ("explore", "select", "label", "dataset", "train", "validate")
+from nequix_fw.settings import STAGES, FireworkResources, LabellingSettings, make_settings
 
 
 def _stage(fw_name: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from ase.data import atomic_numbers
@@ -486,7 +486,12 @@ class ExplorationSettings(_Settings):
         return self
 
 
-Stage = Literal["explore", "select", "label", "dataset", "train", "validate"]
+#: A campaign's stages, by their one name: the CLI command (with "_" for "-"), the Firework
+#: (<campaign> <stage> <k>), the FireTask (CamelCase + Task) and the key of `resources`.
+Stage = Literal[
+    "explore", "run_ensemble", "select", "label", "update_dataset", "train_ensemble", "validate"
+]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 ScheduledSection = Literal[
@@ -626,8 +631,8 @@ class CampaignSettings(_Settings):
     )  # fmt: skip
     resources: dict[Stage, FireworkResources] = Field(
         {},
-        description="Where and how each stage's Fireworks run, by stage: explore, select "
-        "(evaluate + select), label, dataset, train, validate.",
+        description="Where and how each stage's Fireworks run, by stage: explore, run_ensemble, "
+        "select, label, update_dataset, train_ensemble, validate.",
     )
     schedule: dict[int, dict[ScheduledSection, dict]] = Field(
         {},
@@ -652,6 +657,18 @@ class CampaignSettings(_Settings):
         "selected), then the next; the campaign stops when the last converges. Replaces the "
         "campaign-wide accurate_fraction and min_selected stops.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_old_stage_names(cls, values):
+        old = {"dataset": "update_dataset", "train": "train_ensemble"}
+        resources = values.get("resources") if isinstance(values, dict) else None
+        found = sorted(set(resources or {}) & set(old))
+        if found:
+            raise ValueError("resources: renamed stages: " + ", ".join(
+                f"{o} is now {old[o]}" for o in found) + " (select no longer covers "
+                "run_ensemble, which has its own Firework)")  # fmt: skip
+        return values
 
     @model_validator(mode="after")
     def _check_schedule(self):

@@ -15,9 +15,9 @@ from nequix_fw import campaign as stages
 from nequix_fw.campaign import Campaign, label_groups, label_inputs
 from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
-    EvaluateTask,
     ExploreTask,
     LabelTask,
+    RunEnsembleTask,
     StageTask,
     TrainEnsembleTask,
     UpdateDatasetTask,
@@ -86,7 +86,7 @@ def explore_task(c: Campaign, k: int) -> ExploreTask:
                        ensemble=c.section_values("ensemble", k))  # fmt: skip
 
 
-def evaluate_task(c: Campaign, k: int) -> EvaluateTask:
+def run_ensemble_task(c: Campaign, k: int) -> RunEnsembleTask:
     """Iteration k's evaluation of each system's candidates (explored and fixed)."""
     systems = []
     for system in c.systems_at(k):
@@ -95,7 +95,7 @@ def evaluate_task(c: Campaign, k: int) -> EvaluateTask:
         systems.append({"name": system.name if system else None, "explored": str(explored),
                         "fixed": [str(p) for p in fixed],
                         "output": str(c.results_file(k, system))})  # fmt: skip
-    return EvaluateTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
+    return RunEnsembleTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
                         systems=systems, ensemble=c.section_values("ensemble", k))  # fmt: skip
 
 
@@ -108,14 +108,14 @@ def label_task(c: Campaign, k: int, group: int | None = None) -> LabelTask:
     return LabelTask(**_log_params(c, k), **params)
 
 
-def dataset_task(c: Campaign, k: int) -> UpdateDatasetTask:
+def update_dataset_task(c: Campaign, k: int) -> UpdateDatasetTask:
     """Iteration k's labels into the campaign's training set."""
     limit = _value(c, LabellingSettings, k, "max_failed_fraction")
     return UpdateDatasetTask(**_log_params(c, k), labels=str(c.iter_dir(k) / "labels"),
                              dataset=c.dataset, max_failed_fraction=limit)  # fmt: skip
 
 
-def train_task(c: Campaign, k: int) -> TrainEnsembleTask:
+def train_ensemble_task(c: Campaign, k: int) -> TrainEnsembleTask:
     """Iteration k's ensemble: fine-tuned (campaign.finetune_from) or from scratch at 0,
     warm-started from the ensemble in use after k-1 later."""
     params = {"dataset": c.dataset, "output": str(c.iter_dir(k) / "models"),
@@ -138,17 +138,17 @@ def labelling_workflow(c: Campaign, k: int, n_structures: int) -> Workflow:
     """label (in groups, in parallel) -> update dataset -> train -> validate of iteration k."""
     labels = [_fw(c, k, [label_task(c, k, g)], "label", g) for g in label_groups(c, n_structures)]
     return _chain([
-        _fw(c, k, [dataset_task(c, k)], "dataset"),
-        _fw(c, k, [train_task(c, k)], "train"),
+        _fw(c, k, [update_dataset_task(c, k)], "update_dataset"),
+        _fw(c, k, [train_ensemble_task(c, k)], "train_ensemble"),
         _fw(c, k, [ValidateTask(sections=c.sections, iteration=k)], "validate"),
     ], f"{c.settings.name} iteration {k}", roots=labels)  # fmt: skip
 
 
 def exploration_workflow(c: Campaign, k: int) -> Workflow:
-    """(explore ->) evaluate + select of iteration k >= 1."""
+    """(explore ->) run_ensemble -> select of iteration k >= 1."""
     fws = [_fw(c, k, [explore_task(c, k)], "explore")] if c.settings.explore else []
-    select = SelectTask(sections=c.sections, iteration=k)
-    fws.append(_fw(c, k, [evaluate_task(c, k), select], "select"))
+    fws.append(_fw(c, k, [run_ensemble_task(c, k)], "run_ensemble"))
+    fws.append(_fw(c, k, [SelectTask(sections=c.sections, iteration=k)], "select"))
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 

@@ -216,8 +216,9 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     first = _campaign(tmp_path, "again", lo=0.0,
                       extra=pool + "max_iterations: 1, label_group_size: 2}")  # fmt: skip
     # labelling in groups of 2: iteration 0 (4 structures) and 1 (3 selected) in 2 Fireworks each
-    names = ["again " + n for n in ("dataset 0", "dataset 1", "label 0.0", "label 0.1",
-                                    "label 1.0", "label 1.1", "select 1", "train 0", "train 1",
+    names = ["again " + n for n in ("label 0.0", "label 0.1", "label 1.0", "label 1.1",
+                                    "run_ensemble 1", "select 1", "train_ensemble 0",
+                                    "train_ensemble 1", "update_dataset 0", "update_dataset 1",
                                     "validate 0", "validate 1")]  # fmt: skip
     assert first["db"]["fireworks"] == [[n, "COMPLETED"] for n in names]
     groups = [
@@ -240,7 +241,8 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
                          [*LPAD, "update_fws", "-n", "again validate 0", "-u", update],
                          RLAUNCH)  # fmt: skip
     states = dict(stopped["db"]["fireworks"])
-    assert states["again validate 0"] == "COMPLETED" and states["again select 1"] == "DEFUSED"
+    assert states["again validate 0"] == "COMPLETED"
+    assert states["again run_ensemble 1"] == "DEFUSED" and states["again select 1"] == "WAITING"
     assert stopped["db"]["workflow_state"] == ["DEFUSED"]
     assert stopped["log"][0]["stop_reason"] == "max_iterations (0) reached"
     assert stopped["db"]["ids"] == first["db"]["ids"]

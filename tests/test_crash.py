@@ -97,7 +97,8 @@ def _training(c: dict, k: int):
     which is another failure than this test's) and the ensemble's output directory made."""
 
     def check() -> bool:
-        fw = c["db"].fireworks.find_one({"name": f"{c['db'].name} train {k}", "state": "RUNNING"})
+        name = f"{c['db'].name} train_ensemble {k}"
+        fw = c["db"].fireworks.find_one({"name": name, "state": "RUNNING"})
         if fw is None or c["db"].workflows.find_one({"nodes": fw["fw_id"], "locked": True}):
             return False
         return (c["dir"] / "run" / f"iter_{k:03d}" / "models").is_dir()
@@ -207,7 +208,8 @@ def test_flaky_oracle_and_failure_ratio(tmp_path, server):
     c2 = _flaky_campaign(tmp_path, "strict", cells, labelling)
     s2 = _state(c2)
     states = dict(s2["fireworks"])
-    assert states["strict dataset 0"] == "COMPLETED" and states["strict train 0"] == "DEFUSED"
+    assert states["strict update_dataset 0"] == "COMPLETED"
+    assert states["strict train_ensemble 0"] == "DEFUSED"
     assert s2["n_docs"] == 0
     reason = s2["log"][0]["stop_reason"]
     assert reason.startswith("labelling failed for 3 of 12 structures (more than 20%")

@@ -34,7 +34,7 @@ campaign:
   label_group_size: 2
   resources:
     label: {queueadapter: {walltime: "00:10:00"}}
-    train: {queueadapter: {walltime: "00:20:00", cpus_per_task: 2}}
+    train_ensemble: {queueadapter: {walltime: "00:20:00", cpus_per_task: 2}}
 training:
   n_models: 2
   epochs: 2
@@ -116,11 +116,13 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
             break
     fws = {int(k): v for k, v in state["fireworks"].items()}
     launches = {int(k): v for k, v in state["launches"].items()}
-    # iteration 0 (2 label groups, dataset, train, validate), select 1 appended by validate 0,
-    # then iteration 1's label groups..validate appended by select 1: eleven Fireworks
+    # iteration 0 (2 label groups, update_dataset, train_ensemble, validate), run_ensemble and
+    # select 1 appended by validate 0, then iteration 1's label groups..validate appended by
+    # select 1: twelve Fireworks
     names = sorted(name for name, _ in fws.values())
-    assert names == ["q dataset 0", "q dataset 1", "q label 0.0", "q label 0.1", "q label 1.0",
-                     "q label 1.1", "q select 1", "q train 0", "q train 1", "q validate 0",
+    assert names == ["q label 0.0", "q label 0.1", "q label 1.0", "q label 1.1",
+                     "q run_ensemble 1", "q select 1", "q train_ensemble 0", "q train_ensemble 1",
+                     "q update_dataset 0", "q update_dataset 1", "q validate 0",
                      "q validate 1"]  # fmt: skip
     assert {s for _, s in fws.values()} == {"COMPLETED"}
     assert state["workflow_state"] == ["COMPLETED"]
@@ -141,8 +143,8 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
         assert f"--job-name={job_name}" in script
         stage = name.split()[1]
         # each stage's queue requests, the rest from my_qadapter.yaml
-        assert ("#SBATCH --cpus-per-task=2" in script) == (stage == "train")
-        walltime = {"train": "00:20:00", "label": "00:10:00"}.get(stage, "02:00:00")
+        assert ("#SBATCH --cpus-per-task=2" in script) == (stage == "train_ensemble")
+        walltime = {"train_ensemble": "00:20:00", "label": "00:10:00"}.get(stage, "02:00:00")
         assert f"#SBATCH --time={walltime}" in script
 
 
@@ -163,18 +165,22 @@ def test_resources_go_into_the_firework_specs(tmp_path):
     lp = {"_add_launchpad_and_fw_id": True}
     label = {"_category": "dft", "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}, **lp}
     assert specs == {"r label 0.0": label, "r label 0.1": label, "r label 0.2": label,
-                     "r dataset 0": lp, "r train 0": lp, "r validate 0": lp}  # fmt: skip
+                     "r update_dataset 0": lp, "r train_ensemble 0": lp,
+                     "r validate 0": lp}  # fmt: skip
     # the 5 initial structures in groups of 2: three parallel labelling Fireworks, then the rest
     names = {fw.fw_id: fw.name for fw in wf.fws}
     links = {names[a]: sorted(names[b] for b in bs) for a, bs in wf.links.items()}
-    assert links == {"r label 0.0": ["r dataset 0"], "r label 0.1": ["r dataset 0"],
-                     "r label 0.2": ["r dataset 0"], "r dataset 0": ["r train 0"],
-                     "r train 0": ["r validate 0"], "r validate 0": []}  # fmt: skip
+    d, t = "r update_dataset 0", "r train_ensemble 0"
+    assert links == {"r label 0.0": [d], "r label 0.1": [d], "r label 0.2": [d], d: [t],
+                     t: ["r validate 0"], "r validate 0": []}  # fmt: skip
     groups = [t.get("group") for fw in wf.fws for t in fw.tasks if "label" in fw.name]
     assert groups == [[0, 2], [1, 2], [2, 2]]  # [index, size]
     sections["campaign"]["explore"] = False
     specs = {fw.name: fw.spec for fw in exploration_workflow(Campaign(sections), 1).fws}
-    assert specs == {"r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True}}
+    assert specs == {
+        "r run_ensemble 1": {"_add_launchpad_and_fw_id": True},
+        "r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True},
+    }
     with pytest.raises(SettingsError, match="resources.relax"):
         make_settings(CampaignSettings, directory="d", initial_structures="i",
                       resources={"relax": {}})  # fmt: skip

@@ -67,7 +67,8 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
     label = [f"{c.settings.name} label 0"] if groups == 1 else [
         f"{c.settings.name} label 0.{g}" for g in range(groups)]  # fmt: skip
     assert names == sorted([*label, *(f"{c.settings.name} {s} 0"
-                                      for s in ("dataset", "train", "validate"))])  # fmt: skip
+                                      for s in ("update_dataset", "train_ensemble",
+                                                "validate"))])  # fmt: skip
     # every path absolute, worker placeholders kept for the worker's env
     assert Path(c.settings.initial_structures).is_absolute()
     assert all(Path(p).is_absolute() for p in c.settings.testset)
@@ -81,7 +82,7 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         filled = Campaign(sections, env={"vasp_cmd": "srun vasp_std", "vasp_psp_dir": "/psp"})
         assert filled.section(LabellingSettings, 0).vasp_cmd == "srun vasp_std"
         specs = {fw.name: fw.spec for fw in wf.fws}
-        assert specs["vasp_mpstatic train 0"]["_category"] == "gpu"
+        assert specs["vasp_mpstatic train_ensemble 0"]["_category"] == "gpu"
         assert specs["vasp_mpstatic label 0"]["_queueadapter"]["ntasks"] == 64
     if preset.stem == "finetune_mp1":
         assert c.settings.finetune_from == "nequix-mp-1"
@@ -150,14 +151,15 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     _inputs(tmp_path, "Cu")
     wf = campaign_workflow(campaign_sections("c.yaml", tmp_path / "my_launchpad.yaml"))
     wf = add_priority(wf, 7)
-    wf = set_category(wf, "fast", stages=["train"])
+    wf = set_category(wf, "fast", stages=["train_ensemble"])
     wf = set_queueadapter(wf, {"walltime": "02:00:00", "nodes": 2}, stages=["label"])
     wf = set_fworker(wf, "big", stages=["validate"])
     wf = use_stand_in_labels(wf)
     wf = Workflow.from_dict(wf.to_dict())  # as lpad add stores it
     specs = {fw.name.split()[-2]: fw.spec for fw in wf.fws}
     assert {s["_priority"] for s in specs.values()} == {7}
-    assert specs["train"]["_category"] == "fast" and "_category" not in specs["dataset"]
+    assert specs["train_ensemble"]["_category"] == "fast"
+    assert "_category" not in specs["update_dataset"]
     assert specs["label"]["_queueadapter"]["walltime"] == "02:00:00"
     assert specs["label"]["_queueadapter"]["nodes"] == 2
     assert specs["label"]["_queueadapter"]["ntasks"] == 64  # the preset's other keys kept
@@ -168,9 +170,10 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     c = Campaign(sections)
     later = [*exploration_workflow(c, 1).fws, *labelling_workflow(c, 1, 3).fws]
     later_specs = {fw.name.split()[-2]: fw.spec for fw in later}
-    assert set(later_specs) == {"explore", "select", "label", "dataset", "train", "validate"}
+    assert set(later_specs) == {"explore", "run_ensemble", "select", "label", "update_dataset",
+                                "train_ensemble", "validate"}  # fmt: skip
     assert {s["_priority"] for s in later_specs.values()} == {7}
-    assert later_specs["train"]["_category"] == "fast"
+    assert later_specs["train_ensemble"]["_category"] == "fast"
     assert later_specs["label"]["_queueadapter"]["walltime"] == "02:00:00"
     backend = make_backend(c.section(LabellingSettings, 3))
     assert backend.name == "ase" and backend.calculator == "emt"
@@ -226,18 +229,18 @@ def test_firetasks_name_their_inputs_resolved_at_build(tmp_path, monkeypatch):
                                                    "seeds": [2000, 2001]}}]  # fmt: skip
     assert fws["t explore 1"].tasks[0]["systems"][0]["exploration"]["seeds"] == [1000, 1001]
     assert explore["models_dir"] == str(run / "iter_001" / "models")
-    evaluate, select = fws["t select 2"].tasks
+    (evaluate,) = fws["t run_ensemble 2"].tasks
     explored = run / "iter_002" / "candidates" / "candidates.extxyz"
     results = run / "iter_002" / "ensemble_results.json"
     assert evaluate["systems"] == [{"name": None, "fixed": [], "explored": str(explored),
                                     "output": str(results)}]  # fmt: skip
-    train0, train2 = fws["t train 0"].tasks[0], fws["t train 2"].tasks[0]
+    train0, train2 = fws["t train_ensemble 0"].tasks[0], fws["t train_ensemble 2"].tasks[0]
     assert train0["training"] == {"epochs": 3, "n_models": 2} and "warm_start" not in train0
     assert train2["training"] == {"epochs": 7, "n_models": 2}
     assert train2["warm_start"] == str(run / "iter_001" / "models")
     assert train2["output"] == str(run / "iter_002" / "models") and train2["dataset"] == "db:t"
     assert fws["t label 2"].tasks[0]["structures"] == str(run / "iter_002" / "selected")
-    assert fws["t dataset 2"].tasks[0]["max_failed_fraction"] == 0.5
+    assert fws["t update_dataset 2"].tasks[0]["max_failed_fraction"] == 0.5
     growing = [t for fw in fws.values() for t in fw.tasks if "sections" in t]
     names = sorted(type(t).__name__ for t in growing)
     assert names == ["SelectTask", "SelectTask", "ValidateTask", "ValidateTask"]
@@ -273,5 +276,8 @@ def test_stage_tasks_fill_placeholders_in_any_parameter(tmp_path, monkeypatch):
         emt = x.frame.atoms.copy()
         emt.calc = EMT()
         assert x.energy == pytest.approx(emt.get_potential_energy(), abs=1e-6)
+    with pytest.raises(SettingsError, match="output is '>>scratch<<', a FireWorks worker "
+                       "placeholder, but the worker env has no 'scratch'"):  # fmt: skip
+        label.run_task({"_fw_env": {"calc": "emt"}})
     with pytest.raises(SettingsError, match="labelling.calculator is '>>calc<<'"):
-        label.run_task({"_fw_env": {}})
+        label.run_task({"_fw_env": {"scratch": str(tmp_path / "labels")}})
