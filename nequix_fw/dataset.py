@@ -24,6 +24,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp import Vasprun
 
 from nequix_fw.errors import StructureError
+from nequix_fw.schemas import LabelTaskDoc
 from nequix_fw.store import StoreDataset, is_store_spec
 from nequix_fw.structures import Frame, atomic_path, check_output, iter_frames, structure_id
 
@@ -237,7 +238,7 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
     tasks = sorted(new.rglob("task.json")) if new.is_dir() else []
     for task in tasks:
         task_dirs.add(task.parent)
-        doc = json.loads(task.read_text())
+        doc = LabelTaskDoc.from_file(task).to_dict()
         task_ids.add(doc["structure_id"])
         if doc.get("status") != "success" or not doc.get("labelled_file"):
             n_failed += 1

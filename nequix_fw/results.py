@@ -35,12 +35,11 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
-from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError
+from nequix_fw.schemas import DocumentError, EnsembleResultsHeader
 from nequix_fw.structures import atomic_path
 
-SCHEMA = "nequix-fw/ensemble-results"
-SCHEMA_VERSION = 1
+SCHEMA, SCHEMA_VERSION = EnsembleResultsHeader.SCHEMA, EnsembleResultsHeader.VERSION
 UNITS = {
     "energy": "eV",
     "forces": "eV/Å",
@@ -108,15 +107,10 @@ class ResultsWriter:
 
     def __init__(self, path: str | Path, models: list[dict], settings: dict):
         self.path = Path(path)
-        self.header = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "nequix_fw_version": __version__,
-            "units": UNITS,
-            "models": models,
-            "settings": settings,
-        }
+        self.header = EnsembleResultsHeader(
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), units=UNITS,
+            models=models, settings=settings,
+        ).to_dict()  # fmt: skip
         self.per_model = bool(settings.get("store_per_model", True))
         self.summary = {"n_structures": 0, "n_failed": 0, "n_atoms": 0}
         self._ctx = None
@@ -152,6 +146,11 @@ def _check_header(path: Path, header: dict) -> dict:
         raise _bad(path, f"schema is not {SCHEMA}")
     if header.get("schema_version") != SCHEMA_VERSION:
         raise _bad(path, f"schema_version {header.get('schema_version')} is not {SCHEMA_VERSION}")
+    fields = {k: v for k, v in header.items() if k not in ("structures", "summary")}
+    try:
+        EnsembleResultsHeader.check(fields, path)
+    except DocumentError as exc:
+        raise _bad(path, str(exc).split("(", 1)[-1].rstrip(")")) from None
     return header
 
 

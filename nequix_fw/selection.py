@@ -12,7 +12,6 @@ not failed (accurate ones too) and not already labelled.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,20 +25,16 @@ from ase import Atoms
 from ase.data import atomic_numbers
 from ase.formula import Formula
 
-from nequix_fw import __version__
 from nequix_fw.descriptors import LearnedFeatures, structural
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.models import load_model
 from nequix_fw.results import read_results, record_atoms
+from nequix_fw.schemas import SelectionManifest
 from nequix_fw.settings import SelectionSettings
 from nequix_fw.structures import min_distance, umask, write_structure
 from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, trust_class
 
 logger = logging.getLogger(__name__)
-
-
-MANIFEST_SCHEMA = "nequix-fw/selection"
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -343,17 +338,13 @@ def select_from_results(
         counts = {c: sum(e.cls == c for e in entries) for c in ("accurate", "candidate", "failed")}
         counts["selected"] = sum(e.selected for e in entries)
         counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "schema_version": MANIFEST_VERSION,
-            "nequix_fw_version": __version__,
-            "ensemble_results": str(results_path.resolve()),
-            "models": header["models"],
-            "settings": settings.model_dump(mode="json"),
-            "counts": counts,
-            "structures": [e.to_dict() for e in entries],
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        doc = SelectionManifest(
+            ensemble_results=str(results_path.resolve()), models=header["models"],
+            settings=settings.model_dump(mode="json"), counts=counts,
+            structures=[e.to_dict() for e in entries],
+        )  # fmt: skip
+        doc.to_file(tmp / "manifest.json")
+        manifest = doc.to_dict()
         _swap_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,6 @@ Units in the report: energy errors in meV/atom, forces in eV/Å, stress in GPa, 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +22,13 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata, spearmanr
 from tqdm import tqdm
 
-from nequix_fw import __version__
 from nequix_fw.dataset import Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
+from nequix_fw.schemas import ValidationReport
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
 from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_cells
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
@@ -409,9 +408,6 @@ def validate(
     if bad:
         raise NequixFWError(f"{bad[0]}: a model predicts non-finite values")
     report: dict = {
-        "schema": "nequix-fw/validation",
-        "schema_version": 1,
-        "nequix_fw_version": __version__,
         "models": [m.info.to_dict() for m in ensemble.models],
         "n_structures": len(data),
         "per_model": {},
@@ -446,8 +442,9 @@ def validate(
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)
     if plots:
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
-    with atomic_path(output) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    doc = ValidationReport(**report)
+    doc.to_file(output)
+    report = doc.to_dict()
     m = report["ensemble_mean"]
     logger.info(
         "validation on %d structures: energy RMSE %.3g meV/atom, force RMSE %.4g eV/Å -> %s",

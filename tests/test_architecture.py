@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nequix_fw"
 LAYERS = {
-    1: ["errors", "settings", "structures", "__init__"],
+    1: ["errors", "settings", "structures", "schemas", "__init__"],
     2: ["models", "graphs", "ensemble", "uncertainty", "results", "descriptors", "epochs",
         "store", "server"],
     3: ["evaluation", "selection", "exploration", "labelling", "dataset", "training",

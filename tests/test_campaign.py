@@ -129,11 +129,12 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
         }
         # training.epochs is ">>train_epochs<<": the worker's env gave 3 (env_chk)
         assert {m["epochs_run"] for m in metas} == {3}
-    # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 6 Fireworks
+    # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 7 Fireworks
+    # (label, update_dataset, train_ensemble, validate; then explore, run_ensemble, select too)
     db = r["db"]
     assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 2
     assert db["backends"] == ["ase"]
-    assert len(db["fireworks"]) == 16 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
+    assert len(db["fireworks"]) == 18 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
     assert db["workflow_state"] == ["COMPLETED"]
     # each stage logged what it did into its launch directory
     logs = [p.read_text() for p in tmp_path.rglob("launcher_*/nequix_fw.log")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,7 @@ from nequix_fw.exploration.distortions import (
 )
 from nequix_fw.exploration.md import Trajectory
 from nequix_fw.exploration.walkers import run_trajectories
+from nequix_fw.schemas import ExplorationManifest
 from nequix_fw.settings import EnsembleSettings, ExplorationSettings
 from nequix_fw.structures import Frame, atomic_path, check_output, structure_id
 
@@ -152,14 +152,10 @@ def explore(
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "candidates.extxyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
-    manifest = {
-        "schema": "nequix-fw/exploration", "schema_version": 1,
-        "settings": settings.model_dump(mode="json"),
-        "trajectories": trajectories,
-        "frames": [{"id": i, **f.info} for i, f in pool.items()],
-    }  # fmt: skip
-    with atomic_path(output / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    doc = ExplorationManifest(settings=settings.model_dump(mode="json"), trajectories=trajectories,
+                              frames=[{"id": i, **f.info} for i, f in pool.items()])  # fmt: skip
+    doc.to_file(output / "manifest.json")
+    manifest = doc.to_dict()
     logger.info(
         "explored %d trajectories (stops: %s), %d generated structures: %d candidates -> %s",
         len(trajectories),

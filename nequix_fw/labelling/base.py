@@ -22,10 +22,11 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from monty.json import jsanitize
 from tqdm import tqdm
 
-from nequix_fw import __version__
 from nequix_fw.errors import NequixFWError, SettingsError
+from nequix_fw.schemas import LabelTaskDoc
 from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import (
     atomic_path,
@@ -37,9 +38,6 @@ from nequix_fw.structures import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-TASK_SCHEMA = "nequix-fw/label-task"
 
 
 @dataclass
@@ -134,8 +132,10 @@ def _finished(workdir: Path, settings_hash: str) -> dict | None:
     task = workdir / "task.json"
     if not (task.is_file() and (workdir / "labelled.extxyz").is_file()):
         return None
-    doc = json.loads(task.read_text())
-    return doc if doc["status"] == "success" and doc["settings_hash"] == settings_hash else None
+    doc = LabelTaskDoc.from_file(task)
+    if doc.status == "success" and doc.settings_hash == settings_hash:
+        return doc.to_dict()
+    return None
 
 
 def label_structures(
@@ -203,21 +203,18 @@ def label_structures(
                 if why is not None:
                     res = LabelResult(None, "failed", why, res.doc)
         doc = {
-            "schema": TASK_SCHEMA,
-            "schema_version": 1,
-            "nequix_fw_version": __version__,
             "structure_id": sid,
-            "source": fr.source,
+            "source": str(fr.source),
             "frame": fr.frame,
             "formula": fr.atoms.get_chemical_formula(),
             "backend": backend.name,
-            "settings": backend.settings_doc(),
+            "settings": jsanitize(backend.settings_doc(), strict=False),
             "settings_hash": settings_hash,
             "iteration": iteration,
             "status": res.status,
             "reason": res.reason,
             "wall_time_s": time.perf_counter() - t0,
-            **res.doc,
+            **jsanitize(res.doc, strict=False),
         }
         if res.atoms is not None and res.status == "success":
             labelled = res.atoms.copy()
@@ -226,9 +223,9 @@ def label_structures(
             with atomic_path(workdir / "labelled.extxyz") as tmp:
                 ase.io.write(tmp, labelled, format="extxyz")
             doc["labelled_file"] = "labelled.extxyz"
-        with atomic_path(workdir / "task.json") as tmp:
-            tmp.write_text(json.dumps(doc, indent=1, default=str))
-        results.append(doc)
+        task = LabelTaskDoc(**doc)
+        task.to_file(workdir / "task.json")
+        results.append(task.to_dict())
     summary = {
         "backend": backend.name,
         "settings_hash": settings_hash,

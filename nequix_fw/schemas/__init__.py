@@ -1,0 +1,31 @@
+"""The documents the stages write, as pydantic models: their fields, types and units in one
+place, checked when written and when read back. Each carries ``schema`` (its name),
+``schema_version`` and ``nequix_fw_version``; files are written with monty (``dumpfn``) and read
+with ``loadfn`` (`Document.to_file`, `Document.from_file`).
+
+| document | file | written by |
+| --- | --- | --- |
+| `EnsembleResultsHeader` | ensemble_results.json (its header; records follow) | run-ensemble |
+| `ExplorationManifest` | candidates/manifest.json | explore |
+| `SelectionManifest` | selected/manifest.json | select |
+| `LabelTaskDoc` | labels/<structure id>/task.json | label |
+| `ValidationReport` | validation.json | validate |
+"""
+
+from nequix_fw.schemas.base import Document, DocumentError
+from nequix_fw.schemas.exploration import ExplorationManifest
+from nequix_fw.schemas.label_task import LabelTaskDoc
+from nequix_fw.schemas.results import EnsembleResultsHeader
+from nequix_fw.schemas.selection import SelectionCounts, SelectionManifest
+from nequix_fw.schemas.validation import ValidationReport
+
+__all__ = [
+    "Document",
+    "DocumentError",
+    "EnsembleResultsHeader",
+    "ExplorationManifest",
+    "LabelTaskDoc",
+    "SelectionCounts",
+    "SelectionManifest",
+    "ValidationReport",
+]

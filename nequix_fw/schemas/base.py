@@ -1,0 +1,79 @@
+"""What every document shares: its name and version, and how it is written and read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from monty.serialization import dumpfn, loadfn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nequix_fw import __version__
+from nequix_fw.errors import NequixFWError
+from nequix_fw.structures import atomic_path
+
+D = TypeVar("D", bound="Document")
+
+
+class DocumentError(NequixFWError):
+    """A file that is not the document it should be."""
+
+
+class Document(BaseModel):
+    """A versioned JSON document; subclasses set `SCHEMA` and declare their fields."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    #: Leave fields that are None out of the file (optional sections).
+    OMIT_NONE: ClassVar[bool] = False
+
+    schema_name: str = Field("", alias="schema", description="The document's name.")
+    schema_version: int = Field(0, description="Its version (a reader refuses others).")
+    nequix_fw_version: str = Field(__version__, description="nequix-fw that wrote it.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _this_schema(cls, data):
+        """Name and version filled in when missing; another document's refused first."""
+        if isinstance(data, dict):
+            data = dict(data)
+            name = data.setdefault("schema", cls.SCHEMA)
+            version = data.setdefault("schema_version", cls.VERSION)
+            if (name, version) != (cls.SCHEMA, cls.VERSION):
+                raise ValueError(f"schema {name!r} version {version} is not {cls.SCHEMA!r} "
+                                 f"version {cls.VERSION}")  # fmt: skip
+        return data
+
+    def to_dict(self) -> dict:
+        """The document as JSON-ready data (``schema`` first)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=self.OMIT_NONE)
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write the document with monty's ``dumpfn``, atomically (temp file + rename)."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            dumpfn(self.to_dict(), tmp, fmt="json", indent=1)
+        return path
+
+    @classmethod
+    def check(cls: type[D], data, where: str | Path) -> D:
+        """`data` as this document; an error naming `where` and the first problem if not."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise DocumentError(f"{where}: not a {cls.SCHEMA} document "
+                                f"({loc + ': ' if loc else ''}{msg})") from None  # fmt: skip
+
+    @classmethod
+    def from_file(cls: type[D], path: str | Path) -> D:
+        """Read a document written by `to_file` (monty's ``loadfn``), checked."""
+        try:
+            data = loadfn(path, fmt="json")
+        except (OSError, ValueError) as exc:
+            raise DocumentError(f"{path}: cannot read a {cls.SCHEMA} document ({exc})") from None
+        return cls.check(data, path)

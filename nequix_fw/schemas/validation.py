@@ -1,0 +1,31 @@
+"""The validation report: errors, uncertainty quality, structural checks, MD stability."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from nequix_fw.schemas.base import Document
+
+
+class ValidationReport(Document):
+    """``validation.json`` (and the store's ``nequix_fw_validation``)."""
+
+    SCHEMA = "nequix-fw/validation"
+    OMIT_NONE = True
+
+    models: list[dict] = Field(description="The ensemble's models (name, path, sha256, ...).")
+    n_structures: int = Field(ge=1, description="Structures in the test set.")
+    per_model: dict[str, dict] = Field(
+        description="Each model's errors (energy per atom in meV, forces in eV/Å, stress in "
+        "GPa: MAE, RMSE, per element)."
+    )
+    ensemble_mean: dict = Field(description="The ensemble mean's errors, as per_model.")
+    uncertainty: dict | None = Field(
+        None, description="Uncertainty against true error: Spearman, ROC AUC, calibration."
+    )
+    physics: dict | None = Field(
+        None, description="Structural checks: E-V (V0 in Å³/atom, B0 in GPa), relaxation, "
+        "vacancy formation energy (eV), against the reference.",
+    )  # fmt: skip
+    md_stability: dict | None = Field(None, description="MD stability runs and their outcome.")
+    plots: list[str] | None = Field(None, description="The PNG plots written beside it.")
