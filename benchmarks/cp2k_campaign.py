@@ -32,8 +32,15 @@ from fireworks import LaunchPad
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PRESET = ROOT / "workflows" / "cp2k_si.yaml"
-STAGES = ("label", "update_dataset", "train_ensemble", "validate", "explore", "run_ensemble",
-          "select")
+STAGES = (
+    "label",
+    "update_dataset",
+    "train_ensemble",
+    "validate",
+    "explore",
+    "run_ensemble",
+    "select",
+)
 
 
 def si_cells(n: int, seed: int, ideal_first: bool = False) -> list:
