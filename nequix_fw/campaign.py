@@ -43,7 +43,7 @@ from nequix_fw.settings import (
     fill_placeholders,
     make_settings,
 )
-from nequix_fw.store import CampaignStore
+from nequix_fw.store import CampaignStore, Store
 from nequix_fw.structures import atomic_path, iter_frames
 from nequix_fw.training import train_ensemble
 from nequix_fw.validation import LABELLING, validate
@@ -73,6 +73,11 @@ class CampaignLog:
         if self._store is None:
             self._store = CampaignStore(self.launchpad, self.name)
         return self._store
+
+    @property
+    def datasets(self) -> Store:
+        """The store of the ``db:NAME`` datasets, as the stages get it."""
+        return Store(self.launchpad)
 
     def record(self, k: int, **entries) -> dict:
         """Merge `entries` into iteration k's record of campaign.json (written atomically) and
@@ -198,6 +203,10 @@ class Campaign:
     def store(self) -> CampaignStore | None:
         return self.log.store
 
+    @property
+    def datasets(self) -> Store:
+        return self.log.datasets
+
     def iter_dir(self, k: int) -> Path:
         return self.directory / f"iter_{k:03d}"
 
@@ -291,7 +300,7 @@ def select_stage(c: Campaign, k: int) -> dict:
     with systems); never a structure labelled before."""
     # never pay twice for a structure labelled earlier; a rerun of this selection picks the
     # same structures as its first run (labelled by this iteration since)
-    labelled = dataset_ids(c.dataset, c.launchpad, before_iteration=k)
+    labelled = dataset_ids(c.dataset, c.datasets, before_iteration=k)
     known = None
     manifests, systems = {}, {}
     for system in c.systems_at(k):
@@ -302,7 +311,7 @@ def select_stage(c: Campaign, k: int) -> dict:
                                       f"the validation of iteration {k - 1}")  # fmt: skip
         settings = settings.model_copy(update=update)
         if settings.diverse and known is None:  # keep away from the training set
-            data = read_labelled([c.dataset], c.launchpad, allow_mixed=True)
+            data = read_labelled([c.dataset], c.datasets, allow_mixed=True)
             known = [x.frame.atoms for x in data]
         manifest = select_from_results(c.results_file(k, system),
                                        c.system_dir(k, "selected", system), settings, labelled,
@@ -364,7 +373,7 @@ def update_dataset_stage(log: CampaignLog, k: int, labels: Path, dataset: str,
                           max_failed_fraction)  # fmt: skip
     if stop:
         return log.record(k, **counts, stop_reason=stop)
-    s = update_dataset(labels, dataset, iteration=k, launchpad=log.launchpad)
+    s = update_dataset(labels, dataset, iteration=k, store=log.datasets)
     return log.record(
         k,
         **counts,
@@ -399,7 +408,7 @@ def train_ensemble_stage(
     `finetune_from`, warm-started from the members in `warm_start`, or from scratch."""
     metas = train_ensemble([dataset], output, settings, finetune_from=finetune_from,
                            warm_start=warm_start, overwrite=True, progress=False,
-                           launchpad=log.launchpad)  # fmt: skip
+                           store=log.datasets)  # fmt: skip
     if log.store is not None:
         log.store.save_members(k, output, metas)
     losses = [m["best_valid"]["loss"] for m in metas]
@@ -419,7 +428,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
                       reference=checks.reference, reference_params=checks.reference_params,
                       ev_structure=checks.structure, reference_data=reference_data,
-                      launchpad=c.launchpad, settings=c.section(EnsembleSettings, k),
+                      store=c.datasets, settings=c.section(EnsembleSettings, k),
                       validation=checks)  # fmt: skip
     if c.store is not None:
         c.store.save_validation(k, report)
@@ -441,11 +450,11 @@ def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) 
     if checks.structure is not None:
         structure = next(iter_frames([checks.structure])).atoms
     else:
-        structure = read_labelled(c.settings.testset, c.launchpad)[0].frame.atoms
+        structure = read_labelled(c.settings.testset, c.datasets)[0].frame.atoms
     to = f"{c.dataset}_reference_ev"
     settings = c.section(LabellingSettings, 0)
     label_ev_set(structure, to, make_backend(settings, env), settings,
-                 c.directory / "reference_ev", launchpad=c.launchpad, progress=False)  # fmt: skip
+                 c.directory / "reference_ev", store=c.datasets, progress=False)  # fmt: skip
     return to
 
 

@@ -68,9 +68,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.exclude_dataset:
         from nequix_fw.dataset import dataset_ids, read_labelled
 
-        exclude = dataset_ids(args.exclude_dataset, args.launchpad)
+        exclude = dataset_ids(args.exclude_dataset, _store(args))
         if settings.diverse:  # the picks also keep away from the training set's structures
-            data = read_labelled([args.exclude_dataset], args.launchpad, allow_mixed=True)
+            data = read_labelled([args.exclude_dataset], _store(args), allow_mixed=True)
             known = [d.frame.atoms for d in data]
     manifest = select_from_results(args.ensemble, args.output, settings, exclude, known)
     c = manifest["counts"]
@@ -95,7 +95,7 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
     metas = train_ensemble(
         args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
         warm_start=args.warm_start, overwrite=args.overwrite, progress=not args.no_progress,
-        launchpad=args.launchpad,
+        store=_store(args),
     )  # fmt: skip
     for m in metas:
         best = m["best_valid"]
@@ -120,7 +120,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         args.models, args.testset, args.output, error_threshold=args.error_threshold,
         reference=checks.reference, reference_params=checks.reference_params,
         ev_structure=checks.structure, reference_data=checks.reference_data,
-        plots=not args.no_plots, launchpad=args.launchpad, allow_mixed=args.allow_mixed,
+        plots=not args.no_plots, store=_store(args), allow_mixed=args.allow_mixed,
         validation=checks, progress=not args.no_progress,
     )  # fmt: skip
     mean = report["ensemble_mean"]
@@ -213,7 +213,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
 
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
-    r = relabel(args.dataset, args.to, backend, settings, args.output, args.launchpad,
+    r = relabel(args.dataset, args.to, backend, settings, args.output, _store(args),
                 progress=not args.no_progress)  # fmt: skip
     lab, ds = r["labels"], r["dataset"]
     reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
@@ -233,7 +233,7 @@ def _cmd_ev_set(args: argparse.Namespace) -> int:
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
     structure = next(iter_frames([args.structure])).atoms
-    r = label_ev_set(structure, args.to, backend, settings, args.output, args.launchpad,
+    r = label_ev_set(structure, args.to, backend, settings, args.output, _store(args),
                      progress=not args.no_progress)  # fmt: skip
     lab, ds = r["labels"], r["dataset"]
     reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
@@ -246,7 +246,7 @@ def _cmd_ev_set(args: argparse.Namespace) -> int:
 def _cmd_update_dataset(args: argparse.Namespace) -> int:
     from nequix_fw.dataset import update_dataset
 
-    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed, args.launchpad)
+    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed, _store(args))
     print(
         f"added {s['n_added']} structures ({s['n_duplicates']} already present, "
         f"{s['n_conflicts']} conflicts, {s['n_failed_tasks_skipped']} failed tasks skipped); "
@@ -303,6 +303,13 @@ def _pairs(items: list[str] | None, flag: str, form: str) -> dict[str, str] | No
             raise SettingsError(f"{flag} {item!r}: expected {form}")
         out[key] = value
     return out
+
+
+def _store(args: argparse.Namespace):
+    """The store of ``--launchpad`` (connected only when a db:NAME dataset is used)."""
+    from nequix_fw.store import Store
+
+    return Store(args.launchpad)
 
 
 def _random_packing(items: list[str] | None) -> list[dict] | None:

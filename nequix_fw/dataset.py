@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import ase.io
 import numpy as np
@@ -25,14 +25,40 @@ from pymatgen.io.vasp import Vasprun
 
 from nequix_fw.errors import StructureError
 from nequix_fw.schemas import LabelTaskDoc
-from nequix_fw.store import StoreDataset, is_store_spec
-from nequix_fw.structures import Frame, atomic_path, check_output, iter_frames, structure_id
-
-if TYPE_CHECKING:
-    from nequix_fw.store import DatabaseRef
-
+from nequix_fw.structures import (
+    Frame,
+    atomic_path,
+    check_output,
+    is_store_spec,
+    iter_frames,
+    structure_id,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class StoredDataset(Protocol):
+    """A dataset ``db:NAME`` of the store (`nequix_fw.store.StoreDataset`)."""
+
+    def __len__(self) -> int: ...
+    def frames(self, ids: set[str] | None = None) -> Iterable[Frame]: ...
+    def ids(self, before_iteration: int | None = None) -> set[str]: ...
+    def settings_hashes(self) -> set: ...
+    def add(self, items: list) -> None: ...
+
+
+class DatasetStore(Protocol):
+    """Where the ``db:NAME`` datasets are: `nequix_fw.store.Store`, built at the edge (the CLI,
+    a FireTask) and passed in; this module never opens a database itself."""
+
+    def dataset(self, spec: str) -> StoredDataset: ...
+
+
+def _stored(spec: str | Path, store: DatasetStore | None) -> StoredDataset:
+    if store is None:
+        raise StructureError(f"{spec}: a store dataset needs the store (command line: "
+                             "--launchpad FILE; Python: store=Store(launchpad))")  # fmt: skip
+    return store.dataset(str(spec))
 
 
 @dataclass
@@ -85,11 +111,11 @@ def labels_of(frame: Frame) -> Labelled:
 
 def read_labelled(
     inputs: Iterable[str | Path],
-    launchpad: DatabaseRef | None = None,
+    store: DatasetStore | None = None,
     allow_mixed: bool = False,
 ) -> list[Labelled]:
     """All labelled structures of the inputs: files or directories (any ASE format) and store
-    datasets (``db:NAME``, in the database of `launchpad`), under the rules of `update_dataset`:
+    datasets (``db:NAME``, in `store`), under the rules of `update_dataset`:
     one level of theory unless `allow_mixed`, each structure once (the same labels twice are
     read once; different labels for one structure are an error)."""
 
@@ -97,7 +123,7 @@ def read_labelled(
     paths = [p for p in inputs if not is_store_spec(p)]
     data = [labels_of(f) for f in iter_frames(paths)] if paths else []
     for spec in (p for p in inputs if is_store_spec(p)):
-        data += [labels_of(f) for f in StoreDataset(str(spec), launchpad).frames()]
+        data += [labels_of(f) for f in _stored(spec, store).frames()]
     data = _one_level_each_once(data, allow_mixed)
     for msg in unit_warnings(data):
         warnings.warn(msg, stacklevel=2)
@@ -151,17 +177,17 @@ def _same_labels(a: Labelled, b: Labelled) -> bool:
 
 
 def dataset_ids(
-    dataset: str | Path, launchpad: str | Path | None = None, before_iteration: int | None = None
+    dataset: str | Path, store: DatasetStore | None = None, before_iteration: int | None = None
 ) -> set[str]:
     """Structure ids in a training set (directory or store dataset db:NAME); empty if none.
     With `before_iteration`, only those added before that campaign iteration (or without one)."""
 
     if is_store_spec(dataset):
-        store = StoreDataset(str(dataset), launchpad)
-        if not len(store):
+        stored = _stored(dataset, store)
+        if not len(stored):
             raise StructureError(f"{dataset}: no such dataset in the store (it holds none of "
                                  "its structures)")  # fmt: skip
-        return store.ids(before_iteration)
+        return stored.ids(before_iteration)
     path = training_set_file(dataset)
     if not path.is_file():
         raise StructureError(f"{dataset}: no training set there (no such file, or a directory "
@@ -344,11 +370,11 @@ def update_dataset(
     dataset: str | Path,
     iteration: int | None = None,
     allow_mixed: bool = False,
-    launchpad: str | Path | None = None,
+    store: DatasetStore | None = None,
     provenance: dict | None = None,
 ) -> dict:
     """Add the labelled structures under `new` to the training set in directory `dataset`, or
-    to the store dataset ``db:NAME`` (in the database of the LaunchPad file `launchpad`);
+    to the store dataset ``db:NAME`` (in `store`);
     `provenance` is added to every new structure's record.
 
     Idempotent: a structure already present with the same labels is skipped; with different
@@ -363,17 +389,17 @@ def update_dataset(
         raise StructureError(f"{new}: no such file or directory")
     if iteration is not None and iteration < 0:
         raise StructureError(f"iteration {iteration}: iterations count from 0")
-    store = StoreDataset(str(dataset), launchpad) if is_store_spec(dataset) else None
-    target = None if store else training_set_file(dataset)
+    ds = _stored(dataset, store) if is_store_spec(dataset) else None
+    target = None if ds else training_set_file(dataset)
     if target is not None:
         check_output(target, "file")
     items, n_failed = _incoming(new)
     if not items and not n_failed:
         raise StructureError(f"{new}: no labelled structures or label tasks found")
     existing = []
-    if store is not None:  # only the documents these items could collide with
-        existing = [labels_of(f) for f in store.frames({i.structure_id for i in items})]
-        levels = store.settings_hashes()
+    if ds is not None:  # only the documents these items could collide with
+        existing = [labels_of(f) for f in ds.frames({i.structure_id for i in items})]
+        levels = ds.settings_hashes()
     else:
         if target.is_file():
             existing = [labels_of(f) for f in iter_frames([target])]
@@ -406,20 +432,20 @@ def update_dataset(
         atoms.info.update({k: v for k, v in prov.items() if v is not None})
         added.append(atoms)
         stored[item.structure_id] = item.labelled
-    if added and store is not None:
-        store.add(added)
+    if added and ds is not None:
+        ds.add(added)
     elif added:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
-    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", store or target,
+    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", ds or target,
                 len(added), duplicates, len(conflicts))  # fmt: skip
     return {
-        "dataset": str(store or target),
+        "dataset": str(ds or target),
         "n_added": len(added),
         "n_duplicates": duplicates,
         "n_conflicts": len(conflicts),
         "conflicts": conflicts,
         "n_failed_tasks_skipped": n_failed,
-        "n_total": len(store) if store is not None else len(existing) + len(added),
+        "n_total": len(ds) if ds is not None else len(existing) + len(added),
     }

@@ -33,9 +33,9 @@ from monty.json import jsanitize
 from pymongo.database import Database
 
 from nequix_fw.errors import SettingsError, StructureError
-from nequix_fw.structures import Frame, atomic_path
+from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, is_store_spec
 
-PREFIX = "db:"
+PREFIX = STORE_PREFIX
 COLLECTION = "nequix_fw_dataset"
 ITERATIONS = "nequix_fw_iterations"
 LABEL_TASKS = "nequix_fw_label_tasks"
@@ -58,11 +58,6 @@ _INDEXED: set[tuple[int, str]] = set()
 #: A LaunchPad file, or the database of a LaunchPad already open (a FireTask's).
 DatabaseRef = str | Path | Database
 _DATABASES: dict[str, Database] = {}
-
-
-def is_store_spec(spec: str | Path) -> bool:
-    """Whether a dataset argument names a store dataset (``db:NAME``)."""
-    return str(spec).startswith(PREFIX)
 
 
 def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
@@ -107,6 +102,20 @@ def collection(db: Database, name: str):
             db[name].create_index([(f, 1) for f in fields])
         _INDEXED.add((id(db), name))
     return db[name]
+
+
+class Store:
+    """The store in a LaunchPad's database, as the stages get it: built at the edge (the CLI
+    from ``--launchpad``, a FireTask from the LaunchPad that runs it) and passed in. It
+    connects on first use, so a command that reads no ``db:NAME`` dataset never needs one.
+    Without a LaunchPad it uses FireWorks' LAUNCHPAD_LOC or ./my_launchpad.yaml."""
+
+    def __init__(self, launchpad: DatabaseRef | None = None):
+        self.launchpad = launchpad
+
+    def dataset(self, spec: str) -> StoreDataset:
+        """The dataset ``db:NAME`` of this store."""
+        return StoreDataset(spec, self.launchpad)
 
 
 class StoreDataset:

@@ -23,6 +23,8 @@ from nequix_fw.errors import OutputError, StructureError
 #: File names and suffixes picked up when a directory is given.
 STRUCTURE_SUFFIXES = {".xyz", ".extxyz", ".traj", ".vasp", ".poscar", ".cif"}
 STRUCTURE_PREFIXES = ("POSCAR", "CONTCAR")
+#: A dataset in the MongoDB store is named ``db:NAME`` wherever a dataset path is accepted.
+STORE_PREFIX = "db:"
 #: Suffix of the temp files of atomic writes.
 TMP_SUFFIX = ".tmp"
 
@@ -50,6 +52,11 @@ def structure_id(atoms: Atoms) -> str:
     h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 5).tobytes())
     h.update(np.asarray(atoms.pbc, dtype=np.int8).tobytes())
     return h.hexdigest()[:20]
+
+
+def is_store_spec(spec: str | Path) -> bool:
+    """Whether a dataset argument names a store dataset (``db:NAME``)."""
+    return str(spec).startswith(STORE_PREFIX)
 
 
 def _is_structure_file(path: Path) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -40,7 +40,7 @@ from scipy.optimize import least_squares
 from tqdm import tqdm
 
 from nequix_fw import __version__
-from nequix_fw.dataset import Labelled, ids_hash, read_labelled
+from nequix_fw.dataset import DatasetStore, Labelled, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.epochs import EpochLog, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
@@ -49,9 +49,6 @@ from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_m
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
 from nequix_fw.training_torch import fit_torch
-
-if TYPE_CHECKING:
-    from nequix_fw.store import DatabaseRef
 
 logger = logging.getLogger(__name__)
 
@@ -472,16 +469,16 @@ def train_ensemble(
     warm_start: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    launchpad: DatabaseRef | None = None,
+    store: DatasetStore | None = None,
     allow_mixed: bool = False,
 ) -> list[dict]:
     """Train `settings.n_models` members on the labelled structures in `dataset` (files,
-    directories, store datasets ``db:NAME`` of `launchpad`; one level of theory unless
+    directories, store datasets ``db:NAME`` of `store`; one level of theory unless
     `allow_mixed`)."""
     settings = settings or TrainingSettings()
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
-    data = read_labelled(dataset, launchpad, allow_mixed)
+    data = read_labelled(dataset, store, allow_mixed)
     plans, facts = plan_members(data, settings, finetune_from, warm_start)
     check_writable_dir(outdir)  # inputs and starting models are fine: now make the output
     jobs = [(p, data, settings, outdir, facts) for p in plans]

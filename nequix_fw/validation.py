@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from ase import Atoms
@@ -22,7 +21,7 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata, spearmanr
 from tqdm import tqdm
 
-from nequix_fw.dataset import Labelled, read_labelled
+from nequix_fw.dataset import DatasetStore, Labelled, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
@@ -34,9 +33,6 @@ from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_c
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
 
 logger = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from nequix_fw.store import DatabaseRef
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
@@ -374,14 +370,14 @@ def validate(
     reference_data: Sequence[str | Path] = (),
     plots: bool = True,
     settings: EnsembleSettings | None = None,
-    launchpad: DatabaseRef | None = None,
+    store: DatasetStore | None = None,
     allow_mixed: bool = False,
     validation: ValidationSettings | None = None,
     progress: bool = False,
 ) -> dict:
-    """Validate models on a labelled test set (files or store datasets ``db:NAME``); write the
-    JSON report (and PNG plots beside it). The structural checks compare with the `reference`
-    calculator (E-V curve of `ev_structure`, relaxation, vacancy) or with labelled
+    """Validate models on a labelled test set (files or store datasets ``db:NAME`` of `store`);
+    write the JSON report (and PNG plots beside it). The structural checks compare with the
+    `reference` calculator (E-V curve of `ev_structure`, relaxation, vacancy) or with labelled
     `reference_data` (an E-V set). `progress`: bars for the long parts."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
@@ -397,7 +393,7 @@ def validate(
         raise SettingsError("validation.reference (a calculator) and validation.reference_data "
                             "(labelled E-V data) exclude each other: give one")  # fmt: skip
     output = check_output(output, "file")
-    data = read_labelled(testset, launchpad, allow_mixed)
+    data = read_labelled(testset, store, allow_mixed)
     if not data:
         raise NequixFWError("the test set is empty")
     ensemble = Ensemble.from_specs(model_specs, settings)
@@ -435,7 +431,7 @@ def validate(
     elif reference_data:
         where = ", ".join(str(r) for r in reference_data)
         report["physics"] = ev_checks_against_labels(
-            EnsembleCalculator(ensemble), read_labelled(reference_data, launchpad), where
+            EnsembleCalculator(ensemble), read_labelled(reference_data, store), where
         )
     if validation is not None and validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]

@@ -67,8 +67,9 @@ def test_layers_and_no_cycles():
             visit(node, [])
 
 
-def test_stages_import_nothing_of_fireworks():
-    """The stage modules (layer 3) take plain data; FireWorks is the orchestration's."""
+def test_stages_import_nothing_of_fireworks_or_the_store():
+    """The stage modules (layer 3) take plain data; FireWorks is the orchestration's, and the
+    store is built at the edge and passed in."""
     for path in PACKAGE.rglob("*.py"):
         if LAYER[_module(path).split(".")[0]] != 3:
             continue
@@ -79,3 +80,4 @@ def test_stages_import_nothing_of_fireworks():
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             assert not any(n.split(".")[0] == "fireworks" for n in names), path
+            assert not any(n in ("nequix_fw.store", "pymongo", "gridfs") for n in names), path

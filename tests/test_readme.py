@@ -24,6 +24,7 @@ from test_cp2k import SCF, TEMPLATE
 
 from nequix_fw.cli import build_parser, main
 from nequix_fw.dataset import read_labelled
+from nequix_fw.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -313,7 +314,7 @@ def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
                                                               "batch_size": 4}}))  # fmt: skip
     run_readme("select", "--exclude-dataset")
     manifest = json.loads(Path("selected_structures/manifest.json").read_text())
-    known = {d.id for d in read_labelled(["db:cu_au"], "my_launchpad.yaml")}
+    known = {d.id for d in read_labelled(["db:cu_au"], Store("my_launchpad.yaml"))}
     chosen = {e["id"] for e in manifest["structures"] if e["selected"]}
     assert chosen and not chosen & known
     run_readme("train-ensemble", "torch")
@@ -329,8 +330,8 @@ def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
     assert main(["update-dataset", "--new", "vasp_labels", "--dataset", "db:cuau",
                  "--launchpad", "my_launchpad.yaml"]) == 0  # fmt: skip
     run_readme("relabel")
-    (new,) = read_labelled(["db:cuau_pbe"], "my_launchpad.yaml")
-    (old,) = read_labelled(["db:cuau"], "my_launchpad.yaml")
+    (new,) = read_labelled(["db:cuau_pbe"], Store("my_launchpad.yaml"))
+    (old,) = read_labelled(["db:cuau"], Store("my_launchpad.yaml"))
     assert new.id == old.id and new.frame.atoms.info["relabelled_from"] == "db:cuau"
     assert new.frame.atoms.info["settings_hash"] != old.frame.atoms.info["settings_hash"]
     # export by iteration and backend: the VASP label joins db:cu_au (another level of theory)

@@ -48,10 +48,11 @@ def test_dataset_in_store_is_idempotent_and_trains(store, emt_data, tmp_path):
     check = """
 import json
 from nequix_fw.dataset import dataset_ids, read_labelled
-from nequix_fw.store import COLLECTION, launchpad_db
+from nequix_fw.store import COLLECTION, Store, launchpad_db
 db = launchpad_db("my_launchpad.yaml")
-data = read_labelled(["db:cuau"], "my_launchpad.yaml")
-before = [len(dataset_ids("db:cuau", "my_launchpad.yaml", k)) for k in (None, 0, 1)]
+store = Store("my_launchpad.yaml")
+data = read_labelled(["db:cuau"], store)
+before = [len(dataset_ids("db:cuau", store, k)) for k in (None, 0, 1)]
 print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}), "before": before,
                   "energies": [d.energy for d in data], "ids": [d.id for d in data],
                   "iterations": [d.frame.atoms.info.get("iteration") for d in data],
@@ -108,6 +109,7 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     from conftest import emt_labelled
 
     from nequix_fw.dataset import read_labelled
+    from nequix_fw.store import Store
 
     run, lp = store["run"], ["--launchpad", "my_launchpad.yaml"]
     ase.io.write(tmp_path / "emt.extxyz", emt_labelled(6, seed=4))
@@ -128,9 +130,9 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "relabelled 6 of 6 structures" in out.stdout and "from an earlier run" in out.stdout
     assert "added 6 (0 already there); 6 in db:new" in out.stdout
-    lp_file = tmp_path / "my_launchpad.yaml"
-    old = {d.frame.atoms.info["structure_id"]: d for d in read_labelled(["db:old"], lp_file)}
-    new = read_labelled(["db:new"], lp_file)
+    in_store = Store(tmp_path / "my_launchpad.yaml")
+    old = {d.frame.atoms.info["structure_id"]: d for d in read_labelled(["db:old"], in_store)}
+    new = read_labelled(["db:new"], in_store)
     assert sorted(d.frame.atoms.info["structure_id"] for d in new) == sorted(old)
     assert {d.frame.atoms.info["relabelled_from"] for d in new} == {"db:old"}
     # relabelled at another level of theory: LJ, computed here for the same structures
@@ -138,7 +140,7 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
           "--calculator", "lj", "--calculator-params", '{"sigma": 2.3, "epsilon": 0.4}',
           ]  # fmt: skip
     run(*lj)
-    for d in read_labelled(["db:lj"], lp_file):
+    for d in read_labelled(["db:lj"], in_store):
         a = old[d.frame.atoms.info["structure_id"]].frame.atoms.copy()
         a.calc = LennardJones(sigma=2.3, epsilon=0.4)
         assert d.energy == pytest.approx(a.get_potential_energy(), rel=1e-9)

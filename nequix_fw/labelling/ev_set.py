@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ase import Atoms
 
-from nequix_fw.dataset import update_dataset
+from nequix_fw.dataset import DatasetStore, update_dataset
 from nequix_fw.errors import StructureError
 from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
@@ -23,7 +23,7 @@ def label_ev_set(
     backend: LabellingBackend,
     settings: LabellingSettings,
     output: str | Path,
-    launchpad=None,
+    store: DatasetStore | None = None,
     progress: bool = True,
 ) -> dict:
     """Label `structure` scaled to the E-V volumes (`validation.EV_STRAINS`) with `backend`
@@ -43,7 +43,7 @@ def label_ev_set(
         )
     formula = structure.get_chemical_formula()
     added = update_dataset(
-        output / "labels", to, launchpad=launchpad, provenance={"reference_ev_of": formula}
+        output / "labels", to, store=store, provenance={"reference_ev_of": formula}
     )
     logger.info("E-V set of %s: %d volumes labelled (%d reused) -> %s", formula,
                 labels["n_success"], labels["n_reused"], to)  # fmt: skip

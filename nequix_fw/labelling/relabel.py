@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ase import Atoms
 
-from nequix_fw.dataset import read_labelled, update_dataset
+from nequix_fw.dataset import DatasetStore, read_labelled, update_dataset
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
@@ -22,7 +22,7 @@ def relabel(
     backend: LabellingBackend,
     settings: LabellingSettings,
     output: str | Path,
-    launchpad: str | Path | None = None,
+    store: DatasetStore | None = None,
     progress: bool = True,
 ) -> dict:
     """Label every structure of `dataset` (a directory, file or ``db:NAME``) with `backend`
@@ -36,14 +36,14 @@ def relabel(
     output = Path(output)
 
     def structures() -> list[Atoms]:
-        data = read_labelled([dataset], launchpad, allow_mixed=True)
+        data = read_labelled([dataset], store, allow_mixed=True)
         if not data:
             raise StructureError(f"{dataset}: holds no structures to relabel")
         return [Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
                       pbc=d.frame.atoms.pbc) for d in data]  # fmt: skip
 
     labels = label_frozen(output, structures, backend, settings, progress)
-    added = update_dataset(output / "labels", to, launchpad=launchpad,
+    added = update_dataset(output / "labels", to, store=store,
                            provenance={"relabelled_from": str(dataset)})  # fmt: skip
     logger.info("relabelled %s -> %s: %d labelled (%d reused), %d failed, %d added", dataset, to,
                 labels["n_success"], labels["n_reused"], labels["n_failed"],
