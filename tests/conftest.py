@@ -10,6 +10,7 @@ import sys  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import ase.io  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
@@ -129,3 +130,19 @@ def launchpad_file(mongo_server, tmp_path, request) -> Path:
     path = tmp_path / "my_launchpad.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def preset_inputs(d: Path, element: str) -> None:
+    """initial_structures/, candidates/ and validation_set/ for a preset run in `d`."""
+    for sub in ("initial_structures", "candidates", "validation_set"):
+        (d / sub).mkdir()
+    if element == "Si":
+        cells = [bulk("Si", "diamond", a=5.43, cubic=True) for _ in range(3)]
+        for k, a in enumerate(cells):
+            a.rattle(0.05, seed=k)
+        ase.io.write(d / "initial_structures" / "si.extxyz", cells)
+        ase.io.write(d / "validation_set" / "si.extxyz", emt_labelled(2, seed=1))  # any labels
+    else:
+        ase.io.write(d / "initial_structures" / "cells.extxyz", make_cells(5, seed=3))
+        ase.io.write(d / "candidates" / "pool.extxyz", make_cells(4, seed=5))
+        ase.io.write(d / "validation_set" / "test.extxyz", emt_labelled(4, seed=9))
