@@ -138,7 +138,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert db["workflow_state"] == ["COMPLETED"]
     # each stage logged what it did into its launch directory
     logs = [p.read_text() for p in tmp_path.rglob("launcher_*/nequix_fw.log")]
-    assert len(logs) == 16 and all(logs)
+    assert len(logs) == 18 and all(logs)  # one per Firework
     text = "".join(logs)
     assert text.count("INFO nequix_fw.labelling.base: labelled ") == 3
     assert "campaign cu_au iteration 2: n_models=2" in text
