@@ -23,12 +23,7 @@ def _cmd_run_ensemble(args: argparse.Namespace) -> int:
     from nequix_fw.settings import EnsembleSettings, load_settings
 
     settings = load_settings(
-        args.config,
-        EnsembleSettings,
-        backend=args.backend,
-        max_edges_per_batch=args.max_edges_per_batch,
-        max_structures_per_batch=args.max_structures_per_batch,
-        store_per_model=False if args.no_per_model else None,
+        args.config, EnsembleSettings, **_settings_from(args, EnsembleSettings)
     )
     summary = run_ensemble(
         args.models, args.structures, args.output, settings, progress=not args.no_progress
@@ -528,6 +523,7 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from nequix_fw.settings import (
+        EnsembleSettings,
         ExplorationSettings,
         SelectionSettings,
         TrainingSettings,
@@ -559,14 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--output", required=True, help="results JSON to write")
     r.add_argument("--config", help="settings YAML (section 'ensemble')")
-    r.add_argument("--backend", choices=["jax", "torch"])
-    r.add_argument("--max-edges-per-batch", type=int)
-    r.add_argument("--max-structures-per-batch", type=int)
-    r.add_argument(
-        "--no-per-model",
-        action="store_true",
-        help="omit per-model energies/forces/stresses from the JSON",
-    )
+    for field in ("backend", "max_edges_per_batch", "max_structures_per_batch"):
+        _setting(r, EnsembleSettings, field)
+    _setting(r, EnsembleSettings, "store_per_model", "--no-per-model", action="store_const",
+             const=False, help="omit per-model energies/forces/stresses from the JSON")  # fmt: skip
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run_ensemble)
 

@@ -2,8 +2,10 @@
 workflow itself. `SelectTask` and `ValidateTask` make it dynamic: they append the rest of the
 iteration, or the next one, as FWAction additions built here, and append nothing when the
 campaign stops (nor when a rerun finds what its first run appended). The stage tasks are in
-`nequix_fw.firetasks`; the builders here resolve each one's inputs (its iteration's settings,
-schedule and stage applied, and its paths) from the campaign."""
+`nequix_fw.firetasks`. One Firework builder per stage (`explore_fw`, `run_ensemble_fw`,
+`select_fw`, `label_fw`, `update_dataset_fw`, `train_ensemble_fw`, `validate_fw`) resolves its
+task's inputs (the iteration's settings, schedule and stage applied, and its paths) from the
+campaign and gives it the stage's resources."""
 
 from __future__ import annotations
 
@@ -43,15 +45,16 @@ _PATHS = {
 }
 
 
-def _fw(c: Campaign, k: int, tasks: list[FiretaskBase], stage: str,
+def _fw(c: Campaign, k: int, task: FiretaskBase, stage: str,
         group: int | None = None) -> Firework:  # fmt: skip
+    """The Firework of `stage` at iteration k: its task, and the stage's resources (spec)."""
     resources = c.settings.resources.get(stage)
     spec = resources.spec() if resources else {}
     # every task reaches the database through the LaunchPad that runs it; growing tasks also
     # look up what they appended
     spec["_add_launchpad_and_fw_id"] = True
     name = f"{c.settings.name} {stage} {k}" + ("" if group is None else f".{group}")
-    return Firework(tasks, spec=spec, name=name)
+    return Firework([task], spec=spec, name=name)
 
 
 def _log_params(c: Campaign, k: int) -> dict:
@@ -69,7 +72,7 @@ def _value(c: Campaign, cls, k: int, key: str):
     return c.section_values(name, k).get(key, cls.model_fields[key].default)
 
 
-def explore_task(c: Campaign, k: int) -> ExploreTask:
+def explore_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's exploration: each system still explored, its settings at k (new seeds
     every iteration: seed + 1000 k), with the ensemble in use after k-1."""
     systems = []
@@ -82,11 +85,12 @@ def explore_task(c: Campaign, k: int) -> ExploreTask:
         systems.append({"name": system.name if system else None,
                         "initial_structures": str(starts), "exploration": values,
                         "output": str(c.system_dir(k, "candidates", system))})  # fmt: skip
-    return ExploreTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)), systems=systems,
+    task = ExploreTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)), systems=systems,
                        ensemble=c.section_values("ensemble", k))  # fmt: skip
+    return _fw(c, k, task, "explore")
 
 
-def run_ensemble_task(c: Campaign, k: int) -> RunEnsembleTask:
+def run_ensemble_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's evaluation of each system's candidates (explored and fixed)."""
     systems = []
     for system in c.systems_at(k):
@@ -95,27 +99,34 @@ def run_ensemble_task(c: Campaign, k: int) -> RunEnsembleTask:
         systems.append({"name": system.name if system else None, "explored": str(explored),
                         "fixed": [str(p) for p in fixed],
                         "output": str(c.results_file(k, system))})  # fmt: skip
-    return RunEnsembleTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
-                        systems=systems, ensemble=c.section_values("ensemble", k))  # fmt: skip
+    task = RunEnsembleTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
+                           systems=systems, ensemble=c.section_values("ensemble", k))  # fmt: skip
+    return _fw(c, k, task, "run_ensemble")
 
 
-def label_task(c: Campaign, k: int, group: int | None = None) -> LabelTask:
+def select_fw(c: Campaign, k: int) -> Firework:
+    """Iteration k's selection, which appends the rest of the iteration or stops."""
+    return _fw(c, k, SelectTask(sections=c.sections, iteration=k), "select")
+
+
+def label_fw(c: Campaign, k: int, group: int | None = None) -> Firework:
     """Iteration k's labelling (of one group of its structures)."""
     params = {"structures": str(label_inputs(c, k)), "output": str(c.iter_dir(k) / "labels"),
               "labelling": c.section_values("labelling", k)}  # fmt: skip
     if group is not None:
         params["group"] = [group, c.settings.label_group_size]
-    return LabelTask(**_log_params(c, k), **params)
+    return _fw(c, k, LabelTask(**_log_params(c, k), **params), "label", group)
 
 
-def update_dataset_task(c: Campaign, k: int) -> UpdateDatasetTask:
+def update_dataset_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's labels into the campaign's training set."""
     limit = _value(c, LabellingSettings, k, "max_failed_fraction")
-    return UpdateDatasetTask(**_log_params(c, k), labels=str(c.iter_dir(k) / "labels"),
+    task = UpdateDatasetTask(**_log_params(c, k), labels=str(c.iter_dir(k) / "labels"),
                              dataset=c.dataset, max_failed_fraction=limit)  # fmt: skip
+    return _fw(c, k, task, "update_dataset")
 
 
-def train_ensemble_task(c: Campaign, k: int) -> TrainEnsembleTask:
+def train_ensemble_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's ensemble: fine-tuned (campaign.finetune_from) or from scratch at 0,
     warm-started from the ensemble in use after k-1 later."""
     params = {"dataset": c.dataset, "output": str(c.iter_dir(k) / "models"),
@@ -124,7 +135,12 @@ def train_ensemble_task(c: Campaign, k: int) -> TrainEnsembleTask:
         params["finetune_from"] = c.settings.finetune_from
     if k > 0:
         params["warm_start"] = str(c.models_dir(k - 1))
-    return TrainEnsembleTask(**_log_params(c, k), **params)
+    return _fw(c, k, TrainEnsembleTask(**_log_params(c, k), **params), "train_ensemble")
+
+
+def validate_fw(c: Campaign, k: int) -> Firework:
+    """Iteration k's validation, which appends the next iteration or stops the campaign."""
+    return _fw(c, k, ValidateTask(sections=c.sections, iteration=k), "validate")
 
 
 def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workflow:
@@ -135,20 +151,17 @@ def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workfl
 
 
 def labelling_workflow(c: Campaign, k: int, n_structures: int) -> Workflow:
-    """label (in groups, in parallel) -> update dataset -> train -> validate of iteration k."""
-    labels = [_fw(c, k, [label_task(c, k, g)], "label", g) for g in label_groups(c, n_structures)]
-    return _chain([
-        _fw(c, k, [update_dataset_task(c, k)], "update_dataset"),
-        _fw(c, k, [train_ensemble_task(c, k)], "train_ensemble"),
-        _fw(c, k, [ValidateTask(sections=c.sections, iteration=k)], "validate"),
-    ], f"{c.settings.name} iteration {k}", roots=labels)  # fmt: skip
+    """label (in groups, in parallel) -> update_dataset -> train_ensemble -> validate of
+    iteration k."""
+    labels = [label_fw(c, k, g) for g in label_groups(c, n_structures)]
+    fws = [update_dataset_fw(c, k), train_ensemble_fw(c, k), validate_fw(c, k)]
+    return _chain(fws, f"{c.settings.name} iteration {k}", roots=labels)
 
 
 def exploration_workflow(c: Campaign, k: int) -> Workflow:
     """(explore ->) run_ensemble -> select of iteration k >= 1."""
-    fws = [_fw(c, k, [explore_task(c, k)], "explore")] if c.settings.explore else []
-    fws.append(_fw(c, k, [run_ensemble_task(c, k)], "run_ensemble"))
-    fws.append(_fw(c, k, [SelectTask(sections=c.sections, iteration=k)], "select"))
+    fws = [explore_fw(c, k)] if c.settings.explore else []
+    fws += [run_ensemble_fw(c, k), select_fw(c, k)]
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 
