@@ -243,7 +243,9 @@ def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
 
 
 def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, cutoff: float) -> dict:
-    """nequix's shift (eV/atom), scale (eV/Å) and average neighbour count, on the whole set."""
+    """nequix's shift (eV/atom), scale (eV/Å) and average neighbour count, on the whole set:
+    the values of nequix's `dataset_stats` (a test compares them), computed here in process
+    because `dataset_stats` needs a nequix `Dataset`, forks DataLoader workers and prints."""
 
     idx = atomic_numbers_to_indices(numbers)
     counts = _counts(data, numbers)

@@ -242,3 +242,42 @@ def test_torch_backend_trains_like_jax(trained, emt_data, tmp_path):
         atoms.calc = NequixCalculator(model_path=str(path), backend=backend, use_kernel=False)
         energies.append(atoms.get_potential_energy())
     assert energies[0] == pytest.approx(energies[1], abs=1e-4)
+
+
+def test_statistics_equal_nequix_dataset_stats(tmp_path):
+    """Shift, scale and neighbour count are what nequix's own `dataset_stats` computes on the
+    same structures (ours runs in process: nequix's forks DataLoader workers and prints)."""
+    import os
+    import subprocess
+    import sys
+
+    from nequix_fw.training import _statistics
+
+    data = emt_labelled(6, seed=21)
+    ase.io.write(tmp_path / "set.extxyz", data)
+    numbers, e0 = [29, 79], np.array([-0.1, 0.2])
+    ours = _statistics(read_labelled([tmp_path / "set.extxyz"]), numbers, e0, 4.0)
+    script = (  # nequix reads its own format (fairchem's aselmdb): the frames as its Dataset
+        "import json, sys\n"
+        "import ase.io\n"
+        "from nequix.data import Dataset, atomic_numbers_to_indices, dataset_stats, "
+        "preprocess_graph\n"
+        "class Frames(Dataset):\n"
+        "    def __init__(self, frames):\n"
+        "        super().__init__()\n"
+        "        self.frames = frames\n"
+        "    def __len__(self):\n"
+        "        return len(self.frames)\n"
+        "    def _get_graph_dict(self, i):\n"
+        f"        idx = atomic_numbers_to_indices({numbers})\n"
+        "        return preprocess_graph(self.frames[i], idx, 4.0, True)\n"
+        f"frames = ase.io.read({str(tmp_path / 'set.extxyz')!r}, ':')\n"
+        f"s = dataset_stats(Frames(frames), {e0.tolist()}, num_workers=1)\n"
+        "sys.stderr.write(json.dumps(s))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       check=True)  # fmt: skip
+    theirs = json.loads(p.stderr.strip().splitlines()[-1])
+    for key in ("shift", "scale", "avg_n_neighbors"):  # equal-sized cells: the same average
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
