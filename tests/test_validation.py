@@ -289,3 +289,23 @@ def test_an_ev_curve_without_a_minimum_has_no_fit_and_no_error():
     assert errors["v0_error_percent"] is None and errors["bulk_modulus_error_percent"] is None
     with pytest.raises(StructureError, match="E-V curve of ref: no Birch-Murnaghan fit"):
         _ev_errors(good, flat, "ref")
+
+
+def test_ev_set_refuses_molecules_and_too_few_labelled_volumes(tmp_path, capsys):
+    """`ev-set` on a non-periodic structure, or with fewer than 5 of its 7 volumes labelled
+    (here the three compressed fcc Cu cells fall below labelling.min_distance_A): one error
+    line naming the structure and the cause, exit 2, nothing added to the dataset."""
+    from ase.build import bulk, molecule
+
+    ase.io.write(tmp_path / "h2o.extxyz", molecule("H2O"))
+    ev = ["ev-set", "--to", str(tmp_path / "ev_set"), "--output", str(tmp_path / "w"),
+          "--backend", "ase", "--calculator", "emt", "--no-progress"]  # fmt: skip
+    assert main([*ev, "--structure", str(tmp_path / "h2o.extxyz")]) == 2
+    assert "H2O: an E-V set needs a periodic cell" in capsys.readouterr().err
+    cu = bulk("Cu", "fcc", a=3.61, cubic=True)  # nearest neighbours 2.553 Å
+    ase.io.write(tmp_path / "cu.extxyz", cu)
+    assert main([*ev, "--structure", str(tmp_path / "cu.extxyz"), "--min-distance", "2.545"]) == 2
+    *warnings, error = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: E-V set of Cu4: 4 of 7 volumes labelled (>= 5 needed)")
+    assert len(warnings) == 3 and all("min interatomic distance" in w for w in warnings)
+    assert not (tmp_path / "ev_set").exists()
