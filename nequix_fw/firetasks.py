@@ -122,7 +122,7 @@ class ExploreTask(StageTask):
                     **fill_placeholders(s["exploration"], self.env, "exploration"),
                 ),
                 Path(s["output"]),
-            )  # fmt: skip
+            )
             for s in self["systems"]
         ]
         record = stages.explore_stage(
@@ -159,7 +159,7 @@ class RunEnsembleTask(StageTask):
                 None if s["explored"] is None else Path(s["explored"]),
                 [Path(env_chk(p, self.env, "fixed")) for p in s["fixed"]],
                 Path(s["output"]),
-            )  # fmt: skip
+            )
             for s in self["systems"]
         ]
         record = stages.run_ensemble_stage(
