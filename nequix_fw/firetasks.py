@@ -93,8 +93,30 @@ class StageTask(FiretaskBase):
                                   self.value("launchpad"))  # fmt: skip
 
 
+class _EnsembleTask(StageTask):
+    """A stage of the ensemble in ``models_dir`` on each of ``systems``."""
+
+    required_params = [*LOG_PARAMS, "models_dir", "systems"]
+    optional_params = ["ensemble", "launchpad"]
+    stage = None  # a function of nequix_fw.campaign (set by each task)
+
+    def system(self, values: dict):
+        """One entry of ``systems`` as the stage takes it."""
+        raise NotImplementedError
+
+    def run_stage(self, fw_spec):
+        record = self.stage(
+            self.log,
+            self["iteration"],
+            stages.member_files(self.path("models_dir")),
+            self.section(EnsembleSettings, "ensemble"),
+            [self.system(values) for values in self["systems"]],
+        )
+        return FWAction(stored_data=record)
+
+
 @explicit_serialize
-class ExploreTask(StageTask):
+class ExploreTask(_EnsembleTask):
     """Ensemble-driven MD, distortions and random packings from each system's starts.
 
     Required params:
@@ -109,34 +131,20 @@ class ExploreTask(StageTask):
         launchpad (str): LaunchPad file of the store, when not run by a LaunchPad.
     """
 
-    required_params = [*LOG_PARAMS, "models_dir", "systems"]
-    optional_params = ["ensemble", "launchpad"]
+    stage = staticmethod(stages.explore_stage)
 
-    def run_stage(self, fw_spec):
-        systems = [
-            stages.SystemExploration(
-                s["name"],
-                Path(env_chk(s["initial_structures"], self.env, "initial_structures")),
-                make_settings(
-                    ExplorationSettings,
-                    **fill_placeholders(s["exploration"], self.env, "exploration"),
-                ),
-                Path(s["output"]),
-            )
-            for s in self["systems"]
-        ]
-        record = stages.explore_stage(
-            self.log,
-            self["iteration"],
-            stages.member_files(self.path("models_dir")),
-            self.section(EnsembleSettings, "ensemble"),
-            systems,
+    def system(self, values: dict) -> stages.SystemExploration:
+        exploration = fill_placeholders(values["exploration"], self.env, "exploration")
+        return stages.SystemExploration(
+            values["name"],
+            Path(env_chk(values["initial_structures"], self.env, "initial_structures")),
+            make_settings(ExplorationSettings, **exploration),
+            Path(values["output"]),
         )
-        return FWAction(stored_data=record)
 
 
 @explicit_serialize
-class RunEnsembleTask(StageTask):
+class RunEnsembleTask(_EnsembleTask):
     """The ensemble on each system's candidates (run-ensemble): ensemble_results.json.
 
     Required params:
@@ -149,27 +157,16 @@ class RunEnsembleTask(StageTask):
         ensemble (dict): EnsembleSettings section. launchpad (str): as ExploreTask.
     """
 
-    required_params = [*LOG_PARAMS, "models_dir", "systems"]
-    optional_params = ["ensemble", "launchpad"]
+    stage = staticmethod(stages.run_ensemble_stage)
 
-    def run_stage(self, fw_spec):
-        systems = [
-            stages.SystemCandidates(
-                s["name"],
-                None if s["explored"] is None else Path(s["explored"]),
-                [Path(env_chk(p, self.env, "fixed")) for p in s["fixed"]],
-                Path(s["output"]),
-            )
-            for s in self["systems"]
-        ]
-        record = stages.run_ensemble_stage(
-            self.log,
-            self["iteration"],
-            stages.member_files(self.path("models_dir")),
-            self.section(EnsembleSettings, "ensemble"),
-            systems,
+    def system(self, values: dict) -> stages.SystemCandidates:
+        explored = values["explored"]
+        return stages.SystemCandidates(
+            values["name"],
+            None if explored is None else Path(explored),
+            [Path(env_chk(p, self.env, "fixed")) for p in values["fixed"]],
+            Path(values["output"]),
         )
-        return FWAction(stored_data=record)
 
 
 @explicit_serialize
