@@ -40,8 +40,8 @@ from nequix_fw.settings import (
     SystemSettings,
     TrainingSettings,
     ValidationSettings,
-    fill_placeholders,
-    make_settings,
+    section_name,
+    section_settings,
 )
 from nequix_fw.store import CampaignStore, Store
 from nequix_fw.structures import atomic_path, iter_frames
@@ -147,9 +147,7 @@ class Campaign:
     def section(self, cls, k: int | None = None, system: SystemSettings | None = None):
         """Settings of section `cls` (see `section_values`), placeholders filled from the
         worker's env."""
-        name = next(n for n, c in SECTIONS.items() if c is cls)
-        values = self.section_values(name, k, system)
-        return make_settings(cls, **fill_placeholders(values, self.env, name))
+        return section_settings(cls, self.section_values(section_name(cls), k, system), self.env)
 
     def systems_at(self, k: int) -> list[SystemSettings | None]:
         """The systems explored at iteration k: those not converged before it ([None]: a

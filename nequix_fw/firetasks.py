@@ -27,8 +27,7 @@ from nequix_fw.settings import (
     LabellingSettings,
     TrainingSettings,
     env_chk,
-    fill_placeholders,
-    make_settings,
+    section_settings,
 )
 
 #: The log file of a stage, in its launch directory.
@@ -84,7 +83,7 @@ class StageTask(FiretaskBase):
 
     def section(self, cls, name: str):
         """The settings section in parameter `name`, its placeholders filled."""
-        return make_settings(cls, **fill_placeholders(self.get(name) or {}, self.env, name))
+        return section_settings(cls, self.get(name) or {}, self.env, name)
 
     @property
     def log(self) -> stages.CampaignLog:
@@ -134,11 +133,10 @@ class ExploreTask(_EnsembleTask):
     stage = staticmethod(stages.explore_stage)
 
     def system(self, values: dict) -> stages.SystemExploration:
-        exploration = fill_placeholders(values["exploration"], self.env, "exploration")
         return stages.SystemExploration(
             values["name"],
             Path(env_chk(values["initial_structures"], self.env, "initial_structures")),
-            make_settings(ExplorationSettings, **exploration),
+            section_settings(ExplorationSettings, values["exploration"], self.env),
             Path(values["output"]),
         )
 

@@ -818,9 +818,20 @@ def read_sections(path: str | Path | None) -> dict:
     return {k: dict(v or {}) for k, v in data.items()}
 
 
+def section_name(cls: type[_Settings]) -> str:
+    """The name of the settings section of `cls` (its key in a settings file)."""
+    return next(name for name, c in SECTIONS.items() if c is cls)
+
+
+def section_settings(cls: type[S], values: dict, env: dict | None, where: str | None = None) -> S:
+    """Settings `cls` from a section's `values`, ``>>key<<`` placeholders filled from the
+    worker's `env` (None: left out, see `fill_placeholders`); errors name `where` (default:
+    the section)."""
+    return make_settings(cls, **fill_placeholders(values, env, where or section_name(cls)))
+
+
 def load_settings(path: str | Path | None, cls: type[S], **overrides) -> S:
     """Read the section of `cls` from a YAML file (if given) and apply non-None `overrides`."""
-    section = next(name for name, c in SECTIONS.items() if c is cls)
-    values = read_sections(path).get(section, {})
+    values = read_sections(path).get(section_name(cls), {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return make_settings(cls, **values)

@@ -30,12 +30,11 @@ from nequix_fw.settings import (
     ExplorationSettings,
     LabellingSettings,
     ValidationSettings,
-    fill_placeholders,
-    make_settings,
     read_sections,
+    section_name,
+    section_settings,
 )
-from nequix_fw.store import is_store_spec
-from nequix_fw.structures import iter_frames
+from nequix_fw.structures import is_store_spec, iter_frames
 
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
 _PATHS = {
@@ -68,8 +67,7 @@ def _log_params(c: Campaign, k: int) -> dict:
 def _value(c: Campaign, cls, k: int, key: str):
     """Setting `key` of section `cls` at iteration k, as given (a placeholder kept) or its
     default."""
-    name = next(n for n, sec in SECTIONS.items() if sec is cls)
-    return c.section_values(name, k).get(key, cls.model_fields[key].default)
+    return c.section_values(section_name(cls), k).get(key, cls.model_fields[key].default)
 
 
 def explore_fw(c: Campaign, k: int) -> Firework:
@@ -213,9 +211,8 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
                   for i, system in enumerate(c.settings.systems)]  # fmt: skip
     for where, settings in overrides:  # every stage's and system's sections valid too
         for name, values in settings.items():
-            merged = fill_placeholders({**sections.get(name, {}), **values}, None, name)
             try:
-                make_settings(SECTIONS[name], **merged)
+                section_settings(SECTIONS[name], {**sections.get(name, {}), **values}, None)
             except SettingsError as exc:
                 raise SettingsError(f"{config}: {exc} ({where})") from None
     if (
