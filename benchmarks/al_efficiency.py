@@ -7,7 +7,7 @@ number of labels per iteration, with the same training settings:
 
 - *uncertainty*: the product's selection (`run-ensemble` + `select`: candidates above `lo`,
   farthest-point sampling relative to the training set);
-- *random*: `selection.method: random` (the control);
+- *random*: `select.method: random` (the control);
 - *every_nth*: every N-th pool structure in pool order (what a user without an ensemble does).
 
 Two held-out sets from other seeds than the pool: *in-distribution* (the pool's mix) and *tail*
@@ -213,7 +213,7 @@ def initial_set(seed: int, n: int) -> list[Atoms]:
 def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args) -> dict:
     """Exploration mode, one arm, one seed: each iteration trains, validates (errors and MD
     stability at 1500 K), explores with its own ensemble (NVT at 300/900/1500 K from the four
-    ideal alloy cells, stopping where the uncertainty passes `exploration.stop_force_dev`),
+    ideal alloy cells, stopping where the uncertainty passes `explore.stop_force_dev`),
     selects from the frames by the arm's method and labels the picks with EMT."""
     from nequix_fw.ensemble import Ensemble
     from nequix_fw.evaluation import run_ensemble

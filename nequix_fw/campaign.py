@@ -3,11 +3,16 @@
 Iteration 0 labels the initial structures, grows the dataset, trains the first ensemble (from
 scratch or fine-tuned) and validates it. Iteration k >= 1 explores with the ensemble of k-1,
 evaluates the candidates, selects the uncertain ones, labels them, grows the dataset, trains
-ensemble k (each member warm-started from its predecessor) and validates it. Layout::
+ensemble k (each member warm-started from its predecessor) and validates it. Each stage writes
+into the directory of its name (<stage>/<system>/ for a system's own part)::
 
-    <directory>/campaign.json            one record per iteration (counts, metrics, decisions)
-    <directory>/iter_<k>/candidates/     exploration pool (candidates.extxyz + manifest.json)
-                        ensemble_results.json, selected/, labels/, models/, validation.json
+    <directory>/campaign.json             one record per iteration (counts, metrics, decisions)
+    <directory>/iter_<k>/explore/         candidates.extxyz + manifest.json
+                         run_ensemble/    ensemble_results.json
+                         select/          the selected structures + manifest.json
+                         label/           <structure id>/ (inputs, outputs, task.json), summary.json
+                         train_ensemble/  member_<i>.nqx (+ .json, _log.csv)
+                         validate/        validation.json + plots
 """
 
 from __future__ import annotations
@@ -31,22 +36,24 @@ from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
-    SECTIONS,
+    LABEL_REFERENCE,
     CampaignSettings,
     EnsembleSettings,
     ExplorationSettings,
     LabellingSettings,
     SelectionSettings,
+    Stage,
     SystemSettings,
     TrainingSettings,
     ValidationSettings,
+    check_sections,
     section_name,
     section_settings,
 )
 from nequix_fw.store import CampaignStore, Store
 from nequix_fw.structures import atomic_path, iter_frames
 from nequix_fw.training import train_ensemble
-from nequix_fw.validation import LABELLING, validate
+from nequix_fw.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +123,7 @@ class Campaign:
     def __init__(self, sections: dict, db: Database | None = None, env: dict | None = None):
         """`env`: the FireWorks worker's env, which fills ``>>key<<`` values in any section
         (None: they are left out, as when a workflow is built)."""
-        unknown = set(sections) - set(SECTIONS)
-        if unknown:
-            raise ValueError(f"unknown settings sections {sorted(unknown)}")
-        self.sections = sections
+        self.sections = check_sections(sections, "campaign settings")
         self.env = env
         self.settings: CampaignSettings = self.section(CampaignSettings)
         self.directory = Path(self.settings.directory)
@@ -140,7 +144,7 @@ class Campaign:
                 values.update(self.settings.stages[stage].settings.get(name, {}))
         if system is not None:
             values.update(system.settings.get(name, {}))
-            if name == "selection" and system.max_selected is not None:
+            if name == "select" and system.max_selected is not None:
                 values["max_selected"] = system.max_selected
         return values
 
@@ -160,14 +164,14 @@ class Campaign:
                 done |= {n for n, rec in (it.get("systems") or {}).items() if rec.get("converged")}
         return [system for system in self.settings.systems if system.name not in done]
 
-    def system_dir(self, k: int, what: str, system: SystemSettings | None) -> Path:
-        """Iteration k's `what` directory (candidates, selected), per system with systems."""
-        d = self.iter_dir(k) / what
+    def stage_dir(self, k: int, stage: Stage, system: SystemSettings | None = None) -> Path:
+        """Where iteration k's `stage` writes (<stage>/<system>/ for a system's own part)."""
+        d = self.iter_dir(k) / stage
         return d if system is None else d / system.name
 
     def results_file(self, k: int, system: SystemSettings | None) -> Path:
         name = "ensemble_results" + ("" if system is None else f"_{system.name}")
-        return self.iter_dir(k) / f"{name}.json"
+        return self.stage_dir(k, "run_ensemble") / f"{name}.json"
 
     def stage(self, k: int, system: SystemSettings | None = None) -> int | None:
         """Index of iteration k's exploration stage (None without stages, and at iteration 0,
@@ -215,9 +219,9 @@ class Campaign:
         """The ensemble in use after iteration k: its own, or, when it trained none (a stage
         that converged without selecting), that of the last iteration before it that did."""
         for j in range(k, -1, -1):
-            if any((self.iter_dir(j) / "models").glob("member_*.nqx")):
-                return self.iter_dir(j) / "models"
-        return self.iter_dir(k) / "models"
+            if any(self.stage_dir(j, "train_ensemble").glob("member_*.nqx")):
+                return self.stage_dir(j, "train_ensemble")
+        return self.stage_dir(k, "train_ensemble")
 
     def record(self, k: int, **entries) -> dict:
         return self.log.record(k, **entries)
@@ -312,7 +316,7 @@ def select_stage(c: Campaign, k: int) -> dict:
             data = read_labelled([c.dataset], c.datasets, allow_mixed=True)
             known = [x.frame.atoms for x in data]
         manifest = select_from_results(c.results_file(k, system),
-                                       c.system_dir(k, "selected", system), settings, labelled,
+                                       c.stage_dir(k, "select", system), settings, labelled,
                                        known)  # fmt: skip
         labelled = labelled | {e["id"] for e in manifest["structures"] if e["selected"]}
         name = system.name if system else None
@@ -334,7 +338,7 @@ def select_stage(c: Campaign, k: int) -> dict:
 
 def label_inputs(c: Campaign, k: int) -> Path:
     """What iteration k labels: the initial structures at 0, then the selection."""
-    return Path(c.settings.initial_structures) if k == 0 else c.iter_dir(k) / "selected"
+    return Path(c.settings.initial_structures) if k == 0 else c.stage_dir(k, "select")
 
 
 def label_groups(c: Campaign, n_structures: int) -> list[int | None]:
@@ -390,7 +394,7 @@ def labelling_stop(labels: Path, n_ok: int, n_failed: int, limit: float | None) 
     if limit is None or not n or n_failed / n <= limit:
         return None
     return (f"labelling failed for {n_failed} of {n} structures (more than {limit:.0%}, "
-            f"labelling.max_failed_fraction): reasons in {labels}/*/task.json")  # fmt: skip
+            f"label.max_failed_fraction): reasons in {labels}/*/task.json")  # fmt: skip
 
 
 def train_ensemble_stage(
@@ -414,20 +418,20 @@ def train_ensemble_stage(
 
 
 def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
-    """Validate ensemble k on the test set; with ``validation.reference: labelling``, against
+    """Validate ensemble k on the test set; with ``validate.reference: label``, against
     the E-V set that the campaign's labelling backend (``>>key<<`` settings from the worker's
     `env`) labels once."""
     if not c.settings.testset:
         return c.record(k, validation=None)
     checks = c.section(ValidationSettings, k)
     reference_data = checks.reference_data
-    if checks.reference == LABELLING:
+    if checks.reference == LABEL_REFERENCE:
         reference_data = [reference_ev_set(c, checks, env)]
-    report = validate(c.models(k), c.settings.testset, c.iter_dir(k) / "validation.json",
-                      reference=checks.reference, reference_params=checks.reference_params,
-                      ev_structure=checks.structure, reference_data=reference_data,
-                      store=c.datasets, settings=c.section(EnsembleSettings, k),
-                      validation=checks)  # fmt: skip
+    output = c.stage_dir(k, "validate") / "validation.json"
+    report = validate(c.models(k), c.settings.testset, output, reference=checks.reference,
+                      reference_params=checks.reference_params, ev_structure=checks.structure,
+                      reference_data=reference_data, store=c.datasets,
+                      settings=c.section(EnsembleSettings, k), validation=checks)  # fmt: skip
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]

@@ -517,7 +517,7 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     _setting(lb, LabellingSettings, "timeout_s", "--timeout")
     lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
-    lb.add_argument("--config", help="settings YAML (section 'labelling')")
+    lb.add_argument("--config", help="settings YAML (section 'label')")
     lb.add_argument("--no-progress", action="store_true")
 
 
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("select", help="select uncertain structures from ensemble results")
     s.add_argument("--ensemble", required=True, help="results JSON from run-ensemble")
     s.add_argument("--output", required=True, help="directory for selected structures")
-    s.add_argument("--config", help="settings YAML (section 'selection')")
+    s.add_argument("--config", help="settings YAML (section 'select')")
     s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
     s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
     ss = SelectionSettings
@@ -591,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
-    t.add_argument("--config", help="settings YAML (section 'training')")
+    t.add_argument("--config", help="settings YAML (section 'train_ensemble')")
     for field in ("n_models", "epochs", "strategy", "seed"):
         _setting(t, TrainingSettings, field)
     _setting(t, TrainingSettings, "n_workers", "--workers")
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test sets from different levels of theory together",
     )
-    v.add_argument("--config", help="settings YAML (section 'validation')")
+    v.add_argument("--config", help="settings YAML (section 'validate')")
     v.add_argument(
         "--md-stability",
         action="store_true",
@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--models", nargs="+", required=True)
     x.add_argument("--structures", nargs="+", required=True, help="starting structures")
     x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
-    x.add_argument("--config", help="settings YAML (section 'exploration')")
+    x.add_argument("--config", help="settings YAML (section 'explore')")
     xs = ExplorationSettings
     _setting(x, xs, "temperatures_K", "--temperatures")
     _setting(x, xs, "pressures_GPa", "--pressures")

@@ -3,9 +3,9 @@
 As in atomate, each task names its inputs as parameters: its own settings section (the values
 of its iteration, schedule and stage applied when the workflow was built) and the paths it reads
 and writes, so that one value is changed with ``lpad update_fws -u
-'{"_tasks.0.training.epochs": 50}'``. A ``>>key<<`` value in any parameter, or in any value of a
-section, is filled from the worker's env (my_fworker.yaml; atomate's env_chk). Every task reports
-its summary to the campaign's log (``campaign_dir``/campaign.json and the store of
+'{"_tasks.0.train_ensemble.epochs": 50}'``. A ``>>key<<`` value in any parameter, or in any
+value of a section, is filled from the worker's env (my_fworker.yaml; atomate's env_chk). Every
+task reports its summary to the campaign's log (``campaign_dir``/campaign.json and the store of
 ``campaign_name``) and to the launch's ``stored_data``. The two tasks that grow the workflow
 (`SelectTask`, `ValidateTask`) see the whole campaign; they live with the workflow's builders in
 `nequix_fw.workflows`.
@@ -123,7 +123,7 @@ class ExploreTask(_EnsembleTask):
         campaign_dir (str), campaign_name (str): where the stage reports.
         models_dir (str): the ensemble that drives the dynamics (member_*.nqx; iteration k-1's).
         systems (list[dict]): per system: name (str or None), initial_structures (str),
-            exploration (dict, an ExplorationSettings section; seeds already of this
+            explore (dict, an ExplorationSettings section; seeds already of this
             iteration), output (str: candidates.extxyz and manifest.json go there).
     Optional params:
         ensemble (dict): EnsembleSettings section of the engine.
@@ -136,7 +136,7 @@ class ExploreTask(_EnsembleTask):
         return stages.SystemExploration(
             values["name"],
             Path(env_chk(values["initial_structures"], self.env, "initial_structures")),
-            section_settings(ExplorationSettings, values["exploration"], self.env),
+            section_settings(ExplorationSettings, values["explore"], self.env),
             Path(values["output"]),
         )
 
@@ -175,21 +175,21 @@ class LabelTask(StageTask):
         iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
         structures (str): what to label (file or directory).
         output (str): the labels directory (one subdirectory per structure, summary*.json).
-        labelling (dict): LabellingSettings section; ``>>key<<`` values come from the worker's
+        label (dict): LabellingSettings section; ``>>key<<`` values come from the worker's
             env (my_fworker.yaml), e.g. vasp_cmd.
     Optional params:
         group (list[int]): [index, size]: only that group of the structures (parallel jobs).
         launchpad (str): as ExploreTask.
     """
 
-    required_params = [*LOG_PARAMS, "structures", "output", "labelling"]
+    required_params = [*LOG_PARAMS, "structures", "output", "label"]
     optional_params = ["group", "launchpad"]
 
     def run_stage(self, fw_spec):
         group = self.get("group")
         summary = stages.label_stage(
             self.log, self["iteration"], self.path("structures"), self.path("output"),
-            self.section(LabellingSettings, "labelling"), self.env,
+            self.section(LabellingSettings, "label"), self.env,
             None if group is None else tuple(group),
         )  # fmt: skip
         return FWAction(stored_data=summary)
@@ -205,7 +205,7 @@ class UpdateDatasetTask(StageTask):
         labels (str): the labels directory of the iteration.
         dataset (str): the training set: a directory or a store dataset db:NAME.
     Optional params:
-        max_failed_fraction (float): labelling.max_failed_fraction (None: no limit).
+        max_failed_fraction (float): label.max_failed_fraction (None: no limit).
         launchpad (str): as ExploreTask.
     """
 
@@ -228,14 +228,14 @@ class TrainEnsembleTask(StageTask):
         iteration (int), campaign_dir (str), campaign_name (str): as ExploreTask.
         dataset (str): the training set (directory or db:NAME).
         output (str): the ensemble's directory (member_*.nqx).
-        training (dict): TrainingSettings section.
+        train_ensemble (dict): TrainingSettings section.
     Optional params:
         finetune_from (str): a model (path or pretrained name) to fine-tune.
         warm_start (str): the previous ensemble's directory.
         launchpad (str): as ExploreTask.
     """
 
-    required_params = [*LOG_PARAMS, "dataset", "output", "training"]
+    required_params = [*LOG_PARAMS, "dataset", "output", "train_ensemble"]
     optional_params = ["finetune_from", "warm_start", "launchpad"]
 
     def run_stage(self, fw_spec):
@@ -244,7 +244,7 @@ class TrainEnsembleTask(StageTask):
             self["iteration"],
             self.value("dataset"),
             self.path("output"),
-            self.section(TrainingSettings, "training"),
+            self.section(TrainingSettings, "train_ensemble"),
             self.value("finetune_from"),
             self.path("warm_start"),
         )

@@ -90,10 +90,10 @@ def use_stand_in_labels(wf: Workflow, calculator: str = "emt", **params) -> Work
     make_settings(LabellingSettings, **labelling)
     for fw in wf.fws:
         for task in fw.tasks:
-            if "labelling" in task:  # a LabelTask's own section
-                task["labelling"] = dict(labelling)
+            if "label" in task:  # a LabelTask's own section
+                task["label"] = dict(labelling)
     for sections in _sections(wf):
-        sections["labelling"] = dict(labelling)
+        sections["label"] = dict(labelling)
         for entry in sections.get("campaign", {}).get("schedule", {}).values():
-            entry.pop("labelling", None)  # no scheduled change of the level of theory either
+            entry.pop("label", None)  # no scheduled change of the level of theory either
     return wf

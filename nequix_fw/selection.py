@@ -85,7 +85,7 @@ def resolve_lo(settings: SelectionSettings, calibration: dict | None, where: str
     `nequix_fw.uncertainty.calibrate`), so that structures predicted to have a max force error
     under `target_force_error` are accurate."""
     if not calibration:
-        raise SettingsError(f"selection.lo: auto needs a calibration of the uncertainty, and "
+        raise SettingsError(f"select.lo: auto needs a calibration of the uncertainty, and "
                             f"{where} has none (it needs a labelled test set)")  # fmt: skip
     return lower_trust_level(calibration, settings.target_force_error)
 
@@ -254,7 +254,7 @@ def check_quotas(settings: SelectionSettings, elements: list[str], where: str) -
     """Refuse quotas for elements that none of the structures holds."""
     missing = sorted(set(settings.max_per_element) - set(elements))
     if missing:
-        raise SettingsError(f"selection.max_per_element: {', '.join(missing)} in none of the "
+        raise SettingsError(f"select.max_per_element: {', '.join(missing)} in none of the "
                             f"structures of {where} (they hold {', '.join(elements)})")  # fmt: skip
 
 
@@ -305,7 +305,7 @@ def select_from_results(
     results_path, output = Path(results_path), Path(output)
     if settings.lo == "auto":
         raise SettingsError(
-            "selection.lo: auto is resolved from a calibration first (a campaign does it; by "
+            "select.lo: auto is resolved from a calibration first (a campaign does it; by "
             "hand: select --calibration validation_report.json)"
         )
     header, records = read_results(results_path)

@@ -1,10 +1,12 @@
 """Typed settings for every stage, with their defaults in one place, loadable from YAML.
 
-A settings file is a YAML mapping with one section per stage, e.g.::
+A settings file is a YAML mapping of sections: one per stage that has settings, named as the
+stage (``explore``, ``select``, ``label``, ``train_ensemble``, ``validate``), plus ``ensemble``
+(the ensemble engine that explore, run_ensemble and validate use) and ``campaign``, e.g.::
 
     ensemble:
       max_edges_per_batch: 8192
-    selection:
+    select:
       lo: 0.08      # eV/Å
       hi: 0.40      # eV/Å
       max_selected: 50
@@ -13,6 +15,7 @@ A settings file is a YAML mapping with one section per stage, e.g.::
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar, get_args
@@ -20,9 +23,18 @@ from typing import ClassVar, Literal, TypeVar, get_args
 import yaml
 from ase.data import atomic_numbers
 from ase.formula import Formula
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nequix_fw.errors import SettingsError
+
+logger = logging.getLogger(__name__)
 
 
 class _Settings(BaseModel):
@@ -494,9 +506,31 @@ Stage = Literal[
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
-ScheduledSection = Literal[
-    "ensemble", "selection", "training", "labelling", "exploration", "validation"
-]
+#: The sections that may change with the iteration (schedule), the stage and the system.
+ScheduledSection = Literal["ensemble", "explore", "select", "label", "train_ensemble", "validate"]
+
+#: Sections by their old names (read with a warning): {old: new}.
+RENAMED_SECTIONS = {"exploration": "explore", "selection": "select", "labelling": "label",
+                    "training": "train_ensemble", "validation": "validate"}  # fmt: skip
+
+
+def renamed_sections(values, where: str):
+    """`values` (a mapping of sections) with the old section names replaced by the new ones, each
+    with a warning naming `where`; both names of one section are refused."""
+    if not isinstance(values, dict) or not set(values) & set(RENAMED_SECTIONS):
+        return values
+    out = {}
+    for name, section in values.items():
+        new = RENAMED_SECTIONS.get(name)
+        if new is None:
+            out.setdefault(name, section)
+            continue
+        if new in values:
+            raise ValueError(f"{where}: sections {name!r} and {new!r} are one section "
+                                f"({name!r} is its old name): give {new!r} only")  # fmt: skip
+        logger.warning("%s: section %r is now %r (the old name is still read)", where, name, new)
+        out[new] = section
+    return out
 
 
 class FireworkResources(_Settings):
@@ -532,11 +566,17 @@ class StageSettings(_Settings):
     name: str | None = Field(None, description="Stage name (reports); default: its index.")
     settings: dict[ScheduledSection, dict] = Field(
         {}, description="Section values of this stage, over the sections and the schedule, e.g. "
-        "{exploration: {temperatures_K: [1200], steps: 5000}}.",
+        "{explore: {temperatures_K: [1200], steps: 5000}}.",
     )  # fmt: skip
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _renamed_sections(cls, values):
+        return renamed_sections(values, "settings")
+
     accurate_fraction: float | None = Field(
         None, gt=0, le=1, description="Converged once at least this fraction of an iteration's "
-        "candidates is accurate (max_force_dev < selection.lo).",
+        "candidates is accurate (max_force_dev < select.lo).",
     )  # fmt: skip
     iterations: int | None = Field(
         None, ge=1, description="Converged after this many iterations in the stage."
@@ -562,8 +602,14 @@ class SystemSettings(_Settings):
     )
     settings: dict[ScheduledSection, dict] = Field(
         {}, description="Section values of this system over the sections and the schedule, "
-        "e.g. {exploration: {temperatures_K: [1500]}, selection: {lo: 0.1}}.",
+        "e.g. {explore: {temperatures_K: [1500]}, select: {lo: 0.1}}.",
     )  # fmt: skip
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _renamed_sections(cls, values):
+        return renamed_sections(values, "settings")
+
     max_selected: int | None = Field(
         None, ge=1, description="Label quota: at most this many selected per iteration."
     )
@@ -607,18 +653,18 @@ class CampaignSettings(_Settings):
     )  # fmt: skip
     md_stable_fraction: float | None = Field(
         None, gt=0, le=1, description="Stop once at least this fraction of the validation's MD "
-        "stability runs stays physical (needs validation.md_stability); with target_force_rmse "
+        "stability runs stays physical (needs validate.md_stability); with target_force_rmse "
         "too, both must hold.",
     )  # fmt: skip
     property_tolerances: dict[Literal["v0_percent", "bulk_modulus_percent",
                                       "vacancy_formation_eV"], float] = Field(
-        {}, description="Stop once the structural checks agree with validation.reference within "
+        {}, description="Stop once the structural checks agree with validate.reference within "
         "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), e.g. "
         "{v0_percent: 1, bulk_modulus_percent: 5}; with the other targets, all must hold.",
     )  # fmt: skip
     accurate_fraction: float | None = Field(
         None, gt=0, le=1, description="Stop once at least this fraction of an iteration's "
-        "candidates is accurate (max_force_dev < selection.lo; DP-GEN's convergence measure).",
+        "candidates is accurate (max_force_dev < select.lo; DP-GEN's convergence measure).",
     )  # fmt: skip
     finetune_from: str | None = Field(
         None, description="Iteration 0 fine-tunes this model (path or pretrained name); "
@@ -638,7 +684,7 @@ class CampaignSettings(_Settings):
         {},
         description="Stage settings that change with the iteration: {k: {section: {key: "
         "value}}} applies from iteration k on, over the sections and earlier entries, e.g. "
-        "hotter and longer MD later: {3: {exploration: {temperatures_K: [900], steps: 5000}}}.",
+        "hotter and longer MD later: {3: {explore: {temperatures_K: [900], steps: 5000}}}.",
     )
 
     systems: list[SystemSettings] = Field(
@@ -670,6 +716,13 @@ class CampaignSettings(_Settings):
                 "run_ensemble, which has its own Firework)")  # fmt: skip
         return values
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _renamed_scheduled_sections(cls, schedule):
+        if not isinstance(schedule, dict):
+            return schedule
+        return {k: renamed_sections(v, f"schedule.{k}") for k, v in schedule.items()}
+
     @model_validator(mode="after")
     def _check_schedule(self):
         if any(k < 0 for k in self.schedule):
@@ -677,16 +730,20 @@ class CampaignSettings(_Settings):
         names = [system.name for system in self.systems]
         if len(set(names)) != len(names):
             raise ValueError(f"systems: names must differ ({', '.join(names)})")
-        per_system = {"exploration", "selection"}
+        per_system = {"explore", "select"}
         other = sorted({name for st in self.stages for name in st.settings} - per_system)
         if self.systems and other:
             raise ValueError(f"with systems, each system goes through the stages on its own, "
-                             f"so a stage sets exploration and selection only, not "
+                             f"so a stage sets explore and select only, not "
                              f"{', '.join(other)} (use schedule)")  # fmt: skip
         bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
         if bad:
             raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")
         return self
+
+
+#: `validate.reference` of a campaign whose own `label` backend labels the E-V reference set.
+LABEL_REFERENCE = "label"
 
 
 class ValidationSettings(_Settings):
@@ -697,8 +754,8 @@ class ValidationSettings(_Settings):
         None,
         description="Reference ASE calculator of the structural checks (E-V curve: V0 and B0 by "
         "Birch-Murnaghan; relaxation; vacancy formation energy of elemental cells): a name "
-        "(emt, lj, ...) or 'module:Class'. In a campaign, 'labelling': the campaign's own "
-        "labelling backend (VASP, CP2K, ...) labels an E-V set of `structure` once (7 volumes, "
+        "(emt, lj, ...) or 'module:Class'. In a campaign, 'label': the campaign's own "
+        "label backend (VASP, CP2K, ...) labels an E-V set of `structure` once (7 volumes, "
         "-6 to +6 %), stored as the dataset <dataset>_reference_ev, and the E-V check compares "
         "with it. None: no structural checks.",
     )
@@ -733,9 +790,18 @@ class ValidationSettings(_Settings):
         "thermostat exchanged), eV/atom per ps.",
     )
 
+    @field_validator("reference")
+    @classmethod
+    def _renamed_reference(cls, reference):
+        if reference == "labelling":
+            logger.warning("validate.reference 'labelling' is now %r (the old name is still "
+                           "read)", LABEL_REFERENCE)  # fmt: skip
+            return LABEL_REFERENCE
+        return reference
+
     @model_validator(mode="after")
     def _one_reference(self):
-        if self.reference not in (None, "labelling") and self.reference_data:
+        if self.reference not in (None, LABEL_REFERENCE) and self.reference_data:
             raise ValueError("reference (a calculator) and reference_data (labelled E-V data) "
                              "exclude each other: give one")  # fmt: skip
         return self
@@ -745,11 +811,11 @@ S = TypeVar("S", bound=_Settings)
 
 SECTIONS: dict[str, type[_Settings]] = {
     "ensemble": EnsembleSettings,
-    "selection": SelectionSettings,
-    "training": TrainingSettings,
-    "labelling": LabellingSettings,
-    "exploration": ExplorationSettings,
-    "validation": ValidationSettings,
+    "explore": ExplorationSettings,
+    "select": SelectionSettings,
+    "label": LabellingSettings,
+    "train_ensemble": TrainingSettings,
+    "validate": ValidationSettings,
     "campaign": CampaignSettings,
 }
 
@@ -810,12 +876,22 @@ def read_sections(path: str | Path | None) -> dict:
         raise SettingsError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
-    unknown = set(data) - set(SECTIONS)
+    return {k: dict(v or {}) for k, v in check_sections(data, str(path)).items()}
+
+
+def check_sections(sections: dict, where: str) -> dict:
+    """`sections` with old section names replaced (see `renamed_sections`); unknown ones are
+    refused, naming `where` (a file, a FireTask)."""
+    try:
+        sections = renamed_sections(sections, where)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise SettingsError(
-            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}"
+            f"{where}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}"
         )
-    return {k: dict(v or {}) for k, v in data.items()}
+    return sections
 
 
 def section_name(cls: type[_Settings]) -> str:

@@ -28,16 +28,18 @@ from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
 from nequix_fw.schemas import ValidationReport
-from nequix_fw.settings import EnsembleSettings, ExplorationSettings, ValidationSettings
+from nequix_fw.settings import (
+    LABEL_REFERENCE,
+    EnsembleSettings,
+    ExplorationSettings,
+    ValidationSettings,
+)
 from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_cells
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate
 
 logger = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
-
-#: `validation.reference` naming the campaign's own labelling backend as the reference.
-LABELLING = "labelling"
 
 
 def _err_stats(err: np.ndarray) -> dict:
@@ -381,16 +383,16 @@ def validate(
     `reference_data` (an E-V set). `progress`: bars for the long parts."""
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
-    if reference == LABELLING:
+    if reference == LABEL_REFERENCE:
         if not reference_data:
             raise SettingsError(
-                f"validation.reference {LABELLING!r} means an E-V set labelled by a campaign's "
-                "labelling backend; outside a campaign give validation.reference_data "
+                f"validate.reference {LABEL_REFERENCE!r} means an E-V set labelled by a "
+                "campaign's label backend; outside a campaign give validate.reference_data "
                 "(--reference-data), e.g. made by `nequix-fw ev-set`"
             )
         reference = None
     if reference is not None and reference_data:
-        raise SettingsError("validation.reference (a calculator) and validation.reference_data "
+        raise SettingsError("validate.reference (a calculator) and validate.reference_data "
                             "(labelled E-V data) exclude each other: give one")  # fmt: skip
     output = check_output(output, "file")
     data = read_labelled(testset, store, allow_mixed)

@@ -39,8 +39,8 @@ from nequix_fw.structures import is_store_spec, iter_frames
 #: Path settings made absolute when a campaign is built (Fireworks run in other directories).
 _PATHS = {
     "campaign": ("directory", "initial_structures", "candidate_pool", "testset", "launchpad"),
-    "labelling": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
-    "validation": ("structure", "reference_data"),
+    "label": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
+    "validate": ("structure", "reference_data"),
 }
 
 
@@ -75,14 +75,14 @@ def explore_fw(c: Campaign, k: int) -> Firework:
     every iteration: seed + 1000 k), with the ensemble in use after k-1."""
     systems = []
     for system in c.systems_at(k):
-        values = c.section_values("exploration", k, system)
+        values = c.section_values("explore", k, system)
         seeds = values.get("seeds", ExplorationSettings.model_fields["seeds"].default)
         if not PLACEHOLDER.match(str(seeds)):
             values["seeds"] = [s + 1000 * k for s in seeds]
         starts = system.initial_structures if system else c.settings.initial_structures
         systems.append({"name": system.name if system else None,
-                        "initial_structures": str(starts), "exploration": values,
-                        "output": str(c.system_dir(k, "candidates", system))})  # fmt: skip
+                        "initial_structures": str(starts), "explore": values,
+                        "output": str(c.stage_dir(k, "explore", system))})  # fmt: skip
     task = ExploreTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)), systems=systems,
                        ensemble=c.section_values("ensemble", k))  # fmt: skip
     return _fw(c, k, task, "explore")
@@ -93,7 +93,7 @@ def run_ensemble_fw(c: Campaign, k: int) -> Firework:
     systems = []
     for system in c.systems_at(k):
         fixed = system.candidate_pool if system else c.settings.candidate_pool
-        explored = c.system_dir(k, "candidates", system) / "candidates.extxyz"
+        explored = c.stage_dir(k, "explore", system) / "candidates.extxyz"
         systems.append({"name": system.name if system else None, "explored": str(explored),
                         "fixed": [str(p) for p in fixed],
                         "output": str(c.results_file(k, system))})  # fmt: skip
@@ -109,8 +109,8 @@ def select_fw(c: Campaign, k: int) -> Firework:
 
 def label_fw(c: Campaign, k: int, group: int | None = None) -> Firework:
     """Iteration k's labelling (of one group of its structures)."""
-    params = {"structures": str(label_inputs(c, k)), "output": str(c.iter_dir(k) / "labels"),
-              "labelling": c.section_values("labelling", k)}  # fmt: skip
+    params = {"structures": str(label_inputs(c, k)), "output": str(c.stage_dir(k, "label")),
+              "label": c.section_values("label", k)}  # fmt: skip
     if group is not None:
         params["group"] = [group, c.settings.label_group_size]
     return _fw(c, k, LabelTask(**_log_params(c, k), **params), "label", group)
@@ -119,7 +119,7 @@ def label_fw(c: Campaign, k: int, group: int | None = None) -> Firework:
 def update_dataset_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's labels into the campaign's training set."""
     limit = _value(c, LabellingSettings, k, "max_failed_fraction")
-    task = UpdateDatasetTask(**_log_params(c, k), labels=str(c.iter_dir(k) / "labels"),
+    task = UpdateDatasetTask(**_log_params(c, k), labels=str(c.stage_dir(k, "label")),
                              dataset=c.dataset, max_failed_fraction=limit)  # fmt: skip
     return _fw(c, k, task, "update_dataset")
 
@@ -127,8 +127,8 @@ def update_dataset_fw(c: Campaign, k: int) -> Firework:
 def train_ensemble_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's ensemble: fine-tuned (campaign.finetune_from) or from scratch at 0,
     warm-started from the ensemble in use after k-1 later."""
-    params = {"dataset": c.dataset, "output": str(c.iter_dir(k) / "models"),
-              "training": c.section_values("training", k)}  # fmt: skip
+    params = {"dataset": c.dataset, "output": str(c.stage_dir(k, "train_ensemble")),
+              "train_ensemble": c.section_values("train_ensemble", k)}  # fmt: skip
     if k == 0 and c.settings.finetune_from:
         params["finetune_from"] = c.settings.finetune_from
     if k > 0:
@@ -192,10 +192,15 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     if launchpad is not None:
         sections["campaign"].setdefault("launchpad", str(launchpad))
     try:
-        scheduled = Campaign(sections).settings.schedule  # the campaign section is valid
+        valid = Campaign(sections).settings  # the campaign section is valid
     except SettingsError as exc:
         raise SettingsError(f"{config}: {exc}") from None
+    scheduled = valid.schedule
     sections["campaign"]["schedule"] = {str(k): v for k, v in scheduled.items()}  # BSON keys
+    for key in ("stages", "systems"):  # their sections by their new names
+        for entry, checked in zip(sections["campaign"].get(key, []), getattr(valid, key),
+                                  strict=True):  # fmt: skip
+            entry["settings"] = checked.settings
     for entry in [sections, *scheduled.values()]:
         _absolute_paths(entry)
     c = Campaign(sections)
@@ -219,15 +224,15 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
         c.settings.md_stable_fraction is not None
         and not c.section(ValidationSettings, 0).md_stability
     ):
-        raise SettingsError(f"{config}: campaign.md_stable_fraction needs validation.md_stability: "
+        raise SettingsError(f"{config}: campaign.md_stable_fraction needs validate.md_stability: "
                             "true (the runs it counts)")  # fmt: skip
     checks = c.section(ValidationSettings, 0)
     if c.settings.property_tolerances and not (checks.reference or checks.reference_data):
-        raise SettingsError(f"{config}: campaign.property_tolerances needs validation.reference "
+        raise SettingsError(f"{config}: campaign.property_tolerances needs validate.reference "
                             "or validation.reference_data (what the structural checks compare "
                             "with)")  # fmt: skip
     if (checks.reference or checks.reference_data) and not c.settings.testset:
-        raise SettingsError(f"{config}: the structural checks (validation.reference) run in the "
+        raise SettingsError(f"{config}: the structural checks (validate.reference) run in the "
                             "validation, which needs campaign.testset")  # fmt: skip
     return sections
 

@@ -25,20 +25,20 @@ campaign:
   initial_structures: initial.extxyz
   testset: [testset.extxyz]
   max_iterations: 2
-training:
+train_ensemble:
   n_models: 2
   epochs: ">>train_epochs<<"
   batch_size: 4
   architecture: {{hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}}
-labelling:
+label:
   backend: ase
   calculator: ">>reference_calculator<<"
-exploration:
+explore:
   temperatures_K: [800]
   steps: 20
   check_every: 10
   sample_every: 10
-selection:
+select:
   lo: {lo}
   max_selected: 3
 """
@@ -113,7 +113,7 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
 def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpad_file):
     # from iteration 2 on, the schedule selects at most 2 structures instead of 3
     r = _campaign(tmp_path, "cu_au", lo=0.0,
-                  extra="campaign: {schedule: {2: {selection: {max_selected: 2}}}}")  # fmt: skip
+                  extra="campaign: {schedule: {2: {select: {max_selected: 2}}}}")  # fmt: skip
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1, 2]
     # iteration 0 labels the 4 initial structures; 1 selects, labels and adds 3, 2 adds 2
@@ -122,12 +122,12 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert its[2]["stop_reason"] == "max_iterations (2) reached"
     assert all(it["validation"]["force_rmse_eV_per_A"] > 0 for it in its)
     for k in range(3):  # every iteration trained its own ensemble; 1 and 2 warm-started
-        metas = [json.loads(p.read_text()) for p in (r["dir"] / f"iter_{k:03d}" / "models")
+        metas = [json.loads(p.read_text()) for p in (r["dir"] / f"iter_{k:03d}" / "train_ensemble")
                  .glob("member_*.json")]  # fmt: skip
         assert len(metas) == 2 and {m["start"] for m in metas} == {
             "scratch" if k == 0 else "warm_start"
         }
-        # training.epochs is ">>train_epochs<<": the worker's env gave 3 (env_chk)
+        # train_ensemble.epochs is ">>train_epochs<<": the worker's env gave 3 (env_chk)
         assert {m["epochs_run"] for m in metas} == {3}
     # the labels landed in MongoDB with their iteration; FireWorks ran 4 + 2 x 7 Fireworks
     # (label, update_dataset, train_ensemble, validate; then explore, run_ensemble, select too)
@@ -176,7 +176,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     files = {(k, f): sha for k, f, sha in db["models"]}
     for k in range(3):
         for f in ("member_0.nqx", "member_1.nqx"):
-            data = (r["dir"] / f"iter_{k:03d}" / "models" / f).read_bytes()
+            data = (r["dir"] / f"iter_{k:03d}" / "train_ensemble" / f).read_bytes()
             assert files[(k, f)] == hashlib.sha256(data).hexdigest()
     # export: the training data for other codes, and an ensemble for a worker without the files
     nfw = [BIN / "nequix-fw"]
@@ -194,7 +194,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     subprocess.run([*nfw, "export", "--models", "cu_au/2", "--output", str(tmp_path / "m2"), *lp],
                    check=True)  # fmt: skip
     for f in ("member_0.nqx", "member_1.nqx"):
-        assert (tmp_path / "m2" / f).read_bytes() == (r["dir"] / "iter_002" / "models" / f
+        assert (tmp_path / "m2" / f).read_bytes() == (r["dir"] / "iter_002" / "train_ensemble" / f
                                                       ).read_bytes()  # fmt: skip
 
 
@@ -224,14 +224,14 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     assert first["db"]["fireworks"] == [[n, "COMPLETED"] for n in names]
     groups = [
         json.loads(p.read_text())["n_structures"]
-        for p in sorted((first["dir"] / "iter_001" / "labels").glob("summary*.json"))
+        for p in sorted((first["dir"] / "iter_001" / "label").glob("summary*.json"))
     ]
     assert groups == [2, 1]
-    selected = (first["dir"] / "iter_001" / "selected" / "manifest.json").read_text()
+    selected = (first["dir"] / "iter_001" / "select" / "manifest.json").read_text()
 
     again = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"], RLAUNCH)
     assert again["db"] == first["db"]  # the same Fireworks, all COMPLETED, same dataset
-    assert (again["dir"] / "iter_001" / "selected" / "manifest.json").read_text() == selected
+    assert (again["dir"] / "iter_001" / "select" / "manifest.json").read_text() == selected
     it1 = again["log"][1]
     assert (it1["n_selected"], it1["n_labelled"], it1["n_label_reused"]) == (3, 3, 3)
     assert it1["stop_reason"] == "max_iterations (1) reached"
@@ -256,13 +256,13 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
-    schedule = {2: {"exploration": {"temperatures_K": [900.0]}},
-                3: {"exploration": {"steps": 50}, "selection": {"max_selected": 7}}}  # fmt: skip
+    schedule = {2: {"explore": {"temperatures_K": [900.0]}},
+                3: {"explore": {"steps": 50}, "select": {"max_selected": 7}}}  # fmt: skip
     cfg.write_text(yaml.safe_dump({
         "campaign": {"directory": "r", "initial_structures": "i.xyz", "schedule": schedule,
                      "accurate_fraction": 0.95},
-        "exploration": {"temperatures_K": [300.0], "steps": 500},
-        "selection": {"max_selected": 20},
+        "explore": {"temperatures_K": [300.0], "steps": 500},
+        "select": {"max_selected": 20},
     }))  # fmt: skip
     c = Campaign(campaign_sections(cfg))
     assert list(c.sections["campaign"]["schedule"]) == ["2", "3"]  # string keys for MongoDB
@@ -276,7 +276,7 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
     record["selection"].update(accurate=94, candidate=6)
     assert selection_stop(c, 3, record) is None
     # a bad value in the schedule is caught when the workflow is built, with where it is
-    schedule[3]["exploration"]["steps"] = -1
+    schedule[3]["explore"]["steps"] = -1
     cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i.xyz",
                                                 "schedule": schedule}}))  # fmt: skip
     assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
@@ -308,7 +308,7 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
 
 
 def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
-    """The structural checks' errors against validation.reference stop the campaign once all
+    """The structural checks' errors against validate.reference stop the campaign once all
     are within campaign.property_tolerances; bad tolerances are refused."""
     from nequix_fw.campaign import Campaign, iteration_stop
     from nequix_fw.cli import main
@@ -318,7 +318,7 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     settings = {"campaign": {"directory": "r", "initial_structures": "i.xyz", "max_iterations": 5,
                              "testset": ["t.xyz"],
                              "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5}},
-                "validation": {"reference": "emt"}}  # fmt: skip
+                "validate": {"reference": "emt"}}  # fmt: skip
     cfg.write_text(yaml.safe_dump(settings))
     c = Campaign(campaign_sections(cfg))
     record = {"properties": {"v0_percent": 0.4, "bulk_modulus_percent": -7.0,
@@ -331,8 +331,8 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
     # without a reference to compare with, a negative tolerance, an unknown property
     no_testset = {k: v for k, v in settings["campaign"].items() if k != "testset"}
-    cases = [({"validation": {}}, "campaign.property_tolerances needs validation.reference"),
-             ({"campaign": no_testset}, "the structural checks (validation.reference) run in "
+    cases = [({"validate": {}}, "campaign.property_tolerances needs validate.reference"),
+             ({"campaign": no_testset}, "the structural checks (validate.reference) run in "
               "the validation, which needs campaign.testset"),
              ({"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
               "property_tolerances: v0_percent must be > 0"),
@@ -353,13 +353,14 @@ def test_stage_and_system_settings_are_checked(tmp_path, capsys):
     stage = {"iterations": 1}
     cases = [
         ({"stages": [{"name": "x"}]}, "a stage needs accurate_fraction or iterations"),
-        ({"stages": [{"iterations": 1, "settings": {"exploration": {"steps": -1}}}]},
+        ({"stages": [{"iterations": 1, "settings": {"explore": {"steps": -1}}}]},
          "(campaign.stages[0])"),
         ({"systems": [system, system]}, "systems: names must differ (cu, cu)"),
-        ({"systems": [system], "stages": [{**stage, "settings": {"training": {"epochs": 3}}}]},
+        ({"systems": [system], "stages": [{**stage,
+                                            "settings": {"train_ensemble": {"epochs": 3}}}]},
          "with systems, each system goes through the stages on its own, so a stage sets "
-         "exploration and selection only, not training"),
-        ({"systems": [{**system, "settings": {"selection": {"hi": -1}}}]},
+         "explore and select only, not train_ensemble"),
+        ({"systems": [{**system, "settings": {"select": {"hi": -1}}}]},
          "(campaign.systems[0])"),
     ]  # fmt: skip
     for extra, msg in cases:

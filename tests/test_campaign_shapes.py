@@ -19,9 +19,9 @@ def test_staged_exploration_advances_and_stops_after_the_last_stage(tmp_path, la
 campaign:
   max_iterations: 6
   stages:
-    - {name: cool, iterations: 1, settings: {exploration: {temperatures_K: [300]}}}
+    - {name: cool, iterations: 1, settings: {explore: {temperatures_K: [300]}}}
     - {name: hot, accurate_fraction: 0.9,
-       settings: {exploration: {temperatures_K: [1000]}, selection: {lo: 50.0}}}
+       settings: {explore: {temperatures_K: [1000]}, select: {lo: 50.0}}}
 """
     r = _campaign(tmp_path, "staged", lo=0.0, extra=extra)
     its = {it["iteration"]: it for it in r["log"]}
@@ -32,7 +32,7 @@ campaign:
     assert its[2]["stop_reason"].startswith("converged: last stage hot: ")
     assert "dataset_size" not in its[2]  # nothing labelled in the converged stage
     for k, temperature in ((1, 300.0), (2, 1000.0)):  # each iteration explored in its stage
-        m = json.loads((r["dir"] / f"iter_{k:03d}" / "candidates" / "manifest.json").read_text())
+        m = json.loads((r["dir"] / f"iter_{k:03d}" / "explore" / "manifest.json").read_text())
         assert {t["temperature_K"] for t in m["trajectories"]} == {temperature}
     names = [n for n, _ in r["db"]["fireworks"]]
     assert "staged label 2" not in names and {s for _, s in r["db"]["fireworks"]} == {"COMPLETED"}
@@ -47,9 +47,9 @@ def test_two_systems_select_and_stop_on_their_own(tmp_path, launchpad_file):
 campaign:
   systems:
     - {name: cu, initial_structures: cu.extxyz, accurate_fraction: 0.9,
-       settings: {selection: {lo: 50.0}}}
+       settings: {select: {lo: 50.0}}}
     - {name: cuau, initial_structures: cuau.extxyz, max_selected: 2,
-       settings: {exploration: {temperatures_K: [1000]}}}
+       settings: {explore: {temperatures_K: [1000]}}}
 """
     r = _campaign(tmp_path, "systems", lo=0.0, extra=extra)
     its = {it["iteration"]: it for it in r["log"]}
@@ -59,10 +59,10 @@ campaign:
     assert one["cuau"]["n_selected"] == 2 and one["cuau"]["converged"] is None
     assert set(two) == {"cuau"} and two["cuau"]["n_selected"] == 2  # cu no longer explored
     assert [its[k]["dataset_size"] for k in (0, 1, 2)] == [4, 6, 8]
-    assert sorted(p.name for p in (r["dir"] / "iter_001" / "candidates").iterdir()) == [
+    assert sorted(p.name for p in (r["dir"] / "iter_001" / "explore").iterdir()) == [
         "cu", "cuau"]  # fmt: skip
-    assert sorted(p.name for p in (r["dir"] / "iter_002" / "candidates").iterdir()) == ["cuau"]
-    m = json.loads((r["dir"] / "iter_002" / "candidates" / "cuau" / "manifest.json").read_text())
+    assert sorted(p.name for p in (r["dir"] / "iter_002" / "explore").iterdir()) == ["cuau"]
+    m = json.loads((r["dir"] / "iter_002" / "explore" / "cuau" / "manifest.json").read_text())
     assert {t["temperature_K"] for t in m["trajectories"]} == {1000.0}  # its own settings
     assert its[1]["system_candidates"]["cu"] > 0
 
@@ -70,7 +70,7 @@ campaign:
 def test_structural_checks_against_an_ev_set_labelled_once_by_the_campaign(
     tmp_path, launchpad_file
 ):
-    """validation.reference: labelling: the campaign's labelling backend (EMT through the
+    """validate.reference: label: the campaign's label backend (EMT through the
     worker's >>reference_calculator<< placeholder) labels the E-V set of the first test
     structure once, into the dataset db:<name>_reference_ev; every validation compares the
     ensemble's E-V curve with it and records the errors that property_tolerances judge."""
@@ -80,7 +80,7 @@ def test_structural_checks_against_an_ev_set_labelled_once_by_the_campaign(
 
     extra = """
 campaign: {max_iterations: 1, property_tolerances: {v0_percent: 0.001}}
-validation: {reference: labelling}
+validate: {reference: label}
 """
     r = _campaign(tmp_path, "evref", lo=0.0, extra=extra)
     its = r["log"]
@@ -94,7 +94,9 @@ validation: {reference: labelling}
     first = ase.io.read(tmp_path / "testset.extxyz", index=0)
     direct = energy_volume(first, EMT())
     for k, it in enumerate(its):
-        phys = json.loads((r["dir"] / f"iter_{k:03d}" / "validation.json").read_text())["physics"]
+        phys = json.loads(
+            (r["dir"] / f"iter_{k:03d}" / "validate" / "validation.json").read_text()
+        )["physics"]
         assert phys["reference"] == "db:evref_reference_ev" and phys["relaxation"] is None
         assert phys["ev_reference"]["v0"] == pytest.approx(direct["v0"], rel=1e-6)
         assert phys["ev_reference"]["bulk_modulus_GPa"] == pytest.approx(
@@ -117,11 +119,11 @@ def test_systems_go_through_the_stages_on_their_own(tmp_path, launchpad_file):
 campaign:
   max_iterations: 3
   systems:
-    - {name: cu, initial_structures: cu.extxyz, settings: {selection: {lo: 50.0}}}
+    - {name: cu, initial_structures: cu.extxyz, settings: {select: {lo: 50.0}}}
     - {name: cuau, initial_structures: cuau.extxyz, max_selected: 2}
   stages:
-    - {name: cool, iterations: 1, settings: {exploration: {temperatures_K: [300]}}}
-    - {name: hot, accurate_fraction: 0.9, settings: {exploration: {temperatures_K: [1000]}}}
+    - {name: cool, iterations: 1, settings: {explore: {temperatures_K: [300]}}}
+    - {name: hot, accurate_fraction: 0.9, settings: {explore: {temperatures_K: [1000]}}}
 """
     r = _campaign(tmp_path, "sysstages", lo=0.0, extra=extra)
     assert not r["db"]["fizzled"], r["db"]["fizzled"][0]
@@ -137,6 +139,6 @@ campaign:
     assert [its[k]["dataset_size"] for k in range(4)] == [4, 6, 8, 10]  # cuau's 2 each time
     for k, system, temperature in ((1, "cu", 300.0), (1, "cuau", 300.0), (2, "cu", 1000.0),
                                    (2, "cuau", 1000.0), (3, "cuau", 1000.0)):  # fmt: skip
-        path = r["dir"] / f"iter_{k:03d}" / "candidates" / system / "manifest.json"
+        path = r["dir"] / f"iter_{k:03d}" / "explore" / system / "manifest.json"
         m = json.loads(path.read_text())
         assert {t["temperature_K"] for t in m["trajectories"]} == {temperature}, (k, system)

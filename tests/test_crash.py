@@ -53,9 +53,9 @@ def _setup(
         "campaign": {"name": name, "directory": "run", "initial_structures": "initial.extxyz",
                      "candidate_pool": ["pool.extxyz"], "testset": ["testset.extxyz"],
                      "max_iterations": max_iterations, "explore": False},
-        "training": {"n_models": 2, "epochs": epochs, "batch_size": 4, "architecture": ARCH},
-        "labelling": labelling,
-        "selection": {"lo": 0.0, "max_selected": 3},
+        "train_ensemble": {"n_models": 2, "epochs": epochs, "batch_size": 4, "architecture": ARCH},
+        "label": labelling,
+        "select": {"lo": 0.0, "max_selected": 3},
     }  # fmt: skip
     (root / "campaign.yaml").write_text(yaml.safe_dump(settings))
     _ok([NFW, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml"], root)

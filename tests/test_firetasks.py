@@ -21,33 +21,35 @@ def test_firetasks_name_their_inputs_resolved_at_build(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     preset_inputs(tmp_path, "Cu")
     cfg = {"campaign": {"name": "t", "directory": "run", "initial_structures": "initial_structures",
-                        "schedule": {2: {"exploration": {"temperatures_K": [900]},
-                                         "training": {"epochs": 7}}}},
-           "exploration": {"temperatures_K": [300], "seeds": [0, 1]},
-           "training": {"epochs": 3, "n_models": 2}}  # fmt: skip
+                        "schedule": {2: {"explore": {"temperatures_K": [900]},
+                                         "train_ensemble": {"epochs": 7}}}},
+           "explore": {"temperatures_K": [300], "seeds": [0, 1]},
+           "train_ensemble": {"epochs": 3, "n_models": 2}}  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     c = Campaign(campaign_sections("c.yaml"))
     run = tmp_path / "run"
     fws = {fw.name: fw for k in (1, 2) for fw in exploration_workflow(c, k).fws}
     fws |= {fw.name: fw for k in (0, 2) for fw in labelling_workflow(c, k, 3).fws}
     explore = fws["t explore 2"].tasks[0]
-    assert explore["systems"] == [{"name": None, "output": str(run / "iter_002" / "candidates"),
+    assert explore["systems"] == [{"name": None, "output": str(run / "iter_002" / "explore"),
                                    "initial_structures": str(tmp_path / "initial_structures"),
-                                   "exploration": {"temperatures_K": [900],
+                                   "explore": {"temperatures_K": [900],
                                                    "seeds": [2000, 2001]}}]  # fmt: skip
-    assert fws["t explore 1"].tasks[0]["systems"][0]["exploration"]["seeds"] == [1000, 1001]
-    assert explore["models_dir"] == str(run / "iter_001" / "models")
+    assert fws["t explore 1"].tasks[0]["systems"][0]["explore"]["seeds"] == [1000, 1001]
+    assert explore["models_dir"] == str(run / "iter_001" / "train_ensemble")
     (evaluate,) = fws["t run_ensemble 2"].tasks
-    explored = run / "iter_002" / "candidates" / "candidates.extxyz"
-    results = run / "iter_002" / "ensemble_results.json"
+    explored = run / "iter_002" / "explore" / "candidates.extxyz"
+    results = run / "iter_002" / "run_ensemble" / "ensemble_results.json"
     assert evaluate["systems"] == [{"name": None, "fixed": [], "explored": str(explored),
                                     "output": str(results)}]  # fmt: skip
     train0, train2 = fws["t train_ensemble 0"].tasks[0], fws["t train_ensemble 2"].tasks[0]
-    assert train0["training"] == {"epochs": 3, "n_models": 2} and "warm_start" not in train0
-    assert train2["training"] == {"epochs": 7, "n_models": 2}
-    assert train2["warm_start"] == str(run / "iter_001" / "models")
-    assert train2["output"] == str(run / "iter_002" / "models") and train2["dataset"] == "db:t"
-    assert fws["t label 2"].tasks[0]["structures"] == str(run / "iter_002" / "selected")
+    assert train0["train_ensemble"] == {"epochs": 3, "n_models": 2} and "warm_start" not in train0
+    assert train2["train_ensemble"] == {"epochs": 7, "n_models": 2}
+    assert train2["warm_start"] == str(run / "iter_001" / "train_ensemble")
+    assert (
+        train2["output"] == str(run / "iter_002" / "train_ensemble") and train2["dataset"] == "db:t"
+    )
+    assert fws["t label 2"].tasks[0]["structures"] == str(run / "iter_002" / "select")
     assert fws["t update_dataset 2"].tasks[0]["max_failed_fraction"] == 0.5
     growing = [t for fw in fws.values() for t in fw.tasks if "sections" in t]
     names = sorted(type(t).__name__ for t in growing)
@@ -66,7 +68,7 @@ def test_stage_tasks_fill_placeholders_in_any_parameter(tmp_path, monkeypatch):
     ase.io.write(tmp_path / "s.extxyz", make_cells(3, seed=2))
     log = {"iteration": 0, "campaign_dir": str(tmp_path / "run"), "campaign_name": "t"}
     label = LabelTask(**log, structures=str(tmp_path / "s.extxyz"), output=">>scratch<<",
-                      labelling={"calculator": ">>calc<<"})  # fmt: skip
+                      label={"calculator": ">>calc<<"})  # fmt: skip
     env = {"_fw_env": {"calc": "emt", "scratch": str(tmp_path / "labels"), "ds": "ds"}}
     (tmp_path / "launch").mkdir()
     monkeypatch.chdir(tmp_path / "launch")
@@ -85,5 +87,5 @@ def test_stage_tasks_fill_placeholders_in_any_parameter(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="output is '>>scratch<<', a FireWorks worker "
                        "placeholder, but the worker env has no 'scratch'"):  # fmt: skip
         label.run_task({"_fw_env": {"calc": "emt"}})
-    with pytest.raises(SettingsError, match="labelling.calculator is '>>calc<<'"):
+    with pytest.raises(SettingsError, match="label.calculator is '>>calc<<'"):
         label.run_task({"_fw_env": {"scratch": str(tmp_path / "labels")}})

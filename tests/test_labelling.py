@@ -232,7 +232,7 @@ def test_script_failures_are_recorded(selected, tmp_path, capsys):
     code = main(["label", "--backend", "script", "--command", "nosuchprog --fast",
                  "--structures", src, "--output", str(tmp_path / "o3")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "labelling.command: executable 'nosuchprog' not found" in err
+    assert code == 2 and "label.command: executable 'nosuchprog' not found" in err
 
 
 def test_truncated_results_and_bad_poscar(tmp_path, capsys):

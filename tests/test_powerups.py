@@ -52,8 +52,8 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     assert specs["label"]["_queueadapter"]["ntasks"] == 64  # the preset's other keys kept
     assert specs["validate"]["_fworker"] == "big"
     sections = next(t["sections"] for fw in wf.fws for t in fw.tasks if "sections" in t)
-    assert all(t["labelling"]["backend"] == "ase" for fw in wf.fws for t in fw.tasks
-               if "labelling" in t)  # the label tasks' own sections too  # fmt: skip
+    assert all(t["label"]["backend"] == "ase" for fw in wf.fws for t in fw.tasks
+               if "label" in t)  # the label tasks' own sections too  # fmt: skip
     c = Campaign(sections)
     later = [*exploration_workflow(c, 1).fws, *labelling_workflow(c, 1, 3).fws]
     later_specs = {fw.name.split()[-2]: fw.spec for fw in later}

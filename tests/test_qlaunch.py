@@ -35,13 +35,13 @@ campaign:
   resources:
     label: {queueadapter: {walltime: "00:10:00"}}
     train_ensemble: {queueadapter: {walltime: "00:20:00", cpus_per_task: 2}}
-training:
+train_ensemble:
   n_models: 2
   epochs: 2
   batch_size: 4
   architecture: {hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}
-labelling: {backend: ase, calculator: ">>reference_calculator<<", calculator_params: {delay_s: 4}}
-selection: {lo: 0.0, max_selected: 3}
+label: {backend: ase, calculator: ">>reference_calculator<<", calculator_params: {delay_s: 4}}
+select: {lo: 0.0, max_selected: 3}
 """
 
 

@@ -259,7 +259,7 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
     run_readme("label", "emt")
     assert main(["update-dataset", "--new", "data/dft_results/", "--dataset",
                  "data/training_set/", "--iteration", "1"]) == 0  # fmt: skip
-    Path("settings.yaml").write_text(json.dumps({"training": {"architecture": TINY_ARCH,
+    Path("settings.yaml").write_text(json.dumps({"train_ensemble": {"architecture": TINY_ARCH,
                                                               "batch_size": 4}}))  # fmt: skip
     run_readme("train-ensemble", "--strategy")
     assert len(list(Path("models_new").glob("member_*.nqx"))) == 4
@@ -310,7 +310,7 @@ def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
     ase.io.write("pool.extxyz", [*emt_labelled(6, seed=41), *emt_labelled(6, seed=42)])
     assert main(["run-ensemble", "--models", "models/m1.nqx", "models/m2.nqx", "--structures",
                  "pool.extxyz", "--output", "ensemble_results.json"]) == 0  # fmt: skip
-    Path("settings.yaml").write_text(json.dumps({"training": {"architecture": TINY_ARCH,
+    Path("settings.yaml").write_text(json.dumps({"train_ensemble": {"architecture": TINY_ARCH,
                                                               "batch_size": 4}}))  # fmt: skip
     run_readme("select", "--exclude-dataset")
     manifest = json.loads(Path("selected_structures/manifest.json").read_text())

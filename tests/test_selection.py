@@ -340,7 +340,7 @@ def test_quotas_per_element_and_composition(results, tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "selection.max_per_element: Pt in none of the structures" in err
+    assert code == 2 and "select.max_per_element: Pt in none of the structures" in err
     with pytest.raises(SettingsError, match=r"unknown elements \['Xx'\]"):
         make_settings(SelectionSettings, max_per_element={"Xx": 1})
 

@@ -3,8 +3,10 @@ error per problem, renamed fields refused, worker placeholders (env_chk)."""
 
 import pytest
 
+from nequix_fw.campaign import Campaign
 from nequix_fw.errors import SettingsError
 from nequix_fw.settings import (
+    RENAMED_SECTIONS,
     SECTIONS,
     STAGES,
     CampaignSettings,
@@ -12,12 +14,14 @@ from nequix_fw.settings import (
     LabellingSettings,
     SelectionSettings,
     TrainingSettings,
+    ValidationSettings,
     env_chk,
     fill_placeholders,
     load_settings,
     make_settings,
     read_sections,
 )
+from nequix_fw.workflows import campaign_sections
 
 
 def test_every_section_builds_with_its_defaults_and_refuses_unknown_keys():
@@ -29,14 +33,20 @@ def test_every_section_builds_with_its_defaults_and_refuses_unknown_keys():
             make_settings(cls, typo=1)
 
 
+def test_sections_are_named_as_their_stages():
+    stage_sections = set(SECTIONS) - {"ensemble", "campaign"}  # the engine's, the campaign's
+    assert stage_sections == set(STAGES) - {"run_ensemble", "update_dataset"}  # no own settings
+    assert set(RENAMED_SECTIONS.values()) == stage_sections
+
+
 def test_yaml_sections_and_overrides(tmp_path):
     cfg = tmp_path / "s.yaml"
-    cfg.write_text("training: {epochs: 7, architecture: {lmax: 1}}\nselection: {lo: 0.1}\n")
+    cfg.write_text("train_ensemble: {epochs: 7, architecture: {lmax: 1}}\nselect: {lo: 0.1}\n")
     t = load_settings(cfg, TrainingSettings, batch_size=2, seed=None)  # None: not given
     assert (t.epochs, t.architecture.lmax, t.batch_size, t.seed) == (7, 1, 2, 0)
     assert load_settings(None, SelectionSettings).lo == 0.05
-    assert read_sections(cfg) == {"training": {"epochs": 7, "architecture": {"lmax": 1}},
-                                  "selection": {"lo": 0.1}}  # fmt: skip
+    assert read_sections(cfg) == {"train_ensemble": {"epochs": 7, "architecture": {"lmax": 1}},
+                                  "select": {"lo": 0.1}}  # fmt: skip
     cfg.write_text("trainig: {epochs: 7}\n")
     with pytest.raises(SettingsError, match=r"s.yaml: unknown section\(s\) \['trainig'\]"):
         read_sections(cfg)
@@ -90,11 +100,38 @@ def test_stages_have_one_name_and_old_resource_keys_are_refused():
 
 def test_placeholders_are_filled_from_the_worker_env_or_left_out():
     values = {"vasp_cmd": ">>vasp_cmd<<", "max_errors": 3, "note": "a >>b<< c"}
-    assert fill_placeholders(values, None, "labelling") == {"max_errors": 3, "note": "a >>b<< c"}
-    filled = fill_placeholders(values, {"vasp_cmd": "srun vasp_std"}, "labelling")
+    assert fill_placeholders(values, None, "label") == {"max_errors": 3, "note": "a >>b<< c"}
+    filled = fill_placeholders(values, {"vasp_cmd": "srun vasp_std"}, "label")
     assert filled["vasp_cmd"] == "srun vasp_std" and filled["note"] == "a >>b<< c"
-    with pytest.raises(SettingsError, match="labelling.vasp_cmd is '>>vasp_cmd<<', a FireWorks "
+    with pytest.raises(SettingsError, match="label.vasp_cmd is '>>vasp_cmd<<', a FireWorks "
                        "worker placeholder, but the worker env has no 'vasp_cmd'"):  # fmt: skip
-        fill_placeholders(values, {}, "labelling")
-    assert env_chk(">>n<<", {"n": 4}, "training.n_models") == 4
+        fill_placeholders(values, {}, "label")
+    assert env_chk(">>n<<", {"n": 4}, "train_ensemble.n_models") == 4
     assert env_chk(5, None, "x") == 5
+
+
+def test_old_section_names_are_read_with_a_warning_naming_the_new_one(tmp_path, caplog):
+    """Files written before the sections were named as their stages keep working: each old
+    name is read as the new one, with a warning; both names of one section are refused."""
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(
+        "exploration: {steps: 9}\ntraining: {epochs: 7}\nlabelling: {calculator: lj}\n"
+        "campaign:\n  directory: run\n  initial_structures: i.xyz\n"
+        "  schedule: {2: {selection: {max_selected: 3}}}\n"
+        "  stages: [{iterations: 1, settings: {validation: {md_steps: 20}}}]\n"
+    )
+    with caplog.at_level("WARNING", logger="nequix_fw.settings"):
+        assert load_settings(cfg, TrainingSettings).epochs == 7
+        c = Campaign(campaign_sections(cfg))
+    assert "section 'training' is now 'train_ensemble'" in caplog.text
+    assert "section 'selection' is now 'select'" in caplog.text
+    assert set(c.sections) == {"explore", "train_ensemble", "label", "campaign"}
+    assert c.section(ExplorationSettings, 1).steps == 9
+    assert c.section(SelectionSettings, 2).max_selected == 3
+    assert c.sections["campaign"]["stages"][0]["settings"] == {"validate": {"md_steps": 20}}
+    assert make_settings(ValidationSettings, reference="labelling").reference == "label"
+    cfg.write_text("training: {epochs: 7}\ntrain_ensemble: {epochs: 8}\n")
+    with pytest.raises(SettingsError, match="old.yaml: sections 'training' and 'train_ensemble' "
+                       "are one section \\('training' is its old name\\): give 'train_ensemble' "
+                       "only"):  # fmt: skip
+        read_sections(cfg)

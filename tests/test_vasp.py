@@ -104,7 +104,7 @@ def test_bad_vasp_inputs(vasp_env, capsys):
                  "--vasp-inputs", str(vasp_env["inputs"]), "--structures",
                  str(vasp_env["structures"]), "--output", str(vasp_env["tmp"] / "o")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "labelling.vasp_cmd: executable" in err
+    assert code == 2 and "label.vasp_cmd: executable" in err
     ase.io.write(
         vasp_env["structures"] / "ge.vasp",
         ase.io.read(vasp_env["structures"] / "si2.vasp"),
@@ -201,7 +201,7 @@ def test_scratch_dir_and_gzipped_outputs(vasp_env, tmp_path):
 
 
 def test_input_set_settings_errors(vasp_env, psp_dir):
-    with pytest.raises(SettingsError, match="either labelling.vasp_inputs .* not both"):
+    with pytest.raises(SettingsError, match="either label.vasp_inputs .* not both"):
         make_backend(LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"],
                                        vasp_input_set="MPStaticSet"))  # fmt: skip
     with pytest.raises(SettingsError, match="no VaspInputSet 'NoSuchSet' in pymatgen.io.vasp.sets"):

@@ -57,7 +57,7 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         assert fw.spec["_add_launchpad_and_fw_id"] is True
     if preset.stem == "vasp_mpstatic":
         # kept for the worker's env (filled when a task runs)
-        raw = sections["labelling"]
+        raw = sections["label"]
         assert raw["vasp_cmd"] == ">>vasp_cmd<<" and raw["vasp_psp_dir"] == ">>vasp_psp_dir<<"
         filled = Campaign(sections, env={"vasp_cmd": "srun vasp_std", "vasp_psp_dir": "/psp"})
         assert filled.section(LabellingSettings, 0).vasp_cmd == "srun vasp_std"
@@ -76,7 +76,7 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         # the default input (k-points), checked against an E-V set CP2K labels once
         assert labelling.backend == "cp2k" and labelling.cp2k_input_set is None
         assert labelling.cp2k_template is None and labelling.cp2k_kpoint_spacing == 0.5
-        assert c.section(ValidationSettings, 0).reference == "labelling"
+        assert c.section(ValidationSettings, 0).reference == "label"
 
 
 def test_emt_preset_runs(tmp_path, launchpad_file):
@@ -84,7 +84,7 @@ def test_emt_preset_runs(tmp_path, launchpad_file):
     preset_inputs(tmp_path, "Cu")
     cfg = yaml.safe_load((ROOT / "workflows" / "emt_cu_au.yaml").read_text())
     cfg["campaign"].update(max_iterations=1, target_force_rmse=None)
-    cfg["training"].update(
+    cfg["train_ensemble"].update(
         n_models=2,
         epochs=3,
         architecture={
@@ -94,8 +94,8 @@ def test_emt_preset_runs(tmp_path, launchpad_file):
             "radial_mlp_size": 8,
         },
     )
-    cfg["exploration"].update(steps=0, n_distortions=2)  # distortions only: quick
-    cfg["selection"].update(lo=0.0, hi=None)  # 3-epoch models: every candidate is uncertain
+    cfg["explore"].update(steps=0, n_distortions=2)  # distortions only: quick
+    cfg["select"].update(lo=0.0, hi=None)  # 3-epoch models: every candidate is uncertain
     (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ)
     for cmd in ([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
@@ -120,15 +120,16 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
     preset_inputs(tmp_path, "Cu")
     cfg = {"campaign": {"directory": "run", "initial_structures": "initial_structures",
                         "stages": [{"iterations": 1, "settings": {
-                            "exploration": {"steps": ">>md_steps<<"}}}]},
-           "training": {"n_models": ">>n_members<<", "epochs": 2}}  # fmt: skip
+                            "explore": {"steps": ">>md_steps<<"}}}]},
+           "train_ensemble": {"n_models": ">>n_members<<", "epochs": 2}}  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     sections = campaign_sections("c.yaml")
     campaign_workflow(sections)  # builds: the placeholders wait for the worker
-    assert sections["training"]["n_models"] == ">>n_members<<"
+    assert sections["train_ensemble"]["n_models"] == ">>n_members<<"
     c = Campaign(sections, env={"n_members": 3, "md_steps": 40})
     assert c.section(TrainingSettings, 0).n_models == 3
     assert c.section(ExplorationSettings, 1).steps == 40  # the stage's value, filled
-    with pytest.raises(SettingsError, match="training.n_models is '>>n_members<<', a FireWorks "
-                       "worker placeholder, but the worker env has no 'n_members'"):  # fmt: skip
+    with pytest.raises(SettingsError, match="train_ensemble.n_models is '>>n_members<<', a "
+                       "FireWorks worker placeholder, but the worker env has no "
+                       "'n_members'"):  # fmt: skip
         Campaign(sections, env={}).section(TrainingSettings, 0)

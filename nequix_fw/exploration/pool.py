@@ -146,8 +146,8 @@ def explore(
         raise StructureError(
             f"{output}: the exploration yielded no candidate frame: {len(trajectories)} "
             f"trajectories of {settings.steps} steps sample every {settings.sample_every} steps, "
-            "and no distortions or random packings were asked for; lower exploration.sample_every "
-            "or raise exploration.steps (command line: --sample-every, --steps)"
+            "and no distortions or random packings were asked for; lower explore.sample_every "
+            "or raise explore.steps (command line: --sample-every, --steps)"
         )
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "candidates.extxyz") as tmp:

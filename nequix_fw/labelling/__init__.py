@@ -22,7 +22,7 @@ def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> Label
     live in the worker's ``my_fworker.yaml`` (``env: {vasp_cmd: "srun vasp_std"}``).
     """
     values = {k: str(v) if isinstance(v, Path) else v for k, v in settings.model_dump().items()}
-    filled = fill_placeholders(values, env or {}, "labelling")
+    filled = fill_placeholders(values, env or {}, "label")
     if filled == values:
         return settings
     return make_settings(LabellingSettings, **filled)

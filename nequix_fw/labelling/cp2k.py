@@ -51,7 +51,7 @@ def input_set_class(name: str) -> type:
     """A pymatgen CP2K input set class by name (in pymatgen.io.cp2k.sets) or 'module:Class'."""
     from pymatgen.io.cp2k.sets import DftSet  # noqa: PLC0415
 
-    return import_class(name, "pymatgen.io.cp2k.sets", DftSet, "labelling.cp2k_input_set")
+    return import_class(name, "pymatgen.io.cp2k.sets", DftSet, "label.cp2k_input_set")
 
 
 def parse_output(path: Path) -> tuple[float, np.ndarray, np.ndarray | None, bool]:
@@ -96,7 +96,7 @@ def basis_and_potential(element: str, data_dir: Path) -> tuple[str, str]:
     if basis is None or pot is None:
         what = "DZVP-MOLOPT basis" if basis is None else "GTH-PBE potential"
         raise SettingsError(f"the default CP2K input has no {what} for {element} in "
-                            f"{data_dir}: give labelling.cp2k_template")  # fmt: skip
+                            f"{data_dir}: give label.cp2k_template")  # fmt: skip
     return basis, pot.group(1)
 
 
@@ -186,13 +186,13 @@ class Cp2kBackend(LabellingBackend):
         self.settings = settings
         self.cmd = shlex.split(settings.cp2k_cmd)
         if shutil.which(self.cmd[0]) is None and not Path(self.cmd[0]).is_file():
-            raise SettingsError(f"labelling.cp2k_cmd: executable {self.cmd[0]!r} not found "
+            raise SettingsError(f"label.cp2k_cmd: executable {self.cmd[0]!r} not found "
                                 f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
         if not Path(settings.cp2k_data_dir).is_dir():
-            raise SettingsError(f"labelling.cp2k_data_dir: {settings.cp2k_data_dir} not found")
+            raise SettingsError(f"label.cp2k_data_dir: {settings.cp2k_data_dir} not found")
         if settings.cp2k_template is not None and settings.cp2k_input_set is not None:
-            raise SettingsError("give labelling.cp2k_template (a CP2K input) or "
-                                "labelling.cp2k_input_set, not both")  # fmt: skip
+            raise SettingsError("give label.cp2k_template (a CP2K input) or "
+                                "label.cp2k_input_set, not both")  # fmt: skip
         self.input_set = None
         self.template_path = None
         if settings.cp2k_input_set is not None:
@@ -274,7 +274,7 @@ class Cp2kBackend(LabellingBackend):
 
         name = self.settings.cp2k_input_set
         if not atoms.pbc.all():
-            raise SettingsError(f"labelling.cp2k_input_set ({name}) needs periodic cells; "
+            raise SettingsError(f"label.cp2k_input_set ({name}) needs periodic cells; "
                                 "use a cp2k_template for molecules and slabs")  # fmt: skip
         params = {"print_forces": True, "print_stress": True, "print_pdos": False,
                   "print_v_hartree": False, "print_e_density": False, "print_mo_cubes": False,
@@ -286,7 +286,7 @@ class Cp2kBackend(LabellingBackend):
         except Exception as exc:
             raise SettingsError(
                 f"{name} for {atoms.get_chemical_formula()}: {exc} (give basis and potential "
-                "names and files in labelling.cp2k_input_set_params)"
+                "names and files in label.cp2k_input_set_params)"
             ) from None
         ci["GLOBAL"].keywords["RUN_TYPE"] = Keyword("RUN_TYPE", "ENERGY_FORCE")
         ci["GLOBAL"].keywords["PROJECT_NAME"] = Keyword("PROJECT_NAME", "cp2k")

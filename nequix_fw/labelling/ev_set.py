@@ -1,5 +1,5 @@
 """An E-V set labelled with a labelling backend: the reference data of the structural checks
-against DFT (`validation.reference_data`, and `validation.reference: labelling` in a campaign)."""
+against DFT (`validate.reference_data`, and `validate.reference: label` in a campaign)."""
 
 from __future__ import annotations
 

@@ -86,11 +86,11 @@ class ScriptBackend(LabellingBackend):
 
     def __init__(self, command: str | None, timeout_s: float | None = None):
         if not command:
-            raise SettingsError("the script backend needs labelling.command (--command)")
+            raise SettingsError("the script backend needs label.command (--command)")
         program = shlex.split(command)[0]
         if shutil.which(program) is None and not Path(program).is_file():
             raise SettingsError(
-                f"labelling.command: executable {program!r} not found (command: {command!r})"
+                f"label.command: executable {program!r} not found (command: {command!r})"
             )
         self.command = command
         self.timeout_s = timeout_s

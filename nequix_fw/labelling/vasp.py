@@ -75,7 +75,7 @@ def handler_group(name: str, wall_time_s: float | None = None) -> list:
 def input_set_class(name: str) -> type:
     """A pymatgen VASP input set class by name (in pymatgen.io.vasp.sets) or 'module:Class'."""
 
-    return import_class(name, "pymatgen.io.vasp.sets", VaspInputSet, "labelling.vasp_input_set")
+    return import_class(name, "pymatgen.io.vasp.sets", VaspInputSet, "label.vasp_input_set")
 
 
 def psp_dir(configured: Path | None) -> Path:
@@ -83,11 +83,11 @@ def psp_dir(configured: Path | None) -> Path:
 
     path = configured or SETTINGS.get("PMG_VASP_PSP_DIR")
     if path is None:
-        raise SettingsError("VASP input sets need POTCARs: set labelling.vasp_psp_dir or "
+        raise SettingsError("VASP input sets need POTCARs: set label.vasp_psp_dir or "
                             "PMG_VASP_PSP_DIR (pymatgen's ~/.config/.pmgrc.yaml)")  # fmt: skip
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise SettingsError(f"labelling.vasp_psp_dir: {path} is not a directory")
+        raise SettingsError(f"label.vasp_psp_dir: {path} is not a directory")
     return path
 
 
@@ -115,10 +115,10 @@ class VaspBackend(LabellingBackend):
         self.cmd = shlex.split(settings.vasp_cmd)
         exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
         if shutil.which(exe) is None and not Path(exe).is_file():
-            raise SettingsError(f"labelling.vasp_cmd: executable {exe!r} not found "
+            raise SettingsError(f"label.vasp_cmd: executable {exe!r} not found "
                                 f"(command: {settings.vasp_cmd!r})")  # fmt: skip
         if (settings.vasp_inputs is None) == (settings.vasp_input_set is None):
-            raise SettingsError("the vasp backend needs either labelling.vasp_inputs (INCAR, "
+            raise SettingsError("the vasp backend needs either label.vasp_inputs (INCAR, "
                                 "KPOINTS, POTCAR) or labelling.vasp_input_set, "
                                 "not both")  # fmt: skip
         if settings.vasp_input_set is not None:
