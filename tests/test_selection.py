@@ -234,33 +234,6 @@ def test_random_selection_is_uniform_reproducible_and_skips_failed_and_labelled(
     assert [e.id for e in unc] == ["s19", "s18", "s17", "s16", "s15"]
 
 
-def test_calibration_recovers_a_known_scale_and_sets_lo():
-    from nequix_fw.selection import resolve_lo
-    from nequix_fw.settings import SelectionSettings
-    from nequix_fw.uncertainty import calibrate, lower_trust_level
-
-    rng = np.random.default_rng(0)
-    dev = rng.lognormal(-2.0, 0.8, size=4000)  # eV/Å
-    noise = rng.lognormal(0.0, 0.3, size=4000)
-    err = 2.5 * dev * noise  # the true error is 2.5x the spread, with log-normal scatter
-    cal = calibrate(dev, err, coverage=0.9)
-    assert cal["scale"] == pytest.approx(2.5, rel=0.02)
-    # conformal factor: the 90% quantile of the ratio, exp(1.2816 * 0.3) * 2.5 analytically
-    assert cal["conformal_factor"] == pytest.approx(2.5 * np.exp(1.2816 * 0.3), rel=0.03)
-    # on fresh data from the same distribution the bound holds for ~90% of structures
-    dev2 = rng.lognormal(-2.0, 0.8, size=4000)
-    err2 = 2.5 * dev2 * rng.lognormal(0.0, 0.3, size=4000)
-    assert np.mean(err2 <= cal["conformal_factor"] * dev2) == pytest.approx(0.9, abs=0.02)
-    lo = lower_trust_level(cal, 0.1)
-    assert lo == pytest.approx(0.1 / cal["conformal_factor"])
-    s = SelectionSettings(lo="auto", target_force_error=0.1)
-    assert resolve_lo(s, cal, "here") == lo
-    with pytest.raises(SettingsError, match="lo: auto needs a calibration .* iteration 2 has none"):
-        resolve_lo(s, None, "the validation of iteration 2")
-    with pytest.raises(ValueError, match="at least 2 structures"):
-        calibrate([0.1], [0.2])
-
-
 def test_select_lo_auto_from_a_validation_report(results, tmp_path, capsys):
     from nequix_fw.cli import main
 
@@ -391,34 +364,6 @@ def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
     with pytest.raises(SettingsError, match="does not go with relative_force_level"):
         make_settings(SelectionSettings, lo="auto", target_force_error=0.1,
                       relative_force_level=1.0)  # fmt: skip
-
-
-def test_learned_features_are_invariant_and_batched(model_paths):
-    """The learned descriptor: the same vector for a rotated, translated and permuted copy,
-    the same in a batch as alone, one block of features per element weighted by its share."""
-    from nequix_fw.descriptors import LearnedFeatures
-    from nequix_fw.models import load_model
-
-    model = load_model(model_paths[0])
-    describe = LearnedFeatures(model)
-    cells = make_cells(5, seed=41)
-    a = cells[3]
-    b = a.copy()
-    b.rotate(37, "x", rotate_cell=True)
-    b.rotate(71, "z", rotate_cell=True)
-    b.translate([0.3, -1.1, 2.0])
-    b = b[np.random.default_rng(0).permutation(len(b))]
-    x = describe(cells + [b])
-    assert x.shape == (6, 2 * (x.shape[1] // 2))
-    np.testing.assert_allclose(x[5], x[3], atol=2e-5)
-    np.testing.assert_allclose(describe([a])[0], x[3], atol=1e-5)
-    # an all-Cu cell has nothing in the Au block; a near-copy is far closer than another cell
-    cu = next(i for i, c in enumerate(cells) if 79 not in c.numbers)
-    assert np.all(x[cu].reshape(2, -1)[1] == 0) and np.any(x[cu] != 0)
-    c = a.copy()
-    c.rattle(0.002, seed=1)
-    near = np.linalg.norm(describe([c])[0] - x[3])
-    assert near < 0.05 * min(np.linalg.norm(x[i] - x[3]) for i in range(5) if i != 3)
 
 
 def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):

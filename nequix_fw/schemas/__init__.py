@@ -3,12 +3,12 @@ place, checked when written and when read back. Each carries ``schema`` (its nam
 ``schema_version`` and ``nequix_fw_version``; files are written with monty (``dumpfn``) and read
 with ``loadfn`` (`Document.to_file`, `Document.from_file`).
 
-| document | file | written by |
+| document | file (`<output>`: the command's; in a campaign, iter_k/<stage>/) | written by |
 | --- | --- | --- |
 | `EnsembleResultsHeader` | ensemble_results.json (its header; records follow) | run-ensemble |
-| `ExplorationManifest` | candidates/manifest.json | explore |
-| `SelectionManifest` | selected/manifest.json | select |
-| `LabelTaskDoc` | labels/<structure id>/task.json | label |
+| `ExplorationManifest` | <output>/manifest.json | explore |
+| `SelectionManifest` | <output>/manifest.json | select |
+| `LabelTaskDoc` | <output>/<structure id>/task.json | label |
 | `ValidationReport` | validation.json | validate |
 """
 

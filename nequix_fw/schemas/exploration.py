@@ -8,7 +8,7 @@ from nequix_fw.schemas.base import Document
 
 
 class ExplorationManifest(Document):
-    """``candidates/manifest.json``: beside ``candidates.extxyz``."""
+    """``manifest.json`` of an exploration's output: beside ``candidates.extxyz``."""
 
     SCHEMA = "nequix-fw/exploration"
 

@@ -10,8 +10,9 @@ from nequix_fw.schemas.base import Document
 
 
 class LabelTaskDoc(Document):
-    """``labels/<structure id>/task.json`` (and the store's ``nequix_fw_label_tasks``); a
-    backend adds its own fields (custodian corrections, input files, ...)."""
+    """``<output>/<structure id>/task.json`` of a labelling (and the store's
+    ``nequix_fw_label_tasks``); a backend adds its own fields (custodian corrections, input
+    files, ...)."""
 
     model_config = ConfigDict(populate_by_name=True, extra="allow")
 

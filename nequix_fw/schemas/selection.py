@@ -20,7 +20,8 @@ class SelectionCounts(BaseModel):
 
 
 class SelectionManifest(Document):
-    """``selected/manifest.json``: beside the selected structures (POSCAR or extxyz)."""
+    """``manifest.json`` of a selection's output: beside the selected structures (POSCAR or
+    extxyz)."""
 
     SCHEMA = "nequix-fw/selection"
 
