@@ -44,7 +44,7 @@ def test_one_iteration_by_hand(trained, emt_data, tmp_path, capsys):
     } == chosen  # provenance links dataset entries to the selection
     cfg = tmp_path / "settings.yaml"
     cfg.write_text(
-        "training:\n  n_models: 2\n  epochs: 2\n  batch_size: 4\n  patience: null\n"
+        "train_ensemble:\n  n_models: 2\n  epochs: 2\n  batch_size: 4\n  patience: null\n"
         "  architecture: {hidden_irreps: '16x0e + 8x1o', n_layers: 2, lmax: 1, "
         "radial_mlp_size: 16}\n"
     )

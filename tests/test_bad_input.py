@@ -21,8 +21,9 @@ from nequix_fw.cli import main
 from nequix_fw.settings import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("training:\n  n_models: 2\n  epochs: 1\n  batch_size: 4\n  architecture: {hidden_irreps: "
-        "'8x0e + 4x1o', n_layers: 1, lmax: 1, radial_mlp_size: 8}\n")  # fmt: skip
+TINY = ("train_ensemble:\n  n_models: 2\n  epochs: 1\n  batch_size: 4\n"
+        "  architecture: {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
+        "radial_mlp_size: 8}\n")  # fmt: skip
 
 
 def run(capsys, *argv):
@@ -196,17 +197,17 @@ def test_campaign_section_errors_name_the_settings_file(tmp_path, capsys):
 
 
 def test_renamed_settings_are_refused_with_their_new_names(tmp_path, capsys):
-    """exploration.hi (the stop of a trajectory, not selection.hi's trust level) and the three
+    """explore.hi (the stop of a trajectory, not select.hi's trust level) and the three
     min_distance fields were renamed: the old names give one line naming the new ones, and
     nothing is written."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\n"
-                   "exploration: {hi: 1.0, min_distance: 0.8}\n")  # fmt: skip
+                   "explore: {hi: 1.0, min_distance: 0.8}\n")  # fmt: skip
     code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hi is now stop_force_dev, min_distance is now stop_min_distance_A" in err
     assert not (tmp_path / "w.yaml").exists()
-    cfg.write_text("selection: {min_distance: 1.5}\n")
+    cfg.write_text("select: {min_distance: 1.5}\n")
     code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--config", cfg,
                        "--output", tmp_path / "sel")  # fmt: skip
     assert code == 2 and "min_distance is now min_distance_A" in err

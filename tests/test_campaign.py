@@ -296,7 +296,7 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
 
     cfg = tmp_path / "c.yaml"
     if bad == "no_campaign":
-        cfg.write_text("training: {n_models: 2}\n")
+        cfg.write_text("train_ensemble: {n_models: 2}\n")
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         assert "no 'campaign' section" in capsys.readouterr().err
     else:  # a typo in a section is caught before anything is added

@@ -179,7 +179,7 @@ def test_bad_selection_options(capsys, tmp_path, args, msg):
 
 def test_settings_yaml(capsys, tmp_path):
     cfg = tmp_path / "settings.yaml"
-    cfg.write_text("selection:\n  lo: 0.5\n  hi: 0.2\n")
+    cfg.write_text("select:\n  lo: 0.5\n  hi: 0.2\n")
     code, _, err = run_cli(
         capsys, "select", "--ensemble", tmp_path / "r.json", "--output", tmp_path / "s",
         "--config", cfg,

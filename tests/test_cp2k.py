@@ -193,9 +193,7 @@ def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(
     from nequix_fw.cli import main
 
     ase.io.write(tmp_path / "si2.vasp", bulk("Si", "diamond", a=5.47), format="vasp")
-    (tmp_path / "cp2k.yaml").write_text(
-        "labelling: {cp2k_cutoff_Ry: 250, cp2k_kpoint_spacing: 0.6}\n"
-    )
+    (tmp_path / "cp2k.yaml").write_text("label: {cp2k_cutoff_Ry: 250, cp2k_kpoint_spacing: 0.6}\n")
     lp = str(launchpad_file)
     assert main(["ev-set", "--structure", str(tmp_path / "si2.vasp"), "--to", "db:si_ev_pbe",
                  "--output", str(tmp_path / "work"), "--backend", "cp2k", "--config",

@@ -101,7 +101,7 @@ def _training(c: dict, k: int):
         fw = c["db"].fireworks.find_one({"name": name, "state": "RUNNING"})
         if fw is None or c["db"].workflows.find_one({"nodes": fw["fw_id"], "locked": True}):
             return False
-        return (c["dir"] / "run" / f"iter_{k:03d}" / "models").is_dir()
+        return (c["dir"] / "run" / f"iter_{k:03d}" / "train_ensemble").is_dir()
 
     check.__doc__ = f"iteration {k}'s training under way"
     return check
@@ -133,7 +133,7 @@ def test_killed_worker_and_server_lose_nothing(tmp_path, server):
 
     c = _setup(tmp_path / "crash", "crash", labelling)
     lost_runs = [BIN / "lpad", "-l", c["lp"], "detect_lostruns", "--time", "1", "--rerun"]
-    labels0 = c["dir"] / "run" / "iter_000" / "labels"
+    labels0 = c["dir"] / "run" / "iter_000" / "label"
     # 1. the worker dies in the middle of labelling iteration 0
     worker = _rlaunch(c)
 

@@ -320,7 +320,7 @@ def test_quotas_per_element_and_composition(results, tmp_path, capsys):
 
 def _quota_config(tmp_path, quotas: str):
     cfg = tmp_path / "q.yaml"
-    cfg.write_text(f"selection:\n  max_per_element: {quotas}\n")
+    cfg.write_text(f"select:\n  max_per_element: {quotas}\n")
     return cfg
 
 

@@ -53,7 +53,7 @@ def test_yaml_sections_and_overrides(tmp_path):
     cfg.write_text("[1, 2]\n")
     with pytest.raises(SettingsError, match="s.yaml: expected a mapping of sections"):
         read_sections(cfg)
-    cfg.write_text("training: {epochs: [\n")
+    cfg.write_text("train_ensemble: {epochs: [\n")
     with pytest.raises(SettingsError, match="s.yaml: not valid YAML"):
         read_sections(cfg)
     with pytest.raises(SettingsError, match="cannot read settings file"):

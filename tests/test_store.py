@@ -67,7 +67,7 @@ print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}), "bef
     np.testing.assert_allclose(got["forces0"], frames[0].get_forces())
     # train straight from the store: the same training set as the file
     cfg = tmp_path / "train.yaml"
-    cfg.write_text("training:\n  n_models: 1\n  epochs: 1\n  batch_size: 8\n  architecture:\n"
+    cfg.write_text("train_ensemble:\n  n_models: 1\n  epochs: 1\n  batch_size: 8\n  architecture:\n"
                    "    {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
                    "radial_mlp_size: 8}\n")  # fmt: skip
     run("train-ensemble", "--dataset", "db:cuau", *lp, "--outdir", "models", "--config", str(cfg),

@@ -293,7 +293,7 @@ def test_an_ev_curve_without_a_minimum_has_no_fit_and_no_error():
 
 def test_ev_set_refuses_molecules_and_too_few_labelled_volumes(tmp_path, capsys):
     """`ev-set` on a non-periodic structure, or with fewer than 5 of its 7 volumes labelled
-    (here the three compressed fcc Cu cells fall below labelling.min_distance_A): one error
+    (here the three compressed fcc Cu cells fall below label.min_distance_A): one error
     line naming the structure and the cause, exit 2, nothing added to the dataset."""
     from ase.build import bulk, molecule
 

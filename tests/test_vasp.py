@@ -140,7 +140,7 @@ def test_pymatgen_input_set_with_worker_placeholder(vasp_env, psp_dir, capsys, m
     monkeypatch.setenv("STANDIN_VASP_ERROR", "vasp.edddav")  # subspacematrix has no fix left
     cfg = vasp_env["tmp"] / "settings.yaml"
     cfg.write_text(
-        "labelling:\n  vasp_cmd: '>>vasp_cmd<<'\n  vasp_input_set_params:\n"
+        "label:\n  vasp_cmd: '>>vasp_cmd<<'\n  vasp_input_set_params:\n"
         "    user_incar_settings: {ENCUT: 400, ISPIN: 1}\n"
         "    user_kpoints_settings: {reciprocal_density: 50}\n"
     )
@@ -219,5 +219,5 @@ def test_vasp_input_set_needs_potcar_library(monkeypatch):
     from nequix_fw.labelling.vasp import psp_dir
 
     monkeypatch.setitem(SETTINGS, "PMG_VASP_PSP_DIR", None)
-    with pytest.raises(SettingsError, match="VASP input sets need POTCARs: set labelling.vasp_psp"):
+    with pytest.raises(SettingsError, match="VASP input sets need POTCARs: set label.vasp_psp"):
         psp_dir(None)
