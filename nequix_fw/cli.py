@@ -500,6 +500,13 @@ def _setting(parser: argparse.ArgumentParser, cls, field: str, *flags: str, **kw
     parser.set_defaults(_settings_options=[*options, (action.dest, cls, field)])
 
 
+def _config(parser: argparse.ArgumentParser, cls) -> None:
+    """The --config option of a command whose settings are those of `cls`."""
+    from nequix_fw.settings import section_name
+
+    parser.add_argument("--config", help=f"settings YAML (section '{section_name(cls)}')")
+
+
 def _settings_from(args: argparse.Namespace, cls) -> dict:
     """The values of the options `_setting` added for settings class `cls`, by field."""
     return {field: getattr(args, dest) for dest, c, field in args._settings_options if c is cls}
@@ -517,7 +524,7 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     _setting(lb, LabellingSettings, "timeout_s", "--timeout")
     lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
-    lb.add_argument("--config", help="settings YAML (section 'label')")
+    _config(lb, LabellingSettings)
     lb.add_argument("--no-progress", action="store_true")
 
 
@@ -554,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="structure files (any ASE format, multi-frame too) or directories",
     )
     r.add_argument("--output", required=True, help="results JSON to write")
-    r.add_argument("--config", help="settings YAML (section 'ensemble')")
+    _config(r, EnsembleSettings)
     for field in ("backend", "max_edges_per_batch", "max_structures_per_batch"):
         _setting(r, EnsembleSettings, field)
     _setting(r, EnsembleSettings, "store_per_model", "--no-per-model", action="store_const",
@@ -565,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("select", help="select uncertain structures from ensemble results")
     s.add_argument("--ensemble", required=True, help="results JSON from run-ensemble")
     s.add_argument("--output", required=True, help="directory for selected structures")
-    s.add_argument("--config", help="settings YAML (section 'select')")
+    _config(s, SelectionSettings)
     s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
     s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
     ss = SelectionSettings
@@ -591,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
-    t.add_argument("--config", help="settings YAML (section 'train_ensemble')")
+    _config(t, TrainingSettings)
     for field in ("n_models", "epochs", "strategy", "seed"):
         _setting(t, TrainingSettings, field)
     _setting(t, TrainingSettings, "n_workers", "--workers")
@@ -633,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test sets from different levels of theory together",
     )
-    v.add_argument("--config", help="settings YAML (section 'validate')")
+    _config(v, ValidationSettings)
     v.add_argument(
         "--md-stability",
         action="store_true",
@@ -686,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--models", nargs="+", required=True)
     x.add_argument("--structures", nargs="+", required=True, help="starting structures")
     x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
-    x.add_argument("--config", help="settings YAML (section 'explore')")
+    _config(x, ExplorationSettings)
     xs = ExplorationSettings
     _setting(x, xs, "temperatures_K", "--temperatures")
     _setting(x, xs, "pressures_GPa", "--pressures")
