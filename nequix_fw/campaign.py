@@ -298,7 +298,7 @@ def run_ensemble_stage(log: CampaignLog, k: int, models: list[str], ensemble: En
 
 
 def select_stage(c: Campaign, k: int) -> dict:
-    """Each system's selection (its own trust levels and quota) into selected/ (selected/<name>/
+    """Each system's selection (its own trust levels and quota) into select/ (select/<name>/
     with systems); never a structure labelled before."""
     # never pay twice for a structure labelled earlier; a rerun of this selection picks the
     # same structures as its first run (labelled by this iteration since)
