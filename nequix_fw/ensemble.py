@@ -36,7 +36,13 @@ from matscipy.neighbours import neighbour_list
 from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
 
 from nequix_fw.errors import ModelError, StructureError
-from nequix_fw.graphs import bucket_size, build_graph, pack_batches, pad_batch
+from nequix_fw.graphs import (
+    bucket_size,
+    build_graph,
+    configure_compilation_cache,
+    pack_batches,
+    pad_batch,
+)
 from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import Frame, structure_id
@@ -72,16 +78,6 @@ class EnsembleRecord:
     metrics: dict
     status: str  # "ok" | "failed"
     error: str | None = None
-
-
-def _configure_compilation_cache(cache_dir: Path | None) -> None:
-    if cache_dir is None:
-        return
-
-    path = Path(cache_dir).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _apply_vmap(stacked, graph, static):
@@ -148,7 +144,7 @@ class Ensemble:
         self.cutoff = first.cutoff
         self._atom_indices = atomic_numbers_to_indices(self.atomic_numbers)
         if self.settings.backend == "jax":
-            _configure_compilation_cache(self.settings.compilation_cache_dir)
+            configure_compilation_cache(self.settings.compilation_cache_dir)
             on_cpu = jax.default_backend() == "cpu"
             self.max_edges_per_batch = self.settings.max_edges_per_batch or (
                 8192 if on_cpu else 32768

@@ -1,16 +1,30 @@
 """Graphs of structures for Nequix: nequix's own neighbour-list graphs, batched and padded to
-size buckets so that JAX compiles once per bucket. Shared by evaluation, MD and training."""
+size buckets so that JAX compiles once per bucket, and JAX's persistent compilation cache, so
+that a compilation is reused by later processes. Shared by evaluation, MD and training."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
+import jax
 import jraph
 import numpy as np
 from ase import Atoms
 from ase.geometry import complete_cell
 from nequix.data import preprocess_graph
+
+
+def configure_compilation_cache(cache_dir: Path | None) -> None:
+    """Keep this process's JAX compilations (those over 0.5 s) in `cache_dir` and reuse those
+    of earlier processes (None: no persistent cache)."""
+    if cache_dir is None:
+        return
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> dict:

@@ -268,6 +268,13 @@ class TrainingSettings(_Settings):
         ".nqx, as the original design's validate_models.py --models models_new/*.pt expects.",
     )
     n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
+    compilation_cache_dir: Path | None = Field(
+        Path("~/.cache/nequix_fw/jax"),
+        description="JAX persistent compilation cache of the training step (JAX backend), so "
+        "that each later training process (the next iteration's Firework, a parallel member) "
+        "reuses the compilations of the first; by default the ensemble engine's. None disables "
+        "it.",
+    )
 
 
 class LabellingSettings(_Settings):

@@ -44,7 +44,7 @@ from nequix_fw.dataset import DatasetStore, Labelled, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.epochs import EpochLog, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
-from nequix_fw.graphs import bucket_size, build_graph
+from nequix_fw.graphs import bucket_size, build_graph, configure_compilation_cache
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
@@ -402,6 +402,8 @@ def train_member(
     """Train one member; write `member_<k>.nqx` (and `.pt` for the torch backend or on
     request), its metadata JSON and training-curve CSV."""
     t_start = time.perf_counter()
+    if settings.backend == "jax":
+        configure_compilation_cache(settings.compilation_cache_dir)
     module, config = _start_module(plan)
     atom_indices = atomic_numbers_to_indices([int(z) for z in config["atomic_numbers"]])
     dicts = [_graph_dict(d, atom_indices, float(config["cutoff"])) for d in data]

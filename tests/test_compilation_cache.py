@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import ase.io
-from conftest import make_cells
+from conftest import TINY_ARCH, make_cells
 
 SCRIPT = """
 import json, sys
@@ -47,3 +47,40 @@ def test_second_process_reuses_compilations(model_paths, tmp_path):
     assert [s["energies"] for s in first["structures"]] == [
         s["energies"] for s in second["structures"]
     ]
+
+
+TRAIN = """
+import json, sys
+from pathlib import Path
+from jax import monitoring
+hits = []
+monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None
+)
+from nequix_fw.settings import TrainingSettings
+from nequix_fw.training import train_ensemble
+data, out, cache, arch = sys.argv[1:5]
+settings = TrainingSettings(n_models=1, epochs=1, batch_size=4, architecture=json.loads(arch),
+                            compilation_cache_dir=Path(cache))
+metas = train_ensemble([data], out, settings, progress=False)
+print(json.dumps({"hits": len(hits), "loss": metas[0]["final_train_loss"]}))
+"""
+
+
+def test_second_training_process_reuses_the_training_step(emt_data, tmp_path):
+    """Each iteration's training is a new process (its own Firework): with the cache, the
+    training step compiled by the first is found by the next, and the training is the same."""
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run(i):
+        args = [emt_data["train"], tmp_path / f"m{i}", cache, json.dumps(TINY_ARCH)]
+        r = subprocess.run([sys.executable, "-c", TRAIN, *map(str, args)], capture_output=True,
+                           text=True, env=env, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = run(1)
+    assert first["hits"] == 0 and any(cache.iterdir())  # the training step was written
+    second = run(2)
+    assert second["hits"] >= 1 and second["loss"] == first["loss"]
