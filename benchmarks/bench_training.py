@@ -6,9 +6,13 @@ fixed number of epochs, once with members in sequence and once in parallel proce
 wall time per member, compile share (first epoch minus a typical epoch), structures/s, peak
 memory and the held-out force RMSE. `--strategies` also compares how members differ
 (seeds / splits / bootstrap) by the held-out Spearman correlation between `max_force_dev` and the
-true max force error.
+true max force error. `--compilation-cache` instead times what each training process of a
+campaign (one per iteration's Firework) pays to compile: `nequix-fw train-ensemble` (1 member,
+1 epoch) in a fresh process without the persistent compilation cache, with an empty one, and
+with the one the previous process filled.
 
 Usage: python benchmarks/bench_training.py [--epochs 5] [--workers 2] [--strategies]
+       python benchmarks/bench_training.py --compilation-cache
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import csv
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +86,25 @@ def run(train: Path, test: Path, outdir: Path, **overrides) -> dict:
     }
 
 
+def compilation_cache(train: Path, tmp: Path) -> None:
+    """Wall time of a fresh `train-ensemble` process: no cache, an empty cache, a filled one."""
+    nfw = Path(sys.executable).parent / "nequix-fw"
+    rows = []
+    for name, cache in (("no cache", None), ("empty cache", tmp / "cache"),
+                        ("filled cache", tmp / "cache")):  # fmt: skip
+        cfg = tmp / "train.yaml"
+        cfg.write_text(f"train_ensemble: {{compilation_cache_dir: {cache or 'null'}}}\n")
+        t0 = time.perf_counter()
+        subprocess.run([nfw, "train-ensemble", "--dataset", train, "--outdir", tmp / "m",
+                        "--config", cfg, "--n-models", "1", "--epochs", "1", "--no-progress",
+                        "--overwrite", "--no-torch"], check=True, capture_output=True)  # fmt: skip
+        rows.append((name, time.perf_counter() - t0))
+    print("train-ensemble, 1 member, 1 epoch, default architecture, a fresh process each")
+    print(f"{'':14s}{'wall (s)':>9s}{'saved':>7s}")
+    for name, wall in rows:
+        print(f"{name:14s}{wall:9.1f}{rows[0][1] - wall:7.1f}")
+
+
 def main() -> None:
     import ase.io
 
@@ -88,10 +113,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--strategies", action="store_true")
+    p.add_argument("--compilation-cache", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ase.io.write(tmp / "train.extxyz", emt_set(args.n_train, 0))
+        if args.compilation_cache:
+            return compilation_cache(tmp / "train.extxyz", tmp)
         ase.io.write(tmp / "test.extxyz", emt_set(50, 1))
         common = dict(n_models=4, epochs=args.epochs, batch_size=4)
         rows = {
