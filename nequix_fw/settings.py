@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar, get_args
+from typing import Annotated, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from ase.data import atomic_numbers
 from ase.formula import Formula
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -530,14 +531,21 @@ def renamed_sections(values, where: str):
     for name, section in values.items():
         new = RENAMED_SECTIONS.get(name)
         if new is None:
-            out.setdefault(name, section)
+            out[name] = section
             continue
         if new in values:
             raise ValueError(f"{where}: sections {name!r} and {new!r} are one section "
-                                f"({name!r} is its old name): give {new!r} only")  # fmt: skip
+                             f"({name!r} is its old name): give {new!r} only")  # fmt: skip
         logger.warning("%s: section %r is now %r (the old name is still read)", where, name, new)
         out[new] = section
     return out
+
+
+#: Section values inside the campaign section (a schedule entry, a stage's or a system's
+#: settings), old section names read as the new ones.
+SectionValues = Annotated[
+    dict[ScheduledSection, dict], BeforeValidator(lambda v: renamed_sections(v, "campaign"))
+]
 
 
 class FireworkResources(_Settings):
@@ -571,15 +579,10 @@ class StageSettings(_Settings):
     converged, so that the campaign moves on to the next stage."""
 
     name: str | None = Field(None, description="Stage name (reports); default: its index.")
-    settings: dict[ScheduledSection, dict] = Field(
+    settings: SectionValues = Field(
         {}, description="Section values of this stage, over the sections and the schedule, e.g. "
         "{explore: {temperatures_K: [1200], steps: 5000}}.",
     )  # fmt: skip
-
-    @field_validator("settings", mode="before")
-    @classmethod
-    def _renamed_sections(cls, values):
-        return renamed_sections(values, "settings")
 
     accurate_fraction: float | None = Field(
         None, gt=0, le=1, description="Converged once at least this fraction of an iteration's "
@@ -607,15 +610,10 @@ class SystemSettings(_Settings):
     candidate_pool: list[Path] = Field(
         [], description="Fixed candidates of this system, evaluated every iteration."
     )
-    settings: dict[ScheduledSection, dict] = Field(
+    settings: SectionValues = Field(
         {}, description="Section values of this system over the sections and the schedule, "
         "e.g. {explore: {temperatures_K: [1500]}, select: {lo: 0.1}}.",
     )  # fmt: skip
-
-    @field_validator("settings", mode="before")
-    @classmethod
-    def _renamed_sections(cls, values):
-        return renamed_sections(values, "settings")
 
     max_selected: int | None = Field(
         None, ge=1, description="Label quota: at most this many selected per iteration."
@@ -687,7 +685,7 @@ class CampaignSettings(_Settings):
         description="Where and how each stage's Fireworks run, by stage: explore, run_ensemble, "
         "select, label, update_dataset, train_ensemble, validate.",
     )
-    schedule: dict[int, dict[ScheduledSection, dict]] = Field(
+    schedule: dict[int, SectionValues] = Field(
         {},
         description="Stage settings that change with the iteration: {k: {section: {key: "
         "value}}} applies from iteration k on, over the sections and earlier entries, e.g. "
@@ -722,13 +720,6 @@ class CampaignSettings(_Settings):
                 f"{o} is now {old[o]}" for o in found) + " (select no longer covers "
                 "run_ensemble, which has its own Firework)")  # fmt: skip
         return values
-
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _renamed_scheduled_sections(cls, schedule):
-        if not isinstance(schedule, dict):
-            return schedule
-        return {k: renamed_sections(v, f"schedule.{k}") for k, v in schedule.items()}
 
     @model_validator(mode="after")
     def _check_schedule(self):

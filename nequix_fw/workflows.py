@@ -229,7 +229,7 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     checks = c.section(ValidationSettings, 0)
     if c.settings.property_tolerances and not (checks.reference or checks.reference_data):
         raise SettingsError(f"{config}: campaign.property_tolerances needs validate.reference "
-                            "or validation.reference_data (what the structural checks compare "
+                            "or validate.reference_data (what the structural checks compare "
                             "with)")  # fmt: skip
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(f"{config}: the structural checks (validate.reference) run in the "
