@@ -34,6 +34,7 @@ from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
+from nequix_fw.schemas.campaign import read_campaign_log
 from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
     LABEL_REFERENCE,
@@ -112,7 +113,7 @@ class CampaignLog:
         """campaign.json (an empty record before the first stage reported)."""
         path = self.directory / "campaign.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_campaign_log(path)
         return {"name": self.name, "iterations": []}
 
 
@@ -615,7 +616,7 @@ def plot_progress(directory: str | Path) -> Path:
     """`<directory>/campaign.png`: validation errors, dataset size and selections per
     iteration, from campaign.json."""
     directory = Path(directory)
-    its = json.loads((directory / "campaign.json").read_text())["iterations"]
+    its = read_campaign_log(directory / "campaign.json")["iterations"]
     k = [it["iteration"] for it in its]
     val = [it.get("validation") or {} for it in its]
     fig = Figure(figsize=(10, 4), layout="constrained")

@@ -17,6 +17,9 @@ from typing import Literal, Union, get_args, get_origin
 from nequix_fw import LOG_FORMAT, __version__
 from nequix_fw.errors import NequixFWError, SettingsError
 
+#: The database of a LaunchPad file that `db start` writes, unless --name says another.
+DEFAULT_DATABASE = "nequix_fw"
+
 
 def _cmd_run_ensemble(args: argparse.Namespace) -> int:
     from nequix_fw.evaluation import run_ensemble
@@ -55,7 +58,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
         if not args.calibration:
             raise SettingsError("--lo auto needs --calibration (a validate report)")
-        report = json.loads(Path(args.calibration).read_text())
+        report = _json_document(args.calibration, "--calibration", "a validate report")
         cal = (report.get("uncertainty") or {}).get("calibration")
         settings = settings.model_copy(update={"lo": resolve_lo(settings, cal, args.calibration)})
         print(f"lo = {settings.lo:.4g} eV/Å from the calibration in {args.calibration}")
@@ -171,6 +174,19 @@ def _cmd_label(args: argparse.Namespace) -> int:
     for f in summary["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
     return 0
+
+
+def _json_document(path: str | Path, flag: str, kind: str) -> dict:
+    """The JSON object in file `path` (given by `flag`), or one line naming the file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{flag} {path}: not {kind} (not JSON: {exc})") from None
+    if not isinstance(doc, dict):
+        raise SettingsError(f"{flag} {path}: not {kind} (a JSON {type(doc).__name__})")
+    return doc
 
 
 def _fworker_env(path: str | Path | None) -> dict:
@@ -330,6 +346,10 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
     if args.write is None and args.launchpad is None:
         raise SettingsError("give --launchpad (add the workflow there) or --write FILE")
+    if args.write:
+        from nequix_fw.structures import check_output
+
+        check_output(args.write, "file")
     launchpad = Path(args.launchpad).resolve() if args.launchpad else None
     wf = campaign_workflow(campaign_sections(args.config, launchpad))
     if args.write:
@@ -355,10 +375,10 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
+    from nequix_fw.schemas.campaign import read_campaign_log
+
     path = Path(args.directory) / "campaign.json"
-    if not path.is_file():
-        raise SettingsError(f"{path}: no campaign record (has iteration 0 run?)")
-    log = json.loads(path.read_text())
+    log = read_campaign_log(path)
     its, where = log["iterations"], str(path)
     if log.get("launchpad") and Path(log["launchpad"]).is_file():
         from nequix_fw.store import CampaignStore
@@ -421,20 +441,42 @@ def _cmd_db(args: argparse.Namespace) -> int:
         if not password:
             raise SettingsError("--username needs a password: --password-file FILE or the "
                                 "environment variable NEQUIX_FW_DB_PASSWORD")  # fmt: skip
-    st = server.start(args.dir, args.port, args.host, args.username, password)
+    lp = Path(args.launchpad)
+    if lp.is_dir():
+        raise SettingsError(f"--launchpad {lp}: is a directory; give the LaunchPad file to write")
+    st = server.start(args.dir, args.port, args.host, args.username, password,
+                      database=args.name or None)  # fmt: skip
     print(f"{st.directory}: MongoDB server (SecantusDB) running (pid {st.pid}) on "
           f"{st.host}:{st.port}" + (", authentication on" if st.auth else ""))  # fmt: skip
-    config = server.launchpad_config(st, args.name, args.username, password)
-    lp = Path(args.launchpad)
+    name = st.database or DEFAULT_DATABASE
+    config = server.launchpad_config(st, name, args.username, password)
     if lp.is_file():
-        old = yaml.safe_load(lp.read_text()) or {}
+        try:
+            old = yaml.safe_load(lp.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        if not isinstance(old, dict):
+            old = {}
         if old.get("host") not in (None, "localhost", "127.0.0.1", st.host):
             print(f"{lp} points at {old.get('host')}: left as it is; for this server use host "
                   f"{st.host}, port {st.port}")  # fmt: skip
             return 0
+        if any(old.get(k) != config[k] for k in ("port", "name", "username", "password")):
+            kept = _keep_beside(lp)  # another server's or database's file: never lost
+            print(f"{lp} pointed at another server or database: kept as {kept}")
     server.write_launchpad(lp, config)
-    print(f"LaunchPad file -> {lp} (database {args.name})")
+    print(f"LaunchPad file -> {lp} (database {name})")
     return 0
+
+
+def _keep_beside(path: Path) -> Path:
+    """Move `path` to the first free ``<path>.orig``, ``<path>.orig.1``, ... beside it."""
+    kept, n = path.with_name(path.name + ".orig"), 0
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}.orig.{n}")
+    path.replace(kept)
+    return kept
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -466,6 +508,16 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         infos.append(info)
     print(json.dumps(infos, indent=1))
     return 0
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: not a TCP port (1-65535)")
+    return port
 
 
 def _iteration(text: str) -> int:
@@ -742,14 +794,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="nequix_fw_db",
         help="server directory: data, pid and log files (default ./nequix_fw_db)",
     )
-    db.add_argument("--port", type=int, help="port (default: the last one used, else a free one)")
+    db.add_argument("--port", type=_port, help="port (default: the last one used, else a free one)")
     db.add_argument("--host", default="127.0.0.1", help="address to listen on")
     db.add_argument(
         "--launchpad",
         default="my_launchpad.yaml",
         help="start: LaunchPad file to write for this server",
     )
-    db.add_argument("--name", default="nequix_fw", help="start: database name in that file")
+    db.add_argument(
+        "--name",
+        help=f"start: database name in that file (default: the last one used, else "
+        f"{DEFAULT_DATABASE})",
+    )
     db.add_argument("--username", help="start: require SCRAM authentication as this user")
     db.add_argument(
         "--password-file", help="start: file holding the password (else $NEQUIX_FW_DB_PASSWORD)"
@@ -786,6 +842,12 @@ def main(argv: list[str] | None = None) -> int:
     except NequixFWError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted (Ctrl-C): {args.command} stopped before it finished",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         logger.removeHandler(handler)
 

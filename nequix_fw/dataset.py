@@ -23,7 +23,7 @@ from monty.io import zopen
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp import Vasprun
 
-from nequix_fw.errors import StructureError
+from nequix_fw.errors import Interrupted, StructureError
 from nequix_fw.schemas import LabelTaskDoc
 from nequix_fw.structures import (
     Frame,
@@ -211,6 +211,24 @@ def training_set_file(dataset: str | Path) -> Path:
     return path / TRAINING_SET_FILE
 
 
+def same_dataset(a: str | Path, b: str | Path) -> bool:
+    """Whether writing the training set `b` touches the dataset `a`: one store dataset
+    (``db:NAME``), paths that resolve to one training-set file, or `b` inside the directory `a`
+    (in any spelling: ``d``, ``./d/``, ``d/training_set.extxyz``, an absolute path)."""
+    if is_store_spec(a) or is_store_spec(b):
+        return str(a).strip() == str(b).strip()
+    pa, pb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+
+    def file_of(path: Path) -> Path:
+        try:
+            return training_set_file(path)
+        except StructureError:  # a structure file of another format: itself
+            return path
+
+    fa, fb = file_of(pa), file_of(pb)
+    return pa == pb or fa == fb or (pa.is_dir() and fb.is_relative_to(pa))
+
+
 def unit_warnings(data: Sequence[Labelled]) -> list[str]:
     """Warn when files' energies per atom differ by a Hartree or Rydberg factor (mixed units)."""
     by_file: dict[str, list[float]] = {}
@@ -381,9 +399,26 @@ def update_dataset(
     labels it is reported as a conflict and the stored labels are kept. Refuses to mix levels of
     theory (backend settings hashes) unless `allow_mixed`. The training set
     (``<dataset>/training_set.extxyz``) is rewritten atomically; store documents are keyed by
-    content hash, so a rerun (or a rerun after a crash) adds each structure once.
+    content hash, so a rerun (or a rerun after a crash) adds each structure once. Stopped by
+    Ctrl-C, it raises `Interrupted`, saying how many were stored.
     """
+    try:
+        return _update_dataset(new, dataset, iteration, allow_mixed, store, provenance)
+    except KeyboardInterrupt:  # before anything was stored (`_update_dataset` says after)
+        raise Interrupted(
+            f"interrupted: nothing of {new} was stored in {dataset} yet; the same command "
+            "again adds it"
+        ) from None
 
+
+def _update_dataset(
+    new: str | Path,
+    dataset: str | Path,
+    iteration: int | None,
+    allow_mixed: bool,
+    store: DatasetStore | None,
+    provenance: dict | None,
+) -> dict:
     new = Path(new)
     if not new.exists():
         raise StructureError(f"{new}: no such file or directory")
@@ -433,11 +468,25 @@ def update_dataset(
         added.append(atoms)
         stored[item.structure_id] = item.labelled
     if added and ds is not None:
-        ds.add(added)
+        try:
+            ds.add(added)
+        except KeyboardInterrupt:
+            new_ids = {a.info["structure_id"] for a in added}
+            n = len(new_ids & ds.ids())
+            raise Interrupted(
+                f"interrupted: {n} of the {len(added)} new structures of {new} were stored in "
+                f"{ds}; the same command again adds the rest (none twice)"
+            ) from None
     elif added:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
+        try:
+            with atomic_path(target) as tmp:
+                ase.io.write(tmp, [d.frame.atoms for d in existing] + added, format="extxyz")
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted: nothing of {new} was written ({target} is as it was); the same "
+                "command again adds it"
+            ) from None
     logger.info("dataset %s: %d added, %d duplicates, %d conflicts", ds or target,
                 len(added), duplicates, len(conflicts))  # fmt: skip
     return {

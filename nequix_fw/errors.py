@@ -19,3 +19,7 @@ class ModelError(NequixFWError):
 
 class OutputError(NequixFWError):
     """An output location that cannot be written."""
+
+
+class Interrupted(NequixFWError):
+    """A command stopped by Ctrl-C (SIGINT): says what it had written and how a rerun ends it."""

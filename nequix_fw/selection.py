@@ -26,8 +26,8 @@ from ase.data import atomic_numbers
 from ase.formula import Formula
 
 from nequix_fw.descriptors import LearnedFeatures, structural
-from nequix_fw.errors import NequixFWError, OutputError, SettingsError
-from nequix_fw.models import load_model
+from nequix_fw.errors import ModelError, NequixFWError, OutputError, SettingsError
+from nequix_fw.models import NequixModel, load_model
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.schemas import SelectionManifest
 from nequix_fw.settings import SelectionSettings
@@ -120,9 +120,29 @@ def describer(settings: SelectionSettings, models: list[dict]) -> Describe:
     """The descriptor of `settings.descriptor` for the ensemble of `models` (results header
     entries): hand-made, or the learned features of the first model."""
     if settings.descriptor == "learned":
-        return LearnedFeatures(load_model(models[0]["path"]))
+        return LearnedFeatures(recorded_model(models[0]))
     elements = sorted({int(z) for m in models for z in _numbers(m["elements"])})
     return lambda structures: np.stack([structural(a, elements) for a in structures])
+
+
+def recorded_model(entry: dict) -> NequixModel:
+    """The model a results header's `entry` names, loaded from its recorded path: refused
+    unless it is the very checkpoint that was evaluated (its sha256)."""
+    path = Path(entry["path"])
+    if not path.is_file():
+        raise ModelError(
+            f"{path}: the model of these results ({entry.get('name')}) is no longer "
+            "there; its learned features need that checkpoint"
+        )
+    model = load_model(path)
+    if entry.get("sha256") and model.info.sha256 != entry["sha256"]:
+        raise ModelError(
+            f"{path}: not the model these results were evaluated with (sha256 "
+            f"{model.info.sha256[:12]}..., recorded {entry['sha256'][:12]}...); its learned "
+            "features would describe another model: run run-ensemble again, or use "
+            "descriptor: structure"
+        )
+    return model
 
 
 def classify(

@@ -5,7 +5,8 @@ protocol on WiredTiger; it is started and stopped through its command line ``sec
 and never imported. A server directory holds::
 
     <dir>/data/         WiredTiger files (reopened intact after a restart or a kill -9)
-    <dir>/server.json   host, port and whether authentication is on (kept after a stop)
+    <dir>/server.json   host, port, whether authentication is on, and the database name of
+                        its LaunchPad file (kept after a stop)
     <dir>/server.pid    the running server's process id (removed by `stop`)
     <dir>/server.log    the server's output
 
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 EXECUTABLE = "secantusd-py"
 DEFAULT_HOST = "127.0.0.1"
+#: The TCP ports a server can listen on.
+PORTS = range(1, 65536)
 
 
 class ServerError(SettingsError):
@@ -56,6 +60,7 @@ class ServerState:
     port: int
     auth: bool
     pid: int | None  # None: not running
+    database: str | None = None  # the database its LaunchPad file names (None: not yet one)
 
     @property
     def running(self) -> bool:
@@ -94,20 +99,37 @@ def ping(host: str, port: int, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
+def _server_dir(directory: str | Path) -> Path:
+    directory = Path(directory).expanduser().resolve()
+    if directory.exists() and not directory.is_dir():
+        raise ServerError(
+            f"{directory}: is a file, not a server directory (give --dir a directory: the one "
+            "db start made, or a new one)"
+        )
+    return directory
+
+
 def status(directory: str | Path) -> ServerState:
     """The server of `directory`: its address and pid (None when it is not running; a pid
     file left by a killed server is stale and ignored)."""
-    directory = Path(directory).expanduser().resolve()
+    directory = _server_dir(directory)
     conf = directory / "server.json"
     if not conf.is_file():
         raise ServerError(f"{directory}: no server here (start one with: nequix-fw db start "
                           f"--dir {directory})")  # fmt: skip
-    c = json.loads(conf.read_text())
+    try:
+        c = json.loads(conf.read_text())
+        host, port, auth = c["host"], int(c["port"]), bool(c.get("auth"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServerError(
+            f"{conf}: a damaged server record ({type(exc).__name__}: {exc}); remove it and "
+            "start again with --port and --name (the data in data/ is kept)"
+        ) from None
     pid_file = directory / "server.pid"
     pid = int(pid_file.read_text()) if pid_file.is_file() else None
     if pid is not None and not process_alive(pid):
         pid = None
-    return ServerState(directory, c["host"], int(c["port"]), bool(c.get("auth")), pid)
+    return ServerState(directory, host, port, auth, pid, c.get("database"))
 
 
 def _launch(directory: Path, host: str, port: int, auth: bool, wait_s: float) -> int:
@@ -155,28 +177,70 @@ def start(
     username: str | None = None,
     password: str | None = None,
     wait_s: float = 60.0,
+    database: str | None = None,
 ) -> ServerState:
     """Start the server of `directory` in the background and wait until it answers.
 
-    The port is `port`, else the one this directory used before, else a free one. With
-    `username` and `password` the first start creates that user (role ``root``) and every start
-    requires SCRAM authentication. Refuses a second start while the server runs; a pid file
-    left by a killed server is stale and is replaced.
+    The port is `port`, else the one this directory used before, else a free one; `database`
+    (the name its LaunchPad file gives) is recorded likewise, so that a later start without
+    one keeps it. With `username` and `password` the first start creates that user (role
+    ``root``) and every start requires SCRAM authentication. Refuses a second start while the
+    server runs; a pid file left by a killed server is stale and is replaced. A start that
+    fails leaves no directory it made.
     """
-    directory = Path(directory).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _server_dir(directory)
+    if port is not None and port not in PORTS:
+        raise ServerError(f"port {port}: not a TCP port (1-65535)")
+    if (username is None) != (password is None):
+        raise ServerError("give both a user name and a password, or neither")
     conf = directory / "server.json"
     old = status(directory) if conf.is_file() else None
     if old is not None and old.running:
-        raise ServerError(f"{directory}: a server already runs here (pid {old.pid}, "
-                          f"{old.host}:{old.port}); stop it with: nequix-fw db stop --dir "
-                          f"{directory}")  # fmt: skip
-    if (username is None) != (password is None):
-        raise ServerError("give both a user name and a password, or neither")
+        raise ServerError(
+            f"{directory}: a server already runs here (pid {old.pid}, {old.host}:{old.port}); "
+            f"stop it with: nequix-fw db stop --dir {directory}"
+        )
     port = port or (old.port if old else None) or free_port(host)
     if ping(host, port, 0.3):
         raise ServerError(f"{host}:{port}: another server already listens there; choose "
                           "another --port")  # fmt: skip
+    database = database or (old.database if old else None)
+    made = _make_dir(directory)
+    try:
+        return _start(directory, host, port, username, password, wait_s, database, old)
+    except BaseException:
+        if made is not None:  # nothing of a failed first start stays behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _make_dir(directory: Path) -> Path | None:
+    """Create `directory` (and its missing parents); the topmost directory made, if any."""
+    top = next((p for p in [*reversed(directory.parents), directory] if not p.exists()), None)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise ServerError(
+            f"{directory}: cannot make the server directory there ({exc.strerror or exc})"
+        ) from None
+    return top
+
+
+def _start(
+    directory: Path,
+    host: str,
+    port: int,
+    username: str | None,
+    password: str | None,
+    wait_s: float,
+    database: str | None,
+    old: ServerState | None,
+) -> ServerState:
+    conf = directory / "server.json"
     auth = bool(old and old.auth)
     if username is not None and not auth:  # provision the user, then restart with auth
         pid = _launch(directory, host, port, False, wait_s)
@@ -188,12 +252,13 @@ def start(
             _terminate(pid, 10.0)
             (directory / "server.pid").unlink(missing_ok=True)
         auth = True
+    record = {"host": host, "port": port, "auth": auth, "database": database}
     with atomic_path(conf) as tmp:
-        tmp.write_text(json.dumps({"host": host, "port": port, "auth": auth}, indent=1))
+        tmp.write_text(json.dumps(record, indent=1))
     pid = _launch(directory, host, port, auth, wait_s)
     logger.info("MongoDB server (SecantusDB) pid %d on %s:%d, data in %s", pid, host, port,
              directory / "data")  # fmt: skip
-    return ServerState(directory, host, port, auth, pid)
+    return ServerState(directory, host, port, auth, pid, database)
 
 
 def stop(directory: str | Path, timeout_s: float = 20.0) -> ServerState:

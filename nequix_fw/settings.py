@@ -38,6 +38,30 @@ from nequix_fw.errors import SettingsError
 logger = logging.getLogger(__name__)
 
 
+#: `json_schema_extra` of a setting typed str that holds a path (or db:NAME): made absolute
+#: when a campaign is built, like the settings typed Path.
+PATH = {"path": True}
+#: The same for a path that may also be a name (a pretrained model): made absolute only when
+#: such a file or directory exists.
+PATH_OR_NAME = {"path": "or_name"}
+
+
+def path_fields(cls: type[BaseModel]) -> dict[str, bool]:
+    """The settings of `cls` that hold paths, {field: whether it may be a name instead}: those
+    typed Path (or list of, or optional), and those marked `PATH` or `PATH_OR_NAME`."""
+
+    def holds_path(annotation) -> bool:
+        return annotation is Path or any(holds_path(a) for a in get_args(annotation))
+
+    out = {}
+    for name, info in cls.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        marker = extra.get("path")
+        if marker or holds_path(info.annotation):
+            out[name] = marker == "or_name"
+    return out
+
+
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -644,6 +668,7 @@ class CampaignSettings(_Settings):
         None,
         description="The training set: a directory or a store dataset db:NAME. None: db:<name> "
         "in the database of the LaunchPad that runs the campaign.",
+        json_schema_extra=PATH,
     )
     launchpad: Path | None = Field(
         None, description="LaunchPad file of the store (db:NAME datasets)."
@@ -674,6 +699,7 @@ class CampaignSettings(_Settings):
     finetune_from: str | None = Field(
         None, description="Iteration 0 fine-tunes this model (path or pretrained name); "
         "None: from scratch. Later iterations warm-start from the previous ensemble.",
+        json_schema_extra=PATH_OR_NAME,
     )  # fmt: skip
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
     label_group_size: int | None = Field(
@@ -764,6 +790,7 @@ class ValidationSettings(_Settings):
         [], description="Labelled E-V data instead of a calculator (files, directories or "
         "db:NAME; one composition at >= 5 volumes, e.g. from `nequix-fw ev-set`): the E-V check "
         "compares with it.",
+        json_schema_extra=PATH,
     )  # fmt: skip
     structure: Path | None = Field(
         None, description="Structure of the structural checks (default: the first test one)."

@@ -33,7 +33,7 @@ from monty.json import jsanitize
 from pymongo.database import Database
 
 from nequix_fw.errors import SettingsError, StructureError
-from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, is_store_spec
+from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, check_output, is_store_spec
 
 PREFIX = STORE_PREFIX
 COLLECTION = "nequix_fw_dataset"
@@ -253,6 +253,7 @@ class CampaignStore:
     def fetch_members(self, k: int, outdir: Path) -> list[Path]:
         """Write iteration k's member checkpoints from GridFS into `outdir` (checked against
         their sha256), for a worker without the campaign's filesystem."""
+        outdir = check_output(outdir, "directory")
         fs = gridfs.GridFS(self.db, CHECKPOINTS)
         query = {"campaign": self.campaign, "iteration": k}
         docs = list(collection(self.db, MODELS).find(query).sort("member", 1))
@@ -285,6 +286,7 @@ def export_dataset(
 
     if fmt not in ("extxyz", "ase-db"):
         raise SettingsError(f"export format {fmt!r}: extxyz or ase-db")
+    output = check_output(output, "file")
     where: dict = {}
     if iterations:
         where["info.iteration"] = {"$in": list(iterations)}

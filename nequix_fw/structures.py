@@ -171,6 +171,8 @@ def atomic_path(path: str | Path, mode: int | None = None):
     `new_file_mode`), else removed. Temp files that a killed process left for `path` are
     removed first (their names carry the host and process id of their writer)."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name for the output")
     check_writable_dir(path.parent if str(path.parent) else Path("."))
     remove_stale_temps(path)
     prefix = f".{path.name}.{socket.gethostname()}-{os.getpid()}."

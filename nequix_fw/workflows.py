@@ -29,19 +29,14 @@ from nequix_fw.settings import (
     SECTIONS,
     ExplorationSettings,
     LabellingSettings,
+    SystemSettings,
     ValidationSettings,
+    path_fields,
     read_sections,
     section_name,
     section_settings,
 )
 from nequix_fw.structures import is_store_spec, iter_frames
-
-#: Path settings made absolute when a campaign is built (Fireworks run in other directories).
-_PATHS = {
-    "campaign": ("directory", "initial_structures", "candidate_pool", "testset", "launchpad"),
-    "label": ("vasp_inputs", "vasp_psp_dir", "cp2k_template", "scratch_dir"),
-    "validate": ("structure", "reference_data"),
-}
 
 
 def _fw(c: Campaign, k: int, task: FiretaskBase, stage: str,
@@ -163,24 +158,42 @@ def exploration_workflow(c: Campaign, k: int) -> Workflow:
     return _chain(fws, f"{c.settings.name} iteration {k}")
 
 
-def _absolute(value: str) -> str:
-    """A path made absolute (placeholders and store datasets db:NAME as they are)."""
-    if PLACEHOLDER.match(str(value)) or is_store_spec(value):
+def _absolute(value, or_name: bool = False):
+    """A path made absolute (placeholders and store datasets db:NAME as they are; with
+    `or_name`, a value that names no existing file or directory too)."""
+    if isinstance(value, list):
+        return [_absolute(v, or_name) for v in value]
+    if value is None or PLACEHOLDER.match(str(value)) or is_store_spec(value):
         return value
-    return str(Path(value).expanduser().resolve())
+    path = Path(value).expanduser()
+    if or_name and not path.exists():
+        return value
+    return str(path.resolve())
+
+
+def _section_places(sections: dict) -> list[tuple[str, dict]]:
+    """Where section values are in a campaign's `sections`, each with its name in errors: the
+    sections themselves, the schedule's entries, the stages' and the systems' settings."""
+    campaign = sections.get("campaign", {})
+    places = [("", sections)]
+    for k, entry in campaign.get("schedule", {}).items():
+        places.append((f" (campaign.schedule from iteration {k})", entry))
+    for key in ("stages", "systems"):
+        for i, entry in enumerate(campaign.get(key, [])):
+            places.append((f" (campaign.{key}[{i}])", entry.get("settings", {})))
+    return places
 
 
 def _absolute_paths(sections: dict) -> None:
-    places = [(sections.get(name, {}), keys) for name, keys in _PATHS.items()]
-    places += [(system, ("initial_structures", "candidate_pool"))
-               for system in sections.get("campaign", {}).get("systems", [])]  # fmt: skip
-    for sec, keys in places:
-        for key in keys:
-            value = sec.get(key)
-            if isinstance(value, list):
-                sec[key] = [_absolute(v) for v in value]
-            elif value is not None:
-                sec[key] = _absolute(value)
+    """Every path setting (`settings.path_fields`) in `sections`, wherever section values are,
+    made absolute: Fireworks run in directories of their own (rlaunch's launcher_*)."""
+    entries = [(SystemSettings, system) for system in sections["campaign"].get("systems", [])]
+    for _, place in _section_places(sections):
+        entries += [(SECTIONS[name], values) for name, values in place.items()]
+    for cls, values in entries:
+        for key, or_name in path_fields(cls).items():
+            if values.get(key) is not None:
+                values[key] = _absolute(values[key], or_name)
 
 
 def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
@@ -201,8 +214,7 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
         for entry, checked in zip(sections["campaign"].get(key, []), getattr(valid, key),
                                   strict=True):  # fmt: skip
             entry["settings"] = checked.settings
-    for entry in [sections, *scheduled.values()]:
-        _absolute_paths(entry)
+    _absolute_paths(sections)
     c = Campaign(sections)
     for k in [0, *scheduled]:  # every section valid before anything runs
         for cls in SECTIONS.values():
@@ -234,7 +246,36 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(f"{config}: the structural checks (validate.reference) run in the "
                             "validation, which needs campaign.testset")  # fmt: skip
+    _check_inputs(sections, config)
     return sections
+
+
+def _check_inputs(sections: dict, config: str | Path) -> None:
+    """What would fail only hours later, after iteration 0 has spent its labels and training,
+    refused now with the error it would give then: input data that is not there, and
+    ``select.lo: auto`` without the test set whose validation calibrates it."""
+    campaign = sections["campaign"]
+    inputs = [
+        ("campaign.candidate_pool", campaign.get("candidate_pool") or []),
+        ("campaign.testset", campaign.get("testset") or []),
+    ]
+    for i, system in enumerate(campaign.get("systems", [])):
+        paths = [system["initial_structures"], *system.get("candidate_pool", [])]
+        inputs.append((f"campaign.systems[{i}]", paths))
+    for where, place in _section_places(sections):
+        checks = place.get("validate", {})
+        data = [*checks.get("reference_data", []), checks.get("structure")]
+        inputs.append((f"validate{where}", [p for p in data if p is not None]))
+        if place.get("select", {}).get("lo") == "auto" and not campaign.get("testset"):
+            raise SettingsError(
+                f"{config}: select.lo: auto{where} needs a calibration of the uncertainty, and "
+                "the validation has none without campaign.testset (it needs a labelled test "
+                "set)"
+            )
+    for where, paths in inputs:
+        for path in paths:
+            if not (PLACEHOLDER.match(str(path)) or is_store_spec(path) or Path(path).exists()):
+                raise SettingsError(f"{config}: {where}: {path}: no such file or directory")
 
 
 def campaign_workflow(sections: dict) -> Workflow:

@@ -5,6 +5,7 @@ half-written)."""
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -260,3 +261,312 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- the newer commands (relabel, ev-set, db, export, campaign, select): silent wrong results,
+# -- tracebacks and unclear messages found by probing them as a new user would
+
+
+def _one_line(code: int, err: str, *fragments: str) -> None:
+    """A user error: exit 2 and one line holding every fragment."""
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def _dataset_dir(path: Path, n: int, seed: int, capsys) -> Path:
+    """An on-disk training set of `n` EMT-labelled cells."""
+    ase.io.write(path.with_suffix(".extxyz"), emt_labelled(n, seed=seed))
+    code, _, err = run(capsys, "update-dataset", "--new", path.with_suffix(".extxyz"),
+                       "--dataset", path)  # fmt: skip
+    assert code == 0, err
+    return path
+
+
+def test_relabel_refuses_a_work_directory_of_another_dataset(tmp_path, capsys):
+    """A work directory left by relabelling dataset A is not reused for dataset B: before, B's
+    new dataset was filled with A's structures, exit 0."""
+    a = _dataset_dir(tmp_path / "a", 3, 21, capsys)
+    b = _dataset_dir(tmp_path / "b", 2, 22, capsys)
+    lj = ["--calculator", "lj", "--no-progress"]
+    code, out, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "a_lj",
+                         "--output", tmp_path / "work", *lj)  # fmt: skip
+    assert code == 0 and "relabelled 3 of 3 structures" in out, err
+    code, _, err = run(capsys, "relabel", "--dataset", b, "--to", tmp_path / "b_lj", "--output",
+                       tmp_path / "work", *lj)  # fmt: skip
+    _one_line(code, err, f"{tmp_path / 'work'}: a work directory of other structures",
+              "3 frozen there, 0 of the 2 asked for now", "give a new --output")  # fmt: skip
+    assert not (tmp_path / "b_lj").exists()
+    # the same request again resumes: nothing labelled twice
+    code, out, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "a_lj",
+                         "--output", tmp_path / "work", *lj)  # fmt: skip
+    assert code == 0 and "(3 from an earlier run)" in out and "added 0 (3 already there)" in out
+    # the source dataset named by another spelling of its path, before anything is labelled
+    for to in (f"{a}/", f"{a}/training_set.extxyz", tmp_path / "." / "a", a / "sub"):
+        code, _, err = run(capsys, "relabel", "--dataset", a, "--to", to, "--output",
+                           tmp_path / "w2", *lj)  # fmt: skip
+        _one_line(code, err, f"--to {to} is the dataset {a} being relabelled")
+        assert "--allow-mixed" not in err and not (tmp_path / "w2").exists()
+    # an existing file as the work directory
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "c", "--output",
+                       tmp_path / "file", *lj)  # fmt: skip
+    _one_line(code, err, f"{tmp_path / 'file'}: exists and is not a directory")
+    assert not (tmp_path / "c").exists()
+
+
+def test_ev_set_refuses_a_work_directory_of_another_structure(tmp_path, capsys):
+    from ase.build import bulk
+
+    ase.io.write(tmp_path / "cu.extxyz", bulk("Cu", "fcc", a=3.6))
+    ase.io.write(tmp_path / "al.extxyz", bulk("Al", "fcc", a=4.05))
+    emt = ["--calculator", "emt", "--output", tmp_path / "work", "--no-progress"]
+    code, out, err = run(capsys, "ev-set", "--structure", tmp_path / "cu.extxyz", "--to",
+                         tmp_path / "ev_cu", *emt)  # fmt: skip
+    assert code == 0 and "E-V set of Cu: labelled 7 of 7 volumes" in out, err
+    code, out, err = run(capsys, "ev-set", "--structure", tmp_path / "al.extxyz", "--to",
+                         tmp_path / "ev_al", *emt)  # fmt: skip
+    _one_line(code, err, "a work directory of other structures", "0 of the 7 asked for now")
+    assert not out and not (tmp_path / "ev_al").exists()
+    stored = ase.io.read(tmp_path / "ev_cu" / "training_set.extxyz", ":")
+    assert {a.get_chemical_formula() for a in stored} == {"Cu"}
+
+
+def test_db_start_remembers_its_database_and_checks_its_arguments(
+    tmp_path, mongo_server, monkeypatch
+):
+    """The database name is remembered like the port; ports are range-checked; a file, an
+    unwritable place or a busy port as --dir/--port give one line and leave no directory."""
+    nfw = [sys.executable, "-m", "nequix_fw.cli", "db"]
+
+    def db(*args, cwd=tmp_path):
+        p = subprocess.run([*nfw, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+        return p.returncode, p.stdout, p.stderr
+
+    d, lp = tmp_path / "srv", tmp_path / "lp.yaml"
+    code, out, err = db("start", "--dir", d, "--launchpad", lp, "--name", "my_campaign")
+    assert code == 0, err
+    port = yaml.safe_load(lp.read_text())["port"]
+    assert db("stop", "--dir", d)[0] == 0
+    code, out, err = db("start", "--dir", d, "--launchpad", lp)  # no --name: the same database
+    assert code == 0 and "(database my_campaign)" in out, err
+    assert yaml.safe_load(lp.read_text())["name"] == "my_campaign"
+    assert yaml.safe_load(lp.read_text())["port"] == port
+    assert db("stop", "--dir", d)[0] == 0
+    # ports outside 1-65535 (before: 70000 listened on 70000 - 65536 = 4464)
+    for bad in ("70000", "0", "-1"):
+        code, _, err = db("start", "--dir", tmp_path / "p", "--port", bad)
+        assert code == 2 and f"{int(bad)}: not a TCP port (1-65535)" in err, err
+        assert not (tmp_path / "p").exists()
+    with pytest.raises(Exception, match="port 70000: not a TCP port"):
+        from nequix_fw import server
+
+        server.start(tmp_path / "p", port=70000)
+    # a file as the server directory: start and status name it, neither suggests it again
+    (tmp_path / "afile").write_text("x")
+    for action in ("start", "status"):
+        code, _, err = db(action, "--dir", tmp_path / "afile", "--launchpad", tmp_path / "l.yaml")
+        _one_line(code, err, f"{tmp_path / 'afile'}: is a file, not a server directory")
+        assert "db start --dir" not in err
+    # somewhere no directory can be made
+    for where in (tmp_path / "afile" / "sub", Path("/proc/nequix_fw_db")):
+        code, _, err = db("start", "--dir", where, "--launchpad", tmp_path / "l.yaml")
+        _one_line(code, err, f"{where}: cannot make the server directory there")
+    # a port where another MongoDB server listens: nothing left behind
+    code, _, err = db("start", "--dir", tmp_path / "busy" / "srv", "--port", mongo_server["port"],
+                      "--launchpad", tmp_path / "l.yaml")  # fmt: skip
+    _one_line(code, err, f"127.0.0.1:{mongo_server['port']}: another server already listens")
+    assert not (tmp_path / "busy").exists() and not (tmp_path / "l.yaml").exists()
+
+
+def test_db_start_never_loses_a_launchpad_file(tmp_path):
+    """Without --launchpad, `db start` writes ./my_launchpad.yaml: a file there that points at
+    another server is kept beside it (or left alone when it points at another host)."""
+    nfw = [sys.executable, "-m", "nequix_fw.cli", "db"]
+    mine = "# my own mongod\nhost: localhost\nport: 27017\nname: production\n"
+    (tmp_path / "my_launchpad.yaml").write_text(mine)
+    p = subprocess.run([*nfw, "start", "--dir", "srv"], cwd=tmp_path, capture_output=True,
+                       text=True)  # fmt: skip
+    try:
+        assert p.returncode == 0, p.stderr
+        assert "kept as my_launchpad.yaml.orig" in p.stdout
+        assert (tmp_path / "my_launchpad.yaml.orig").read_text() == mine
+        config = yaml.safe_load((tmp_path / "my_launchpad.yaml").read_text())
+        assert config["name"] == "nequix_fw" and config["port"] != 27017
+    finally:
+        subprocess.run([*nfw, "stop", "--dir", "srv"], cwd=tmp_path, capture_output=True)
+
+
+def test_learned_descriptor_refuses_another_checkpoint_at_the_recorded_path(
+    model_paths, tmp_path, capsys
+):
+    for k, m in enumerate(model_paths[:2]):
+        shutil.copy(m, tmp_path / f"m{k}.nqx")
+    ase.io.write(tmp_path / "s.extxyz", make_cells(3))
+    code, _, err = run(capsys, "run-ensemble", "--models", tmp_path / "m0.nqx",
+                       tmp_path / "m1.nqx", "--structures", tmp_path / "s.extxyz", "--output",
+                       tmp_path / "r.json", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    select = ["select", "--ensemble", tmp_path / "r.json", "--lo", "0", "--diverse",
+              "--descriptor", "learned", "--max-selected", "2"]  # fmt: skip
+    assert run(capsys, *select, "--output", tmp_path / "ok")[0] == 0
+    shutil.copy(model_paths[2], tmp_path / "m0.nqx")  # another model at the recorded path
+    code, _, err = run(capsys, *select, "--output", tmp_path / "sel")
+    _one_line(code, err, f"{tmp_path / 'm0.nqx'}: not the model these results were evaluated "
+              "with")  # fmt: skip
+    assert not (tmp_path / "sel").exists()
+    (tmp_path / "m0.nqx").unlink()
+    code, _, err = run(capsys, *select, "--output", tmp_path / "sel")
+    _one_line(code, err, "m0.nqx: the model of these results", "is no longer there")
+
+
+def test_campaign_write_checks_what_would_fail_hours_later(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ase.io.write(tmp_path / "initial.extxyz", make_cells(2))
+    ase.io.write(tmp_path / "test.extxyz", emt_labelled(2, seed=5))
+    cfg = tmp_path / "c.yaml"
+    base = "campaign: {directory: run, initial_structures: initial.extxyz"
+    cases = [
+        (base + ", testset: [nope.extxyz]}\n",
+         f"campaign.testset: {tmp_path / 'nope.extxyz'}: no such file or directory"),
+        (base + ", candidate_pool: [pool/]}\n",
+         f"campaign.candidate_pool: {tmp_path / 'pool'}: no such file or directory"),
+        (base + "}\nselect: {lo: auto, target_force_error: 0.1}\n",
+         "select.lo: auto needs a calibration of the uncertainty"),
+        (base + ", schedule: {2: {select: {lo: auto, target_force_error: 0.1}}}}\n",
+         "select.lo: auto (campaign.schedule from iteration 2) needs a calibration"),
+        (base + ", testset: [test.extxyz]}\nvalidate: {reference: emt, structure: gone.vasp}\n",
+         f"validate: {tmp_path / 'gone.vasp'}: no such file or directory"),
+    ]  # fmt: skip
+    for text, message in cases:
+        cfg.write_text(text)
+        code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
+        _one_line(code, err, f"{cfg}: ", message)
+        assert not (tmp_path / "w.yaml").exists() and not (tmp_path / "run").exists()
+    # lo: auto with a test set is fine; an existing directory as --write is refused first
+    cfg.write_text(base + ", testset: [test.extxyz]}\nselect: {lo: auto, "
+                   "target_force_error: 0.1}\n")  # fmt: skip
+    assert run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")[0] == 0
+    (tmp_path / "wdir").mkdir()
+    code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "wdir")
+    _one_line(code, err, f"{tmp_path / 'wdir'}: is a directory")
+
+
+def test_campaign_paths_are_absolute_wherever_they_are_set(tmp_path, monkeypatch):
+    """Every path-typed setting (found from the settings classes), in the sections, the
+    schedule, the stages and the systems, is absolute in the built workflow; names and
+    store datasets are left as they are."""
+    from nequix_fw.workflows import campaign_sections
+
+    monkeypatch.chdir(tmp_path)
+    ase.io.write(tmp_path / "initial.extxyz", make_cells(2))
+    (tmp_path / "model.nqx").write_text("")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "campaign": {"directory": "run", "initial_structures": "initial.extxyz",
+                     "dataset": "data_dir", "finetune_from": "model.nqx",
+                     "schedule": {2: {"label": {"cp2k_data_dir": "cp2k_data"}}},
+                     "systems": [{"name": "s", "initial_structures": "initial.extxyz",
+                                  "settings": {"label": {"scratch_dir": "scratch"}}}]},
+        "ensemble": {"compilation_cache_dir": "cache"},
+        "label": {"cp2k_template": ">>template<<"},
+    }))  # fmt: skip
+    s = campaign_sections(tmp_path / "c.yaml")
+    c = s["campaign"]
+    assert c["dataset"] == str(tmp_path / "data_dir") and c["directory"] == str(tmp_path / "run")
+    assert c["finetune_from"] == str(tmp_path / "model.nqx")
+    assert c["schedule"]["2"]["label"]["cp2k_data_dir"] == str(tmp_path / "cp2k_data")
+    assert c["systems"][0]["initial_structures"] == str(tmp_path / "initial.extxyz")
+    assert c["systems"][0]["settings"]["label"]["scratch_dir"] == str(tmp_path / "scratch")
+    assert s["ensemble"]["compilation_cache_dir"] == str(tmp_path / "cache")
+    assert s["label"]["cp2k_template"] == ">>template<<"  # a worker's placeholder
+    (tmp_path / "c.yaml").write_text(
+        "campaign: {directory: run, initial_structures: initial.extxyz, dataset: db:x, "
+        "finetune_from: nequix-mp-1}\n"
+    )
+    c = campaign_sections(tmp_path / "c.yaml")["campaign"]
+    assert (c["dataset"], c["finetune_from"]) == ("db:x", "nequix-mp-1")
+
+
+def test_export_and_fetch_outputs_checked(tmp_path, launchpad_file, capsys):
+    lp = ["--launchpad", launchpad_file]
+    ase.io.write(tmp_path / "new.extxyz", emt_labelled(2, seed=31))
+    assert run(capsys, "update-dataset", "--new", tmp_path / "new.extxyz", "--dataset", "db:e",
+               *lp)[0] == 0  # fmt: skip
+    (tmp_path / "adir").mkdir()
+    code, _, err = run(capsys, "export", "--dataset", "db:e", "--output", tmp_path / "adir", *lp)
+    _one_line(code, err, f"{tmp_path / 'adir'}: is a directory")
+    assert list((tmp_path / "adir").iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "export", "--models", "camp/0", "--output", tmp_path / "afile", *lp)
+    _one_line(code, err, f"{tmp_path / 'afile'}: exists and is not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
+    code, _, err = run(capsys, "export", "--dataset", "db:e", "--output", tmp_path / "e.extxyz",
+                       *lp)  # fmt: skip
+    assert code == 0 and len(ase.io.read(tmp_path / "e.extxyz", ":")) == 2
+
+
+def test_damaged_campaign_record_and_calibration_file(model_paths, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "campaign.json").write_text('{"name": "c", "iterations": [{"itera')
+    code, _, err = run(capsys, "campaign-status", tmp_path / "run")
+    _one_line(code, err, f"{tmp_path / 'run' / 'campaign.json'}: a damaged campaign record")
+    _results(capsys, model_paths, tmp_path)
+    (tmp_path / "cal.yaml").write_text("uncertainty:\n  calibration: {}\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for path, why in (("cal.yaml", "not JSON"), ("list.json", "a JSON list"),
+                      ("missing.json", "cannot read it")):  # fmt: skip
+        code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "auto",
+                           "--target-force-error", "0.1", "--calibration", tmp_path / path,
+                           "--output", tmp_path / "sel")  # fmt: skip
+        _one_line(code, err, f"--calibration {tmp_path / path}: ", why)
+        assert not (tmp_path / "sel").exists()
+
+
+def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_file):
+    """SIGINT while `update-dataset` stores into db:NAME: one line with how many were stored
+    and that a rerun completes it; the rerun adds exactly the rest."""
+    from nequix_fw.store import COLLECTION, launchpad_db
+
+    frames = emt_labelled(400, seed=41, rattle=0.05)
+    ase.io.write(tmp_path / "new.extxyz", frames)
+    cmd = [sys.executable, "-m", "nequix_fw.cli", "update-dataset", "--new",
+           str(tmp_path / "new.extxyz"), "--dataset", "db:big", "--launchpad",
+           str(launchpad_file)]  # fmt: skip
+    docs = launchpad_db(launchpad_file)[COLLECTION]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not docs.count_documents({"dataset": "big"}) and p.poll() is None:
+        pass
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    n = docs.count_documents({"dataset": "big"})
+    assert 0 < n < 400, "the ingest ended before the signal: make it larger"
+    _one_line(p.returncode, err, f"interrupted: {n} of the 400 new structures",
+              "were stored in db:big; the same command again adds the rest")  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0 and f"added {400 - n} structures ({n} already present" in p.stdout
+    assert docs.count_documents({"dataset": "big"}) == 400
+
+
+def test_model_info_names_the_file_it_cannot_read(model_paths, tmp_path, capsys):
+    (tmp_path / "junk.nqx").write_text("junk\n")
+    truncated = tmp_path / "cut.nqx"
+    truncated.write_bytes(model_paths[0].read_bytes()[:-200])
+    for path, why in ((tmp_path / "gone.nqx", "model file not found"),
+                      (tmp_path / "junk.nqx", "not a Nequix checkpoint"),
+                      (truncated, "truncated or corrupted checkpoint")):  # fmt: skip
+        code, out, err = run(capsys, "model-info", model_paths[0], path)
+        _one_line(code, err, f"{path}: {why}")
+        assert not out
+
+
+def test_every_command_has_bad_input_tests_here():
+    """Each command of `nequix-fw` is run with bad input in this file."""
+    import argparse
+
+    from nequix_fw.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = Path(__file__).read_text()
+    missing = [cmd for cmd in sub.choices if f'"{cmd}"' not in text]
+    assert not missing, f"commands without a bad-input test in {Path(__file__).name}: {missing}"

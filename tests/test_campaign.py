@@ -370,3 +370,17 @@ def test_stage_and_system_settings_are_checked(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
     assert not (tmp_path / "w.yaml").exists()
+
+
+def test_a_relative_on_disk_dataset_grows_under_rapidfire(tmp_path, launchpad_file):
+    """`campaign.dataset: data_dir` (an on-disk dataset, relative): every Firework of
+    `rlaunch rapidfire` runs in its own launcher_* directory, and all of them grow the one
+    dataset in the directory the campaign was built in (before: iteration 0 wrote
+    launcher_.../data_dir and the training Firework fizzled)."""
+    r = _campaign(tmp_path, "rel", lo=0.0, extra="campaign: {dataset: data_dir, max_iterations: 1}")
+    assert [it["dataset_size"] for it in r["log"]] == [4, 7]
+    data = ase.io.read(tmp_path / "data_dir" / "training_set.extxyz", ":")
+    assert sorted(a.info["iteration"] for a in data) == [0] * 4 + [1] * 3
+    assert not list(tmp_path.glob("launcher_*/data_dir"))
+    assert {s for _, s in r["db"]["fireworks"]} == {"COMPLETED"} and not r["db"]["fizzled"]
+    assert r["db"]["dataset"] == []  # nothing in the store's datasets

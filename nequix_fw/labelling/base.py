@@ -261,12 +261,30 @@ def label_frozen(
 ) -> dict:
     """Label the structures `make_frames()` gives, frozen by the first run in
     `output`/structures.extxyz and labelled in `output`/labels, so that a rerun (after a crash)
-    labels only what is left, and never a different set. Returns `label_structures`' summary."""
-    output = Path(output)
-    structures = output / "structures.extxyz"
-    if not structures.is_file():
-        frames = make_frames()
-        output.mkdir(parents=True, exist_ok=True)
+    labels only what is left, and never a different set: a work directory frozen for other
+    structures (another dataset, another E-V structure) is refused. Returns
+    `label_structures`' summary."""
+    output = check_output(output, "directory")
+    frames = make_frames()
+    wanted = {structure_id(a) for a in frames}
+    structures, request = output / "structures.extxyz", output / "request.json"
+    if structures.is_file():
+        # the ids as asked for: those of the frozen file's round trip may differ in the last
+        # rounded digit (a work directory of an older version has no request.json)
+        if request.is_file():
+            frozen = set(json.loads(request.read_text())["structure_ids"])
+        else:
+            frozen = {f.id for f in iter_frames([structures])}
+        if frozen != wanted:
+            raise SettingsError(
+                f"{output}: a work directory of other structures ({len(frozen)} frozen there, "
+                f"{len(frozen & wanted)} of the {len(wanted)} asked for now); give a new "
+                f"--output, or remove {output} to start again"
+            )
+    else:
+        check_writable_dir(output)
+        with atomic_path(request) as tmp:
+            tmp.write_text(json.dumps({"structure_ids": sorted(wanted)}))
         with atomic_path(structures) as tmp:
             ase.io.write(tmp, frames, format="extxyz")
     return label_structures(structures, output / "labels", backend, settings, progress=progress)

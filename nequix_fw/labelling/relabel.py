@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ase import Atoms
 
-from nequix_fw.dataset import DatasetStore, read_labelled, update_dataset
+from nequix_fw.dataset import DatasetStore, read_labelled, same_dataset, update_dataset
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
@@ -30,9 +30,11 @@ def relabel(
     run and labelled in `output`/labels, so a rerun after a crash labels only what is left and
     adds each structure once. Each new document keeps its structure id (the content hash, the
     same as in `dataset`) and records ``relabelled_from``: `dataset`."""
-    if str(to) == str(dataset):
-        raise SettingsError(f"relabel: the new dataset must differ from {dataset} (the old "
-                            "labels would be mixed with the new)")  # fmt: skip
+    if same_dataset(dataset, to):
+        raise SettingsError(
+            f"relabel: --to {to} is the dataset {dataset} being relabelled (or inside it): the "
+            "old labels would be mixed with the new; give another dataset"
+        )
     output = Path(output)
 
     def structures() -> list[Atoms]:

@@ -10,6 +10,7 @@ with ``loadfn`` (`Document.to_file`, `Document.from_file`).
 | `SelectionManifest` | <output>/manifest.json | select |
 | `LabelTaskDoc` | <output>/<structure id>/task.json | label |
 | `ValidationReport` | validation.json | validate |
+| (`read_campaign_log`) | <campaign directory>/campaign.json | the campaign's stages |
 """
 
 from nequix_fw.schemas.base import Document, DocumentError
