@@ -470,12 +470,11 @@ def _update_dataset(
     if added and ds is not None:
         try:
             ds.add(added)
-        except KeyboardInterrupt:
-            new_ids = {a.info["structure_id"] for a in added}
-            n = len(new_ids & ds.ids())
+        except Interrupted as exc:  # a store dataset says what it had written
+            more = f" (and up to {exc.in_flight} more sent)" if exc.in_flight else ""
             raise Interrupted(
-                f"interrupted: {n} of the {len(added)} new structures of {new} were stored in "
-                f"{ds}; the same command again adds the rest (none twice)"
+                f"interrupted: {exc.stored} of the {len(added)} new structures of {new} were "
+                f"stored in {ds}{more}; the same command again adds the rest (none twice)"
             ) from None
     elif added:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,4 +22,10 @@ class OutputError(NequixFWError):
 
 
 class Interrupted(NequixFWError):
-    """A command stopped by Ctrl-C (SIGINT): says what it had written and how a rerun ends it."""
+    """A command stopped by Ctrl-C (SIGINT): says what it had written and how a rerun ends it.
+    `stored`: items written for sure; `in_flight`: items sent but not acknowledged (they may
+    be written too)."""
+
+    def __init__(self, message: str, stored: int = 0, in_flight: int = 0):
+        super().__init__(message)
+        self.stored, self.in_flight = stored, in_flight

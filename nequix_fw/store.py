@@ -32,7 +32,7 @@ from fireworks import LaunchPad, fw_config
 from monty.json import jsanitize
 from pymongo.database import Database
 
-from nequix_fw.errors import SettingsError, StructureError
+from nequix_fw.errors import Interrupted, SettingsError, StructureError
 from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, check_output, is_store_spec
 
 PREFIX = STORE_PREFIX
@@ -45,8 +45,9 @@ VALIDATION = "nequix_fw_validation"
 SELECTIONS = "nequix_fw_selections"
 #: The fields people filter by, per collection.
 INDEXES = {
-    COLLECTION: [("dataset", "structure_id"), ("dataset", "info.iteration"),
-                 ("info.settings_hash",), ("info.backend",), ("formula",)],
+    COLLECTION: [("dataset", "structure_id"), ("dataset", "added"), ("dataset", "info.iteration"),
+                 ("dataset", "info.settings_hash"), ("info.settings_hash",), ("info.backend",),
+                 ("formula",)],
     ITERATIONS: [("campaign", "iteration"), ("stop_reason",)],
     LABEL_TASKS: [("campaign", "iteration"), ("structure_id",), ("status",),
                   ("settings_hash",)],
@@ -55,6 +56,8 @@ INDEXES = {
     SELECTIONS: [("campaign", "iteration")],
 }  # fmt: skip
 _INDEXED: set[tuple[int, str]] = set()
+#: Structures per round trip when a dataset grows.
+BULK = 1000
 #: A LaunchPad file, or the database of a LaunchPad already open (a FireTask's).
 DatabaseRef = str | Path | Database
 _DATABASES: dict[str, Database] = {}
@@ -169,29 +172,49 @@ class StoreDataset:
             yield Frame(atoms, str(self), k)
 
     def add(self, structures: list[Atoms]) -> int:
-        """Insert labelled structures (``info['structure_id']`` required); those already present
-        are left alone. Returns how many were new."""
-        start = len(self)
-        n_new = 0
-        for k, a in enumerate(structures):
-            sid = a.info.get("structure_id")
-            if not sid:
-                raise StructureError("structures added to the store need info['structure_id']")
-            stress = a.calc.results.get("stress") if a.calc is not None else None
-            doc = {
-                "dataset": self.name, "structure_id": sid, "added": start + k,
-                "formula": a.get_chemical_formula(), "n_atoms": len(a),
-                "numbers": a.numbers.tolist(), "positions": a.positions.tolist(),
-                "cell": a.cell[:].tolist(), "pbc": a.pbc.tolist(),
-                "energy": float(a.get_potential_energy()), "forces": a.get_forces().tolist(),
-                "stress": None if stress is None else np.asarray(stress).tolist(),
-                "info": {k2: _plain(v) for k2, v in a.info.items()},
-            }  # fmt: skip
-            result = self.collection.update_one(
-                {"_id": f"{self.name}/{sid}"}, {"$setOnInsert": doc}, upsert=True
-            )
-            n_new += result.upserted_id is not None
+        """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
+        trip (unordered upserts); those already present are left alone. Returns how many were
+        new."""
+        last = self.collection.find_one({"dataset": self.name}, {"added": 1},
+                                        sort=[("added", -1)])  # fmt: skip
+        start = 0 if last is None else last["added"] + 1
+        n_new, begin, sent = 0, 0, 0
+        try:
+            for begin in range(0, len(structures), BULK):
+                chunk, sent = structures[begin : begin + BULK], 0
+                ops = [
+                    pymongo.UpdateOne(
+                        {"_id": f"{self.name}/{doc['structure_id']}"},
+                        {"$setOnInsert": doc},
+                        upsert=True,
+                    )
+                    for doc in (self._document(a, start + begin + k) for k, a in enumerate(chunk))
+                ]
+                sent = len(ops)
+                n_new += self.collection.bulk_write(ops, ordered=False).upserted_count
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted: {begin} of {len(structures)} structures stored in {self} (and up "
+                f"to {sent} more sent)",
+                stored=begin,
+                in_flight=sent,
+            ) from None
         return n_new
+
+    def _document(self, a: Atoms, added: int) -> dict:
+        sid = a.info.get("structure_id")
+        if not sid:
+            raise StructureError("structures added to the store need info['structure_id']")
+        stress = a.calc.results.get("stress") if a.calc is not None else None
+        return {
+            "dataset": self.name, "structure_id": sid, "added": added,
+            "formula": a.get_chemical_formula(), "n_atoms": len(a),
+            "numbers": a.numbers.tolist(), "positions": a.positions.tolist(),
+            "cell": a.cell[:].tolist(), "pbc": a.pbc.tolist(),
+            "energy": float(a.get_potential_energy()), "forces": a.get_forces().tolist(),
+            "stress": None if stress is None else np.asarray(stress).tolist(),
+            "info": {k: _plain(v) for k, v in a.info.items()},
+        }  # fmt: skip
 
 
 def _plain(value):

@@ -315,8 +315,9 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
+    (tmp_path / "t.xyz").write_text("")  # the test set must exist (its contents are not read)
     settings = {"campaign": {"directory": "r", "initial_structures": "i.xyz", "max_iterations": 5,
-                             "testset": ["t.xyz"],
+                             "testset": [str(tmp_path / "t.xyz")],
                              "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5}},
                 "validate": {"reference": "emt"}}  # fmt: skip
     cfg.write_text(yaml.safe_dump(settings))

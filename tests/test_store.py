@@ -146,4 +146,5 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
         assert d.energy == pytest.approx(a.get_potential_energy(), rel=1e-9)
     # the same dataset as the target is refused
     bad = run("relabel", "--dataset", "db:old", "--to", "db:old", "--output", "x", *lp, check=False)
-    assert bad.returncode == 2 and "--to db:old is the dataset db:old being relabelled" in bad.stderr
+    assert bad.returncode == 2
+    assert "--to db:old is the dataset db:old being relabelled" in bad.stderr
