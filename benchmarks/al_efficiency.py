@@ -52,8 +52,7 @@ def _md(start: Atoms, temperature: float, n: int, rng, every: int = 40) -> list[
     a = start.copy()
     a.calc = EMT()
     thermalize_momenta(a, temperature, rng=rng)
-    dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng,
-                   fixcm=False)  # fmt: skip
+    dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng, fixcm=False)
     out = []
     for _ in range(n):
         dyn.run(every)
@@ -72,14 +71,20 @@ def structures(kind: str, seed: int, scale: int) -> list[Atoms]:
             for t in (300, 900, 1500):
                 out += _md(start, t, scale, rng)
             for rattle in np.linspace(0.02, 0.2, scale):  # mild to strong
-                out += distorted_copies(start, 1, rattle_std=rattle, strain_max=0.05,
-                                        seed=int(rng.integers(1 << 30)))  # fmt: skip
+                out += distorted_copies(
+                    start, 1, rattle_std=rattle, strain_max=0.05, seed=int(rng.integers(1 << 30))
+                )
     else:  # the tail: hotter, more distorted, defects and a surface
         for x in fractions:
             start = _alloy(rng, x)
             out += _md(start, 1500, max(2, scale // 2), rng)
-            out += distorted_copies(start, max(2, scale // 2), rattle_std=0.2, strain_max=0.05,
-                                    seed=int(rng.integers(1 << 30)))  # fmt: skip
+            out += distorted_copies(
+                start,
+                max(2, scale // 2),
+                rattle_std=0.2,
+                strain_max=0.05,
+                seed=int(rng.integers(1 << 30)),
+            )
             vac = start.copy()
             del vac[int(rng.integers(len(vac)))]
             out += _md(vac, 900, 2, rng)
@@ -95,10 +100,12 @@ def _validate(models: list[Path], testset: Path, out: Path) -> dict:
     r = validate([str(m) for m in models], [testset], out, plots=False)
     q = r.get("uncertainty") or {}
     mean = r["ensemble_mean"]
-    return {"force_rmse": mean["forces_eV_per_A"]["rmse"],
-            "energy_rmse_meV": mean["energy_per_atom_meV"]["rmse"],
-            "spearman": q.get("spearman_max_force_dev_vs_max_force_error"),
-            "roc_auc": q.get("roc_auc")}  # fmt: skip
+    return {
+        "force_rmse": mean["forces_eV_per_A"]["rmse"],
+        "energy_rmse_meV": mean["energy_per_atom_meV"]["rmse"],
+        "spearman": q.get("spearman_max_force_dev_vs_max_force_error"),
+        "roc_auc": q.get("roc_auc"),
+    }
 
 
 def _label(frames: list[Atoms]) -> list[Atoms]:
@@ -120,26 +127,41 @@ def _stability(models: list[Path], sets: dict[str, Path], args) -> float:
     from nequix_fw.validation import md_stability
 
     starts = [a for a in ase.io.read(sets["tail"], ":") if a.pbc.all()][: args.md_runs]
-    s = ValidationSettings(md_stability=True, md_temperature_K=1500, md_steps=args.md_steps,
-                           md_n_runs=len(starts))  # fmt: skip
+    s = ValidationSettings(
+        md_stability=True, md_temperature_K=1500, md_steps=args.md_steps, md_n_runs=len(starts)
+    )
     return md_stability(starts, Ensemble.from_specs(models), s)["stable_fraction"]
 
 
-def _train_point(d: Path, train: list[Atoms], previous: Path | None, sets: dict[str, Path],
-                 seed: int, args) -> tuple[list[Path], dict]:  # fmt: skip
+def _train_point(
+    d: Path, train: list[Atoms], previous: Path | None, sets: dict[str, Path], seed: int, args
+) -> tuple[list[Path], dict]:
     """Train the ensemble on `train` into `d`/models; validate it on the held-out sets."""
     from nequix_fw.settings import ArchitectureSettings, TrainingSettings
     from nequix_fw.training import train_ensemble
 
     d.mkdir(parents=True, exist_ok=True)
     ase.io.write(d / "train.extxyz", train)
-    arch = ArchitectureSettings(hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1,
-                                radial_mlp_size=16)  # fmt: skip
-    training = TrainingSettings(n_models=args.members, epochs=args.epochs, batch_size=4,
-                                patience=15, seed=seed, architecture=arch)  # fmt: skip
+    arch = ArchitectureSettings(
+        hidden_irreps="16x0e + 8x1o", n_layers=2, lmax=1, radial_mlp_size=16
+    )
+    training = TrainingSettings(
+        n_models=args.members,
+        epochs=args.epochs,
+        batch_size=4,
+        patience=15,
+        seed=seed,
+        architecture=arch,
+    )
     t0 = time.perf_counter()
-    train_ensemble([d / "train.extxyz"], d / "models", training, warm_start=previous,
-                   overwrite=True, progress=False)  # fmt: skip
+    train_ensemble(
+        [d / "train.extxyz"],
+        d / "models",
+        training,
+        warm_start=previous,
+        overwrite=True,
+        progress=False,
+    )
     models = sorted((d / "models").glob("member_*.nqx"))
     point = {"labels": len(train), "train_s": time.perf_counter() - t0}
     for name, path in sets.items():
@@ -151,15 +173,20 @@ def _selection(arm: str, seed: int, it: int, n: int, **kw):
     from nequix_fw.settings import SelectionSettings
 
     return SelectionSettings(
-        method="random" if arm == "random" else "uncertainty", seed=seed * 1000 + it, lo=0.0,
-        max_selected=n, diverse=arm.startswith("uncertainty"),
-        descriptor="learned" if arm == "uncertainty_learned" else "structure", format="extxyz",
+        method="random" if arm == "random" else "uncertainty",
+        seed=seed * 1000 + it,
+        lo=0.0,
+        max_selected=n,
+        diverse=arm.startswith("uncertainty"),
+        descriptor="learned" if arm == "uncertainty_learned" else "structure",
+        format="extxyz",
         **kw,
-    )  # fmt: skip
+    )
 
 
-def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work: Path,
-            args) -> dict:  # fmt: skip
+def run_arm(
+    arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work: Path, args
+) -> dict:
     """Pool mode, one arm, one seed: iterations of train -> validate -> select -> label."""
     from nequix_fw.evaluation import run_ensemble
     from nequix_fw.selection import select_from_results
@@ -173,9 +200,12 @@ def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work:
         models, point = _train_point(d, [pool[i] for i in labelled], previous, sets, seed, args)
         previous = d / "models"
         curve.append({"iteration": it, **point})
-        print(f"  {arm} seed {seed} it {it}: {len(labelled)} labels, force RMSE "
-              f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
-              f"(in-dist / tail)", flush=True)  # fmt: skip
+        print(
+            f"  {arm} seed {seed} it {it}: {len(labelled)} labels, force RMSE "
+            f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
+            f"(in-dist / tail)",
+            flush=True,
+        )
         if it == args.iterations:
             break
         unlabelled = [i for i in range(len(pool)) if i not in set(labelled)]
@@ -184,17 +214,24 @@ def run_arm(arm: str, seed: int, pool: list[Atoms], sets: dict[str, Path], work:
             picks = unlabelled[::step][: args.per_iteration]
         else:
             ase.io.write(d / "pool.extxyz", [pool[i] for i in unlabelled])
-            run_ensemble([str(m) for m in models], [d / "pool.extxyz"], d / "pool.json",
-                         progress=False)  # fmt: skip
+            run_ensemble(
+                [str(m) for m in models], [d / "pool.extxyz"], d / "pool.json", progress=False
+            )
             sel = _selection(arm, seed, it, args.per_iteration)
-            manifest = select_from_results(d / "pool.json", d / "selected", sel,
-                                           training_set=[pool[i] for i in labelled])  # fmt: skip
+            manifest = select_from_results(
+                d / "pool.json", d / "selected", sel, training_set=[pool[i] for i in labelled]
+            )
             # frames of pool.extxyz, i.e. positions in `unlabelled`
             picks = [unlabelled[e["frame"]] for e in manifest["structures"] if e["selected"]]
         labelled = sorted(set(labelled) | set(picks))
     md = _stability(models, sets, args) if args.md_steps else None
-    return {"mode": "pool", "arm": arm, "seed": seed, "curve": curve,
-            "md_stable_fraction_1500K": md}  # fmt: skip
+    return {
+        "mode": "pool",
+        "arm": arm,
+        "seed": seed,
+        "curve": curve,
+        "md_stable_fraction_1500K": md,
+    }
 
 
 def initial_set(seed: int, n: int) -> list[Atoms]:
@@ -205,8 +242,9 @@ def initial_set(seed: int, n: int) -> list[Atoms]:
     out = []
     for k in range(n):
         start = _alloy(rng, fractions[k % len(fractions)])
-        out += distorted_copies(start, 1, rattle_std=0.03, strain_max=0.01,
-                                seed=int(rng.integers(1 << 30)))  # fmt: skip
+        out += distorted_copies(
+            start, 1, rattle_std=0.03, strain_max=0.01, seed=int(rng.integers(1 << 30))
+        )
     return _label(out)
 
 
@@ -233,29 +271,44 @@ def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args
         previous = d / "models"
         point["md_stable_fraction_1500K"] = _stability(models, sets, args)
         curve.append({"iteration": it, **point})
-        print(f"  explore {arm} seed {seed} it {it}: {len(train)} labels, force RMSE "
-              f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
-              f"(in-dist / tail), MD stable {point['md_stable_fraction_1500K']:.2f}",
-              flush=True)  # fmt: skip
+        print(
+            f"  explore {arm} seed {seed} it {it}: {len(train)} labels, force RMSE "
+            f"{point['in_dist']['force_rmse']:.3f} / {point['tail']['force_rmse']:.3f} eV/Å "
+            f"(in-dist / tail), MD stable {point['md_stable_fraction_1500K']:.2f}",
+            flush=True,
+        )
         if it == args.iterations:
             break
         ensemble = Ensemble.from_specs(models)
         settings = ExplorationSettings(
-            temperatures_K=[300.0, 900.0, 1500.0], steps=args.explore_steps, sample_every=20,
-            thermostat="langevin", seeds=[seed * 100 + it], stop_force_dev=args.explore_hi,
-        )  # fmt: skip
+            temperatures_K=[300.0, 900.0, 1500.0],
+            steps=args.explore_steps,
+            sample_every=20,
+            thermostat="langevin",
+            seeds=[seed * 100 + it],
+            stop_force_dev=args.explore_hi,
+        )
         manifest = explore(ensemble, starts, d / "explore", settings, progress=False)
         curve[-1]["explored_frames"] = len(manifest["frames"])
-        run_ensemble([str(m) for m in models], [d / "explore" / "candidates.extxyz"],
-                     d / "candidates.json", progress=False)  # fmt: skip
+        run_ensemble(
+            [str(m) for m in models],
+            [d / "explore" / "candidates.extxyz"],
+            d / "candidates.json",
+            progress=False,
+        )
         sel = _selection(arm, seed, it, args.per_iteration, min_distance_A=1.5)
-        chosen = select_from_results(d / "candidates.json", d / "selected", sel,
-                                     training_set=train)  # fmt: skip
-        picked = [ase.io.read(d / "selected" / e["file"]) for e in chosen["structures"]
-                  if e["selected"]]  # fmt: skip
+        chosen = select_from_results(d / "candidates.json", d / "selected", sel, training_set=train)
+        picked = [
+            ase.io.read(d / "selected" / e["file"]) for e in chosen["structures"] if e["selected"]
+        ]
         train = train + _label(picked)
-    return {"mode": "explore", "arm": arm, "seed": seed, "curve": curve,
-            "md_stable_fraction_1500K": curve[-1]["md_stable_fraction_1500K"]}  # fmt: skip
+    return {
+        "mode": "explore",
+        "arm": arm,
+        "seed": seed,
+        "curve": curve,
+        "md_stable_fraction_1500K": curve[-1]["md_stable_fraction_1500K"],
+    }
 
 
 def labels_to_reach(curve: list[dict], target: float, which: str) -> float | None:
@@ -301,8 +354,11 @@ def report(results: list[dict], out: Path) -> None:
         for r in rs:
             c = r["curve"]
             n = [p["labels"] for p in c]
-            kw = dict(color=colours[r["arm"]], alpha=0.8,
-                      label=r["arm"] if r["seed"] == rs[0]["seed"] else None)  # fmt: skip
+            kw = dict(
+                color=colours[r["arm"]],
+                alpha=0.8,
+                label=r["arm"] if r["seed"] == rs[0]["seed"] else None,
+            )
             row[0].plot(n, [p["in_dist"]["force_rmse"] for p in c], "o-", **kw)
             row[1].plot(n, [p["tail"]["force_rmse"] for p in c], "o-", **kw)
             row[2].plot(n, [p["in_dist"]["energy_rmse_meV"] for p in c], "o-", **kw)
@@ -310,12 +366,15 @@ def report(results: list[dict], out: Path) -> None:
                 row[3].plot(n, [p["md_stable_fraction_1500K"] for p in c], "o-", **kw)
         titles = ("forces, in-distribution", "forces, tail", "energies, in-distribution")
         for ax, title, unit in zip(row, titles, ("eV/Å", "eV/Å", "meV/atom"), strict=False):
-            ax.set(xlabel="labels", ylabel=f"RMSE ({unit})", title=f"{mode}: {title}",
-                   yscale="log")  # fmt: skip
+            ax.set(xlabel="labels", ylabel=f"RMSE ({unit})", title=f"{mode}: {title}", yscale="log")
             ax.legend()
         if mode == "explore":
-            row[3].set(xlabel="labels", ylabel="fraction stable", ylim=(-0.05, 1.05),
-                       title="explore: MD stable at 1500 K")  # fmt: skip
+            row[3].set(
+                xlabel="labels",
+                ylabel="fraction stable",
+                ylim=(-0.05, 1.05),
+                title="explore: MD stable at 1500 K",
+            )
             row[3].legend()
         else:
             row[3].axis("off")
@@ -325,12 +384,17 @@ def report(results: list[dict], out: Path) -> None:
         print(f"\n{mode} mode (mean ± std over seeds)\n")
         # label savings: the labels each arm needs to reach the final in-distribution RMSE of
         # random (same seed), which random reaches at its full budget
-        match = {r["seed"]: r["curve"][-1]["in_dist"]["force_rmse"] for r in results
-                 if r["arm"] == "random" and r["mode"] == mode}  # fmt: skip
-        print("| arm | seeds | final force RMSE in-dist (eV/Å) | tail (eV/Å) | energy in-dist "
-              "(meV/atom) | labels to random's final in-dist RMSE | labels to 0.10 eV/Å "
-              "(tail) | labels to 0.05 (tail) | Spearman (last) | ROC AUC (last) | MD stable "
-              "1500 K (final) | labels to all stable |")  # fmt: skip
+        match = {
+            r["seed"]: r["curve"][-1]["in_dist"]["force_rmse"]
+            for r in results
+            if r["arm"] == "random" and r["mode"] == mode
+        }
+        print(
+            "| arm | seeds | final force RMSE in-dist (eV/Å) | tail (eV/Å) | energy in-dist "
+            "(meV/atom) | labels to random's final in-dist RMSE | labels to 0.10 eV/Å "
+            "(tail) | labels to 0.05 (tail) | Spearman (last) | ROC AUC (last) | MD stable "
+            "1500 K (final) | labels to all stable |"
+        )
         print(
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         )
@@ -339,18 +403,29 @@ def report(results: list[dict], out: Path) -> None:
             if not rs:
                 continue
             last = [r["curve"][-1] for r in rs]
-            savings = _mean_labels([labels_to_reach(r["curve"], match[r["seed"]], "in_dist")
-                                    if r["seed"] in match else None for r in rs])  # fmt: skip
-            stable = (_mean_labels([labels_to_stable(r["curve"]) for r in rs])
-                      if mode == "explore" else "n/a")  # fmt: skip
-            print(f"| {arm} | {len(rs)} | {_ms(p['in_dist']['force_rmse'] for p in last)} | "
-                  f"{_ms(p['tail']['force_rmse'] for p in last)} | "
-                  f"{_ms(p['in_dist']['energy_rmse_meV'] for p in last)} | {savings} | "
-                  f"{_mean_labels([labels_to_reach(r['curve'], 0.10, 'tail') for r in rs])} | "
-                  f"{_mean_labels([labels_to_reach(r['curve'], 0.05, 'tail') for r in rs])} | "
-                  f"{_ms(p['in_dist']['spearman'] for p in last)} | "
-                  f"{_ms(p['in_dist']['roc_auc'] for p in last)} | "
-                  f"{_ms(r['md_stable_fraction_1500K'] for r in rs)} | {stable} |")  # fmt: skip
+            savings = _mean_labels(
+                [
+                    labels_to_reach(r["curve"], match[r["seed"]], "in_dist")
+                    if r["seed"] in match
+                    else None
+                    for r in rs
+                ]
+            )
+            stable = (
+                _mean_labels([labels_to_stable(r["curve"]) for r in rs])
+                if mode == "explore"
+                else "n/a"
+            )
+            print(
+                f"| {arm} | {len(rs)} | {_ms(p['in_dist']['force_rmse'] for p in last)} | "
+                f"{_ms(p['tail']['force_rmse'] for p in last)} | "
+                f"{_ms(p['in_dist']['energy_rmse_meV'] for p in last)} | {savings} | "
+                f"{_mean_labels([labels_to_reach(r['curve'], 0.10, 'tail') for r in rs])} | "
+                f"{_mean_labels([labels_to_reach(r['curve'], 0.05, 'tail') for r in rs])} | "
+                f"{_ms(p['in_dist']['spearman'] for p in last)} | "
+                f"{_ms(p['in_dist']['roc_auc'] for p in last)} | "
+                f"{_ms(r['md_stable_fraction_1500K'] for r in rs)} | {stable} |"
+            )
 
 
 def main() -> None:
@@ -391,8 +466,10 @@ def main() -> None:
         ase.io.write(sets[name], structures(name, seed, args.scale))
     sizes = ", ".join(f"{k} {len(ase.io.read(v, index=':'))}" for k, v in sets.items())
     pool = structures("pool", 1000, args.scale) if args.mode == "pool" else []
-    print(f"{args.mode} mode: pool {len(pool)} structures; held-out {sizes}; {args.initial} "
-          f"initial labels + {args.iterations} x {args.per_iteration}")  # fmt: skip
+    print(
+        f"{args.mode} mode: pool {len(pool)} structures; held-out {sizes}; {args.initial} "
+        f"initial labels + {args.iterations} x {args.per_iteration}"
+    )
     results = []
     for seed in args.seeds:
         for arm in args.arms:

@@ -45,8 +45,9 @@ def iterations(lp: LaunchPad) -> dict[int, dict]:
     for launch in lp.launches.find({"state": "COMPLETED"}):
         k = int(names[launch["fw_id"]].split()[-1].split(".")[0])
         times = {h["state"]: _time(h["created_on"]) for h in launch["state_history"]}
-        it = its.setdefault(k, {"start": times["RUNNING"], "end": times["COMPLETED"],
-                                "stages": 0.0, "n": 0})  # fmt: skip
+        it = its.setdefault(
+            k, {"start": times["RUNNING"], "end": times["COMPLETED"], "stages": 0.0, "n": 0}
+        )
         it["start"] = min(it["start"], times["RUNNING"])
         it["end"] = max(it["end"], times["COMPLETED"])
         it["stages"] += launch["action"]["stored_data"]["task_wall_s"]
@@ -62,8 +63,10 @@ def report(its: dict[int, dict]) -> None:
         it = its[k]
         wall = (it["end"] - it["start"]).total_seconds()
         rest = wall - it["stages"]
-        print(f"| {k} | {it['n']} | {wall:.1f} | {it['stages']:.1f} | {rest:.2f} | "
-              f"{100 * rest / wall:.1f}% |")  # fmt: skip
+        print(
+            f"| {k} | {it['n']} | {wall:.1f} | {it['stages']:.1f} | {rest:.2f} | "
+            f"{100 * rest / wall:.1f}% |"
+        )
 
 
 def main() -> None:
@@ -75,8 +78,20 @@ def main() -> None:
     nfw = BIN / "nequix-fw"
     if args.demo_run:
         demo = Path(args.demo_run).resolve()
-        _run([nfw, "db", "start", "--dir", demo / "db", "--launchpad",
-              demo / "my_launchpad.yaml", "--name", "nequix_fw_demo"], demo)  # fmt: skip
+        _run(
+            [
+                nfw,
+                "db",
+                "start",
+                "--dir",
+                demo / "db",
+                "--launchpad",
+                demo / "my_launchpad.yaml",
+                "--name",
+                "nequix_fw_demo",
+            ],
+            demo,
+        )
         try:
             report(iterations(LaunchPad.from_file(str(demo / "my_launchpad.yaml"))))
         finally:
@@ -85,18 +100,34 @@ def main() -> None:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_overhead_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     py = BIN / "python"
-    for kind, out in (("initial", "initial_structures"), ("candidates", "candidates"),
-                      ("testset", "validation_set")):  # fmt: skip
+    for kind, out in (
+        ("initial", "initial_structures"),
+        ("candidates", "candidates"),
+        ("testset", "validation_set"),
+    ):
         _run([py, ROOT / "examples" / "make_structures.py", kind, work / out], work)
     cfg = yaml.safe_load((ROOT / "workflows" / "emt_cu_au.yaml").read_text())
     cfg["campaign"]["max_iterations"] = args.max_iterations
     cfg["campaign"]["target_force_rmse"] = None
     (work / "campaign.yaml").write_text(yaml.safe_dump(cfg))
-    _run([nfw, "db", "start", "--dir", work / "db", "--launchpad", work / "my_launchpad.yaml",
-          "--name", "bench_overhead"], work)  # fmt: skip
+    _run(
+        [
+            nfw,
+            "db",
+            "start",
+            "--dir",
+            work / "db",
+            "--launchpad",
+            work / "my_launchpad.yaml",
+            "--name",
+            "bench_overhead",
+        ],
+        work,
+    )
     try:
-        _run([nfw, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml"],
-             work)  # fmt: skip
+        _run(
+            [nfw, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml"], work
+        )
         _run([BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"], work)
         report(iterations(LaunchPad.from_file(str(work / "my_launchpad.yaml"))))
     finally:

@@ -47,8 +47,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_side(mode: str, model: str, n: int, n_models: int, out: Path, cache: str,
-             engine_options: dict) -> None:  # fmt: skip
+def run_side(
+    mode: str, model: str, n: int, n_models: int, out: Path, cache: str, engine_options: dict
+) -> None:
     import jax
 
     atoms_list = structures(n)
@@ -120,15 +121,29 @@ def main() -> None:
     p.add_argument("--only", choices=["naive", "engine"], help="run one side only")
     p.add_argument("--cold-only", action="store_true", help="no engine-warm run")
     p.add_argument("--member-mapping", choices=["auto", "vmap", "map"], default="auto")
-    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="XLA option of the engine's compiled call (xla_options)")  # fmt: skip
+    p.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="XLA option of the engine's compiled call (xla_options)",
+    )
     args = p.parse_args()
-    options = {"member_mapping": args.member_mapping,
-               "xla_options": {k: _number(v) for k, v in
-                               (o.split("=", 1) for o in args.xla_option)} or None}  # fmt: skip
+    options = {
+        "member_mapping": args.member_mapping,
+        "xla_options": {k: _number(v) for k, v in (o.split("=", 1) for o in args.xla_option)}
+        or None,
+    }
     if args.side:
-        run_side(args.side, args.model, args.n, args.models, Path(args.out), args.cache,
-                 json.loads(args.engine_options))  # fmt: skip
+        run_side(
+            args.side,
+            args.model,
+            args.n,
+            args.models,
+            Path(args.out),
+            args.cache,
+            json.loads(args.engine_options),
+        )
         return
     res = {}
     sides = {"engine": "engine", "engine-warm": "engine", "naive": "naive"}
@@ -142,10 +157,24 @@ def main() -> None:
             # "engine" starts with an empty compilation cache; "engine-warm" is a second
             # process that finds the first one's compilations in the persistent cache.
             out = Path(tmp) / f"{name}.npz"
-            cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--model",
-                   args.model, "--n", str(args.n), "--models", str(args.models),
-                   "--cache", str(Path(tmp) / "jax-cache"),
-                   "--engine-options", json.dumps(options)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--out",
+                str(out),
+                "--model",
+                args.model,
+                "--n",
+                str(args.n),
+                "--models",
+                str(args.models),
+                "--cache",
+                str(Path(tmp) / "jax-cache"),
+                "--engine-options",
+                json.dumps(options),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")

@@ -43,8 +43,9 @@ class NaiveEnsemble(Calculator):
         from nequix.calculator import NequixCalculator
 
         super().__init__()
-        self.calcs = [NequixCalculator(model_path=str(p), backend="jax", use_kernel=False)
-                      for p in paths]  # fmt: skip
+        self.calcs = [
+            NequixCalculator(model_path=str(p), backend="jax", use_kernel=False) for p in paths
+        ]
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -84,13 +85,23 @@ def walker_table(paths: list[Path], args) -> None:
     options = {"member_mapping": args.member_mapping, "xla_options": xla or None}
     ens = Ensemble.from_specs(paths, EnsembleSettings(compilation_cache_dir=None, **options))
     # every walker runs to the end: no uncertainty or physics stops (random-weight models)
-    common = dict(temperatures_K=[600.0], timestep_fs=2.0, check_every=args.warmup,
-                  sample_every=args.warmup, stop_force_dev=None, stop_min_distance_A=0.01,
-                  max_temperature_factor=1e6)  # fmt: skip
-    print(f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps, "
-          f"engine {options}")  # fmt: skip
-    print("| cell | walkers | one at a time: steps/s | batched: walker-steps/s | speed-up | "
-          "batched s/step | waiting on the ensemble | batched warm-up (s) |")  # fmt: skip
+    common = dict(
+        temperatures_K=[600.0],
+        timestep_fs=2.0,
+        check_every=args.warmup,
+        sample_every=args.warmup,
+        stop_force_dev=None,
+        stop_min_distance_A=0.01,
+        max_temperature_factor=1e6,
+    )
+    print(
+        f"\nwalkers on {device}: {args.walker_steps} steps after {args.warmup} warm-up steps, "
+        f"engine {options}"
+    )
+    print(
+        "| cell | walkers | one at a time: steps/s | batched: walker-steps/s | speed-up | "
+        "batched s/step | waiting on the ensemble | batched warm-up (s) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for reps in [{"Cu32": (2, 2, 2), "Cu108": (3, 3, 3)}[c] for c in args.cells]:
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
@@ -103,8 +114,10 @@ def walker_table(paths: list[Path], args) -> None:
         single = args.walker_steps / (time.perf_counter() - t0)
         for n in args.walkers:
             if n * len(atoms) > args.max_batch_atoms:
-                print(f"| Cu{len(atoms)} | {n} | {single:.1f} | not run (> --max-batch-atoms) "
-                      "| | | | |")  # fmt: skip
+                print(
+                    f"| Cu{len(atoms)} | {n} | {single:.1f} | not run (> --max-batch-atoms) "
+                    "| | | | |"
+                )
                 continue
             jobs = [(atoms, 600.0, None, seed, "bench") for seed in range(n)]
             t0 = time.perf_counter()
@@ -116,9 +129,11 @@ def walker_table(paths: list[Path], args) -> None:
             wall = time.perf_counter() - t0
             assert all(t.stop_reason == "completed" for t in trajs), "a walker stopped early"
             rate = n * args.walker_steps / wall
-            print(f"| Cu{len(atoms)} | {n} | {single:.1f} | {rate:.1f} | **{rate / single:.1f}x** "
-                  f"| {wall / args.walker_steps:.4f} | {batch.seconds / wall:.0%} | {warmup:.1f} |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| Cu{len(atoms)} | {n} | {single:.1f} | {rate:.1f} | **{rate / single:.1f}x** "
+                f"| {wall / args.walker_steps:.4f} | {batch.seconds / wall:.0%} | {warmup:.1f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -130,16 +145,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--members", type=int, default=4)
-    p.add_argument("--tables", nargs="+", choices=["naive", "walkers"],
-                   default=["naive", "walkers"])  # fmt: skip
+    p.add_argument(
+        "--tables", nargs="+", choices=["naive", "walkers"], default=["naive", "walkers"]
+    )
     p.add_argument("--walkers", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--walker-steps", type=int, default=20)
     p.add_argument("--cells", nargs="+", choices=["Cu32", "Cu108"], default=["Cu32", "Cu108"])
     p.add_argument("--member-mapping", choices=["auto", "vmap", "map"], default="auto")
-    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=INT",
-                   help="XLA option of the engine's compiled call (xla_options)")  # fmt: skip
-    p.add_argument("--max-batch-atoms", type=int, default=30000,
-                   help="skip walker counts whose batch holds more atoms")  # fmt: skip
+    p.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="XLA option of the engine's compiled call (xla_options)",
+    )
+    p.add_argument(
+        "--max-batch-atoms",
+        type=int,
+        default=30000,
+        help="skip walker counts whose batch holds more atoms",
+    )
     args = p.parse_args()
     arch = ArchitectureSettings().model_dump()
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,14 +174,18 @@ def main() -> None:
             paths.append(Path(tmp) / f"m{seed}.nqx")
             save_model(paths[-1], module, config)
         settings = EnsembleSettings(compilation_cache_dir=None)
-        print(f"{args.members} members ({arch['hidden_irreps']}, {arch['n_layers']} layers), "
-              f"{args.steps} Langevin steps after {args.warmup} warm-up steps")  # fmt: skip
+        print(
+            f"{args.members} members ({arch['hidden_irreps']}, {arch['n_layers']} layers), "
+            f"{args.steps} Langevin steps after {args.warmup} warm-up steps"
+        )
         if "walkers" in args.tables:
             walker_table(paths, args)
         if "naive" not in args.tables:
             return
-        print("| cell | naive steps/s | engine steps/s | speed-up | naive warm-up (s) | "
-              "engine warm-up (s) | max |Δx| (Å) |")  # fmt: skip
+        print(
+            "| cell | naive steps/s | engine steps/s | speed-up | naive warm-up (s) | "
+            "engine warm-up (s) | max |Δx| (Å) |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for reps in ((2, 2, 2), (3, 3, 3)):
             atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
@@ -170,11 +199,15 @@ def main() -> None:
                 et += timed(engine, 10)
             ns, es = args.steps // 10 * 10 / nt, args.steps // 10 * 10 / et
             dx = np.abs(naive.atoms.positions - engine.atoms.positions).max()
-            print(f"| Cu{len(atoms)} | {ns:.2f} | {es:.2f} | **{es / ns:.1f}x** | {nw:.1f} | "
-                  f"{ew:.1f} | {dx:.1e} |")  # fmt: skip
+            print(
+                f"| Cu{len(atoms)} | {ns:.2f} | {es:.2f} | **{es / ns:.1f}x** | {nw:.1f} | "
+                f"{ew:.1f} | {dx:.1e} |"
+            )
             calls = args.steps + args.warmup + 1
-            print(f"  engine: {calc.neighbours.builds} neighbour-list builds in {calls} calls, "
-                  f"edge capacity {calc.edge_capacity}")  # fmt: skip
+            print(
+                f"  engine: {calc.neighbours.builds} neighbour-list builds in {calls} calls, "
+                f"edge capacity {calc.edge_capacity}"
+            )
 
 
 if __name__ == "__main__":

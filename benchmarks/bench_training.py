@@ -51,8 +51,9 @@ def emt_set(n: int, seed: int):
 def held_out(outdir: Path, test_path: Path) -> dict:
     from nequix_fw.validation import validate
 
-    rep = validate(sorted(outdir.glob("member_*.nqx")), [test_path], outdir / "val.json",
-                   plots=False)  # fmt: skip
+    rep = validate(
+        sorted(outdir.glob("member_*.nqx")), [test_path], outdir / "val.json", plots=False
+    )
     return {
         "force_rmse": rep["ensemble_mean"]["forces_eV_per_A"]["rmse"],
         "spearman": rep["uncertainty"]["spearman_max_force_dev_vs_max_force_error"],
@@ -90,14 +91,35 @@ def compilation_cache(train: Path, tmp: Path) -> None:
     """Wall time of a fresh `train-ensemble` process: no cache, an empty cache, a filled one."""
     nfw = Path(sys.executable).parent / "nequix-fw"
     rows = []
-    for name, cache in (("no cache", None), ("empty cache", tmp / "cache"),
-                        ("filled cache", tmp / "cache")):  # fmt: skip
+    for name, cache in (
+        ("no cache", None),
+        ("empty cache", tmp / "cache"),
+        ("filled cache", tmp / "cache"),
+    ):
         cfg = tmp / "train.yaml"
         cfg.write_text(f"train_ensemble: {{compilation_cache_dir: {cache or 'null'}}}\n")
         t0 = time.perf_counter()
-        subprocess.run([nfw, "train-ensemble", "--dataset", train, "--outdir", tmp / "m",
-                        "--config", cfg, "--n-models", "1", "--epochs", "1", "--no-progress",
-                        "--overwrite", "--no-torch"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                nfw,
+                "train-ensemble",
+                "--dataset",
+                train,
+                "--outdir",
+                tmp / "m",
+                "--config",
+                cfg,
+                "--n-models",
+                "1",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--overwrite",
+                "--no-torch",
+            ],
+            check=True,
+            capture_output=True,
+        )
         rows.append((name, time.perf_counter() - t0))
     print("train-ensemble, 1 member, 1 epoch, default architecture, a fresh process each")
     print(f"{'':14s}{'wall (s)':>9s}{'saved':>7s}")
@@ -124,15 +146,24 @@ def main() -> None:
         common = dict(n_models=4, epochs=args.epochs, batch_size=4)
         rows = {
             "sequential": run(tmp / "train.extxyz", tmp / "test.extxyz", tmp / "seq", **common),
-            f"parallel x{args.workers}": run(tmp / "train.extxyz", tmp / "test.extxyz",
-                                             tmp / "par", n_workers=args.workers, **common),
-        }  # fmt: skip
+            f"parallel x{args.workers}": run(
+                tmp / "train.extxyz",
+                tmp / "test.extxyz",
+                tmp / "par",
+                n_workers=args.workers,
+                **common,
+            ),
+        }
         if args.strategies:
             for strategy in ("seeds", "splits", "bootstrap"):
                 rows[f"strategy {strategy}"] = run(
-                    tmp / "train.extxyz", tmp / "test.extxyz", tmp / strategy,
-                    strategy=strategy, n_workers=args.workers, **common,
-                )  # fmt: skip
+                    tmp / "train.extxyz",
+                    tmp / "test.extxyz",
+                    tmp / strategy,
+                    strategy=strategy,
+                    n_workers=args.workers,
+                    **common,
+                )
     print(f"4 members, {args.n_train} structures of 32 atoms, {args.epochs} epochs")
     head = f"{'':20s}{'wall (s)':>9s}{'s/member':>9s}{'compile':>8s}{'struct/s':>9s}"
     print(head + f"{'RSS (MB)':>9s}{'F RMSE':>8s}{'Spearman':>9s}")

@@ -97,15 +97,51 @@ def main() -> None:
         ase.io.write(work / "validation_structures" / f"si8_{i}.vasp", a, format="vasp")
     today = datetime.date.today().isoformat()
     lpad = [BIN / "lpad", "-l", "my_launchpad.yaml"]
-    _run([nfw, "db", "start", "--dir", "db", "--launchpad", "my_launchpad.yaml", "--name",
-          "cp2k_si"], work)  # fmt: skip
+    _run(
+        [
+            nfw,
+            "db",
+            "start",
+            "--dir",
+            "db",
+            "--launchpad",
+            "my_launchpad.yaml",
+            "--name",
+            "cp2k_si",
+        ],
+        work,
+    )
     try:
-        t_val = _run([nfw, "label", "--config", "campaign.yaml", "--structures",
-                      "validation_structures", "--output", "validation_labels"], work)  # fmt: skip
-        _run([nfw, "update-dataset", "--new", "validation_labels", "--dataset",
-              "validation_set"], work)  # fmt: skip
-        _run([nfw, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml",
-              "--write", "wf.yaml"], work)  # fmt: skip
+        t_val = _run(
+            [
+                nfw,
+                "label",
+                "--config",
+                "campaign.yaml",
+                "--structures",
+                "validation_structures",
+                "--output",
+                "validation_labels",
+            ],
+            work,
+        )
+        _run(
+            [nfw, "update-dataset", "--new", "validation_labels", "--dataset", "validation_set"],
+            work,
+        )
+        _run(
+            [
+                nfw,
+                "campaign",
+                "--config",
+                "campaign.yaml",
+                "--launchpad",
+                "my_launchpad.yaml",
+                "--write",
+                "wf.yaml",
+            ],
+            work,
+        )
         _run([*lpad, "reset", "--password", today], work)
         _run([*lpad, "add", "wf.yaml"], work)
         t_campaign = _run([BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"], work)
@@ -113,8 +149,10 @@ def main() -> None:
         times = stage_times(LaunchPad.from_file(str(work / "my_launchpad.yaml")))
     finally:
         _run([nfw, "db", "stop", "--dir", "db"], work)
-    print(f"\nheld-out set labelled in {t_val:.0f} s; campaign {t_campaign / 60:.1f} min "
-          f"({os.cpu_count()} CPUs)\n")  # fmt: skip
+    print(
+        f"\nheld-out set labelled in {t_val:.0f} s; campaign {t_campaign / 60:.1f} min "
+        f"({os.cpu_count()} CPUs)\n"
+    )
     print("| iteration | " + " | ".join(STAGES) + " |")
     print("| ---: |" + " ---: |" * len(STAGES))
     for k in sorted(times):

@@ -51,13 +51,15 @@ def held_out(seed: int) -> list:
             a = start.copy()
             a.calc = EMT()
             thermalize_momenta(a, temperature, rng=rng)
-            dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng,
-                           fixcm=False)  # fmt: skip
+            dyn = Langevin(
+                a, 2 * units.fs, temperature_K=temperature, friction=0.02, rng=rng, fixcm=False
+            )
             for _ in range(2):
                 dyn.run(100)
                 out.append(Atoms(a.numbers, a.positions, cell=a.cell, pbc=True))
-        out += distorted_copies(start, 2, rattle_std=0.1, strain_max=0.02, seed=seed + k,
-                                rattle_distribution="uniform")  # fmt: skip
+        out += distorted_copies(
+            start, 2, rattle_std=0.1, strain_max=0.02, seed=seed + k, rattle_distribution="uniform"
+        )
     return out
 
 
@@ -74,8 +76,9 @@ def main(kind: str, outdir: str) -> None:
         frames = held_out(200)
         for a in frames:
             a.calc = EMT()
-            labels = dict(energy=a.get_potential_energy(), forces=a.get_forces(),
-                          stress=a.get_stress())  # fmt: skip
+            labels = dict(
+                energy=a.get_potential_energy(), forces=a.get_forces(), stress=a.get_stress()
+            )
             a.calc = SinglePointCalculator(a, **labels)
         ase.io.write(out / "testset_emt.extxyz", frames)
     else:

@@ -63,8 +63,13 @@ class CampaignLog:
     """Where a campaign's stages report: one record per iteration in <directory>/campaign.json
     and, with a database, in the store of campaign `name`."""
 
-    def __init__(self, directory: str | Path, name: str, db: Database | None = None,
-                 launchpad: str | Path | None = None):  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        name: str,
+        db: Database | None = None,
+        launchpad: str | Path | None = None,
+    ):
         """`db`: the database of the LaunchPad running a FireTask; `launchpad`: the LaunchPad
         file (the store's database when there is no `db`; its path goes into campaign.json)."""
         self.directory = Path(directory)
@@ -130,8 +135,9 @@ class Campaign:
         self.directory = Path(self.settings.directory)
         self.log = CampaignLog(self.directory, self.settings.name, db, self.settings.launchpad)
 
-    def section_values(self, name: str, k: int | None = None,
-                       system: SystemSettings | None = None) -> dict:  # fmt: skip
+    def section_values(
+        self, name: str, k: int | None = None, system: SystemSettings | None = None
+    ) -> dict:
         """The values of section `name` as given (``>>key<<`` placeholders kept): at iteration
         `k` with the schedule's entries up to k (and the stage's), and for `system` with its
         own."""
@@ -263,8 +269,13 @@ class SystemCandidates:
     output: Path
 
 
-def explore_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
-                  systems: list[SystemExploration]) -> dict:  # fmt: skip
+def explore_stage(
+    log: CampaignLog,
+    k: int,
+    models: list[str],
+    ensemble: EnsembleSettings,
+    systems: list[SystemExploration],
+) -> dict:
     """MD, distortions and random packings from each system's starts with the ensemble of
     `models` (that of iteration k-1)."""
     engine = Ensemble.from_specs(models, ensemble)
@@ -275,13 +286,22 @@ def explore_stage(log: CampaignLog, k: int, models: list[str], ensemble: Ensembl
         counts[system.name] = len(manifest["frames"])
         stops.update(stop_counts(manifest["trajectories"]))
     if None not in counts:
-        return log.record(k, n_candidates=sum(counts.values()), trajectory_stops=dict(stops),
-                          system_candidates=counts)  # fmt: skip
+        return log.record(
+            k,
+            n_candidates=sum(counts.values()),
+            trajectory_stops=dict(stops),
+            system_candidates=counts,
+        )
     return log.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
 
 
-def run_ensemble_stage(log: CampaignLog, k: int, models: list[str], ensemble: EnsembleSettings,
-                   systems: list[SystemCandidates]) -> dict:  # fmt: skip
+def run_ensemble_stage(
+    log: CampaignLog,
+    k: int,
+    models: list[str],
+    ensemble: EnsembleSettings,
+    systems: list[SystemCandidates],
+) -> dict:
     """The ensemble of `models` (iteration k-1's) on each system's candidates."""
     n = 0
     for system in systems:
@@ -291,8 +311,9 @@ def run_ensemble_stage(log: CampaignLog, k: int, models: list[str], ensemble: En
         )
         if not inputs:
             where = f" of system {system.name}" if system.name else ""
-            raise FileNotFoundError(f"no candidates{where}: enable exploration or give a "
-                                    "candidate_pool")  # fmt: skip
+            raise FileNotFoundError(
+                f"no candidates{where}: enable exploration or give a candidate_pool"
+            )
         summary = run_ensemble(models, inputs, system.output, ensemble, progress=False)
         n += summary.get("n_structures") or 0
     return log.record(k, n_evaluated=n)
@@ -310,28 +331,39 @@ def select_stage(c: Campaign, k: int) -> dict:
         settings = c.section(SelectionSettings, k, system)
         update: dict = {"seed": settings.seed + k}  # new random draws every iteration
         if settings.lo == "auto":  # from the calibration of the ensemble that predicted
-            update["lo"] = resolve_lo(settings, c.iteration_record(k - 1).get("calibration"),
-                                      f"the validation of iteration {k - 1}")  # fmt: skip
+            update["lo"] = resolve_lo(
+                settings,
+                c.iteration_record(k - 1).get("calibration"),
+                f"the validation of iteration {k - 1}",
+            )
         settings = settings.model_copy(update=update)
         if settings.diverse and known is None:  # keep away from the training set
             data = read_labelled([c.dataset], c.datasets, allow_mixed=True)
             known = [x.frame.atoms for x in data]
-        manifest = select_from_results(c.results_file(k, system),
-                                       c.stage_dir(k, "select", system), settings, labelled,
-                                       known)  # fmt: skip
+        manifest = select_from_results(
+            c.results_file(k, system), c.stage_dir(k, "select", system), settings, labelled, known
+        )
         labelled = labelled | {e["id"] for e in manifest["structures"] if e["selected"]}
         name = system.name if system else None
         manifests[name] = manifest
         n = manifest["counts"]["selected"]
-        systems[name] = {"selection": manifest["counts"], "n_selected": n,
-                         "selection_lo": settings.lo}  # fmt: skip
+        systems[name] = {
+            "selection": manifest["counts"],
+            "n_selected": n,
+            "selection_lo": settings.lo,
+        }
     if c.store is not None:
         c.store.save_selection(k, manifests[None] if None in manifests else {"systems": manifests})
-    counts = {key: sum(m["counts"][key] for m in manifests.values())
-              for key in next(iter(manifests.values()))["counts"]}  # fmt: skip
+    counts = {
+        key: sum(m["counts"][key] for m in manifests.values())
+        for key in next(iter(manifests.values()))["counts"]
+    }
     first = c.section(SelectionSettings, k)
-    entries = {"selection": counts, "n_selected": counts["selected"],
-               "selection_method": first.method}  # fmt: skip
+    entries = {
+        "selection": counts,
+        "n_selected": counts["selected"],
+        "selection_method": first.method,
+    }
     if c.settings.systems:
         return c.record(k, **entries, systems=systems)
     return c.record(k, **entries, selection_lo=systems[None]["selection_lo"])
@@ -350,30 +382,47 @@ def label_groups(c: Campaign, n_structures: int) -> list[int | None]:
     return list(range(ceil(n_structures / size)))
 
 
-def label_stage(log: CampaignLog, k: int, structures: Path, output: Path,
-                settings: LabellingSettings, env: dict | None = None,
-                group: tuple[int, int] | None = None) -> dict:  # fmt: skip
+def label_stage(
+    log: CampaignLog,
+    k: int,
+    structures: Path,
+    output: Path,
+    settings: LabellingSettings,
+    env: dict | None = None,
+    group: tuple[int, int] | None = None,
+) -> dict:
     """Label iteration k's `structures` (one `group` = (index, size) of them) into `output`;
     the dataset stage records the counts of all groups."""
-    summary = label_structures(structures, output, make_backend(settings, env), settings,
-                               iteration=k, progress=False, group=group)  # fmt: skip
+    summary = label_structures(
+        structures,
+        output,
+        make_backend(settings, env),
+        settings,
+        iteration=k,
+        progress=False,
+        group=group,
+    )
     if log.store is not None:  # this group's task documents
         tasks = [output / sid / "task.json" for sid in summary["structure_ids"]]
         log.store.save_label_tasks(k, [json.loads(p.read_text()) for p in tasks])
     return summary
 
 
-def update_dataset_stage(log: CampaignLog, k: int, labels: Path, dataset: str,
-                  max_failed_fraction: float | None) -> dict:  # fmt: skip
+def update_dataset_stage(
+    log: CampaignLog, k: int, labels: Path, dataset: str, max_failed_fraction: float | None
+) -> dict:
     """Add iteration k's `labels` (all groups) to `dataset`, unless more than
     `max_failed_fraction` failed: then the record carries the stop reason and nothing is
     added."""
     parts = [json.loads(p.read_text()) for p in sorted(labels.glob("summary*.json"))]
-    counts = {"n_labelled": sum(p["n_success"] for p in parts),
-              "n_label_failures": sum(p["n_failed"] for p in parts),
-              "n_label_reused": sum(p["n_reused"] for p in parts)}  # fmt: skip
-    stop = labelling_stop(labels, counts["n_labelled"], counts["n_label_failures"],
-                          max_failed_fraction)  # fmt: skip
+    counts = {
+        "n_labelled": sum(p["n_success"] for p in parts),
+        "n_label_failures": sum(p["n_failed"] for p in parts),
+        "n_label_reused": sum(p["n_reused"] for p in parts),
+    }
+    stop = labelling_stop(
+        labels, counts["n_labelled"], counts["n_label_failures"], max_failed_fraction
+    )
     if stop:
         return log.record(k, **counts, stop_reason=stop)
     s = update_dataset(labels, dataset, iteration=k, store=log.datasets)
@@ -394,8 +443,10 @@ def labelling_stop(labels: Path, n_ok: int, n_failed: int, limit: float | None) 
     n = n_ok + n_failed
     if limit is None or not n or n_failed / n <= limit:
         return None
-    return (f"labelling failed for {n_failed} of {n} structures (more than {limit:.0%}, "
-            f"label.max_failed_fraction): reasons in {labels}/*/task.json")  # fmt: skip
+    return (
+        f"labelling failed for {n_failed} of {n} structures (more than {limit:.0%}, "
+        f"label.max_failed_fraction): reasons in {labels}/*/task.json"
+    )
 
 
 def train_ensemble_stage(
@@ -409,9 +460,16 @@ def train_ensemble_stage(
 ) -> dict:
     """Train iteration k's ensemble on `dataset` into `output`: fine-tuned from
     `finetune_from`, warm-started from the members in `warm_start`, or from scratch."""
-    metas = train_ensemble([dataset], output, settings, finetune_from=finetune_from,
-                           warm_start=warm_start, overwrite=True, progress=False,
-                           store=log.datasets)  # fmt: skip
+    metas = train_ensemble(
+        [dataset],
+        output,
+        settings,
+        finetune_from=finetune_from,
+        warm_start=warm_start,
+        overwrite=True,
+        progress=False,
+        store=log.datasets,
+    )
     if log.store is not None:
         log.store.save_members(k, output, metas)
     losses = [m["best_valid"]["loss"] for m in metas]
@@ -429,19 +487,31 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     if checks.reference == LABEL_REFERENCE:
         reference_data = [reference_ev_set(c, checks, env)]
     output = c.stage_dir(k, "validate") / "validation.json"
-    report = validate(c.models(k), c.settings.testset, output, reference=checks.reference,
-                      reference_params=checks.reference_params, ev_structure=checks.structure,
-                      reference_data=reference_data, store=c.datasets,
-                      settings=c.section(EnsembleSettings, k), validation=checks)  # fmt: skip
+    report = validate(
+        c.models(k),
+        c.settings.testset,
+        output,
+        reference=checks.reference,
+        reference_params=checks.reference_params,
+        ev_structure=checks.structure,
+        reference_data=reference_data,
+        store=c.datasets,
+        settings=c.section(EnsembleSettings, k),
+        validation=checks,
+    )
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
-    record = c.record(k, validation={
-        "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
-        "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
-    }, calibration=(report.get("uncertainty") or {}).get("calibration"),
-       md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
-       properties=_property_errors(report.get("physics")))  # fmt: skip
+    record = c.record(
+        k,
+        validation={
+            "energy_rmse_meV_per_atom": mean["energy_per_atom_meV"]["rmse"],
+            "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
+        },
+        calibration=(report.get("uncertainty") or {}).get("calibration"),
+        md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
+        properties=_property_errors(report.get("physics")),
+    )
     plot_progress(c.directory)
     return record
 
@@ -456,8 +526,15 @@ def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) 
         structure = read_labelled(c.settings.testset, c.datasets)[0].frame.atoms
     to = f"{c.dataset}_reference_ev"
     settings = c.section(LabellingSettings, 0)
-    label_ev_set(structure, to, make_backend(settings, env), settings,
-                 c.directory / "reference_ev", store=c.datasets, progress=False)  # fmt: skip
+    label_ev_set(
+        structure,
+        to,
+        make_backend(settings, env),
+        settings,
+        c.directory / "reference_ev",
+        store=c.datasets,
+        progress=False,
+    )
     return to
 
 
@@ -466,9 +543,11 @@ def _property_errors(physics: dict | None) -> dict | None:
     if not physics:
         return None
     vacancy = physics.get("vacancy") or {}
-    return {"v0_percent": physics["v0_error_percent"],
-            "bulk_modulus_percent": physics["bulk_modulus_error_percent"],
-            "vacancy_formation_eV": vacancy.get("error_eV")}  # fmt: skip
+    return {
+        "v0_percent": physics["v0_error_percent"],
+        "bulk_modulus_percent": physics["bulk_modulus_error_percent"],
+        "vacancy_formation_eV": vacancy.get("error_eV"),
+    }
 
 
 def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
@@ -483,8 +562,9 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
     if stage is None:
         return selection_stop(c, k, record), True
     n = record["n_selected"]
-    why = _converged(record["selection"], n, c.settings.stages[stage].accurate_fraction,
-                     c.settings.min_selected)  # fmt: skip
+    why = _converged(
+        record["selection"], n, c.settings.stages[stage].accurate_fraction, c.settings.min_selected
+    )
     c.record(k, stage=stage, stage_converged=why)
     if why is None:
         return None, True
@@ -526,15 +606,18 @@ def _every_system_converged(systems: dict) -> str | None:
     return f"converged: every system ({why})"
 
 
-def _converged(counts: dict, n_selected: int, accurate_fraction: float | None,
-               min_selected: int) -> str | None:  # fmt: skip
+def _converged(
+    counts: dict, n_selected: int, accurate_fraction: float | None, min_selected: int
+) -> str | None:
     """Why a selection (its class `counts`) shows convergence: at least `accurate_fraction` of
     the candidates accurate (DP-GEN's measure), or fewer than `min_selected` selected."""
     n_candidates = counts["accurate"] + counts["candidate"] + counts["failed"]
     if accurate_fraction is not None and n_candidates:
         if counts["accurate"] / n_candidates >= accurate_fraction:
-            return (f"{counts['accurate']} of {n_candidates} candidates accurate "
-                    f"(>= {accurate_fraction:.0%})")  # fmt: skip
+            return (
+                f"{counts['accurate']} of {n_candidates} candidates accurate "
+                f"(>= {accurate_fraction:.0%})"
+            )
     if n_selected < min_selected:
         return f"{n_selected} selected (< {min_selected})"
     return None
@@ -542,8 +625,12 @@ def _converged(counts: dict, n_selected: int, accurate_fraction: float | None,
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
     """Why the campaign stops after iteration k's selection (None: label and train)."""
-    why = _converged(record["selection"], record["n_selected"], c.settings.accurate_fraction,
-                     c.settings.min_selected)  # fmt: skip
+    why = _converged(
+        record["selection"],
+        record["n_selected"],
+        c.settings.accurate_fraction,
+        c.settings.min_selected,
+    )
     return f"converged: {why}" if why else None
 
 

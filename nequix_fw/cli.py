@@ -91,10 +91,15 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
         save_torch=False if args.no_torch else (True if args.save_torch else None),
     )
     metas = train_ensemble(
-        args.dataset, args.outdir, settings, finetune_from=args.finetune_from,
-        warm_start=args.warm_start, overwrite=args.overwrite, progress=not args.no_progress,
+        args.dataset,
+        args.outdir,
+        settings,
+        finetune_from=args.finetune_from,
+        warm_start=args.warm_start,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
         store=_store(args),
-    )  # fmt: skip
+    )
     for m in metas:
         best = m["best_valid"]
         print(
@@ -111,16 +116,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from nequix_fw.validation import validate
 
     checks = load_settings(
-        args.config, ValidationSettings, md_stability=True if args.md_stability else None,
+        args.config,
+        ValidationSettings,
+        md_stability=True if args.md_stability else None,
         **_settings_from(args, ValidationSettings),
-    )  # fmt: skip
+    )
     report = validate(
-        args.models, args.testset, args.output, error_threshold=args.error_threshold,
-        reference=checks.reference, reference_params=checks.reference_params,
-        ev_structure=checks.structure, reference_data=checks.reference_data,
-        plots=not args.no_plots, store=_store(args), allow_mixed=args.allow_mixed,
-        validation=checks, progress=not args.no_progress,
-    )  # fmt: skip
+        args.models,
+        args.testset,
+        args.output,
+        error_threshold=args.error_threshold,
+        reference=checks.reference,
+        reference_params=checks.reference_params,
+        ev_structure=checks.structure,
+        reference_data=checks.reference_data,
+        plots=not args.no_plots,
+        store=_store(args),
+        allow_mixed=args.allow_mixed,
+        validation=checks,
+        progress=not args.no_progress,
+    )
     mean = report["ensemble_mean"]
     line = (
         f"ensemble mean on {report['n_structures']} structures: energy RMSE "
@@ -143,16 +158,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         n_ok = sum(r["stop_reason"] == "stable" for r in md["runs"])
         stops = ", ".join(sorted({r["stop_reason"] for r in md["runs"]} - {"stable"}))
         others = f" (others: {stops})" if stops else ""
-        print(f"MD stability at {md['temperature_K']:g} K: {n_ok} of {md['n_runs']} runs stable "
-              f"for {md['length_fs'] / 1000:g} ps{others}")  # fmt: skip
+        print(
+            f"MD stability at {md['temperature_K']:g} K: {n_ok} of {md['n_runs']} runs stable "
+            f"for {md['length_fs'] / 1000:g} ps{others}"
+        )
     phys = report.get("physics")
     if phys and phys["v0_error_percent"] is None:
-        print(f"E-V of {phys['formula']} against {phys['reference']}: the model's curve has no "
-              f"fit ({phys['ev_model']['fit_error']})")  # fmt: skip
+        print(
+            f"E-V of {phys['formula']} against {phys['reference']}: the model's curve has no "
+            f"fit ({phys['ev_model']['fit_error']})"
+        )
     elif phys:
-        print(f"E-V of {phys['formula']} against {phys['reference']}: V0 error "
-              f"{phys['v0_error_percent']:+.2f} %, B0 error "
-              f"{phys['bulk_modulus_error_percent']:+.1f} %")  # fmt: skip
+        print(
+            f"E-V of {phys['formula']} against {phys['reference']}: V0 error "
+            f"{phys['v0_error_percent']:+.2f} %, B0 error "
+            f"{phys['bulk_modulus_error_percent']:+.1f} %"
+        )
     print(f"report -> {args.output}")
     return 0
 
@@ -163,9 +184,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
     summary = label_structures(
-        args.structures, args.output, backend, settings,
-        iteration=args.iteration, progress=not args.no_progress,
-    )  # fmt: skip
+        args.structures,
+        args.output,
+        backend,
+        settings,
+        iteration=args.iteration,
+        progress=not args.no_progress,
+    )
     reused = f" ({summary['n_reused']} from an earlier run)" if summary["n_reused"] else ""
     print(
         f"labelled {summary['n_success']} of {summary['n_structures']} structures with "
@@ -214,8 +239,12 @@ def _labelling_settings(args: argparse.Namespace):
             params = json.loads(args.calculator_params)
         except json.JSONDecodeError as exc:
             raise SettingsError(f"--calculator-params is not valid JSON ({exc})") from None
-    return load_settings(args.config, LabellingSettings, calculator_params=params,
-                         **_settings_from(args, LabellingSettings))  # fmt: skip
+    return load_settings(
+        args.config,
+        LabellingSettings,
+        calculator_params=params,
+        **_settings_from(args, LabellingSettings),
+    )
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
@@ -224,13 +253,22 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
 
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
-    r = relabel(args.dataset, args.to, backend, settings, args.output, _store(args),
-                progress=not args.no_progress)  # fmt: skip
+    r = relabel(
+        args.dataset,
+        args.to,
+        backend,
+        settings,
+        args.output,
+        _store(args),
+        progress=not args.no_progress,
+    )
     lab, ds = r["labels"], r["dataset"]
     reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
-    print(f"relabelled {lab['n_success']} of {lab['n_structures']} structures with "
-          f"{lab['backend']}{reused}; {lab['n_failed']} failed; added {ds['n_added']} "
-          f"({ds['n_duplicates']} already there); {ds['n_total']} in {ds['dataset']}")  # fmt: skip
+    print(
+        f"relabelled {lab['n_success']} of {lab['n_structures']} structures with "
+        f"{lab['backend']}{reused}; {lab['n_failed']} failed; added {ds['n_added']} "
+        f"({ds['n_duplicates']} already there); {ds['n_total']} in {ds['dataset']}"
+    )
     for f in lab["failed"]:
         print(f"  failed {f['structure_id']}: {f['reason']}")
     return 0
@@ -244,13 +282,22 @@ def _cmd_ev_set(args: argparse.Namespace) -> int:
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
     structure = next(iter_frames([args.structure])).atoms
-    r = label_ev_set(structure, args.to, backend, settings, args.output, _store(args),
-                     progress=not args.no_progress)  # fmt: skip
+    r = label_ev_set(
+        structure,
+        args.to,
+        backend,
+        settings,
+        args.output,
+        _store(args),
+        progress=not args.no_progress,
+    )
     lab, ds = r["labels"], r["dataset"]
     reused = f" ({lab['n_reused']} from an earlier run)" if lab["n_reused"] else ""
-    print(f"E-V set of {structure.get_chemical_formula()}: labelled {lab['n_success']} of "
-          f"{lab['n_structures']} volumes with {lab['backend']}{reused}; {ds['n_total']} in "
-          f"{ds['dataset']} (validate --reference-data {args.to})")  # fmt: skip
+    print(
+        f"E-V set of {structure.get_chemical_formula()}: labelled {lab['n_success']} of "
+        f"{lab['n_structures']} volumes with {lab['backend']}{reused}; {ds['n_total']} in "
+        f"{ds['dataset']} (validate --reference-data {args.to})"
+    )
     return 0
 
 
@@ -279,13 +326,20 @@ def _cmd_explore(args: argparse.Namespace) -> int:
 
     values = _settings_from(args, ExplorationSettings)
     settings = load_settings(
-        args.config, ExplorationSettings, **values,
+        args.config,
+        ExplorationSettings,
+        **values,
         substitutions=_pairs(args.substitute, "--substitute", "OLD:NEW"),
         random_packing=_random_packing(args.random),
-    )  # fmt: skip
-    shaping = {"rattle_A": "--rattle", "strain_max": "--strain",
-               "strain_volumetric": "--strain-volumetric", "strain_shear": "--strain-shear",
-               "vacancies": "--vacancies", "substitutions": "--substitute"}  # fmt: skip
+    )
+    shaping = {
+        "rattle_A": "--rattle",
+        "strain_max": "--strain",
+        "strain_volumetric": "--strain-volumetric",
+        "strain_shear": "--strain-shear",
+        "vacancies": "--vacancies",
+        "substitutions": "--substitute",
+    }
     values["substitutions"] = args.substitute
     asked = [flag for field, flag in shaping.items() if values.get(field) is not None]
     if asked and not settings.n_distortions:
@@ -293,8 +347,13 @@ def _cmd_explore(args: argparse.Namespace) -> int:
             f"{asked[0]} shapes distorted copies, but none are made: give --distortions N"
         )
     ensemble = Ensemble.from_specs(args.models)
-    manifest = explore(ensemble, list(iter_frames(args.structures)), args.output, settings,
-                       progress=not args.no_progress)  # fmt: skip
+    manifest = explore(
+        ensemble,
+        list(iter_frames(args.structures)),
+        args.output,
+        settings,
+        progress=not args.no_progress,
+    )
     reasons = stop_counts(manifest["trajectories"])
     stops = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
     print(
@@ -332,8 +391,13 @@ def _random_packing(items: list[str] | None) -> list[dict] | None:
         try:
             if len(parts) not in (2, 3):
                 raise ValueError
-            out.append({"composition": parts[0], "density_g_cm3": float(parts[1]),
-                        "n_structures": int(parts[2]) if len(parts) == 3 else 1})  # fmt: skip
+            out.append(
+                {
+                    "composition": parts[0],
+                    "density_g_cm3": float(parts[1]),
+                    "n_structures": int(parts[2]) if len(parts) == 3 else 1,
+                }
+            )
         except ValueError:
             raise SettingsError(
                 f"--random {item!r}: expected FORMULA:DENSITY[:N], e.g. Cu16Au16:12.5:4"
@@ -357,8 +421,10 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
         with atomic_path(Path(args.write)) as tmp:
             wf.to_file(str(tmp), f_format="yaml")
-        print(f"wrote {wf.name} ({len(wf.fws)} Fireworks for iteration 0) -> {args.write}; "
-              f"add it with: lpad add {args.write}")  # fmt: skip
+        print(
+            f"wrote {wf.name} ({len(wf.fws)} Fireworks for iteration 0) -> {args.write}; "
+            f"add it with: lpad add {args.write}"
+        )
     else:
         from fireworks import LaunchPad
 
@@ -369,8 +435,10 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
             lp.reset("", require_password=False)  # a new, empty database: nothing to lose
             print(f"initialised the empty FireWorks database {lp.name}")
         ids = lp.add_wf(wf)
-        print(f"added {wf.name}: Fireworks {sorted(ids.values())}; run it with: "
-              f"rlaunch -l {args.launchpad} rapidfire (or qlaunch rapidfire)")  # fmt: skip
+        print(
+            f"added {wf.name}: Fireworks {sorted(ids.values())}; run it with: "
+            f"rlaunch -l {args.launchpad} rapidfire (or qlaunch rapidfire)"
+        )
     return 0
 
 
@@ -386,8 +454,10 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         its = CampaignStore(log["launchpad"], log["name"]).iterations() or its
         where = f"MongoDB ({log['launchpad']})"
     print(f"campaign {log['name']} (from {where})")
-    print("iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "
-          "MD stable  method       note")  # fmt: skip
+    print(
+        "iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "
+        "MD stable  method       note"
+    )
     print(" " * 51 + "(eV/Å)   (meV/atom)  factor")
 
     def cell(value, spec: str = "") -> str:
@@ -395,14 +465,16 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
 
     for it in its:
         val = it.get("validation") or {}
-        print(f"{it['iteration']:>4}  {cell(it.get('n_candidates', it.get('n_evaluated'))):>10}  "
-              f"{cell(it.get('n_selected')):>8}  {cell(it.get('n_labelled')):>8}  "
-              f"{cell(it.get('dataset_size')):>7}  "
-              f"{cell(val.get('force_rmse_eV_per_A'), '.4f'):>10}  "
-              f"{cell(val.get('energy_rmse_meV_per_atom'), '.1f'):>11}  "
-              f"{cell((it.get('calibration') or {}).get('conformal_factor'), '.2f'):>6}  "
-              f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
-              f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}")  # fmt: skip
+        print(
+            f"{it['iteration']:>4}  {cell(it.get('n_candidates', it.get('n_evaluated'))):>10}  "
+            f"{cell(it.get('n_selected')):>8}  {cell(it.get('n_labelled')):>8}  "
+            f"{cell(it.get('dataset_size')):>7}  "
+            f"{cell(val.get('force_rmse_eV_per_A'), '.4f'):>10}  "
+            f"{cell(val.get('energy_rmse_meV_per_atom'), '.1f'):>11}  "
+            f"{cell((it.get('calibration') or {}).get('conformal_factor'), '.2f'):>6}  "
+            f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
+            f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}"
+        )
     if args.plot:
         from nequix_fw.campaign import plot_progress
 
@@ -420,13 +492,18 @@ def _cmd_db(args: argparse.Namespace) -> int:
     if args.action == "status":
         st = server.status(args.dir)
         state = f"running (pid {st.pid})" if st.running else "not running"
-        print(f"{st.directory}: {state} on {st.host}:{st.port}"
-              + (", authentication on" if st.auth else ""))  # fmt: skip
+        print(
+            f"{st.directory}: {state} on {st.host}:{st.port}"
+            + (", authentication on" if st.auth else "")
+        )
         return 0 if st.running else 3
     if args.action == "stop":
         st = server.stop(args.dir)
-        print(f"{st.directory}: stopped (pid {st.pid})" if st.running
-              else f"{st.directory}: was not running")  # fmt: skip
+        print(
+            f"{st.directory}: stopped (pid {st.pid})"
+            if st.running
+            else f"{st.directory}: was not running"
+        )
         return 0
     password = None
     if args.username:
@@ -434,20 +511,26 @@ def _cmd_db(args: argparse.Namespace) -> int:
             try:
                 password = Path(args.password_file).read_text().strip()
             except OSError as exc:
-                raise SettingsError(f"{args.password_file}: cannot read the password file "
-                                    f"({exc.strerror})") from None  # fmt: skip
+                raise SettingsError(
+                    f"{args.password_file}: cannot read the password file ({exc.strerror})"
+                ) from None
         else:
             password = os.environ.get("NEQUIX_FW_DB_PASSWORD")
         if not password:
-            raise SettingsError("--username needs a password: --password-file FILE or the "
-                                "environment variable NEQUIX_FW_DB_PASSWORD")  # fmt: skip
+            raise SettingsError(
+                "--username needs a password: --password-file FILE or the "
+                "environment variable NEQUIX_FW_DB_PASSWORD"
+            )
     lp = Path(args.launchpad)
     if lp.is_dir():
         raise SettingsError(f"--launchpad {lp}: is a directory; give the LaunchPad file to write")
-    st = server.start(args.dir, args.port, args.host, args.username, password,
-                      database=args.name or None)  # fmt: skip
-    print(f"{st.directory}: MongoDB server (SecantusDB) running (pid {st.pid}) on "
-          f"{st.host}:{st.port}" + (", authentication on" if st.auth else ""))  # fmt: skip
+    st = server.start(
+        args.dir, args.port, args.host, args.username, password, database=args.name or None
+    )
+    print(
+        f"{st.directory}: MongoDB server (SecantusDB) running (pid {st.pid}) on "
+        f"{st.host}:{st.port}" + (", authentication on" if st.auth else "")
+    )
     name = st.database or DEFAULT_DATABASE
     config = server.launchpad_config(st, name, args.username, password)
     if lp.is_file():
@@ -458,8 +541,10 @@ def _cmd_db(args: argparse.Namespace) -> int:
         if not isinstance(old, dict):
             old = {}
         if old.get("host") not in (None, "localhost", "127.0.0.1", st.host):
-            print(f"{lp} points at {old.get('host')}: left as it is; for this server use host "
-                  f"{st.host}, port {st.port}")  # fmt: skip
+            print(
+                f"{lp} points at {old.get('host')}: left as it is; for this server use host "
+                f"{st.host}, port {st.port}"
+            )
             return 0
         if any(old.get(k) != config[k] for k in ("port", "name", "username", "password")):
             kept = _keep_beside(lp)  # another server's or database's file: never lost
@@ -491,8 +576,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     if args.dataset is None:
         raise SettingsError("give --dataset db:NAME or --models CAMPAIGN/ITERATION")
-    n = export_dataset(args.dataset, args.output, args.format, args.launchpad, args.iteration,
-                       args.backend, args.settings_hash)  # fmt: skip
+    n = export_dataset(
+        args.dataset,
+        args.output,
+        args.format,
+        args.launchpad,
+        args.iteration,
+        args.backend,
+        args.settings_hash,
+    )
     print(f"exported {n} structures of {args.dataset} -> {args.output} ({args.format})")
     return 0
 
@@ -568,9 +660,18 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     """The options of `label`, `relabel` and `ev-set`: most mirror the labelling settings."""
     from nequix_fw.settings import LabellingSettings
 
-    for field in ("backend", "cp2k_cmd", "cp2k_template", "vasp_cmd", "vasp_inputs",
-                  "vasp_input_set", "vasp_psp_dir", "cp2k_input_set", "command",
-                  "calculator"):  # fmt: skip
+    for field in (
+        "backend",
+        "cp2k_cmd",
+        "cp2k_template",
+        "vasp_cmd",
+        "vasp_inputs",
+        "vasp_input_set",
+        "vasp_psp_dir",
+        "cp2k_input_set",
+        "command",
+        "calculator",
+    ):
         _setting(lb, LabellingSettings, field)
     _setting(lb, LabellingSettings, "min_distance_A", "--min-distance")
     _setting(lb, LabellingSettings, "timeout_s", "--timeout")
@@ -616,8 +717,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config(r, EnsembleSettings)
     for field in ("backend", "max_edges_per_batch", "max_structures_per_batch"):
         _setting(r, EnsembleSettings, field)
-    _setting(r, EnsembleSettings, "store_per_model", "--no-per-model", action="store_const",
-             const=False, help="omit per-model energies/forces/stresses from the JSON")  # fmt: skip
+    _setting(
+        r,
+        EnsembleSettings,
+        "store_per_model",
+        "--no-per-model",
+        action="store_const",
+        const=False,
+        help="omit per-model energies/forces/stresses from the JSON",
+    )
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run_ensemble)
 
@@ -719,12 +827,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--structure", required=True, help="the (periodic) structure file")
     ev.set_defaults(func=_cmd_ev_set)
-    into = ((rl, "new dataset (directory or db:NEW)"),
-            (ev, "dataset of the E-V set (directory or db:NAME)"))  # fmt: skip
+    into = (
+        (rl, "new dataset (directory or db:NEW)"),
+        (ev, "dataset of the E-V set (directory or db:NAME)"),
+    )
     for parser, to_help in into:  # label frozen structures into a dataset, resumably
         parser.add_argument("--to", required=True, help=to_help)
-        parser.add_argument("--output", required=True,
-                            help="work directory (a rerun resumes there)")  # fmt: skip
+        parser.add_argument(
+            "--output", required=True, help="work directory (a rerun resumes there)"
+        )
         parser.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     for parser in (lb, rl, ev):  # the labelling options
         _labelling_arguments(parser)
@@ -827,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("models", nargs="+")
     m.add_argument("--full", action="store_true", help="include the architecture")
     m.set_defaults(func=_cmd_model_info)
-    return p  # fmt: skip
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,10 @@ class DatasetStore(Protocol):
 
 def _stored(spec: str | Path, store: DatasetStore | None) -> StoredDataset:
     if store is None:
-        raise StructureError(f"{spec}: a store dataset needs the store (command line: "
-                             "--launchpad FILE; Python: store=Store(launchpad))")  # fmt: skip
+        raise StructureError(
+            f"{spec}: a store dataset needs the store (command line: "
+            "--launchpad FILE; Python: store=Store(launchpad))"
+        )
     return store.dataset(str(spec))
 
 
@@ -185,13 +187,16 @@ def dataset_ids(
     if is_store_spec(dataset):
         stored = _stored(dataset, store)
         if not len(stored):
-            raise StructureError(f"{dataset}: no such dataset in the store (it holds none of "
-                                 "its structures)")  # fmt: skip
+            raise StructureError(
+                f"{dataset}: no such dataset in the store (it holds none of its structures)"
+            )
         return stored.ids(before_iteration)
     path = training_set_file(dataset)
     if not path.is_file():
-        raise StructureError(f"{dataset}: no training set there (no such file, or a directory "
-                             f"without {TRAINING_SET_FILE})")  # fmt: skip
+        raise StructureError(
+            f"{dataset}: no training set there (no such file, or a directory "
+            f"without {TRAINING_SET_FILE})"
+        )
     return {
         f.atoms.info.get("structure_id") or structure_id(f.atoms)
         for f in iter_frames([path])
@@ -206,8 +211,7 @@ def training_set_file(dataset: str | Path) -> Path:
     if path.suffix in (".extxyz", ".xyz"):
         return path
     if path.is_file():
-        raise StructureError(f"{path}: a training set is a directory, an .extxyz file or "
-                             "db:NAME")  # fmt: skip
+        raise StructureError(f"{path}: a training set is a directory, an .extxyz file or db:NAME")
     return path / TRAINING_SET_FILE
 
 
@@ -293,11 +297,13 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
         items.append(Incoming(d, doc["structure_id"], prov))
     candidates = sorted(new.rglob("*")) if new.is_dir() else [new]
     plain = [
-        p for p in candidates
-        if p.is_file() and p.parent not in task_dirs
+        p
+        for p in candidates
+        if p.is_file()
+        and p.parent not in task_dirs
         and (p.suffix in (".extxyz", ".xyz", ".traj") or vasp_result_name(p) is not None)
         and (vasp_result_name(p) or p.stem) not in task_ids  # a batch's raw result, labelled
-    ]  # fmt: skip
+    ]
     vasp = [p for p in plain if vasp_result_name(p) is not None]
     others = [p for p in plain if p not in vasp]
     labelled = [labels_of(f) for f in iter_frames(others)] if others else []
@@ -454,10 +460,14 @@ def _update_dataset(
             if _same_labels(old, item.labelled):
                 duplicates += 1
             else:
-                conflicts.append({
-                    "structure_id": item.structure_id, "source": item.labelled.where,
-                    "energy_stored": old.energy, "energy_new": item.labelled.energy,
-                })  # fmt: skip
+                conflicts.append(
+                    {
+                        "structure_id": item.structure_id,
+                        "source": item.labelled.where,
+                        "energy_stored": old.energy,
+                        "energy_new": item.labelled.energy,
+                    }
+                )
             continue
         atoms = item.labelled.frame.atoms.copy()
         atoms.calc = item.labelled.frame.atoms.calc
@@ -486,8 +496,13 @@ def _update_dataset(
                 f"interrupted: nothing of {new} was written ({target} is as it was); the same "
                 "command again adds it"
             ) from None
-    logger.info("dataset %s: %d added, %d duplicates, %d conflicts", ds or target,
-                len(added), duplicates, len(conflicts))  # fmt: skip
+    logger.info(
+        "dataset %s: %d added, %d duplicates, %d conflicts",
+        ds or target,
+        len(added),
+        duplicates,
+        len(conflicts),
+    )
     return {
         "dataset": str(ds or target),
         "n_added": len(added),

@@ -108,8 +108,9 @@ class _StackedGroup:
         key = repr((vmap, sorted(xla_options.items())))
         if key not in self._fns:
             apply = _apply_vmap if vmap else _apply_map
-            self._fns[key] = jax.jit(partial(apply, static=self.static),
-                                     compiler_options=dict(xla_options) or None)  # fmt: skip
+            self._fns[key] = jax.jit(
+                partial(apply, static=self.static), compiler_options=dict(xla_options) or None
+            )
         return self._fns[key](self.stacked, graph)
 
 
@@ -152,11 +153,16 @@ class Ensemble:
             mapping, options = self.settings.member_mapping, self.settings.xla_options
             # (vmap, XLA options) for batch evaluation and for MD: see EnsembleSettings
             self._compiled = {
-                md: (mapping == "vmap" or (mapping == "auto" and md and not on_cpu),
-                     options if options is not None
-                     else {} if on_cpu or md else {"xla_gpu_autotune_level": 0})
+                md: (
+                    mapping == "vmap" or (mapping == "auto" and md and not on_cpu),
+                    options
+                    if options is not None
+                    else {}
+                    if on_cpu or md
+                    else {"xla_gpu_autotune_level": 0},
+                )
                 for md in (False, True)
-            }  # fmt: skip
+            }
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
             for i, module in enumerate(modules):
@@ -401,9 +407,12 @@ class NeighbourCache:
 
     def _build(self, atoms: Atoms, cell: np.ndarray, atom_indices: dict[int, int]) -> None:
         i, j, shifts = neighbour_list(
-            "ijS", positions=atoms.positions, cell=cell, pbc=atoms.pbc,
+            "ijS",
+            positions=atoms.positions,
+            cell=cell,
+            pbc=atoms.pbc,
             cutoff=self.cutoff + self.skin,
-        )  # fmt: skip
+        )
         self._i, self._j = i.astype(np.int32), j.astype(np.int32)
         self._shifts = shifts.astype(np.float64)
         self._species = np.array([atom_indices[z] for z in atoms.numbers], dtype=np.int32)

@@ -14,17 +14,23 @@ from nequix_fw.settings import TrainingSettings
 def learning_rate_schedule(settings: TrainingSettings, steps_per_epoch: int):
     """Learning rate per optimiser step: linear warm-up from 0.1 x `learning_rate` over
     `warmup_epochs`, then cosine decay to `min_learning_rate` (optax's schedule)."""
-    return _schedule(settings.learning_rate, settings.min_learning_rate,
-                     max(int(settings.warmup_epochs * steps_per_epoch), 1),
-                     settings.epochs * steps_per_epoch)  # fmt: skip
+    return _schedule(
+        settings.learning_rate,
+        settings.min_learning_rate,
+        max(int(settings.warmup_epochs * steps_per_epoch), 1),
+        settings.epochs * steps_per_epoch,
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _schedule(lr: float, min_lr: float, warmup: int, total: int):
     return optax.warmup_cosine_decay_schedule(
-        init_value=lr * 0.1, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total, warmup + 1), end_value=min_lr,
-    )  # fmt: skip
+        init_value=lr * 0.1,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1),
+        end_value=min_lr,
+    )
 
 
 class EpochLog:
@@ -36,8 +42,15 @@ class EpochLog:
         self.rows: list[dict] = []
         self.best_loss, self.best_model, self.best_epoch, self.best_val = float("inf"), None, -1, {}
 
-    def update(self, epoch: int, train_loss: float, val: dict, learning_rate: float,
-               seconds: float, snapshot) -> bool:  # fmt: skip
+    def update(
+        self,
+        epoch: int,
+        train_loss: float,
+        val: dict,
+        learning_rate: float,
+        seconds: float,
+        snapshot,
+    ) -> bool:
         """Record an epoch (`snapshot()` gives the model to keep if it is the best so far);
         True when training should stop."""
         if not np.isfinite(val["loss"]):
@@ -49,10 +62,15 @@ class EpochLog:
                 epoch,
                 val,
             )
-        self.rows.append({
-            "epoch": epoch, "train_loss": train_loss, "learning_rate": learning_rate,
-            "epoch_s": seconds, **{f"val_{k}": v for k, v in val.items()},
-        })  # fmt: skip
+        self.rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "learning_rate": learning_rate,
+                "epoch_s": seconds,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
+        )
         return self.patience is not None and epoch - self.best_epoch >= self.patience
 
     def result(self) -> tuple:

@@ -56,8 +56,10 @@ class StageTask(FiretaskBase):
         try:
             t0 = time.perf_counter()
             action = self.run_stage(fw_spec)
-            action.stored_data = {**(action.stored_data or {}),
-                                  "task_wall_s": time.perf_counter() - t0}  # fmt: skip
+            action.stored_data = {
+                **(action.stored_data or {}),
+                "task_wall_s": time.perf_counter() - t0,
+            }
             return action
         finally:
             logger.removeHandler(handler)
@@ -88,8 +90,9 @@ class StageTask(FiretaskBase):
     @property
     def log(self) -> stages.CampaignLog:
         """Where the stage reports: campaign.json in ``campaign_dir`` and the store."""
-        return stages.CampaignLog(self["campaign_dir"], self["campaign_name"], self.db,
-                                  self.value("launchpad"))  # fmt: skip
+        return stages.CampaignLog(
+            self["campaign_dir"], self["campaign_name"], self.db, self.value("launchpad")
+        )
 
 
 class _EnsembleTask(StageTask):
@@ -188,10 +191,14 @@ class LabelTask(StageTask):
     def run_stage(self, fw_spec):
         group = self.get("group")
         summary = stages.label_stage(
-            self.log, self["iteration"], self.path("structures"), self.path("output"),
-            self.section(LabellingSettings, "label"), self.env,
+            self.log,
+            self["iteration"],
+            self.path("structures"),
+            self.path("output"),
+            self.section(LabellingSettings, "label"),
+            self.env,
             None if group is None else tuple(group),
-        )  # fmt: skip
+        )
         return FWAction(stored_data=summary)
 
 
@@ -213,9 +220,13 @@ class UpdateDatasetTask(StageTask):
     optional_params = ["max_failed_fraction", "launchpad"]
 
     def run_stage(self, fw_spec):
-        record = stages.update_dataset_stage(self.log, self["iteration"], self.path("labels"),
-                                      self.value("dataset"),
-                                      self.value("max_failed_fraction"))  # fmt: skip
+        record = stages.update_dataset_stage(
+            self.log,
+            self["iteration"],
+            self.path("labels"),
+            self.value("dataset"),
+            self.value("max_failed_fraction"),
+        )
         return FWAction(stored_data=record, defuse_children=bool(record.get("stop_reason")))
 
 

@@ -27,10 +27,22 @@ Backend = Literal["jax", "torch"]
 
 #: Config keys nequix needs to rebuild a model from a checkpoint.
 REQUIRED_CONFIG_KEYS = (
-    "atomic_numbers", "cutoff", "hidden_irreps", "lmax", "n_layers", "radial_basis_size",
-    "radial_mlp_size", "radial_mlp_layers", "radial_polynomial_p", "mlp_init_scale",
-    "index_weights", "layer_norm", "shift", "scale", "avg_n_neighbors",
-)  # fmt: skip
+    "atomic_numbers",
+    "cutoff",
+    "hidden_irreps",
+    "lmax",
+    "n_layers",
+    "radial_basis_size",
+    "radial_mlp_size",
+    "radial_mlp_layers",
+    "radial_polynomial_p",
+    "mlp_init_scale",
+    "index_weights",
+    "layer_norm",
+    "shift",
+    "scale",
+    "avg_n_neighbors",
+)
 
 
 def pretrained_dir() -> Path:

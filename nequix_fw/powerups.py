@@ -54,8 +54,10 @@ def _set_resources(wf: Workflow, stages: Iterable[str] | None, **values) -> Work
         if _stage(fw.name) in chosen:
             spec = FireworkResources(**values).spec()
             if "_queueadapter" in spec:
-                spec["_queueadapter"] = {**fw.spec.get("_queueadapter", {}),
-                                         **spec["_queueadapter"]}  # fmt: skip
+                spec["_queueadapter"] = {
+                    **fw.spec.get("_queueadapter", {}),
+                    **spec["_queueadapter"],
+                }
             fw.spec.update(spec)
     return wf
 

@@ -108,9 +108,11 @@ class ResultsWriter:
     def __init__(self, path: str | Path, models: list[dict], settings: dict):
         self.path = Path(path)
         self.header = EnsembleResultsHeader(
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), units=UNITS,
-            models=models, settings=settings,
-        ).to_dict()  # fmt: skip
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            units=UNITS,
+            models=models,
+            settings=settings,
+        ).to_dict()
         self.per_model = bool(settings.get("store_per_model", True))
         self.summary = {"n_structures": 0, "n_failed": 0, "n_atoms": 0}
         self._ctx = None

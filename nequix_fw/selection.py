@@ -85,8 +85,10 @@ def resolve_lo(settings: SelectionSettings, calibration: dict | None, where: str
     `nequix_fw.uncertainty.calibrate`), so that structures predicted to have a max force error
     under `target_force_error` are accurate."""
     if not calibration:
-        raise SettingsError(f"select.lo: auto needs a calibration of the uncertainty, and "
-                            f"{where} has none (it needs a labelled test set)")  # fmt: skip
+        raise SettingsError(
+            f"select.lo: auto needs a calibration of the uncertainty, and "
+            f"{where} has none (it needs a labelled test set)"
+        )
     return lower_trust_level(calibration, settings.target_force_error)
 
 
@@ -156,9 +158,14 @@ def classify(
         m = rec.get("metrics") or {}
         dev = m.get("max_force_dev")
         entry = Entry(
-            id=rec["id"], source=rec["source"], frame=rec["frame"], formula=rec["formula"],
-            n_atoms=rec["n_atoms"], metrics=m, cls="candidate",
-        )  # fmt: skip
+            id=rec["id"],
+            source=rec["source"],
+            frame=rec["frame"],
+            formula=rec["formula"],
+            n_atoms=rec["n_atoms"],
+            metrics=m,
+            cls="candidate",
+        )
         if rec.get("status") != "ok" or dev is None:
             entry.cls, entry.reason = "failed", rec.get("error") or "no prediction"
         else:
@@ -256,12 +263,18 @@ def _within_quotas(ordered: list[Entry], settings: SelectionSettings, k: int) ->
             break
         formula = Formula(e.formula)
         elements = set(formula.count())
-        full = [el for el in elements
-                if per_element.get(el, 0) >= settings.max_per_element.get(el, np.inf)]  # fmt: skip
+        full = [
+            el
+            for el in elements
+            if per_element.get(el, 0) >= settings.max_per_element.get(el, np.inf)
+        ]
         comp = str(formula.reduce()[0])
         if full or per_composition.get(comp, 0) >= (settings.max_per_composition or np.inf):
-            e.reason = (f"quota: max_per_element {full[0]}" if full
-                        else f"quota: max_per_composition {comp}")  # fmt: skip
+            e.reason = (
+                f"quota: max_per_element {full[0]}"
+                if full
+                else f"quota: max_per_composition {comp}"
+            )
             continue
         chosen.append(e)
         per_composition[comp] = per_composition.get(comp, 0) + 1
@@ -274,8 +287,10 @@ def check_quotas(settings: SelectionSettings, elements: list[str], where: str) -
     """Refuse quotas for elements that none of the structures holds."""
     missing = sorted(set(settings.max_per_element) - set(elements))
     if missing:
-        raise SettingsError(f"select.max_per_element: {', '.join(missing)} in none of the "
-                            f"structures of {where} (they hold {', '.join(elements)})")  # fmt: skip
+        raise SettingsError(
+            f"select.max_per_element: {', '.join(missing)} in none of the "
+            f"structures of {where} (they hold {', '.join(elements)})"
+        )
 
 
 def _prepare_output(output: Path) -> Path:
@@ -359,10 +374,12 @@ def select_from_results(
         counts["selected"] = sum(e.selected for e in entries)
         counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)
         doc = SelectionManifest(
-            ensemble_results=str(results_path.resolve()), models=header["models"],
-            settings=settings.model_dump(mode="json"), counts=counts,
+            ensemble_results=str(results_path.resolve()),
+            models=header["models"],
+            settings=settings.model_dump(mode="json"),
+            counts=counts,
             structures=[e.to_dict() for e in entries],
-        )  # fmt: skip
+        )
         doc.to_file(tmp / "manifest.json")
         manifest = doc.to_dict()
         _swap_into_place(tmp, output)

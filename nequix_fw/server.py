@@ -88,8 +88,9 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 def ping(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """Whether a MongoDB server answers `ping` at host:port (no credentials needed)."""
-    client = pymongo.MongoClient(host, port, directConnection=True,
-                                 serverSelectionTimeoutMS=int(timeout_s * 1000))  # fmt: skip
+    client = pymongo.MongoClient(
+        host, port, directConnection=True, serverSelectionTimeoutMS=int(timeout_s * 1000)
+    )
     try:
         client.admin.command("ping")
         return True
@@ -115,8 +116,9 @@ def status(directory: str | Path) -> ServerState:
     directory = _server_dir(directory)
     conf = directory / "server.json"
     if not conf.is_file():
-        raise ServerError(f"{directory}: no server here (start one with: nequix-fw db start "
-                          f"--dir {directory})")  # fmt: skip
+        raise ServerError(
+            f"{directory}: no server here (start one with: nequix-fw db start --dir {directory})"
+        )
     try:
         c = json.loads(conf.read_text())
         host, port, auth = c["host"], int(c["port"]), bool(c.get("auth"))
@@ -135,26 +137,46 @@ def status(directory: str | Path) -> ServerState:
 def _launch(directory: Path, host: str, port: int, auth: bool, wait_s: float) -> int:
     data = directory / "data"
     data.mkdir(parents=True, exist_ok=True)
-    cmd = [_executable(), "--host", host, "--port", str(port), "--storage-path", str(data),
-           "--log-level", "WARNING", "--sync-on-commit", *(["--auth"] if auth else [])]  # fmt: skip
+    cmd = [
+        _executable(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--storage-path",
+        str(data),
+        "--log-level",
+        "WARNING",
+        "--sync-on-commit",
+        *(["--auth"] if auth else []),
+    ]
     with open(directory / "server.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (directory / "server.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = (directory / "server.log").read_text(errors="replace").strip().splitlines()
             (directory / "server.pid").unlink(missing_ok=True)
-            raise ServerError(f"{directory}: the server exited at start (code {proc.returncode}"
-                              f"): {tail[-1] if tail else 'no output'}")  # fmt: skip
+            raise ServerError(
+                f"{directory}: the server exited at start (code {proc.returncode}"
+                f"): {tail[-1] if tail else 'no output'}"
+            )
         if ping(host, port, 0.5):
             return proc.pid
         time.sleep(0.2)
     _terminate(proc.pid, 5.0)
     (directory / "server.pid").unlink(missing_ok=True)
-    raise ServerError(f"{directory}: the server did not answer on {host}:{port} in {wait_s:.0f} s "
-                      f"(see {directory / 'server.log'})")  # fmt: skip
+    raise ServerError(
+        f"{directory}: the server did not answer on {host}:{port} in {wait_s:.0f} s "
+        f"(see {directory / 'server.log'})"
+    )
 
 
 def _terminate(pid: int, timeout_s: float) -> None:
@@ -202,8 +224,9 @@ def start(
         )
     port = port or (old.port if old else None) or free_port(host)
     if ping(host, port, 0.3):
-        raise ServerError(f"{host}:{port}: another server already listens there; choose "
-                          "another --port")  # fmt: skip
+        raise ServerError(
+            f"{host}:{port}: another server already listens there; choose another --port"
+        )
     database = database or (old.database if old else None)
     made = _make_dir(directory)
     try:
@@ -256,8 +279,13 @@ def _start(
     with atomic_path(conf) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
     pid = _launch(directory, host, port, auth, wait_s)
-    logger.info("MongoDB server (SecantusDB) pid %d on %s:%d, data in %s", pid, host, port,
-             directory / "data")  # fmt: skip
+    logger.info(
+        "MongoDB server (SecantusDB) pid %d on %s:%d, data in %s",
+        pid,
+        host,
+        port,
+        directory / "data",
+    )
     return ServerState(directory, host, port, auth, pid, database)
 
 
@@ -274,10 +302,17 @@ def launchpad_config(
     state: ServerState, name: str, username: str | None = None, password: str | None = None
 ) -> dict:
     """A FireWorks LaunchPad file's contents for database `name` on this server."""
-    return {"host": state.host, "port": state.port, "name": name, "username": username,
-            "password": password, "authsource": "admin" if username else None,
-            "mongoclient_kwargs": {"directConnection": True},
-            "logdir": None, "strm_lvl": "INFO"}  # fmt: skip
+    return {
+        "host": state.host,
+        "port": state.port,
+        "name": name,
+        "username": username,
+        "password": password,
+        "authsource": "admin" if username else None,
+        "mongoclient_kwargs": {"directConnection": True},
+        "logdir": None,
+        "strm_lvl": "INFO",
+    }
 
 
 def write_launchpad(path: str | Path, config: dict) -> Path:

@@ -216,12 +216,15 @@ class SelectionSettings(_Settings):
         if self.stress_hi is not None and self.stress_lo is None:
             raise ValueError("stress_hi needs stress_lo (GPa)")
         if None not in (self.stress_lo, self.stress_hi) and self.stress_lo > self.stress_hi:
-            raise ValueError(f"stress_lo ({self.stress_lo} GPa) must not exceed stress_hi "
-                             f"({self.stress_hi} GPa)")  # fmt: skip
+            raise ValueError(
+                f"stress_lo ({self.stress_lo} GPa) must not exceed stress_hi ({self.stress_hi} GPa)"
+            )
         if self.lo == "auto":
             if self.relative_force_level is not None:
-                raise ValueError("lo: auto calibrates absolute force errors; it does not go "
-                                 "with relative_force_level")  # fmt: skip
+                raise ValueError(
+                    "lo: auto calibrates absolute force errors; it does not go "
+                    "with relative_force_level"
+                )
             if self.target_force_error is None:
                 raise ValueError("lo: auto needs target_force_error (eV/Å)")
             return self
@@ -371,13 +374,17 @@ class LabellingSettings(_Settings):
         Path("/usr/share/cp2k"), description="Basis sets and GTH potentials (CP2K_DATA_DIR)."
     )
     cp2k_cutoff_Ry: float = Field(
-        400.0, gt=0, description="Default CP2K input (no template, no set): plane-wave cutoff "
+        400.0,
+        gt=0,
+        description="Default CP2K input (no template, no set): plane-wave cutoff "
         "of the finest grid (Ry; REL_CUTOFF 50 Ry).",
-    )  # fmt: skip
+    )
     cp2k_kpoint_spacing: float = Field(
-        0.3, gt=0, description="Default CP2K input: Monkhorst-Pack grid with at most this "
+        0.3,
+        gt=0,
+        description="Default CP2K input: Monkhorst-Pack grid with at most this "
         "spacing between k-points (Å⁻¹, 2π included; VASP's KSPACING), Γ only for molecules.",
-    )  # fmt: skip
+    )
     scratch_dir: Path | None = Field(None, description="custodian scratch directory.")
     gzip_output: bool = Field(False, description="gzip VASP outputs after the run.")
     min_distance_A: float | None = Field(
@@ -525,8 +532,10 @@ class ExplorationSettings(_Settings):
         if self.max_energy_drift_eV_per_atom_ps is not None and (
             self.thermostat != "bussi" or self.pressures_GPa
         ):
-            raise ValueError("max_energy_drift_eV_per_atom_ps needs the Bussi thermostat (NVT): "
-                             "only there is the conserved energy tracked")  # fmt: skip
+            raise ValueError(
+                "max_energy_drift_eV_per_atom_ps needs the Bussi thermostat (NVT): "
+                "only there is the conserved energy tracked"
+            )
         return self
 
 
@@ -542,8 +551,13 @@ STAGES: tuple[str, ...] = get_args(Stage)
 ScheduledSection = Literal["ensemble", "explore", "select", "label", "train_ensemble", "validate"]
 
 #: Sections by their old names (read with a warning): {old: new}.
-RENAMED_SECTIONS = {"exploration": "explore", "selection": "select", "labelling": "label",
-                    "training": "train_ensemble", "validation": "validate"}  # fmt: skip
+RENAMED_SECTIONS = {
+    "exploration": "explore",
+    "selection": "select",
+    "labelling": "label",
+    "training": "train_ensemble",
+    "validation": "validate",
+}
 
 
 def renamed_sections(values, where: str):
@@ -558,8 +572,10 @@ def renamed_sections(values, where: str):
             out[name] = section
             continue
         if new in values:
-            raise ValueError(f"{where}: sections {name!r} and {new!r} are one section "
-                             f"({name!r} is its old name): give {new!r} only")  # fmt: skip
+            raise ValueError(
+                f"{where}: sections {name!r} and {new!r} are one section "
+                f"({name!r} is its old name): give {new!r} only"
+            )
         logger.warning("%s: section %r is now %r (the old name is still read)", where, name, new)
         out[new] = section
     return out
@@ -593,8 +609,12 @@ class FireworkResources(_Settings):
 
     def spec(self) -> dict:
         """The Firework spec entries."""
-        keys = {"_category": self.category, "_fworker": self.fworker,
-                "_queueadapter": self.queueadapter, "_priority": self.priority}  # fmt: skip
+        keys = {
+            "_category": self.category,
+            "_fworker": self.fworker,
+            "_queueadapter": self.queueadapter,
+            "_priority": self.priority,
+        }
         return {k: v for k, v in keys.items() if v is not None and v != {}}
 
 
@@ -604,14 +624,18 @@ class StageSettings(_Settings):
 
     name: str | None = Field(None, description="Stage name (reports); default: its index.")
     settings: SectionValues = Field(
-        {}, description="Section values of this stage, over the sections and the schedule, e.g. "
+        {},
+        description="Section values of this stage, over the sections and the schedule, e.g. "
         "{explore: {temperatures_K: [1200], steps: 5000}}.",
-    )  # fmt: skip
+    )
 
     accurate_fraction: float | None = Field(
-        None, gt=0, le=1, description="Converged once at least this fraction of an iteration's "
+        None,
+        gt=0,
+        le=1,
+        description="Converged once at least this fraction of an iteration's "
         "candidates is accurate (max_force_dev < select.lo).",
-    )  # fmt: skip
+    )
     iterations: int | None = Field(
         None, ge=1, description="Converged after this many iterations in the stage."
     )
@@ -635,17 +659,21 @@ class SystemSettings(_Settings):
         [], description="Fixed candidates of this system, evaluated every iteration."
     )
     settings: SectionValues = Field(
-        {}, description="Section values of this system over the sections and the schedule, "
+        {},
+        description="Section values of this system over the sections and the schedule, "
         "e.g. {explore: {temperatures_K: [1500]}, select: {lo: 0.1}}.",
-    )  # fmt: skip
+    )
 
     max_selected: int | None = Field(
         None, ge=1, description="Label quota: at most this many selected per iteration."
     )
     accurate_fraction: float | None = Field(
-        None, gt=0, le=1, description="Converged (no longer explored) once at least this "
+        None,
+        gt=0,
+        le=1,
+        description="Converged (no longer explored) once at least this "
         "fraction of its candidates is accurate; default campaign.accurate_fraction.",
-    )  # fmt: skip
+    )
 
 
 class CampaignSettings(_Settings):
@@ -678,34 +706,47 @@ class CampaignSettings(_Settings):
         1, ge=1, description="Stop when an iteration selects fewer structures than this."
     )
     target_force_rmse: float | None = Field(
-        None, gt=0, description="Stop once the ensemble mean's validation force RMSE (eV/Å) is "
+        None,
+        gt=0,
+        description="Stop once the ensemble mean's validation force RMSE (eV/Å) is "
         "at or below this (needs a testset).",
-    )  # fmt: skip
+    )
     md_stable_fraction: float | None = Field(
-        None, gt=0, le=1, description="Stop once at least this fraction of the validation's MD "
+        None,
+        gt=0,
+        le=1,
+        description="Stop once at least this fraction of the validation's MD "
         "stability runs stays physical (needs validate.md_stability); with target_force_rmse "
         "too, both must hold.",
-    )  # fmt: skip
-    property_tolerances: dict[Literal["v0_percent", "bulk_modulus_percent",
-                                      "vacancy_formation_eV"], float] = Field(
-        {}, description="Stop once the structural checks agree with validate.reference within "
+    )
+    property_tolerances: dict[
+        Literal["v0_percent", "bulk_modulus_percent", "vacancy_formation_eV"], float
+    ] = Field(
+        {},
+        description="Stop once the structural checks agree with validate.reference within "
         "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), e.g. "
         "{v0_percent: 1, bulk_modulus_percent: 5}; with the other targets, all must hold.",
-    )  # fmt: skip
+    )
     accurate_fraction: float | None = Field(
-        None, gt=0, le=1, description="Stop once at least this fraction of an iteration's "
+        None,
+        gt=0,
+        le=1,
+        description="Stop once at least this fraction of an iteration's "
         "candidates is accurate (max_force_dev < select.lo; DP-GEN's convergence measure).",
-    )  # fmt: skip
+    )
     finetune_from: str | None = Field(
-        None, description="Iteration 0 fine-tunes this model (path or pretrained name); "
+        None,
+        description="Iteration 0 fine-tunes this model (path or pretrained name); "
         "None: from scratch. Later iterations warm-start from the previous ensemble.",
         json_schema_extra=PATH_OR_NAME,
-    )  # fmt: skip
+    )
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
     label_group_size: int | None = Field(
-        None, ge=1, description="Structures per labelling Firework (DP-GEN's fp_group_size): "
+        None,
+        ge=1,
+        description="Structures per labelling Firework (DP-GEN's fp_group_size): "
         "the groups run as parallel Fireworks (jobs); None: one Firework labels them all.",
-    )  # fmt: skip
+    )
     resources: dict[Stage, FireworkResources] = Field(
         {},
         description="Where and how each stage's Fireworks run, by stage: explore, run_ensemble, "
@@ -742,9 +783,12 @@ class CampaignSettings(_Settings):
         resources = values.get("resources") if isinstance(values, dict) else None
         found = sorted(set(resources or {}) & set(old))
         if found:
-            raise ValueError("resources: renamed stages: " + ", ".join(
-                f"{o} is now {old[o]}" for o in found) + " (select no longer covers "
-                "run_ensemble, which has its own Firework)")  # fmt: skip
+            raise ValueError(
+                "resources: renamed stages: "
+                + ", ".join(f"{o} is now {old[o]}" for o in found)
+                + " (select no longer covers "
+                "run_ensemble, which has its own Firework)"
+            )
         return values
 
     @model_validator(mode="after")
@@ -757,9 +801,11 @@ class CampaignSettings(_Settings):
         per_system = {"explore", "select"}
         other = sorted({name for st in self.stages for name in st.settings} - per_system)
         if self.systems and other:
-            raise ValueError(f"with systems, each system goes through the stages on its own, "
-                             f"so a stage sets explore and select only, not "
-                             f"{', '.join(other)} (use schedule)")  # fmt: skip
+            raise ValueError(
+                f"with systems, each system goes through the stages on its own, "
+                f"so a stage sets explore and select only, not "
+                f"{', '.join(other)} (use schedule)"
+            )
         bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
         if bad:
             raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")
@@ -787,11 +833,12 @@ class ValidationSettings(_Settings):
         default_factory=dict, description="Keywords of the reference calculator."
     )
     reference_data: list[str] = Field(
-        [], description="Labelled E-V data instead of a calculator (files, directories or "
+        [],
+        description="Labelled E-V data instead of a calculator (files, directories or "
         "db:NAME; one composition at >= 5 volumes, e.g. from `nequix-fw ev-set`): the E-V check "
         "compares with it.",
         json_schema_extra=PATH,
-    )  # fmt: skip
+    )
     structure: Path | None = Field(
         None, description="Structure of the structural checks (default: the first test one)."
     )
@@ -819,16 +866,20 @@ class ValidationSettings(_Settings):
     @classmethod
     def _renamed_reference(cls, reference):
         if reference == "labelling":
-            logger.warning("validate.reference 'labelling' is now %r (the old name is still "
-                           "read)", LABEL_REFERENCE)  # fmt: skip
+            logger.warning(
+                "validate.reference 'labelling' is now %r (the old name is still read)",
+                LABEL_REFERENCE,
+            )
             return LABEL_REFERENCE
         return reference
 
     @model_validator(mode="after")
     def _one_reference(self):
         if self.reference not in (None, LABEL_REFERENCE) and self.reference_data:
-            raise ValueError("reference (a calculator) and reference_data (labelled E-V data) "
-                             "exclude each other: give one")  # fmt: skip
+            raise ValueError(
+                "reference (a calculator) and reference_data (labelled E-V data) "
+                "exclude each other: give one"
+            )
         return self
 
 

@@ -45,16 +45,21 @@ VALIDATION = "nequix_fw_validation"
 SELECTIONS = "nequix_fw_selections"
 #: The fields people filter by, per collection.
 INDEXES = {
-    COLLECTION: [("dataset", "structure_id"), ("dataset", "added"), ("dataset", "info.iteration"),
-                 ("dataset", "info.settings_hash"), ("info.settings_hash",), ("info.backend",),
-                 ("formula",)],
+    COLLECTION: [
+        ("dataset", "structure_id"),
+        ("dataset", "added"),
+        ("dataset", "info.iteration"),
+        ("dataset", "info.settings_hash"),
+        ("info.settings_hash",),
+        ("info.backend",),
+        ("formula",),
+    ],
     ITERATIONS: [("campaign", "iteration"), ("stop_reason",)],
-    LABEL_TASKS: [("campaign", "iteration"), ("structure_id",), ("status",),
-                  ("settings_hash",)],
+    LABEL_TASKS: [("campaign", "iteration"), ("structure_id",), ("status",), ("settings_hash",)],
     MODELS: [("campaign", "iteration"), ("sha256",)],
     VALIDATION: [("campaign", "iteration")],
     SELECTIONS: [("campaign", "iteration")],
-}  # fmt: skip
+}
 _INDEXED: set[tuple[int, str]] = set()
 #: Structures per round trip when a dataset grows.
 BULK = 1000
@@ -73,9 +78,11 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
     if path is None and Path("my_launchpad.yaml").is_file():
         path = "my_launchpad.yaml"
     if path is None:
-        raise SettingsError("store datasets (db:NAME) need a LaunchPad file: the launchpad "
-                            "argument (command line: --launchpad my_launchpad.yaml) or "
-                            "FireWorks' LAUNCHPAD_LOC")  # fmt: skip
+        raise SettingsError(
+            "store datasets (db:NAME) need a LaunchPad file: the launchpad "
+            "argument (command line: --launchpad my_launchpad.yaml) or "
+            "FireWorks' LAUNCHPAD_LOC"
+        )
     key = str(Path(path).resolve())
     if key not in _DATABASES:
         if not Path(path).is_file():
@@ -83,17 +90,21 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
         try:
             lp = LaunchPad.from_file(str(path))
         except Exception as exc:  # a malformed file: name it, not the YAML internals
-            raise SettingsError(f"{path}: not a usable LaunchPad file "
-                                f"({type(exc).__name__})") from None  # fmt: skip
+            raise SettingsError(
+                f"{path}: not a usable LaunchPad file ({type(exc).__name__})"
+            ) from None
         try:
             lp.db.list_collection_names()  # reachable, and the credentials are accepted
         except pymongo.errors.OperationFailure as exc:
-            raise SettingsError(f"{path}: the database {lp.host}:{lp.port} refused access "
-                                f"({exc.details.get('errmsg', 'authentication failed')})"
-                                ) from None  # fmt: skip
+            raise SettingsError(
+                f"{path}: the database {lp.host}:{lp.port} refused access "
+                f"({exc.details.get('errmsg', 'authentication failed')})"
+            ) from None
         except pymongo.errors.PyMongoError:
-            raise SettingsError(f"{path}: cannot reach MongoDB at {lp.host}:{lp.port} (start "
-                                "the local one with: nequix-fw db start)") from None  # fmt: skip
+            raise SettingsError(
+                f"{path}: cannot reach MongoDB at {lp.host}:{lp.port} (start "
+                "the local one with: nequix-fw db start)"
+            ) from None
         _DATABASES[key] = lp.db
     return _DATABASES[key]
 
@@ -141,8 +152,7 @@ class StoreDataset:
         added before that campaign iteration (or without one)."""
         query: dict = {"dataset": self.name}
         if before_iteration is not None:
-            query["$or"] = [{"info.iteration": {"$lt": before_iteration}},
-                            {"info.iteration": None}]  # fmt: skip
+            query["$or"] = [{"info.iteration": {"$lt": before_iteration}}, {"info.iteration": None}]
         return set(self.collection.distinct("structure_id", query))
 
     def settings_hashes(self) -> set:
@@ -163,20 +173,25 @@ class StoreDataset:
             query["structure_id"] = {"$in": sorted(ids)}
         docs = self.collection.find(query).sort("added", 1)
         for k, doc in enumerate(docs):
-            atoms = Atoms(numbers=doc["numbers"], positions=doc["positions"], cell=doc["cell"],
-                          pbc=doc["pbc"], info=dict(doc.get("info") or {}))  # fmt: skip
+            atoms = Atoms(
+                numbers=doc["numbers"],
+                positions=doc["positions"],
+                cell=doc["cell"],
+                pbc=doc["pbc"],
+                info=dict(doc.get("info") or {}),
+            )
             stress = None if doc.get("stress") is None else np.array(doc["stress"])
             forces = np.array(doc["forces"])
-            atoms.calc = SinglePointCalculator(atoms, energy=doc["energy"], forces=forces,
-                                               stress=stress)  # fmt: skip
+            atoms.calc = SinglePointCalculator(
+                atoms, energy=doc["energy"], forces=forces, stress=stress
+            )
             yield Frame(atoms, str(self), k)
 
     def add(self, structures: list[Atoms]) -> int:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
         trip (unordered upserts); those already present are left alone. Returns how many were
         new."""
-        last = self.collection.find_one({"dataset": self.name}, {"added": 1},
-                                        sort=[("added", -1)])  # fmt: skip
+        last = self.collection.find_one({"dataset": self.name}, {"added": 1}, sort=[("added", -1)])
         start = 0 if last is None else last["added"] + 1
         n_new, begin, sent = 0, 0, 0
         try:
@@ -207,14 +222,20 @@ class StoreDataset:
             raise StructureError("structures added to the store need info['structure_id']")
         stress = a.calc.results.get("stress") if a.calc is not None else None
         return {
-            "dataset": self.name, "structure_id": sid, "added": added,
-            "formula": a.get_chemical_formula(), "n_atoms": len(a),
-            "numbers": a.numbers.tolist(), "positions": a.positions.tolist(),
-            "cell": a.cell[:].tolist(), "pbc": a.pbc.tolist(),
-            "energy": float(a.get_potential_energy()), "forces": a.get_forces().tolist(),
+            "dataset": self.name,
+            "structure_id": sid,
+            "added": added,
+            "formula": a.get_chemical_formula(),
+            "n_atoms": len(a),
+            "numbers": a.numbers.tolist(),
+            "positions": a.positions.tolist(),
+            "cell": a.cell[:].tolist(),
+            "pbc": a.pbc.tolist(),
+            "energy": float(a.get_potential_energy()),
+            "forces": a.get_forces().tolist(),
             "stress": None if stress is None else np.asarray(stress).tolist(),
             "info": {k: _plain(v) for k, v in a.info.items()},
-        }  # fmt: skip
+        }
 
 
 def _plain(value):
@@ -237,8 +258,9 @@ class CampaignStore:
         return "/".join([self.campaign, str(k), *map(str, rest)])
 
     def _put(self, name: str, key: str, k: int, doc: dict) -> None:
-        doc = jsanitize({**doc, "campaign": self.campaign, "iteration": k}, strict=False,
-                        allow_bson=True)  # fmt: skip
+        doc = jsanitize(
+            {**doc, "campaign": self.campaign, "iteration": k}, strict=False, allow_bson=True
+        )
         collection(self.db, name).replace_one({"_id": key}, doc, upsert=True)
 
     def save_iteration(self, k: int, record: dict) -> None:
@@ -266,12 +288,27 @@ class CampaignStore:
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
             old = fs.find_one({"metadata.sha256": sha})
-            file_id = old._id if old is not None else fs.put(
-                data, filename=path.name, metadata={"sha256": sha, "campaign": self.campaign,
-                                                    "iteration": k})  # fmt: skip
-            self._put(MODELS, self._key(k, path.stem), k, {
-                "member": meta["member"], "file": path.name, "sha256": sha, "gridfs_id": file_id,
-                "metadata": meta})  # fmt: skip
+            file_id = (
+                old._id
+                if old is not None
+                else fs.put(
+                    data,
+                    filename=path.name,
+                    metadata={"sha256": sha, "campaign": self.campaign, "iteration": k},
+                )
+            )
+            self._put(
+                MODELS,
+                self._key(k, path.stem),
+                k,
+                {
+                    "member": meta["member"],
+                    "file": path.name,
+                    "sha256": sha,
+                    "gridfs_id": file_id,
+                    "metadata": meta,
+                },
+            )
 
     def fetch_members(self, k: int, outdir: Path) -> list[Path]:
         """Write iteration k's member checkpoints from GridFS into `outdir` (checked against
@@ -287,8 +324,9 @@ class CampaignStore:
         for doc in docs:
             data = fs.get(doc["gridfs_id"]).read()
             if hashlib.sha256(data).hexdigest() != doc["sha256"]:
-                raise SettingsError(f"{doc['file']} of iteration {k}: stored checkpoint does "
-                                    "not match its sha256")  # fmt: skip
+                raise SettingsError(
+                    f"{doc['file']} of iteration {k}: stored checkpoint does not match its sha256"
+                )
             with atomic_path(outdir / doc["file"]) as tmp:
                 tmp.write_bytes(data)
             paths.append(outdir / doc["file"])
@@ -329,7 +367,8 @@ def export_dataset(
             with ase.db.connect(tmp, type="db", append=False) as db:
                 for a in frames:  # ASE keeps plain values under identifier keys
                     plain = (int, float, str)
-                    pairs = {k: v for k, v in a.info.items()
-                             if k.isidentifier() and isinstance(v, plain)}  # fmt: skip
+                    pairs = {
+                        k: v for k, v in a.info.items() if k.isidentifier() and isinstance(v, plain)
+                    }
                     db.write(a, key_value_pairs=pairs)
     return len(frames)

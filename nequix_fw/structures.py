@@ -132,8 +132,9 @@ def check_output(path: str | Path, kind: str = "file") -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: cannot write there (not a writable directory; needed for "
-                          f"{path})")  # fmt: skip
+        raise OutputError(
+            f"{parent}: cannot write there (not a writable directory; needed for {path})"
+        )
     return path
 
 

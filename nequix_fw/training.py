@@ -107,11 +107,13 @@ def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
     n_node, n_edge = bucket_size(n_node + 1, 16), bucket_size(n_edge, 64)
     return [
         jraph.pad_with_graphs(
-            jraph.batch_np([graphs[i] for i in g]), n_node=n_node, n_edge=n_edge,
+            jraph.batch_np([graphs[i] for i in g]),
+            n_node=n_node,
+            n_edge=n_edge,
             n_graph=batch_size + 1,
         )
         for g in groups
-    ]  # fmt: skip
+    ]
 
 
 # -- member plans ---------------------------------------------------------------------------------
@@ -170,8 +172,10 @@ def plan_members(
     if not data:
         raise StructureError("the training set is empty")
     if finetune_from is not None and warm_start is not None:
-        raise ModelError("finetune_from and warm_start exclude each other (command line: "
-                         "--finetune-from, --warm-start): give one")  # fmt: skip
+        raise ModelError(
+            "finetune_from and warm_start exclude each other (command line: "
+            "--finetune-from, --warm-start): give one"
+        )
     if len(data) < 2 and settings.valid_fraction > 0:
         raise StructureError(
             f"{data[0].where}: the training set holds 1 structure; training needs at least 2 "
@@ -226,9 +230,12 @@ def plan_members(
     facts["statistics"] = stats
     for k, (tr, va) in enumerate(splits):
         _, config = new_model(
-            numbers, seed=settings.seed + k, atom_energies=dict(zip(numbers, e0, strict=True)),
-            **arch, **stats,
-        )  # fmt: skip
+            numbers,
+            seed=settings.seed + k,
+            atom_energies=dict(zip(numbers, e0, strict=True)),
+            **arch,
+            **stats,
+        )
         plans.append(MemberPlan(k, settings.seed + k, tr, va, "scratch", config))
     return plans, facts
 
@@ -311,9 +318,10 @@ def _canonical(module, config: dict):
 def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
     """AdamW with gradient clipping on the learning-rate schedule (shared across members)."""
     return _optimizer_cached(
-        learning_rate_schedule(settings, steps_per_epoch), settings.grad_clip_norm,
+        learning_rate_schedule(settings, steps_per_epoch),
+        settings.grad_clip_norm,
         settings.weight_decay,
-    )  # fmt: skip
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -342,8 +350,14 @@ def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_d
 _train_step = eqx.filter_jit(_step_impl)
 
 
-def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
-             settings: TrainingSettings, progress: bool):  # fmt: skip
+def _fit_jax(
+    module,
+    config: dict,
+    plan: MemberPlan,
+    graph_dicts: list[dict],
+    settings: TrainingSettings,
+    progress: bool,
+):
     """Train `module` with JAX; returns (best EMA module, best epoch, its validation metrics,
     the per-epoch log rows)."""
 
@@ -375,16 +389,24 @@ def _fit_jax(module, config: dict, plan: MemberPlan, graph_dicts: list[dict],
         train_loss = 0.0
         for batch in _batches(graphs, rng.permutation(train_idx), bs):
             model, ema, opt_state, value = _train_step(
-                model, ema, opt_state, batch, jnp.float32(i), optim, weights, loss_type,
+                model,
+                ema,
+                opt_state,
+                batch,
+                jnp.float32(i),
+                optim,
+                weights,
+                loss_type,
                 settings.ema_decay,
-            )  # fmt: skip
+            )
             train_loss += float(value)
             i += 1
         train_loss /= steps_per_epoch
         val = evaluate(ema, valid_batches) if valid_batches else {"loss": train_loss}
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        stop = log.update(epoch, train_loss, val, float(schedule(i)), time.perf_counter() - t0,
-                          lambda m=ema: m)  # fmt: skip
+        stop = log.update(
+            epoch, train_loss, val, float(schedule(i)), time.perf_counter() - t0, lambda m=ema: m
+        )
         if stop:
             break
     bar.close()

@@ -24,12 +24,21 @@ from nequix_fw.settings import TrainingSettings
 def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
     from torch_geometric.data import Batch  # noqa: PLC0415
 
-    return [Batch.from_data_list([graphs[i] for i in idx[k : k + batch_size]])
-            for k in range(0, len(idx), batch_size)]  # fmt: skip
+    return [
+        Batch.from_data_list([graphs[i] for i in idx[k : k + batch_size]])
+        for k in range(0, len(idx), batch_size)
+    ]
 
 
-def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[Labelled],
-              settings: TrainingSettings, progress: bool):  # fmt: skip
+def fit_torch(
+    module,
+    config: dict,
+    plan,
+    graph_dicts: list[dict],
+    data: list[Labelled],
+    settings: TrainingSettings,
+    progress: bool,
+):
     """Train `module` (JAX, converted here) on torch; returns (best EMA torch module, best
     epoch, its validation metrics, the per-epoch log rows)."""
     import torch  # noqa: PLC0415
@@ -80,8 +89,14 @@ def fit_torch(module, config: dict, plan, graph_dicts: list[dict], data: list[La
         else:
             val = {"loss": train_loss}
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        stop = log.update(epoch, train_loss, val, float(schedule(i)),
-                          time.perf_counter() - t0, lambda: copy.deepcopy(ema).eval())  # fmt: skip
+        stop = log.update(
+            epoch,
+            train_loss,
+            val,
+            float(schedule(i)),
+            time.perf_counter() - t0,
+            lambda: copy.deepcopy(ema).eval(),
+        )
         if stop:
             break
     bar.close()

@@ -96,10 +96,12 @@ def uncertainty_quality(
     """How well `max_force_dev` ranks the true max force error of the ensemble mean."""
 
     dev = np.array([atomic_force_deviation(p.forces).max() for p in preds])
-    err = np.array([
-        np.linalg.norm(p.forces.mean(0) - d.forces, axis=1).max()
-        for p, d in zip(preds, data, strict=True)
-    ])  # fmt: skip
+    err = np.array(
+        [
+            np.linalg.norm(p.forces.mean(0) - d.forces, axis=1).max()
+            for p, d in zip(preds, data, strict=True)
+        ]
+    )
     rho = spearmanr(dev, err).statistic if len(dev) > 2 else np.nan
     try:
         calibration = calibrate(dev, err)
@@ -172,8 +174,12 @@ def _ev_errors(ev_m: dict, ev_r: dict, reference: str) -> dict:
     def err(key):
         return None if ev_m[key] is None else 100 * (ev_m[key] - ev_r[key]) / ev_r[key]
 
-    return {"ev_model": ev_m, "ev_reference": ev_r, "v0_error_percent": err("v0"),
-            "bulk_modulus_error_percent": err("bulk_modulus_GPa")}  # fmt: skip
+    return {
+        "ev_model": ev_m,
+        "ev_reference": ev_r,
+        "v0_error_percent": err("v0"),
+        "bulk_modulus_error_percent": err("bulk_modulus_GPa"),
+    }
 
 
 def ev_checks_against_labels(calc, data: Sequence[Labelled], where: str) -> dict:
@@ -192,12 +198,21 @@ def ev_checks_against_labels(calc, data: Sequence[Labelled], where: str) -> dict
     ref = [d.energy / len(d.frame.atoms) for d in data]
     mine = []
     for d in data:
-        a = Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
-                  pbc=d.frame.atoms.pbc, calculator=calc)  # fmt: skip
+        a = Atoms(
+            d.frame.atoms.numbers,
+            d.frame.atoms.positions,
+            cell=d.frame.atoms.cell,
+            pbc=d.frame.atoms.pbc,
+            calculator=calc,
+        )
         mine.append(a.get_potential_energy() / len(a))
-    return {"reference": where, "formula": data[0].frame.atoms.get_chemical_formula(),
-            **_ev_errors(birch_murnaghan(vols, mine), birch_murnaghan(vols, ref), where),
-            "relaxation": None, "vacancy": None}  # fmt: skip
+    return {
+        "reference": where,
+        "formula": data[0].frame.atoms.get_chemical_formula(),
+        **_ev_errors(birch_murnaghan(vols, mine), birch_murnaghan(vols, ref), where),
+        "relaxation": None,
+        "vacancy": None,
+    }
 
 
 def relaxation(atoms: Atoms, calc, fmax: float = 0.02, steps: int = 200) -> Atoms:
@@ -249,9 +264,13 @@ def physics_checks(calc, structure: Atoms, reference) -> dict:
     return out
 
 
-_REASONS = {"completed": "stable", "min_distance": "collapsed",
-            "temperature": "temperature runaway", "energy_drift": "energy drift",
-            "non-finite": "non-finite"}  # fmt: skip
+_REASONS = {
+    "completed": "stable",
+    "min_distance": "collapsed",
+    "temperature": "temperature runaway",
+    "energy_drift": "energy drift",
+    "non-finite": "non-finite",
+}
 
 
 def md_stability(
@@ -269,13 +288,19 @@ def md_stability(
     s = settings
     starts = list(structures[: s.md_n_runs])
     md = ExplorationSettings(
-        temperatures_K=[s.md_temperature_K], steps=s.md_steps, timestep_fs=s.md_timestep_fs,
-        thermostat="bussi", taut_fs=100.0, check_every=s.md_check_every,
-        sample_every=s.md_check_every * max(1, s.md_steps // s.md_check_every), stop_force_dev=None,
-        stop_min_distance_A=s.md_min_distance_A, max_temperature_factor=s.md_max_temperature_factor,
+        temperatures_K=[s.md_temperature_K],
+        steps=s.md_steps,
+        timestep_fs=s.md_timestep_fs,
+        thermostat="bussi",
+        taut_fs=100.0,
+        check_every=s.md_check_every,
+        sample_every=s.md_check_every * max(1, s.md_steps // s.md_check_every),
+        stop_force_dev=None,
+        stop_min_distance_A=s.md_min_distance_A,
+        max_temperature_factor=s.md_max_temperature_factor,
         max_energy_drift_eV_per_atom_ps=s.md_max_energy_drift_eV_per_atom_ps,
         walkers=max(1, len(starts)),
-    )  # fmt: skip
+    )
     jobs = [(a, s.md_temperature_K, None, i, f"md-stability-{i}") for i, a in enumerate(starts)]
     with tqdm(total=len(jobs), desc="MD stability", unit="run", disable=not progress) as bar:
         if isinstance(model, Ensemble):
@@ -285,14 +310,23 @@ def md_stability(
             for a, t, p, seed, pid in jobs:
                 trajs.append(run_md(a, model, t, md, p, seed, pid))
                 bar.update()
-    runs = [{"formula": a.get_chemical_formula(), "stop_reason": _REASONS[t.stop_reason],
-             "survived_fs": t.survived_step * s.md_timestep_fs,
-             "energy_drift_eV_per_atom_ps": t.energy_drift}
-            for a, t in zip(starts, trajs, strict=True)]  # fmt: skip
+    runs = [
+        {
+            "formula": a.get_chemical_formula(),
+            "stop_reason": _REASONS[t.stop_reason],
+            "survived_fs": t.survived_step * s.md_timestep_fs,
+            "energy_drift_eV_per_atom_ps": t.energy_drift,
+        }
+        for a, t in zip(starts, trajs, strict=True)
+    ]
     stable = sum(r["stop_reason"] == "stable" for r in runs)
-    return {"temperature_K": s.md_temperature_K, "length_fs": s.md_steps * s.md_timestep_fs,
-            "n_runs": len(runs), "stable_fraction": stable / len(runs) if runs else None,
-            "runs": runs}  # fmt: skip
+    return {
+        "temperature_K": s.md_temperature_K,
+        "length_fs": s.md_steps * s.md_timestep_fs,
+        "n_runs": len(runs),
+        "stable_fraction": stable / len(runs) if runs else None,
+        "runs": runs,
+    }
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -314,15 +348,15 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
     ax[0].scatter(ref_e, np.asarray(mean_e) / n_atoms, s=8)
     lims = [min(ref_e.min(), (mean_e / n_atoms).min()), max(ref_e.max(), (mean_e / n_atoms).max())]
     ax[0].plot(lims, lims, "k--", lw=0.8)
-    ax[0].set(xlabel="reference energy (eV/atom)", ylabel="ensemble mean (eV/atom)",
-              title="energy parity")  # fmt: skip
+    ax[0].set(
+        xlabel="reference energy (eV/atom)", ylabel="ensemble mean (eV/atom)", title="energy parity"
+    )
     rf = np.concatenate([d.forces for d in data]).ravel()
     mf = np.concatenate(mean_f).ravel()
     ax[1].scatter(rf, mf, s=3, alpha=0.5)
     lims = [min(rf.min(), mf.min()), max(rf.max(), mf.max())]
     ax[1].plot(lims, lims, "k--", lw=0.8)
-    ax[1].set(xlabel="reference force (eV/Å)", ylabel="ensemble mean (eV/Å)",
-              title="force parity")  # fmt: skip
+    ax[1].set(xlabel="reference force (eV/Å)", ylabel="ensemble mean (eV/Å)", title="force parity")
     save(fig, "parity")
 
     per_el = report["ensemble_mean"]["forces_per_element_eV_per_A"]
@@ -351,8 +385,11 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
         ax = fig.subplots()
         for key, label in (("ev_reference", phys["reference"]), ("ev_model", "ensemble mean")):
             ax.plot(phys[key]["volumes"], phys[key]["energies"], "o-", label=label)
-        ax.set(xlabel="volume (Å³/atom)", ylabel="energy (eV/atom)",
-               title=f"E-V curve {phys['formula']}")  # fmt: skip
+        ax.set(
+            xlabel="volume (Å³/atom)",
+            ylabel="energy (eV/atom)",
+            title=f"E-V curve {phys['formula']}",
+        )
         ax.legend()
         save(fig, "ev")
     return files
@@ -392,8 +429,10 @@ def validate(
             )
         reference = None
     if reference is not None and reference_data:
-        raise SettingsError("validate.reference (a calculator) and validate.reference_data "
-                            "(labelled E-V data) exclude each other: give one")  # fmt: skip
+        raise SettingsError(
+            "validate.reference (a calculator) and validate.reference_data "
+            "(labelled E-V data) exclude each other: give one"
+        )
     output = check_output(output, "file")
     data = read_labelled(testset, store, allow_mixed)
     if not data:
@@ -412,9 +451,11 @@ def validate(
     }
     for m, model in enumerate(ensemble.models):
         report["per_model"][f"{m}:{model.info.name}"] = error_metrics(
-            data, [p.energies[m] for p in preds], [p.forces[m] for p in preds],
+            data,
+            [p.energies[m] for p in preds],
+            [p.forces[m] for p in preds],
             [None if p.stresses is None else p.stresses[m] for p in preds],
-        )  # fmt: skip
+        )
     mean_e = np.array([p.energies.mean() for p in preds])
     mean_f = [p.forces.mean(0) for p in preds]
     report["ensemble_mean"] = error_metrics(

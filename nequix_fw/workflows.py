@@ -39,8 +39,7 @@ from nequix_fw.settings import (
 from nequix_fw.structures import is_store_spec, iter_frames
 
 
-def _fw(c: Campaign, k: int, task: FiretaskBase, stage: str,
-        group: int | None = None) -> Firework:  # fmt: skip
+def _fw(c: Campaign, k: int, task: FiretaskBase, stage: str, group: int | None = None) -> Firework:
     """The Firework of `stage` at iteration k: its task, and the stage's resources (spec)."""
     resources = c.settings.resources.get(stage)
     spec = resources.spec() if resources else {}
@@ -75,11 +74,20 @@ def explore_fw(c: Campaign, k: int) -> Firework:
         if not PLACEHOLDER.match(str(seeds)):
             values["seeds"] = [s + 1000 * k for s in seeds]
         starts = system.initial_structures if system else c.settings.initial_structures
-        systems.append({"name": system.name if system else None,
-                        "initial_structures": str(starts), "explore": values,
-                        "output": str(c.stage_dir(k, "explore", system))})  # fmt: skip
-    task = ExploreTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)), systems=systems,
-                       ensemble=c.section_values("ensemble", k))  # fmt: skip
+        systems.append(
+            {
+                "name": system.name if system else None,
+                "initial_structures": str(starts),
+                "explore": values,
+                "output": str(c.stage_dir(k, "explore", system)),
+            }
+        )
+    task = ExploreTask(
+        **_log_params(c, k),
+        models_dir=str(c.models_dir(k - 1)),
+        systems=systems,
+        ensemble=c.section_values("ensemble", k),
+    )
     return _fw(c, k, task, "explore")
 
 
@@ -89,11 +97,20 @@ def run_ensemble_fw(c: Campaign, k: int) -> Firework:
     for system in c.systems_at(k):
         fixed = system.candidate_pool if system else c.settings.candidate_pool
         explored = c.stage_dir(k, "explore", system) / "candidates.extxyz"
-        systems.append({"name": system.name if system else None, "explored": str(explored),
-                        "fixed": [str(p) for p in fixed],
-                        "output": str(c.results_file(k, system))})  # fmt: skip
-    task = RunEnsembleTask(**_log_params(c, k), models_dir=str(c.models_dir(k - 1)),
-                           systems=systems, ensemble=c.section_values("ensemble", k))  # fmt: skip
+        systems.append(
+            {
+                "name": system.name if system else None,
+                "explored": str(explored),
+                "fixed": [str(p) for p in fixed],
+                "output": str(c.results_file(k, system)),
+            }
+        )
+    task = RunEnsembleTask(
+        **_log_params(c, k),
+        models_dir=str(c.models_dir(k - 1)),
+        systems=systems,
+        ensemble=c.section_values("ensemble", k),
+    )
     return _fw(c, k, task, "run_ensemble")
 
 
@@ -104,8 +121,11 @@ def select_fw(c: Campaign, k: int) -> Firework:
 
 def label_fw(c: Campaign, k: int, group: int | None = None) -> Firework:
     """Iteration k's labelling (of one group of its structures)."""
-    params = {"structures": str(label_inputs(c, k)), "output": str(c.stage_dir(k, "label")),
-              "label": c.section_values("label", k)}  # fmt: skip
+    params = {
+        "structures": str(label_inputs(c, k)),
+        "output": str(c.stage_dir(k, "label")),
+        "label": c.section_values("label", k),
+    }
     if group is not None:
         params["group"] = [group, c.settings.label_group_size]
     return _fw(c, k, LabelTask(**_log_params(c, k), **params), "label", group)
@@ -114,16 +134,23 @@ def label_fw(c: Campaign, k: int, group: int | None = None) -> Firework:
 def update_dataset_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's labels into the campaign's training set."""
     limit = _value(c, LabellingSettings, k, "max_failed_fraction")
-    task = UpdateDatasetTask(**_log_params(c, k), labels=str(c.stage_dir(k, "label")),
-                             dataset=c.dataset, max_failed_fraction=limit)  # fmt: skip
+    task = UpdateDatasetTask(
+        **_log_params(c, k),
+        labels=str(c.stage_dir(k, "label")),
+        dataset=c.dataset,
+        max_failed_fraction=limit,
+    )
     return _fw(c, k, task, "update_dataset")
 
 
 def train_ensemble_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's ensemble: fine-tuned (campaign.finetune_from) or from scratch at 0,
     warm-started from the ensemble in use after k-1 later."""
-    params = {"dataset": c.dataset, "output": str(c.stage_dir(k, "train_ensemble")),
-              "train_ensemble": c.section_values("train_ensemble", k)}  # fmt: skip
+    params = {
+        "dataset": c.dataset,
+        "output": str(c.stage_dir(k, "train_ensemble")),
+        "train_ensemble": c.section_values("train_ensemble", k),
+    }
     if k == 0 and c.settings.finetune_from:
         params["finetune_from"] = c.settings.finetune_from
     if k > 0:
@@ -211,8 +238,9 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
     scheduled = valid.schedule
     sections["campaign"]["schedule"] = {str(k): v for k, v in scheduled.items()}  # BSON keys
     for key in ("stages", "systems"):  # their sections by their new names
-        for entry, checked in zip(sections["campaign"].get(key, []), getattr(valid, key),
-                                  strict=True):  # fmt: skip
+        for entry, checked in zip(
+            sections["campaign"].get(key, []), getattr(valid, key), strict=True
+        ):
             entry["settings"] = checked.settings
     _absolute_paths(sections)
     c = Campaign(sections)
@@ -224,8 +252,9 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
                 where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
                 raise SettingsError(f"{config}: {exc}{where}") from None
     overrides = [(f"campaign.stages[{i}]", st.settings) for i, st in enumerate(c.settings.stages)]
-    overrides += [(f"campaign.systems[{i}]", system.settings)
-                  for i, system in enumerate(c.settings.systems)]  # fmt: skip
+    overrides += [
+        (f"campaign.systems[{i}]", system.settings) for i, system in enumerate(c.settings.systems)
+    ]
     for where, settings in overrides:  # every stage's and system's sections valid too
         for name, values in settings.items():
             try:
@@ -236,16 +265,22 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
         c.settings.md_stable_fraction is not None
         and not c.section(ValidationSettings, 0).md_stability
     ):
-        raise SettingsError(f"{config}: campaign.md_stable_fraction needs validate.md_stability: "
-                            "true (the runs it counts)")  # fmt: skip
+        raise SettingsError(
+            f"{config}: campaign.md_stable_fraction needs validate.md_stability: "
+            "true (the runs it counts)"
+        )
     checks = c.section(ValidationSettings, 0)
     if c.settings.property_tolerances and not (checks.reference or checks.reference_data):
-        raise SettingsError(f"{config}: campaign.property_tolerances needs validate.reference "
-                            "or validate.reference_data (what the structural checks compare "
-                            "with)")  # fmt: skip
+        raise SettingsError(
+            f"{config}: campaign.property_tolerances needs validate.reference "
+            "or validate.reference_data (what the structural checks compare "
+            "with)"
+        )
     if (checks.reference or checks.reference_data) and not c.settings.testset:
-        raise SettingsError(f"{config}: the structural checks (validate.reference) run in the "
-                            "validation, which needs campaign.testset")  # fmt: skip
+        raise SettingsError(
+            f"{config}: the structural checks (validate.reference) run in the "
+            "validation, which needs campaign.testset"
+        )
     _check_inputs(sections, config)
     return sections
 

@@ -115,8 +115,11 @@ def mongo_server(tmp_path_factory) -> dict:
     its LaunchPad settings."""
     d = tmp_path_factory.mktemp("mongo")
     lp = d / "launchpad.yaml"
-    subprocess.run([NFW, "db", "start", "--dir", str(d / "server"), "--launchpad", str(lp)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [NFW, "db", "start", "--dir", str(d / "server"), "--launchpad", str(lp)],
+        check=True,
+        capture_output=True,
+    )
     yield {**yaml.safe_load(lp.read_text()), "directory": d / "server"}
     subprocess.run([NFW, "db", "stop", "--dir", str(d / "server")], capture_output=True)
 

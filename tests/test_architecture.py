@@ -7,13 +7,30 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "nequix_fw"
 LAYERS = {
     1: ["errors", "settings", "structures", "schemas", "__init__"],
-    2: ["models", "graphs", "ensemble", "uncertainty", "results", "descriptors", "epochs",
-        "store", "server"],
-    3: ["evaluation", "selection", "exploration", "labelling", "dataset", "training",
-        "training_torch", "validation"],
+    2: [
+        "models",
+        "graphs",
+        "ensemble",
+        "uncertainty",
+        "results",
+        "descriptors",
+        "epochs",
+        "store",
+        "server",
+    ],
+    3: [
+        "evaluation",
+        "selection",
+        "exploration",
+        "labelling",
+        "dataset",
+        "training",
+        "training_torch",
+        "validation",
+    ],
     4: ["campaign", "firetasks", "workflows", "powerups"],
     5: ["cli"],
-}  # fmt: skip
+}
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
 
@@ -44,8 +61,12 @@ def test_layers_and_no_cycles():
     graph = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     for mod in graph:  # every module has a layer
         assert mod.split(".")[0] in LAYER, f"{mod}: not in any layer of the README"
-    upward = [(m, d) for m, deps in graph.items() for d in deps
-              if LAYER[d.split(".")[0]] > LAYER[m.split(".")[0]]]  # fmt: skip
+    upward = [
+        (m, d)
+        for m, deps in graph.items()
+        for d in deps
+        if LAYER[d.split(".")[0]] > LAYER[m.split(".")[0]]
+    ]
     assert not upward, f"imports from a higher layer: {upward}"
     # no cycles between modules (a package's __init__ and its own modules count as one)
     top = {m: {d.split(".")[0] for d in deps} - {m.split(".")[0]} for m, deps in graph.items()}

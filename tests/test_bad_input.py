@@ -23,9 +23,11 @@ from nequix_fw.cli import main
 from nequix_fw.settings import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("train_ensemble:\n  n_models: 2\n  epochs: 1\n  batch_size: 4\n"
-        "  architecture: {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
-        "radial_mlp_size: 8}\n")  # fmt: skip
+TINY = (
+    "train_ensemble:\n  n_models: 2\n  epochs: 1\n  batch_size: 4\n"
+    "  architecture: {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
+    "radial_mlp_size: 8}\n"
+)
 
 
 def run(capsys, *argv):
@@ -39,9 +41,17 @@ def label_dirs(tmp_path, capsys):
     """The same 3 structures labelled with EMT and with Lennard-Jones (two levels of theory)."""
     ase.io.write(tmp_path / "s.extxyz", make_cells(3, seed=7))
     for calc in ("emt", "lj"):
-        code, _, err = run(capsys, "label", "--calculator", calc, "--structures",
-                           tmp_path / "s.extxyz", "--output", tmp_path / f"{calc}_labels",
-                           "--no-progress")  # fmt: skip
+        code, _, err = run(
+            capsys,
+            "label",
+            "--calculator",
+            calc,
+            "--structures",
+            tmp_path / "s.extxyz",
+            "--output",
+            tmp_path / f"{calc}_labels",
+            "--no-progress",
+        )
         assert code == 0, err
     return tmp_path
 
@@ -49,13 +59,32 @@ def label_dirs(tmp_path, capsys):
 def test_training_and_validation_refuse_mixed_levels_of_theory(label_dirs, capsys):
     d = label_dirs
     (d / "tiny.yaml").write_text(TINY)
-    code, _, err = run(capsys, "train-ensemble", "--dataset", d / "emt_labels", d / "lj_labels",
-                       "--outdir", d / "models", "--config", d / "tiny.yaml")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "train-ensemble",
+        "--dataset",
+        d / "emt_labels",
+        d / "lj_labels",
+        "--outdir",
+        d / "models",
+        "--config",
+        d / "tiny.yaml",
+    )
     assert code == 2 and "labels from different levels of theory" in err
     assert "--allow-mixed" in err and err.count("\n") == 1
     assert not (d / "models").exists()
-    code, _, err = run(capsys, "validate", "--models", "a.nqx", "b.nqx", "--testset",
-                       d / "emt_labels", d / "lj_labels", "--output", d / "v.json")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "validate",
+        "--models",
+        "a.nqx",
+        "b.nqx",
+        "--testset",
+        d / "emt_labels",
+        d / "lj_labels",
+        "--output",
+        d / "v.json",
+    )
     assert code == 2 and "labels from different levels of theory" in err
     # one level, given twice: each structure is read once
     from nequix_fw.dataset import read_labelled
@@ -79,8 +108,16 @@ def test_copies_of_one_model_are_refused(model_paths, tmp_path, capsys):
     copy = tmp_path / "copy.nqx"
     shutil.copy(model_paths[0], copy)
     for models in ([model_paths[0], model_paths[0]], [model_paths[0], copy]):
-        code, _, err = run(capsys, "run-ensemble", "--models", *models, "--structures",
-                           tmp_path / "s.extxyz", "--output", tmp_path / "r.json")  # fmt: skip
+        code, _, err = run(
+            capsys,
+            "run-ensemble",
+            "--models",
+            *models,
+            "--structures",
+            tmp_path / "s.extxyz",
+            "--output",
+            tmp_path / "r.json",
+        )
         assert code == 2 and "are the same model" in err and "no spread" in err
         assert str(models[1]) in err
     assert not (tmp_path / "r.json").exists()
@@ -88,26 +125,58 @@ def test_copies_of_one_model_are_refused(model_paths, tmp_path, capsys):
 
 def test_missing_dataset_to_exclude_is_an_error(model_paths, tmp_path, capsys):
     _results(capsys, model_paths, tmp_path)
-    code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "0",
-                       "--exclude-dataset", "/nonexistent", "--output",
-                       tmp_path / "sel")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "select",
+        "--ensemble",
+        tmp_path / "r.json",
+        "--lo",
+        "0",
+        "--exclude-dataset",
+        "/nonexistent",
+        "--output",
+        tmp_path / "sel",
+    )
     assert code == 2 and "/nonexistent: no training set there" in err
     assert not (tmp_path / "sel").exists()
 
 
 def test_exploration_that_samples_nothing(model_paths, tmp_path, capsys):
     ase.io.write(tmp_path / "s.extxyz", make_cells(1))
-    code, _, err = run(capsys, "explore", "--models", *model_paths[:2], "--structures",
-                       tmp_path / "s.extxyz", "--steps", "40", "--hi", "100",
-                       "--output", tmp_path / "cands", "--no-progress")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "explore",
+        "--models",
+        *model_paths[:2],
+        "--structures",
+        tmp_path / "s.extxyz",
+        "--steps",
+        "40",
+        "--hi",
+        "100",
+        "--output",
+        tmp_path / "cands",
+        "--no-progress",
+    )
     assert code == 2 and "the exploration yielded no candidate frame" in err
     assert "sample every 50 steps" in err and "--sample-every" in err
     assert not (tmp_path / "cands").exists()
     # NPT on a molecule names the file and frame, and leaves nothing behind
     ase.io.write(tmp_path / "mol.xyz", Atoms("Cu2", positions=[[0, 0, 0], [2.4, 0, 0]]))
-    code, _, err = run(capsys, "explore", "--models", *model_paths[:2], "--structures",
-                       tmp_path / "mol.xyz", "--pressures", "1", "--steps", "20",
-                       "--output", tmp_path / "npt")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "explore",
+        "--models",
+        *model_paths[:2],
+        "--structures",
+        tmp_path / "mol.xyz",
+        "--pressures",
+        "1",
+        "--steps",
+        "20",
+        "--output",
+        tmp_path / "npt",
+    )
     assert code == 2 and f"{tmp_path / 'mol.xyz'} frame 0: NPT (pressures_GPa) needs" in err
     assert not (tmp_path / "npt").exists()
 
@@ -118,15 +187,27 @@ def test_training_inputs_checked_before_any_output(emt_data, tmp_path, capsys):
     cases = [
         (["--dataset", tmp_path / "one.extxyz"], "holds 1 structure; training needs at least 2"),
         (["--dataset", tmp_path / "nothing"], "nothing: no such file or directory"),
-        (["--dataset", emt_data["train"], "--finetune-from", "nequix-nope"],
-         "nequix-nope: neither a model file nor a known pretrained name"),
-        (["--dataset", emt_data["train"], "--warm-start", tmp_path / "gone"],
-         "gone: warm-start directory not found"),
-    ]  # fmt: skip
+        (
+            ["--dataset", emt_data["train"], "--finetune-from", "nequix-nope"],
+            "nequix-nope: neither a model file nor a known pretrained name",
+        ),
+        (
+            ["--dataset", emt_data["train"], "--warm-start", tmp_path / "gone"],
+            "gone: warm-start directory not found",
+        ),
+    ]
     for args, msg in cases:
         out = tmp_path / "models"
-        code, _, err = run(capsys, "train-ensemble", *args, "--outdir", out, "--config",
-                           tmp_path / "tiny.yaml", "--no-progress")  # fmt: skip
+        code, _, err = run(
+            capsys,
+            "train-ensemble",
+            *args,
+            "--outdir",
+            out,
+            "--config",
+            tmp_path / "tiny.yaml",
+            "--no-progress",
+        )
         assert code == 2 and msg in err, (args, err)
         assert not out.exists(), args
 
@@ -141,8 +222,9 @@ def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
     a.positions[1] = a.positions[0] + [0.001, 0, 0]
     ase.io.write(tmp_path / "close.extxyz", a)
     s = LabellingSettings()
-    summary = label_structures(tmp_path / "close.extxyz", tmp_path / "o", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "close.extxyz", tmp_path / "o", make_backend(s), s, progress=False
+    )
     assert summary["failed"][0]["reason"].startswith("min interatomic distance 0.001 Å < 0.7 Å")
     # every value the README's settings block shows is the code's default
     readme = (ROOT / "README.md").read_text()
@@ -165,28 +247,67 @@ def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
 def test_outputs_checked_before_computing(model_paths, emt_data, tmp_path, capsys):
     ase.io.write(tmp_path / "s.extxyz", make_cells(2))
     (tmp_path / "out").mkdir()
-    code, _, err = run(capsys, "run-ensemble", "--models", *model_paths, "--structures",
-                       tmp_path / "s.extxyz", "--output", tmp_path / "out")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "run-ensemble",
+        "--models",
+        *model_paths,
+        "--structures",
+        tmp_path / "s.extxyz",
+        "--output",
+        tmp_path / "out",
+    )
     assert code == 2 and "out: is a directory; give a file name for the output" in err
-    code, _, err = run(capsys, "validate", "--models", *model_paths, "--testset",
-                       emt_data["test"], "--output", tmp_path / "out")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "validate",
+        "--models",
+        *model_paths,
+        "--testset",
+        emt_data["test"],
+        "--output",
+        tmp_path / "out",
+    )
     assert code == 2 and "out: is a directory" in err
     assert list((tmp_path / "out").iterdir()) == []  # no plots left behind
     # an .extxyz file as the training set is the training set file itself
     shutil.copy(emt_data["test"], tmp_path / "train.extxyz")
     ase.io.write(tmp_path / "new.extxyz", emt_labelled(2, seed=77))
-    code, out, err = run(capsys, "update-dataset", "--new", tmp_path / "new.extxyz",
-                         "--dataset", tmp_path / "train.extxyz")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "update-dataset",
+        "--new",
+        tmp_path / "new.extxyz",
+        "--dataset",
+        tmp_path / "train.extxyz",
+    )
     assert code == 0, err
     assert "added 2 structures (0 already present, 0 conflicts" in out
     assert len(ase.io.read(tmp_path / "train.extxyz", ":")) == 16 + 2
     with pytest.raises(SystemExit) as exc:  # argparse: usage line, exit 2
-        main(["update-dataset", "--new", str(tmp_path / "new.extxyz"), "--dataset",
-              str(tmp_path / "x"), "--iteration", "-3"])  # fmt: skip
+        main(
+            [
+                "update-dataset",
+                "--new",
+                str(tmp_path / "new.extxyz"),
+                "--dataset",
+                str(tmp_path / "x"),
+                "--iteration",
+                "-3",
+            ]
+        )
     assert exc.value.code == 2 and "-3: iterations count from 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    code, _, err = run(capsys, "label", "--calculator", "emt", "--structures", "/missing",
-                       "--output", tmp_path / "labels")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "label",
+        "--calculator",
+        "emt",
+        "--structures",
+        "/missing",
+        "--output",
+        tmp_path / "labels",
+    )
     assert code == 2 and "/missing: no such file or directory" in err
     assert not (tmp_path / "labels").exists()
 
@@ -203,15 +324,25 @@ def test_renamed_settings_are_refused_with_their_new_names(tmp_path, capsys):
     min_distance fields were renamed: the old names give one line naming the new ones, and
     nothing is written."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\n"
-                   "explore: {hi: 1.0, min_distance: 0.8}\n")  # fmt: skip
+    cfg.write_text(
+        "campaign: {directory: r, initial_structures: i.xyz}\n"
+        "explore: {hi: 1.0, min_distance: 0.8}\n"
+    )
     code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "hi is now stop_force_dev, min_distance is now stop_min_distance_A" in err
     assert not (tmp_path / "w.yaml").exists()
     cfg.write_text("select: {min_distance: 1.5}\n")
-    code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--config", cfg,
-                       "--output", tmp_path / "sel")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "select",
+        "--ensemble",
+        tmp_path / "r.json",
+        "--config",
+        cfg,
+        "--output",
+        tmp_path / "sel",
+    )
     assert code == 2 and "min_distance is now min_distance_A" in err
     assert not (tmp_path / "sel").exists()
 
@@ -224,9 +355,11 @@ def test_killed_writers_leave_no_temp_files_and_modes_are_kept(emt_data, tmp_pat
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
     target.chmod(0o640)
     # a writer killed with -9 in the middle of its atomic write leaves its temp file behind
-    code = ("import time; from nequix_fw.structures import atomic_path\n"
-            f"with atomic_path({str(target)!r}) as tmp:\n"
-            "    tmp.write_text('half'); print(tmp, flush=True); time.sleep(60)\n")  # fmt: skip
+    code = (
+        "import time; from nequix_fw.structures import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    tmp.write_text('half'); print(tmp, flush=True); time.sleep(60)\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     tmp = Path(p.stdout.readline().strip())
     p.kill()
@@ -241,8 +374,19 @@ def test_killed_writers_leave_no_temp_files_and_modes_are_kept(emt_data, tmp_pat
 
 def test_selection_directory_honours_the_umask(model_paths, tmp_path, capsys):
     _results(capsys, model_paths, tmp_path)
-    assert run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "0", "--output",
-               tmp_path / "sel")[0] == 0  # fmt: skip
+    assert (
+        run(
+            capsys,
+            "select",
+            "--ensemble",
+            tmp_path / "r.json",
+            "--lo",
+            "0",
+            "--output",
+            tmp_path / "sel",
+        )[0]
+        == 0
+    )
     assert stat.S_IMODE((tmp_path / "sel").stat().st_mode) == 0o777 & ~_umask()
     manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
     for f in ["manifest.json", *(e["file"] for e in manifest["structures"] if e["selected"])]:
@@ -253,8 +397,16 @@ def test_selection_directory_honours_the_umask(model_paths, tmp_path, capsys):
 def _results(capsys, model_paths, tmp_path) -> None:
     """`tmp_path/r.json`: the models' results on three cells."""
     ase.io.write(tmp_path / "s.extxyz", make_cells(3))
-    argv = ["run-ensemble", "--models", *model_paths, "--structures", tmp_path / "s.extxyz",
-            "--output", tmp_path / "r.json", "--no-progress"]  # fmt: skip
+    argv = [
+        "run-ensemble",
+        "--models",
+        *model_paths,
+        "--structures",
+        tmp_path / "s.extxyz",
+        "--output",
+        tmp_path / "r.json",
+        "--no-progress",
+    ]
     assert run(capsys, *argv)[0] == 0
 
 
@@ -279,8 +431,9 @@ def _one_line(code: int, err: str, *fragments: str) -> None:
 def _dataset_dir(path: Path, n: int, seed: int, capsys) -> Path:
     """An on-disk training set of `n` EMT-labelled cells."""
     ase.io.write(path.with_suffix(".extxyz"), emt_labelled(n, seed=seed))
-    code, _, err = run(capsys, "update-dataset", "--new", path.with_suffix(".extxyz"),
-                       "--dataset", path)  # fmt: skip
+    code, _, err = run(
+        capsys, "update-dataset", "--new", path.with_suffix(".extxyz"), "--dataset", path
+    )
     assert code == 0, err
     return path
 
@@ -291,28 +444,70 @@ def test_relabel_refuses_a_work_directory_of_another_dataset(tmp_path, capsys):
     a = _dataset_dir(tmp_path / "a", 3, 21, capsys)
     b = _dataset_dir(tmp_path / "b", 2, 22, capsys)
     lj = ["--calculator", "lj", "--no-progress"]
-    code, out, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "a_lj",
-                         "--output", tmp_path / "work", *lj)  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "relabel",
+        "--dataset",
+        a,
+        "--to",
+        tmp_path / "a_lj",
+        "--output",
+        tmp_path / "work",
+        *lj,
+    )
     assert code == 0 and "relabelled 3 of 3 structures" in out, err
-    code, _, err = run(capsys, "relabel", "--dataset", b, "--to", tmp_path / "b_lj", "--output",
-                       tmp_path / "work", *lj)  # fmt: skip
-    _one_line(code, err, f"{tmp_path / 'work'}: a work directory of other structures",
-              "3 frozen there, 0 of the 2 asked for now", "give a new --output")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "relabel",
+        "--dataset",
+        b,
+        "--to",
+        tmp_path / "b_lj",
+        "--output",
+        tmp_path / "work",
+        *lj,
+    )
+    _one_line(
+        code,
+        err,
+        f"{tmp_path / 'work'}: a work directory of other structures",
+        "3 frozen there, 0 of the 2 asked for now",
+        "give a new --output",
+    )
     assert not (tmp_path / "b_lj").exists()
     # the same request again resumes: nothing labelled twice
-    code, out, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "a_lj",
-                         "--output", tmp_path / "work", *lj)  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "relabel",
+        "--dataset",
+        a,
+        "--to",
+        tmp_path / "a_lj",
+        "--output",
+        tmp_path / "work",
+        *lj,
+    )
     assert code == 0 and "(3 from an earlier run)" in out and "added 0 (3 already there)" in out
     # the source dataset named by another spelling of its path, before anything is labelled
     for to in (f"{a}/", f"{a}/training_set.extxyz", tmp_path / "." / "a", a / "sub"):
-        code, _, err = run(capsys, "relabel", "--dataset", a, "--to", to, "--output",
-                           tmp_path / "w2", *lj)  # fmt: skip
+        code, _, err = run(
+            capsys, "relabel", "--dataset", a, "--to", to, "--output", tmp_path / "w2", *lj
+        )
         _one_line(code, err, f"--to {to} is the dataset {a} being relabelled")
         assert "--allow-mixed" not in err and not (tmp_path / "w2").exists()
     # an existing file as the work directory
     (tmp_path / "file").write_text("x")
-    code, _, err = run(capsys, "relabel", "--dataset", a, "--to", tmp_path / "c", "--output",
-                       tmp_path / "file", *lj)  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "relabel",
+        "--dataset",
+        a,
+        "--to",
+        tmp_path / "c",
+        "--output",
+        tmp_path / "file",
+        *lj,
+    )
     _one_line(code, err, f"{tmp_path / 'file'}: exists and is not a directory")
     assert not (tmp_path / "c").exists()
 
@@ -323,11 +518,13 @@ def test_ev_set_refuses_a_work_directory_of_another_structure(tmp_path, capsys):
     ase.io.write(tmp_path / "cu.extxyz", bulk("Cu", "fcc", a=3.6))
     ase.io.write(tmp_path / "al.extxyz", bulk("Al", "fcc", a=4.05))
     emt = ["--calculator", "emt", "--output", tmp_path / "work", "--no-progress"]
-    code, out, err = run(capsys, "ev-set", "--structure", tmp_path / "cu.extxyz", "--to",
-                         tmp_path / "ev_cu", *emt)  # fmt: skip
+    code, out, err = run(
+        capsys, "ev-set", "--structure", tmp_path / "cu.extxyz", "--to", tmp_path / "ev_cu", *emt
+    )
     assert code == 0 and "E-V set of Cu: labelled 7 of 7 volumes" in out, err
-    code, out, err = run(capsys, "ev-set", "--structure", tmp_path / "al.extxyz", "--to",
-                         tmp_path / "ev_al", *emt)  # fmt: skip
+    code, out, err = run(
+        capsys, "ev-set", "--structure", tmp_path / "al.extxyz", "--to", tmp_path / "ev_al", *emt
+    )
     _one_line(code, err, "a work directory of other structures", "0 of the 7 asked for now")
     assert not out and not (tmp_path / "ev_al").exists()
     stored = ase.io.read(tmp_path / "ev_cu" / "training_set.extxyz", ":")
@@ -375,8 +572,15 @@ def test_db_start_remembers_its_database_and_checks_its_arguments(
         code, _, err = db("start", "--dir", where, "--launchpad", tmp_path / "l.yaml")
         _one_line(code, err, f"{where}: cannot make the server directory there")
     # a port where another MongoDB server listens: nothing left behind
-    code, _, err = db("start", "--dir", tmp_path / "busy" / "srv", "--port", mongo_server["port"],
-                      "--launchpad", tmp_path / "l.yaml")  # fmt: skip
+    code, _, err = db(
+        "start",
+        "--dir",
+        tmp_path / "busy" / "srv",
+        "--port",
+        mongo_server["port"],
+        "--launchpad",
+        tmp_path / "l.yaml",
+    )
     _one_line(code, err, f"127.0.0.1:{mongo_server['port']}: another server already listens")
     assert not (tmp_path / "busy").exists() and not (tmp_path / "l.yaml").exists()
 
@@ -387,8 +591,9 @@ def test_db_start_never_loses_a_launchpad_file(tmp_path):
     nfw = [sys.executable, "-m", "nequix_fw.cli", "db"]
     mine = "# my own mongod\nhost: localhost\nport: 27017\nname: production\n"
     (tmp_path / "my_launchpad.yaml").write_text(mine)
-    p = subprocess.run([*nfw, "start", "--dir", "srv"], cwd=tmp_path, capture_output=True,
-                       text=True)  # fmt: skip
+    p = subprocess.run(
+        [*nfw, "start", "--dir", "srv"], cwd=tmp_path, capture_output=True, text=True
+    )
     try:
         assert p.returncode == 0, p.stderr
         assert "kept as my_launchpad.yaml.orig" in p.stdout
@@ -405,17 +610,35 @@ def test_learned_descriptor_refuses_another_checkpoint_at_the_recorded_path(
     for k, m in enumerate(model_paths[:2]):
         shutil.copy(m, tmp_path / f"m{k}.nqx")
     ase.io.write(tmp_path / "s.extxyz", make_cells(3))
-    code, _, err = run(capsys, "run-ensemble", "--models", tmp_path / "m0.nqx",
-                       tmp_path / "m1.nqx", "--structures", tmp_path / "s.extxyz", "--output",
-                       tmp_path / "r.json", "--no-progress")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "run-ensemble",
+        "--models",
+        tmp_path / "m0.nqx",
+        tmp_path / "m1.nqx",
+        "--structures",
+        tmp_path / "s.extxyz",
+        "--output",
+        tmp_path / "r.json",
+        "--no-progress",
+    )
     assert code == 0, err
-    select = ["select", "--ensemble", tmp_path / "r.json", "--lo", "0", "--diverse",
-              "--descriptor", "learned", "--max-selected", "2"]  # fmt: skip
+    select = [
+        "select",
+        "--ensemble",
+        tmp_path / "r.json",
+        "--lo",
+        "0",
+        "--diverse",
+        "--descriptor",
+        "learned",
+        "--max-selected",
+        "2",
+    ]
     assert run(capsys, *select, "--output", tmp_path / "ok")[0] == 0
     shutil.copy(model_paths[2], tmp_path / "m0.nqx")  # another model at the recorded path
     code, _, err = run(capsys, *select, "--output", tmp_path / "sel")
-    _one_line(code, err, f"{tmp_path / 'm0.nqx'}: not the model these results were evaluated "
-              "with")  # fmt: skip
+    _one_line(code, err, f"{tmp_path / 'm0.nqx'}: not the model these results were evaluated with")
     assert not (tmp_path / "sel").exists()
     (tmp_path / "m0.nqx").unlink()
     code, _, err = run(capsys, *select, "--output", tmp_path / "sel")
@@ -429,25 +652,36 @@ def test_campaign_write_checks_what_would_fail_hours_later(tmp_path, capsys, mon
     cfg = tmp_path / "c.yaml"
     base = "campaign: {directory: run, initial_structures: initial.extxyz"
     cases = [
-        (base + ", testset: [nope.extxyz]}\n",
-         f"campaign.testset: {tmp_path / 'nope.extxyz'}: no such file or directory"),
-        (base + ", candidate_pool: [pool/]}\n",
-         f"campaign.candidate_pool: {tmp_path / 'pool'}: no such file or directory"),
-        (base + "}\nselect: {lo: auto, target_force_error: 0.1}\n",
-         "select.lo: auto needs a calibration of the uncertainty"),
-        (base + ", schedule: {2: {select: {lo: auto, target_force_error: 0.1}}}}\n",
-         "select.lo: auto (campaign.schedule from iteration 2) needs a calibration"),
-        (base + ", testset: [test.extxyz]}\nvalidate: {reference: emt, structure: gone.vasp}\n",
-         f"validate: {tmp_path / 'gone.vasp'}: no such file or directory"),
-    ]  # fmt: skip
+        (
+            base + ", testset: [nope.extxyz]}\n",
+            f"campaign.testset: {tmp_path / 'nope.extxyz'}: no such file or directory",
+        ),
+        (
+            base + ", candidate_pool: [pool/]}\n",
+            f"campaign.candidate_pool: {tmp_path / 'pool'}: no such file or directory",
+        ),
+        (
+            base + "}\nselect: {lo: auto, target_force_error: 0.1}\n",
+            "select.lo: auto needs a calibration of the uncertainty",
+        ),
+        (
+            base + ", schedule: {2: {select: {lo: auto, target_force_error: 0.1}}}}\n",
+            "select.lo: auto (campaign.schedule from iteration 2) needs a calibration",
+        ),
+        (
+            base + ", testset: [test.extxyz]}\nvalidate: {reference: emt, structure: gone.vasp}\n",
+            f"validate: {tmp_path / 'gone.vasp'}: no such file or directory",
+        ),
+    ]
     for text, message in cases:
         cfg.write_text(text)
         code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
         _one_line(code, err, f"{cfg}: ", message)
         assert not (tmp_path / "w.yaml").exists() and not (tmp_path / "run").exists()
     # lo: auto with a test set is fine; an existing directory as --write is refused first
-    cfg.write_text(base + ", testset: [test.extxyz]}\nselect: {lo: auto, "
-                   "target_force_error: 0.1}\n")  # fmt: skip
+    cfg.write_text(
+        base + ", testset: [test.extxyz]}\nselect: {lo: auto, target_force_error: 0.1}\n"
+    )
     assert run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")[0] == 0
     (tmp_path / "wdir").mkdir()
     code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "wdir")
@@ -463,15 +697,28 @@ def test_campaign_paths_are_absolute_wherever_they_are_set(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     ase.io.write(tmp_path / "initial.extxyz", make_cells(2))
     (tmp_path / "model.nqx").write_text("")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "campaign": {"directory": "run", "initial_structures": "initial.extxyz",
-                     "dataset": "data_dir", "finetune_from": "model.nqx",
-                     "schedule": {2: {"label": {"cp2k_data_dir": "cp2k_data"}}},
-                     "systems": [{"name": "s", "initial_structures": "initial.extxyz",
-                                  "settings": {"label": {"scratch_dir": "scratch"}}}]},
-        "ensemble": {"compilation_cache_dir": "cache"},
-        "label": {"cp2k_template": ">>template<<"},
-    }))  # fmt: skip
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "campaign": {
+                    "directory": "run",
+                    "initial_structures": "initial.extxyz",
+                    "dataset": "data_dir",
+                    "finetune_from": "model.nqx",
+                    "schedule": {2: {"label": {"cp2k_data_dir": "cp2k_data"}}},
+                    "systems": [
+                        {
+                            "name": "s",
+                            "initial_structures": "initial.extxyz",
+                            "settings": {"label": {"scratch_dir": "scratch"}},
+                        }
+                    ],
+                },
+                "ensemble": {"compilation_cache_dir": "cache"},
+                "label": {"cp2k_template": ">>template<<"},
+            }
+        )
+    )
     s = campaign_sections(tmp_path / "c.yaml")
     c = s["campaign"]
     assert c["dataset"] == str(tmp_path / "data_dir") and c["directory"] == str(tmp_path / "run")
@@ -492,8 +739,10 @@ def test_campaign_paths_are_absolute_wherever_they_are_set(tmp_path, monkeypatch
 def test_export_and_fetch_outputs_checked(tmp_path, launchpad_file, capsys):
     lp = ["--launchpad", launchpad_file]
     ase.io.write(tmp_path / "new.extxyz", emt_labelled(2, seed=31))
-    assert run(capsys, "update-dataset", "--new", tmp_path / "new.extxyz", "--dataset", "db:e",
-               *lp)[0] == 0  # fmt: skip
+    assert (
+        run(capsys, "update-dataset", "--new", tmp_path / "new.extxyz", "--dataset", "db:e", *lp)[0]
+        == 0
+    )
     (tmp_path / "adir").mkdir()
     code, _, err = run(capsys, "export", "--dataset", "db:e", "--output", tmp_path / "adir", *lp)
     _one_line(code, err, f"{tmp_path / 'adir'}: is a directory")
@@ -502,8 +751,9 @@ def test_export_and_fetch_outputs_checked(tmp_path, launchpad_file, capsys):
     code, _, err = run(capsys, "export", "--models", "camp/0", "--output", tmp_path / "afile", *lp)
     _one_line(code, err, f"{tmp_path / 'afile'}: exists and is not a directory")
     assert (tmp_path / "afile").read_text() == "x"
-    code, _, err = run(capsys, "export", "--dataset", "db:e", "--output", tmp_path / "e.extxyz",
-                       *lp)  # fmt: skip
+    code, _, err = run(
+        capsys, "export", "--dataset", "db:e", "--output", tmp_path / "e.extxyz", *lp
+    )
     assert code == 0 and len(ase.io.read(tmp_path / "e.extxyz", ":")) == 2
 
 
@@ -515,11 +765,25 @@ def test_damaged_campaign_record_and_calibration_file(model_paths, tmp_path, cap
     _results(capsys, model_paths, tmp_path)
     (tmp_path / "cal.yaml").write_text("uncertainty:\n  calibration: {}\n")
     (tmp_path / "list.json").write_text("[1, 2]")
-    for path, why in (("cal.yaml", "not JSON"), ("list.json", "a JSON list"),
-                      ("missing.json", "cannot read it")):  # fmt: skip
-        code, _, err = run(capsys, "select", "--ensemble", tmp_path / "r.json", "--lo", "auto",
-                           "--target-force-error", "0.1", "--calibration", tmp_path / path,
-                           "--output", tmp_path / "sel")  # fmt: skip
+    for path, why in (
+        ("cal.yaml", "not JSON"),
+        ("list.json", "a JSON list"),
+        ("missing.json", "cannot read it"),
+    ):
+        code, _, err = run(
+            capsys,
+            "select",
+            "--ensemble",
+            tmp_path / "r.json",
+            "--lo",
+            "auto",
+            "--target-force-error",
+            "0.1",
+            "--calibration",
+            tmp_path / path,
+            "--output",
+            tmp_path / "sel",
+        )
         _one_line(code, err, f"--calibration {tmp_path / path}: ", why)
         assert not (tmp_path / "sel").exists()
 
@@ -534,17 +798,30 @@ def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_f
 
     n_new = 3 * BULK
     ase.io.write(tmp_path / "new.extxyz", emt_labelled(n_new, seed=41, rattle=0.05))
-    cmd = [sys.executable, "-m", "nequix_fw.cli", "update-dataset", "--new",
-           str(tmp_path / "new.extxyz"), "--dataset", "db:big", "--launchpad",
-           str(launchpad_file)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "nequix_fw.cli",
+        "update-dataset",
+        "--new",
+        str(tmp_path / "new.extxyz"),
+        "--dataset",
+        "db:big",
+        "--launchpad",
+        str(launchpad_file),
+    ]
     docs = launchpad_db(launchpad_file)[COLLECTION]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not docs.count_documents({"dataset": "big"}) and p.poll() is None:
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
-    _one_line(p.returncode, err, f"new structures of {tmp_path / 'new.extxyz'} were stored in "
-              "db:big", "more sent); the same command again adds the rest (none twice)")  # fmt: skip
+    _one_line(
+        p.returncode,
+        err,
+        f"new structures of {tmp_path / 'new.extxyz'} were stored in db:big",
+        "more sent); the same command again adds the rest (none twice)",
+    )
     said = re.search(r"interrupted: (\d+) of the \d+ .*up to (\d+) more", err)
     stored, sent = int(said.group(1)), int(said.group(2))
     time.sleep(1)  # a batch sent before the signal may still be written
@@ -559,9 +836,11 @@ def test_model_info_names_the_file_it_cannot_read(model_paths, tmp_path, capsys)
     (tmp_path / "junk.nqx").write_text("junk\n")
     truncated = tmp_path / "cut.nqx"
     truncated.write_bytes(model_paths[0].read_bytes()[:-200])
-    for path, why in ((tmp_path / "gone.nqx", "model file not found"),
-                      (tmp_path / "junk.nqx", "not a Nequix checkpoint"),
-                      (truncated, "truncated or corrupted checkpoint")):  # fmt: skip
+    for path, why in (
+        (tmp_path / "gone.nqx", "model file not found"),
+        (tmp_path / "junk.nqx", "not a Nequix checkpoint"),
+        (truncated, "truncated or corrupted checkpoint"),
+    ):
         code, out, err = run(capsys, "model-info", model_paths[0], path)
         _one_line(code, err, f"{path}: {why}")
         assert not out

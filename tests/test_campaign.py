@@ -102,18 +102,27 @@ def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
     today = datetime.date.today().isoformat()
     return _fireworks(
         tmp_path,
-        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
-         "my_launchpad.yaml", "--write", "wf.yaml"],
+        [
+            BIN / "nequix-fw",
+            "campaign",
+            "--config",
+            "campaign.yaml",
+            "--launchpad",
+            "my_launchpad.yaml",
+            "--write",
+            "wf.yaml",
+        ],
         [*LPAD, "reset", "--password", today],
         [*LPAD, "add", "wf.yaml"],
         RLAUNCH,
-    )  # fmt: skip
+    )
 
 
 def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpad_file):
     # from iteration 2 on, the schedule selects at most 2 structures instead of 3
-    r = _campaign(tmp_path, "cu_au", lo=0.0,
-                  extra="campaign: {schedule: {2: {select: {max_selected: 2}}}}")  # fmt: skip
+    r = _campaign(
+        tmp_path, "cu_au", lo=0.0, extra="campaign: {schedule: {2: {select: {max_selected: 2}}}}"
+    )
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1, 2]
     # iteration 0 labels the 4 initial structures; 1 selects, labels and adds 3, 2 adds 2
@@ -122,8 +131,10 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert its[2]["stop_reason"] == "max_iterations (2) reached"
     assert all(it["validation"]["force_rmse_eV_per_A"] > 0 for it in its)
     for k in range(3):  # every iteration trained its own ensemble; 1 and 2 warm-started
-        metas = [json.loads(p.read_text()) for p in (r["dir"] / f"iter_{k:03d}" / "train_ensemble")
-                 .glob("member_*.json")]  # fmt: skip
+        metas = [
+            json.loads(p.read_text())
+            for p in (r["dir"] / f"iter_{k:03d}" / "train_ensemble").glob("member_*.json")
+        ]
         assert len(metas) == 2 and {m["start"] for m in metas} == {
             "scratch" if k == 0 else "warm_start"
         }
@@ -146,12 +157,19 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     # the progress plot is redrawn after every validation; campaign-status prints the table
     png = r["dir"] / "campaign.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = subprocess.run([BIN / "nequix-fw", "campaign-status", str(r["dir"]), "--plot"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
+    p = subprocess.run(
+        [BIN / "nequix-fw", "campaign-status", str(r["dir"]), "--plot"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [line.split() for line in p.stdout.splitlines()[3:6]]
     # iteration, selected, labelled, dataset size (the candidate count depends on MD stops)
-    assert [[row[0], *row[2:5]] for row in rows] == [["0", "-", "4", "4"], ["1", "3", "3", "7"],
-                                                     ["2", "2", "2", "9"]]  # fmt: skip
+    assert [[row[0], *row[2:5]] for row in rows] == [
+        ["0", "-", "4", "4"],
+        ["1", "3", "3", "7"],
+        ["2", "2", "2", "9"],
+    ]
     assert int(rows[1][1]) > 0 and int(rows[2][1]) > 0
     # validation errors, the calibration factor and the selection method of every iteration
     for row, it in zip(rows, its, strict=True):
@@ -163,14 +181,22 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert "(from MongoDB (" in p.stdout.splitlines()[0]  # campaign-status reads the database
     # everything the campaign produced is in MongoDB: per iteration its record, labelling tasks,
     # members (checkpoints in GridFS), validation report and (from 1 on) selection manifest
-    assert db["counts"] == {"nequix_fw_iterations": 3, "nequix_fw_label_tasks": 4 + 3 + 2,
-                            "nequix_fw_models": 3 * 2, "nequix_fw_validation": 3,
-                            "nequix_fw_selections": 2}  # fmt: skip
+    assert db["counts"] == {
+        "nequix_fw_iterations": 3,
+        "nequix_fw_label_tasks": 4 + 3 + 2,
+        "nequix_fw_models": 3 * 2,
+        "nequix_fw_validation": 3,
+        "nequix_fw_selections": 2,
+    }
     stops = [None, None, "max_iterations (2) reached"]
-    assert [it[:3] for it in db["iterations"]] == [[0, 4, stops[0]], [1, 7, stops[1]],
-                                                   [2, 9, stops[2]]]  # fmt: skip
+    assert [it[:3] for it in db["iterations"]] == [
+        [0, 4, stops[0]],
+        [1, 7, stops[1]],
+        [2, 9, stops[2]],
+    ]
     assert [it[3] for it in db["iterations"]] == [
-        it["validation"]["force_rmse_eV_per_A"] for it in its]  # fmt: skip
+        it["validation"]["force_rmse_eV_per_A"] for it in its
+    ]
     assert {tuple(t[:2]) for t in db["tasks"]} == {(0, "success"), (1, "success"), (2, "success")}
     assert "campaign_1_iteration_1" in db["indexes"]
     files = {(k, f): sha for k, f, sha in db["models"]}
@@ -181,21 +207,48 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     # export: the training data for other codes, and an ensemble for a worker without the files
     nfw = [BIN / "nequix-fw"]
     lp = ["--launchpad", str(tmp_path / "my_launchpad.yaml")]
-    subprocess.run([*nfw, "export", "--dataset", "db:cu_au", "--iteration", "1", "2",
-                    "--output", str(tmp_path / "new.extxyz"), *lp], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            *nfw,
+            "export",
+            "--dataset",
+            "db:cu_au",
+            "--iteration",
+            "1",
+            "2",
+            "--output",
+            str(tmp_path / "new.extxyz"),
+            *lp,
+        ],
+        check=True,
+    )
     new = ase.io.read(tmp_path / "new.extxyz", ":")
     assert sorted(a.info["iteration"] for a in new) == [1, 1, 1, 2, 2]
-    subprocess.run([*nfw, "export", "--dataset", "db:cu_au", "--format", "ase-db", "--output",
-                    str(tmp_path / "all.db"), *lp], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            *nfw,
+            "export",
+            "--dataset",
+            "db:cu_au",
+            "--format",
+            "ase-db",
+            "--output",
+            str(tmp_path / "all.db"),
+            *lp,
+        ],
+        check=True,
+    )
     with ase.db.connect(tmp_path / "all.db") as con:
         rows = list(con.select())
     assert len(rows) == 9 and {row.backend for row in rows} == {"ase"}
     assert sorted(row.structure_id for row in rows) == db["ids"]
-    subprocess.run([*nfw, "export", "--models", "cu_au/2", "--output", str(tmp_path / "m2"), *lp],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [*nfw, "export", "--models", "cu_au/2", "--output", str(tmp_path / "m2"), *lp], check=True
+    )
     for f in ("member_0.nqx", "member_1.nqx"):
-        assert (tmp_path / "m2" / f).read_bytes() == (r["dir"] / "iter_002" / "train_ensemble" / f
-                                                      ).read_bytes()  # fmt: skip
+        assert (tmp_path / "m2" / f).read_bytes() == (
+            r["dir"] / "iter_002" / "train_ensemble" / f
+        ).read_bytes()
 
 
 def test_campaign_stops_when_nothing_is_selected(tmp_path, launchpad_file):
@@ -214,13 +267,27 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     pool = f"campaign: {{candidate_pool: [{tmp_path / 'pool.extxyz'}], explore: false, "
-    first = _campaign(tmp_path, "again", lo=0.0,
-                      extra=pool + "max_iterations: 1, label_group_size: 2}")  # fmt: skip
+    first = _campaign(
+        tmp_path, "again", lo=0.0, extra=pool + "max_iterations: 1, label_group_size: 2}"
+    )
     # labelling in groups of 2: iteration 0 (4 structures) and 1 (3 selected) in 2 Fireworks each
-    names = ["again " + n for n in ("label 0.0", "label 0.1", "label 1.0", "label 1.1",
-                                    "run_ensemble 1", "select 1", "train_ensemble 0",
-                                    "train_ensemble 1", "update_dataset 0", "update_dataset 1",
-                                    "validate 0", "validate 1")]  # fmt: skip
+    names = [
+        "again " + n
+        for n in (
+            "label 0.0",
+            "label 0.1",
+            "label 1.0",
+            "label 1.1",
+            "run_ensemble 1",
+            "select 1",
+            "train_ensemble 0",
+            "train_ensemble 1",
+            "update_dataset 0",
+            "update_dataset 1",
+            "validate 0",
+            "validate 1",
+        )
+    ]
     assert first["db"]["fireworks"] == [[n, "COMPLETED"] for n in names]
     groups = [
         json.loads(p.read_text())["n_structures"]
@@ -238,9 +305,12 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
 
     # the same rerun with max_iterations 0: validation 0 now stops and defuses iteration 1
     update = '{"_tasks.0.sections.campaign.max_iterations": 0}'
-    stopped = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"],
-                         [*LPAD, "update_fws", "-n", "again validate 0", "-u", update],
-                         RLAUNCH)  # fmt: skip
+    stopped = _fireworks(
+        tmp_path,
+        [*LPAD, "rerun_fws", "-n", "again validate 0"],
+        [*LPAD, "update_fws", "-n", "again validate 0", "-u", update],
+        RLAUNCH,
+    )
     states = dict(stopped["db"]["fireworks"])
     assert states["again validate 0"] == "COMPLETED"
     assert states["again run_ensemble 1"] == "DEFUSED" and states["again select 1"] == "WAITING"
@@ -256,19 +326,33 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
-    schedule = {2: {"explore": {"temperatures_K": [900.0]}},
-                3: {"explore": {"steps": 50}, "select": {"max_selected": 7}}}  # fmt: skip
-    cfg.write_text(yaml.safe_dump({
-        "campaign": {"directory": "r", "initial_structures": "i.xyz", "schedule": schedule,
-                     "accurate_fraction": 0.95},
-        "explore": {"temperatures_K": [300.0], "steps": 500},
-        "select": {"max_selected": 20},
-    }))  # fmt: skip
+    schedule = {
+        2: {"explore": {"temperatures_K": [900.0]}},
+        3: {"explore": {"steps": 50}, "select": {"max_selected": 7}},
+    }
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": {
+                    "directory": "r",
+                    "initial_structures": "i.xyz",
+                    "schedule": schedule,
+                    "accurate_fraction": 0.95,
+                },
+                "explore": {"temperatures_K": [300.0], "steps": 500},
+                "select": {"max_selected": 20},
+            }
+        )
+    )
     c = Campaign(campaign_sections(cfg))
     assert list(c.sections["campaign"]["schedule"]) == ["2", "3"]  # string keys for MongoDB
     explore = [c.section(ExplorationSettings, k) for k in range(1, 5)]
     assert [(e.temperatures_K, e.steps) for e in explore] == [
-        ([300.0], 500), ([900.0], 500), ([900.0], 50), ([900.0], 50)]  # fmt: skip
+        ([300.0], 500),
+        ([900.0], 500),
+        ([900.0], 50),
+        ([900.0], 50),
+    ]
     assert [c.section(SelectionSettings, k).max_selected for k in (2, 3)] == [20, 7]
     # DP-GEN's convergence measure: the share of candidates the ensemble already gets right
     record = {"n_selected": 4, "selection": {"accurate": 96, "candidate": 4, "failed": 0}}
@@ -277,14 +361,26 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
     assert selection_stop(c, 3, record) is None
     # a bad value in the schedule is caught when the workflow is built, with where it is
     schedule[3]["explore"]["steps"] = -1
-    cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i.xyz",
-                                                "schedule": schedule}}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {"campaign": {"directory": "r", "initial_structures": "i.xyz", "schedule": schedule}}
+        )
+    )
     assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
     err = capsys.readouterr().err
     assert "invalid ExplorationSettings: steps" in err
     assert "(campaign.schedule from iteration 3)" in err
-    cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i.xyz",
-                                                "schedule": {1: {"campaign": {}}}}}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "campaign": {
+                    "directory": "r",
+                    "initial_structures": "i.xyz",
+                    "schedule": {1: {"campaign": {}}},
+                }
+            }
+        )
+    )
     assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
     assert "schedule.1.campaign" in capsys.readouterr().err
     assert not (tmp_path / "w.yaml").exists()
@@ -300,8 +396,7 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         assert "no 'campaign' section" in capsys.readouterr().err
     else:  # a typo in a section is caught before anything is added
-        cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\n"
-                       "selection: {lo: -1}\n")  # fmt: skip
+        cfg.write_text("campaign: {directory: r, initial_structures: i.xyz}\nselection: {lo: -1}\n")
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         assert "invalid SelectionSettings" in capsys.readouterr().err
     assert not (tmp_path / "w.yaml").exists()
@@ -316,14 +411,25 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
 
     cfg = tmp_path / "c.yaml"
     (tmp_path / "t.xyz").write_text("")  # the test set must exist (its contents are not read)
-    settings = {"campaign": {"directory": "r", "initial_structures": "i.xyz", "max_iterations": 5,
-                             "testset": [str(tmp_path / "t.xyz")],
-                             "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5}},
-                "validate": {"reference": "emt"}}  # fmt: skip
+    settings = {
+        "campaign": {
+            "directory": "r",
+            "initial_structures": "i.xyz",
+            "max_iterations": 5,
+            "testset": [str(tmp_path / "t.xyz")],
+            "property_tolerances": {"v0_percent": 1, "bulk_modulus_percent": 5},
+        },
+        "validate": {"reference": "emt"},
+    }
     cfg.write_text(yaml.safe_dump(settings))
     c = Campaign(campaign_sections(cfg))
-    record = {"properties": {"v0_percent": 0.4, "bulk_modulus_percent": -7.0,
-                             "vacancy_formation_eV": None}}  # fmt: skip
+    record = {
+        "properties": {
+            "v0_percent": 0.4,
+            "bulk_modulus_percent": -7.0,
+            "vacancy_formation_eV": None,
+        }
+    }
     assert iteration_stop(c, 1, record) is None  # B0 off by 7% > 5%
     record["properties"]["bulk_modulus_percent"] = -4.0
     assert iteration_stop(c, 1, record) == (
@@ -332,13 +438,22 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
     # without a reference to compare with, a negative tolerance, an unknown property
     no_testset = {k: v for k, v in settings["campaign"].items() if k != "testset"}
-    cases = [({"validate": {}}, "campaign.property_tolerances needs validate.reference"),
-             ({"campaign": no_testset}, "the structural checks (validate.reference) run in "
-              "the validation, which needs campaign.testset"),
-             ({"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
-              "property_tolerances: v0_percent must be > 0"),
-             ({"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},
-              "property_tolerances.c11")]  # fmt: skip
+    cases = [
+        ({"validate": {}}, "campaign.property_tolerances needs validate.reference"),
+        (
+            {"campaign": no_testset},
+            "the structural checks (validate.reference) run in "
+            "the validation, which needs campaign.testset",
+        ),
+        (
+            {"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
+            "property_tolerances: v0_percent must be > 0",
+        ),
+        (
+            {"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},
+            "property_tolerances.c11",
+        ),
+    ]
     for change, msg in cases:
         cfg.write_text(yaml.safe_dump({**settings, **change}))
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
@@ -354,19 +469,25 @@ def test_stage_and_system_settings_are_checked(tmp_path, capsys):
     stage = {"iterations": 1}
     cases = [
         ({"stages": [{"name": "x"}]}, "a stage needs accurate_fraction or iterations"),
-        ({"stages": [{"iterations": 1, "settings": {"explore": {"steps": -1}}}]},
-         "(campaign.stages[0])"),
+        (
+            {"stages": [{"iterations": 1, "settings": {"explore": {"steps": -1}}}]},
+            "(campaign.stages[0])",
+        ),
         ({"systems": [system, system]}, "systems: names must differ (cu, cu)"),
-        ({"systems": [system], "stages": [{**stage,
-                                            "settings": {"train_ensemble": {"epochs": 3}}}]},
-         "with systems, each system goes through the stages on its own, so a stage sets "
-         "explore and select only, not train_ensemble"),
-        ({"systems": [{**system, "settings": {"select": {"hi": -1}}}]},
-         "(campaign.systems[0])"),
-    ]  # fmt: skip
+        (
+            {
+                "systems": [system],
+                "stages": [{**stage, "settings": {"train_ensemble": {"epochs": 3}}}],
+            },
+            "with systems, each system goes through the stages on its own, so a stage sets "
+            "explore and select only, not train_ensemble",
+        ),
+        ({"systems": [{**system, "settings": {"select": {"hi": -1}}}]}, "(campaign.systems[0])"),
+    ]
     for extra, msg in cases:
-        cfg.write_text(yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i",
-                                                    **extra}}))  # fmt: skip
+        cfg.write_text(
+            yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i", **extra}})
+        )
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err

@@ -59,8 +59,7 @@ campaign:
     assert one["cuau"]["n_selected"] == 2 and one["cuau"]["converged"] is None
     assert set(two) == {"cuau"} and two["cuau"]["n_selected"] == 2  # cu no longer explored
     assert [its[k]["dataset_size"] for k in (0, 1, 2)] == [4, 6, 8]
-    assert sorted(p.name for p in (r["dir"] / "iter_001" / "explore").iterdir()) == [
-        "cu", "cuau"]  # fmt: skip
+    assert sorted(p.name for p in (r["dir"] / "iter_001" / "explore").iterdir()) == ["cu", "cuau"]
     assert sorted(p.name for p in (r["dir"] / "iter_002" / "explore").iterdir()) == ["cuau"]
     m = json.loads((r["dir"] / "iter_002" / "explore" / "cuau" / "manifest.json").read_text())
     assert {t["temperature_K"] for t in m["trajectories"]} == {1000.0}  # its own settings
@@ -137,8 +136,13 @@ campaign:
     assert cuau["stage"] == 1 and cuau["stage_converged"] is None and not cuau["converged"]
     assert set(its[3]["systems"]) == {"cuau"} and its[3]["systems"]["cuau"]["stage"] == 1
     assert [its[k]["dataset_size"] for k in range(4)] == [4, 6, 8, 10]  # cuau's 2 each time
-    for k, system, temperature in ((1, "cu", 300.0), (1, "cuau", 300.0), (2, "cu", 1000.0),
-                                   (2, "cuau", 1000.0), (3, "cuau", 1000.0)):  # fmt: skip
+    for k, system, temperature in (
+        (1, "cu", 300.0),
+        (1, "cuau", 300.0),
+        (2, "cu", 1000.0),
+        (2, "cuau", 1000.0),
+        (3, "cuau", 1000.0),
+    ):
         path = r["dir"] / f"iter_{k:03d}" / "explore" / system / "manifest.json"
         m = json.loads(path.read_text())
         assert {t["temperature_K"] for t in m["trajectories"]} == {temperature}, (k, system)

@@ -38,20 +38,40 @@ def test_run_ensemble_then_select_end_to_end(model_paths, pool, tmp_path):
     cmd = [sys.executable, "-m", "nequix_fw.cli"]
     r = subprocess.run(
         [*cmd, "run-ensemble", "--models", *model_paths, "--structures", pool, "--output", out],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "evaluated 6 structures (48 atoms) with 3 models; 0 failed" in r.stdout
     doc = json.loads(out.read_text())
     assert [(s["source"].split("/")[-1], s["frame"]) for s in doc["structures"]] == [
-        ("POSCAR", 0), ("a.extxyz", 0), ("a.extxyz", 1), ("a.extxyz", 2), ("a.extxyz", 3),
+        ("POSCAR", 0),
+        ("a.extxyz", 0),
+        ("a.extxyz", 1),
+        ("a.extxyz", 2),
+        ("a.extxyz", 3),
         ("b.cif", 0),
-    ]  # fmt: skip
+    ]
     r = subprocess.run(
-        [*cmd, "select", "--ensemble", out, "--threshold", "0.0", "--max-selected", "2",
-         "--output", tmp_path / "selected_structures"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            *cmd,
+            "select",
+            "--ensemble",
+            out,
+            "--threshold",
+            "0.0",
+            "--max-selected",
+            "2",
+            "--output",
+            tmp_path / "selected_structures",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "0 accurate, 6 candidate, 0 failed; selected 2" in r.stdout
     manifest = json.loads((tmp_path / "selected_structures" / "manifest.json").read_text())
@@ -62,10 +82,22 @@ def test_run_ensemble_then_select_end_to_end(model_paths, pool, tmp_path):
 def test_console_script_reports_bad_input_with_exit_2(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "nequix-fw")
     r = subprocess.run(
-        [exe, "run-ensemble", "--models", tmp_path / "m.nqx", tmp_path / "n.nqx",
-         "--structures", tmp_path, "--output", tmp_path / "o.json"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+        [
+            exe,
+            "run-ensemble",
+            "--models",
+            tmp_path / "m.nqx",
+            tmp_path / "n.nqx",
+            "--structures",
+            tmp_path,
+            "--output",
+            tmp_path / "o.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'm.nqx'}: model file not found"
     assert not (tmp_path / "o.json").exists()
@@ -101,9 +133,16 @@ def test_bad_structure_inputs(capsys, model_paths, tmp_path, kind):
     structures, msg = _bad_structures(tmp_path, kind)
     out = tmp_path / "res.json"
     code, _, err = run_cli(
-        capsys, "run-ensemble", "--models", *model_paths[:2], "--structures", structures,
-        "--output", out, "--no-progress",
-    )  # fmt: skip
+        capsys,
+        "run-ensemble",
+        "--models",
+        *model_paths[:2],
+        "--structures",
+        structures,
+        "--output",
+        out,
+        "--no-progress",
+    )
     assert code == 2
     assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".res.json*"))
@@ -111,9 +150,15 @@ def test_bad_structure_inputs(capsys, model_paths, tmp_path, kind):
 
 def test_fewer_than_two_models(capsys, model_paths, pool, tmp_path):
     code, _, err = run_cli(
-        capsys, "run-ensemble", "--models", model_paths[0], "--structures", pool,
-        "--output", tmp_path / "r.json",
-    )  # fmt: skip
+        capsys,
+        "run-ensemble",
+        "--models",
+        model_paths[0],
+        "--structures",
+        pool,
+        "--output",
+        tmp_path / "r.json",
+    )
     assert code == 2 and "uncertainty needs at least 2 models, got 1" in err
 
 
@@ -122,9 +167,16 @@ def test_models_with_different_cutoffs(capsys, model_paths, pool, tmp_path):
     (tmp_path / "short").mkdir()
     short = save_model(tmp_path / "short" / "m0.nqx", m, c)  # the same file name: paths tell
     code, _, err = run_cli(
-        capsys, "run-ensemble", "--models", model_paths[0], short, "--structures", pool,
-        "--output", tmp_path / "r.json",
-    )  # fmt: skip
+        capsys,
+        "run-ensemble",
+        "--models",
+        model_paths[0],
+        short,
+        "--structures",
+        pool,
+        "--output",
+        tmp_path / "r.json",
+    )
     assert code == 2
     assert f"models {model_paths[0]} and {short} have different cutoffs (5.0 Å vs 4.0 Å)" in err
     assert not (tmp_path / "r.json").exists()
@@ -134,9 +186,15 @@ def test_output_not_writable(capsys, model_paths, pool, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = run_cli(
-        capsys, "run-ensemble", "--models", *model_paths[:2], "--structures", pool,
-        "--output", blocker / "r.json",
-    )  # fmt: skip
+        capsys,
+        "run-ensemble",
+        "--models",
+        *model_paths[:2],
+        "--structures",
+        pool,
+        "--output",
+        blocker / "r.json",
+    )
     assert code == 2 and f"error: {blocker}: cannot write there" in err
 
 
@@ -145,9 +203,17 @@ def test_non_finite_run_continues_and_records(capsys, model_paths, pool, tmp_pat
     bad = save_model(tmp_path / "inf_au.nqx", m, c)
     out = tmp_path / "r.json"
     code, stdout, _ = run_cli(
-        capsys, "run-ensemble", "--models", model_paths[0], bad, "--structures", pool,
-        "--output", out, "--no-progress",
-    )  # fmt: skip
+        capsys,
+        "run-ensemble",
+        "--models",
+        model_paths[0],
+        bad,
+        "--structures",
+        pool,
+        "--output",
+        out,
+        "--no-progress",
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     failed = [s for s in doc["structures"] if s["status"] == "failed"]
@@ -181,15 +247,27 @@ def test_settings_yaml(capsys, tmp_path):
     cfg = tmp_path / "settings.yaml"
     cfg.write_text("select:\n  lo: 0.5\n  hi: 0.2\n")
     code, _, err = run_cli(
-        capsys, "select", "--ensemble", tmp_path / "r.json", "--output", tmp_path / "s",
-        "--config", cfg,
-    )  # fmt: skip
+        capsys,
+        "select",
+        "--ensemble",
+        tmp_path / "r.json",
+        "--output",
+        tmp_path / "s",
+        "--config",
+        cfg,
+    )
     assert code == 2 and "lo (0.5 eV/Å) must not exceed hi (0.2 eV/Å)" in err
     cfg.write_text("selektion:\n  lo: 0.5\n")
     code, _, err = run_cli(
-        capsys, "select", "--ensemble", tmp_path / "r.json", "--output", tmp_path / "s",
-        "--config", cfg,
-    )  # fmt: skip
+        capsys,
+        "select",
+        "--ensemble",
+        tmp_path / "r.json",
+        "--output",
+        tmp_path / "s",
+        "--config",
+        cfg,
+    )
     assert code == 2 and "unknown section(s) ['selektion']" in err
 
 
@@ -204,20 +282,33 @@ def test_cli_argument_errors(tmp_path, capsys):
     """Malformed explore/campaign arguments: one-line errors, exit 2, before any model work."""
     from nequix_fw.cli import main
 
-    base = ["explore", "--models", "unused.nqx", "--structures", "unused.xyz", "--output",
-            str(tmp_path / "o")]  # fmt: skip
+    base = [
+        "explore",
+        "--models",
+        "unused.nqx",
+        "--structures",
+        "unused.xyz",
+        "--output",
+        str(tmp_path / "o"),
+    ]
     cases = [
-        ([*base, "--distortions", "2", "--substitute", "CuAu"],
-         "--substitute 'CuAu': expected OLD:NEW"),
+        (
+            [*base, "--distortions", "2", "--substitute", "CuAu"],
+            "--substitute 'CuAu': expected OLD:NEW",
+        ),
         ([*base, "--random", "Cu16:dense"], "--random 'Cu16:dense': expected FORMULA:DENSITY[:N]"),
         ([*base, "--random", "Xx2:5"], "composition 'Xx2' names unknown elements ['Xx']"),
-        ([*base, "--strain", "0.02"],
-         "--strain shapes distorted copies, but none are made: give --distortions N"),
+        (
+            [*base, "--strain", "0.02"],
+            "--strain shapes distorted copies, but none are made: give --distortions N",
+        ),
         ([*base, "--thermostat", "bussi", "--steps", "-3"], "invalid ExplorationSettings: steps"),
-        (["campaign", "--config", str(tmp_path / "c.yaml")],
-         "give --launchpad (add the workflow there) or --write FILE"),
+        (
+            ["campaign", "--config", str(tmp_path / "c.yaml")],
+            "give --launchpad (add the workflow there) or --write FILE",
+        ),
         (["campaign-status", str(tmp_path)], "campaign.json: no campaign record"),
-    ]  # fmt: skip
+    ]
     for argv, msg in cases:
         assert main(argv) == 2, argv
         assert msg in capsys.readouterr().err, argv

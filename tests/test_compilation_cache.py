@@ -31,10 +31,19 @@ def test_second_process_reuses_compilations(model_paths, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def run(i):
-        args = [",".join(map(str, model_paths)), tmp_path / "s.extxyz", tmp_path / f"r{i}.json",
-                cache]  # fmt: skip
-        r = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True,
-                           text=True, env=env, timeout=300)  # fmt: skip
+        args = [
+            ",".join(map(str, model_paths)),
+            tmp_path / "s.extxyz",
+            tmp_path / f"r{i}.json",
+            cache,
+        ]
+        r = subprocess.run(
+            [sys.executable, "-c", SCRIPT, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])["hits"]
 
@@ -75,8 +84,13 @@ def test_second_training_process_reuses_the_training_step(emt_data, tmp_path):
 
     def run(i):
         args = [emt_data["train"], tmp_path / f"m{i}", cache, json.dumps(TINY_ARCH)]
-        r = subprocess.run([sys.executable, "-c", TRAIN, *map(str, args)], capture_output=True,
-                           text=True, env=env, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", TRAIN, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
 

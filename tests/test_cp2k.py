@@ -63,13 +63,21 @@ def _direct(inp: Path, workdir: Path):
     workdir.mkdir()
     shutil.copy(inp, workdir / "direct.inp")
     env = {**os.environ, "CP2K_DATA_DIR": "/usr/share/cp2k"}
-    subprocess.run(["cp2k.psmp", "-i", "direct.inp", "-o", "direct.out"], cwd=workdir,
-                   env=env, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["cp2k.psmp", "-i", "direct.inp", "-o", "direct.out"],
+        cwd=workdir,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     text = (workdir / "direct.out").read_text()
     energy = float(re.findall(r"ENERGY\| Total FORCE_EVAL.*?:\s+(\S+)", text)[-1])
     block = text.split("ATOMIC FORCES in [a.u.]")[-1].split("SUM OF ATOMIC FORCES")[0]
-    forces = [[float(x) for x in line.split()[3:6]] for line in block.splitlines()
-              if re.match(r"\s+\d+\s+\d+\s+\w+\s+-?\d", line)]  # fmt: skip
+    forces = [
+        [float(x) for x in line.split()[3:6]]
+        for line in block.splitlines()
+        if re.match(r"\s+\d+\s+\d+\s+\w+\s+-?\d", line)
+    ]
     block = text.split("STRESS| Analytical stress tensor [GPa]")[-1].splitlines()[2:5]
     rows = [line.split()[2:5] for line in block]
     return energy, np.array(forces), np.array(rows, dtype=float)
@@ -81,8 +89,9 @@ def test_si8_labels_equal_direct_cp2k_run(template, tmp_path):
     (tmp_path / "in").mkdir()
     ase.io.write(tmp_path / "in" / "si8.vasp", si8, format="vasp")
     s = LabellingSettings(backend="cp2k", cp2k_template=template, max_errors=2)
-    summary = label_structures(tmp_path / "in", tmp_path / "out", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "in", tmp_path / "out", make_backend(s), s, progress=False
+    )
     assert summary["n_success"] == 1, summary
     (task_dir,) = [p.parent for p in (tmp_path / "out").glob("*/task.json")]
     got = ase.io.read(task_dir / "labelled.extxyz")
@@ -106,8 +115,9 @@ def test_si2_labelled_and_unconverged_scf_recorded(template, tmp_path):
     bad = tmp_path / "max_scf_1.inp"
     bad.write_text(template.read_text().replace("MAX_SCF 100", "MAX_SCF 1"))
     s = LabellingSettings(backend="cp2k", cp2k_template=bad, max_errors=1)
-    summary = label_structures(tmp_path / "in", tmp_path / "bad", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "in", tmp_path / "bad", make_backend(s), s, progress=False
+    )
     assert summary["n_failed"] == 1
     reason = summary["failed"][0]["reason"]
     assert "custodian" in reason or "did not converge" in reason
@@ -121,16 +131,22 @@ def test_pymatgen_input_set_labels_equal_direct_run(tmp_path):
     (tmp_path / "in").mkdir()
     ase.io.write(tmp_path / "in" / "si2.vasp", si2, format="vasp")
     params = {
-        "basis_and_potential": {"Si": {"basis": "DZVP-MOLOPT-SR-GTH", "potential": "GTH-PBE-q4"},
-                                "basis_filenames": ["BASIS_MOLOPT"],
-                                "potential_filename": "GTH_POTENTIALS"},
-        "xc_functionals": ["PBE"], "cutoff": 150, "rel_cutoff": 30, "eps_scf": 1e-5,
+        "basis_and_potential": {
+            "Si": {"basis": "DZVP-MOLOPT-SR-GTH", "potential": "GTH-PBE-q4"},
+            "basis_filenames": ["BASIS_MOLOPT"],
+            "potential_filename": "GTH_POTENTIALS",
+        },
+        "xc_functionals": ["PBE"],
+        "cutoff": 150,
+        "rel_cutoff": 30,
+        "eps_scf": 1e-5,
         "max_scf": 50,
         "override_default_params": {"FORCE_EVAL": {"DFT": {"UKS": False}}},
-    }  # fmt: skip
+    }
     s = LabellingSettings(backend="cp2k", cp2k_input_set="StaticSet", cp2k_input_set_params=params)
-    summary = label_structures(tmp_path / "in", tmp_path / "out", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "in", tmp_path / "out", make_backend(s), s, progress=False
+    )
     assert summary["n_success"] == 1, summary
     (task_dir,) = [p.parent for p in (tmp_path / "out").glob("*/task.json")]
     inp = (task_dir / "cp2k.inp").read_text()
@@ -162,8 +178,9 @@ def test_default_input_labels_si_and_al(tmp_path):
         ase.io.write(tmp_path / "in" / f"{name}.vasp", a, format="vasp")
     # coarser than the defaults (400 Ry, 0.3/Å) to keep the test short
     s = LabellingSettings(backend="cp2k", cp2k_cutoff_Ry=250, cp2k_kpoint_spacing=0.6)
-    summary = label_structures(tmp_path / "in", tmp_path / "out", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "in", tmp_path / "out", make_backend(s), s, progress=False
+    )
     assert summary["n_success"] == 2, summary
     got = {}
     for task in (tmp_path / "out").glob("*/task.json"):
@@ -195,14 +212,49 @@ def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(
     ase.io.write(tmp_path / "si2.vasp", bulk("Si", "diamond", a=5.47), format="vasp")
     (tmp_path / "cp2k.yaml").write_text("label: {cp2k_cutoff_Ry: 250, cp2k_kpoint_spacing: 0.6}\n")
     lp = str(launchpad_file)
-    assert main(["ev-set", "--structure", str(tmp_path / "si2.vasp"), "--to", "db:si_ev_pbe",
-                 "--output", str(tmp_path / "work"), "--backend", "cp2k", "--config",
-                 str(tmp_path / "cp2k.yaml"), "--launchpad", lp, "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "ev-set",
+                "--structure",
+                str(tmp_path / "si2.vasp"),
+                "--to",
+                "db:si_ev_pbe",
+                "--output",
+                str(tmp_path / "work"),
+                "--backend",
+                "cp2k",
+                "--config",
+                str(tmp_path / "cp2k.yaml"),
+                "--launchpad",
+                lp,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "labelled 7 of 7 volumes with cp2k" in capsys.readouterr().out
     out = tmp_path / "r.json"
-    assert main(["validate", "--models", str(mp1), "--testset", "db:si_ev_pbe",
-                 "--reference-data", "db:si_ev_pbe", "--launchpad", lp, "--output", str(out),
-                 "--no-plots", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "validate",
+                "--models",
+                str(mp1),
+                "--testset",
+                "db:si_ev_pbe",
+                "--reference-data",
+                "db:si_ev_pbe",
+                "--launchpad",
+                lp,
+                "--output",
+                str(out),
+                "--no-plots",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     phys = json.loads(out.read_text())["physics"]
     ref, mine = phys["ev_reference"], phys["ev_model"]
     assert (8 * ref["v0"]) ** (1 / 3) == pytest.approx(5.46, abs=0.03)  # PBE silicon

@@ -22,8 +22,10 @@ sys.path.insert(0, str(HERE / "standins"))
 from flaky_emt import verdict  # noqa: E402
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(HERE / "standins"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(HERE / "standins"), os.environ.get("PYTHONPATH", "")]),
+}
 ARCH = {"hidden_irreps": "8x0e + 4x1o", "n_layers": 1, "lmax": 1, "radial_mlp_size": 8}
 
 
@@ -31,8 +33,11 @@ ARCH = {"hidden_irreps": "8x0e + 4x1o", "n_layers": 1, "lmax": 1, "radial_mlp_si
 def server(tmp_path):
     """A server of this test's own (it gets killed)."""
     d = tmp_path / "srv"
-    subprocess.run([NFW, "db", "start", "--dir", d, "--launchpad", tmp_path / "base.yaml"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [NFW, "db", "start", "--dir", d, "--launchpad", tmp_path / "base.yaml"],
+        check=True,
+        capture_output=True,
+    )
     yield d
     subprocess.run([NFW, "db", "stop", "--dir", d], capture_output=True)
 
@@ -50,32 +55,49 @@ def _setup(
     ase.io.write(root / "pool.extxyz", make_cells(6, seed=5))
     ase.io.write(root / "testset.extxyz", emt_labelled(4, seed=9))
     settings = {
-        "campaign": {"name": name, "directory": "run", "initial_structures": "initial.extxyz",
-                     "candidate_pool": ["pool.extxyz"], "testset": ["testset.extxyz"],
-                     "max_iterations": max_iterations, "explore": False},
+        "campaign": {
+            "name": name,
+            "directory": "run",
+            "initial_structures": "initial.extxyz",
+            "candidate_pool": ["pool.extxyz"],
+            "testset": ["testset.extxyz"],
+            "max_iterations": max_iterations,
+            "explore": False,
+        },
         "train_ensemble": {"n_models": 2, "epochs": epochs, "batch_size": 4, "architecture": ARCH},
         "label": labelling,
         "select": {"lo": 0.0, "max_selected": 3},
-    }  # fmt: skip
+    }
     (root / "campaign.yaml").write_text(yaml.safe_dump(settings))
     _ok([NFW, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml"], root)
-    client = pymongo.MongoClient(lp["host"], lp["port"], username=lp["username"],
-                                 password=lp["password"], authSource=lp["authsource"] or name,
-                                 directConnection=True)  # fmt: skip
+    client = pymongo.MongoClient(
+        lp["host"],
+        lp["port"],
+        username=lp["username"],
+        password=lp["password"],
+        authSource=lp["authsource"] or name,
+        directConnection=True,
+    )
     return {"dir": root, "db": client[name], "lp": root / "my_launchpad.yaml"}
 
 
 def _ok(cmd, cwd, timeout=600) -> str:
-    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True,
-                       timeout=timeout)  # fmt: skip
+    p = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
     return p.stdout + p.stderr
 
 
 def _rlaunch(c: dict) -> subprocess.Popen:
-    return subprocess.Popen([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], cwd=c["dir"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [BIN / "rlaunch", "-l", c["lp"], "rapidfire"],
+        cwd=c["dir"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _wait(what, timeout_s=300):
@@ -118,15 +140,18 @@ def _state(c: dict) -> dict:
         "fireworks": sorted((f["name"], f["state"]) for f in c["db"].fireworks.find()),
         "dataset": sorted(
             (d["structure_id"], round(d["energy"], 8), d["info"]["iteration"]) for d in docs
-        ),  # fmt: skip
+        ),
         "n_docs": len(docs),
         "log": json.loads((c["dir"] / "run" / "campaign.json").read_text())["iterations"],
     }
 
 
 def test_killed_worker_and_server_lose_nothing(tmp_path, server):
-    labelling = {"backend": "ase", "calculator": "slow_emt:SlowEMT",
-                 "calculator_params": {"delay_s": 1.0}}  # fmt: skip
+    labelling = {
+        "backend": "ase",
+        "calculator": "slow_emt:SlowEMT",
+        "calculator_params": {"delay_s": 1.0},
+    }
     ref = _setup(tmp_path / "ref", "ref", labelling)
     _ok([BIN / "rlaunch", "-l", ref["lp"], "rapidfire"], ref["dir"])
     want = _state(ref)
@@ -162,7 +187,8 @@ def test_killed_worker_and_server_lose_nothing(tmp_path, server):
     got = _state(c)
     # the same Fireworks, all completed once; the same dataset, no duplicates, no lost labels
     assert [n.replace("crash", "ref") for n, _ in got["fireworks"]] == [
-        n for n, _ in want["fireworks"]]  # fmt: skip
+        n for n, _ in want["fireworks"]
+    ]
     assert {s for _, s in got["fireworks"]} == {"COMPLETED"}
     assert got["dataset"] == want["dataset"] and got["n_docs"] == want["n_docs"] == 4 + 3
     assert got["log"][0]["n_label_reused"] >= 1  # labels done before the kill were reused
@@ -173,8 +199,9 @@ def _flaky_pool(n: int) -> list:
     """`n` cells for the flaky oracle, with at least two failures and one hang among them."""
     cells = make_cells(60, seed=21)
     kinds = [verdict(a) for a in cells]
-    pick = ([i for i, k in enumerate(kinds) if k == "fail"][:2]
-            + [i for i, k in enumerate(kinds) if k == "hang"][:1])  # fmt: skip
+    pick = [i for i, k in enumerate(kinds) if k == "fail"][:2] + [
+        i for i, k in enumerate(kinds) if k == "hang"
+    ][:1]
     pick += [i for i, k in enumerate(kinds) if k == "ok"][: n - len(pick)]
     assert len(pick) == n and kinds.count("hang") >= 1
     return [cells[i] for i in sorted(pick)]
@@ -193,16 +220,22 @@ def _flaky_campaign(tmp_path: Path, name: str, cells: list, labelling: dict) -> 
 def test_flaky_oracle_and_failure_ratio(tmp_path, server):
     oracle = f"{sys.executable} {HERE / 'standins' / 'flaky_emt.py'}"
     cells = _flaky_pool(12)
-    labelling = {"backend": "script", "command": oracle, "timeout_s": 3.0,
-                 "max_failed_fraction": 0.3}  # fmt: skip
+    labelling = {
+        "backend": "script",
+        "command": oracle,
+        "timeout_s": 3.0,
+        "max_failed_fraction": 0.3,
+    }
     c = _flaky_campaign(tmp_path, "flaky", cells, labelling)
     s = _state(c)
     assert {st for _, st in s["fireworks"]} == {"COMPLETED"}
     assert s["n_docs"] == 12 - 3 and s["log"][0]["n_label_failures"] == 3
     # every failure recorded with its reason, in the task documents in MongoDB
     failed = {d["reason"] for d in c["db"].nequix_fw_label_tasks.find({"status": "failed"})}
-    assert failed == {"command exited 1: EMT: SCF did not converge (simulated)",
-                      "timed out after 3.0 s"}  # fmt: skip
+    assert failed == {
+        "command exited 1: EMT: SCF did not converge (simulated)",
+        "timed out after 3.0 s",
+    }
     # the same campaign with a stricter limit stops iteration 0 instead of training on the rest
     labelling["max_failed_fraction"] = 0.2
     c2 = _flaky_campaign(tmp_path, "strict", cells, labelling)
@@ -221,14 +254,32 @@ def test_credentials_never_leak(tmp_path):
     secret = "pw-Zq7-never-shown"
     d = tmp_path / "srv"
     env = {**ENV, "NEQUIX_FW_DB_PASSWORD": secret}
-    _ok_env = subprocess.run([NFW, "db", "start", "--dir", d, "--launchpad",
-                              tmp_path / "base.yaml", "--username", "camp"], env=env,
-                             capture_output=True, text=True)  # fmt: skip
+    _ok_env = subprocess.run(
+        [
+            NFW,
+            "db",
+            "start",
+            "--dir",
+            d,
+            "--launchpad",
+            tmp_path / "base.yaml",
+            "--username",
+            "camp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert _ok_env.returncode == 0, _ok_env.stderr
     try:
         c = _setup(tmp_path / "auth", "auth", {"backend": "ase", "calculator": "emt"}, epochs=3)
-        p = subprocess.run([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], cwd=c["dir"], env=ENV,
-                           capture_output=True, text=True)  # fmt: skip
+        p = subprocess.run(
+            [BIN / "rlaunch", "-l", c["lp"], "rapidfire"],
+            cwd=c["dir"],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         s = _state(c)
         assert {st for _, st in s["fireworks"]} == {"COMPLETED"} and s["n_docs"] == 4 + 3
@@ -245,9 +296,21 @@ def test_credentials_never_leak(tmp_path):
         bad = yaml.safe_load(c["lp"].read_text())
         bad["password"] = "wrong-Xy9"
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-        p = subprocess.run([NFW, "update-dataset", "--new", c["dir"] / "testset.extxyz",
-                            "--dataset", "db:x", "--launchpad", tmp_path / "bad.yaml"], env=ENV,
-                           capture_output=True, text=True)  # fmt: skip
+        p = subprocess.run(
+            [
+                NFW,
+                "update-dataset",
+                "--new",
+                c["dir"] / "testset.extxyz",
+                "--dataset",
+                "db:x",
+                "--launchpad",
+                tmp_path / "bad.yaml",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 2 and "bad.yaml: the database 127.0.0.1" in p.stderr
         assert "refused access" in p.stderr and "wrong-Xy9" not in p.stderr
         assert secret not in p.stderr

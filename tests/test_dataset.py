@@ -20,8 +20,9 @@ def test_hartree_labels_are_flagged(tmp_path):
         e, f = a.get_potential_energy() - 4.0 * len(a), a.get_forces()
         a.calc = SinglePointCalculator(a, energy=e, forces=f)
     for a in ha:
-        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy() / Hartree,
-                                       forces=a.get_forces() / Hartree)  # fmt: skip
+        a.calc = SinglePointCalculator(
+            a, energy=a.get_potential_energy() / Hartree, forces=a.get_forces() / Hartree
+        )
     ase.io.write(tmp_path / "ev.extxyz", ev)
     ase.io.write(tmp_path / "ha.extxyz", ha)
     msgs = unit_warnings(

@@ -27,8 +27,9 @@ from nequix_fw.structures import Frame, min_distance, structure_id
 def test_run_md_mean_temperature_within_tolerance():
     """The driver itself: mean kinetic temperature over a long NVT run with EMT."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
-    s = ExplorationSettings(steps=4000, timestep_fs=2.0, check_every=10, sample_every=10,
-                            friction_per_fs=0.02)  # fmt: skip
+    s = ExplorationSettings(
+        steps=4000, timestep_fs=2.0, check_every=10, sample_every=10, friction_per_fs=0.02
+    )
     temps = []
 
     class Probe(EMT):  # EMT that records the kinetic temperature at every force call
@@ -51,9 +52,15 @@ def test_uncertain_ensemble_stops_trajectories_early(trained):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
 
     def run(hi):  # only uncertainty stops: tiny models may bring atoms close at 2000 K
-        s = ExplorationSettings(steps=400, timestep_fs=5.0, check_every=5, sample_every=5,
-                                stop_force_dev=hi, stop_min_distance_A=0.05,
-                                max_temperature_factor=100)  # fmt: skip
+        s = ExplorationSettings(
+            steps=400,
+            timestep_fs=5.0,
+            check_every=5,
+            sample_every=5,
+            stop_force_dev=hi,
+            stop_min_distance_A=0.05,
+            max_temperature_factor=100,
+        )
         return run_md(atoms, EnsembleCalculator(Ensemble.from_specs(paths)), 2000.0, s, seed=0)
 
     ref = run(None)
@@ -79,10 +86,29 @@ def test_explore_writes_deduplicated_pool_and_manifest(trained, tmp_path, capsys
     cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
     ase.io.write(start, [cell, cell.copy()])  # the same structure twice
     models = [str(p) for p in sorted(trained["dir"].glob("member_*.nqx"))]
-    code = main(["explore", "--models", *models, "--structures", str(start), "--output",
-                 str(tmp_path / "cands"), "--temperatures", "300", "600", "--steps", "40",
-                 "--timestep", "2", "--check-every", "10", "--sample-every", "20",
-                 "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "explore",
+            "--models",
+            *models,
+            "--structures",
+            str(start),
+            "--output",
+            str(tmp_path / "cands"),
+            "--temperatures",
+            "300",
+            "600",
+            "--steps",
+            "40",
+            "--timestep",
+            "2",
+            "--check-every",
+            "10",
+            "--sample-every",
+            "20",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "4 trajectories (4 completed)" in out
     manifest = json.loads((tmp_path / "cands" / "manifest.json").read_text())
@@ -172,11 +198,12 @@ def test_neighbour_cache_equals_fresh_lists_and_rebuilds_rarely():
     index = {29: 0}
     for step in range(60):
         atoms.positions += rng.normal(0, 0.02, atoms.positions.shape)
-        atoms.set_cell(atoms.cell[:] @ (np.eye(3) + rng.normal(0, 0.002, (3, 3))),
-                       scale_atoms=True)  # fmt: skip
+        atoms.set_cell(atoms.cell[:] @ (np.eye(3) + rng.normal(0, 0.002, (3, 3))), scale_atoms=True)
         got, want = cache.graph(atoms, index), build_graph(atoms, index, 5.0)
-        edges = [sorted(zip(g["senders"], g["receivers"], map(tuple, g["shifts"]), strict=True))
-                 for g in (got, want)]  # fmt: skip
+        edges = [
+            sorted(zip(g["senders"], g["receivers"], map(tuple, g["shifts"]), strict=True))
+            for g in (got, want)
+        ]
         assert got["n_edge"][0] == want["n_edge"][0] and edges[0] == edges[1], step
     assert 1 < cache.builds < 20
 
@@ -200,8 +227,15 @@ def test_npt_barostats_respond_to_pressure(barostat):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     volumes = {}
     for p in (0.0, 10.0):
-        s = ExplorationSettings(steps=600, timestep_fs=2.0, check_every=10, sample_every=10,
-                                barostat=barostat, taut_fs=50, taup_fs=250)  # fmt: skip
+        s = ExplorationSettings(
+            steps=600,
+            timestep_fs=2.0,
+            check_every=10,
+            sample_every=10,
+            barostat=barostat,
+            taut_fs=50,
+            taup_fs=250,
+        )
         traj = run_md(atoms, EMT(), 300.0, s, pressure_GPa=p, seed=0)
         assert traj.stop_reason == "completed"
         volumes[p] = np.mean([f.get_volume() for f in traj.frames[20:]]) / len(atoms)
@@ -212,8 +246,14 @@ def test_npt_barostats_respond_to_pressure(barostat):
 
 def test_nose_hoover_mean_temperature():
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
-    s = ExplorationSettings(steps=3000, timestep_fs=2.0, check_every=10, sample_every=10,
-                            thermostat="nose_hoover", taut_fs=50)  # fmt: skip
+    s = ExplorationSettings(
+        steps=3000,
+        timestep_fs=2.0,
+        check_every=10,
+        sample_every=10,
+        thermostat="nose_hoover",
+        taut_fs=50,
+    )
     temps = []
 
     class Probe(EMT):
@@ -229,11 +269,37 @@ def test_explore_pool_with_generators_and_parallel_workers(trained, tmp_path, ca
     start = tmp_path / "start.extxyz"
     ase.io.write(start, bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1)))
     models = [str(p) for p in sorted(trained["dir"].glob("member_*.nqx"))]
-    common = ["explore", "--models", *models, "--structures", str(start), "--temperatures",
-              "300", "900", "--steps", "20", "--check-every", "10", "--sample-every", "10",
-              "--distortions", "3", "--rattle", "0.05", "--strain", "0.02", "--vacancies", "1",
-              "--substitute", "Cu:Au", "--substitution-fraction", "0.2",
-              "--random", "Cu8Au8:11:2", "--no-progress"]  # fmt: skip
+    common = [
+        "explore",
+        "--models",
+        *models,
+        "--structures",
+        str(start),
+        "--temperatures",
+        "300",
+        "900",
+        "--steps",
+        "20",
+        "--check-every",
+        "10",
+        "--sample-every",
+        "10",
+        "--distortions",
+        "3",
+        "--rattle",
+        "0.05",
+        "--strain",
+        "0.02",
+        "--vacancies",
+        "1",
+        "--substitute",
+        "Cu:Au",
+        "--substitution-fraction",
+        "0.2",
+        "--random",
+        "Cu8Au8:11:2",
+        "--no-progress",
+    ]
     manifests = {}
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
@@ -257,8 +323,19 @@ def test_explore_pool_with_generators_and_parallel_workers(trained, tmp_path, ca
     p2 = np.array([f["max_force_dev"] for f in manifests["2"]["frames"] if "max_force_dev" in f])
     np.testing.assert_allclose(p1, p2, rtol=1e-4)
     # shaping copies without making any is refused
-    code = main(["explore", "--models", *models, "--structures", str(start), "--output",
-                 str(tmp_path / "x"), "--rattle", "0.1"])  # fmt: skip
+    code = main(
+        [
+            "explore",
+            "--models",
+            *models,
+            "--structures",
+            str(start),
+            "--output",
+            str(tmp_path / "x"),
+            "--rattle",
+            "0.1",
+        ]
+    )
     assert code == 2 and "give --distortions N" in capsys.readouterr().err
 
 
@@ -280,8 +357,13 @@ def walker_jobs(trained):
     small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
     big = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     big.numbers[[0, 5, 9]] = 79
-    jobs = [(small, 300.0, None, 0, "a"), (big, 900.0, None, 1, "b"), (small, 2500.0, None, 2, "c"),
-            (big, 600.0, None, 3, "d"), (small, 600.0, None, 4, "e")]  # fmt: skip
+    jobs = [
+        (small, 300.0, None, 0, "a"),
+        (big, 900.0, None, 1, "b"),
+        (small, 2500.0, None, 2, "c"),
+        (big, 600.0, None, 3, "d"),
+        (small, 600.0, None, 4, "e"),
+    ]
     return ens, jobs
 
 
@@ -298,9 +380,10 @@ def _walker_settings(ens, jobs, thermostat, walkers, **kw) -> ExplorationSetting
     return ExplorationSettings(**common, stop_force_dev=hi, walkers=walkers, **kw)
 
 
-@pytest.mark.parametrize(("thermostat", "walkers", "filter_pairs"),
-                         [("langevin", 3, None), ("bussi", 3, None), ("langevin", 8, None),
-                          ("bussi", 8, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("thermostat", "walkers", "filter_pairs"),
+    [("langevin", 3, None), ("bussi", 3, None), ("langevin", 8, None), ("bussi", 8, False)],
+)
 def test_batched_nvt_walkers_equal_ase_one_trajectory_at_a_time(
     walker_jobs, thermostat, walkers, filter_pairs
 ):
@@ -357,7 +440,8 @@ def test_batched_walker_error_reaches_the_caller(walker_jobs):
     ni = bulk("Ni", "fcc", a=3.52, cubic=True)
     jobs = [(cu, 300.0, None, 0, "a"), (ni, 300.0, None, 0, "b"), (cu, 600.0, None, 1, "c")]
     for thermostat in ("langevin", "nose_hoover"):
-        s = ExplorationSettings(steps=20, check_every=5, sample_every=5, walkers=4,
-                                thermostat=thermostat)  # fmt: skip
+        s = ExplorationSettings(
+            steps=20, check_every=5, sample_every=5, walkers=4, thermostat=thermostat
+        )
         with pytest.raises(StructureError, match="contains Ni"):
             run_trajectories(ens, jobs, s)

@@ -35,8 +35,21 @@ def selected(tmp_path):
 
 
 def _label(structures, out, capsys, *extra):
-    code = main(["label", "--backend", "ase", "--calculator", "emt", "--structures",
-                 str(structures), "--output", str(out), "--no-progress", *extra])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--backend",
+            "ase",
+            "--calculator",
+            "emt",
+            "--structures",
+            str(structures),
+            "--output",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
     return code, capsys.readouterr()
 
 
@@ -83,8 +96,15 @@ def test_rerun_reuses_finished_labels(selected, tmp_path, capsys):
         assert json.loads(first[sid])["wall_time_s"] != task["wall_time_s"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["n_reused"], summary["n_success"], summary["n_failed"]) == (3, 5, 1)
-    code, cap = _label(selected["dir"], out, capsys, "--min-distance", "1.0",
-                       "--calculator-params", '{"asap_cutoff": true}')  # fmt: skip
+    code, cap = _label(
+        selected["dir"],
+        out,
+        capsys,
+        "--min-distance",
+        "1.0",
+        "--calculator-params",
+        '{"asap_cutoff": true}',
+    )
     assert code == 0 and "structures with ase; 1 failed" in cap.out  # another settings hash
 
 
@@ -111,8 +131,11 @@ def test_update_dataset_is_idempotent_and_reports_conflicts(selected, tmp_path, 
     }
     # what a campaign's iteration k excludes from its selection: added before iteration k
     assert dataset_ids(ds, before_iteration=1) == set()
-    assert dataset_ids(ds, before_iteration=2) == dataset_ids(ds) == {structure_id(a) for a in
-                                                                     selected["cells"]}  # fmt: skip
+    assert (
+        dataset_ids(ds, before_iteration=2)
+        == dataset_ids(ds)
+        == {structure_id(a) for a in selected["cells"]}
+    )
     before = (ds / "training_set.extxyz").read_bytes()
     code = main(["update-dataset", "--new", str(out), "--dataset", str(ds)])
     assert (
@@ -141,8 +164,20 @@ def test_mixed_levels_of_theory_refused_unless_allowed(selected, tmp_path, capsy
     extra = make_cells(7, seed=12)[5:]
     for a in extra:
         ase.io.write(more / f"{structure_id(a)}.vasp", a, format="vasp")
-    code = main(["label", "--calculator", "lj", "--calculator-params", '{"sigma": 2.3}',
-                 "--structures", str(more), "--output", str(lj_out), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--calculator",
+            "lj",
+            "--calculator-params",
+            '{"sigma": 2.3}',
+            "--structures",
+            str(more),
+            "--output",
+            str(lj_out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     code = main(["update-dataset", "--new", str(lj_out), "--dataset", str(ds)])
@@ -160,11 +195,33 @@ def test_bad_labelling_inputs(selected, tmp_path, capsys):
     ):
         make_backend(LabellingSettings(calculator="nope:Calc"))
     src = str(selected["dir"])
-    code = main(["label", "--calculator", "emt", "--calculator-params", "{bad",
-                 "--structures", src, "--output", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--calculator",
+            "emt",
+            "--calculator-params",
+            "{bad",
+            "--structures",
+            src,
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "--calculator-params is not valid JSON" in capsys.readouterr().err
-    code = main(["label", "--calculator", "emt", "--calculator-params", '{"foo": 1}',
-                 "--structures", src, "--output", str(tmp_path / "o2")])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--calculator",
+            "emt",
+            "--calculator-params",
+            '{"foo": 1}',
+            "--structures",
+            src,
+            "--output",
+            str(tmp_path / "o2"),
+        ]
+    )
     assert code == 2 and "bad parameters" in capsys.readouterr().err
     with pytest.raises(StructureError, match="no labelled structures or label tasks"):
         (tmp_path / "emptydir").mkdir()
@@ -188,9 +245,22 @@ def test_script_backend_runs_user_command(selected, tmp_path, capsys):
     script = tmp_path / "emt_label.py"
     script.write_text(EMT_SCRIPT)
     out = tmp_path / "o"
-    code = main(["label", "--backend", "script", "--command", f"{sys.executable} {script}",
-                 "--structures", str(selected["dir"]), "--output", str(out),
-                 "--min-distance", "1.0", "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--backend",
+            "script",
+            "--command",
+            f"{sys.executable} {script}",
+            "--structures",
+            str(selected["dir"]),
+            "--output",
+            str(out),
+            "--min-distance",
+            "1.0",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and "labelled 5 of 6 structures with script" in capsys.readouterr().out
     a = selected["cells"][1]
     got = ase.io.read(out / structure_id(a) / "labelled.extxyz")
@@ -206,8 +276,9 @@ def test_script_backend_reads_vasprun(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(SHARED_VASP / "al_static" / "POSCAR", src / "POSCAR")
-    s = LabellingSettings(backend="script",
-                          command=f"cp {SHARED_VASP / 'al_static' / 'vasprun.xml'} .")  # fmt: skip
+    s = LabellingSettings(
+        backend="script", command=f"cp {SHARED_VASP / 'al_static' / 'vasprun.xml'} ."
+    )
     summary = label_structures(src, tmp_path / "o", make_backend(s), s, progress=False)
     assert summary["n_success"] == 1
     (task,) = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("*/task.json")]
@@ -229,8 +300,19 @@ def test_script_failures_are_recorded(selected, tmp_path, capsys):
     reasons = {f["reason"] for f in summary["failed"]}
     assert reasons == {"the command left no result file", too_close}
     src = str(selected["dir"])
-    code = main(["label", "--backend", "script", "--command", "nosuchprog --fast",
-                 "--structures", src, "--output", str(tmp_path / "o3")])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--backend",
+            "script",
+            "--command",
+            "nosuchprog --fast",
+            "--structures",
+            src,
+            "--output",
+            str(tmp_path / "o3"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "label.command: executable 'nosuchprog' not found" in err
 
@@ -269,8 +351,9 @@ def test_truncated_results_and_bad_poscar(tmp_path, capsys):
     bad = tmp_path / "selected"
     bad.mkdir()
     (bad / "POSCAR").write_text("not a poscar\n1.0\n")
-    code = main(["label", "--calculator", "emt", "--structures", str(bad),
-                 "--output", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        ["label", "--calculator", "emt", "--structures", str(bad), "--output", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "POSCAR: cannot read structures" in err
     assert not list((tmp_path / "o").glob("*/task.json"))

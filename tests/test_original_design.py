@@ -25,23 +25,34 @@ pytestmark = pytest.mark.skipif(not LAUNCH_DFT.is_file(), reason="no shared orig
 
 
 def _sh(cmd: str, cwd: Path, env: dict) -> str:
-    p = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=900)  # fmt: skip
+    p = subprocess.run(
+        cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
     return p.stdout
 
 
 def test_walkthrough_steps_3_to_7(tmp_path):
-    env = {**os.environ, "PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
-           "STANDIN_VASP_FIXTURES": str(FIXTURES), "STANDIN_VASP_NO_ERROR": "1",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
+        "STANDIN_VASP_FIXTURES": str(FIXTURES),
+        "STANDIN_VASP_NO_ERROR": "1",
+        "JAX_PLATFORMS": "cpu",
+    }
     py = f"{sys.executable} {ROOT}"
     # 1-2. the environment and the initial structures: five (random, widely spread) Si models,
     # rattled Si4 cells
     (tmp_path / "models").mkdir()
     for k in range(1, 6):
-        module, config = new_model([14], seed=k, hidden_irreps="8x0e + 4x1o", lmax=1,
-                                   atom_energies={14: -5.4}, mlp_init_scale=16.0)  # fmt: skip
+        module, config = new_model(
+            [14],
+            seed=k,
+            hidden_irreps="8x0e + 4x1o",
+            lmax=1,
+            atom_energies={14: -5.4},
+            mlp_init_scale=16.0,
+        )
         save_model(tmp_path / "models" / f"model_{k}.pt", module, config)
     initial = tmp_path / "data" / "initial_structures"
     initial.mkdir(parents=True)
@@ -53,14 +64,22 @@ def test_walkthrough_steps_3_to_7(tmp_path):
     ase.io.write(initial / "si2.xyz", cells)
     # 3. evaluation with the ensemble
     models = " ".join(f"models/model_{k}.pt" for k in range(1, 6))
-    out = _sh(f"{py}/run_ensemble.py --models {models} --structures data/initial_structures/ "
-              "--output ensemble_results.json", tmp_path, env)  # fmt: skip
+    out = _sh(
+        f"{py}/run_ensemble.py --models {models} --structures data/initial_structures/ "
+        "--output ensemble_results.json",
+        tmp_path,
+        env,
+    )
     assert "evaluated 4 structures" in out and "with 5 models" in out
     results = json.loads((tmp_path / "ensemble_results.json").read_text())
     assert len(results["structures"]) == 4
     # 4. active selection (random models disagree: everything above 0.08 eV/Å)
-    out = _sh(f"{py}/select_high_uncertainty.py --ensemble ensemble_results.json "
-              "--threshold 0.08 --output selected_structures/", tmp_path, env)  # fmt: skip
+    out = _sh(
+        f"{py}/select_high_uncertainty.py --ensemble ensemble_results.json "
+        "--threshold 0.08 --output selected_structures/",
+        tmp_path,
+        env,
+    )
     selected = sorted(p.stem for p in (tmp_path / "selected_structures").glob("*.vasp"))
     assert len(selected) == 4 and "selected 4" in out
     # 5. the design's launch_dft.sh, unchanged, with INCAR/KPOINTS/POTCAR in the project
@@ -73,15 +92,17 @@ def test_walkthrough_steps_3_to_7(tmp_path):
         for suffix in ("OUTCAR", "CONTCAR", "log"):
             assert (results_dir / f"{name}_{suffix}").is_file()
     # 6. dataset expansion and retraining
-    out = _sh(f"{py}/update_dataset.py --new data/dft_results/ --dataset data/training_set/",
-              tmp_path, env)  # fmt: skip
+    out = _sh(
+        f"{py}/update_dataset.py --new data/dft_results/ --dataset data/training_set/",
+        tmp_path,
+        env,
+    )
     assert "added 4 structures" in out
     train = ase.io.read(tmp_path / "data" / "training_set" / "training_set.extxyz", ":")
     assert sorted(a.info["structure_id"] for a in train) == selected  # paired by name
     for a in train:  # the labels of the run: final step, e_0
         assert a.get_potential_energy() == pytest.approx(-10.84147246, abs=1e-6)
-    _sh(f"{py}/train_ensemble.py --dataset data/training_set/ --outdir models_new/", tmp_path,
-        env)  # fmt: skip
+    _sh(f"{py}/train_ensemble.py --dataset data/training_set/ --outdir models_new/", tmp_path, env)
     members = sorted(p.name for p in (tmp_path / "models_new").glob("member_*"))
     assert [m for m in members if m.endswith(".pt")] == [f"member_{k}.pt" for k in range(4)]
     assert [m for m in members if m.endswith(".nqx")] == [f"member_{k}.nqx" for k in range(4)]
@@ -91,8 +112,12 @@ def test_walkthrough_steps_3_to_7(tmp_path):
     with gzip.open(FIXTURES / "si2_relax" / "vasprun.xml.gz", "rt") as fh:
         (tmp_path / "vasprun.xml").write_text(fh.read())
     ase.io.write(val / "si2_relax.extxyz", ase.io.read(tmp_path / "vasprun.xml", ":"))
-    out = _sh(f"{py}/validate_models.py --models models_new/*.pt --testset data/validation_set/ "
-              "--output validation_report.json", tmp_path, env)  # fmt: skip
+    out = _sh(
+        f"{py}/validate_models.py --models models_new/*.pt --testset data/validation_set/ "
+        "--output validation_report.json",
+        tmp_path,
+        env,
+    )
     report = json.loads((tmp_path / "validation_report.json").read_text())
     assert len(report["models"]) == 4 and report["n_structures"] == 3
     assert all(m["path"].endswith(".pt") for m in report["models"])
@@ -136,8 +161,18 @@ def test_script_backend_batch_mode(tmp_path, capsys):
     (tmp_path / "crash").write_text(ids[2])
     cmd = f"{sys.executable} {tmp_path / 'batch.py'} {{structures}} {{output}} {tmp_path / 'crash'}"
     out = tmp_path / "labels"
-    args = ["label", "--backend", "script", "--command", cmd, "--structures", str(sel),
-            "--output", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "label",
+        "--backend",
+        "script",
+        "--command",
+        cmd,
+        "--structures",
+        str(sel),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     stdout = capsys.readouterr().out
     assert "labelled 3 of 4 structures with script; 1 failed" in stdout
@@ -158,7 +193,8 @@ def test_script_backend_batch_mode(tmp_path, capsys):
     (tmp_path / "crash").unlink()
     assert main(args) == 0
     assert "labelled 4 of 4 structures with script (3 from an earlier run)" in (
-        capsys.readouterr().out)  # fmt: skip
+        capsys.readouterr().out
+    )
 
 
 def test_launch_dft_sh_as_a_batch_command(tmp_path, capsys):
@@ -166,8 +202,11 @@ def test_launch_dft_sh_as_a_batch_command(tmp_path, capsys):
     unchanged, labels a selection in one go."""
     from nequix_fw.cli import main
 
-    env_vars = {"PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
-                "STANDIN_VASP_FIXTURES": str(FIXTURES), "STANDIN_VASP_NO_ERROR": "1"}  # fmt: skip
+    env_vars = {
+        "PATH": f"{ROOT / 'tests' / 'standins'}:{os.environ['PATH']}",
+        "STANDIN_VASP_FIXTURES": str(FIXTURES),
+        "STANDIN_VASP_NO_ERROR": "1",
+    }
     old = {k: os.environ.get(k) for k in env_vars}
     os.environ.update(env_vars)
     cwd = os.getcwd()
@@ -181,9 +220,20 @@ def test_launch_dft_sh_as_a_batch_command(tmp_path, capsys):
             ase.io.write(sel / f"s{k}.vasp", a, format="vasp", direct=True)
         for name in ("INCAR", "KPOINTS", "POTCAR"):
             (tmp_path / name).write_text("stand-in\n")
-        code = main(["label", "--backend", "script", "--command",
-                     f"bash {LAUNCH_DFT} {{structures}}", "--structures", str(sel),
-                     "--output", "data/dft_results", "--no-progress"])  # fmt: skip
+        code = main(
+            [
+                "label",
+                "--backend",
+                "script",
+                "--command",
+                f"bash {LAUNCH_DFT} {{structures}}",
+                "--structures",
+                str(sel),
+                "--output",
+                "data/dft_results",
+                "--no-progress",
+            ]
+        )
         stdout = capsys.readouterr().out
     finally:
         os.chdir(cwd)
@@ -193,7 +243,8 @@ def test_launch_dft_sh_as_a_batch_command(tmp_path, capsys):
             else:
                 os.environ[k] = v
     assert code == 0 and "labelled 2 of 2 structures with script; 0 failed" in stdout
-    tasks = [json.loads(p.read_text()) for p in (tmp_path / "data" / "dft_results").glob(
-        "*/task.json")]  # fmt: skip
+    tasks = [
+        json.loads(p.read_text()) for p in (tmp_path / "data" / "dft_results").glob("*/task.json")
+    ]
     assert len(tasks) == 2 and all(t["result_file"].endswith("_OUTCAR") for t in tasks)
     assert all(t["batch_returncode"] == 0 for t in tasks)

@@ -52,13 +52,21 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     assert specs["label"]["_queueadapter"]["ntasks"] == 64  # the preset's other keys kept
     assert specs["validate"]["_fworker"] == "big"
     sections = next(t["sections"] for fw in wf.fws for t in fw.tasks if "sections" in t)
-    assert all(t["label"]["backend"] == "ase" for fw in wf.fws for t in fw.tasks
-               if "label" in t)  # the label tasks' own sections too  # fmt: skip
+    assert all(
+        t["label"]["backend"] == "ase" for fw in wf.fws for t in fw.tasks if "label" in t
+    )  # the label tasks' own sections too
     c = Campaign(sections)
     later = [*exploration_workflow(c, 1).fws, *labelling_workflow(c, 1, 3).fws]
     later_specs = {fw.name.split()[-2]: fw.spec for fw in later}
-    assert set(later_specs) == {"explore", "run_ensemble", "select", "label", "update_dataset",
-                                "train_ensemble", "validate"}  # fmt: skip
+    assert set(later_specs) == {
+        "explore",
+        "run_ensemble",
+        "select",
+        "label",
+        "update_dataset",
+        "train_ensemble",
+        "validate",
+    }
     assert {s["_priority"] for s in later_specs.values()} == {7}
     assert later_specs["train_ensemble"]["_category"] == "fast"
     assert later_specs["label"]["_queueadapter"]["walltime"] == "02:00:00"

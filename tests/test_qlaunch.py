@@ -88,13 +88,16 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
     lp, fw = launchpad_file, tmp_path / "my_fworker.yaml"
     # EMT that takes 4 s a structure (jobs are submitted 1 s apart), so that the labelling
     # groups visibly run side by side
-    fw.write_text("name: slurm_worker\ncategory: ''\nquery: '{}'\n"
-                  "env:\n  reference_calculator: slow_emt:SlowEMT\n")  # fmt: skip
+    fw.write_text(
+        "name: slurm_worker\ncategory: ''\nquery: '{}'\n"
+        "env:\n  reference_calculator: slow_emt:SlowEMT\n"
+    )
     qadapter = yaml.safe_load((ROOT / "my_qadapter.yaml").read_text())
     qadapter.update(  # the node has 2 cores: one per job unless a stage asks for more
         rocket_launch=f"{BIN}/rlaunch -l {lp} -w {fw} singleshot",
-        pre_rocket=f"export PYTHONPATH={ROOT / 'tests' / 'standins'}", cpus_per_task=None,
-    )  # fmt: skip
+        pre_rocket=f"export PYTHONPATH={ROOT / 'tests' / 'standins'}",
+        cpus_per_task=None,
+    )
     (tmp_path / "my_qadapter.yaml").write_text(yaml.safe_dump(qadapter))
     # qlaunch waits QUEUE_UPDATE_INTERVAL (5 s) after each submission; SLURM here answers at once
     (tmp_path / "FW_config.yaml").write_text("QUEUE_UPDATE_INTERVAL: 1\n")
@@ -103,11 +106,27 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
     ase.io.write(tmp_path / "testset.extxyz", emt_labelled(4, seed=9))
     (tmp_path / "campaign.yaml").write_text(SETTINGS)
     env = dict(os.environ)
-    _run([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad", lp],
-         tmp_path, env)  # fmt: skip
+    _run(
+        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad", lp],
+        tmp_path,
+        env,
+    )
     (tmp_path / "jobs").mkdir()
-    qlaunch = [BIN / "qlaunch", "-l", lp, "-w", fw, "-q", tmp_path / "my_qadapter.yaml",
-               "--launch_dir", tmp_path / "jobs", "-r", "rapidfire", "--sleep", "2"]  # fmt: skip
+    qlaunch = [
+        BIN / "qlaunch",
+        "-l",
+        lp,
+        "-w",
+        fw,
+        "-q",
+        tmp_path / "my_qadapter.yaml",
+        "--launch_dir",
+        tmp_path / "jobs",
+        "-r",
+        "rapidfire",
+        "--sleep",
+        "2",
+    ]
     for _ in range(10):  # rapidfire returns when nothing is ready or waiting for a running job
         _run(qlaunch, tmp_path, env)
         _queue_empty()
@@ -120,10 +139,20 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
     # select 1 appended by validate 0, then iteration 1's label groups..validate appended by
     # select 1: twelve Fireworks
     names = sorted(name for name, _ in fws.values())
-    assert names == ["q label 0.0", "q label 0.1", "q label 1.0", "q label 1.1",
-                     "q run_ensemble 1", "q select 1", "q train_ensemble 0", "q train_ensemble 1",
-                     "q update_dataset 0", "q update_dataset 1", "q validate 0",
-                     "q validate 1"]  # fmt: skip
+    assert names == [
+        "q label 0.0",
+        "q label 0.1",
+        "q label 1.0",
+        "q label 1.1",
+        "q run_ensemble 1",
+        "q select 1",
+        "q train_ensemble 0",
+        "q train_ensemble 1",
+        "q update_dataset 0",
+        "q update_dataset 1",
+        "q validate 0",
+        "q validate 1",
+    ]
     assert {s for _, s in fws.values()} == {"COMPLETED"}
     assert state["workflow_state"] == ["COMPLETED"]
     assert state["dataset"] == [0] * 4 + [1] * 3  # complete, nothing twice
@@ -153,26 +182,43 @@ def test_resources_go_into_the_firework_specs(tmp_path):
     from nequix_fw.workflows import campaign_workflow, exploration_workflow
 
     ase.io.write(tmp_path / "i.extxyz", make_cells(5))
-    sections = {"campaign": {"name": "r", "directory": str(tmp_path),
-                             "initial_structures": str(tmp_path / "i.extxyz"),
-                             "label_group_size": 2,
-                             "resources": {"label": {"category": "dft", "queueadapter": {
-                                 "nodes": 2, "walltime": "04:00:00"}},
-                                 "select": {"fworker": "gpu_node"}}}}  # fmt: skip
+    sections = {
+        "campaign": {
+            "name": "r",
+            "directory": str(tmp_path),
+            "initial_structures": str(tmp_path / "i.extxyz"),
+            "label_group_size": 2,
+            "resources": {
+                "label": {"category": "dft", "queueadapter": {"nodes": 2, "walltime": "04:00:00"}},
+                "select": {"fworker": "gpu_node"},
+            },
+        }
+    }
     wf = campaign_workflow(sections)
     specs = {fw.name: fw.spec for fw in wf.fws}
     # every task reaches the database through the LaunchPad that runs it
     lp = {"_add_launchpad_and_fw_id": True}
     label = {"_category": "dft", "_queueadapter": {"nodes": 2, "walltime": "04:00:00"}, **lp}
-    assert specs == {"r label 0.0": label, "r label 0.1": label, "r label 0.2": label,
-                     "r update_dataset 0": lp, "r train_ensemble 0": lp,
-                     "r validate 0": lp}  # fmt: skip
+    assert specs == {
+        "r label 0.0": label,
+        "r label 0.1": label,
+        "r label 0.2": label,
+        "r update_dataset 0": lp,
+        "r train_ensemble 0": lp,
+        "r validate 0": lp,
+    }
     # the 5 initial structures in groups of 2: three parallel labelling Fireworks, then the rest
     names = {fw.fw_id: fw.name for fw in wf.fws}
     links = {names[a]: sorted(names[b] for b in bs) for a, bs in wf.links.items()}
     d, t = "r update_dataset 0", "r train_ensemble 0"
-    assert links == {"r label 0.0": [d], "r label 0.1": [d], "r label 0.2": [d], d: [t],
-                     t: ["r validate 0"], "r validate 0": []}  # fmt: skip
+    assert links == {
+        "r label 0.0": [d],
+        "r label 0.1": [d],
+        "r label 0.2": [d],
+        d: [t],
+        t: ["r validate 0"],
+        "r validate 0": [],
+    }
     groups = [t.get("group") for fw in wf.fws for t in fw.tasks if "label" in fw.name]
     assert groups == [[0, 2], [1, 2], [2, 2]]  # [index, size]
     sections["campaign"]["explore"] = False
@@ -182,5 +228,6 @@ def test_resources_go_into_the_firework_specs(tmp_path):
         "r select 1": {"_fworker": "gpu_node", "_add_launchpad_and_fw_id": True},
     }
     with pytest.raises(SettingsError, match="resources.relax"):
-        make_settings(CampaignSettings, directory="d", initial_structures="i",
-                      resources={"relax": {}})  # fmt: skip
+        make_settings(
+            CampaignSettings, directory="d", initial_structures="i", resources={"relax": {}}
+        )

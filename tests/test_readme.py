@@ -125,8 +125,9 @@ def test_the_readme_has_its_commands():
     assert {c[0] for c in COMMANDS} == set(TOOLS)
 
 
-@pytest.mark.parametrize("words", [c for c in COMMANDS if c[0] == "nequix-fw"],
-                         ids=lambda c: " ".join(c[1:3]))  # fmt: skip
+@pytest.mark.parametrize(
+    "words", [c for c in COMMANDS if c[0] == "nequix-fw"], ids=lambda c: " ".join(c[1:3])
+)
 def test_readme_command_is_valid(words):
     """The real parser takes every nequix-fw command of the README as written."""
     build_parser().parse_args(words[1:])
@@ -144,11 +145,20 @@ def readme_command(*words: str) -> list[str]:
 
 #: The README commands that the tests below run as written (each found by these words).
 RUN_HERE = [
-    ("select", "--diverse"), ("select", "--exclude-dataset"), ("explore", "--hi"),
-    ("explore", "--barostat"), ("label", "emt"), ("label", "vasp", "--iteration"),
-    ("label", "cp2k"), ("label", "--timeout"), ("train-ensemble", "--strategy"),
-    ("train-ensemble", "torch"), ("relabel",), ("export", "vasp"), ("get_wflows",),
-]  # fmt: skip
+    ("select", "--diverse"),
+    ("select", "--exclude-dataset"),
+    ("explore", "--hi"),
+    ("explore", "--barostat"),
+    ("label", "emt"),
+    ("label", "vasp", "--iteration"),
+    ("label", "cp2k"),
+    ("label", "--timeout"),
+    ("train-ensemble", "--strategy"),
+    ("train-ensemble", "torch"),
+    ("relabel",),
+    ("export", "vasp"),
+    ("get_wflows",),
+]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda c: " ".join(c[:3]))
@@ -156,8 +166,11 @@ def test_a_test_runs_the_readme_command(words):
     if any(all(w in words for w in key) for key in RUN_HERE):
         return  # run below
     head, flags = _shape(words)
-    runs = [name for name, strings in FUNCS.items()
-            if all(h in strings for h in head) and flags <= strings]  # fmt: skip
+    runs = [
+        name
+        for name, strings in FUNCS.items()
+        if all(h in strings for h in head) and flags <= strings
+    ]
     assert runs, f"no test runs `{shlex.join(words)}` (needs {head} and {sorted(flags)})"
 
 
@@ -195,17 +208,21 @@ def run_readme(*words: str, process: bool = False) -> list[str]:
 
 def _emt_script(path: Path) -> None:
     """A user's labelling script: EMT labels of the POSCAR in its directory."""
-    path.write_text(f"{sys.executable} -c \"import ase.io; from ase.calculators.emt import EMT; "
-                    "a = ase.io.read('POSCAR'); a.calc = EMT(); a.get_forces(); "
-                    "ase.io.write('labelled.extxyz', a)\"\n")  # fmt: skip
+    path.write_text(
+        f'{sys.executable} -c "import ase.io; from ase.calculators.emt import EMT; '
+        "a = ase.io.read('POSCAR'); a.calc = EMT(); a.get_forces(); "
+        "ase.io.write('labelled.extxyz', a)\"\n"
+    )
 
 
 def _vasp_inputs(d: Path, encut: int) -> None:
     from test_vasp import FAKE_POTCAR
 
     d.mkdir()
-    (d / "INCAR").write_text(f"PREC = Accurate\nENCUT = {encut}\nISMEAR = 0\nSIGMA = 0.05\n"
-                             "EDIFF = 1e-06\nNSW = 0\nIBRION = -1\nLREAL = Auto\n")  # fmt: skip
+    (d / "INCAR").write_text(
+        f"PREC = Accurate\nENCUT = {encut}\nISMEAR = 0\nSIGMA = 0.05\n"
+        "EDIFF = 1e-06\nNSW = 0\nIBRION = -1\nLREAL = Auto\n"
+    )
     (d / "KPOINTS").write_text("Automatic\n0\nGamma\n4 4 4\n")
     (d / "POTCAR").write_text(FAKE_POTCAR.format(el="Si"))
 
@@ -239,8 +256,21 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
     Path("data/initial_structures").mkdir(parents=True)
     for i, a in enumerate(emt_labelled(12, seed=31)):
         ase.io.write(f"data/initial_structures/s{i}.extxyz", a)
-    assert main(["run-ensemble", "--models", "models/m1.nqx", "models/m2.nqx", "--structures",
-                 "data/initial_structures/", "--output", "ensemble_results.json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "run-ensemble",
+                "--models",
+                "models/m1.nqx",
+                "models/m2.nqx",
+                "--structures",
+                "data/initial_structures/",
+                "--output",
+                "ensemble_results.json",
+            ]
+        )
+        == 0
+    )
     run_readme("select", "--diverse")
     manifest = json.loads(Path("selected_structures/manifest.json").read_text())
     chosen = [e for e in manifest["structures"] if e["selected"]]
@@ -257,10 +287,23 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
     assert gens.count("distortion") == 20 * 12 and gens.count("random_packing") == 4
     # labels: EMT, then a training set, then four members on splits in two processes
     run_readme("label", "emt")
-    assert main(["update-dataset", "--new", "data/dft_results/", "--dataset",
-                 "data/training_set/", "--iteration", "1"]) == 0  # fmt: skip
-    Path("settings.yaml").write_text(json.dumps({"train_ensemble": {"architecture": TINY_ARCH,
-                                                              "batch_size": 4}}))  # fmt: skip
+    assert (
+        main(
+            [
+                "update-dataset",
+                "--new",
+                "data/dft_results/",
+                "--dataset",
+                "data/training_set/",
+                "--iteration",
+                "1",
+            ]
+        )
+        == 0
+    )
+    Path("settings.yaml").write_text(
+        json.dumps({"train_ensemble": {"architecture": TINY_ARCH, "batch_size": 4}})
+    )
     run_readme("train-ensemble", "--strategy")
     assert len(list(Path("models_new").glob("member_*.nqx"))) == 4
     # the user's script, per structure, under a time-out
@@ -291,8 +334,9 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
         si8.rattle(0.05, seed=3)
         ase.io.write("selected_structures/si8.vasp", si8, format="vasp")
         run_readme("label", "cp2k")
-        labels = read_labelled(sorted(Path("data/dft_results").glob("*/labelled.extxyz")),
-                               allow_mixed=True)  # fmt: skip
+        labels = read_labelled(
+            sorted(Path("data/dft_results").glob("*/labelled.extxyz")), allow_mixed=True
+        )
         cp2k = [d for d in labels if d.frame.atoms.get_chemical_formula() == "Si8"]
         assert len(cp2k) == 1 and np.abs(cp2k[0].forces).max() > 0.1
 
@@ -304,14 +348,42 @@ def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
     Path("data/dft_results").mkdir(parents=True)
     for i, a in enumerate(emt_labelled(6, seed=41)):
         ase.io.write(f"data/dft_results/s{i}.extxyz", a)
-    assert main(["update-dataset", "--new", "data/dft_results/", "--dataset", "db:cu_au",
-                 "--launchpad", "my_launchpad.yaml", "--iteration", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "update-dataset",
+                "--new",
+                "data/dft_results/",
+                "--dataset",
+                "db:cu_au",
+                "--launchpad",
+                "my_launchpad.yaml",
+                "--iteration",
+                "2",
+            ]
+        )
+        == 0
+    )
     # candidates: the dataset's own structures and 6 new ones
     ase.io.write("pool.extxyz", [*emt_labelled(6, seed=41), *emt_labelled(6, seed=42)])
-    assert main(["run-ensemble", "--models", "models/m1.nqx", "models/m2.nqx", "--structures",
-                 "pool.extxyz", "--output", "ensemble_results.json"]) == 0  # fmt: skip
-    Path("settings.yaml").write_text(json.dumps({"train_ensemble": {"architecture": TINY_ARCH,
-                                                              "batch_size": 4}}))  # fmt: skip
+    assert (
+        main(
+            [
+                "run-ensemble",
+                "--models",
+                "models/m1.nqx",
+                "models/m2.nqx",
+                "--structures",
+                "pool.extxyz",
+                "--output",
+                "ensemble_results.json",
+            ]
+        )
+        == 0
+    )
+    Path("settings.yaml").write_text(
+        json.dumps({"train_ensemble": {"architecture": TINY_ARCH, "batch_size": 4}})
+    )
     run_readme("select", "--exclude-dataset")
     manifest = json.loads(Path("selected_structures/manifest.json").read_text())
     known = {d.id for d in read_labelled(["db:cu_au"], Store("my_launchpad.yaml"))}
@@ -324,24 +396,75 @@ def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
     ase.io.write("selected/si2.vasp", vasp_standin, format="vasp")
     _vasp_inputs(Path("inputs"), 520)
     _vasp_inputs(Path("inputs_pbe"), 600)
-    assert main(["label", "--backend", "vasp", "--vasp-cmd", "vasp_std", "--vasp-inputs",
-                 "inputs/", "--structures", "selected/", "--output", "vasp_labels",
-                 "--iteration", "3"]) == 0  # fmt: skip
-    assert main(["update-dataset", "--new", "vasp_labels", "--dataset", "db:cuau",
-                 "--launchpad", "my_launchpad.yaml"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "label",
+                "--backend",
+                "vasp",
+                "--vasp-cmd",
+                "vasp_std",
+                "--vasp-inputs",
+                "inputs/",
+                "--structures",
+                "selected/",
+                "--output",
+                "vasp_labels",
+                "--iteration",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "update-dataset",
+                "--new",
+                "vasp_labels",
+                "--dataset",
+                "db:cuau",
+                "--launchpad",
+                "my_launchpad.yaml",
+            ]
+        )
+        == 0
+    )
     run_readme("relabel")
     (new,) = read_labelled(["db:cuau_pbe"], Store("my_launchpad.yaml"))
     (old,) = read_labelled(["db:cuau"], Store("my_launchpad.yaml"))
     assert new.id == old.id and new.frame.atoms.info["relabelled_from"] == "db:cuau"
     assert new.frame.atoms.info["settings_hash"] != old.frame.atoms.info["settings_hash"]
     # export by iteration and backend: the VASP label joins db:cu_au (another level of theory)
-    assert main(["update-dataset", "--new", "vasp_labels", "--dataset", "db:cu_au",
-                 "--launchpad", "my_launchpad.yaml", "--allow-mixed"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "update-dataset",
+                "--new",
+                "vasp_labels",
+                "--dataset",
+                "db:cu_au",
+                "--launchpad",
+                "my_launchpad.yaml",
+                "--allow-mixed",
+            ]
+        )
+        == 0
+    )
     run_readme("export", "vasp", process=True)
     (exported,) = ase.io.read("new.extxyz", index=":")
     assert exported.get_chemical_formula() == "Si2"
-    p = subprocess.run([BIN / "lpad", "-l", "my_launchpad.yaml", "reset", "--password",
-                        datetime.date.today().isoformat()],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [
+            BIN / "lpad",
+            "-l",
+            "my_launchpad.yaml",
+            "reset",
+            "--password",
+            datetime.date.today().isoformat(),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     run_readme("get_wflows")

@@ -21,21 +21,27 @@ from nequix_fw.settings import LabellingSettings
 def test_a_label_task_reads_back_and_other_documents_are_refused(tmp_path):
     ase.io.write(tmp_path / "s.extxyz", make_cells(2, seed=4))
     s = LabellingSettings()
-    summary = label_structures(tmp_path / "s.extxyz", tmp_path / "labels", make_backend(s), s,
-                               iteration=3, progress=False)  # fmt: skip
+    summary = label_structures(
+        tmp_path / "s.extxyz", tmp_path / "labels", make_backend(s), s, iteration=3, progress=False
+    )
     task = tmp_path / "labels" / summary["structure_ids"][0] / "task.json"
     doc = LabelTaskDoc.from_file(task)
     raw = json.loads(task.read_text())
     assert raw["schema"] == "nequix-fw/label-task" and raw["schema_version"] == 1
     assert (doc.status, doc.iteration, doc.backend) == ("success", 3, "ase")
     assert doc.labelled_file == "labelled.extxyz" and doc.to_dict() == raw
-    with pytest.raises(DocumentError, match=f"{task}: not a nequix-fw/selection document "
-                       "\\(schema 'nequix-fw/label-task' version 1 is not"):  # fmt: skip
+    with pytest.raises(
+        DocumentError,
+        match=f"{task}: not a nequix-fw/selection document "
+        "\\(schema 'nequix-fw/label-task' version 1 is not",
+    ):
         SelectionManifest.from_file(task)
     raw.pop("settings_hash")
     task.write_text(json.dumps(raw))
-    with pytest.raises(DocumentError, match="not a nequix-fw/label-task document "
-                       "\\(settings_hash: Field required\\)"):  # fmt: skip
+    with pytest.raises(
+        DocumentError,
+        match="not a nequix-fw/label-task document \\(settings_hash: Field required\\)",
+    ):
         LabelTaskDoc.from_file(task)
     task.write_text("{truncated")
     with pytest.raises(DocumentError, match=f"{task}: cannot read"):
@@ -45,8 +51,11 @@ def test_a_label_task_reads_back_and_other_documents_are_refused(tmp_path):
 def test_documents_carry_their_name_version_and_only_their_fields(tmp_path):
     doc = ExplorationManifest(settings={"steps": 10}, trajectories=[], frames=[{"id": "a"}])
     path = doc.to_file(tmp_path / "manifest.json")
-    assert list(json.loads(path.read_text()))[:3] == ["schema", "schema_version",
-                                                      "nequix_fw_version"]  # fmt: skip
+    assert list(json.loads(path.read_text()))[:3] == [
+        "schema",
+        "schema_version",
+        "nequix_fw_version",
+    ]
     assert ExplorationManifest.from_file(path) == doc
     with pytest.raises(DocumentError, match="frame_count: Extra inputs are not permitted"):
         ExplorationManifest.check({**doc.to_dict(), "frame_count": 1}, "x.json")

@@ -59,8 +59,13 @@ def test_selection_equals_threshold_set(results, tmp_path):
     by_class = {c: {i for i, k in classes.items() if k == c} for c in ("failed", "accurate")}
     assert by_class["failed"] == {i for i, d in devs.items() if d >= hi}
     assert by_class["accurate"] == {i for i, d in devs.items() if d < lo}
-    assert manifest["counts"] == {"accurate": 5, "candidate": 13, "failed": 6, "selected": 13,
-                                  "already_labelled": 0}  # fmt: skip
+    assert manifest["counts"] == {
+        "accurate": 5,
+        "candidate": 13,
+        "failed": 6,
+        "selected": 13,
+        "already_labelled": 0,
+    }
     files = sorted(p.name for p in (tmp_path / "sel").glob("*.vasp"))
     assert files == sorted(f"{i}.vasp" for i in want)
     # the POSCAR holds the evaluated structure
@@ -188,9 +193,21 @@ def test_already_labelled_structures_are_not_selected_again(results, tmp_path, c
         labelled.append(a)
     ase.io.write(tmp_path / "labels.extxyz", labelled)
     update_dataset(tmp_path / "labels.extxyz", tmp_path / "ds")
-    code = main(["select", "--ensemble", str(results), "--threshold", "0", "--max-selected", "3",
-                 "--exclude-dataset", str(tmp_path / "ds"),
-                 "--output", str(tmp_path / "sel")])  # fmt: skip
+    code = main(
+        [
+            "select",
+            "--ensemble",
+            str(results),
+            "--threshold",
+            "0",
+            "--max-selected",
+            "3",
+            "--exclude-dataset",
+            str(tmp_path / "ds"),
+            "--output",
+            str(tmp_path / "sel"),
+        ]
+    )
     assert code == 0 and "(2 already labelled)" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
     chosen = [s["id"] for s in manifest["structures"] if s["selected"]]
@@ -203,8 +220,18 @@ def _entries(n_candidates: int, n_accurate: int, n_failed: int) -> list:
     from nequix_fw.selection import Entry
 
     classes = ["candidate"] * n_candidates + ["accurate"] * n_accurate + ["failed"] * n_failed
-    return [Entry(id=f"s{i}", source="x", frame=i, formula="Cu4", n_atoms=4, cls=c,
-                  metrics={"max_force_dev": 0.01 * i}) for i, c in enumerate(classes)]  # fmt: skip
+    return [
+        Entry(
+            id=f"s{i}",
+            source="x",
+            frame=i,
+            formula="Cu4",
+            n_atoms=4,
+            cls=c,
+            metrics={"max_force_dev": 0.01 * i},
+        )
+        for i, c in enumerate(classes)
+    ]
 
 
 def test_random_selection_is_uniform_reproducible_and_skips_failed_and_labelled():
@@ -238,17 +265,43 @@ def test_select_lo_auto_from_a_validation_report(results, tmp_path, capsys):
     from nequix_fw.cli import main
 
     report = tmp_path / "validation_report.json"
-    report.write_text(json.dumps({"uncertainty": {"calibration": {
-        "scale": 1.5, "conformal_factor": 2.0, "coverage": 0.9, "n_structures": 30}}}))  # fmt: skip
+    report.write_text(
+        json.dumps(
+            {
+                "uncertainty": {
+                    "calibration": {
+                        "scale": 1.5,
+                        "conformal_factor": 2.0,
+                        "coverage": 0.9,
+                        "n_structures": 30,
+                    }
+                }
+            }
+        )
+    )
     sel = str(tmp_path / "sel")
-    code = main(["select", "--ensemble", str(results), "--lo", "auto", "--target-force-error",
-                 "0.2", "--calibration", str(report), "--output", sel])  # fmt: skip
+    code = main(
+        [
+            "select",
+            "--ensemble",
+            str(results),
+            "--lo",
+            "auto",
+            "--target-force-error",
+            "0.2",
+            "--calibration",
+            str(report),
+            "--output",
+            sel,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "lo = 0.1 eV/Å from the calibration" in out
     manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
     assert manifest["settings"]["lo"] == pytest.approx(0.1)
-    code = main(["select", "--ensemble", str(results), "--lo", "auto", "--output",
-                 str(tmp_path / "sel2")])  # fmt: skip
+    code = main(
+        ["select", "--ensemble", str(results), "--lo", "auto", "--output", str(tmp_path / "sel2")]
+    )
     assert code == 2 and "lo: auto needs target_force_error" in capsys.readouterr().err
 
 
@@ -270,8 +323,9 @@ def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path, descr
     ase.io.write(tmp_path / "pool.extxyz", near + new)
     run_ensemble(model_paths, [tmp_path / "pool.extxyz"], tmp_path / "r.json", progress=False)
     s = SelectionSettings(lo=0.0, max_selected=4, diverse=True, descriptor=descriptor)
-    with_training = select_from_results(tmp_path / "r.json", tmp_path / "a", s,
-                                        training_set=training)  # fmt: skip
+    with_training = select_from_results(
+        tmp_path / "r.json", tmp_path / "a", s, training_set=training
+    )
     picked = {e["id"] for e in with_training["structures"] if e["selected"]}
     assert picked == {structure_id(a) for a in new}
     # without it, picks start from the most uncertain and may well be near-copies
@@ -287,12 +341,21 @@ def test_quotas_per_element_and_composition(results, tmp_path, capsys):
     from nequix_fw.selection import Entry, choose
 
     def entry(i, formula):
-        return Entry(id=f"q{i}", source="x", frame=i, formula=formula, n_atoms=4,
-                     cls="candidate", metrics={"max_force_dev": 1.0 - 0.01 * i})  # fmt: skip
+        return Entry(
+            id=f"q{i}",
+            source="x",
+            frame=i,
+            formula=formula,
+            n_atoms=4,
+            cls="candidate",
+            metrics={"max_force_dev": 1.0 - 0.01 * i},
+        )
 
     # the most uncertain ones all hold Au: a quota of 2 lets the Cu-only ones in
-    entries = [entry(i, f) for i, f in enumerate(["Cu3Au", "Cu2Au2", "CuAu3", "Cu3Au", "Cu4",
-                                                   "Cu8", "Cu4", "Cu4"])]  # fmt: skip
+    entries = [
+        entry(i, f)
+        for i, f in enumerate(["Cu3Au", "Cu2Au2", "CuAu3", "Cu3Au", "Cu4", "Cu8", "Cu4", "Cu4"])
+    ]
     s = SelectionSettings(max_selected=5, max_per_element={"Au": 2}, max_per_composition=2)
     chosen = choose(entries, s)
     assert [e.formula for e in chosen] == ["Cu3Au", "Cu2Au2", "Cu4", "Cu8"]  # Cu4 = Cu8 reduced
@@ -342,8 +405,24 @@ def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
         assert rel.max() <= r["metrics"]["max_force_dev"] / 0.5 + 1e-9
     lo = float(np.median(list(want.values())))
     out = tmp_path / "rel"
-    assert main(["select", "--ensemble", str(results), "--output", str(out), "--lo", str(lo),
-                 "--relative-force-level", "0.5", "--format", "extxyz"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                "--ensemble",
+                str(results),
+                "--output",
+                str(out),
+                "--lo",
+                str(lo),
+                "--relative-force-level",
+                "0.5",
+                "--format",
+                "extxyz",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     picked = {e["id"] for e in manifest["structures"] if e["selected"]}
     assert picked == {i for i, v in want.items() if v >= lo} and 0 < len(picked) < len(want)
@@ -351,9 +430,23 @@ def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
     stress = {r["id"]: r["metrics"]["stress_std"] for r in recs}
     s_lo, s_hi = np.quantile(list(stress.values()), [0.5, 0.9])
     out = tmp_path / "stress"
-    code = main(["select", "--ensemble", str(results), "--output", str(out), "--lo", "1000",
-                 "--stress-lo", str(s_lo), "--stress-hi", str(s_hi),
-                 "--format", "extxyz"])  # fmt: skip
+    code = main(
+        [
+            "select",
+            "--ensemble",
+            str(results),
+            "--output",
+            str(out),
+            "--lo",
+            "1000",
+            "--stress-lo",
+            str(s_lo),
+            "--stress-hi",
+            str(s_hi),
+            "--format",
+            "extxyz",
+        ]
+    )
     assert code == 0
     entries = json.loads((out / "manifest.json").read_text())["structures"]
     got = {e["id"]: e["class"] for e in entries}
@@ -362,8 +455,9 @@ def test_relative_force_and_stress_deviation_levels(results, tmp_path, capsys):
     with pytest.raises(SettingsError, match="stress_hi needs stress_lo"):
         make_settings(SelectionSettings, stress_hi=1.0)
     with pytest.raises(SettingsError, match="does not go with relative_force_level"):
-        make_settings(SelectionSettings, lo="auto", target_force_error=0.1,
-                      relative_force_level=1.0)  # fmt: skip
+        make_settings(
+            SelectionSettings, lo="auto", target_force_error=0.1, relative_force_level=1.0
+        )
 
 
 def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
@@ -371,8 +465,17 @@ def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
     from nequix_fw.cli import main
 
     out = tmp_path / "sel"
-    argv = ["select", "--ensemble", str(results), "--output", str(out), "--lo", "0.0",
-            "--max-selected", "5"]  # fmt: skip
+    argv = [
+        "select",
+        "--ensemble",
+        str(results),
+        "--output",
+        str(out),
+        "--lo",
+        "0.0",
+        "--max-selected",
+        "5",
+    ]
     assert main(argv) == 0
     assert "nequix_fw" not in capsys.readouterr().err
     assert main(["--log-level", "info", *argv]) == 0

@@ -62,7 +62,10 @@ def test_authentication_and_errors(tmp_path, monkeypatch):
     assert stat.S_IMODE(lp.stat().st_mode) == 0o600  # the file holds the password
     config = yaml.safe_load(lp.read_text())
     assert (config["username"], config["password"], config["authsource"]) == (
-        "alice", secret, "admin")  # fmt: skip
+        "alice",
+        secret,
+        "admin",
+    )
     anonymous = pymongo.MongoClient("127.0.0.1", config["port"], directConnection=True)
     with pytest.raises(pymongo.errors.OperationFailure, match="requires authentication"):
         anonymous.x.y.count_documents({})
@@ -81,11 +84,19 @@ def test_authentication_and_errors(tmp_path, monkeypatch):
             assert secret.encode() not in f.read_bytes(), f
     _db("stop", "--dir", d)
     # a user name without a password, a missing server executable: one-line errors
-    p = _db("start", "--dir", tmp_path / "s2", "--launchpad", tmp_path / "l2.yaml",
-            "--username", "bob")  # fmt: skip
+    p = _db(
+        "start", "--dir", tmp_path / "s2", "--launchpad", tmp_path / "l2.yaml", "--username", "bob"
+    )
     assert p.returncode == 2 and "--username needs a password" in p.stderr
-    p = _db("start", "--dir", tmp_path / "s2", "--username", "bob", "--password-file",
-            tmp_path / "nope.txt")  # fmt: skip
+    p = _db(
+        "start",
+        "--dir",
+        tmp_path / "s2",
+        "--username",
+        "bob",
+        "--password-file",
+        tmp_path / "nope.txt",
+    )
     assert p.returncode == 2 and "nope.txt: cannot read the password file" in p.stderr
     assert not (tmp_path / "s2").exists()
     monkeypatch.setattr(server, "EXECUTABLE", "no-such-secantusd")

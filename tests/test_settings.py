@@ -45,8 +45,10 @@ def test_yaml_sections_and_overrides(tmp_path):
     t = load_settings(cfg, TrainingSettings, batch_size=2, seed=None)  # None: not given
     assert (t.epochs, t.architecture.lmax, t.batch_size, t.seed) == (7, 1, 2, 0)
     assert load_settings(None, SelectionSettings).lo == 0.05
-    assert read_sections(cfg) == {"train_ensemble": {"epochs": 7, "architecture": {"lmax": 1}},
-                                  "select": {"lo": 0.1}}  # fmt: skip
+    assert read_sections(cfg) == {
+        "train_ensemble": {"epochs": 7, "architecture": {"lmax": 1}},
+        "select": {"lo": 0.1},
+    }
     cfg.write_text("trainig: {epochs: 7}\n")
     with pytest.raises(SettingsError, match=r"s.yaml: unknown section\(s\) \['trainig'\]"):
         read_sections(cfg)
@@ -87,15 +89,31 @@ def test_renamed_fields_point_to_their_new_names(cls, old, new):
 
 
 def test_stages_have_one_name_and_old_resource_keys_are_refused():
-    assert STAGES == ("explore", "run_ensemble", "select", "label", "update_dataset",
-                      "train_ensemble", "validate")  # fmt: skip
-    ok = make_settings(CampaignSettings, directory="d", initial_structures="i",
-                       resources={s: {"priority": 1} for s in STAGES})  # fmt: skip
+    assert STAGES == (
+        "explore",
+        "run_ensemble",
+        "select",
+        "label",
+        "update_dataset",
+        "train_ensemble",
+        "validate",
+    )
+    ok = make_settings(
+        CampaignSettings,
+        directory="d",
+        initial_structures="i",
+        resources={s: {"priority": 1} for s in STAGES},
+    )
     assert set(ok.resources) == set(STAGES)
-    with pytest.raises(SettingsError, match="dataset is now update_dataset, train is now "
-                       "train_ensemble"):  # fmt: skip
-        make_settings(CampaignSettings, directory="d", initial_structures="i",
-                      resources={"train": {}, "dataset": {}})  # fmt: skip
+    with pytest.raises(
+        SettingsError, match="dataset is now update_dataset, train is now train_ensemble"
+    ):
+        make_settings(
+            CampaignSettings,
+            directory="d",
+            initial_structures="i",
+            resources={"train": {}, "dataset": {}},
+        )
 
 
 def test_placeholders_are_filled_from_the_worker_env_or_left_out():
@@ -103,8 +121,11 @@ def test_placeholders_are_filled_from_the_worker_env_or_left_out():
     assert fill_placeholders(values, None, "label") == {"max_errors": 3, "note": "a >>b<< c"}
     filled = fill_placeholders(values, {"vasp_cmd": "srun vasp_std"}, "label")
     assert filled["vasp_cmd"] == "srun vasp_std" and filled["note"] == "a >>b<< c"
-    with pytest.raises(SettingsError, match="label.vasp_cmd is '>>vasp_cmd<<', a FireWorks "
-                       "worker placeholder, but the worker env has no 'vasp_cmd'"):  # fmt: skip
+    with pytest.raises(
+        SettingsError,
+        match="label.vasp_cmd is '>>vasp_cmd<<', a FireWorks "
+        "worker placeholder, but the worker env has no 'vasp_cmd'",
+    ):
         fill_placeholders(values, {}, "label")
     assert env_chk(">>n<<", {"n": 4}, "train_ensemble.n_models") == 4
     assert env_chk(5, None, "x") == 5
@@ -131,7 +152,10 @@ def test_old_section_names_are_read_with_a_warning_naming_the_new_one(tmp_path, 
     assert c.sections["campaign"]["stages"][0]["settings"] == {"validate": {"md_steps": 20}}
     assert make_settings(ValidationSettings, reference="labelling").reference == "label"
     cfg.write_text("training: {epochs: 7}\ntrain_ensemble: {epochs: 8}\n")
-    with pytest.raises(SettingsError, match="old.yaml: sections 'training' and 'train_ensemble' "
-                       "are one section \\('training' is its old name\\): give 'train_ensemble' "
-                       "only"):  # fmt: skip
+    with pytest.raises(
+        SettingsError,
+        match="old.yaml: sections 'training' and 'train_ensemble' "
+        "are one section \\('training' is its old name\\): give 'train_ensemble' "
+        "only",
+    ):
         read_sections(cfg)

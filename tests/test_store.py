@@ -29,8 +29,16 @@ def store(tmp_path, launchpad_file):
 def test_dataset_in_store_is_idempotent_and_trains(store, emt_data, tmp_path):
     run = store["run"]
     lp = ["--launchpad", "my_launchpad.yaml"]
-    out = run("update-dataset", "--new", str(emt_data["train"]), "--dataset", "db:cuau", *lp,
-              "--iteration", "0").stdout  # fmt: skip
+    out = run(
+        "update-dataset",
+        "--new",
+        str(emt_data["train"]),
+        "--dataset",
+        "db:cuau",
+        *lp,
+        "--iteration",
+        "0",
+    ).stdout
     assert "added 48 structures" in out and "48 in db:cuau" in out
     # a second process: nothing added, nothing duplicated
     out = run("update-dataset", "--new", str(emt_data["train"]), "--dataset", "db:cuau", *lp).stdout
@@ -38,11 +46,13 @@ def test_dataset_in_store_is_idempotent_and_trains(store, emt_data, tmp_path):
     # the same structure with other labels is a conflict; the stored labels are kept
     frames = ase.io.read(emt_data["train"], ":")
     changed = frames[5].copy()
-    changed.calc = type(frames[5].calc)(changed, energy=frames[5].get_potential_energy() + 0.3,
-                                        forces=frames[5].get_forces())  # fmt: skip
+    changed.calc = type(frames[5].calc)(
+        changed, energy=frames[5].get_potential_energy() + 0.3, forces=frames[5].get_forces()
+    )
     ase.io.write(tmp_path / "changed.extxyz", changed)
-    out = run("update-dataset", "--new", str(tmp_path / "changed.extxyz"), "--dataset",
-              "db:cuau", *lp).stdout  # fmt: skip
+    out = run(
+        "update-dataset", "--new", str(tmp_path / "changed.extxyz"), "--dataset", "db:cuau", *lp
+    ).stdout
     assert "added 0 structures (0 already present, 1 conflicts" in out
     # read back through pymongo (the FireWorks LaunchPad's database) and nequix-fw's reader
     check = """
@@ -58,8 +68,14 @@ print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}), "bef
                   "iterations": [d.frame.atoms.info.get("iteration") for d in data],
                   "forces0": data[0].forces.tolist()}))
 """
-    p = subprocess.run([sys.executable, "-c", check], cwd=store["dir"], env=store["env"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=store["dir"],
+        env=store["env"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["n"] == 48 and set(got["iterations"]) == {0}
     assert got["before"] == [48, 0, 48]  # all; added before iteration 0; before iteration 1
@@ -67,23 +83,43 @@ print(json.dumps({"n": db[COLLECTION].count_documents({"dataset": "cuau"}), "bef
     np.testing.assert_allclose(got["forces0"], frames[0].get_forces())
     # train straight from the store: the same training set as the file
     cfg = tmp_path / "train.yaml"
-    cfg.write_text("train_ensemble:\n  n_models: 1\n  epochs: 1\n  batch_size: 8\n  architecture:\n"
-                   "    {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
-                   "radial_mlp_size: 8}\n")  # fmt: skip
-    run("train-ensemble", "--dataset", "db:cuau", *lp, "--outdir", "models", "--config", str(cfg),
-        "--no-progress")  # fmt: skip
+    cfg.write_text(
+        "train_ensemble:\n  n_models: 1\n  epochs: 1\n  batch_size: 8\n  architecture:\n"
+        "    {hidden_irreps: '8x0e + 4x1o', n_layers: 1, lmax: 1, "
+        "radial_mlp_size: 8}\n"
+    )
+    run(
+        "train-ensemble",
+        "--dataset",
+        "db:cuau",
+        *lp,
+        "--outdir",
+        "models",
+        "--config",
+        str(cfg),
+        "--no-progress",
+    )
     meta = json.loads((store["dir"] / "models" / "member_0.json").read_text())
     from nequix_fw.dataset import ids_hash
 
     assert meta["n_structures"] == 48 and meta["training_set_hash"] == ids_hash(got["ids"])
     # labels from a labelling backend (a settings hash) do not mix with the plain-file ones
     ase.io.write(tmp_path / "new.extxyz", ase.io.read(emt_data["test"], ":2"))
-    run("label", "--calculator", "emt", "--structures", str(tmp_path / "new.extxyz"),
-        "--output", "labels", "--no-progress")  # fmt: skip
+    run(
+        "label",
+        "--calculator",
+        "emt",
+        "--structures",
+        str(tmp_path / "new.extxyz"),
+        "--output",
+        "labels",
+        "--no-progress",
+    )
     p = run("update-dataset", "--new", "labels", "--dataset", "db:cuau", *lp, check=False)
     assert p.returncode == 2 and "different levels of theory" in p.stderr
-    out = run("update-dataset", "--new", "labels", "--dataset", "db:cuau", *lp,
-              "--allow-mixed").stdout  # fmt: skip
+    out = run(
+        "update-dataset", "--new", "labels", "--dataset", "db:cuau", *lp, "--allow-mixed"
+    ).stdout
     assert "added 2 structures" in out and "50 in db:cuau" in out
 
 
@@ -91,11 +127,27 @@ def test_store_errors(store, tmp_path):
     (store["dir"] / "my_launchpad.yaml").unlink()
     p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:x", check=False)
     assert p.returncode == 2 and "need a LaunchPad file" in p.stderr
-    p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:x",
-                     "--launchpad", "nowhere.yaml", check=False)  # fmt: skip
+    p = store["run"](
+        "update-dataset",
+        "--new",
+        str(tmp_path),
+        "--dataset",
+        "db:x",
+        "--launchpad",
+        "nowhere.yaml",
+        check=False,
+    )
     assert p.returncode == 2 and "nowhere.yaml: LaunchPad file not found" in p.stderr
-    p = store["run"]("update-dataset", "--new", str(tmp_path), "--dataset", "db:a/b",
-                     "--launchpad", "nowhere.yaml", check=False)  # fmt: skip
+    p = store["run"](
+        "update-dataset",
+        "--new",
+        str(tmp_path),
+        "--dataset",
+        "db:a/b",
+        "--launchpad",
+        "nowhere.yaml",
+        check=False,
+    )
     assert p.returncode == 2 and "a store dataset is named db:NAME (no '/')" in p.stderr
 
 
@@ -115,11 +167,29 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     ase.io.write(tmp_path / "emt.extxyz", emt_labelled(6, seed=4))
     run("update-dataset", "--new", "emt.extxyz", "--dataset", "db:old", *lp)
     env = {**store["env"], "PYTHONPATH": str(Path(__file__).parent / "standins")}
-    slow = ["relabel", "--dataset", "db:old", "--to", "db:new", "--output", "relabel", *lp,
-            "--calculator", "slow_emt:SlowEMT", "--calculator-params", '{"delay_s": 1.0}',
-            "--no-progress"]  # fmt: skip
-    p = subprocess.Popen([NFW, *slow], cwd=tmp_path, env=env, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    slow = [
+        "relabel",
+        "--dataset",
+        "db:old",
+        "--to",
+        "db:new",
+        "--output",
+        "relabel",
+        *lp,
+        "--calculator",
+        "slow_emt:SlowEMT",
+        "--calculator-params",
+        '{"delay_s": 1.0}',
+        "--no-progress",
+    ]
+    p = subprocess.Popen(
+        [NFW, *slow],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     end = time.monotonic() + 120
     while len(list((tmp_path / "relabel" / "labels").glob("*/task.json"))) < 2:
         assert time.monotonic() < end and p.poll() is None
@@ -136,9 +206,20 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     assert sorted(d.frame.atoms.info["structure_id"] for d in new) == sorted(old)
     assert {d.frame.atoms.info["relabelled_from"] for d in new} == {"db:old"}
     # relabelled at another level of theory: LJ, computed here for the same structures
-    lj = ["relabel", "--dataset", "db:old", "--to", "db:lj", "--output", "relabel_lj", *lp,
-          "--calculator", "lj", "--calculator-params", '{"sigma": 2.3, "epsilon": 0.4}',
-          ]  # fmt: skip
+    lj = [
+        "relabel",
+        "--dataset",
+        "db:old",
+        "--to",
+        "db:lj",
+        "--output",
+        "relabel_lj",
+        *lp,
+        "--calculator",
+        "lj",
+        "--calculator-params",
+        '{"sigma": 2.3, "epsilon": 0.4}',
+    ]
     run(*lj)
     for d in read_labelled(["db:lj"], in_store):
         a = old[d.frame.atoms.info["structure_id"]].frame.atoms.copy()

@@ -31,11 +31,23 @@ def test_training_beats_the_untrained_model(trained, emt_data, tmp_path):
     train = read_labelled([emt_data["train"]])
     plans, _ = plan_members(train, trained["settings"])
     module, config = new_model(
-        plans[0].config["atomic_numbers"], seed=plans[0].seed,
+        plans[0].config["atomic_numbers"],
+        seed=plans[0].seed,
         atom_energies={int(z): e for z, e in plans[0].config["atom_energies"].items()},
-        **{k: plans[0].config[k] for k in ("cutoff", "hidden_irreps", "n_layers", "lmax",
-           "radial_mlp_size", "shift", "scale", "avg_n_neighbors")},
-    )  # fmt: skip
+        **{
+            k: plans[0].config[k]
+            for k in (
+                "cutoff",
+                "hidden_irreps",
+                "n_layers",
+                "lmax",
+                "radial_mlp_size",
+                "shift",
+                "scale",
+                "avg_n_neighbors",
+            )
+        },
+    )
     untrained = save_model(tmp_path / "untrained.nqx", module, config)
     (before,), _ = _force_rmse([untrained], test)
     after, _ = _force_rmse(sorted(trained["dir"].glob("member_*.nqx")), test)
@@ -62,8 +74,17 @@ def test_outputs_metadata_and_nequix_loads_them(trained):
 
     d = trained["dir"]
     meta = json.loads((d / "member_0.json").read_text())
-    for key in ("seed", "train_subset_hash", "training_set_hash", "start", "epochs_run",
-                "best_valid", "wall_time_s", "nequix_version", "reference_energies"):  # fmt: skip
+    for key in (
+        "seed",
+        "train_subset_hash",
+        "training_set_hash",
+        "start",
+        "epochs_run",
+        "best_valid",
+        "wall_time_s",
+        "nequix_version",
+        "reference_energies",
+    ):
         assert key in meta
     assert meta["start"] == "scratch" and meta["epochs_run"] == 20
     rows = list(csv.DictReader((d / "member_0_log.csv").open()))
@@ -74,10 +95,17 @@ def test_outputs_metadata_and_nequix_loads_them(trained):
 
 
 def test_warm_start_continues_from_predecessor(trained, emt_data, tmp_path):
-    s = TrainingSettings(n_models=2, epochs=2, batch_size=4, patience=None,
-                         architecture=TINY_ARCH, learning_rate=1e-3)  # fmt: skip
-    metas = train_ensemble([emt_data["train"]], tmp_path / "next", s,
-                           warm_start=trained["dir"], progress=False)  # fmt: skip
+    s = TrainingSettings(
+        n_models=2,
+        epochs=2,
+        batch_size=4,
+        patience=None,
+        architecture=TINY_ARCH,
+        learning_rate=1e-3,
+    )
+    metas = train_ensemble(
+        [emt_data["train"]], tmp_path / "next", s, warm_start=trained["dir"], progress=False
+    )
     for meta, prev in zip(metas, trained["metas"], strict=True):
         assert meta["start"] == "warm_start"
         assert meta["start_checkpoint"].endswith(f"member_{meta['member']}.nqx")
@@ -121,16 +149,19 @@ def test_finetune_foundation_model(mp1, emt_data, tmp_path):
 
     data = emt_labelled(6, seed=3, max_au=2)
     ase.io.write(tmp_path / "small.extxyz", data)
-    s = TrainingSettings(n_models=1, epochs=1, batch_size=2, valid_fraction=0.0,
-                         learning_rate=1e-4, patience=None)  # fmt: skip
-    (meta,) = train_ensemble([tmp_path / "small.extxyz"], tmp_path / "ft", s,
-                             finetune_from=mp1, progress=False)  # fmt: skip
+    s = TrainingSettings(
+        n_models=1, epochs=1, batch_size=2, valid_fraction=0.0, learning_rate=1e-4, patience=None
+    )
+    (meta,) = train_ensemble(
+        [tmp_path / "small.extxyz"], tmp_path / "ft", s, finetune_from=mp1, progress=False
+    )
     assert meta["start"] == "finetune" and set(meta["reference_energy_correction"]) == {"29", "79"}
     tuned = load_model(tmp_path / "ft" / "member_0.nqx")
     assert tuned.cutoff == 6.0 and len(tuned.atomic_numbers) == 89  # element set kept
     atoms = data[0].copy()
-    atoms.calc = NequixCalculator(model_path=str(tmp_path / "ft" / "member_0.nqx"),
-                                  use_kernel=False)  # fmt: skip
+    atoms.calc = NequixCalculator(
+        model_path=str(tmp_path / "ft" / "member_0.nqx"), use_kernel=False
+    )
     base = data[0].copy()
     base.calc = NequixCalculator(model_path=str(mp1), use_kernel=False)
     e_ref = data[0].get_potential_energy()
@@ -152,8 +183,17 @@ def test_bad_training_inputs(emt_data, model_paths, tmp_path, capsys):
     (out / "member_0.nqx").write_text("old")
     with pytest.raises(OutputError, match="already holds models .*--overwrite"):
         train_ensemble([emt_data["train"]], out, TrainingSettings(n_models=1, epochs=1))
-    code = main(["train-ensemble", "--dataset", str(emt_data["train"]), "--outdir", str(out),
-                 "--epochs", "1"])  # fmt: skip
+    code = main(
+        [
+            "train-ensemble",
+            "--dataset",
+            str(emt_data["train"]),
+            "--outdir",
+            str(out),
+            "--epochs",
+            "1",
+        ]
+    )
     assert code == 2 and "already holds models" in capsys.readouterr().err
     empty = tmp_path / "empty.extxyz"
     empty.write_text("")
@@ -164,13 +204,21 @@ def test_bad_training_inputs(emt_data, model_paths, tmp_path, capsys):
     corrupt = tmp_path / "broken.nqx"
     corrupt.write_bytes(model_paths[0].read_bytes()[:5000])
     with pytest.raises(ModelError, match="broken.nqx: truncated or corrupted checkpoint"):
-        train_ensemble([emt_data["train"]], tmp_path / "o2", TrainingSettings(n_models=1),
-                       finetune_from=corrupt)  # fmt: skip
+        train_ensemble(
+            [emt_data["train"]],
+            tmp_path / "o2",
+            TrainingSettings(n_models=1),
+            finetune_from=corrupt,
+        )
     cu_only, config = new_model([29], seed=0)
     cu_path = save_model(tmp_path / "cu.nqx", cu_only, config)
     with pytest.raises(StructureError, match="contains Au, which the starting model .*cu.nqx"):
-        train_ensemble([emt_data["train"]], tmp_path / "o3", TrainingSettings(n_models=1),
-                       finetune_from=cu_path)  # fmt: skip
+        train_ensemble(
+            [emt_data["train"]],
+            tmp_path / "o3",
+            TrainingSettings(n_models=1),
+            finetune_from=cu_path,
+        )
     assert not list((tmp_path / "o3").glob("member_*"))
 
 
@@ -232,8 +280,9 @@ def test_statistics_equal_nequix_dataset_stats(tmp_path):
         "sys.stderr.write(json.dumps(s))\n"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       check=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
     theirs = json.loads(p.stderr.strip().splitlines()[-1])
     for key in ("shift", "scale", "avg_n_neighbors"):  # equal-sized cells: the same average
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key

@@ -65,9 +65,11 @@ def test_plots_and_physics_written(report):
     rep, path = report["report"], report["path"]
     assert json.loads(path.read_text())["n_structures"] == 16
     assert set(rep["plots"]) == {
-        "validation_report_parity.png", "validation_report_per_element.png",
-        "validation_report_uncertainty.png", "validation_report_ev.png",
-    }  # fmt: skip
+        "validation_report_parity.png",
+        "validation_report_per_element.png",
+        "validation_report_uncertainty.png",
+        "validation_report_ev.png",
+    }
     import matplotlib.image
 
     for name in rep["plots"]:
@@ -115,8 +117,18 @@ def test_roc_auc_matches_pairwise_definition():
 
 def test_validate_cli(report, emt_data, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code = main(["validate", "--models", *map(str, report["models"]), "--testset",
-                 str(emt_data["test"]), "--output", str(out), "--no-plots"])  # fmt: skip
+    code = main(
+        [
+            "validate",
+            "--models",
+            *map(str, report["models"]),
+            "--testset",
+            str(emt_data["test"]),
+            "--output",
+            str(out),
+            "--no-plots",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "ensemble mean on 16 structures: energy RMSE" in stdout
     assert "uncertainty: Spearman" in stdout and out.is_file()
@@ -128,9 +140,23 @@ def test_validate_cli(report, emt_data, tmp_path, capsys):
     err = np.array(doc["uncertainty"]["max_force_error"])
     assert cal["scale"] == pytest.approx(np.exp(np.mean(np.log(err / dev))), rel=1e-9)
     assert np.mean(err <= cal["conformal_factor"] * dev) >= 0.9
-    code = main(["validate", "--models", *map(str, report["models"]), "--testset",
-                 str(emt_data["test"]), "--output", str(out), "--no-plots", "--md-stability",
-                 "--md-temperature", "300", "--md-steps", "20"])  # fmt: skip
+    code = main(
+        [
+            "validate",
+            "--models",
+            *map(str, report["models"]),
+            "--testset",
+            str(emt_data["test"]),
+            "--output",
+            str(out),
+            "--no-plots",
+            "--md-stability",
+            "--md-temperature",
+            "300",
+            "--md-steps",
+            "20",
+        ]
+    )
     stdout = capsys.readouterr().out
     md = json.loads(out.read_text())["md_stability"]
     assert code == 0 and md["n_runs"] == 4 and md["length_fs"] == 40.0
@@ -145,8 +171,17 @@ def test_testset_without_forces(report, tmp_path, capsys):
     with pytest.raises(StructureError, match="noforces.extxyz frame 0: no forces label"):
         validate(report["models"], [tmp_path / "noforces.extxyz"], tmp_path / "r.json")
     bad = str(tmp_path / "noforces.extxyz")
-    code = main(["validate", "--models", *map(str, report["models"]), "--testset", bad,
-                 "--output", str(tmp_path / "r.json")])  # fmt: skip
+    code = main(
+        [
+            "validate",
+            "--models",
+            *map(str, report["models"]),
+            "--testset",
+            bad,
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 2 and "no forces label" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
@@ -166,8 +201,9 @@ def test_md_stability_flags_a_collapsing_trajectory():
     assert all(r["survived_fs"] == 400.0 for r in ok["runs"])
     assert all(r["energy_drift_eV_per_atom_ps"] < 0.05 for r in ok["runs"])
     # a pair potential with its minimum at 0.5 Å pulls the atoms together: a collapse
-    bad = md_stability(cells, MorsePotential(epsilon=3.0, r0=0.5, rho0=2.0, rcut1=3.0,
-                                            rcut2=4.0), s)  # fmt: skip
+    bad = md_stability(
+        cells, MorsePotential(epsilon=3.0, r0=0.5, rho0=2.0, rcut1=3.0, rcut2=4.0), s
+    )
     assert bad["stable_fraction"] == 0.0
     assert [r["stop_reason"] for r in bad["runs"]] == ["collapsed", "collapsed"]
     assert all(0 < r["survived_fs"] < 400.0 for r in bad["runs"])
@@ -180,9 +216,25 @@ def test_validate_cli_md_stability_runs(trained, emt_data, tmp_path, capsys):
 
     models = [str(p) for p in sorted(trained["dir"].glob("member_*.nqx"))]
     out = tmp_path / "r.json"
-    code = main(["validate", "--models", *models, "--testset", str(emt_data["test"]),
-                 "--output", str(out), "--no-plots", "--md-stability", "--md-temperature", "300",
-                 "--md-steps", "40", "--md-runs", "3"])  # fmt: skip
+    code = main(
+        [
+            "validate",
+            "--models",
+            *models,
+            "--testset",
+            str(emt_data["test"]),
+            "--output",
+            str(out),
+            "--no-plots",
+            "--md-stability",
+            "--md-temperature",
+            "300",
+            "--md-steps",
+            "40",
+            "--md-runs",
+            "3",
+        ]
+    )
     assert code == 0
     md = json.loads(out.read_text())["md_stability"]
     assert md["n_runs"] == 3 and md["temperature_K"] == 300.0 and md["length_fs"] == 80.0
@@ -202,8 +254,13 @@ def test_md_stability_of_an_ensemble_runs_as_batched_walkers(trained):
 
     ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
     cells = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1)) for _ in range(3)]
-    s = ValidationSettings(md_stability=True, md_temperature_K=300, md_steps=100, md_n_runs=3,
-                           md_max_energy_drift_eV_per_atom_ps=10.0)  # fmt: skip
+    s = ValidationSettings(
+        md_stability=True,
+        md_temperature_K=300,
+        md_steps=100,
+        md_n_runs=3,
+        md_max_energy_drift_eV_per_atom_ps=10.0,
+    )
     ok = md_stability(cells, ens, s)
     assert ok["n_runs"] == 3 and ok["stable_fraction"] == 1.0
     drifts = [r["energy_drift_eV_per_atom_ps"] for r in ok["runs"]]
@@ -244,9 +301,20 @@ def test_ev_check_against_a_labelled_ev_set_equals_the_calculator_check(
     B0 errors as `--reference emt` (the same cells, the same reference energies)."""
     first = ase.io.read(emt_data["test"], index=0)
     ase.io.write(tmp_path / "start.extxyz", first)
-    ev = ["ev-set", "--structure", str(tmp_path / "start.extxyz"), "--to",
-          str(tmp_path / "ev_set"), "--output", str(tmp_path / "ev_work"), "--backend", "ase",
-          "--calculator", "emt", "--no-progress"]  # fmt: skip
+    ev = [
+        "ev-set",
+        "--structure",
+        str(tmp_path / "start.extxyz"),
+        "--to",
+        str(tmp_path / "ev_set"),
+        "--output",
+        str(tmp_path / "ev_work"),
+        "--backend",
+        "ase",
+        "--calculator",
+        "emt",
+        "--no-progress",
+    ]
     assert main(ev) == 0
     assert "labelled 7 of 7 volumes with ase; 7 in" in capsys.readouterr().out
     assert main(ev) == 0  # once: the rerun reuses every label and adds nothing
@@ -254,8 +322,18 @@ def test_ev_check_against_a_labelled_ev_set_equals_the_calculator_check(
     models = [str(m) for m in report["models"]]
     base = ["validate", "--models", *models, "--testset", str(emt_data["test"]), "--no-plots"]
     assert main([*base, "--output", str(tmp_path / "calc.json"), "--reference", "emt"]) == 0
-    assert main([*base, "--output", str(tmp_path / "data.json"), "--reference-data",
-                 str(tmp_path / "ev_set")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *base,
+                "--output",
+                str(tmp_path / "data.json"),
+                "--reference-data",
+                str(tmp_path / "ev_set"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     calc = json.loads((tmp_path / "calc.json").read_text())["physics"]
     data = json.loads((tmp_path / "data.json").read_text())["physics"]
@@ -265,11 +343,21 @@ def test_ev_check_against_a_labelled_ev_set_equals_the_calculator_check(
     assert data["ev_reference"]["v0"] == pytest.approx(calc["ev_reference"]["v0"], rel=1e-7)
     assert f"against {tmp_path / 'ev_set'}: V0 error {data['v0_error_percent']:+.2f} %" in printed
     # both references at once, or data that is no E-V set: one clear error line, exit 2
-    code = main([*base, "--output", str(tmp_path / "x.json"), "--reference", "emt",
-                 "--reference-data", str(tmp_path / "ev_set")])  # fmt: skip
+    code = main(
+        [
+            *base,
+            "--output",
+            str(tmp_path / "x.json"),
+            "--reference",
+            "emt",
+            "--reference-data",
+            str(tmp_path / "ev_set"),
+        ]
+    )
     assert code == 2 and "exclude each other" in capsys.readouterr().err
-    code = main([*base, "--output", str(tmp_path / "x.json"), "--reference-data",
-                 str(emt_data["test"])])  # fmt: skip
+    code = main(
+        [*base, "--output", str(tmp_path / "x.json"), "--reference-data", str(emt_data["test"])]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "an E-V reference set is one composition at >= 5 volumes" in err
     assert not (tmp_path / "x.json").exists()
@@ -298,8 +386,18 @@ def test_ev_set_refuses_molecules_and_too_few_labelled_volumes(tmp_path, capsys)
     from ase.build import bulk, molecule
 
     ase.io.write(tmp_path / "h2o.extxyz", molecule("H2O"))
-    ev = ["ev-set", "--to", str(tmp_path / "ev_set"), "--output", str(tmp_path / "w"),
-          "--backend", "ase", "--calculator", "emt", "--no-progress"]  # fmt: skip
+    ev = [
+        "ev-set",
+        "--to",
+        str(tmp_path / "ev_set"),
+        "--output",
+        str(tmp_path / "w"),
+        "--backend",
+        "ase",
+        "--calculator",
+        "emt",
+        "--no-progress",
+    ]
     assert main([*ev, "--structure", str(tmp_path / "h2o.extxyz")]) == 2
     assert "H2O: an E-V set needs a periodic cell" in capsys.readouterr().err
     cu = bulk("Cu", "fcc", a=3.61, cubic=True)  # nearest neighbours 2.553 Å

@@ -57,9 +57,22 @@ def test_handler_corrects_and_labels_equal_vasprun(vasp_env, capsys):
     from pymatgen.io.vasp import Vasprun
 
     out = vasp_env["tmp"] / "dft_results"
-    code = main(["label", "--backend", "vasp", "--vasp-cmd", "vasp_std", "--vasp-inputs",
-                 str(vasp_env["inputs"]), "--structures", str(vasp_env["structures"]),
-                 "--output", str(out), "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--backend",
+            "vasp",
+            "--vasp-cmd",
+            "vasp_std",
+            "--vasp-inputs",
+            str(vasp_env["inputs"]),
+            "--structures",
+            str(vasp_env["structures"]),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     cap = capsys.readouterr()
     assert code == 0 and "labelled 1 of 1 structures with vasp" in cap.out, cap.err
     (task_path,) = out.glob("*/task.json")
@@ -89,8 +102,9 @@ def test_handler_corrects_and_labels_equal_vasprun(vasp_env, capsys):
 def test_uncorrectable_run_is_recorded_as_failed(vasp_env, monkeypatch):
     monkeypatch.setenv("STANDIN_VASP_ALWAYS_FAIL", "1")
     s = LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"], max_errors=2)
-    summary = label_structures(vasp_env["structures"], vasp_env["tmp"] / "o", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    summary = label_structures(
+        vasp_env["structures"], vasp_env["tmp"] / "o", make_backend(s), s, progress=False
+    )
     assert summary["n_failed"] == 1 and summary["failed"][0]["reason"].startswith("custodian:")
     assert not list((vasp_env["tmp"] / "o").glob("*/labelled.extxyz"))
 
@@ -100,9 +114,21 @@ def test_bad_vasp_inputs(vasp_env, capsys):
     with pytest.raises(SettingsError, match="vasp_inputs: missing KPOINTS"):
         make_backend(LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"]))
     (vasp_env["inputs"] / "KPOINTS").write_text("Automatic\n0\nGamma\n4 4 4\n")
-    code = main(["label", "--backend", "vasp", "--vasp-cmd", "mpirun -np 2 no_vasp_here",
-                 "--vasp-inputs", str(vasp_env["inputs"]), "--structures",
-                 str(vasp_env["structures"]), "--output", str(vasp_env["tmp"] / "o")])  # fmt: skip
+    code = main(
+        [
+            "label",
+            "--backend",
+            "vasp",
+            "--vasp-cmd",
+            "mpirun -np 2 no_vasp_here",
+            "--vasp-inputs",
+            str(vasp_env["inputs"]),
+            "--structures",
+            str(vasp_env["structures"]),
+            "--output",
+            str(vasp_env["tmp"] / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "label.vasp_cmd: executable" in err
     ase.io.write(
@@ -115,8 +141,9 @@ def test_bad_vasp_inputs(vasp_env, capsys):
     ase.io.write(vasp_env["structures"] / "ge.vasp", ge, format="vasp")
     s = LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"])
     with pytest.raises(SettingsError, match="no POTCAR for Ge"):
-        label_structures(vasp_env["structures"], vasp_env["tmp"] / "o2", make_backend(s), s,
-                         progress=False)  # fmt: skip
+        label_structures(
+            vasp_env["structures"], vasp_env["tmp"] / "o2", make_backend(s), s, progress=False
+        )
     # a file that is not a POTCAR, named in the error
     (vasp_env["inputs"] / "POTCAR").write_text("PAW Si\n but no dataset\n")
     with pytest.raises(SettingsError, match=r"vasp_inputs/POTCAR: not a valid POTCAR"):
@@ -147,9 +174,22 @@ def test_pymatgen_input_set_with_worker_placeholder(vasp_env, psp_dir, capsys, m
     fworker = vasp_env["tmp"] / "my_fworker.yaml"
     fworker.write_text("name: test_worker\ncategory: ''\nquery: '{}'\nenv:\n  vasp_cmd: vasp_std\n")
     out = vasp_env["tmp"] / "dft"
-    args = ["label", "--backend", "vasp", "--config", str(cfg), "--vasp-input-set",
-            "MPStaticSet", "--vasp-psp-dir", str(psp_dir), "--structures",
-            str(vasp_env["structures"]), "--output", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "label",
+        "--backend",
+        "vasp",
+        "--config",
+        str(cfg),
+        "--vasp-input-set",
+        "MPStaticSet",
+        "--vasp-psp-dir",
+        str(psp_dir),
+        "--structures",
+        str(vasp_env["structures"]),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     # without the worker file the placeholder cannot be filled: a clear error, nothing run
     assert main(args) == 2
     assert "worker env has no 'vasp_cmd'" in capsys.readouterr().err and not out.exists()
@@ -182,10 +222,12 @@ def test_pymatgen_input_set_with_worker_placeholder(vasp_env, psp_dir, capsys, m
 def test_scratch_dir_and_gzipped_outputs(vasp_env, tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    s = LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"], scratch_dir=scratch,
-                          gzip_output=True)  # fmt: skip
-    summary = label_structures(vasp_env["structures"], tmp_path / "o", make_backend(s), s,
-                               progress=False)  # fmt: skip
+    s = LabellingSettings(
+        backend="vasp", vasp_inputs=vasp_env["inputs"], scratch_dir=scratch, gzip_output=True
+    )
+    summary = label_structures(
+        vasp_env["structures"], tmp_path / "o", make_backend(s), s, progress=False
+    )
     assert summary["n_success"] == 1
     (workdir,) = [p.parent for p in (tmp_path / "o").glob("*/task.json")]
     assert (workdir / "vasprun.xml.gz").is_file() and not (workdir / "vasprun.xml").exists()
@@ -202,14 +244,21 @@ def test_scratch_dir_and_gzipped_outputs(vasp_env, tmp_path):
 
 def test_input_set_settings_errors(vasp_env, psp_dir):
     with pytest.raises(SettingsError, match="either label.vasp_inputs .* not both"):
-        make_backend(LabellingSettings(backend="vasp", vasp_inputs=vasp_env["inputs"],
-                                       vasp_input_set="MPStaticSet"))  # fmt: skip
+        make_backend(
+            LabellingSettings(
+                backend="vasp", vasp_inputs=vasp_env["inputs"], vasp_input_set="MPStaticSet"
+            )
+        )
     with pytest.raises(SettingsError, match="no VaspInputSet 'NoSuchSet' in pymatgen.io.vasp.sets"):
-        make_backend(LabellingSettings(backend="vasp", vasp_input_set="NoSuchSet",
-                                       vasp_psp_dir=psp_dir))  # fmt: skip
+        make_backend(
+            LabellingSettings(backend="vasp", vasp_input_set="NoSuchSet", vasp_psp_dir=psp_dir)
+        )
     with pytest.raises(SettingsError, match="is not a directory"):
-        make_backend(LabellingSettings(backend="vasp", vasp_input_set="MPStaticSet",
-                                       vasp_psp_dir=psp_dir / "nowhere"))  # fmt: skip
+        make_backend(
+            LabellingSettings(
+                backend="vasp", vasp_input_set="MPStaticSet", vasp_psp_dir=psp_dir / "nowhere"
+            )
+        )
 
 
 def test_vasp_input_set_needs_potcar_library(monkeypatch):

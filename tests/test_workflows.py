@@ -28,8 +28,13 @@ BIN = Path(sys.executable).parent
 
 
 def test_the_presets_are_there():
-    assert [p.name for p in PRESETS] == ["cp2k_si.yaml", "emt_cu_au.yaml", "finetune_mp1.yaml",
-                                         "npt_hot_schedule.yaml", "vasp_mpstatic.yaml"]  # fmt: skip
+    assert [p.name for p in PRESETS] == [
+        "cp2k_si.yaml",
+        "emt_cu_au.yaml",
+        "finetune_mp1.yaml",
+        "npt_hot_schedule.yaml",
+        "vasp_mpstatic.yaml",
+    ]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -44,11 +49,17 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
     size = c.settings.label_group_size
     groups = 1 if size is None or n_initial <= size else -(-n_initial // size)
     names = sorted(fw.name for fw in wf.fws)
-    label = [f"{c.settings.name} label 0"] if groups == 1 else [
-        f"{c.settings.name} label 0.{g}" for g in range(groups)]  # fmt: skip
-    assert names == sorted([*label, *(f"{c.settings.name} {s} 0"
-                                      for s in ("update_dataset", "train_ensemble",
-                                                "validate"))])  # fmt: skip
+    label = (
+        [f"{c.settings.name} label 0"]
+        if groups == 1
+        else [f"{c.settings.name} label 0.{g}" for g in range(groups)]
+    )
+    assert names == sorted(
+        [
+            *label,
+            *(f"{c.settings.name} {s} 0" for s in ("update_dataset", "train_ensemble", "validate")),
+        ]
+    )
     # every path absolute, worker placeholders kept for the worker's env
     assert Path(c.settings.initial_structures).is_absolute()
     assert all(Path(p).is_absolute() for p in c.settings.testset)
@@ -98,11 +109,14 @@ def test_emt_preset_runs(tmp_path, launchpad_file):
     cfg["select"].update(lo=0.0, hi=None)  # 3-epoch models: every candidate is uncertain
     (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ)
-    for cmd in ([BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad",
-                 launchpad_file], [BIN / "rlaunch", "-l", launchpad_file, "rapidfire"],
-                [BIN / "nequix-fw", "campaign-status", "campaign"]):  # fmt: skip
-        p = subprocess.run([str(x) for x in cmd], cwd=tmp_path, env=env, capture_output=True,
-                           text=True)  # fmt: skip
+    for cmd in (
+        [BIN / "nequix-fw", "campaign", "--config", "campaign.yaml", "--launchpad", launchpad_file],
+        [BIN / "rlaunch", "-l", launchpad_file, "rapidfire"],
+        [BIN / "nequix-fw", "campaign-status", "campaign"],
+    ):
+        p = subprocess.run(
+            [str(x) for x in cmd], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
     assert "max_iterations (1) reached" in p.stdout
     its = yaml.safe_load((tmp_path / "campaign" / "campaign.json").read_text())["iterations"]
@@ -118,10 +132,14 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     preset_inputs(tmp_path, "Cu")
-    cfg = {"campaign": {"directory": "run", "initial_structures": "initial_structures",
-                        "stages": [{"iterations": 1, "settings": {
-                            "explore": {"steps": ">>md_steps<<"}}}]},
-           "train_ensemble": {"n_models": ">>n_members<<", "epochs": 2}}  # fmt: skip
+    cfg = {
+        "campaign": {
+            "directory": "run",
+            "initial_structures": "initial_structures",
+            "stages": [{"iterations": 1, "settings": {"explore": {"steps": ">>md_steps<<"}}}],
+        },
+        "train_ensemble": {"n_models": ">>n_members<<", "epochs": 2},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     sections = campaign_sections("c.yaml")
     campaign_workflow(sections)  # builds: the placeholders wait for the worker
@@ -129,7 +147,10 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
     c = Campaign(sections, env={"n_members": 3, "md_steps": 40})
     assert c.section(TrainingSettings, 0).n_models == 3
     assert c.section(ExplorationSettings, 1).steps == 40  # the stage's value, filled
-    with pytest.raises(SettingsError, match="train_ensemble.n_models is '>>n_members<<', a "
-                       "FireWorks worker placeholder, but the worker env has no "
-                       "'n_members'"):  # fmt: skip
+    with pytest.raises(
+        SettingsError,
+        match="train_ensemble.n_models is '>>n_members<<', a "
+        "FireWorks worker placeholder, but the worker env has no "
+        "'n_members'",
+    ):
         Campaign(sections, env={}).section(TrainingSettings, 0)

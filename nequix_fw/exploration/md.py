@@ -32,29 +32,50 @@ class Trajectory:
     energy_drift: float | None = None  # eV/atom/ps at the last check (Bussi)
 
 
-def _dynamics(atoms: Atoms, temperature_K: float, pressure_GPa: float | None,
-              settings: ExplorationSettings, rng):  # fmt: skip
+def _dynamics(
+    atoms: Atoms,
+    temperature_K: float,
+    pressure_GPa: float | None,
+    settings: ExplorationSettings,
+    rng,
+):
     dt = settings.timestep_fs * units.fs
     taut, taup = settings.taut_fs * units.fs, settings.taup_fs * units.fs
     if pressure_GPa is not None:
         if settings.barostat == "berendsen":
             return NPTBerendsen(
-                atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
-                taut=taut, taup=taup,
+                atoms,
+                dt,
+                temperature_K=temperature_K,
+                pressure_au=pressure_GPa * units.GPa,
+                taut=taut,
+                taup=taup,
                 compressibility_au=settings.compressibility_per_GPa / units.GPa,
-            )  # fmt: skip
+            )
 
         cls = MTKNPT if settings.barostat == "mtk" else IsotropicMTKNPT
-        return cls(atoms, dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
-                   tdamp=taut, pdamp=taup)  # fmt: skip
+        return cls(
+            atoms,
+            dt,
+            temperature_K=temperature_K,
+            pressure_au=pressure_GPa * units.GPa,
+            tdamp=taut,
+            pdamp=taup,
+        )
     if settings.thermostat == "bussi":
         return Bussi(atoms, dt, temperature_K, taut, rng=rng)
     if settings.thermostat == "nose_hoover":
         return NoseHooverChainNVT(atoms, dt, temperature_K=temperature_K, tdamp=taut)
 
     atoms.set_constraint(FixCom())  # the centre of mass stays put (ASE's advice over fixcm)
-    return Langevin(atoms, dt, temperature_K=temperature_K,
-                    friction=settings.friction_per_fs / units.fs, fixcm=False, rng=rng)  # fmt: skip
+    return Langevin(
+        atoms,
+        dt,
+        temperature_K=temperature_K,
+        friction=settings.friction_per_fs / units.fs,
+        fixcm=False,
+        rng=rng,
+    )
 
 
 def stop_reason(
@@ -94,31 +115,53 @@ class FrameLog:
     """The frames a trajectory keeps: every `sample_every` steps while in trust, and on an
     uncertainty stop its last checked frame still in trust (info ``last_in_trust``)."""
 
-    def __init__(self, settings: ExplorationSettings, parent_id: str, temperature_K: float,
-                 pressure_GPa: float | None, seed: int):  # fmt: skip
+    def __init__(
+        self,
+        settings: ExplorationSettings,
+        parent_id: str,
+        temperature_K: float,
+        pressure_GPa: float | None,
+        seed: int,
+    ):
         self.settings = settings
-        self.info = {"generator": "md", "parent_id": parent_id, "temperature_K": temperature_K,
-                     "seed": seed}  # fmt: skip
+        self.info = {
+            "generator": "md",
+            "parent_id": parent_id,
+            "temperature_K": temperature_K,
+            "seed": seed,
+        }
         if pressure_GPa is not None:
             self.info["pressure_GPa"] = pressure_GPa
-        self.condition = {"temperature_K": temperature_K, "pressure_GPa": pressure_GPa,
-                          "seed": seed}  # fmt: skip
+        self.condition = {
+            "temperature_K": temperature_K,
+            "pressure_GPa": pressure_GPa,
+            "seed": seed,
+        }
         self.frames: list[Atoms] = []
         self._in_trust: Atoms | None = None
         self.survived_step = 0  # the last check passed
         self.energy_drift: float | None = None
 
-    def checked(self, step: int, reason: str, atoms: Atoms, max_force_dev: float | None,
-                drift: float | None = None) -> None:  # fmt: skip
+    def checked(
+        self,
+        step: int,
+        reason: str,
+        atoms: Atoms,
+        max_force_dev: float | None,
+        drift: float | None = None,
+    ) -> None:
         """Record the check at `step` of `atoms` (copied) that gave `reason`; `drift`: the
         conserved energy's drift so far (eV/atom/ps), where tracked."""
         self.energy_drift = drift
         if reason == "completed":
             self.survived_step = step
             f = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-            f.info.update(self.info, step=step, time_fs=step * self.settings.timestep_fs,
-                          **({"max_force_dev": float(max_force_dev)}
-                             if max_force_dev is not None else {}))  # fmt: skip
+            f.info.update(
+                self.info,
+                step=step,
+                time_fs=step * self.settings.timestep_fs,
+                **({"max_force_dev": float(max_force_dev)} if max_force_dev is not None else {}),
+            )
             self._in_trust = f
             if step % self.settings.sample_every == 0:
                 self.frames.append(f)
@@ -128,8 +171,9 @@ class FrameLog:
                 self.frames.append(self._in_trust)
 
     def trajectory(self, reason: str, step: int) -> Trajectory:
-        return Trajectory(self.frames, reason, step, self.condition, self.survived_step,
-                          self.energy_drift)  # fmt: skip
+        return Trajectory(
+            self.frames, reason, step, self.condition, self.survived_step, self.energy_drift
+        )
 
 
 def run_md(
@@ -151,8 +195,10 @@ def run_md(
     """
 
     if pressure_GPa is not None and not atoms.pbc.all():
-        raise SettingsError(f"{atoms.get_chemical_formula()}: NPT needs a fully periodic cell; "
-                            "this structure is not")  # fmt: skip
+        raise SettingsError(
+            f"{atoms.get_chemical_formula()}: NPT needs a fully periodic cell; "
+            "this structure is not"
+        )
     rng = np.random.default_rng(seed)
     a = atoms.copy()
     a.calc = calc
@@ -169,7 +215,15 @@ def run_md(
         if hasattr(dyn, "transferred_energy"):  # Bussi's conserved energy
             h = a.get_potential_energy() + a.get_kinetic_energy() - dyn.transferred_energy
             drift = energy_drift(h, h0, len(a), step * settings.timestep_fs)
-        reason = stop_reason(settings, temperature_K, a.get_potential_energy(), a.get_forces(),
-                             dev, lambda: min_distance(a), a.get_temperature(), drift)  # fmt: skip
+        reason = stop_reason(
+            settings,
+            temperature_K,
+            a.get_potential_energy(),
+            a.get_forces(),
+            dev,
+            lambda: min_distance(a),
+            a.get_temperature(),
+            drift,
+        )
         log.checked(step, reason, a, dev, drift)
     return log.trajectory(reason, step)

@@ -42,10 +42,15 @@ def generate_structures(structures: list[Frame], settings: ExplorationSettings) 
                 f"{len(fr.atoms)} atoms"
             )
         copies = distorted_copies(
-            fr.atoms, settings.n_distortions, settings.rattle_A, settings.strain_max,
-            seed=int(rng.integers(2**31)), rattle_distribution=settings.rattle_distribution,
-            strain_volumetric=settings.strain_volumetric, strain_shear=settings.strain_shear,
-        )  # fmt: skip
+            fr.atoms,
+            settings.n_distortions,
+            settings.rattle_A,
+            settings.strain_max,
+            seed=int(rng.integers(2**31)),
+            rattle_distribution=settings.rattle_distribution,
+            strain_volumetric=settings.strain_volumetric,
+            strain_shear=settings.strain_shear,
+        )
         for a in copies:
             if settings.vacancies:
                 a = with_vacancies(a, settings.vacancies, rng)
@@ -58,8 +63,11 @@ def generate_structures(structures: list[Frame], settings: ExplorationSettings) 
     for spec in settings.random_packing:
         for _ in range(spec.n_structures):
             a = random_packing(spec.composition, spec.density_g_cm3, spec.min_distance_A, rng)
-            a.info = {"generator": "random_packing", "composition": spec.composition,
-                      "density_g_cm3": spec.density_g_cm3}  # fmt: skip
+            a.info = {
+                "generator": "random_packing",
+                "composition": spec.composition,
+                "density_g_cm3": spec.density_g_cm3,
+            }
             out.append(a)
     return out
 
@@ -106,15 +114,26 @@ def explore(
         where = f"{fr.source} frame {fr.frame}"
         ensemble.check_covered(fr.atoms, where)
         if settings.steps and settings.pressures_GPa and not fr.atoms.pbc.all():
-            raise SettingsError(f"{where}: NPT (pressures_GPa) needs a fully periodic cell, and "
-                                "this structure is not; explore it at constant volume")  # fmt: skip
+            raise SettingsError(
+                f"{where}: NPT (pressures_GPa) needs a fully periodic cell, and "
+                "this structure is not; explore it at constant volume"
+            )
     generated = generate_structures(structures, settings)
     for a in generated:
         ensemble.check_covered(a, f"generated structure ({a.info['generator']})")
     pressures = settings.pressures_GPa or [None]
     parents = {id(fr): structure_id(fr.atoms) for fr in structures}
-    conditions = [(fr, t, p, s) for fr in structures for t in settings.temperatures_K
-                  for p in pressures for s in settings.seeds] if settings.steps else []  # fmt: skip
+    conditions = (
+        [
+            (fr, t, p, s)
+            for fr in structures
+            for t in settings.temperatures_K
+            for p in pressures
+            for s in settings.seeds
+        ]
+        if settings.steps
+        else []
+    )
     jobs = [(fr.atoms, t, p, s, parents[id(fr)]) for fr, t, p, s in conditions]
     with tqdm(total=len(jobs), desc="explore", unit="traj", disable=not progress) as bar:
         if settings.n_workers > 1 and len(jobs) > 1:
@@ -134,11 +153,17 @@ def explore(
     for (fr, *_), traj in zip(conditions, trajs, strict=True):
         for f in traj.frames:
             pool.setdefault(structure_id(f), f)
-        trajectories.append({
-            "parent_id": parents[id(fr)], "source": fr.source, "frame": fr.frame,
-            **traj.condition, "stop_reason": traj.stop_reason, "stop_step": traj.stop_step,
-            "n_frames": len(traj.frames),
-        })  # fmt: skip
+        trajectories.append(
+            {
+                "parent_id": parents[id(fr)],
+                "source": fr.source,
+                "frame": fr.frame,
+                **traj.condition,
+                "stop_reason": traj.stop_reason,
+                "stop_step": traj.stop_step,
+                "n_frames": len(traj.frames),
+            }
+        )
     for a in generated:
         pool.setdefault(structure_id(a), a)
     frames = list(pool.values())
@@ -152,8 +177,11 @@ def explore(
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "candidates.extxyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
-    doc = ExplorationManifest(settings=settings.model_dump(mode="json"), trajectories=trajectories,
-                              frames=[{"id": i, **f.info} for i, f in pool.items()])  # fmt: skip
+    doc = ExplorationManifest(
+        settings=settings.model_dump(mode="json"),
+        trajectories=trajectories,
+        frames=[{"id": i, **f.info} for i, f in pool.items()],
+    )
     doc.to_file(output / "manifest.json")
     manifest = doc.to_dict()
     logger.info(

@@ -154,10 +154,15 @@ class _NVTWalker:
         self.pairs: tuple[np.ndarray, ...] | None = None  # i, j, shifts, shift vectors (Å)
 
     def build_pairs(self, positions: np.ndarray, cutoff: float) -> None:
-        i, j, shifts = neighbour_list("ijS", positions=positions, cell=self.cell,
-                                      pbc=self.atoms.pbc, cutoff=cutoff)  # fmt: skip
-        self.pairs = (i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float32),
-                      shifts.astype(np.float64) @ self.cell)  # fmt: skip
+        i, j, shifts = neighbour_list(
+            "ijS", positions=positions, cell=self.cell, pbc=self.atoms.pbc, cutoff=cutoff
+        )
+        self.pairs = (
+            i.astype(np.int64),
+            j.astype(np.int64),
+            shifts.astype(np.float32),
+            shifts.astype(np.float64) @ self.cell,
+        )
         self.built_at = positions.copy()
 
     def bussi_alpha(self, kinetic_energy: float) -> float:
@@ -166,8 +171,9 @@ class _NVTWalker:
         scaling = (1 - self.exp_term) * self.target_kinetic_energy / kinetic_energy / self.dof
         r1 = self.rng.standard_normal()
         rest = 2.0 * self.rng.standard_gamma(0.5 * (self.dof - 1))
-        alpha = math.sqrt(self.exp_term + scaling * (rest + r1**2)
-                          + 2 * r1 * math.sqrt(self.exp_term * scaling))  # fmt: skip
+        alpha = math.sqrt(
+            self.exp_term + scaling * (rest + r1**2) + 2 * r1 * math.sqrt(self.exp_term * scaling)
+        )
         self.transferred_energy += (alpha**2 - 1.0) * kinetic_energy
         return alpha
 
@@ -180,8 +186,16 @@ class _NVTWalker:
         if self.settings.thermostat == "bussi":
             h = self.energy + kinetic - self.transferred_energy
             drift = energy_drift(h, self.h0, self.n, self.step * self.settings.timestep_fs)
-        reason = stop_reason(self.settings, self.temperature_K, self.energy, forces, dev,
-                             min_dist, temperature, drift)  # fmt: skip
+        reason = stop_reason(
+            self.settings,
+            self.temperature_K,
+            self.energy,
+            forces,
+            dev,
+            min_dist,
+            temperature,
+            drift,
+        )
         self.atoms.positions = positions
         self.log.checked(self.step, reason, self.atoms, dev, drift)
         if reason != "completed" or self.step >= self.settings.steps:
@@ -192,8 +206,15 @@ class _Lockstep:
     """The running walkers' positions, momenta and forces in concatenated arrays (each walker a
     contiguous range), advanced together with ASE's equations written for arrays."""
 
-    def __init__(self, walkers: list[_NVTWalker], old: _Lockstep | None, settings, cutoff, skin,
-                 filter_pairs: bool):  # fmt: skip
+    def __init__(
+        self,
+        walkers: list[_NVTWalker],
+        old: _Lockstep | None,
+        settings,
+        cutoff,
+        skin,
+        filter_pairs: bool,
+    ):
         self.walkers = walkers
         self.settings, self.cutoff, self.skin = settings, cutoff, skin
         self.filter_pairs = filter_pairs
@@ -204,8 +225,10 @@ class _Lockstep:
         kept = {}
         for w, a, b in old.ranges() if old is not None else ():
             kept[id(w)] = (old.x[a:b], old.p[a:b], old.f[a:b])
-        parts = [kept.get(id(w)) or (w.atoms.positions.copy(), w.atoms.get_momenta(),
-                                     np.zeros((w.n, 3))) for w in walkers]  # fmt: skip
+        parts = [
+            kept.get(id(w)) or (w.atoms.positions.copy(), w.atoms.get_momenta(), np.zeros((w.n, 3)))
+            for w in walkers
+        ]
         self.x = np.concatenate([q[0] for q in parts])
         self.p = np.concatenate([q[1] for q in parts])
         self.f = np.concatenate([q[2] for q in parts])
@@ -230,8 +253,9 @@ class _Lockstep:
 
     def _stepping(self) -> np.ndarray:
         """(atoms, 1) whether each atom's walker takes steps (started, results finite)."""
-        return np.repeat([w.started and not w.broken for w in self.walkers],
-                         [w.n for w in self.walkers])[:, None]  # fmt: skip
+        return np.repeat(
+            [w.started and not w.broken for w in self.walkers], [w.n for w in self.walkers]
+        )[:, None]
 
     def drift(self) -> None:
         """Every started, unbroken walker up to its force call: thermostat, half kick, drift."""
@@ -254,8 +278,12 @@ class _Lockstep:
             self.x = np.where(moving, new, x)
         else:  # ase.md.bussi.Bussi.scale_velocities, then VelocityVerlet.step
             kinetic = 0.5 * self._segment_sum((self.p * self.p / m).sum(axis=1))
-            alpha = np.array([w.bussi_alpha(k) if w.started and not w.broken else 1.0
-                              for w, k in zip(self.walkers, kinetic, strict=True)])  # fmt: skip
+            alpha = np.array(
+                [
+                    w.bussi_alpha(k) if w.started and not w.broken else 1.0
+                    for w, k in zip(self.walkers, kinetic, strict=True)
+                ]
+            )
             p = alpha[self.owner, None] * self.p + 0.5 * self.dt * self.f
             self.p = np.where(moving, p, self.p)
             self.x = np.where(moving, x + self.dt * self.p / m, x)
@@ -273,8 +301,11 @@ class _Lockstep:
         cut = self.cutoff + self.skin
         rebuilt = self._pairs is None
         for w, a, b in self.ranges():
-            moved = 0.0 if w.pairs is None else np.sqrt(((self.x[a:b] - w.built_at) ** 2)
-                                                        .sum(axis=1).max())  # fmt: skip
+            moved = (
+                0.0
+                if w.pairs is None
+                else np.sqrt(((self.x[a:b] - w.built_at) ** 2).sum(axis=1).max())
+            )
             if w.pairs is None or self.skin <= 0 or self.cutoff + 2 * moved > cut:
                 w.build_pairs(self.x[a:b], cut)
                 rebuilt = True
@@ -300,11 +331,14 @@ class _Lockstep:
         species = np.zeros(evaluate.n_node, np.int32)
         species[: len(self.x)] = self.species
         return jraph.GraphsTuple(
-            n_node=n_node, n_edge=n_edge,
+            n_node=n_node,
+            n_edge=n_edge,
             nodes={"species": species, "positions": positions, "forces": None},
-            edges={"shifts": edge_shifts}, senders=senders, receivers=receivers,
+            edges={"shifts": edge_shifts},
+            senders=senders,
+            receivers=receivers,
             globals={"cell": cells, "energy": None, "stress": None},
-        )  # fmt: skip
+        )
 
     def _pad_edges(self, evaluate, i, j, shifts, owner) -> tuple[np.ndarray, ...]:
         n_edge = np.bincount(owner, minlength=len(self.walkers))
@@ -320,8 +354,14 @@ class _Lockstep:
         edge_shifts[: len(i)] = shifts
         cells = np.zeros((evaluate.n_graph, 3, 3), np.float32)
         cells[: len(self.walkers)] = [w.cell for w in self.walkers]
-        return (nodes.astype(np.int32), edges.astype(np.int32), senders, receivers,
-                edge_shifts, cells)  # fmt: skip
+        return (
+            nodes.astype(np.int32),
+            edges.astype(np.int32),
+            senders,
+            receivers,
+            edge_shifts,
+            cells,
+        )
 
     def receive(self, energies: np.ndarray, member_forces: np.ndarray) -> None:
         """Forces at the new positions: finish each walker's step and check it every
@@ -382,16 +422,23 @@ def run_nvt_walkers(
     evaluate = _evaluator(ensemble, jobs, sizes[0])
     out: list[Trajectory | None] = [None] * len(jobs)
     queue = iter(range(len(jobs)))
-    walkers = [[_NVTWalker(k, jobs[k], settings, ensemble) for k in islice(queue, size)]
-               for size in sizes]  # fmt: skip
+    walkers = [
+        [_NVTWalker(k, jobs[k], settings, ensemble) for k in islice(queue, size)] for size in sizes
+    ]
     states: list[_Lockstep | None] = [None] * len(sizes)
     pending: list[list | None] = [None] * len(sizes)
 
     def advance(g: int) -> None:  # integrate group g up to its force call, and dispatch it
         if walkers[g]:
             if states[g] is None or states[g].walkers is not walkers[g]:
-                states[g] = _Lockstep(walkers[g], states[g], settings, ensemble.cutoff,
-                                      ensemble.settings.skin_A, filter_pairs)  # fmt: skip
+                states[g] = _Lockstep(
+                    walkers[g],
+                    states[g],
+                    settings,
+                    ensemble.cutoff,
+                    ensemble.settings.skin_A,
+                    filter_pairs,
+                )
             states[g].drift()
             pending[g] = evaluate.dispatch(states[g].graph(evaluate))
 

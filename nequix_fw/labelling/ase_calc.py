@@ -36,9 +36,10 @@ def _known_parameters(cls: type[Calculator]) -> set[str] | None:
         init = klass.__dict__.get("__init__")
         if init is not None:
             names |= {
-                n for n, p in inspect.signature(init).parameters.items()
+                n
+                for n, p in inspect.signature(init).parameters.items()
                 if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-            }  # fmt: skip
+            }
     return names
 
 

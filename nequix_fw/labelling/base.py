@@ -80,8 +80,10 @@ def import_class(name: str, default_module: str, base: type, setting: str) -> ty
     try:
         obj = getattr(importlib.import_module(module or default_module), cls)
     except (ImportError, AttributeError):
-        raise SettingsError(f"{setting}: no {base.__name__} {name!r} in {module or default_module}"
-                            " (or give module:Class)") from None  # fmt: skip
+        raise SettingsError(
+            f"{setting}: no {base.__name__} {name!r} in {module or default_module}"
+            " (or give module:Class)"
+        ) from None
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise SettingsError(f"{setting}: {name!r} is not a pymatgen {base.__name__}")
     return obj
@@ -113,8 +115,9 @@ def custodian_corrections(workdir: Path) -> list:
         return []
     return [
         {"errors": cor.get("errors"), "actions": cor.get("actions")}
-        for entry in json.loads(log.read_text()) for cor in entry.get("corrections", [])
-    ]  # fmt: skip
+        for entry in json.loads(log.read_text())
+        for cor in entry.get("corrections", [])
+    ]
 
 
 def _structure_ids(structures: Path) -> dict[tuple[str, int], str]:
@@ -174,11 +177,13 @@ def label_structures(
         for fr, sid, done in todo:
             if done is None and (d := min_distance(fr.atoms)) < settings.min_distance_A:
                 too_close[sid] = d
-    backend.prepare([(sid, fr.atoms) for fr, sid, done in todo
-                     if done is None and sid not in too_close], output)  # fmt: skip
+    backend.prepare(
+        [(sid, fr.atoms) for fr, sid, done in todo if done is None and sid not in too_close], output
+    )
     results, n_reused = [], 0
-    for fr, sid, done in tqdm(todo, desc=f"label ({backend.name})", unit="struct",
-                              disable=not progress):  # fmt: skip
+    for fr, sid, done in tqdm(
+        todo, desc=f"label ({backend.name})", unit="struct", disable=not progress
+    ):
         workdir = output / sid
         if done is not None:
             results.append(done)
@@ -188,8 +193,10 @@ def label_structures(
         t0 = time.perf_counter()
         if sid in too_close:
             dmin = too_close[sid]
-            why = (f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å: "
-                   f"not sent to {backend.name}")  # fmt: skip
+            why = (
+                f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å: "
+                f"not sent to {backend.name}"
+            )
             res = LabelResult(None, "failed", why)
         else:
             try:
@@ -239,16 +246,21 @@ def label_structures(
             {"structure_id": r["structure_id"], "reason": r["reason"]}
             for r in results
             if r["status"] != "success"
-        ],  # fmt: skip
+        ],
     }
     name = "summary.json" if group is None else f"summary_{group[0]:03d}.json"
     with atomic_path(output / name) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     for f in summary["failed"]:
         logger.warning("labelling of %s failed: %s", f["structure_id"], f["reason"])
-    logger.info("labelled %d structures into %s: %d succeeded (%d reused), %d failed",
-                summary["n_structures"], output, summary["n_success"], n_reused,
-                summary["n_failed"])  # fmt: skip
+    logger.info(
+        "labelled %d structures into %s: %d succeeded (%d reused), %d failed",
+        summary["n_structures"],
+        output,
+        summary["n_success"],
+        n_reused,
+        summary["n_failed"],
+    )
     return summary
 
 

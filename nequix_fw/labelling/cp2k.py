@@ -90,13 +90,21 @@ def basis_and_potential(element: str, data_dir: Path) -> tuple[str, str]:
     """The DZVP-MOLOPT-SR-GTH basis (else DZVP-MOLOPT-GTH) and the GTH-PBE potential of an
     element in CP2K's data directory."""
     basis_text, pot_text = _data_file(data_dir / BASIS_FILE), _data_file(data_dir / POTENTIAL_FILE)
-    basis = next((b for b in ("DZVP-MOLOPT-SR-GTH", "DZVP-MOLOPT-GTH")
-                  if re.search(rf"^\s*{element}\s+{b}\b", basis_text, re.M)), None)  # fmt: skip
+    basis = next(
+        (
+            b
+            for b in ("DZVP-MOLOPT-SR-GTH", "DZVP-MOLOPT-GTH")
+            if re.search(rf"^\s*{element}\s+{b}\b", basis_text, re.M)
+        ),
+        None,
+    )
     pot = re.search(rf"^\s*{element}\s+(GTH-PBE-q\d+)\b", pot_text, re.M)
     if basis is None or pot is None:
         what = "DZVP-MOLOPT basis" if basis is None else "GTH-PBE potential"
-        raise SettingsError(f"the default CP2K input has no {what} for {element} in "
-                            f"{data_dir}: give label.cp2k_template")  # fmt: skip
+        raise SettingsError(
+            f"the default CP2K input has no {what} for {element} in "
+            f"{data_dir}: give label.cp2k_template"
+        )
     return basis, pot.group(1)
 
 
@@ -117,12 +125,19 @@ def default_input(atoms: Atoms, settings: LabellingSettings) -> str:
     kinds = []
     for el in sorted(set(atoms.get_chemical_symbols())):
         basis, pot = basis_and_potential(el, Path(settings.cp2k_data_dir))
-        kinds.append(f"    &KIND {el}\n      BASIS_SET {basis}\n      POTENTIAL {pot}\n"
-                     "    &END KIND")  # fmt: skip
+        kinds.append(
+            f"    &KIND {el}\n      BASIS_SET {basis}\n      POTENTIAL {pot}\n    &END KIND"
+        )
     grid = kpoint_grid(atoms, settings.cp2k_kpoint_spacing)
-    kpoints = "" if grid == [1, 1, 1] else (
-        "    &KPOINTS\n      SCHEME MONKHORST-PACK " + " ".join(map(str, grid))
-        + "\n      SYMMETRY OFF\n      FULL_GRID OFF\n    &END KPOINTS\n")  # fmt: skip
+    kpoints = (
+        ""
+        if grid == [1, 1, 1]
+        else (
+            "    &KPOINTS\n      SCHEME MONKHORST-PACK "
+            + " ".join(map(str, grid))
+            + "\n      SYMMETRY OFF\n      FULL_GRID OFF\n    &END KPOINTS\n"
+        )
+    )
     n_added = max(8, len(atoms))
     return f"""&GLOBAL
   PROJECT cp2k
@@ -186,13 +201,16 @@ class Cp2kBackend(LabellingBackend):
         self.settings = settings
         self.cmd = shlex.split(settings.cp2k_cmd)
         if shutil.which(self.cmd[0]) is None and not Path(self.cmd[0]).is_file():
-            raise SettingsError(f"label.cp2k_cmd: executable {self.cmd[0]!r} not found "
-                                f"(command: {settings.cp2k_cmd!r})")  # fmt: skip
+            raise SettingsError(
+                f"label.cp2k_cmd: executable {self.cmd[0]!r} not found "
+                f"(command: {settings.cp2k_cmd!r})"
+            )
         if not Path(settings.cp2k_data_dir).is_dir():
             raise SettingsError(f"label.cp2k_data_dir: {settings.cp2k_data_dir} not found")
         if settings.cp2k_template is not None and settings.cp2k_input_set is not None:
-            raise SettingsError("give label.cp2k_template (a CP2K input) or "
-                                "label.cp2k_input_set, not both")  # fmt: skip
+            raise SettingsError(
+                "give label.cp2k_template (a CP2K input) or label.cp2k_input_set, not both"
+            )
         self.input_set = None
         self.template_path = None
         if settings.cp2k_input_set is not None:
@@ -213,8 +231,11 @@ class Cp2kBackend(LabellingBackend):
     def settings_doc(self) -> dict:
         if self.input_set is None and self.template_path is None:
             s = self.settings
-            return {"default_input": DEFAULT_VERSION, "cutoff_Ry": s.cp2k_cutoff_Ry,
-                    "kpoint_spacing": s.cp2k_kpoint_spacing}  # fmt: skip
+            return {
+                "default_input": DEFAULT_VERSION,
+                "cutoff_Ry": s.cp2k_cutoff_Ry,
+                "kpoint_spacing": s.cp2k_kpoint_spacing,
+            }
         if self.input_set is not None:
             return {
                 "input_set": f"{self.input_set.__module__}.{self.input_set.__name__}",
@@ -274,11 +295,19 @@ class Cp2kBackend(LabellingBackend):
 
         name = self.settings.cp2k_input_set
         if not atoms.pbc.all():
-            raise SettingsError(f"label.cp2k_input_set ({name}) needs periodic cells; "
-                                "use a cp2k_template for molecules and slabs")  # fmt: skip
-        params = {"print_forces": True, "print_stress": True, "print_pdos": False,
-                  "print_v_hartree": False, "print_e_density": False, "print_mo_cubes": False,
-                  **self.settings.cp2k_input_set_params}  # fmt: skip
+            raise SettingsError(
+                f"label.cp2k_input_set ({name}) needs periodic cells; "
+                "use a cp2k_template for molecules and slabs"
+            )
+        params = {
+            "print_forces": True,
+            "print_stress": True,
+            "print_pdos": False,
+            "print_v_hartree": False,
+            "print_e_density": False,
+            "print_mo_cubes": False,
+            **self.settings.cp2k_input_set_params,
+        }
         try:
             with warnings.catch_warnings():  # "unable to validate basis": names given as is
                 warnings.simplefilter("ignore", UserWarning)
@@ -306,10 +335,14 @@ class Cp2kBackend(LabellingBackend):
         if self.settings.timeout_s:
             handlers.append(h.WalltimeHandler(wall_time=int(self.settings.timeout_s)))
         c = Custodian(
-            handlers, [Cp2kJob(self.cmd, input_file=INPUT, output_file=OUTPUT)],
-            validators=[Cp2kOutputValidator()], max_errors=self.settings.max_errors,
-            directory=str(workdir), polling_time_step=1, monitor_freq=5,
-        )  # fmt: skip
+            handlers,
+            [Cp2kJob(self.cmd, input_file=INPUT, output_file=OUTPUT)],
+            validators=[Cp2kOutputValidator()],
+            max_errors=self.settings.max_errors,
+            directory=str(workdir),
+            polling_time_step=1,
+            monitor_freq=5,
+        )
         doc: dict = {"command": self.settings.cp2k_cmd}
         try:
             c.run()

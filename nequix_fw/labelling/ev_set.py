@@ -31,8 +31,9 @@ def label_ev_set(
     `output`/structures.extxyz and labelled in `output`/labels, so a rerun labels nothing twice
     (the once-per-campaign reference). Fails unless at least 5 volumes were labelled."""
     if not structure.pbc.all():
-        raise StructureError(f"{structure.get_chemical_formula()}: an E-V set needs a periodic "
-                             "cell")  # fmt: skip
+        raise StructureError(
+            f"{structure.get_chemical_formula()}: an E-V set needs a periodic cell"
+        )
     output = Path(output)
     labels = label_frozen(output, lambda: scaled_cells(structure), backend, settings, progress)
     if labels["n_success"] < 5:
@@ -45,6 +46,11 @@ def label_ev_set(
     added = update_dataset(
         output / "labels", to, store=store, provenance={"reference_ev_of": formula}
     )
-    logger.info("E-V set of %s: %d volumes labelled (%d reused) -> %s", formula,
-                labels["n_success"], labels["n_reused"], to)  # fmt: skip
+    logger.info(
+        "E-V set of %s: %d volumes labelled (%d reused) -> %s",
+        formula,
+        labels["n_success"],
+        labels["n_reused"],
+        to,
+    )
     return {"labels": labels, "dataset": added}

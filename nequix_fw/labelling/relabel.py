@@ -41,13 +41,27 @@ def relabel(
         data = read_labelled([dataset], store, allow_mixed=True)
         if not data:
             raise StructureError(f"{dataset}: holds no structures to relabel")
-        return [Atoms(d.frame.atoms.numbers, d.frame.atoms.positions, cell=d.frame.atoms.cell,
-                      pbc=d.frame.atoms.pbc) for d in data]  # fmt: skip
+        return [
+            Atoms(
+                d.frame.atoms.numbers,
+                d.frame.atoms.positions,
+                cell=d.frame.atoms.cell,
+                pbc=d.frame.atoms.pbc,
+            )
+            for d in data
+        ]
 
     labels = label_frozen(output, structures, backend, settings, progress)
-    added = update_dataset(output / "labels", to, store=store,
-                           provenance={"relabelled_from": str(dataset)})  # fmt: skip
-    logger.info("relabelled %s -> %s: %d labelled (%d reused), %d failed, %d added", dataset, to,
-                labels["n_success"], labels["n_reused"], labels["n_failed"],
-                added["n_added"])  # fmt: skip
+    added = update_dataset(
+        output / "labels", to, store=store, provenance={"relabelled_from": str(dataset)}
+    )
+    logger.info(
+        "relabelled %s -> %s: %d labelled (%d reused), %d failed, %d added",
+        dataset,
+        to,
+        labels["n_success"],
+        labels["n_reused"],
+        labels["n_failed"],
+        added["n_added"],
+    )
     return {"labels": labels, "dataset": added}

@@ -51,9 +51,16 @@ def run_command(
     `timeout_s`. The command runs in a process group of its own, and the whole group is killed
     at the time-out (a shell's children too)."""
     with open(workdir / "script.out", "wb") as out, open(workdir / "script.err", "wb") as err:
-        proc = subprocess.Popen(command, shell=True, cwd=cwd or workdir, env=env, stdout=out,
-                                stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            cwd=cwd or workdir,
+            env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -120,9 +127,12 @@ class ScriptBackend(LabellingBackend):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         err = (output / "script.err").read_text(errors="replace").strip().splitlines()[-1:]
-        self._batch_run = {"command": command, "returncode": rc,
-                           "wall_time_s": time.perf_counter() - t0,
-                           "stderr_tail": err[0] if err else ""}  # fmt: skip
+        self._batch_run = {
+            "command": command,
+            "returncode": rc,
+            "wall_time_s": time.perf_counter() - t0,
+            "stderr_tail": err[0] if err else "",
+        }
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         if self.batch:
@@ -150,8 +160,11 @@ class ScriptBackend(LabellingBackend):
     def _collect(self, atoms: Atoms, workdir: Path) -> LabelResult:
         """Batch mode: this structure's result among what the batch command left."""
         run = self._batch_run
-        doc = {"command": run["command"], "batch_returncode": run["returncode"],
-               "batch_wall_time_s": run["wall_time_s"]}  # fmt: skip
+        doc = {
+            "command": run["command"],
+            "batch_returncode": run["returncode"],
+            "batch_wall_time_s": run["wall_time_s"],
+        }
         found = _batch_results(workdir.parent.resolve(), workdir.name)
         if found:
             return _read_result(found[0], atoms, doc)

@@ -56,16 +56,25 @@ def handler_group(name: str, wall_time_s: float | None = None) -> list:
 
     groups = {
         "default": lambda: [
-            h.VaspErrorHandler(), h.MeshSymmetryErrorHandler(), h.UnconvergedErrorHandler(),
-            h.NonConvergingErrorHandler(), h.PotimErrorHandler(),
-            h.PositiveEnergyErrorHandler(), h.FrozenJobErrorHandler(), h.StdErrHandler(),
-            h.LargeSigmaHandler(), h.IncorrectSmearingHandler(),
+            h.VaspErrorHandler(),
+            h.MeshSymmetryErrorHandler(),
+            h.UnconvergedErrorHandler(),
+            h.NonConvergingErrorHandler(),
+            h.PotimErrorHandler(),
+            h.PositiveEnergyErrorHandler(),
+            h.FrozenJobErrorHandler(),
+            h.StdErrHandler(),
+            h.LargeSigmaHandler(),
+            h.IncorrectSmearingHandler(),
         ],
         "md": lambda: [h.VaspErrorHandler(), h.NonConvergingErrorHandler()],
         "no_handler": lambda: [],
-    }  # fmt: skip
-    groups["strict"] = lambda: [*groups["default"](), h.AliasingErrorHandler(),
-                                h.DriftErrorHandler()]  # fmt: skip
+    }
+    groups["strict"] = lambda: [
+        *groups["default"](),
+        h.AliasingErrorHandler(),
+        h.DriftErrorHandler(),
+    ]
     handlers = groups[name]()
     if wall_time_s:
         handlers.append(h.WalltimeHandler(wall_time=int(wall_time_s)))
@@ -83,8 +92,10 @@ def psp_dir(configured: Path | None) -> Path:
 
     path = configured or SETTINGS.get("PMG_VASP_PSP_DIR")
     if path is None:
-        raise SettingsError("VASP input sets need POTCARs: set label.vasp_psp_dir or "
-                            "PMG_VASP_PSP_DIR (pymatgen's ~/.config/.pmgrc.yaml)")  # fmt: skip
+        raise SettingsError(
+            "VASP input sets need POTCARs: set label.vasp_psp_dir or "
+            "PMG_VASP_PSP_DIR (pymatgen's ~/.config/.pmgrc.yaml)"
+        )
     path = Path(path).expanduser()
     if not path.is_dir():
         raise SettingsError(f"label.vasp_psp_dir: {path} is not a directory")
@@ -115,12 +126,15 @@ class VaspBackend(LabellingBackend):
         self.cmd = shlex.split(settings.vasp_cmd)
         exe = next((c for c in self.cmd if "vasp" in Path(c).name), self.cmd[0])
         if shutil.which(exe) is None and not Path(exe).is_file():
-            raise SettingsError(f"label.vasp_cmd: executable {exe!r} not found "
-                                f"(command: {settings.vasp_cmd!r})")  # fmt: skip
+            raise SettingsError(
+                f"label.vasp_cmd: executable {exe!r} not found (command: {settings.vasp_cmd!r})"
+            )
         if (settings.vasp_inputs is None) == (settings.vasp_input_set is None):
-            raise SettingsError("the vasp backend needs either label.vasp_inputs (INCAR, "
-                                "KPOINTS, POTCAR) or labelling.vasp_input_set, "
-                                "not both")  # fmt: skip
+            raise SettingsError(
+                "the vasp backend needs either label.vasp_inputs (INCAR, "
+                "KPOINTS, POTCAR) or labelling.vasp_input_set, "
+                "not both"
+            )
         if settings.vasp_input_set is not None:
             self.input_set = input_set_class(settings.vasp_input_set)
             self.psp_dir = psp_dir(settings.vasp_psp_dir)
@@ -169,8 +183,9 @@ class VaspBackend(LabellingBackend):
         params = dict(self.settings.vasp_input_set_params)
         if self.settings.incar_overrides:
             params["user_incar_settings"] = {
-                **params.get("user_incar_settings", {}), **self.settings.incar_overrides
-            }  # fmt: skip
+                **params.get("user_incar_settings", {}),
+                **self.settings.incar_overrides,
+            }
         previous = SETTINGS.get("PMG_VASP_PSP_DIR")
         SETTINGS["PMG_VASP_PSP_DIR"] = str(self.psp_dir)
         try:
@@ -196,12 +211,16 @@ class VaspBackend(LabellingBackend):
         self._write_inputs(atoms, workdir)
         s = self.settings
         c = Custodian(
-            handler_group(s.handler_group, s.timeout_s), [VaspJob(self.cmd, auto_npar=False)],
-            validators=[VasprunXMLValidator(), VaspFilesValidator()], max_errors=s.max_errors,
+            handler_group(s.handler_group, s.timeout_s),
+            [VaspJob(self.cmd, auto_npar=False)],
+            validators=[VasprunXMLValidator(), VaspFilesValidator()],
+            max_errors=s.max_errors,
             scratch_dir=str(s.scratch_dir) if s.scratch_dir else None,
-            gzipped_output=s.gzip_output, directory=str(workdir), polling_time_step=1,
+            gzipped_output=s.gzip_output,
+            directory=str(workdir),
+            polling_time_step=1,
             monitor_freq=5,
-        )  # fmt: skip
+        )
         doc: dict = {"command": s.vasp_cmd}
         try:
             with cd(workdir):  # custodian's scratch_dir copies the *current* directory

@@ -42,8 +42,9 @@ class Document(BaseModel):
             name = data.setdefault("schema", cls.SCHEMA)
             version = data.setdefault("schema_version", cls.VERSION)
             if (name, version) != (cls.SCHEMA, cls.VERSION):
-                raise ValueError(f"schema {name!r} version {version} is not {cls.SCHEMA!r} "
-                                 f"version {cls.VERSION}")  # fmt: skip
+                raise ValueError(
+                    f"schema {name!r} version {version} is not {cls.SCHEMA!r} version {cls.VERSION}"
+                )
         return data
 
     def to_dict(self) -> dict:
@@ -66,8 +67,9 @@ class Document(BaseModel):
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            raise DocumentError(f"{where}: not a {cls.SCHEMA} document "
-                                f"({loc + ': ' if loc else ''}{msg})") from None  # fmt: skip
+            raise DocumentError(
+                f"{where}: not a {cls.SCHEMA} document ({loc + ': ' if loc else ''}{msg})"
+            ) from None
 
     @classmethod
     def from_file(cls: type[D], path: str | Path) -> D:

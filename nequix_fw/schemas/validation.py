@@ -24,8 +24,9 @@ class ValidationReport(Document):
         None, description="Uncertainty against true error: Spearman, ROC AUC, calibration."
     )
     physics: dict | None = Field(
-        None, description="Structural checks: E-V (V0 in Å³/atom, B0 in GPa), relaxation, "
+        None,
+        description="Structural checks: E-V (V0 in Å³/atom, B0 in GPa), relaxation, "
         "vacancy formation energy (eV), against the reference.",
-    )  # fmt: skip
+    )
     md_stability: dict | None = Field(None, description="MD stability runs and their outcome.")
     plots: list[str] | None = Field(None, description="The PNG plots written beside it.")
