@@ -228,6 +228,7 @@ def main() -> None:
         c_max = max(args.c)
         results = {}
         for c in args.c:
+            data_file(work, "candidates", c, 2, args.atoms)  # made before, not timed
             m = measure(
                 sys.executable,
                 "-c",

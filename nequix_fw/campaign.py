@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from pymongo.database import Database
 
-from nequix_fw.dataset import dataset_ids, read_labelled, update_dataset
+from nequix_fw.dataset import dataset_ids, dataset_structures, read_labelled, update_dataset
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
@@ -338,8 +338,7 @@ def select_stage(c: Campaign, k: int) -> dict:
             )
         settings = settings.model_copy(update=update)
         if settings.diverse and known is None:  # keep away from the training set
-            data = read_labelled([c.dataset], c.datasets, allow_mixed=True)
-            known = [x.frame.atoms for x in data]
+            known = dataset_structures(c.dataset, c.datasets)
         manifest = select_from_results(
             c.results_file(k, system), c.stage_dir(k, "select", system), settings, labelled, known
         )
@@ -353,7 +352,7 @@ def select_stage(c: Campaign, k: int) -> dict:
             "selection_lo": settings.lo,
         }
     if c.store is not None:
-        c.store.save_selection(k, manifests[None] if None in manifests else {"systems": manifests})
+        c.store.save_selection(k, manifests)
     counts = {
         key: sum(m["counts"][key] for m in manifests.values())
         for key in next(iter(manifests.values()))["counts"]

@@ -42,6 +42,7 @@ class StoredDataset(Protocol):
 
     def __len__(self) -> int: ...
     def frames(self, ids: set[str] | None = None) -> Iterable[Frame]: ...
+    def structures(self) -> Iterable[Atoms]: ...
     def ids(self, before_iteration: int | None = None) -> set[str]: ...
     def settings_hashes(self) -> set: ...
     def add(self, items: list) -> None: ...
@@ -202,6 +203,20 @@ def dataset_ids(
         for f in iter_frames([path])
         if before_iteration is None or f.atoms.info.get("iteration", -1) < before_iteration
     }
+
+
+def dataset_structures(dataset: str | Path, store: DatasetStore | None = None) -> list[Atoms]:
+    """The structures of a training set (directory, file or store dataset db:NAME) without
+    their labels: what diverse selection keeps away from."""
+    if is_store_spec(dataset):
+        return list(_stored(dataset, store).structures())
+    path = training_set_file(dataset)
+    if not path.is_file():
+        raise StructureError(
+            f"{dataset}: no training set there (no such file, or a directory "
+            f"without {TRAINING_SET_FILE})"
+        )
+    return [f.atoms for f in iter_frames([path])]
 
 
 def training_set_file(dataset: str | Path) -> Path:

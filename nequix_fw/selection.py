@@ -16,14 +16,16 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 from ase.formula import Formula
+from scipy.spatial import cKDTree
 
 from nequix_fw.descriptors import LearnedFeatures, structural
 from nequix_fw.errors import ModelError, NequixFWError, OutputError, SettingsError
@@ -60,24 +62,34 @@ class Entry:
         return d
 
 
+def nearest_distances(x: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Distance from each row of `x` to its nearest row of `known` (Euclidean): a k-d tree
+    over `known`, so memory and time grow with C + N, never a C x N matrix."""
+    return cKDTree(known).query(x, k=1)[0]
+
+
+def farthest_points(
+    x: np.ndarray, first: int | None, known: np.ndarray | None = None
+) -> Iterator[int]:
+    """Rows of `x` in farthest-point order, each once, starting at row `first`; with `known`
+    (rows already in the training set), distances count from those too, and without `first`
+    the first pick is the row farthest from them. Lazy: each pick costs O(len(x))."""
+    dist = np.full(len(x), np.inf)
+    if known is not None and len(known):
+        dist = nearest_distances(x, known)
+    pick = int(np.argmax(dist)) if first is None else first
+    for _ in range(len(x)):
+        yield pick
+        dist = np.minimum(dist, np.linalg.norm(x - x[pick], axis=1))
+        dist[pick] = -np.inf  # never picked twice, even among equal rows
+        pick = int(np.argmax(dist))
+
+
 def farthest_point_order(
     x: np.ndarray, first: int | None, k: int, known: np.ndarray | None = None
 ) -> list[int]:
-    """Indices of `k` rows of `x` by farthest-point sampling, starting at row `first`; with
-    `known` (rows already in the training set), distances count from those too, and without
-    `first` the first pick is the row farthest from them."""
-    dist = np.full(len(x), np.inf)
-    if known is not None and len(known):
-        dist = np.min(np.linalg.norm(x[:, None, :] - known[None, :, :], axis=2), axis=1)
-    if first is None:
-        first = int(np.argmax(dist))
-    chosen = [first]
-    dist = np.minimum(dist, np.linalg.norm(x - x[first], axis=1))
-    while len(chosen) < min(k, len(x)):
-        nxt = int(np.argmax(dist))
-        chosen.append(nxt)
-        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
-    return chosen
+    """The first `k` rows of `farthest_points`."""
+    return list(islice(farthest_points(x, first, known), k))
 
 
 def resolve_lo(settings: SelectionSettings, calibration: dict | None, where: str) -> float:
@@ -190,7 +202,7 @@ def classify(
         if needs_atoms:
             atoms = record_atoms(rec)
             if settings.min_distance_A is not None:
-                dmin = min_distance(atoms)
+                dmin = min_distance(atoms, cutoff=settings.min_distance_A)
                 if dmin < settings.min_distance_A:
                     entry.cls = "failed"
                     entry.reason = (
@@ -234,10 +246,9 @@ def choose(
         order = np.arange(len(cands))
         if settings.diverse and 0 < k < len(cands):
             x = np.stack([e.descriptor for e in cands])
-            # the whole order when quotas may pass over some picks
-            n = len(cands) if _has_quotas(settings) else k
-            order = farthest_point_order(x, None if known is not None else 0, n, known)
-    chosen = _within_quotas([cands[i] for i in order], settings, k)
+            # lazily: quotas may pass over picks, and then it goes on as far as it needs
+            order = farthest_points(x, None if known is not None else 0, known)
+    chosen = _within_quotas((cands[i] for i in order), settings, k)
     if settings.method == "random":
         position = {id(e): i for i, e in enumerate(cands)}
         chosen.sort(key=lambda e: position[id(e)])  # in input order
@@ -250,11 +261,11 @@ def _has_quotas(settings: SelectionSettings) -> bool:
     return bool(settings.max_per_element) or settings.max_per_composition is not None
 
 
-def _within_quotas(ordered: list[Entry], settings: SelectionSettings, k: int) -> list[Entry]:
+def _within_quotas(ordered: Iterable[Entry], settings: SelectionSettings, k: int) -> list[Entry]:
     """The first `k` of `ordered` that keep within the per-element and per-composition quotas
     (those passed over get the reason)."""
     if not _has_quotas(settings):
-        return ordered[:k]
+        return list(islice(ordered, k))
     per_element: dict[str, int] = {}
     per_composition: dict[str, int] = {}
     chosen = []

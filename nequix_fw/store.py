@@ -13,12 +13,14 @@ upsert keyed by content (rerunning a stage never duplicates anything):
 - ``nequix_fw_models``: one document per trained member (metadata, sha256) with the checkpoint
   in the GridFS bucket ``nequix_fw_checkpoints``;
 - ``nequix_fw_validation`` and ``nequix_fw_selections``: the iteration's validation report and
-  selection manifest.
+  selection manifest (its counts and settings; every candidate's entry is a document of
+  ``nequix_fw_selection_entries``, so no document grows with the number of candidates).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import ase.db
@@ -43,6 +45,7 @@ MODELS = "nequix_fw_models"
 CHECKPOINTS = "nequix_fw_checkpoints"  # GridFS bucket
 VALIDATION = "nequix_fw_validation"
 SELECTIONS = "nequix_fw_selections"
+SELECTED = "nequix_fw_selection_entries"
 #: The fields people filter by, per collection.
 INDEXES = {
     COLLECTION: [
@@ -59,6 +62,7 @@ INDEXES = {
     MODELS: [("campaign", "iteration"), ("sha256",)],
     VALIDATION: [("campaign", "iteration")],
     SELECTIONS: [("campaign", "iteration")],
+    SELECTED: [("campaign", "iteration", "position"), ("structure_id",), ("selected",)],
 }
 _INDEXED: set[tuple[int, str]] = set()
 #: Structures per round trip when a dataset grows.
@@ -187,6 +191,16 @@ class StoreDataset:
             )
             yield Frame(atoms, str(self), k)
 
+    def structures(self) -> Iterator[Atoms]:
+        """The dataset's structures without their labels (a lighter read than `frames`), in
+        the order they were added."""
+        fields = {"numbers": 1, "positions": 1, "cell": 1, "pbc": 1, "_id": 0}
+        docs = self.collection.find({"dataset": self.name}, fields).sort("added", 1)
+        for doc in docs:
+            yield Atoms(
+                numbers=doc["numbers"], positions=doc["positions"], cell=doc["cell"], pbc=doc["pbc"]
+            )
+
     def add(self, structures: list[Atoms]) -> int:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
         trip (unordered upserts); those already present are left alone. Returns how many were
@@ -271,11 +285,56 @@ class CampaignStore:
         return list(docs.sort("iteration", 1))
 
     def save_label_tasks(self, k: int, tasks: list[dict]) -> None:
-        for t in tasks:
-            self._put(LABEL_TASKS, self._key(k, t["structure_id"]), k, t)
+        docs = collection(self.db, LABEL_TASKS)
+        for begin in range(0, len(tasks), BULK):
+            ops = [
+                pymongo.ReplaceOne(
+                    {"_id": self._key(k, t["structure_id"])},
+                    jsanitize(
+                        {**t, "campaign": self.campaign, "iteration": k},
+                        strict=False,
+                        allow_bson=True,
+                    ),
+                    upsert=True,
+                )
+                for t in tasks[begin : begin + BULK]
+            ]
+            docs.bulk_write(ops, ordered=False)
 
-    def save_selection(self, k: int, manifest: dict) -> None:
-        self._put(SELECTIONS, self._key(k), k, manifest)
+    def save_selection(self, k: int, manifests: dict[str | None, dict]) -> None:
+        """Iteration k's selection manifests, by system (None: a campaign of one system): one
+        document of their counts and settings in `SELECTIONS`, and one per candidate in
+        `SELECTED` (every document stays small, however many candidates there are)."""
+        heads = {
+            name: {
+                **{key: v for key, v in m.items() if key != "structures"},
+                "n_structures": len(m["structures"]),
+            }
+            for name, m in manifests.items()
+        }
+        self._put(SELECTIONS, self._key(k), k, heads[None] if None in heads else {"systems": heads})
+        entries = collection(self.db, SELECTED)
+        for name, m in manifests.items():
+            system = "-" if name is None else name
+            docs = [
+                {
+                    **e,
+                    "_id": self._key(k, system, i),
+                    "campaign": self.campaign,
+                    "iteration": k,
+                    "system": name,
+                    "position": i,
+                }
+                for i, e in enumerate(m["structures"])
+            ]
+            for begin in range(0, len(docs), BULK):
+                ops = [
+                    pymongo.ReplaceOne(
+                        {"_id": d["_id"]}, jsanitize(d, allow_bson=True), upsert=True
+                    )
+                    for d in docs[begin : begin + BULK]
+                ]
+                entries.bulk_write(ops, ordered=False)
 
     def save_validation(self, k: int, report: dict) -> None:
         self._put(VALIDATION, self._key(k), k, report)

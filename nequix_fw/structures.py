@@ -108,12 +108,12 @@ def iter_frames(inputs: Iterable[str | Path]) -> Iterator[Frame]:
             raise StructureError(f"{path}: file holds no structures")
 
 
-def min_distance(atoms: Atoms) -> float:
-    """Smallest interatomic distance in Å (periodic images included); inf for one atom."""
-
+def min_distance(atoms: Atoms, cutoff: float = 8.0) -> float:
+    """Smallest interatomic distance in Å (periodic images included); inf for one atom, or
+    when no pair is closer than `cutoff` (Å): a check against a threshold needs a neighbour
+    list only that far."""
     if len(atoms) < 2 and not atoms.pbc.any():
         return float("inf")
-    cutoff = 8.0
     d = neighbour_list(
         "d", positions=atoms.positions, cell=complete_cell(atoms.cell), pbc=atoms.pbc, cutoff=cutoff
     )

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -98,14 +99,26 @@ def _graph_dict(d: Labelled, atom_indices: dict[int, int], cutoff: float) -> dic
     return g
 
 
-def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
-    """Padded batches of `graphs[idx]`, all padded to the largest batch's size bucket."""
+def graph_dicts(data: list[Labelled], config: dict, cache: dict) -> list[dict]:
+    """nequix's graph dicts (with labels) of `data` for a model of `config` (its elements and
+    cutoff), built once per training: `cache` keeps them by (elements, cutoff) for the
+    statistics and every member."""
+    key = (tuple(sorted(int(z) for z in config["atomic_numbers"])), float(config["cutoff"]))
+    if key not in cache:
+        index = atomic_numbers_to_indices(list(key[0]))
+        cache[key] = [_graph_dict(d, index, key[1]) for d in data]
+    return cache[key]
+
+
+def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> Iterator:
+    """Padded batches of `graphs[idx]`, all padded to the largest batch's size bucket, made
+    one at a time."""
 
     groups = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     n_node = max(sum(int(graphs[i].n_node[0]) for i in g) for g in groups)
     n_edge = max(sum(int(graphs[i].n_edge[0]) for i in g) for g in groups)
     n_node, n_edge = bucket_size(n_node + 1, 16), bucket_size(n_edge, 64)
-    return [
+    return (
         jraph.pad_with_graphs(
             jraph.batch_np([graphs[i] for i in g]),
             n_node=n_node,
@@ -113,7 +126,7 @@ def _batches(graphs: list, idx: np.ndarray, batch_size: int) -> list:
             n_graph=batch_size + 1,
         )
         for g in groups
-    ]
+    )
 
 
 # -- member plans ---------------------------------------------------------------------------------
@@ -167,8 +180,10 @@ def plan_members(
     settings: TrainingSettings,
     finetune_from: str | Path | None = None,
     warm_start: str | Path | None = None,
+    graphs: dict | None = None,
 ) -> tuple[list[MemberPlan], dict]:
-    """Starting models, data subsets and seeds of all members; plus dataset facts for metadata."""
+    """Starting models, data subsets and seeds of all members; plus dataset facts for metadata.
+    `graphs`: the training's graph cache (see `graph_dicts`)."""
     if not data:
         raise StructureError("the training set is empty")
     if finetune_from is not None and warm_start is not None:
@@ -225,7 +240,12 @@ def plan_members(
         return plans, facts
     e0 = fit_reference_energies(counts, energies)
     arch = settings.architecture.model_dump()
-    stats = _statistics(data, numbers, e0, arch["cutoff"])
+    own = graph_dicts(
+        data,
+        {"atomic_numbers": numbers, "cutoff": arch["cutoff"]},
+        {} if graphs is None else graphs,
+    )
+    stats = _statistics(data, numbers, e0, own)
     facts["reference_energies"] = dict(zip(map(str, numbers), e0.tolist(), strict=True))
     facts["statistics"] = stats
     for k, (tr, va) in enumerate(splits):
@@ -249,17 +269,16 @@ def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
         )
 
 
-def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, cutoff: float) -> dict:
+def _statistics(data: list[Labelled], numbers: list[int], e0: np.ndarray, graphs: list) -> dict:
     """nequix's shift (eV/atom), scale (eV/Å) and average neighbour count, on the whole set:
     the values of nequix's `dataset_stats` (a test compares them), computed here in process
     because `dataset_stats` needs a nequix `Dataset`, forks DataLoader workers and prints."""
 
-    idx = atomic_numbers_to_indices(numbers)
     counts = _counts(data, numbers)
     n_atoms = counts.sum(axis=1)
     resid = (np.array([d.energy for d in data]) - counts @ e0) / n_atoms
     forces = np.concatenate([d.forces.ravel() for d in data])
-    n_edges = sum(int(build_graph(d.frame.atoms, idx, cutoff)["n_edge"][0]) for d in data)
+    n_edges = sum(int(g["n_edge"][0]) for g in graphs)
     return {
         "shift": float(np.mean(resid)),
         "scale": float(np.sqrt(np.mean(forces**2))) or 1.0,
@@ -378,7 +397,7 @@ def _fit_jax(
             k: float(v) for k, v in nequix_evaluate(model, batches, *weights, loss_type).items()
         }
 
-    valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
+    valid_batches = list(_batches(graphs, valid_idx, bs)) if len(valid_idx) else []
     opt_state = optim.init(eqx.filter(module, eqx.is_array))
     model, ema = module, module
     log = EpochLog(plan.index, settings.patience)
@@ -420,15 +439,16 @@ def train_member(
     outdir: Path,
     facts: dict,
     progress: bool = True,
+    graphs: dict | None = None,
 ) -> dict:
     """Train one member; write `member_<k>.nqx` (and `.pt` for the torch backend or on
-    request), its metadata JSON and training-curve CSV."""
+    request), its metadata JSON and training-curve CSV. `graphs`: the training's graph cache
+    (see `graph_dicts`)."""
     t_start = time.perf_counter()
     if settings.backend == "jax":
         configure_compilation_cache(settings.compilation_cache_dir)
     module, config = _start_module(plan)
-    atom_indices = atomic_numbers_to_indices([int(z) for z in config["atomic_numbers"]])
-    dicts = [_graph_dict(d, atom_indices, float(config["cutoff"])) for d in data]
+    dicts = graph_dicts(data, config, {} if graphs is None else graphs)
     if settings.backend == "torch":
         best_model, best_epoch, best_val, log_rows = fit_torch(
             module, config, plan, dicts, data, settings, progress
@@ -483,8 +503,8 @@ def _dist_version(name: str) -> str:
 
 
 def _train_member_worker(args) -> dict:
-    plan, data, settings, outdir, facts = args
-    return train_member(plan, data, settings, outdir, facts, progress=False)
+    plan, data, settings, outdir, facts, graphs = args
+    return train_member(plan, data, settings, outdir, facts, progress=False, graphs=graphs)
 
 
 def train_ensemble(
@@ -505,14 +525,20 @@ def train_ensemble(
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
     data = read_labelled(dataset, store, allow_mixed)
-    plans, facts = plan_members(data, settings, finetune_from, warm_start)
+    graphs: dict = {}  # each structure's graph built once, for the statistics and all members
+    plans, facts = plan_members(data, settings, finetune_from, warm_start, graphs)
     check_writable_dir(outdir)  # inputs and starting models are fine: now make the output
-    jobs = [(p, data, settings, outdir, facts) for p in plans]
     if settings.n_workers > 1:
+        for p in plans:  # built here, not once per worker process
+            graph_dicts(data, p.config, graphs)
+        jobs = [(p, data, settings, outdir, facts, graphs) for p in plans]
         with ProcessPoolExecutor(settings.n_workers, mp_context=get_context("spawn")) as pool:
             metas = list(pool.map(_train_member_worker, jobs))
     else:
-        metas = [train_member(*job, progress=progress) for job in jobs]
+        metas = [
+            train_member(p, data, settings, outdir, facts, progress=progress, graphs=graphs)
+            for p in plans
+        ]
     for i, m in enumerate(metas):
         logger.info(
             "member %d of %s: best validation loss %.4g", i, outdir, m["best_valid"]["loss"]

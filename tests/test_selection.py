@@ -336,6 +336,30 @@ def test_diversity_keeps_away_from_the_training_set(model_paths, tmp_path, descr
     assert farthest_point_order(x, None, 2, known=np.array([[0.0]])) == [2, 3]
 
 
+def test_lazy_farthest_points_equal_the_dense_order():
+    """The k-d tree and the lazy order give the dense computation's order (distances from
+    the known rows as a C x N matrix, the whole order computed up front)."""
+
+    def dense(x, first, k, known=None):
+        dist = np.full(len(x), np.inf)
+        if known is not None:
+            dist = np.min(np.linalg.norm(x[:, None, :] - known[None, :, :], axis=2), axis=1)
+        chosen = [int(np.argmax(dist)) if first is None else first]
+        dist = np.minimum(dist, np.linalg.norm(x - x[chosen[0]], axis=1))
+        while len(chosen) < k:
+            chosen.append(int(np.argmax(dist)))
+            dist = np.minimum(dist, np.linalg.norm(x - x[chosen[-1]], axis=1))
+        return chosen
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        x, known = rng.normal(size=(200, 12)), rng.normal(size=(300, 12))
+        assert farthest_point_order(x, 0, 60) == dense(x, 0, 60)
+        assert farthest_point_order(x, None, 60, known) == dense(x, None, 60, known)
+    # every row once, even among equal rows
+    assert sorted(farthest_point_order(np.zeros((5, 2)), 0, 5)) == [0, 1, 2, 3, 4]
+
+
 def test_quotas_per_element_and_composition(results, tmp_path, capsys):
     from nequix_fw.cli import main
     from nequix_fw.selection import Entry, choose

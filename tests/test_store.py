@@ -229,3 +229,70 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     bad = run("relabel", "--dataset", "db:old", "--to", "db:old", "--output", "x", *lp, check=False)
     assert bad.returncode == 2
     assert "--to db:old is the dataset db:old being relabelled" in bad.stderr
+
+
+def test_no_stored_document_grows_with_the_candidates(launchpad_file):
+    """A selection of many candidates is one small document plus one per candidate (MongoDB
+    refuses documents over 16 MiB: one manifest document did at about 55,000 candidates);
+    label tasks and dataset structures go in bulk, and every write is idempotent. The
+    store's queries use its indexes (explain)."""
+    import bson
+
+    from nequix_fw.store import (
+        COLLECTION,
+        SELECTED,
+        SELECTIONS,
+        CampaignStore,
+        StoreDataset,
+        collection,
+        launchpad_db,
+    )
+
+    db = launchpad_db(launchpad_file)
+    entry = {
+        "source": "x.extxyz",
+        "formula": "Cu32",
+        "n_atoms": 32,
+        "class": "candidate",
+        "reason": None,
+        "selected": False,
+        "file": None,
+        "metrics": {"max_force_dev": 0.1, "mean_force_dev": 0.05},
+    }
+    manifest = {
+        "counts": {"candidate": 6000, "selected": 3},
+        "settings": {"lo": 0.05},
+        "structures": [{**entry, "id": f"{i:020x}", "frame": i} for i in range(6000)],
+    }
+    store = CampaignStore(launchpad_file, "big")
+    for _ in range(2):  # a rerun writes the same documents again, nothing more
+        store.save_selection(3, {None: manifest})
+        store.save_selection(4, {"al": {**manifest, "structures": []}})
+    head = db[SELECTIONS].find_one({"_id": "big/3"})
+    assert len(bson.encode(head)) < 4000 and head["n_structures"] == 6000
+    assert db[SELECTIONS].find_one({"_id": "big/4"})["systems"]["al"]["n_structures"] == 0
+    docs = db[SELECTED].find({"campaign": "big", "iteration": 3}).sort("position", 1)
+    assert [d["frame"] for d in docs] == list(range(6000))
+    assert db[SELECTED].count_documents({}) == 6000
+    # dataset reads sort by an index; no query of a dataset scans every document
+    ds = StoreDataset("db:idx", launchpad_file)
+    ds.add([_labelled(i) for i in range(30)])
+    coll = collection(db, COLLECTION)
+    plans = [
+        coll.find({"dataset": "idx"}).sort("added", 1).explain(),
+        coll.find({"dataset": "idx", "structure_id": {"$in": ["a", "b"]}}).explain(),
+    ]
+    for plan in plans:
+        text = json.dumps(plan, default=str)
+        assert "IXSCAN" in text and "COLLSCAN" not in text, text[:2000]
+    assert [f.atoms.info["n"] for f in ds.frames()] == list(range(30))
+
+
+def _labelled(i: int):
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    a = bulk("Cu", "fcc", a=3.6 + 0.01 * i)
+    a.calc = SinglePointCalculator(a, energy=-3.0, forces=np.zeros((1, 3)))
+    a.info.update(structure_id=f"s{i:019d}", n=i)
+    return a

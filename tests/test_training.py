@@ -255,12 +255,14 @@ def test_statistics_equal_nequix_dataset_stats(tmp_path):
     import subprocess
     import sys
 
-    from nequix_fw.training import _statistics
+    from nequix_fw.training import _statistics, graph_dicts
 
     data = emt_labelled(6, seed=21)
     ase.io.write(tmp_path / "set.extxyz", data)
     numbers, e0 = [29, 79], np.array([-0.1, 0.2])
-    ours = _statistics(read_labelled([tmp_path / "set.extxyz"]), numbers, e0, 4.0)
+    labelled = read_labelled([tmp_path / "set.extxyz"])
+    graphs = graph_dicts(labelled, {"atomic_numbers": numbers, "cutoff": 4.0}, {})
+    ours = _statistics(labelled, numbers, e0, graphs)
     script = (  # nequix reads its own format (fairchem's aselmdb): the frames as its Dataset
         "import json, sys\n"
         "import ase.io\n"
@@ -286,3 +288,16 @@ def test_statistics_equal_nequix_dataset_stats(tmp_path):
     theirs = json.loads(p.stderr.strip().splitlines()[-1])
     for key in ("shift", "scale", "avg_n_neighbors"):  # equal-sized cells: the same average
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
+def test_each_graph_is_built_once_per_training(emt_data, tmp_path, monkeypatch):
+    """The statistics and every member share one graph per structure (before: M + 1)."""
+    from nequix_fw import training
+    from nequix_fw.settings import TrainingSettings
+
+    calls = []
+    build = training.build_graph
+    monkeypatch.setattr(training, "build_graph", lambda *a: calls.append(1) or build(*a))
+    settings = TrainingSettings(n_models=3, epochs=1, batch_size=8, architecture=TINY_ARCH)
+    metas = training.train_ensemble([emt_data["test"]], tmp_path, settings, progress=False)
+    assert len(metas) == 3 and len(calls) == 16  # the 16 test structures, once each

@@ -175,7 +175,10 @@ def label_structures(
     too_close: dict[str, float] = {}  # never sent to the backend
     if settings.min_distance_A is not None:
         for fr, sid, done in todo:
-            if done is None and (d := min_distance(fr.atoms)) < settings.min_distance_A:
+            if (
+                done is None
+                and (d := min_distance(fr.atoms, settings.min_distance_A)) < settings.min_distance_A
+            ):
                 too_close[sid] = d
     backend.prepare(
         [(sid, fr.atoms) for fr, sid, done in todo if done is None and sid not in too_close], output
