@@ -513,13 +513,13 @@ def _update_dataset(
             ) from None
     logger.info(
         "dataset %s: %d added, %d duplicates, %d conflicts",
-        ds or target,
+        ds if ds is not None else target,
         len(added),
         duplicates,
         len(conflicts),
     )
     return {
-        "dataset": str(ds or target),
+        "dataset": str(ds if ds is not None else target),
         "n_added": len(added),
         "n_duplicates": duplicates,
         "n_conflicts": len(conflicts),

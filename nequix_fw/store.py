@@ -20,6 +20,7 @@ upsert keyed by content (rerunning a stage never duplicates anything):
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,6 +152,9 @@ class StoreDataset:
     def __len__(self) -> int:
         return self.collection.count_documents({"dataset": self.name})
 
+    def __bool__(self) -> bool:  # a dataset object, empty or not (never a count for it)
+        return True
+
     def ids(self, before_iteration: int | None = None) -> set[str]:
         """The structure ids (content hashes) in the dataset; with `before_iteration`, those
         added before that campaign iteration (or without one)."""
@@ -164,7 +168,7 @@ class StoreDataset:
         structures ingested from plain files (no labelling settings)."""
         out = set(self.collection.distinct("info.settings_hash", {"dataset": self.name}))
         query = {"dataset": self.name, "info.settings_hash": None}  # missing or null
-        if self.collection.count_documents(query):
+        if self.collection.find_one(query, {"_id": 1}) is not None:
             out.add(None)
         return out
 
@@ -205,8 +209,7 @@ class StoreDataset:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
         trip (unordered upserts); those already present are left alone. Returns how many were
         new."""
-        last = self.collection.find_one({"dataset": self.name}, {"added": 1}, sort=[("added", -1)])
-        start = 0 if last is None else last["added"] + 1
+        start = time.time_ns()  # `added`, the order of addition, without a query for it
         n_new, begin, sent = 0, 0, 0
         try:
             for begin in range(0, len(structures), BULK):
