@@ -30,6 +30,7 @@ from pymongo.database import Database
 
 from nequix_fw.dataset import dataset_ids, dataset_structures, read_labelled, update_dataset
 from nequix_fw.ensemble import Ensemble
+from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.labelling import label_structures, make_backend
@@ -241,7 +242,7 @@ def member_files(models_dir: str | Path) -> list[str]:
     """The trained members (member_*.nqx) of an ensemble directory."""
     paths = sorted(Path(models_dir).glob("member_*.nqx"))
     if not paths:
-        raise FileNotFoundError(f"{models_dir}: no trained members")
+        raise ModelError(f"{models_dir}: no trained members (member_*.nqx)")
     return [str(p) for p in paths]
 
 
@@ -311,7 +312,7 @@ def run_ensemble_stage(
         )
         if not inputs:
             where = f" of system {system.name}" if system.name else ""
-            raise FileNotFoundError(
+            raise SettingsError(
                 f"no candidates{where}: enable exploration or give a candidate_pool"
             )
         summary = run_ensemble(models, inputs, system.output, ensemble, progress=False)

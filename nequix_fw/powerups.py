@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from fireworks import Workflow
 
+from nequix_fw.errors import SettingsError
 from nequix_fw.settings import STAGES, FireworkResources, LabellingSettings, make_settings
 
 
@@ -40,7 +41,7 @@ def _set_resources(wf: Workflow, stages: Iterable[str] | None, **values) -> Work
     chosen = list(STAGES if stages is None else stages)
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; the stages are {list(STAGES)}")
+        raise SettingsError(f"unknown stages {unknown}; the stages are {list(STAGES)}")
     for sections in _sections(wf):
         resources = sections.setdefault("campaign", {}).setdefault("resources", {})
         for stage in chosen:

@@ -3,7 +3,7 @@
 import json
 
 import ase.io
-from conftest import emt_labelled, make_cells
+from helpers import emt_labelled, make_cells
 
 from nequix_fw.cli import main
 from nequix_fw.dataset import read_labelled

@@ -17,7 +17,7 @@ import ase.io
 import pytest
 import yaml
 from ase import Atoms
-from conftest import emt_labelled, make_cells
+from helpers import emt_labelled, make_cells
 
 from nequix_fw.cli import main
 from nequix_fw.settings import SECTIONS

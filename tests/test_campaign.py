@@ -2,125 +2,20 @@
 `lpad add`, `rlaunch rapidfire`, on FireWorks' embedded store, with EMT labels and tiny Nequix
 ensembles. Each command is its own process (the embedded store is written back at exit)."""
 
-import datetime
 import hashlib
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import ase.db
 import ase.io
 import pytest
 import yaml
-from conftest import emt_labelled, make_cells
-
-BIN = Path(sys.executable).parent
-
-SETTINGS = """
-campaign:
-  name: {name}
-  directory: run
-  initial_structures: initial.extxyz
-  testset: [testset.extxyz]
-  max_iterations: 2
-train_ensemble:
-  n_models: 2
-  epochs: ">>train_epochs<<"
-  batch_size: 4
-  architecture: {{hidden_irreps: "8x0e + 4x1o", n_layers: 1, lmax: 1, radial_mlp_size: 8}}
-label:
-  backend: ase
-  calculator: ">>reference_calculator<<"
-explore:
-  temperatures_K: [800]
-  steps: 20
-  check_every: 10
-  sample_every: 10
-select:
-  lo: {lo}
-  max_selected: 3
-"""
-
-
-QUERY = """
-import json
-from nequix_fw.store import (COLLECTION, ITERATIONS, LABEL_TASKS, MODELS, SELECTIONS,
-                             VALIDATION, launchpad_db)
-db = launchpad_db("my_launchpad.yaml")
-docs = list(db[COLLECTION].find())
-print(json.dumps({
-    "fireworks": sorted((f["name"], f["state"]) for f in db.fireworks.find()),
-    "workflow_state": [w["state"] for w in db.workflows.find()],
-    "dataset": sorted((d["dataset"], d["info"].get("iteration", -1)) for d in docs),
-    "ids": sorted(d["structure_id"] for d in docs),
-    "backends": sorted({d["info"]["backend"] for d in docs}),
-    "counts": {c: db[c].count_documents({}) for c in (ITERATIONS, LABEL_TASKS, MODELS,
-                                                       VALIDATION, SELECTIONS)},
-    "iterations": [(d["iteration"], d.get("dataset_size"), d.get("stop_reason"),
-                    (d.get("validation") or {}).get("force_rmse_eV_per_A"))
-                   for d in db[ITERATIONS].find().sort("iteration", 1)],
-    "tasks": sorted((d["iteration"], d["status"], len(d["settings_hash"]))
-                    for d in db[LABEL_TASKS].find()),
-    "models": sorted((d["iteration"], d["file"], d["sha256"]) for d in db[MODELS].find()),
-    "indexes": sorted(db[LABEL_TASKS].index_information()),
-    "fizzled": [l["action"]["stored_data"]["_exception"]["_stacktrace"][-1500:]
-                for l in db.launches.find({"state": "FIZZLED"})],
-}))
-"""
-
-
-def _fireworks(tmp_path: Path, *commands: list) -> dict:
-    """Run FireWorks commands one after another on the campaign's database; its state and
-    campaign.json afterwards."""
-    env = dict(os.environ)
-    for cmd in [*commands, [sys.executable, "-c", QUERY]]:
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
-    db = json.loads(p.stdout.strip().splitlines()[-1])
-    log = json.loads((tmp_path / "run" / "campaign.json").read_text())
-    return {"db": db, "log": log["iterations"], "dir": tmp_path / "run"}
-
-
-LPAD = [BIN / "lpad", "-l", "my_launchpad.yaml"]
-RLAUNCH = [BIN / "rlaunch", "-l", "my_launchpad.yaml", "-w", "my_fworker.yaml", "rapidfire"]
-
-
-def _campaign(tmp_path: Path, name: str, lo: float, extra: str = "") -> dict:
-    assert (tmp_path / "my_launchpad.yaml").is_file()  # the launchpad_file fixture's
-    (tmp_path / "my_fworker.yaml").write_text(
-        "name: cpu_worker\ncategory: ''\nquery: '{}'\nenv:\n  reference_calculator: emt\n"
-        "  train_epochs: 3\n"
-    )
-    ase.io.write(tmp_path / "initial.extxyz", make_cells(4, seed=3))
-    ase.io.write(tmp_path / "testset.extxyz", emt_labelled(6, seed=9))
-    settings = yaml.safe_load(SETTINGS.format(name=name, lo=lo))
-    for section, values in yaml.safe_load(extra or "{}").items():
-        settings.setdefault(section, {}).update(values)
-    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(settings))
-    today = datetime.date.today().isoformat()
-    return _fireworks(
-        tmp_path,
-        [
-            BIN / "nequix-fw",
-            "campaign",
-            "--config",
-            "campaign.yaml",
-            "--launchpad",
-            "my_launchpad.yaml",
-            "--write",
-            "wf.yaml",
-        ],
-        [*LPAD, "reset", "--password", today],
-        [*LPAD, "add", "wf.yaml"],
-        RLAUNCH,
-    )
+from helpers import BIN, LPAD, RLAUNCH, fireworks, make_cells, run_campaign
 
 
 def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpad_file):
     # from iteration 2 on, the schedule selects at most 2 structures instead of 3
-    r = _campaign(
+    r = run_campaign(
         tmp_path, "cu_au", lo=0.0, extra="campaign: {schedule: {2: {select: {max_selected: 2}}}}"
     )
     its = r["log"]
@@ -252,7 +147,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
 
 
 def test_campaign_stops_when_nothing_is_selected(tmp_path, launchpad_file):
-    r = _campaign(tmp_path, "quiet", lo=50.0)  # every candidate 'accurate' at 50 eV/Å
+    r = run_campaign(tmp_path, "quiet", lo=50.0)  # every candidate 'accurate' at 50 eV/Å
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1]
     assert its[1]["n_selected"] == 0 and its[1]["stop_reason"] == "converged: 0 selected (< 1)"
@@ -267,7 +162,7 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     pool = f"campaign: {{candidate_pool: [{tmp_path / 'pool.extxyz'}], explore: false, "
-    first = _campaign(
+    first = run_campaign(
         tmp_path, "again", lo=0.0, extra=pool + "max_iterations: 1, label_group_size: 2}"
     )
     # labelling in groups of 2: iteration 0 (4 structures) and 1 (3 selected) in 2 Fireworks each
@@ -296,7 +191,7 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     assert groups == [2, 1]
     selected = (first["dir"] / "iter_001" / "select" / "manifest.json").read_text()
 
-    again = _fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"], RLAUNCH)
+    again = fireworks(tmp_path, [*LPAD, "rerun_fws", "-n", "again validate 0"], RLAUNCH)
     assert again["db"] == first["db"]  # the same Fireworks, all COMPLETED, same dataset
     assert (again["dir"] / "iter_001" / "select" / "manifest.json").read_text() == selected
     it1 = again["log"][1]
@@ -305,7 +200,7 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
 
     # the same rerun with max_iterations 0: validation 0 now stops and defuses iteration 1
     update = '{"_tasks.0.sections.campaign.max_iterations": 0}'
-    stopped = _fireworks(
+    stopped = fireworks(
         tmp_path,
         [*LPAD, "rerun_fws", "-n", "again validate 0"],
         [*LPAD, "update_fws", "-n", "again validate 0", "-u", update],
@@ -402,7 +297,7 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
     assert not (tmp_path / "w.yaml").exists()
 
 
-def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
+def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
     """The structural checks' errors against validate.reference stop the campaign once all
     are within campaign.property_tolerances; bad tolerances are refused."""
     from nequix_fw.campaign import Campaign, iteration_stop
@@ -499,7 +394,9 @@ def test_a_relative_on_disk_dataset_grows_under_rapidfire(tmp_path, launchpad_fi
     `rlaunch rapidfire` runs in its own launcher_* directory, and all of them grow the one
     dataset in the directory the campaign was built in (before: iteration 0 wrote
     launcher_.../data_dir and the training Firework fizzled)."""
-    r = _campaign(tmp_path, "rel", lo=0.0, extra="campaign: {dataset: data_dir, max_iterations: 1}")
+    r = run_campaign(
+        tmp_path, "rel", lo=0.0, extra="campaign: {dataset: data_dir, max_iterations: 1}"
+    )
     assert [it["dataset_size"] for it in r["log"]] == [4, 7]
     data = ase.io.read(tmp_path / "data_dir" / "training_set.extxyz", ":")
     assert sorted(a.info["iteration"] for a in data) == [0] * 4 + [1] * 3

@@ -7,8 +7,7 @@ import json
 
 import ase.io
 import pytest
-from conftest import make_cells
-from test_campaign import _campaign
+from helpers import make_cells, run_campaign
 
 
 def test_staged_exploration_advances_and_stops_after_the_last_stage(tmp_path, launchpad_file):
@@ -23,7 +22,7 @@ campaign:
     - {name: hot, accurate_fraction: 0.9,
        settings: {explore: {temperatures_K: [1000]}, select: {lo: 50.0}}}
 """
-    r = _campaign(tmp_path, "staged", lo=0.0, extra=extra)
+    r = run_campaign(tmp_path, "staged", lo=0.0, extra=extra)
     its = {it["iteration"]: it for it in r["log"]}
     assert sorted(its) == [0, 1, 2]
     assert (its[1]["stage"], its[1]["stage_converged"]) == (0, "1 iterations")
@@ -51,7 +50,7 @@ campaign:
     - {name: cuau, initial_structures: cuau.extxyz, max_selected: 2,
        settings: {explore: {temperatures_K: [1000]}}}
 """
-    r = _campaign(tmp_path, "systems", lo=0.0, extra=extra)
+    r = run_campaign(tmp_path, "systems", lo=0.0, extra=extra)
     its = {it["iteration"]: it for it in r["log"]}
     assert sorted(its) == [0, 1, 2] and its[2]["stop_reason"] == "max_iterations (2) reached"
     one, two = its[1]["systems"], its[2]["systems"]
@@ -81,7 +80,7 @@ def test_structural_checks_against_an_ev_set_labelled_once_by_the_campaign(
 campaign: {max_iterations: 1, property_tolerances: {v0_percent: 0.001}}
 validate: {reference: label}
 """
-    r = _campaign(tmp_path, "evref", lo=0.0, extra=extra)
+    r = run_campaign(tmp_path, "evref", lo=0.0, extra=extra)
     its = r["log"]
     assert [it["iteration"] for it in its] == [0, 1]
     assert its[1]["stop_reason"] == "max_iterations (1) reached"  # 0.001 % is never met
@@ -124,7 +123,7 @@ campaign:
     - {name: cool, iterations: 1, settings: {explore: {temperatures_K: [300]}}}
     - {name: hot, accurate_fraction: 0.9, settings: {explore: {temperatures_K: [1000]}}}
 """
-    r = _campaign(tmp_path, "sysstages", lo=0.0, extra=extra)
+    r = run_campaign(tmp_path, "sysstages", lo=0.0, extra=extra)
     assert not r["db"]["fizzled"], r["db"]["fizzled"][0]
     its = {it["iteration"]: it for it in r["log"]}
     assert sorted(its) == [0, 1, 2, 3] and its[3]["stop_reason"] == "max_iterations (3) reached"

@@ -8,7 +8,7 @@ import sys
 import ase.io
 import pytest
 from ase import Atoms
-from conftest import make_cells
+from helpers import make_cells
 
 from nequix_fw.cli import main
 from nequix_fw.models import new_model, save_model

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import ase.io
-from conftest import TINY_ARCH, make_cells
+from helpers import TINY_ARCH, make_cells
 
 SCRIPT = """
 import json, sys

@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.units import Bohr, GPa, Hartree
+from helpers import TEMPLATE, quick_cp2k_template
 
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.settings import LabellingSettings
-
-TEMPLATE = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "cp2k" / "si8_pbe_energy_force.inp"
-)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cp2k.psmp") is None or not TEMPLATE.is_file(),
@@ -26,36 +23,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-#: Diagonalisation with Broyden mixing and Fermi-Dirac smearing: 9 SCF steps for Si8 here, where
-#: the shared input's OT needs over 100 (5 s instead of 45 s a run; the same energy to 1e-6 Ha).
-SCF = """    &SCF
-      SCF_GUESS ATOMIC
-      EPS_SCF 1.0E-5
-      MAX_SCF 100
-      ADDED_MOS 8
-      &DIAGONALIZATION
-        ALGORITHM STANDARD
-      &END DIAGONALIZATION
-      &MIXING
-        METHOD BROYDEN_MIXING
-        ALPHA 0.4
-      &END MIXING
-      &SMEAR ON
-        METHOD FERMI_DIRAC
-        ELECTRONIC_TEMPERATURE [K] 300
-      &END SMEAR
-    &END SCF"""
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """The shared Si8 PBE input with a smaller cutoff (150 Ry) and a faster SCF (quick tests)."""
-    text = TEMPLATE.read_text().replace("CUTOFF 300", "CUTOFF 150")
-    scf = text[text.index("    &SCF") : text.index("    &END SCF") + len("    &END SCF")]
-    text = text.replace(scf, SCF)
-    path = tmp_path_factory.mktemp("cp2k") / "template.inp"
-    path.write_text(text)
-    return path
+    return quick_cp2k_template(tmp_path_factory.mktemp("cp2k") / "template.inp")
 
 
 def _direct(inp: Path, workdir: Path):

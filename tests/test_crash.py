@@ -15,7 +15,7 @@ import ase.io
 import pymongo
 import pytest
 import yaml
-from conftest import NFW, emt_labelled, make_cells
+from helpers import NFW, emt_labelled, make_cells
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "standins"))
@@ -207,7 +207,7 @@ def _flaky_pool(n: int) -> list:
     return [cells[i] for i in sorted(pick)]
 
 
-def _flaky_campaign(tmp_path: Path, name: str, cells: list, labelling: dict) -> dict:
+def _flakyrun_campaign(tmp_path: Path, name: str, cells: list, labelling: dict) -> dict:
     """Iteration 0 of a campaign labelling `cells` with the flaky oracle, run to its end."""
     root = tmp_path / name
     root.mkdir()
@@ -226,7 +226,7 @@ def test_flaky_oracle_and_failure_ratio(tmp_path, server):
         "timeout_s": 3.0,
         "max_failed_fraction": 0.3,
     }
-    c = _flaky_campaign(tmp_path, "flaky", cells, labelling)
+    c = _flakyrun_campaign(tmp_path, "flaky", cells, labelling)
     s = _state(c)
     assert {st for _, st in s["fireworks"]} == {"COMPLETED"}
     assert s["n_docs"] == 12 - 3 and s["log"][0]["n_label_failures"] == 3
@@ -238,7 +238,7 @@ def test_flaky_oracle_and_failure_ratio(tmp_path, server):
     }
     # the same campaign with a stricter limit stops iteration 0 instead of training on the rest
     labelling["max_failed_fraction"] = 0.2
-    c2 = _flaky_campaign(tmp_path, "strict", cells, labelling)
+    c2 = _flakyrun_campaign(tmp_path, "strict", cells, labelling)
     s2 = _state(c2)
     states = dict(s2["fireworks"])
     assert states["strict update_dataset 0"] == "COMPLETED"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import Hartree
-from conftest import emt_labelled
+from helpers import emt_labelled
 
 from nequix_fw.dataset import read_labelled, unit_warnings
 from nequix_fw.errors import StructureError

@@ -1,7 +1,7 @@
 """Descriptors of diverse selection (`nequix_fw.descriptors`)."""
 
 import numpy as np
-from conftest import make_cells
+from helpers import make_cells
 
 from nequix_fw.descriptors import LearnedFeatures
 from nequix_fw.models import load_model

@@ -5,8 +5,8 @@ import ase.io
 import pytest
 import yaml
 from ase.calculators.emt import EMT
-from conftest import make_cells, preset_inputs
 from fireworks import Workflow
+from helpers import make_cells, preset_inputs
 
 from nequix_fw.campaign import Campaign
 from nequix_fw.dataset import read_labelled

@@ -11,7 +11,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.calculators.emt import EMT
-from conftest import make_cells
+from helpers import make_cells
 
 from nequix_fw.cli import main
 from nequix_fw.dataset import dataset_ids, read_labelled, update_dataset

@@ -145,7 +145,7 @@ def test_script_backend_batch_mode(tmp_path, capsys):
     """A command with {structures} runs once for the whole selection; each structure's labels are
     collected by name, misses are recorded, and a rerun computes only what is missing."""
     from ase.calculators.emt import EMT
-    from conftest import make_cells
+    from helpers import make_cells
 
     from nequix_fw.cli import main
     from nequix_fw.structures import structure_id

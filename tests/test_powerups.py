@@ -4,10 +4,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import preset_inputs
 from fireworks import Workflow
+from helpers import preset_inputs
 
 from nequix_fw.campaign import Campaign
+from nequix_fw.errors import SettingsError
 from nequix_fw.labelling import make_backend
 from nequix_fw.powerups import (
     add_priority,
@@ -72,5 +73,5 @@ def test_powerups_change_the_fireworks_now_and_those_appended_later(tmp_path, mo
     assert later_specs["label"]["_queueadapter"]["walltime"] == "02:00:00"
     backend = make_backend(c.section(LabellingSettings, 3))
     assert backend.name == "ase" and backend.calculator == "emt"
-    with pytest.raises(ValueError, match="unknown stages \\['training'\\]"):
+    with pytest.raises(SettingsError, match="unknown stages \\['training'\\]"):
         add_priority(wf, 1, stages=["training"])

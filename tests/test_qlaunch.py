@@ -14,7 +14,7 @@ from pathlib import Path
 import ase.io
 import pytest
 import yaml
-from conftest import emt_labelled, make_cells
+from helpers import emt_labelled, make_cells
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.settings import CampaignSettings, make_settings

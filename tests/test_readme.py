@@ -19,8 +19,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-from conftest import TINY_ARCH, emt_labelled
-from test_cp2k import SCF, TEMPLATE
+from helpers import TEMPLATE, TINY_ARCH, emt_labelled, quick_cp2k_template
 
 from nequix_fw.cli import build_parser, main
 from nequix_fw.dataset import read_labelled
@@ -325,9 +324,7 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
     assert label.energy == pytest.approx(-10.84, abs=0.05)  # the Si2 run's energy (eV)
     # CP2K with the user's template (the shared Si8 input, made quick as in test_cp2k)
     if shutil.which("cp2k.psmp") and TEMPLATE.is_file():
-        text = TEMPLATE.read_text().replace("CUTOFF 300", "CUTOFF 150")
-        scf = text[text.index("    &SCF") : text.index("    &END SCF") + len("    &END SCF")]
-        Path("si_pbe.inp").write_text(text.replace(scf, SCF))
+        quick_cp2k_template(Path("si_pbe.inp"))
         shutil.rmtree("selected_structures")
         Path("selected_structures").mkdir()
         si8 = bulk("Si", "diamond", a=5.43, cubic=True)

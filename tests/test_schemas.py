@@ -5,7 +5,7 @@ import json
 
 import ase.io
 import pytest
-from conftest import make_cells
+from helpers import make_cells
 
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.schemas import (

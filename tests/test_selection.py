@@ -4,7 +4,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-from conftest import make_cells
+from helpers import make_cells
 
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.evaluation import run_ensemble

@@ -9,7 +9,7 @@ import time
 import pymongo
 import pytest
 import yaml
-from conftest import NFW
+from helpers import NFW
 
 from nequix_fw import server
 

@@ -158,7 +158,7 @@ def test_relabel_is_resumed_after_a_kill(store, tmp_path):
     import time
 
     from ase.calculators.lj import LennardJones
-    from conftest import emt_labelled
+    from helpers import emt_labelled
 
     from nequix_fw.dataset import read_labelled
     from nequix_fw.store import Store

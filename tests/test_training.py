@@ -5,7 +5,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import TINY_ARCH, emt_labelled
+from helpers import TINY_ARCH, emt_labelled
 
 from nequix_fw.cli import main
 from nequix_fw.dataset import read_labelled

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import GPa
-from conftest import emt_labelled
+from helpers import emt_labelled
 
 from nequix_fw.cli import main
 from nequix_fw.dataset import read_labelled

@@ -10,7 +10,7 @@ from pathlib import Path
 import ase.io
 import pytest
 import yaml
-from conftest import preset_inputs
+from helpers import preset_inputs
 
 from nequix_fw.campaign import Campaign
 from nequix_fw.errors import SettingsError
