@@ -483,21 +483,16 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     if not c.settings.testset:
         return c.record(k, validation=None)
     checks = c.section(ValidationSettings, k)
-    reference_data = checks.reference_data
     if checks.reference == LABEL_REFERENCE:
-        reference_data = [reference_ev_set(c, checks, env)]
+        checks = checks.model_copy(update={"reference_data": [reference_ev_set(c, checks, env)]})
     output = c.stage_dir(k, "validate") / "validation.json"
     report = validate(
         c.models(k),
         c.settings.testset,
         output,
-        reference=checks.reference,
-        reference_params=checks.reference_params,
-        ev_structure=checks.structure,
-        reference_data=reference_data,
+        checks,
         store=c.datasets,
         settings=c.section(EnsembleSettings, k),
-        validation=checks,
     )
     if c.store is not None:
         c.store.save_validation(k, report)

@@ -124,15 +124,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         args.models,
         args.testset,
         args.output,
+        checks,
         error_threshold=args.error_threshold,
-        reference=checks.reference,
-        reference_params=checks.reference_params,
-        ev_structure=checks.structure,
-        reference_data=checks.reference_data,
         plots=not args.no_plots,
         store=_store(args),
         allow_mixed=args.allow_mixed,
-        validation=checks,
         progress=not args.no_progress,
     )
     mean = report["ensemble_mean"]

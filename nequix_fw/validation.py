@@ -402,22 +402,22 @@ def validate(
     model_specs: Sequence[str | Path],
     testset: Sequence[str | Path],
     output: str | Path,
+    validation: ValidationSettings | None = None,
     error_threshold: float = 0.1,
-    reference: str | None = None,
-    reference_params: dict | None = None,
-    ev_structure: str | Path | None = None,
-    reference_data: Sequence[str | Path] = (),
     plots: bool = True,
     settings: EnsembleSettings | None = None,
     store: DatasetStore | None = None,
     allow_mixed: bool = False,
-    validation: ValidationSettings | None = None,
     progress: bool = False,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME`` of `store`);
-    write the JSON report (and PNG plots beside it). The structural checks compare with the
-    `reference` calculator (E-V curve of `ev_structure`, relaxation, vacancy) or with labelled
-    `reference_data` (an E-V set). `progress`: bars for the long parts."""
+    write the JSON report (and PNG plots beside it). The checks besides the errors are those
+    of `validation`: the structural checks compare with its `reference` calculator (E-V curve
+    of its `structure`, relaxation, vacancy) or with labelled `reference_data` (an E-V set);
+    MD stability runs if it asks. `progress`: bars for the long parts."""
+    validation = validation or ValidationSettings()
+    reference, reference_params = validation.reference, validation.reference_params
+    ev_structure, reference_data = validation.structure, validation.reference_data
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
     if reference == LABEL_REFERENCE:
@@ -476,7 +476,7 @@ def validate(
         report["physics"] = ev_checks_against_labels(
             EnsembleCalculator(ensemble), read_labelled(reference_data, store), where
         )
-    if validation is not None and validation.md_stability:
+    if validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)
     if plots:

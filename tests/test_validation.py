@@ -11,6 +11,7 @@ from nequix_fw.cli import main
 from nequix_fw.dataset import read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import StructureError
+from nequix_fw.settings import ValidationSettings
 from nequix_fw.validation import roc_auc, validate
 
 
@@ -18,7 +19,8 @@ from nequix_fw.validation import roc_auc, validate
 def report(trained, emt_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("val") / "validation_report.json"
     models = sorted(trained["dir"].glob("member_*.nqx"))
-    rep = validate(models, [emt_data["test"]], out, error_threshold=0.3, reference="emt")
+    checks = ValidationSettings(reference="emt")
+    rep = validate(models, [emt_data["test"]], out, checks, error_threshold=0.3)
     return {"report": rep, "path": out, "models": models}
 
 
@@ -191,7 +193,6 @@ def test_md_stability_flags_a_collapsing_trajectory():
     from ase.calculators.emt import EMT
     from ase.calculators.morse import MorsePotential
 
-    from nequix_fw.settings import ValidationSettings
     from nequix_fw.validation import md_stability
 
     cells = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2)) for _ in range(2)]
