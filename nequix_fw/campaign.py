@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from pymongo.database import Database
 
-from nequix_fw.dataset import dataset_ids, dataset_structures, read_labelled, update_dataset
+from nequix_fw.dataset import dataset_ids, read_labelled, training_structures, update_dataset
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
@@ -339,7 +339,7 @@ def select_stage(c: Campaign, k: int) -> dict:
             )
         settings = settings.model_copy(update=update)
         if settings.diverse and known is None:  # keep away from the training set
-            known = dataset_structures(c.dataset, c.datasets)
+            known = training_structures(c.dataset, c.datasets)
         manifest = select_from_results(
             c.results_file(k, system), c.stage_dir(k, "select", system), settings, labelled, known
         )

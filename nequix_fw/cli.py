@@ -64,11 +64,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
         print(f"lo = {settings.lo:.4g} eV/Å from the calibration in {args.calibration}")
     exclude, known = None, None
     if args.exclude_dataset:
-        from nequix_fw.dataset import dataset_ids, dataset_structures
+        from nequix_fw.dataset import dataset_ids, training_structures
 
         exclude = dataset_ids(args.exclude_dataset, _store(args))
         if settings.diverse:  # the picks also keep away from the training set's structures
-            known = dataset_structures(args.exclude_dataset, _store(args))
+            known = training_structures(args.exclude_dataset, _store(args))
     manifest = select_from_results(args.ensemble, args.output, settings, exclude, known)
     c = manifest["counts"]
     print(

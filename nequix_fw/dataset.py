@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +43,9 @@ class StoredDataset(Protocol):
     def __len__(self) -> int: ...
     def frames(self, ids: set[str] | None = None) -> Iterable[Frame]: ...
     def structures(self) -> Iterable[Atoms]: ...
+    def described(
+        self, key: str, describe: Callable[[list[Atoms]], np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray]: ...
     def ids(self, before_iteration: int | None = None) -> set[str]: ...
     def settings_hashes(self) -> set: ...
     def add(self, items: list) -> None: ...
@@ -205,11 +208,14 @@ def dataset_ids(
     }
 
 
-def dataset_structures(dataset: str | Path, store: DatasetStore | None = None) -> list[Atoms]:
-    """The structures of a training set (directory, file or store dataset db:NAME) without
-    their labels: what diverse selection keeps away from."""
+def training_structures(
+    dataset: str | Path, store: DatasetStore | None = None
+) -> list[Atoms] | StoredDataset:
+    """The structures of a training set without their labels, what diverse selection keeps
+    away from: those of a directory or file, or the store dataset db:NAME itself (which keeps
+    its structures' descriptors, `StoredDataset.described`)."""
     if is_store_spec(dataset):
-        return list(_stored(dataset, store).structures())
+        return _stored(dataset, store)
     path = training_set_file(dataset)
     if not path.is_file():
         raise StructureError(

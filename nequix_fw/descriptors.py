@@ -24,9 +24,27 @@ DESCRIPTOR_BINS = 24
 MAX_GRAPHS = 64
 
 
+#: The name under which a structure's `geometry` is kept (e.g. in the store): it changes with
+#: the descriptor's parameters, so that a kept one is never of other parameters.
+GEOMETRY_KEY = f"geometry_{DESCRIPTOR_R[0]:g}_{DESCRIPTOR_R[1]:g}_{DESCRIPTOR_BINS}".replace(
+    ".", "p"
+)
+
+
 def structural(atoms: Atoms, elements: list[int]) -> np.ndarray:
     """Composition fractions + Gaussian-smeared pair-distance histogram per atom + volume/atom."""
-    comp = np.array([np.mean(atoms.numbers == z) for z in elements])
+    return np.concatenate([composition(atoms.numbers, elements), geometry(atoms)])
+
+
+def composition(numbers: np.ndarray, elements: list[int]) -> np.ndarray:
+    """The fraction of the atoms of each of `elements` (the first part of `structural`)."""
+    numbers = np.asarray(numbers)
+    return np.array([np.mean(numbers == z) for z in elements])
+
+
+def geometry(atoms: Atoms) -> np.ndarray:
+    """The element-free part of `structural`: the pair-distance histogram per atom and the
+    volume per atom (what costs; the same for any elements, so it can be kept)."""
     r0, r1 = DESCRIPTOR_R
     centres = np.linspace(r0, r1, DESCRIPTOR_BINS)
     width = (r1 - r0) / DESCRIPTOR_BINS
@@ -36,7 +54,7 @@ def structural(atoms: Atoms, elements: list[int]) -> np.ndarray:
     hist = np.exp(-0.5 * ((d[:, None] - centres[None, :]) / width) ** 2).sum(axis=0) / len(atoms)
     hist /= max(1.0, hist.sum()) / 10.0  # scale to ~unit weight against the composition part
     vol = [atoms.get_volume() / len(atoms) / 20.0] if atoms.pbc.all() else [0.0]
-    return np.concatenate([comp, hist, vol])
+    return np.concatenate([hist, vol])
 
 
 class LearnedFeatures:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from ase import Atoms
@@ -27,7 +28,7 @@ from ase.data import atomic_numbers
 from ase.formula import Formula
 from scipy.spatial import cKDTree
 
-from nequix_fw.descriptors import LearnedFeatures, structural
+from nequix_fw.descriptors import GEOMETRY_KEY, LearnedFeatures, composition, geometry, structural
 from nequix_fw.errors import ModelError, NequixFWError, OutputError, SettingsError
 from nequix_fw.models import NequixModel, load_model
 from nequix_fw.results import read_results, record_atoms
@@ -130,13 +131,48 @@ def relative_force_deviation(rec: dict, level: float) -> float:
 Describe = Callable[[Sequence[Atoms]], np.ndarray]
 
 
+class KnownStructures(Protocol):
+    """A training set that keeps its structures' descriptors (a store dataset,
+    `nequix_fw.dataset.StoredDataset`)."""
+
+    def structures(self) -> Iterable[Atoms]: ...
+    def described(
+        self, key: str, describe: Callable[[list[Atoms]], np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray]: ...
+
+
+def known_descriptors(
+    settings: SelectionSettings,
+    models: list[dict],
+    describe: Describe,
+    training_set: Sequence[Atoms] | KnownStructures,
+) -> np.ndarray | None:
+    """The descriptors of the training set (None when it is empty). A set that keeps them
+    computes the hand-made descriptor's costly part once per structure, ever."""
+    if settings.descriptor == "structure" and hasattr(training_set, "described"):
+        numbers, geo = training_set.described(
+            GEOMETRY_KEY, lambda structures: np.stack([geometry(a) for a in structures])
+        )
+        if not numbers:
+            return None
+        elements = _elements(models)
+        return np.hstack([np.stack([composition(n, elements) for n in numbers]), geo])
+    structures = list(getattr(training_set, "structures", lambda: training_set)())
+    return describe(structures) if structures else None
+
+
 def describer(settings: SelectionSettings, models: list[dict]) -> Describe:
     """The descriptor of `settings.descriptor` for the ensemble of `models` (results header
     entries): hand-made, or the learned features of the first model."""
     if settings.descriptor == "learned":
         return LearnedFeatures(recorded_model(models[0]))
-    elements = sorted({int(z) for m in models for z in _numbers(m["elements"])})
+    elements = _elements(models)
     return lambda structures: np.stack([structural(a, elements) for a in structures])
+
+
+def _elements(models: list[dict]) -> list[int]:
+    """The atomic numbers the models (results header entries) cover."""
+    return sorted({int(z) for m in models for z in _numbers(m["elements"])})
 
 
 def recorded_model(entry: dict) -> NequixModel:
@@ -339,12 +375,13 @@ def select_from_results(
     output: str | Path,
     settings: SelectionSettings,
     exclude: set[str] | None = None,
-    training_set: list[Atoms] | None = None,
+    training_set: Sequence[Atoms] | KnownStructures | None = None,
 ) -> dict:
     """Classify and select from an ensemble-results file; write files + manifest atomically.
 
-    With `diverse` and a `training_set`, the picks keep away from its structures as well as
-    from each other. Structures whose id is in `exclude` (e.g. those already in the training
+    With `diverse` and a `training_set` (structures, or a store dataset, which keeps its
+    structures' descriptors), the picks keep away from its structures as well as from each
+    other. Structures whose id is in `exclude` (e.g. those already in the training
     set) are never selected. Returns the manifest. The output directory appears complete or not
     at all.
     """
@@ -367,8 +404,8 @@ def select_from_results(
     present = sorted({el for e in entries for el in Formula(e.formula).count()})
     check_quotas(settings, present, str(results_path))
     known = None
-    if settings.diverse and training_set:
-        known = describe(training_set)
+    if settings.diverse and training_set is not None:
+        known = known_descriptors(settings, header["models"], describe, training_set)
     chosen = {e.id: e for e in choose(entries, settings, exclude, known)}
     tmp = _prepare_output(output)
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ase.db
@@ -201,9 +201,33 @@ class StoreDataset:
         fields = {"numbers": 1, "positions": 1, "cell": 1, "pbc": 1, "_id": 0}
         docs = self.collection.find({"dataset": self.name}, fields).sort("added", 1)
         for doc in docs:
-            yield Atoms(
-                numbers=doc["numbers"], positions=doc["positions"], cell=doc["cell"], pbc=doc["pbc"]
-            )
+            yield _atoms(doc)
+
+    def described(
+        self, key: str, describe: Callable[[list[Atoms]], np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each structure's atomic numbers and descriptor `key`, in the order of addition. A
+        descriptor is kept in its structure's document (``descriptors.<key>``): `describe`
+        computes it once, for the structures that have none yet, and it is written back."""
+        field = f"descriptors.{key}"
+        fields = {"numbers": 1, "positions": 1, "cell": 1, "pbc": 1}
+        missing = list(
+            self.collection.find({"dataset": self.name, field: {"$exists": False}}, fields)
+        )
+        for begin in range(0, len(missing), BULK):
+            chunk = missing[begin : begin + BULK]
+            rows = describe([_atoms(d) for d in chunk])
+            ops = [
+                pymongo.UpdateOne({"_id": d["_id"]}, {"$set": {field: row.tolist()}})
+                for d, row in zip(chunk, rows, strict=True)
+            ]
+            self.collection.bulk_write(ops, ordered=False)
+        docs = self.collection.find({"dataset": self.name}, {"numbers": 1, field: 1, "_id": 0})
+        numbers, rows = [], []
+        for doc in docs.sort("added", 1):
+            numbers.append(np.asarray(doc["numbers"]))
+            rows.append(doc["descriptors"][key])
+        return numbers, np.array(rows, dtype=np.float64)
 
     def add(self, structures: list[Atoms]) -> int:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
@@ -253,6 +277,13 @@ class StoreDataset:
             "stress": None if stress is None else np.asarray(stress).tolist(),
             "info": {k: _plain(v) for k, v in a.info.items()},
         }
+
+
+def _atoms(doc: dict) -> Atoms:
+    """The structure of a dataset document (no labels)."""
+    return Atoms(
+        numbers=doc["numbers"], positions=doc["positions"], cell=doc["cell"], pbc=doc["pbc"]
+    )
 
 
 def _plain(value):

@@ -506,3 +506,59 @@ def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"INFO nequix_fw.selection: selection from {results}: " in err
     assert f"24 candidate, 0 failed, 5 selected, 0 already_labelled -> {out}" in err
+
+
+def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
+    model_paths, launchpad_file, tmp_path, capsys
+):
+    """Diverse selection against a store dataset computes each training structure's
+    descriptor once, ever (kept in its document): the same picks as from the structures
+    themselves, and a later selection describes only what was added since."""
+    import ase.io
+    from helpers import emt_labelled
+
+    from nequix_fw.cli import main
+    from nequix_fw.descriptors import GEOMETRY_KEY, geometry
+    from nequix_fw.store import StoreDataset
+
+    ds = StoreDataset("db:kept", launchpad_file)
+    train = emt_labelled(12, seed=61)
+    for a in train:
+        a.info["structure_id"] = structure_id(a)
+    ds.add(train)
+    ase.io.write(tmp_path / "c.extxyz", emt_labelled(20, seed=62, rattle=0.2))
+    argv = [
+        "run-ensemble",
+        "--models",
+        *map(str, model_paths),
+        "--structures",
+        str(tmp_path / "c.extxyz"),
+        "--output",
+        str(tmp_path / "r.json"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    s = SelectionSettings(lo=0.0, max_selected=5, diverse=True)
+    plain = select_from_results(tmp_path / "r.json", tmp_path / "a", s, training_set=train)
+    kept = select_from_results(tmp_path / "r.json", tmp_path / "b", s, training_set=ds)
+
+    def picks(m):
+        return [e["id"] for e in m["structures"] if e["selected"]]
+
+    assert picks(kept) == picks(plain) and len(picks(plain)) == 5
+    docs = list(ds.collection.find({"dataset": "kept"}).sort("added", 1))
+    for doc, a in zip(docs, train, strict=True):
+        np.testing.assert_allclose(doc["descriptors"][GEOMETRY_KEY], geometry(a))
+    more = emt_labelled(2, seed=63)
+    for a in more:
+        a.info["structure_id"] = structure_id(a)
+    ds.add(more)
+    described = []
+    numbers, rows = ds.described(
+        GEOMETRY_KEY,
+        lambda structures: (
+            described.extend(structures) or np.stack([geometry(a) for a in structures])
+        ),
+    )
+    assert len(described) == 2 and rows.shape == (14, len(geometry(train[0])))
+    assert [len(n) for n in numbers] == [len(a) for a in train + more]
