@@ -36,6 +36,7 @@ from nequix_fw.settings import (
     section_name,
     section_settings,
 )
+from nequix_fw.stopping import iteration_stop, selection_decision
 from nequix_fw.structures import is_store_spec, iter_frames
 
 
@@ -371,7 +372,7 @@ class SelectTask(_GrowingTask):
         c, k = self.campaign, self["iteration"]
         record = stages.select_stage(c, k)
         n = record["n_selected"]
-        stop, label = stages.selection_decision(c, k, record)
+        stop, label = selection_decision(c, k, record)
         if label:
             return self._grow(stop, lambda: labelling_workflow(c, k, n))
         # a stage converged with too little to label: the next iteration, in the next stage
@@ -385,5 +386,5 @@ class ValidateTask(_GrowingTask):
     def run_stage(self, fw_spec):
         c, k = self.campaign, self["iteration"]
         record = stages.validate_stage(c, k, fw_spec.get("_fw_env"))
-        reason = stages.iteration_stop(c, k, record)
+        reason = iteration_stop(c, k, record)
         return self._grow(reason, lambda: exploration_workflow(c, k + 1))

@@ -28,7 +28,7 @@ LAYERS = {
         "training_torch",
         "validation",
     ],
-    4: ["campaign", "firetasks", "workflows", "powerups"],
+    4: ["campaign", "stopping", "firetasks", "workflows", "powerups"],
     5: ["cli"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}

@@ -215,9 +215,10 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
 
 
 def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
-    from nequix_fw.campaign import Campaign, selection_stop
+    from nequix_fw.campaign import Campaign
     from nequix_fw.cli import main
     from nequix_fw.settings import ExplorationSettings, SelectionSettings
+    from nequix_fw.stopping import selection_stop
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
@@ -300,8 +301,9 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
 def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
     """The structural checks' errors against validate.reference stop the campaign once all
     are within campaign.property_tolerances; bad tolerances are refused."""
-    from nequix_fw.campaign import Campaign, iteration_stop
+    from nequix_fw.campaign import Campaign
     from nequix_fw.cli import main
+    from nequix_fw.stopping import iteration_stop
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
