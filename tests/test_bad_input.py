@@ -824,8 +824,11 @@ def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_f
     )
     said = re.search(r"interrupted: (\d+) of the \d+ .*up to (\d+) more", err)
     stored, sent = int(said.group(1)), int(said.group(2))
-    time.sleep(1)  # a batch sent before the signal may still be written
-    n = docs.count_documents({"dataset": "big"})
+    n, deadline = -1, time.monotonic() + 60  # a batch sent before the signal may still be
+    while time.monotonic() < deadline:  # written: wait until the count holds for 2 s
+        time.sleep(2)
+        if n == (n := docs.count_documents({"dataset": "big"})):
+            break
     assert stored <= n <= stored + sent < n_new, (stored, sent, n)
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0 and f"added {n_new - n} structures ({n} already present" in p.stdout
