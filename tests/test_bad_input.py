@@ -443,30 +443,14 @@ def test_relabel_refuses_a_work_directory_of_another_dataset(tmp_path, capsys):
     new dataset was filled with A's structures, exit 0."""
     a = _dataset_dir(tmp_path / "a", 3, 21, capsys)
     b = _dataset_dir(tmp_path / "b", 2, 22, capsys)
-    lj = ["--calculator", "lj", "--no-progress"]
-    code, out, err = run(
-        capsys,
-        "relabel",
-        "--dataset",
-        a,
-        "--to",
-        tmp_path / "a_lj",
-        "--output",
-        tmp_path / "work",
-        *lj,
-    )
+
+    def relabel(dataset, to, output):
+        argv = ["--dataset", dataset, "--to", to, "--output", output, "--calculator", "lj"]
+        return run(capsys, "relabel", *argv, "--no-progress")
+
+    code, out, err = relabel(a, tmp_path / "a_lj", tmp_path / "work")
     assert code == 0 and "relabelled 3 of 3 structures" in out, err
-    code, _, err = run(
-        capsys,
-        "relabel",
-        "--dataset",
-        b,
-        "--to",
-        tmp_path / "b_lj",
-        "--output",
-        tmp_path / "work",
-        *lj,
-    )
+    code, _, err = relabel(b, tmp_path / "b_lj", tmp_path / "work")
     _one_line(
         code,
         err,
@@ -476,38 +460,16 @@ def test_relabel_refuses_a_work_directory_of_another_dataset(tmp_path, capsys):
     )
     assert not (tmp_path / "b_lj").exists()
     # the same request again resumes: nothing labelled twice
-    code, out, err = run(
-        capsys,
-        "relabel",
-        "--dataset",
-        a,
-        "--to",
-        tmp_path / "a_lj",
-        "--output",
-        tmp_path / "work",
-        *lj,
-    )
+    code, out, err = relabel(a, tmp_path / "a_lj", tmp_path / "work")
     assert code == 0 and "(3 from an earlier run)" in out and "added 0 (3 already there)" in out
     # the source dataset named by another spelling of its path, before anything is labelled
     for to in (f"{a}/", f"{a}/training_set.extxyz", tmp_path / "." / "a", a / "sub"):
-        code, _, err = run(
-            capsys, "relabel", "--dataset", a, "--to", to, "--output", tmp_path / "w2", *lj
-        )
+        code, _, err = relabel(a, to, tmp_path / "w2")
         _one_line(code, err, f"--to {to} is the dataset {a} being relabelled")
         assert "--allow-mixed" not in err and not (tmp_path / "w2").exists()
     # an existing file as the work directory
     (tmp_path / "file").write_text("x")
-    code, _, err = run(
-        capsys,
-        "relabel",
-        "--dataset",
-        a,
-        "--to",
-        tmp_path / "c",
-        "--output",
-        tmp_path / "file",
-        *lj,
-    )
+    code, _, err = relabel(a, tmp_path / "c", tmp_path / "file")
     _one_line(code, err, f"{tmp_path / 'file'}: exists and is not a directory")
     assert not (tmp_path / "c").exists()
 
