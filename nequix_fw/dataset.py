@@ -195,12 +195,7 @@ def dataset_ids(
                 f"{dataset}: no such dataset in the store (it holds none of its structures)"
             )
         return stored.ids(before_iteration)
-    path = training_set_file(dataset)
-    if not path.is_file():
-        raise StructureError(
-            f"{dataset}: no training set there (no such file, or a directory "
-            f"without {TRAINING_SET_FILE})"
-        )
+    path = _existing_training_set(dataset)
     return {
         f.atoms.info.get("structure_id") or structure_id(f.atoms)
         for f in iter_frames([path])
@@ -216,13 +211,19 @@ def training_structures(
     its structures' descriptors, `StoredDataset.described`)."""
     if is_store_spec(dataset):
         return _stored(dataset, store)
+    path = _existing_training_set(dataset)
+    return [f.atoms for f in iter_frames([path])]
+
+
+def _existing_training_set(dataset: str | Path) -> Path:
+    """The file of an on-disk training set that must exist already."""
     path = training_set_file(dataset)
     if not path.is_file():
         raise StructureError(
             f"{dataset}: no training set there (no such file, or a directory "
             f"without {TRAINING_SET_FILE})"
         )
-    return [f.atoms for f in iter_frames([path])]
+    return path
 
 
 def training_set_file(dataset: str | Path) -> Path:

@@ -157,7 +157,10 @@ def known_descriptors(
             return None
         elements = _elements(models)
         return np.hstack([np.stack([composition(n, elements) for n in numbers]), geo])
-    structures = list(getattr(training_set, "structures", lambda: training_set)())
+    if hasattr(training_set, "structures"):
+        structures = list(training_set.structures())
+    else:
+        structures = list(training_set)
     return describe(structures) if structures else None
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import ase.db
@@ -217,11 +218,13 @@ class StoreDataset:
         for begin in range(0, len(missing), BULK):
             chunk = missing[begin : begin + BULK]
             rows = describe([_atoms(d) for d in chunk])
-            ops = [
-                pymongo.UpdateOne({"_id": d["_id"]}, {"$set": {field: row.tolist()}})
-                for d, row in zip(chunk, rows, strict=True)
-            ]
-            self.collection.bulk_write(ops, ordered=False)
+            _bulk_write(
+                self.collection,
+                (
+                    pymongo.UpdateOne({"_id": d["_id"]}, {"$set": {field: row.tolist()}})
+                    for d, row in zip(chunk, rows, strict=True)
+                ),
+            )
         docs = self.collection.find({"dataset": self.name}, {"numbers": 1, field: 1, "_id": 0})
         numbers, rows = [], []
         for doc in docs.sort("added", 1):
@@ -279,6 +282,13 @@ class StoreDataset:
         }
 
 
+def _bulk_write(coll, ops: Iterable) -> None:
+    """Write `ops` (pymongo write operations) unordered, `BULK` per round trip."""
+    ops = iter(ops)
+    while batch := list(islice(ops, BULK)):
+        coll.bulk_write(batch, ordered=False)
+
+
 def _atoms(doc: dict) -> Atoms:
     """The structure of a dataset document (no labels)."""
     return Atoms(
@@ -306,10 +316,24 @@ class CampaignStore:
         return "/".join([self.campaign, str(k), *map(str, rest)])
 
     def _put(self, name: str, key: str, k: int, doc: dict) -> None:
-        doc = jsanitize(
-            {**doc, "campaign": self.campaign, "iteration": k}, strict=False, allow_bson=True
+        self._put_many(name, k, [(key, doc)])
+
+    def _put_many(self, name: str, k: int, docs: Iterable[tuple[str, dict]]) -> None:
+        """Upsert iteration k's documents (key, document) into collection `name`, `BULK` per
+        round trip."""
+        ops = (
+            pymongo.ReplaceOne(
+                {"_id": key},
+                jsanitize(
+                    {**doc, "campaign": self.campaign, "iteration": k},
+                    strict=False,
+                    allow_bson=True,
+                ),
+                upsert=True,
+            )
+            for key, doc in docs
         )
-        collection(self.db, name).replace_one({"_id": key}, doc, upsert=True)
+        _bulk_write(collection(self.db, name), ops)
 
     def save_iteration(self, k: int, record: dict) -> None:
         self._put(ITERATIONS, self._key(k), k, record)
@@ -319,21 +343,7 @@ class CampaignStore:
         return list(docs.sort("iteration", 1))
 
     def save_label_tasks(self, k: int, tasks: list[dict]) -> None:
-        docs = collection(self.db, LABEL_TASKS)
-        for begin in range(0, len(tasks), BULK):
-            ops = [
-                pymongo.ReplaceOne(
-                    {"_id": self._key(k, t["structure_id"])},
-                    jsanitize(
-                        {**t, "campaign": self.campaign, "iteration": k},
-                        strict=False,
-                        allow_bson=True,
-                    ),
-                    upsert=True,
-                )
-                for t in tasks[begin : begin + BULK]
-            ]
-            docs.bulk_write(ops, ordered=False)
+        self._put_many(LABEL_TASKS, k, ((self._key(k, t["structure_id"]), t) for t in tasks))
 
     def save_selection(self, k: int, manifests: dict[str | None, dict]) -> None:
         """Iteration k's selection manifests, by system (None: a campaign of one system): one
@@ -347,28 +357,13 @@ class CampaignStore:
             for name, m in manifests.items()
         }
         self._put(SELECTIONS, self._key(k), k, heads[None] if None in heads else {"systems": heads})
-        entries = collection(self.db, SELECTED)
         for name, m in manifests.items():
             system = "-" if name is None else name
-            docs = [
-                {
-                    **e,
-                    "_id": self._key(k, system, i),
-                    "campaign": self.campaign,
-                    "iteration": k,
-                    "system": name,
-                    "position": i,
-                }
+            entries = (
+                (self._key(k, system, i), {**e, "system": name, "position": i})
                 for i, e in enumerate(m["structures"])
-            ]
-            for begin in range(0, len(docs), BULK):
-                ops = [
-                    pymongo.ReplaceOne(
-                        {"_id": d["_id"]}, jsanitize(d, allow_bson=True), upsert=True
-                    )
-                    for d in docs[begin : begin + BULK]
-                ]
-                entries.bulk_write(ops, ordered=False)
+            )
+            self._put_many(SELECTED, k, entries)
 
     def save_validation(self, k: int, report: dict) -> None:
         self._put(VALIDATION, self._key(k), k, report)

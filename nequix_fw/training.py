@@ -99,10 +99,11 @@ def _graph_dict(d: Labelled, atom_indices: dict[int, int], cutoff: float) -> dic
     return g
 
 
-def graph_dicts(data: list[Labelled], config: dict, cache: dict) -> list[dict]:
+def graph_dicts(data: list[Labelled], config: dict, cache: dict | None = None) -> list[dict]:
     """nequix's graph dicts (with labels) of `data` for a model of `config` (its elements and
     cutoff), built once per training: `cache` keeps them by (elements, cutoff) for the
     statistics and every member."""
+    cache = {} if cache is None else cache
     key = (tuple(sorted(int(z) for z in config["atomic_numbers"])), float(config["cutoff"]))
     if key not in cache:
         index = atomic_numbers_to_indices(list(key[0]))
@@ -240,11 +241,7 @@ def plan_members(
         return plans, facts
     e0 = fit_reference_energies(counts, energies)
     arch = settings.architecture.model_dump()
-    own = graph_dicts(
-        data,
-        {"atomic_numbers": numbers, "cutoff": arch["cutoff"]},
-        {} if graphs is None else graphs,
-    )
+    own = graph_dicts(data, {"atomic_numbers": numbers, "cutoff": arch["cutoff"]}, graphs)
     stats = _statistics(data, numbers, e0, own)
     facts["reference_energies"] = dict(zip(map(str, numbers), e0.tolist(), strict=True))
     facts["statistics"] = stats
@@ -448,7 +445,7 @@ def train_member(
     if settings.backend == "jax":
         configure_compilation_cache(settings.compilation_cache_dir)
     module, config = _start_module(plan)
-    dicts = graph_dicts(data, config, {} if graphs is None else graphs)
+    dicts = graph_dicts(data, config, graphs)
     if settings.backend == "torch":
         best_model, best_epoch, best_val, log_rows = fit_torch(
             module, config, plan, dicts, data, settings, progress
