@@ -17,10 +17,12 @@ run, and reports its wall time and peak RSS:
 - export: `export` of the dataset;
 - campaign-status: a campaign of 50 iterations, read back from MongoDB.
 
-Each stage's log-log slope against N (or C) is printed under the table.
+Each stage's log-log slope against N (or C) is printed under the table. `--stages` measures
+some stages only; select, read and export then use the datasets an earlier ingest left
+on the server in `--workdir`.
 
 Usage: python benchmarks/bench_scale.py [--n 1000 10000] [--c 1000 10000] [--atoms 32]
-           [--workdir bench_scale_data] [--quotas]
+           [--models 2] [--workdir bench_scale_data] [--quotas] [--stages results select ...]
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nequix_fw.results import arrays_path
+
+STAGES = ["results", "ingest", "select", "read", "export", "status"]
 BIN = Path(sys.executable).parent
 NFW = str(BIN / "nequix-fw")
 #: Runs `argv` and prints its wall time (s) and peak RSS (MB) as JSON on the last line.
@@ -93,8 +98,9 @@ def data_file(workdir: Path, name: str, n: int, seed: int, atoms: int) -> Path:
     return path
 
 
-def results_file(workdir: Path, c: int, atoms: int) -> Path:
-    """Ensemble results of C candidates: two 'models', EMT + noise (see the module doc)."""
+def results_file(workdir: Path, c: int, atoms: int, n_models: int = 2) -> Path:
+    """Ensemble results of C candidates: `n_models` 'models', EMT + noise (see the module
+    doc), in the default format."""
     import ase.io
 
     from nequix_fw.ensemble import EnsembleRecord, Prediction
@@ -102,7 +108,7 @@ def results_file(workdir: Path, c: int, atoms: int) -> Path:
     from nequix_fw.structures import Frame, structure_id
     from nequix_fw.uncertainty import ensemble_metrics
 
-    path = workdir / f"results_{c}_{atoms}.json"
+    path = workdir / f"results_{c}_{atoms}_{n_models}.json"
     if path.is_file():
         return path
     source = data_file(workdir, "candidates", c, 2, atoms)
@@ -117,15 +123,15 @@ def results_file(workdir: Path, c: int, atoms: int) -> Path:
             "cutoff": 5.0,
             "n_params": 0,
         }
-        for k in range(2)
+        for k in range(n_models)
     ]
     with ResultsWriter(path, models, {"store_per_model": True}) as w:
         for i, a in enumerate(ase.io.iread(source, ":")):
             e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
             pred = Prediction(
-                energies=e + rng.normal(0, 0.01 * len(a) ** 0.5, 2),
-                forces=f + rng.normal(0, 0.05 * rng.uniform(0.2, 3), (2, *f.shape)),
-                stresses=s + rng.normal(0, 1e-4, (2, 6)),
+                energies=e + rng.normal(0, 0.01 * len(a) ** 0.5, n_models),
+                forces=f + rng.normal(0, 0.05 * rng.uniform(0.2, 3), (n_models, *f.shape)),
+                stresses=s + rng.normal(0, 1e-4, (n_models, 6)),
             )
             frame = Frame(a, str(source), i)
             metrics = ensemble_metrics(pred.energies, pred.forces, pred.stresses)
@@ -158,7 +164,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from bench_scale import results_file
-print(results_file(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])))
+print(results_file(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])))
 """
 
 CAMPAIGN = """
@@ -191,7 +197,15 @@ def main() -> None:
     ap.add_argument("--c", type=int, nargs="+", default=[1000, 10000], help="candidate sets")
     ap.add_argument("--atoms", type=int, default=32, choices=[32, 108])
     ap.add_argument("--workdir", type=Path, default=Path("bench_scale_data"))
+    ap.add_argument("--models", type=int, default=2, help="models in the results file")
     ap.add_argument("--quotas", action="store_true", help="also select with quotas")
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=STAGES,
+        help="what to measure (results are made for select when not measured)",
+    )
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -237,51 +251,28 @@ def main() -> None:
                 c,
                 Path(__file__).parent,
                 args.atoms,
+                args.models,
                 cwd=work,
             )
-            results[c] = work / f"results_{c}_{args.atoms}.json"
+            results[c] = work / f"results_{c}_{args.atoms}_{args.models}.json"
+            if "results" not in args.stages:
+                continue
             record("results: write", "C", c, m)
             m2 = measure(sys.executable, "-c", READ_RESULTS, results[c], cwd=work)
             record("results: read", "C", c, m2)
-            size = results[c].stat().st_size / 2**20
-            print(f"  results file of {c}: {size:.0f} MB")
+            size = sum(
+                p.stat().st_size for p in (results[c], arrays_path(results[c])) if p.exists()
+            )
+            print(f"  results of {c} ({args.models} models): {size / 2**20:.0f} MB", flush=True)
         for n in args.n:
             train = data_file(work, "train", n, 1, args.atoms)
             name = f"scale_{n}_{args.atoms}"
-            docs.delete_many({"dataset": name})
             ds = f"db:{name}"
-            record(
-                "ingest (empty dataset)",
-                "N",
-                n,
-                measure(
-                    NFW,
-                    "update-dataset",
-                    "--new",
-                    train,
-                    "--dataset",
-                    ds,
-                    "--launchpad",
-                    lp,
-                    cwd=work,
-                ),
-            )
-            record(
-                "ingest 1000 more",
-                "N",
-                n,
-                measure(
-                    NFW,
-                    "update-dataset",
-                    "--new",
-                    extra,
-                    "--dataset",
-                    ds,
-                    "--launchpad",
-                    lp,
-                    cwd=work,
-                ),
-            )
+            if "ingest" in args.stages:
+                docs.delete_many({"dataset": name})
+                for stage, new in (("ingest (empty dataset)", train), ("ingest 1000 more", extra)):
+                    argv = ["update-dataset", "--new", new, "--dataset", ds, "--launchpad", lp]
+                    record(stage, "N", n, measure(NFW, *argv, cwd=work))
             sel = [
                 "select",
                 "--ensemble",
@@ -296,52 +287,21 @@ def main() -> None:
                 "--launchpad",
                 lp,
             ]
-            record(
-                f"select (C={c_max})",
-                "N",
-                n,
-                measure(NFW, *sel, "--output", work / "sel", cwd=work),
-            )
-            if args.quotas:
+            if "select" in args.stages:
+                out = measure(NFW, *sel, "--output", work / "sel", cwd=work)
+                record(f"select (C={c_max})", "N", n, out)
+            if "select" in args.stages and args.quotas:
                 (work / "quotas.yaml").write_text("select: {max_per_composition: 3}\n")
-                record(
-                    f"select, quotas (C={c_max})",
-                    "N",
-                    n,
-                    measure(
-                        NFW,
-                        *sel,
-                        "--config",
-                        work / "quotas.yaml",
-                        "--output",
-                        work / "selq",
-                        cwd=work,
-                    ),
-                )
-            record(
-                "read to the first step",
-                "N",
-                n,
-                measure(sys.executable, "-c", READ_TRAINING, ds, lp, cwd=work),
-            )
-            record(
-                "export",
-                "N",
-                n,
-                measure(
-                    NFW,
-                    "export",
-                    "--dataset",
-                    ds,
-                    "--output",
-                    work / "export.extxyz",
-                    "--launchpad",
-                    lp,
-                    cwd=work,
-                ),
-            )
+                quotas = ["--config", work / "quotas.yaml", "--output", work / "selq"]
+                record(f"select, quotas (C={c_max})", "N", n, measure(NFW, *sel, *quotas, cwd=work))
+            if "read" in args.stages:
+                out = measure(sys.executable, "-c", READ_TRAINING, ds, lp, cwd=work)
+                record("read to the first step", "N", n, out)
+            if "export" in args.stages:
+                argv = ["export", "--dataset", ds, "--output", work / "export.extxyz"]
+                record("export", "N", n, measure(NFW, *argv, "--launchpad", lp, cwd=work))
         n_max = max(args.n)
-        for c in args.c:
+        for c in args.c if "select" in args.stages else []:
             sel = [
                 "select",
                 "--ensemble",
@@ -362,13 +322,10 @@ def main() -> None:
                 c,
                 measure(NFW, *sel, "--output", work / "sel", cwd=work),
             )
-        subprocess.run([sys.executable, "-c", CAMPAIGN, work / "campaign", lp], check=True)
-        record(
-            "campaign-status",
-            "iterations",
-            50,
-            measure(NFW, "campaign-status", work / "campaign", cwd=work),
-        )
+        if "status" in args.stages:
+            subprocess.run([sys.executable, "-c", CAMPAIGN, work / "campaign", lp], check=True)
+            out = measure(NFW, "campaign-status", work / "campaign", cwd=work)
+            record("campaign-status", "iterations", 50, out)
     finally:
         subprocess.run([NFW, "db", "stop", "--dir", server], capture_output=True)
 

@@ -708,9 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="structure files (any ASE format, multi-frame too) or directories",
     )
-    r.add_argument("--output", required=True, help="results JSON to write")
+    r.add_argument(
+        "--output", required=True, help="results JSON to write (its arrays file goes beside it)"
+    )
     _config(r, EnsembleSettings)
-    for field in ("backend", "max_edges_per_batch", "max_structures_per_batch"):
+    for field in ("backend", "max_edges_per_batch", "max_structures_per_batch", "results_format"):
         _setting(r, EnsembleSettings, field)
     _setting(
         r,
@@ -719,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-per-model",
         action="store_const",
         const=False,
-        help="omit per-model energies/forces/stresses from the JSON",
+        help="omit per-model energies/forces/stresses from the results",
     )
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run_ensemble)

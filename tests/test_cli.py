@@ -12,6 +12,7 @@ from helpers import make_cells
 
 from nequix_fw.cli import main
 from nequix_fw.models import new_model, save_model
+from nequix_fw.results import read_results
 
 
 @pytest.fixture
@@ -215,8 +216,9 @@ def test_non_finite_run_continues_and_records(capsys, model_paths, pool, tmp_pat
         "--no-progress",
     )
     assert code == 0
-    doc = json.loads(out.read_text())
-    failed = [s for s in doc["structures"] if s["status"] == "failed"]
+    doc = json.loads(out.read_text())  # one valid JSON document
+    assert len(doc["structures"]) == doc["summary"]["n_structures"]
+    failed = [s for s in read_results(out)[1] if s["status"] == "failed"]
     assert failed and all(79 in s["structure"]["numbers"] for s in failed)
     assert failed[0]["error"] == "non-finite prediction from inf_au"
     assert failed[0]["energies"][1] is None  # inf written as null, file stays valid JSON

@@ -30,7 +30,8 @@ def _devs(results):
 
 def test_results_file_schema_and_streaming(results):
     header, recs = read_results(results)
-    assert header["schema"] == "nequix-fw/ensemble-results" and header["schema_version"] == 1
+    assert header["schema"] == "nequix-fw/ensemble-results" and header["schema_version"] == 2
+    assert header["arrays"]["file"] == "results.arrays.npz"
     assert [m["name"] for m in header["models"]] == ["m0", "m1", "m2"]
     recs = list(recs)
     assert len(recs) == 24 and [r["frame"] for r in recs] == list(range(24))

@@ -26,6 +26,8 @@ class Document(BaseModel):
 
     SCHEMA: ClassVar[str]
     VERSION: ClassVar[int] = 1
+    #: Older versions a reader still accepts (written only when asked for).
+    OLDER: ClassVar[tuple[int, ...]] = ()
     #: Leave fields that are None out of the file (optional sections).
     OMIT_NONE: ClassVar[bool] = False
 
@@ -41,9 +43,10 @@ class Document(BaseModel):
             data = dict(data)
             name = data.setdefault("schema", cls.SCHEMA)
             version = data.setdefault("schema_version", cls.VERSION)
-            if (name, version) != (cls.SCHEMA, cls.VERSION):
+            if name != cls.SCHEMA or version not in (cls.VERSION, *cls.OLDER):
+                versions = " or ".join(str(v) for v in (cls.VERSION, *cls.OLDER))
                 raise ValueError(
-                    f"schema {name!r} version {version} is not {cls.SCHEMA!r} version {cls.VERSION}"
+                    f"schema {name!r} version {version} is not {cls.SCHEMA!r} version {versions}"
                 )
         return data
 
