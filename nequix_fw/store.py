@@ -20,6 +20,7 @@ upsert keyed by content (rerunning a stage never duplicates anything):
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -99,6 +100,11 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
             raise SettingsError(
                 f"{path}: not a usable LaunchPad file ({type(exc).__name__})"
             ) from None
+        if _refused(lp.host, lp.port):  # nothing listens there: say so now, not in 30 s
+            raise SettingsError(
+                f"{path}: cannot reach MongoDB at {lp.host}:{lp.port}: connection refused (start "
+                "the local one with: nequix-fw db start)"
+            )
         try:
             lp.db.list_collection_names()  # reachable, and the credentials are accepted
         except pymongo.errors.OperationFailure as exc:
@@ -113,6 +119,19 @@ def launchpad_db(launchpad: DatabaseRef | None = None) -> Database:
             ) from None
         _DATABASES[key] = lp.db
     return _DATABASES[key]
+
+
+def _refused(host: str, port: int | None) -> bool:
+    """Whether a plain host:port (not a URI) refuses connections: no server listens there."""
+    if "://" in str(host) or "," in str(host) or not port:
+        return False
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # unknown host, unreachable network, slow: leave it to pymongo
+        return False
+    return False
 
 
 def collection(db: Database, name: str):

@@ -719,6 +719,19 @@ def test_export_and_fetch_outputs_checked(tmp_path, launchpad_file, capsys):
     assert code == 0 and len(ase.io.read(tmp_path / "e.extxyz", ":")) == 2
 
 
+def test_a_server_that_is_not_running_is_named_at_once(tmp_path, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lp = tmp_path / "lp.yaml"
+    lp.write_text(f"host: 127.0.0.1\nport: {port}\nname: down\n")
+    code, _, err = run(
+        capsys, "export", "--dataset", "db:e", "--output", tmp_path / "e.extxyz", "--launchpad", lp
+    )
+    _one_line(code, err, f"{lp}: cannot reach MongoDB at 127.0.0.1:{port}: connection refused")
+    assert "nequix-fw db start" in err and not (tmp_path / "e.extxyz").exists()
+
+
 def test_damaged_campaign_record_and_calibration_file(model_paths, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "campaign.json").write_text('{"name": "c", "iterations": [{"itera')
