@@ -147,6 +147,7 @@ SCALE_STRUCTURES = """
 import sys
 from pathlib import Path
 import ase.io
+import numpy as np
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from nequix_fw.exploration import distorted_copies
@@ -155,6 +156,7 @@ cells = []
 for k, (el, a) in enumerate([("Cu", 3.61), ("Ni", 3.52), ("Al", 4.05)]):
     cell = bulk(el, "fcc", a=a, cubic=True).repeat((2, 2, 1))
     cells += distorted_copies(cell, 2100, rattle_std=0.1, strain_max=0.03, seed=k)
+cells = [cells[i] for i in np.random.default_rng(0).permutation(len(cells))]
 for name, part in (("initial_structures", cells[:200]), ("candidates", cells[200:6200])):
     (work / name).mkdir(exist_ok=True)
     ase.io.write(work / name / "cells.extxyz", part)

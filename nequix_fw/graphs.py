@@ -11,9 +11,15 @@ from pathlib import Path
 import jax
 import jraph
 import numpy as np
+import psutil
 from ase import Atoms
 from ase.geometry import complete_cell
 from nequix.data import preprocess_graph
+
+from nequix_fw.errors import NequixFWError
+
+#: Structures whose graphs are built to estimate the bytes of all of them.
+SAMPLE = 64
 
 
 def configure_compilation_cache(cache_dir: Path | None) -> None:
@@ -34,6 +40,54 @@ def build_graph(atoms: Atoms, atom_indices: dict[int, int], cutoff: float) -> di
     graph = preprocess_graph(atoms, atom_indices, cutoff, False)
     graph["cell"] = complete_cell(atoms.cell).astype(np.float32)
     return graph
+
+
+def available_memory() -> int:
+    """Bytes this process can still use: the machine's available memory, or less under a cgroup
+    limit (a batch job's)."""
+    free = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" else min(free, int(limit) - used)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def graph_bytes(graph: dict) -> int:
+    return sum(np.asarray(v).nbytes for v in graph.values())
+
+
+def check_graph_memory(
+    structures: Sequence[Atoms],
+    atom_indices: dict[int, int],
+    cutoff: float,
+    where: str,
+    factor: float,
+) -> int:
+    """The estimated bytes of the graphs of `structures` (from a sample's, per atom); an error
+    naming `where` when `factor` times that is more than the memory available."""
+    n = len(structures)
+    if n == 0:
+        return 0
+    rng = np.random.default_rng(0)
+    sample = rng.choice(n, size=min(n, SAMPLE), replace=False)
+    atoms = sum(len(structures[i]) for i in sample)
+    built = sum(graph_bytes(build_graph(structures[i], atom_indices, cutoff)) for i in sample)
+    total_atoms = sum(len(a) for a in structures)
+    need = int(built / max(atoms, 1) * total_atoms)
+    free = available_memory()
+    if factor * need > free:
+        raise NequixFWError(
+            f"{where}: the neighbour graphs of its {n} structures ({total_atoms} atoms, cutoff "
+            f"{cutoff:g} Å) need about {_size(factor * need)} and {_size(free)} are available; "
+            "train where there is more memory, or on fewer structures"
+        )
+    return need
 
 
 def pad_batch(graphs: list, n_graph: int, n_edge: int | None = None, n_node: int | None = None):

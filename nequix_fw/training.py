@@ -45,7 +45,12 @@ from nequix_fw.dataset import DatasetStore, Labelled, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.epochs import EpochLog, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
-from nequix_fw.graphs import bucket_size, build_graph, configure_compilation_cache
+from nequix_fw.graphs import (
+    bucket_size,
+    build_graph,
+    check_graph_memory,
+    configure_compilation_cache,
+)
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
@@ -55,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 
 MEMBER_GLOB = "member_*.nqx"
+#: Peak memory of a training over its graphs' own bytes (batches and the model on top).
+MEMORY_FACTOR = 1.5
 
 
 # -- reference energies and statistics ---------------------------------------------------------
@@ -107,6 +114,10 @@ def graph_dicts(data: list[Labelled], config: dict, cache: dict | None = None) -
     key = (tuple(sorted(int(z) for z in config["atomic_numbers"])), float(config["cutoff"]))
     if key not in cache:
         index = atomic_numbers_to_indices(list(key[0]))
+        sources = sorted({str(d.frame.source) for d in data})
+        where = sources[0] + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
+        atoms = [d.frame.atoms for d in data]
+        check_graph_memory(atoms, index, key[1], where, MEMORY_FACTOR)
         cache[key] = [_graph_dict(d, index, key[1]) for d in data]
     return cache[key]
 

@@ -212,6 +212,34 @@ def test_training_inputs_checked_before_any_output(emt_data, tmp_path, capsys):
         assert not out.exists(), args
 
 
+def test_training_that_would_run_out_of_memory_says_so_first(
+    emt_data, tmp_path, capsys, monkeypatch
+):
+    from nequix.data import atomic_numbers_to_indices
+
+    import nequix_fw.graphs as graphs
+
+    frames = ase.io.read(emt_data["train"], ":")
+    index = atomic_numbers_to_indices([29, 79])
+    real = sum(graphs.graph_bytes(graphs.build_graph(a, index, 5.0)) for a in frames)
+    monkeypatch.setattr(graphs, "SAMPLE", 8)  # the estimate from 8 of the 48 structures
+    estimate = graphs.check_graph_memory(frames, index, 5.0, "x", 1.0)
+    assert abs(estimate - real) < 0.1 * real
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    monkeypatch.setattr(graphs, "available_memory", lambda: int(1.2 * real))  # < 1.5 x
+    out = tmp_path / "models"
+    args = ["--dataset", emt_data["train"], "--outdir", out, "--config", tmp_path / "tiny.yaml"]
+    code, _, err = run(capsys, "train-ensemble", *args, "--no-progress")
+    n_atoms = sum(len(a) for a in frames)
+    _one_line(
+        code,
+        err,
+        f"{emt_data['train']}: the neighbour graphs of its 48 structures ({n_atoms} atoms",
+        "MB are available; train where there is more memory",
+    )
+    assert not out.exists()
+
+
 def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
     from nequix_fw.labelling import label_structures, make_backend
     from nequix_fw.settings import ExplorationSettings, LabellingSettings
