@@ -129,6 +129,8 @@ def relative_force_deviation(rec: dict, level: float) -> float:
 
 
 Describe = Callable[[Sequence[Atoms]], np.ndarray]
+#: Candidates described at once: only their descriptors are kept, not their structures.
+DESCRIBE_CHUNK = 1024
 
 
 class KnownStructures(Protocol):
@@ -250,10 +252,18 @@ def classify(
             if entry.cls == "candidate" and settings.diverse:
                 described.append((entry, atoms))
         entries.append(entry)
+        if len(described) == DESCRIBE_CHUNK:
+            _describe(described, describe)
+    _describe(described, describe)
+    return entries
+
+
+def _describe(described: list[tuple[Entry, Atoms]], describe: Describe) -> None:
+    """Give the entries their descriptors and let go of their structures."""
     if described:
         for (entry, _), x in zip(described, describe([a for _, a in described]), strict=True):
             entry.descriptor = x
-    return entries
+        described.clear()
 
 
 def choose(

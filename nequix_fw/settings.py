@@ -112,7 +112,7 @@ class EnsembleSettings(_Settings):
         description="'columnar': the results JSON holds energies, stresses and uncertainties, "
         "and <name>.arrays.npz beside it the structures and forces (float32, as computed): "
         "about 8 KB per 100-atom structure with 4 models. 'json': everything in the one JSON "
-        "(schema version 1, about 2.5x larger).",
+        "(schema version 1, about 3x larger).",
     )
     member_mapping: Literal["auto", "vmap", "map"] = Field(
         "auto",

@@ -112,6 +112,25 @@ def test_diverse_does_not_pick_near_duplicates(model_paths, tmp_path):
     assert len(picked) == 4 and len(dup_ids & set(picked)) == 1
 
 
+def test_candidates_described_a_chunk_at_a_time_select_the_same(results, tmp_path, monkeypatch):
+    import nequix_fw.selection as selection
+
+    settings = SelectionSettings(lo=0.0, max_selected=8, diverse=True)
+    whole = select_from_results(results, tmp_path / "whole", settings)
+    calls = []
+    describe = selection.describer
+
+    def counting(*args):
+        inner = describe(*args)
+        return lambda structures: calls.append(len(structures)) or inner(structures)
+
+    monkeypatch.setattr(selection, "DESCRIBE_CHUNK", 5)
+    monkeypatch.setattr(selection, "describer", counting)
+    chunked = select_from_results(results, tmp_path / "chunked", settings)
+    assert calls and max(calls) <= 5 and sum(calls) == whole["counts"]["candidate"]
+    assert chunked["structures"] == whole["structures"]
+
+
 def test_farthest_point_order():
     x = np.array([[0.0], [0.1], [5.0], [10.0], [10.1]])
     assert farthest_point_order(x, 0, 3) == [0, 4, 2]
