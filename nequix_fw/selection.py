@@ -12,6 +12,7 @@ not failed (accurate ones too) and not already labelled.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from nequix_fw.models import NequixModel, load_model
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.schemas import SelectionManifest
 from nequix_fw.settings import SelectionSettings
-from nequix_fw.structures import min_distance, umask, write_structure
+from nequix_fw.structures import SELECTED_INDEX, min_distance, umask, write_structure
 from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, trust_class
 
 logger = logging.getLogger(__name__)
@@ -424,6 +425,7 @@ def select_from_results(
     try:
         suffix = "vasp" if settings.format == "vasp" else "extxyz"
         _, records = read_results(results_path)  # second pass: write the chosen structures
+        files = []
         for rec in records:
             entry = chosen.pop(rec["id"], None)
             if entry is not None:
@@ -431,6 +433,9 @@ def select_from_results(
                 atoms = record_atoms(rec)
                 atoms.info.update(id=rec["id"], source=rec["source"], frame=rec["frame"])
                 write_structure(atoms, tmp / entry.file, settings.format)
+                files.append({"file": entry.file, "id": rec["id"]})
+        files.sort(key=lambda f: f["file"])  # the order in which the directory is read
+        (tmp / SELECTED_INDEX).write_text(json.dumps({"structures": files}, indent=0))
         counts = {c: sum(e.cls == c for e in entries) for c in ("accurate", "candidate", "failed")}
         counts["selected"] = sum(e.selected for e in entries)
         counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)

@@ -27,6 +27,9 @@ STRUCTURE_PREFIXES = ("POSCAR", "CONTCAR")
 STORE_PREFIX = "db:"
 #: Suffix of the temp files of atomic writes.
 TMP_SUFFIX = ".tmp"
+#: A selection's index of its structure files and their ids (``{"structures": [{"file", "id"}]}``,
+#: in file-name order), beside its manifest.json (which has every candidate): what labelling reads.
+SELECTED_INDEX = "selected.json"
 
 
 @dataclass(frozen=True)

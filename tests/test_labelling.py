@@ -383,3 +383,44 @@ def test_fresh_output_with_a_duplicated_frame_reuses_nothing(tmp_path, capsys):
     assert code == 0, cap.err
     assert "labelled 2 of 2 structures with ase; 0 failed" in cap.out  # one label per structure
     assert "earlier run" not in cap.out
+
+
+def test_label_groups_of_a_selection_read_only_their_own_files(model_paths, tmp_path, monkeypatch):
+    import nequix_fw.labelling.base as base
+    from nequix_fw.evaluation import run_ensemble
+    from nequix_fw.selection import select_from_results
+    from nequix_fw.settings import SelectionSettings
+
+    ase.io.write(tmp_path / "pool.extxyz", make_cells(12, seed=4))
+    run_ensemble(model_paths, [tmp_path / "pool.extxyz"], tmp_path / "r.json", progress=False)
+    sel = tmp_path / "sel"
+    manifest = select_from_results(tmp_path / "r.json", sel, SelectionSettings(lo=0.0))
+    index = json.loads((sel / "selected.json").read_text())["structures"]
+    chosen = [e for e in manifest["structures"] if e["selected"]]
+    assert sorted(e["file"] for e in chosen) == [e["file"] for e in index] and len(index) == 12
+    read = []
+    iter_frames = base.iter_frames
+
+    def counting(inputs):
+        for fr in iter_frames(inputs):
+            read.append(Path(fr.source).name)
+            yield fr
+
+    monkeypatch.setattr(base, "iter_frames", counting)
+    backend = make_backend(LabellingSettings(backend="ase", calculator="emt"))
+    settings = LabellingSettings(backend="ase", calculator="emt")
+    ids = []
+    for g in range(3):  # groups of 5: 5, 5, 2
+        read.clear()
+        out = label_structures(sel, tmp_path / "labels", backend, settings, 1, False, (g, 5))
+        assert read == [e["file"] for e in index[5 * g : 5 * g + 5]]  # its files, no others
+        ids += out["structure_ids"]
+    assert ids == [e["id"] for e in index]  # every selected structure once, by its recorded id
+    # a structure file added by hand: the groups fall back to reading all, in the same order
+    extra = make_cells(1, seed=99)[0]
+    ase.io.write(sel / "zz_extra.extxyz", extra)
+    read.clear()
+    out = label_structures(sel, tmp_path / "labels2", backend, settings, 1, False, (2, 5))
+    assert len(read) == 13 and out["structure_ids"] == [index[10]["id"], index[11]["id"]] + [
+        structure_id(extra)
+    ]

@@ -29,9 +29,12 @@ from nequix_fw.errors import NequixFWError, SettingsError
 from nequix_fw.schemas import LabelTaskDoc
 from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import (
+    SELECTED_INDEX,
+    Frame,
     atomic_path,
     check_output,
     check_writable_dir,
+    expand_inputs,
     iter_frames,
     min_distance,
     structure_id,
@@ -121,12 +124,33 @@ def custodian_corrections(workdir: Path) -> list:
 
 
 def _structure_ids(structures: Path) -> dict[tuple[str, int], str]:
-    """Ids from a selection manifest beside the structures, keyed by (file name, frame)."""
-    manifest = structures / "manifest.json" if structures.is_dir() else None
-    if manifest is None or not manifest.is_file():
+    """Ids from a selection's index (or, from older selections, its manifest) beside the
+    structures, keyed by (file name, frame)."""
+    if not structures.is_dir():
         return {}
-    doc = json.loads(manifest.read_text())
-    return {(e["file"], 0): e["id"] for e in doc.get("structures", []) if e.get("file")}
+    for name in (SELECTED_INDEX, "manifest.json"):
+        if (structures / name).is_file():
+            doc = json.loads((structures / name).read_text())
+            return {(e["file"], 0): e["id"] for e in doc.get("structures", []) if e.get("file")}
+    return {}
+
+
+def _frames(structures: Path, group: tuple[int, int] | None) -> list[Frame]:
+    """The frames to label: all of them, or those of `group` (index, size) in reading order. A
+    selection's directory (one structure per file, listed in its index) is read only for the
+    group's files, so that each of many groups does not read every structure."""
+    if group is None:
+        return list(iter_frames([structures]))
+    start, stop = group[0] * group[1], (group[0] + 1) * group[1]
+    index = structures / SELECTED_INDEX if structures.is_dir() else None
+    if index is not None and index.is_file():
+        listed = [e["file"] for e in json.loads(index.read_text())["structures"]]
+        files = expand_inputs([structures])
+        if [f.name for f in files] == listed:  # one structure per file, none added by hand
+            frames = list(iter_frames(files[start:stop]))
+            if len(frames) == len(files[start:stop]):
+                return frames
+    return list(iter_frames([structures]))[start:stop]
 
 
 def _finished(workdir: Path, settings_hash: str) -> dict | None:
@@ -160,10 +184,8 @@ def label_structures(
     """
 
     structures, output = Path(structures), check_output(output, "directory")
-    frames = list(iter_frames([structures]))
+    frames = _frames(structures, group)
     check_writable_dir(output)  # the input is readable: now make the output
-    if group is not None:
-        frames = frames[group[0] * group[1] : (group[0] + 1) * group[1]]
     ids = _structure_ids(structures)
     settings_hash = backend.settings_hash()
     todo, seen = [], set()  # (frame, id, earlier task document or None)
