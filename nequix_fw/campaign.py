@@ -8,8 +8,8 @@ into the directory of its name (<stage>/<system>/ for a system's own part)::
 
     <directory>/campaign.json             one record per iteration (counts, metrics, decisions)
     <directory>/iter_<k>/explore/         candidates.extxyz + manifest.json
-                         run_ensemble/    ensemble_results.json
-                         select/          the selected structures + manifest.json
+                         run_ensemble/    ensemble_results.json (+ .arrays.npz)
+                         select/          the selected structures + manifest.json, selected.json
                          label/           <structure id>/ (inputs, outputs, task.json), summary.json
                          train_ensemble/  member_<i>.nqx (+ .json, _log.csv)
                          validate/        validation.json + plots
