@@ -317,7 +317,10 @@ def main() -> None:
             f"\n{n} structures, oracle {args.delay} s each, label groups of 10; "
             f"{os.cpu_count()} CPUs"
         )
-        print("\n| run | label launches completed | rlaunch workers | SLURM jobs | labelling window (s) |")
+        print(
+            "\n| run | label launches completed | rlaunch workers | SLURM jobs "
+            "| labelling window (s) |"
+        )
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, lab in (("uninterrupted", la), ("two workers and the server killed", lb)):
             print(

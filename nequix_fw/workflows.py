@@ -1,7 +1,12 @@
-"""The campaign as a FireWorks workflow: iteration 0 up front, later iterations appended by the
-workflow itself. `SelectTask` and `ValidateTask` make it dynamic: they append the rest of the
-iteration, or the next one, as FWAction additions built here, and append nothing when the
-campaign stops (nor when a rerun finds what its first run appended). The stage tasks are in
+"""The campaign as FireWorks workflows, one per iteration: iteration 0 up front, each later one
+added by the iteration before. `SelectTask` and `ValidateTask` make them dynamic: select appends
+the rest of its iteration (labelling .. validation) as FWAction additions built here, and the
+last task of an iteration adds the next iteration as a workflow of its own, found again by its
+metadata (``nequix_fw_campaign``, ``iteration``); nothing is added when the campaign stops, nor
+twice when a rerun finds what its first run added. One workflow per iteration keeps FireWorks'
+cost per Firework flat: it reloads and rewrites a whole workflow on every state change, which
+in one ever-growing workflow costs more at every iteration (`benchmarks/bench_campaign_overhead.py
+--scale`). The stage tasks are in
 `nequix_fw.firetasks`. One Firework builder per stage (`explore_fw`, `run_ensemble_fw`,
 `select_fw`, `label_fw`, `update_dataset_fw`, `train_ensemble_fw`, `validate_fw`) resolves its
 task's inputs (the iteration's settings, schedule and stage applied, and its paths) from the
@@ -164,11 +169,18 @@ def validate_fw(c: Campaign, k: int) -> Firework:
     return _fw(c, k, ValidateTask(sections=c.sections, iteration=k), "validate")
 
 
-def _chain(fws: list[Firework], name: str, roots: list[Firework] = ()) -> Workflow:
+def _chain(
+    fws: list[Firework], name: str, roots: list[Firework] = (), metadata: dict | None = None
+) -> Workflow:
     """`roots` (run in parallel) -> fws[0] -> fws[1] -> ..."""
     links = {a.fw_id: [b.fw_id] for a, b in zip(fws, fws[1:], strict=False)}
     links.update({r.fw_id: [fws[0].fw_id] for r in roots})
-    return Workflow([*roots, *fws], links, name=name)
+    return Workflow([*roots, *fws], links, name=name, metadata=metadata)
+
+
+def _metadata(c: Campaign, k: int) -> dict:
+    """What finds iteration k's workflow among the LaunchPad's."""
+    return {"nequix_fw_campaign": c.settings.name, "iteration": k}
 
 
 def labelling_workflow(c: Campaign, k: int, n_structures: int) -> Workflow:
@@ -176,14 +188,14 @@ def labelling_workflow(c: Campaign, k: int, n_structures: int) -> Workflow:
     iteration k."""
     labels = [label_fw(c, k, g) for g in label_groups(c, n_structures)]
     fws = [update_dataset_fw(c, k), train_ensemble_fw(c, k), validate_fw(c, k)]
-    return _chain(fws, f"{c.settings.name} iteration {k}", roots=labels)
+    return _chain(fws, f"{c.settings.name} iteration {k}", labels, _metadata(c, k))
 
 
 def exploration_workflow(c: Campaign, k: int) -> Workflow:
     """(explore ->) run_ensemble -> select of iteration k >= 1."""
     fws = [explore_fw(c, k)] if c.settings.explore else []
     fws += [run_ensemble_fw(c, k), select_fw(c, k)]
-    return _chain(fws, f"{c.settings.name} iteration {k}")
+    return _chain(fws, f"{c.settings.name} iteration {k}", metadata=_metadata(c, k))
 
 
 def _absolute(value, or_name: bool = False):
@@ -320,7 +332,7 @@ def campaign_workflow(sections: dict) -> Workflow:
     c = Campaign(sections)
     n_initial = sum(1 for _ in iter_frames([label_inputs(c, 0)]))
     wf = labelling_workflow(c, 0, n_initial)
-    wf.name = f"nequix-fw campaign {c.settings.name}"
+    wf.name = f"nequix-fw campaign {c.settings.name} iteration 0"
     return wf
 
 
@@ -328,11 +340,13 @@ def campaign_workflow(sections: dict) -> Workflow:
 
 
 class _GrowingTask(StageTask):
-    """A stage that decides whether the campaign goes on and appends the next Fireworks.
+    """A stage that decides whether the campaign goes on and adds the next Fireworks: the rest
+    of its iteration (appended to its workflow) or the next iteration (a workflow of its own).
 
     Its Firework carries ``_add_launchpad_and_fw_id``, so a rerun (``lpad rerun_fws``) can see
-    the Fireworks its first run appended: FireWorks reruns those as its descendants, so they are
-    not appended again, and they are defused when the rerun decides to stop.
+    what its first run added: FireWorks reruns appended Fireworks as its descendants, and the
+    next iteration's workflow is run again; neither is added twice, and both are defused when
+    the rerun decides to stop.
 
     Required params:
         sections (dict): the campaign's settings sections (as `campaign_sections` made them):
@@ -361,6 +375,36 @@ class _GrowingTask(StageTask):
             return FWAction(stored_data=record, defuse_children=bool(children))
         return FWAction(stored_data=record, additions=[] if children else [addition()])
 
+    def _next_iteration(self, stop_reason: str | None) -> FWAction:
+        """Stop (`stop_reason`), or add the next iteration as a workflow of its own. A rerun
+        that finds the next iteration's workflow (added by its first run) runs it again, or
+        defuses it when it now stops. The decision goes into the record (None: goes on)."""
+        c, k = self.campaign, self["iteration"]
+        record = c.record(k, stop_reason=stop_reason)
+        lp = getattr(self, "launchpad", None)
+        if lp is None:  # run outside a LaunchPad: nothing to add the workflow to
+            return FWAction(stored_data=record)
+        # what a first run appended to this workflow (a select that labelled then) is stale
+        action = FWAction(stored_data=record, defuse_children=bool(self._children()))
+        found = lp.workflows.find_one(
+            {f"metadata.{key}": value for key, value in _metadata(c, k + 1).items()},
+            {"nodes": 1, "links": 1},
+        )
+        if found is None:
+            if not stop_reason:
+                lp.add_wf(exploration_workflow(c, k + 1))
+            return action
+        children = {child for kids in found["links"].values() for child in kids}
+        for fw_id in sorted(set(found["nodes"]) - children):  # the workflow's roots
+            state = lp.fireworks.find_one({"fw_id": fw_id}, {"state": 1})["state"]
+            if stop_reason:
+                lp.defuse_fw(fw_id)
+            elif state == "DEFUSED":
+                lp.reignite_fw(fw_id)
+            else:
+                lp.rerun_fw(fw_id)
+        return action
+
 
 @explicit_serialize
 class SelectTask(_GrowingTask):
@@ -376,7 +420,7 @@ class SelectTask(_GrowingTask):
         if label:
             return self._grow(stop, lambda: labelling_workflow(c, k, n))
         # a stage converged with too little to label: the next iteration, in the next stage
-        return self._grow(stop, lambda: exploration_workflow(c, k + 1))
+        return self._next_iteration(stop)
 
 
 @explicit_serialize
@@ -387,4 +431,4 @@ class ValidateTask(_GrowingTask):
         c, k = self.campaign, self["iteration"]
         record = stages.validate_stage(c, k, fw_spec.get("_fw_env"))
         reason = iteration_stop(c, k, record)
-        return self._grow(reason, lambda: exploration_workflow(c, k + 1))
+        return self._next_iteration(reason)

@@ -144,6 +144,8 @@ docs = list(db[COLLECTION].find())
 print(json.dumps({
     "fireworks": sorted((f["name"], f["state"]) for f in db.fireworks.find()),
     "workflow_state": [w["state"] for w in db.workflows.find()],
+    "workflows": [(w["name"], len(w["nodes"]), (w.get("metadata") or {}).get("iteration"))
+                  for w in db.workflows.find()],
     "dataset": sorted((d["dataset"], d["info"].get("iteration", -1)) for d in docs),
     "ids": sorted(d["structure_id"] for d in docs),
     "backends": sorted({d["info"]["backend"] for d in docs}),

@@ -41,7 +41,14 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     assert [it for _, it in db["dataset"]] == [0] * 4 + [1] * 3 + [2] * 2
     assert db["backends"] == ["ase"]
     assert len(db["fireworks"]) == 18 and {s for _, s in db["fireworks"]} == {"COMPLETED"}
-    assert db["workflow_state"] == ["COMPLETED"]
+    # one workflow per iteration, each added by the iteration before (FireWorks' cost per
+    # Firework grows with the size of its workflow)
+    assert db["workflow_state"] == ["COMPLETED"] * 3
+    assert db["workflows"] == [
+        ["nequix-fw campaign cu_au iteration 0", 4, 0],
+        ["cu_au iteration 1", 7, 1],
+        ["cu_au iteration 2", 7, 2],
+    ]
     # each stage logged what it did into its launch directory
     logs = [p.read_text() for p in tmp_path.rglob("launcher_*/nequix_fw.log")]
     assert len(logs) == 18 and all(logs)  # one per Firework
@@ -153,13 +160,14 @@ def test_campaign_stops_when_nothing_is_selected(tmp_path, launchpad_file):
     assert its[1]["n_selected"] == 0 and its[1]["stop_reason"] == "converged: 0 selected (< 1)"
     names = [n for n, _ in r["db"]["fireworks"]]
     assert "quiet select 1" in names and "quiet label 1" not in names
-    assert r["db"]["workflow_state"] == ["COMPLETED"]
+    assert r["db"]["workflow_state"] == ["COMPLETED", "COMPLETED"]
 
 
 def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file):
-    """`lpad rerun_fws` on a finished iteration: FireWorks reruns what the first run appended
-    (the validation does not append it again), the selection picks the same structures, their
-    labels are reused and the dataset stays as it was. A rerun that now stops defuses them."""
+    """`lpad rerun_fws` on a finished iteration: the validation runs the next iteration's
+    workflow (added by its first run) again instead of adding another, the selection picks the
+    same structures, their labels are reused and the dataset stays as it was. A rerun that now
+    stops defuses the next iteration."""
     ase.io.write(tmp_path / "pool.extxyz", make_cells(6, seed=5))
     pool = f"campaign: {{candidate_pool: [{tmp_path / 'pool.extxyz'}], explore: false, "
     first = run_campaign(
@@ -209,7 +217,8 @@ def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file)
     states = dict(stopped["db"]["fireworks"])
     assert states["again validate 0"] == "COMPLETED"
     assert states["again run_ensemble 1"] == "DEFUSED" and states["again select 1"] == "WAITING"
-    assert stopped["db"]["workflow_state"] == ["DEFUSED"]
+    assert stopped["db"]["workflow_state"] == ["COMPLETED", "DEFUSED"]
+    assert len(stopped["db"]["workflows"]) == 2  # none added twice
     assert stopped["log"][0]["stop_reason"] == "max_iterations (0) reached"
     assert stopped["db"]["ids"] == first["db"]["ids"]
 

@@ -131,13 +131,13 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
         _run(qlaunch, tmp_path, env)
         _queue_empty()
         state = json.loads(_run([sys.executable, "-c", QUERY], tmp_path, env).splitlines()[-1])
-        if state["workflow_state"] == ["COMPLETED"]:
+        if state["workflow_state"] == ["COMPLETED", "COMPLETED"]:  # one per iteration
             break
     fws = {int(k): v for k, v in state["fireworks"].items()}
     launches = {int(k): v for k, v in state["launches"].items()}
-    # iteration 0 (2 label groups, update_dataset, train_ensemble, validate), run_ensemble and
-    # select 1 appended by validate 0, then iteration 1's label groups..validate appended by
-    # select 1: twelve Fireworks
+    # iteration 0 (2 label groups, update_dataset, train_ensemble, validate), then iteration
+    # 1's workflow added by validate 0 (run_ensemble, select) with its label groups..validate
+    # appended by select 1: twelve Fireworks
     names = sorted(name for name, _ in fws.values())
     assert names == [
         "q label 0.0",
@@ -154,7 +154,7 @@ def test_campaign_through_qlaunch_rapidfire_on_slurm(slurm, tmp_path, launchpad_
         "q validate 1",
     ]
     assert {s for _, s in fws.values()} == {"COMPLETED"}
-    assert state["workflow_state"] == ["COMPLETED"]
+    assert state["workflow_state"] == ["COMPLETED", "COMPLETED"]
     assert state["dataset"] == [0] * 4 + [1] * 3  # complete, nothing twice
     assert all(len(v) == 1 for v in launches.values())  # every Firework ran once
     by_name = {fws[i][0]: launches[i][0] for i in fws}
