@@ -14,7 +14,7 @@ $(BIN)/nequix-fw: pyproject.toml
 	# CPU torch first (a local wheel where the machine has one), so nequix's torch backend does
 	# not pull a multi-GB CUDA build; everything else comes from pyproject.toml.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.7"
-	$(BIN)/pip install -q -e ".[dev,server]"
+	$(BIN)/pip install -q -e ".[dev,server,phonons]"
 	touch $@
 
 setup: $(BIN)/nequix-fw

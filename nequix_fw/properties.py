@@ -1,0 +1,199 @@
+"""Property checks of bulk crystals: elastic constants by finite strain and phonon frequencies at
+high-symmetry points by finite displacements (phonopy).
+
+Each check is two halves, so that a potential and the reference labels are judged on the very
+same cells: the cells to compute (`strained_cells`, `PhononCheck.supercells`) and the fit of
+the property from their stresses or forces (`elastic_tensor`, `PhononCheck.frequencies`). The
+potential's side is an ensemble's per-model predictions (`ensemble_elastic`,
+`ensemble_phonons`: each model's property, then their mean and spread, which says whether a
+miss is to be trusted); the reference's is a labelled set of the same cells.
+
+Conventions: strains in Voigt order (xx, yy, zz, yz, xz, xy) with engineering shears (the
+xy entry is 2 e_xy); stresses with ASE's sign (positive = tensile); elastic constants of the
+clamped-ion (unrelaxed) cell, in GPa; frequencies in THz.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+from ase.units import GPa
+
+from nequix_fw.errors import NequixFWError, StructureError
+
+#: Strain of each finite-strain cell (±, per Voigt component).
+ELASTIC_STRAIN = 0.01
+#: Phonopy's displacement (Å) of the finite-displacement supercells.
+PHONON_DISPLACEMENT = 0.01
+#: High-symmetry points in the reciprocal basis of phonopy's standard primitive cell, by the
+#: centring of a cubic lattice (a conventional cubic cell along x, y, z, or ASE's primitive
+#: cells); other lattices get Γ only unless q-points are given.
+CUBIC_POINTS = {
+    "F": {"G": [0.0, 0.0, 0.0], "X": [0.5, 0.0, 0.5], "L": [0.5, 0.5, 0.5]},
+    "I": {"G": [0.0, 0.0, 0.0], "H": [0.5, -0.5, 0.5], "N": [0.0, 0.0, 0.5]},
+    "P": {"G": [0.0, 0.0, 0.0], "X": [0.0, 0.5, 0.0], "M": [0.5, 0.5, 0.0], "R": [0.5, 0.5, 0.5]},
+}
+
+Predict = Callable[[Sequence[Atoms]], list]
+
+
+def check_bulk(atoms: Atoms, what: str, where: str) -> None:
+    """Refuse what is not a periodic bulk cell (a slab, a molecule) with one line."""
+    if not atoms.pbc.all() or atoms.cell.rank < 3:
+        raise StructureError(
+            f"{where}: {what} needs a periodic bulk cell, and {atoms.get_chemical_formula()} "
+            f"is periodic along {int(atoms.pbc.sum())} axes"
+        )
+
+
+# -- elastic constants ----------------------------------------------------------------------------
+
+
+def voigt_strain_matrix(component: int, strain: float) -> np.ndarray:
+    """The symmetric strain tensor of Voigt `component` (0-5) at `strain` (engineering shear)."""
+    eps = np.zeros((3, 3))
+    i, j = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)][component]
+    if i == j:
+        eps[i, i] = strain
+    else:
+        eps[i, j] = eps[j, i] = strain / 2
+    return eps
+
+
+def strained_cells(atoms: Atoms, strain: float = ELASTIC_STRAIN) -> list[Atoms]:
+    """12 cells: `atoms` under -strain and +strain along each Voigt component, atoms moved
+    with the cell (clamped ions), in that order."""
+    cells = []
+    for component in range(6):
+        for sign in (-1, 1):
+            eps = voigt_strain_matrix(component, sign * strain)
+            a = atoms.copy()
+            a.calc = None
+            a.set_cell(a.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
+            cells.append(a)
+    return cells
+
+
+def elastic_tensor(stresses: np.ndarray, strain: float = ELASTIC_STRAIN) -> np.ndarray:
+    """The 6x6 elastic tensor (GPa) from the Voigt stresses (eV/Å³, ASE's sign) of the 12
+    `strained_cells`, by central differences: C_ij = dσ_i/dε_j, symmetrised."""
+    s = np.asarray(stresses, dtype=float).reshape(6, 2, 6)
+    c = ((s[:, 1] - s[:, 0]) / (2 * strain)).T / GPa
+    return (c + c.T) / 2
+
+
+def cubic_constants(c: np.ndarray) -> dict[str, float]:
+    """C11, C12 and C44 (GPa) of a cubic crystal's tensor (averaged over the equivalent
+    entries)."""
+    c = np.asarray(c)
+    return {
+        "C11": float(np.mean([c[0, 0], c[1, 1], c[2, 2]])),
+        "C12": float(np.mean([c[0, 1], c[0, 2], c[1, 2]])),
+        "C44": float(np.mean([c[3, 3], c[4, 4], c[5, 5]])),
+    }
+
+
+def ensemble_elastic(predict: Predict, atoms: Atoms, strain: float = ELASTIC_STRAIN) -> dict:
+    """Each model's elastic tensor from its stresses on the `strained_cells` (`predict`: an
+    `Ensemble.predict`), and the mean and spread over the models (GPa)."""
+    check_bulk(atoms, "an elastic-constant check", atoms.get_chemical_formula())
+    preds = predict(strained_cells(atoms, strain))
+    per_model = np.stack([p.stresses for p in preds], axis=1)  # (M, 12, 6)
+    tensors = np.array([elastic_tensor(s, strain) for s in per_model])
+    return {"mean": tensors.mean(axis=0), "std": tensors.std(axis=0), "per_model": tensors}
+
+
+# -- phonons --------------------------------------------------------------------------------------
+
+
+def _phonopy():
+    try:
+        return importlib.import_module("phonopy")
+    except ImportError:
+        raise NequixFWError(
+            "phonon checks need phonopy: pip install 'nequix-fw[phonons]' (or pip install phonopy)"
+        ) from None
+
+
+@dataclass
+class PhononCheck:
+    """Phonon frequencies at high-symmetry points of a bulk cell, by phonopy's finite
+    displacements on a `supercell` of it (its primitive cell found by phonopy)."""
+
+    atoms: Atoms
+    supercell: Sequence[int] = (2, 2, 2)
+    displacement_A: float = PHONON_DISPLACEMENT
+    qpoints: dict[str, list[float]] | None = None
+    _phonon: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        check_bulk(self.atoms, "a phonon check", self.atoms.get_chemical_formula())
+        phonopy = _phonopy()
+        from phonopy.structure.atoms import PhonopyAtoms  # noqa: PLC0415 (optional extra)
+
+        cell = PhonopyAtoms(
+            symbols=self.atoms.get_chemical_symbols(),
+            cell=self.atoms.cell[:],
+            scaled_positions=self.atoms.get_scaled_positions(),
+        )
+        with warnings.catch_warnings():  # 'auto' is our choice, not phonopy's default
+            warnings.filterwarnings("ignore", message="primitive_matrix defaulted")
+            self._phonon = phonopy.Phonopy(
+                cell, supercell_matrix=np.diag(self.supercell), primitive_matrix="auto"
+            )
+        self._phonon.generate_displacements(distance=self.displacement_A)
+        if self.qpoints is None:
+            self.qpoints = self.default_qpoints()
+
+    def default_qpoints(self) -> dict[str, list[float]]:
+        """Γ and the cubic lattice's high-symmetry points (`CUBIC_POINTS`); Γ alone for
+        other lattices."""
+        symbol = self._phonon.primitive_symmetry.dataset.international
+        number = self._phonon.primitive_symmetry.dataset.number
+        if number >= 195:  # cubic
+            return dict(CUBIC_POINTS[symbol[0]])
+        return {"G": [0.0, 0.0, 0.0]}
+
+    def supercells(self) -> list[Atoms]:
+        """The displaced supercells whose forces the frequencies need."""
+        return [
+            Atoms(s.symbols, cell=s.cell, scaled_positions=s.scaled_positions, pbc=True)
+            for s in self._phonon.supercells_with_displacements
+        ]
+
+    def frequencies(self, forces: np.ndarray) -> dict[str, list[float]]:
+        """Frequencies (THz, ascending) at each q-point from the forces (eV/Å) on the
+        `supercells`, in their order."""
+        self._phonon.forces = np.asarray(forces, dtype=float)
+        self._phonon.produce_force_constants()
+        names = list(self.qpoints)
+        self._phonon.run_qpoints([self.qpoints[n] for n in names])
+        freqs = self._phonon.qpoints.frequencies
+        return {n: [float(f) for f in freq] for n, freq in zip(names, freqs, strict=True)}
+
+
+def ensemble_phonons(predict: Predict, check: PhononCheck) -> dict:
+    """Each model's frequencies from its forces on the check's supercells, and their mean and
+    spread over the models (THz), per q-point."""
+    preds = predict(check.supercells())
+    forces = np.stack([p.forces for p in preds], axis=1)  # (M, n displacements, atoms, 3)
+    per_model = [check.frequencies(f) for f in forces]
+    out = {}
+    for q in check.qpoints:
+        f = np.array([m[q] for m in per_model])
+        out[q] = {"mean": f.mean(axis=0).tolist(), "std": f.std(axis=0).tolist()}
+    return out
+
+
+def relative_errors(model: Sequence[float], reference: Sequence[float], floor: float) -> list:
+    """Percent errors of `model` against `reference`, entry by entry; entries whose reference
+    is below `floor` in magnitude (e.g. acoustic modes at Γ) are left out (None)."""
+    return [
+        None if abs(r) < floor else float(100 * (m - r) / r)
+        for m, r in zip(model, reference, strict=True)
+    ]

@@ -1,0 +1,141 @@
+"""Property checks (elastic constants, phonons) on EMT, against values computed independently:
+pymatgen's elastic-tensor fit and energy curvatures for the elastic constants, ASE's own
+finite-displacement phonons for the frequencies."""
+
+import sys
+
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111, molecule
+from ase.calculators.emt import EMT
+from ase.units import GPa
+
+from nequix_fw.errors import NequixFWError, StructureError
+from nequix_fw.properties import (
+    ELASTIC_STRAIN,
+    PhononCheck,
+    cubic_constants,
+    elastic_tensor,
+    ensemble_elastic,
+    ensemble_phonons,
+    relative_errors,
+    strained_cells,
+    voigt_strain_matrix,
+)
+
+CU = bulk("Cu", "fcc", a=3.61, cubic=True)
+
+
+def _emt(atoms):
+    a = atoms.copy()
+    a.calc = EMT()
+    return a
+
+
+def _stresses(cells):
+    return np.array([_emt(c).get_stress() for c in cells])
+
+
+def test_elastic_constants_equal_pymatgens_fit_and_the_energy_curvature():
+    from pymatgen.analysis.elasticity import ElasticTensor, Strain, Stress
+
+    cells = strained_cells(CU)
+    stresses = _stresses(cells)
+    c = elastic_tensor(stresses)
+    # pymatgen's fit from the same strains and stresses (its independent-strain method)
+    strains = [
+        Strain(voigt_strain_matrix(k, s * ELASTIC_STRAIN)) for k in range(6) for s in (-1, 1)
+    ]
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    eq = Stress(voigt_6_to_full_3x3_stress(_emt(CU).get_stress()) / GPa)
+    pm = ElasticTensor.from_independent_strains(
+        strains, [Stress(voigt_6_to_full_3x3_stress(s) / GPa) for s in stresses], eq_stress=eq
+    ).voigt
+    np.testing.assert_allclose(c, pm, atol=0.5)
+    # energies alone (no stresses), at EMT's equilibrium (where stress-strain and energy-strain
+    # constants agree): E/V = 1/2 C11 e^2 for a uniaxial strain e, 1/2 C44 g^2 for an
+    # engineering shear g
+    cu0 = bulk("Cu", "fcc", a=3.5898255, cubic=True)
+    assert np.abs(_emt(cu0).get_stress()).max() < 1e-6
+    v0, e0 = cu0.get_volume(), _emt(cu0).get_potential_energy()
+
+    def curvature(component, h=0.004):
+        e = [_emt(_strained(cu0, component, s * h)).get_potential_energy() for s in (-1, 1)]
+        return (e[0] + e[1] - 2 * e0) / h**2 / v0 / GPa
+
+    got = cubic_constants(elastic_tensor(_stresses(strained_cells(cu0))))
+    assert got["C11"] == pytest.approx(curvature(0), rel=0.01)
+    assert got["C44"] == pytest.approx(curvature(3), rel=0.01)
+    assert got["C11"] > got["C12"] > 0 and got["C44"] > 0  # Born stability of fcc Cu
+
+
+def _strained(atoms, component, strain):
+    a = atoms.copy()
+    a.set_cell(a.cell[:] @ (np.eye(3) + voigt_strain_matrix(component, strain)), scale_atoms=True)
+    return a
+
+
+def test_phonon_frequencies_equal_ases_finite_displacement_phonons(tmp_path, monkeypatch):
+    from ase.phonons import Phonons
+
+    check = PhononCheck(CU, supercell=(2, 2, 2))
+    assert list(check.qpoints) == ["G", "X", "L"]
+    forces = np.array([_emt(s).get_forces() for s in check.supercells()])
+    got = check.frequencies(forces)
+    # ASE's own phonons of the primitive cell on a 4x4x4 supercell (the same 32-atom cell as
+    # 2x2x2 conventional cells is not a multiple of the primitive; 4x4x4 holds both)
+    monkeypatch.chdir(tmp_path)
+    prim = bulk("Cu", "fcc", a=3.61)
+    ph = Phonons(prim, EMT(), supercell=(4, 4, 4), delta=0.01, name="ph")
+    ph.run()
+    ph.read(acoustic=True)
+    thz = 1e-12 / 4.135667696e-15  # THz per eV (h)
+    ref = np.sort(ph.band_structure([[0.5, 0.0, 0.5], [0.5, 0.5, 0.5]]) * thz, axis=1)
+    np.testing.assert_allclose(got["X"], ref[0], rtol=0.03)
+    np.testing.assert_allclose(got["L"], ref[1], rtol=0.03)
+    assert max(abs(f) for f in got["G"]) < 0.05  # acoustic modes at Γ
+    assert relative_errors(got["X"], ref[0], floor=0.1) == pytest.approx(
+        [100 * (a - b) / b for a, b in zip(got["X"], ref[0], strict=True)]
+    )
+    assert relative_errors([0.01, 5.0], [0.02, 4.0], floor=0.1) == [None, 25.0]
+
+
+class _Ensemble:
+    """Two 'models': EMT, and EMT with its stresses and forces scaled by 1.1."""
+
+    def predict(self, structures):
+        from nequix_fw.ensemble import Prediction
+
+        out = []
+        for a in structures:
+            a = _emt(a)
+            f, s = a.get_forces(), a.get_stress()
+            out.append(Prediction(np.zeros(2), np.stack([f, 1.1 * f]), np.stack([s, 1.1 * s])))
+        return out
+
+
+def test_the_ensembles_properties_are_each_models_with_their_mean_and_spread():
+    ens = _Ensemble()
+    el = ensemble_elastic(ens.predict, CU)
+    c0 = elastic_tensor(_stresses(strained_cells(CU)))
+    np.testing.assert_allclose(el["per_model"][0], c0, atol=1e-9)
+    np.testing.assert_allclose(el["per_model"][1], 1.1 * c0, atol=1e-9)
+    np.testing.assert_allclose(el["mean"], 1.05 * c0, atol=1e-9)
+    np.testing.assert_allclose(el["std"], 0.05 * np.abs(c0), atol=1e-9)
+    ph = ensemble_phonons(ens.predict, PhononCheck(CU))
+    # frequencies scale with the square root of the force constants
+    x = np.array(ph["X"]["mean"])
+    lo, hi = x / (1 + np.sqrt(1.1)) * 2, x / (1 + np.sqrt(1.1)) * 2 * np.sqrt(1.1)
+    np.testing.assert_allclose(ph["X"]["std"], (hi - lo) / 2, rtol=1e-6)
+
+
+def test_a_slab_or_molecule_is_refused_and_phonopy_missing_names_the_extra(monkeypatch):
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    with pytest.raises(StructureError, match="elastic-constant check needs a periodic bulk"):
+        ensemble_elastic(_Ensemble().predict, slab)
+    with pytest.raises(StructureError, match="phonon check needs a periodic bulk cell, and H2O"):
+        PhononCheck(molecule("H2O"))
+    monkeypatch.setitem(sys.modules, "phonopy", None)
+    with pytest.raises(NequixFWError, match=r"pip install 'nequix-fw\[phonons\]'"):
+        PhononCheck(CU)
