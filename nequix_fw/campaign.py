@@ -505,7 +505,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         },
         calibration=(report.get("uncertainty") or {}).get("calibration"),
         md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
-        properties=_property_errors(report.get("physics")),
+        properties=_property_errors(report.get("physics"), report.get("properties")),
     )
     plot_progress(c.directory)
     return record
@@ -533,16 +533,20 @@ def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) 
     return to
 
 
-def _property_errors(physics: dict | None) -> dict | None:
-    """The structural checks' errors against the reference, by tolerance name."""
-    if not physics:
+def _property_errors(physics: dict | None, properties: dict | None = None) -> dict | None:
+    """The structural and property checks' errors against the reference, by tolerance name."""
+    if not physics and not properties:
         return None
-    vacancy = physics.get("vacancy") or {}
-    return {
-        "v0_percent": physics["v0_error_percent"],
-        "bulk_modulus_percent": physics["bulk_modulus_error_percent"],
-        "vacancy_formation_eV": vacancy.get("error_eV"),
-    }
+    out = {}
+    if physics:
+        vacancy = physics.get("vacancy") or {}
+        out["v0_percent"] = physics["v0_error_percent"]
+        out["bulk_modulus_percent"] = physics["bulk_modulus_error_percent"]
+        out["vacancy_formation_eV"] = vacancy.get("error_eV")
+    for check, tolerance in (("elastic", "elastic_percent"), ("phonons", "phonon_percent")):
+        if properties and check in properties:
+            out[tolerance] = properties[check]["error_percent"]
+    return out
 
 
 def plot_progress(directory: str | Path) -> Path:

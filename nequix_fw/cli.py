@@ -110,6 +110,37 @@ def _cmd_train_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def property_lines(properties: dict | None) -> list[str]:
+    """The elastic and phonon checks of a validation report, one line each."""
+    if not properties:
+        return []
+    out = []
+    el = properties.get("elastic")
+    if el:
+        consts = ", ".join(
+            f"{n} {v['model']:.1f} ± {v['model_std']:.1f} ({v['reference']:.1f}, "
+            f"{v['error_percent']:+.1f} %)"
+            for n, v in el["constants_GPa"].items()
+        )
+        out.append(f"elastic constants (GPa; reference in brackets): {consts}")
+    ph = properties.get("phonons")
+    if ph:
+        points = ", ".join(
+            f"{q} "
+            + "/".join(f"{f:.2f}" for f in v["model_THz"])
+            + " ("
+            + "/".join(f"{f:.2f}" for f in v["reference_THz"])
+            + ")"
+            for q, v in ph["qpoints"].items()
+        )
+        worst = ph["error_percent"]
+        out.append(
+            f"phonons (THz; reference in brackets): {points}; largest error "
+            f"{'-' if worst is None else format(worst, '.1f')} %"
+        )
+    return out
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from nequix_fw.settings import ValidationSettings, load_settings
     from nequix_fw.validation import validate
@@ -157,6 +188,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             f"MD stability at {md['temperature_K']:g} K: {n_ok} of {md['n_runs']} runs stable "
             f"for {md['length_fs'] / 1000:g} ps{others}"
         )
+    for line in property_lines(report.get("properties")):
+        print(line)
     phys = report.get("physics")
     if phys and phys["v0_error_percent"] is None:
         print(
@@ -470,6 +503,9 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
             f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
             f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}"
         )
+        props = {k: v for k, v in (it.get("properties") or {}).items() if v is not None}
+        if props:
+            print("      properties: " + ", ".join(f"{k} {v:+.3g}" for k, v in props.items()))
     if args.plot:
         from nequix_fw.campaign import plot_progress
 
@@ -806,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(v, ValidationSettings, "md_temperature_K", "--md-temperature")
     _setting(v, ValidationSettings, "md_steps")
     _setting(v, ValidationSettings, "md_n_runs", "--md-runs")
+    for field in ("elastic", "phonons"):
+        _setting(v, ValidationSettings, field, action="store_const", const=True)
+    _setting(v, ValidationSettings, "phonon_supercell", type=int)
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_cmd_validate)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import spglib
 from ase import Atoms
 from ase.units import GPa
 
@@ -197,3 +198,84 @@ def relative_errors(model: Sequence[float], reference: Sequence[float], floor: f
         None if abs(r) < floor else float(100 * (m - r) / r)
         for m, r in zip(model, reference, strict=True)
     ]
+
+
+# -- the checks of a validation -------------------------------------------------------------------
+
+#: Reference frequencies (THz) below this are left out of the errors (acoustic modes at Γ).
+PHONON_FLOOR_THZ = 0.5
+
+
+def _is_cubic(atoms: Atoms) -> bool:
+    cell = (atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)
+    dataset = spglib.get_symmetry_dataset(cell, symprec=1e-3)
+    return dataset is not None and dataset.number >= 195
+
+
+def elastic_constants(c: np.ndarray, cubic: bool, reference: np.ndarray) -> dict[str, float]:
+    """Named constants (GPa) of tensor `c`: C11, C12, C44 of a cubic crystal; otherwise every
+    C_ij (i <= j) that is at least 5 % of the largest entry of the `reference` tensor."""
+    if cubic:
+        return cubic_constants(c)
+    big = np.abs(reference).max()
+    return {
+        f"C{i + 1}{j + 1}": float(c[i, j])
+        for i in range(6)
+        for j in range(i, 6)
+        if abs(reference[i, j]) >= 0.05 * big
+    }
+
+
+def elastic_check(predict: Predict, atoms: Atoms, reference_stresses: np.ndarray) -> dict:
+    """The ensemble's elastic constants against the reference's, from the reference's stresses
+    (eV/Å³) on the `strained_cells` of `atoms`: each constant's mean, spread and reference
+    (GPa), its error (%), and the largest error (``error_percent``)."""
+    mine = ensemble_elastic(predict, atoms)
+    ref = elastic_tensor(reference_stresses)
+    cubic = _is_cubic(atoms)
+    names = elastic_constants(ref, cubic, ref)
+    mean, std = (
+        elastic_constants(mine["mean"], cubic, ref),
+        elastic_constants(mine["std"], cubic, ref),
+    )
+    constants = {
+        n: {
+            "model": mean[n],
+            "model_std": std[n],
+            "reference": names[n],
+            "error_percent": 100 * (mean[n] - names[n]) / names[n],
+        }
+        for n in names
+    }
+    return {
+        "formula": atoms.get_chemical_formula(),
+        "cubic": cubic,
+        "strain": ELASTIC_STRAIN,
+        "constants_GPa": constants,
+        "error_percent": max(abs(v["error_percent"]) for v in constants.values()),
+    }
+
+
+def phonon_check(predict: Predict, check: PhononCheck, reference_forces: np.ndarray) -> dict:
+    """The ensemble's phonon frequencies against the reference's, from the reference's forces
+    (eV/Å) on the check's supercells: per q-point the modes' mean, spread and reference (THz)
+    and their errors (%; modes under `PHONON_FLOOR_THZ` left out), and the largest error."""
+    mine = ensemble_phonons(predict, check)
+    ref = check.frequencies(reference_forces)
+    points = {}
+    for q, freqs in ref.items():
+        errors = relative_errors(mine[q]["mean"], freqs, PHONON_FLOOR_THZ)
+        points[q] = {
+            "qpoint": check.qpoints[q],
+            "model_THz": mine[q]["mean"],
+            "model_std_THz": mine[q]["std"],
+            "reference_THz": freqs,
+            "error_percent": errors,
+        }
+    errors = [abs(e) for p in points.values() for e in p["error_percent"] if e is not None]
+    return {
+        "formula": check.atoms.get_chemical_formula(),
+        "supercell": list(check.supercell),
+        "qpoints": points,
+        "error_percent": max(errors) if errors else None,
+    }

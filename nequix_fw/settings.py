@@ -727,12 +727,21 @@ class CampaignSettings(_Settings):
         "too, both must hold.",
     )
     property_tolerances: dict[
-        Literal["v0_percent", "bulk_modulus_percent", "vacancy_formation_eV"], float
+        Literal[
+            "v0_percent",
+            "bulk_modulus_percent",
+            "vacancy_formation_eV",
+            "elastic_percent",
+            "phonon_percent",
+        ],
+        float,
     ] = Field(
         {},
         description="Stop once the structural checks agree with validate.reference within "
-        "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), e.g. "
-        "{v0_percent: 1, bulk_modulus_percent: 5}; with the other targets, all must hold.",
+        "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), the "
+        "largest |elastic constant error| (%, validate.elastic), the largest |phonon "
+        "frequency error| (%, validate.phonons), e.g. {v0_percent: 1, bulk_modulus_percent: 5, "
+        "elastic_percent: 10}; with the other targets, all must hold.",
     )
     accurate_fraction: float | None = Field(
         None,
@@ -848,6 +857,27 @@ class ValidationSettings(_Settings):
     )
     structure: Path | None = Field(
         None, description="Structure of the structural checks (default: the first test one)."
+    )
+    elastic: bool = Field(
+        False,
+        description="Elastic constants of `structure` against the reference calculator: by "
+        "finite strain (±1 % on each Voigt component, clamped ions; 12 reference "
+        "calculations), C11, C12 and C44 of a cubic crystal, else every sizeable C_ij (GPa).",
+    )
+    phonons: bool = Field(
+        False,
+        description="Phonon frequencies of `structure` at high-symmetry points against the "
+        "reference calculator, by phonopy's finite displacements (0.01 Å) on "
+        "`phonon_supercell` (needs the 'phonons' extra; THz).",
+    )
+    phonon_supercell: list[int] = Field(
+        [2, 2, 2], min_length=3, max_length=3, description="Supercell of the phonon check."
+    )
+    phonon_qpoints: dict[str, list[float]] | None = Field(
+        None,
+        description="q-points of the phonon check by name, in the reciprocal basis of "
+        "phonopy's primitive cell. None: Γ and the high-symmetry points of a cubic lattice "
+        "(F: X, L; I: H, N; P: X, M, R), Γ alone for other lattices.",
     )
 
     md_stability: bool = Field(False, description="Run the MD stability check.")

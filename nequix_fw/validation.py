@@ -27,6 +27,7 @@ from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
+from nequix_fw.properties import PhononCheck, elastic_check, phonon_check, strained_cells
 from nequix_fw.schemas import ValidationReport
 from nequix_fw.settings import (
     LABEL_REFERENCE,
@@ -332,6 +333,29 @@ def md_stability(
 # -- plots ---------------------------------------------------------------------------------------
 
 
+def property_checks(predict, structure: Atoms, reference, validation: ValidationSettings) -> dict:
+    """The elastic and phonon checks `validation` asks for, of the ensemble (`predict`) against
+    the `reference` ASE calculator on `structure`."""
+
+    def labels(cells: list[Atoms], key: str) -> np.ndarray:
+        out = []
+        for a in cells:
+            a.calc = reference
+            out.append(a.get_stress() if key == "stress" else a.get_forces())
+        return np.array(out)
+
+    out = {"reference": type(reference).__name__}
+    if validation.elastic:
+        stresses = labels(strained_cells(structure), "stress")
+        out["elastic"] = elastic_check(predict, structure, stresses)
+    if validation.phonons:
+        check = PhononCheck(
+            structure, validation.phonon_supercell, qpoints=validation.phonon_qpoints
+        )
+        out["phonons"] = phonon_check(predict, check, labels(check.supercells(), "forces"))
+    return out
+
+
 def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
     files = []
 
@@ -476,6 +500,15 @@ def validate(
         report["physics"] = ev_checks_against_labels(
             EnsembleCalculator(ensemble), read_labelled(reference_data, store), where
         )
+    if validation.elastic or validation.phonons:
+        if reference is None:
+            raise SettingsError(
+                "validate.elastic and validate.phonons compare with a reference calculator "
+                "(validate.reference: emt, or 'module:Class')"
+            )
+        structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
+        calc = reference_calculator(reference, reference_params)
+        report["properties"] = property_checks(ensemble.predict, structure, calc, validation)
     if validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)

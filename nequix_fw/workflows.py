@@ -30,6 +30,7 @@ from nequix_fw.firetasks import (
     UpdateDatasetTask,
 )
 from nequix_fw.settings import (
+    LABEL_REFERENCE,
     PLACEHOLDER,
     SECTIONS,
     ExplorationSettings,
@@ -288,6 +289,18 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
             f"{config}: campaign.property_tolerances needs validate.reference "
             "or validate.reference_data (what the structural checks compare "
             "with)"
+        )
+    for tolerance, check in (("elastic_percent", "elastic"), ("phonon_percent", "phonons")):
+        if tolerance in c.settings.property_tolerances and not getattr(checks, check):
+            raise SettingsError(
+                f"{config}: campaign.property_tolerances.{tolerance} needs validate.{check}: "
+                "true (the check it judges)"
+            )
+    if (checks.elastic or checks.phonons) and checks.reference in (None, LABEL_REFERENCE):
+        raise SettingsError(
+            f"{config}: validate.elastic and validate.phonons compare with a reference "
+            "calculator (validate.reference: emt, or 'module:Class'); against the campaign's "
+            "own labels they are not available yet"
         )
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(

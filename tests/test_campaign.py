@@ -342,6 +342,19 @@ def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
         "converged: bulk_modulus_percent error -4 within 5.0, v0_percent error +0.4 within 1.0"
     )
     assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
+    # the elastic and phonon checks' largest errors, likewise
+    settings["campaign"]["property_tolerances"] = {"elastic_percent": 10, "phonon_percent": 5}
+    settings["validate"].update(elastic=True, phonons=True)
+    cfg.write_text(yaml.safe_dump(settings))
+    c = Campaign(campaign_sections(cfg))
+    record = {"properties": {"elastic_percent": 12.0, "phonon_percent": 3.0}}
+    assert iteration_stop(c, 1, record) is None
+    record["properties"]["elastic_percent"] = 8.0
+    assert iteration_stop(c, 1, record) == (
+        "converged: elastic_percent error +8 within 10.0, phonon_percent error +3 within 5.0"
+    )
+    settings["campaign"]["property_tolerances"] = {"v0_percent": 1, "bulk_modulus_percent": 5}
+    settings["validate"] = {"reference": "emt"}
     # without a reference to compare with, a negative tolerance, an unknown property
     no_testset = {k: v for k, v in settings["campaign"].items() if k != "testset"}
     cases = [
@@ -358,6 +371,14 @@ def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
         (
             {"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},
             "property_tolerances.c11",
+        ),
+        (
+            {"campaign": {**settings["campaign"], "property_tolerances": {"elastic_percent": 10}}},
+            "campaign.property_tolerances.elastic_percent needs validate.elastic: true",
+        ),
+        (
+            {"validate": {"reference": "label", "phonons": True}},
+            "validate.elastic and validate.phonons compare with a reference calculator",
         ),
     ]
     for change, msg in cases:

@@ -139,3 +139,23 @@ def test_a_slab_or_molecule_is_refused_and_phonopy_missing_names_the_extra(monke
     monkeypatch.setitem(sys.modules, "phonopy", None)
     with pytest.raises(NequixFWError, match=r"pip install 'nequix-fw\[phonons\]'"):
         PhononCheck(CU)
+
+
+def test_campaign_status_shows_each_iterations_property_errors(tmp_path, capsys):
+    import json
+
+    from nequix_fw.cli import main
+
+    its = [
+        {"iteration": 0, "dataset_size": 4, "properties": None},
+        {
+            "iteration": 1,
+            "dataset_size": 7,
+            "properties": {"v0_percent": -0.41, "elastic_percent": 12.5, "phonon_percent": None},
+        },
+    ]
+    (tmp_path / "campaign.json").write_text(json.dumps({"name": "c", "iterations": its}))
+    assert main(["campaign-status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].strip() == "properties: v0_percent -0.41, elastic_percent +12.5"
+    assert sum("properties:" in line for line in lines) == 1

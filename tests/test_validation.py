@@ -408,3 +408,79 @@ def test_ev_set_refuses_molecules_and_too_few_labelled_volumes(tmp_path, capsys)
     assert error.startswith("error: E-V set of Cu4: 4 of 7 volumes labelled (>= 5 needed)")
     assert len(warnings) == 3 and all("min interatomic distance" in w for w in warnings)
     assert not (tmp_path / "ev_set").exists()
+
+
+def test_elastic_and_phonon_checks_against_the_reference(trained, emt_data, tmp_path, capsys):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.campaign import _property_errors
+    from nequix_fw.properties import (
+        PhononCheck,
+        cubic_constants,
+        elastic_tensor,
+        ensemble_elastic,
+        ensemble_phonons,
+        strained_cells,
+    )
+
+    cu = bulk("Cu", "fcc", a=3.61, cubic=True)
+    ase.io.write(tmp_path / "cu.extxyz", cu)
+    models = [str(m) for m in sorted(trained["dir"].glob("member_*.nqx"))]
+    code = main(
+        [
+            "validate",
+            "--models",
+            *models,
+            "--testset",
+            str(emt_data["test"]),
+            "--output",
+            str(tmp_path / "v.json"),
+            "--reference",
+            "emt",
+            "--ev-structure",
+            str(tmp_path / "cu.extxyz"),
+            "--elastic",
+            "--phonons",
+            "--no-plots",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "elastic constants (GPa" in out and "phonons (THz" in out
+    props = json.loads((tmp_path / "v.json").read_text())["properties"]
+    # the reference side, computed here with EMT directly
+    stresses = []
+    for a in strained_cells(cu):
+        a.calc = EMT()
+        stresses.append(a.get_stress())
+    ref = cubic_constants(elastic_tensor(np.array(stresses)))
+    consts = props["elastic"]["constants_GPa"]
+    assert set(consts) == {"C11", "C12", "C44"} and props["elastic"]["cubic"]
+    for name, value in ref.items():
+        assert consts[name]["reference"] == pytest.approx(value, rel=1e-9)
+    # the model side: each member's constants, their mean and spread
+    ens = Ensemble.from_specs(models)
+    mine = cubic_constants(ensemble_elastic(ens.predict, cu)["mean"])
+    for name, value in mine.items():
+        assert consts[name]["model"] == pytest.approx(value, rel=1e-5)
+        err = 100 * (value - ref[name]) / ref[name]
+        assert consts[name]["error_percent"] == pytest.approx(err, rel=1e-5)
+    worst = max(abs(v["error_percent"]) for v in consts.values())
+    assert props["elastic"]["error_percent"] == pytest.approx(worst)
+    check = PhononCheck(cu)
+    forces = []
+    for a in check.supercells():
+        a.calc = EMT()
+        forces.append(a.get_forces())
+    ref_f = check.frequencies(np.array(forces))
+    model_f = ensemble_phonons(ens.predict, PhononCheck(cu))
+    for q in ("G", "X", "L"):
+        np.testing.assert_allclose(props["phonons"]["qpoints"][q]["reference_THz"], ref_f[q])
+        np.testing.assert_allclose(props["phonons"]["qpoints"][q]["model_THz"], model_f[q]["mean"])
+    assert props["phonons"]["qpoints"]["G"]["error_percent"] == [None, None, None]  # acoustic
+    # what the campaign records, by tolerance name
+    errors = _property_errors(None, props)
+    assert errors == {
+        "elastic_percent": props["elastic"]["error_percent"],
+        "phonon_percent": props["phonons"]["error_percent"],
+    }

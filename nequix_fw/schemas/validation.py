@@ -28,5 +28,11 @@ class ValidationReport(Document):
         description="Structural checks: E-V (V0 in Å³/atom, B0 in GPa), relaxation, "
         "vacancy formation energy (eV), against the reference.",
     )
+    properties: dict | None = Field(
+        None,
+        description="Property checks against the reference calculator: `elastic` (constants "
+        "in GPa: the ensemble's mean and spread, the reference's, errors in %) and `phonons` "
+        "(frequencies in THz per q-point, likewise), each with its largest error.",
+    )
     md_stability: dict | None = Field(None, description="MD stability runs and their outcome.")
     plots: list[str] | None = Field(None, description="The PNG plots written beside it.")
