@@ -35,6 +35,7 @@ from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
+from nequix_fw.labelling.property_set import label_cells
 from nequix_fw.schemas.campaign import read_campaign_log
 from nequix_fw.selection import resolve_lo, select_from_results
 from nequix_fw.settings import (
@@ -493,6 +494,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         checks,
         store=c.datasets,
         settings=c.section(EnsembleSettings, k),
+        label_reference=(reference_labels(c, env) if checks.reference == LABEL_REFERENCE else None),
     )
     if c.store is not None:
         c.store.save_validation(k, report)
@@ -531,6 +533,19 @@ def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) 
         progress=False,
     )
     return to
+
+
+def reference_labels(c: Campaign, env: dict | None):
+    """What labels the cells of the elastic and phonon checks with the campaign's labelling
+    backend (``>>key<<`` settings from the worker's `env`), once per campaign: in
+    <directory>/reference_<check>, reused by every later validation."""
+    settings = c.section(LabellingSettings, 0)
+
+    def label(check: str, cells: list) -> list:
+        out = c.directory / f"reference_{check}"
+        return label_cells(cells, out, make_backend(settings, env), settings, progress=False)
+
+    return label
 
 
 def _property_errors(physics: dict | None, properties: dict | None = None) -> dict | None:

@@ -860,14 +860,15 @@ class ValidationSettings(_Settings):
     )
     elastic: bool = Field(
         False,
-        description="Elastic constants of `structure` against the reference calculator: by "
-        "finite strain (±1 % on each Voigt component, clamped ions; 12 reference "
-        "calculations), C11, C12 and C44 of a cubic crystal, else every sizeable C_ij (GPa).",
+        description="Elastic constants of `structure` against the reference (its calculator, "
+        "or in a campaign with reference 'label' the campaign's labels): by finite strain (±1 % "
+        "on each Voigt component, clamped ions; 12 reference calculations), C11, C12 and C44 "
+        "of a cubic crystal, else every sizeable C_ij (GPa).",
     )
     phonons: bool = Field(
         False,
         description="Phonon frequencies of `structure` at high-symmetry points against the "
-        "reference calculator, by phonopy's finite displacements (0.01 Å) on "
+        "reference (as for `elastic`), by phonopy's finite displacements (0.01 Å) on "
         "`phonon_supercell` (needs the 'phonons' extra; THz).",
     )
     phonon_supercell: list[int] = Field(

@@ -7,7 +7,7 @@ Units in the report: energy errors in meV/atom, forces in eV/Å, stress in GPa, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -333,26 +333,46 @@ def md_stability(
 # -- plots ---------------------------------------------------------------------------------------
 
 
-def property_checks(predict, structure: Atoms, reference, validation: ValidationSettings) -> dict:
+def property_checks(
+    predict,
+    structure: Atoms,
+    reference,
+    validation: ValidationSettings,
+    label: Callable[[str, list[Atoms]], list[Atoms | None]] | None = None,
+) -> dict:
     """The elastic and phonon checks `validation` asks for, of the ensemble (`predict`) against
-    the `reference` ASE calculator on `structure`."""
+    the `reference` ASE calculator on `structure`, or against the labels that `label(check,
+    cells)` gives (e.g. the campaign's backend's; None where one failed). A check whose cells
+    are not all labelled records why, and no error (the property is then not met)."""
 
-    def labels(cells: list[Atoms], key: str) -> np.ndarray:
-        out = []
+    def labelled(check: str, cells: list[Atoms]) -> list[Atoms | None]:
+        if label is not None:
+            return label(check, cells)
         for a in cells:
             a.calc = reference
-            out.append(a.get_stress() if key == "stress" else a.get_forces())
-        return np.array(out)
+        return cells
 
-    out = {"reference": type(reference).__name__}
+    def missing(done: list, what: str) -> dict | None:
+        n = sum(a is None for a in done)
+        if not n:
+            return None
+        why = f"{len(done) - n} of {len(done)} {what} labelled; the fit needs all of them"
+        return {"formula": structure.get_chemical_formula(), "error": why, "error_percent": None}
+
+    out = {"reference": LABEL_REFERENCE if label is not None else type(reference).__name__}
     if validation.elastic:
-        stresses = labels(strained_cells(structure), "stress")
-        out["elastic"] = elastic_check(predict, structure, stresses)
+        done = labelled("elastic", strained_cells(structure))
+        out["elastic"] = missing(done, "strained cells") or elastic_check(
+            predict, structure, np.array([a.get_stress() for a in done])
+        )
     if validation.phonons:
         check = PhononCheck(
             structure, validation.phonon_supercell, qpoints=validation.phonon_qpoints
         )
-        out["phonons"] = phonon_check(predict, check, labels(check.supercells(), "forces"))
+        done = labelled("phonons", check.supercells())
+        out["phonons"] = missing(done, "displaced supercells") or phonon_check(
+            predict, check, np.array([a.get_forces() for a in done])
+        )
     return out
 
 
@@ -433,12 +453,15 @@ def validate(
     store: DatasetStore | None = None,
     allow_mixed: bool = False,
     progress: bool = False,
+    label_reference: Callable[[str, list[Atoms]], list[Atoms | None]] | None = None,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME`` of `store`);
     write the JSON report (and PNG plots beside it). The checks besides the errors are those
     of `validation`: the structural checks compare with its `reference` calculator (E-V curve
     of its `structure`, relaxation, vacancy) or with labelled `reference_data` (an E-V set);
-    MD stability runs if it asks. `progress`: bars for the long parts."""
+    MD stability runs if it asks. The elastic and phonon checks compare with the reference
+    calculator, or with the labels `label_reference(check, cells)` gives (a campaign's own).
+    `progress`: bars for the long parts."""
     validation = validation or ValidationSettings()
     reference, reference_params = validation.reference, validation.reference_params
     ev_structure, reference_data = validation.structure, validation.reference_data
@@ -501,14 +524,17 @@ def validate(
             EnsembleCalculator(ensemble), read_labelled(reference_data, store), where
         )
     if validation.elastic or validation.phonons:
-        if reference is None:
+        if reference is None and label_reference is None:
             raise SettingsError(
                 "validate.elastic and validate.phonons compare with a reference calculator "
-                "(validate.reference: emt, or 'module:Class')"
+                "(validate.reference: emt, or 'module:Class'), or in a campaign with its own "
+                "labels (validate.reference: label)"
             )
         structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
-        calc = reference_calculator(reference, reference_params)
-        report["properties"] = property_checks(ensemble.predict, structure, calc, validation)
+        calc = None if reference is None else reference_calculator(reference, reference_params)
+        report["properties"] = property_checks(
+            ensemble.predict, structure, calc, validation, label_reference
+        )
     if validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)

@@ -30,7 +30,6 @@ from nequix_fw.firetasks import (
     UpdateDatasetTask,
 )
 from nequix_fw.settings import (
-    LABEL_REFERENCE,
     PLACEHOLDER,
     SECTIONS,
     ExplorationSettings,
@@ -296,11 +295,11 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
                 f"{config}: campaign.property_tolerances.{tolerance} needs validate.{check}: "
                 "true (the check it judges)"
             )
-    if (checks.elastic or checks.phonons) and checks.reference in (None, LABEL_REFERENCE):
+    if (checks.elastic or checks.phonons) and checks.reference is None:
         raise SettingsError(
-            f"{config}: validate.elastic and validate.phonons compare with a reference "
-            "calculator (validate.reference: emt, or 'module:Class'); against the campaign's "
-            "own labels they are not available yet"
+            f"{config}: validate.elastic and validate.phonons compare with a reference: "
+            "validate.reference (a calculator such as emt, or 'label': the campaign's own "
+            "labels)"
         )
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(

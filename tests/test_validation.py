@@ -484,3 +484,67 @@ def test_elastic_and_phonon_checks_against_the_reference(trained, emt_data, tmp_
         "elastic_percent": props["elastic"]["error_percent"],
         "phonon_percent": props["phonons"]["error_percent"],
     }
+
+
+def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, tmp_path):
+    """The campaign's way (validate.reference: label): the checks' cells labelled once by a
+    labelling backend (here ASE's EMT through the 'ase' backend) give the same as the EMT
+    calculator; a cell whose labelling failed leaves the property unmet, with the reason."""
+    from ase.build import bulk
+
+    from nequix_fw.campaign import _property_errors
+    from nequix_fw.labelling import make_backend
+    from nequix_fw.labelling.property_set import label_cells
+    from nequix_fw.settings import LabellingSettings
+
+    cu = bulk("Cu", "fcc", a=3.61, cubic=True)
+    ase.io.write(tmp_path / "cu.extxyz", cu)
+    models = sorted(trained["dir"].glob("member_*.nqx"))
+    checks = dict(structure=tmp_path / "cu.extxyz", elastic=True, phonons=True)
+    by_calc = validate(
+        models,
+        [emt_data["test"]],
+        tmp_path / "a.json",
+        ValidationSettings(reference="emt", **checks),
+    )["properties"]
+    settings = LabellingSettings(backend="ase", calculator="emt")
+    asked = []
+
+    def label(check, cells):
+        asked.append((check, len(cells)))
+        return label_cells(cells, tmp_path / f"ref_{check}", make_backend(settings), settings)
+
+    by_labels = validate(
+        models,
+        [emt_data["test"]],
+        tmp_path / "b.json",
+        ValidationSettings(reference="emt", **checks),
+        label_reference=label,
+    )["properties"]
+    assert asked == [("elastic", 12), ("phonons", 1)]
+    for name, c in by_calc["elastic"]["constants_GPa"].items():
+        got = by_labels["elastic"]["constants_GPa"][name]
+        assert got["reference"] == pytest.approx(c["reference"], rel=1e-6)
+        assert got["model"] == pytest.approx(c["model"], rel=1e-6)
+    for q, point in by_calc["phonons"]["qpoints"].items():
+        np.testing.assert_allclose(
+            by_labels["phonons"]["qpoints"][q]["reference_THz"], point["reference_THz"], atol=0.01
+        )  # the labels' round trip through extxyz: Γ's acoustic modes are 0 within 0.002 THz
+    assert len(list((tmp_path / "ref_elastic" / "labels").glob("*/task.json"))) == 12
+
+    def one_failed(check, cells):
+        done = label(check, cells)
+        return [None, *done[1:]]
+
+    failed = validate(
+        models,
+        [emt_data["test"]],
+        tmp_path / "c.json",
+        ValidationSettings(reference="emt", **checks),
+        label_reference=one_failed,
+    )["properties"]
+    assert (
+        failed["elastic"]["error"] == "11 of 12 strained cells labelled; the fit needs all of them"
+    )
+    assert failed["phonons"]["error"].startswith("0 of 1 displaced supercells labelled")
+    assert _property_errors(None, failed) == {"elastic_percent": None, "phonon_percent": None}
