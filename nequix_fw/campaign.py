@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
 
+import ase.io
 import numpy as np
 from matplotlib.figure import Figure
 from pymongo.database import Database
@@ -33,6 +34,7 @@ from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
+from nequix_fw.exploration.properties import missed_checks, property_candidates
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.labelling.property_set import label_cells
@@ -303,14 +305,20 @@ def run_ensemble_stage(
     models: list[str],
     ensemble: EnsembleSettings,
     systems: list[SystemCandidates],
+    properties: dict | None = None,
 ) -> dict:
-    """The ensemble of `models` (iteration k-1's) on each system's candidates."""
-    n = 0
+    """The ensemble of `models` (iteration k-1's) on each system's candidates; with
+    `properties` (see `RunEnsembleTask`), also on the candidates of the property checks that
+    iteration k-1's validation missed (property-driven exploration)."""
+    n, added = 0, None
     for system in systems:
         explored = system.explored
         inputs = ([explored] if explored is not None and explored.is_file() else []) + list(
             system.fixed
         )
+        if properties and system.name is None:
+            path, added = _property_candidates(log, k, properties, system.output.parent)
+            inputs += [path] if path is not None else []
         if not inputs:
             where = f" of system {system.name}" if system.name else ""
             raise SettingsError(
@@ -318,7 +326,34 @@ def run_ensemble_stage(
             )
         summary = run_ensemble(models, inputs, system.output, ensemble, progress=False)
         n += summary.get("n_structures") or 0
+    if properties:
+        return log.record(k, n_evaluated=n, property_exploration=added or {})
     return log.record(k, n_evaluated=n)
+
+
+def _property_candidates(
+    log: CampaignLog, k: int, spec: dict, directory: Path
+) -> tuple[Path | None, dict | None]:
+    """The candidates of the checks iteration k-1's validation missed, in
+    `directory`/property_candidates.extxyz, and which check added how many for which missed
+    tolerances (None, None when none missed)."""
+    missed = missed_checks(log.iteration_record(k - 1).get("properties"), spec["tolerances"])
+    if not missed:
+        return None, None
+    if spec.get("structure"):
+        structure = next(iter_frames([spec["structure"]])).atoms
+    else:
+        structure = read_labelled(spec["testset"], log.datasets)[0].frame.atoms
+    cells, added = [], {}
+    for check, names in missed.items():
+        new = property_candidates(structure, check, spec["n"], spec["seed"], spec["supercell"])
+        cells += new
+        added[check] = {"missed": names, "added": len(new)}
+    path = directory / "property_candidates.extxyz"
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, cells, format="extxyz")
+    logger.info("iteration %d: property-driven candidates %s", k, added)
+    return path, added
 
 
 def select_stage(c: Campaign, k: int) -> dict:

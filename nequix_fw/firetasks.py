@@ -113,8 +113,13 @@ class _EnsembleTask(StageTask):
             stages.member_files(self.path("models_dir")),
             self.section(EnsembleSettings, "ensemble"),
             [self.system(values) for values in self["systems"]],
+            **self.stage_options(),
         )
         return FWAction(stored_data=record)
+
+    def stage_options(self) -> dict:
+        """The stage function's further keywords."""
+        return {}
 
 
 @explicit_serialize
@@ -156,9 +161,16 @@ class RunEnsembleTask(_EnsembleTask):
             evaluated every iteration), output (str: the results JSON).
     Optional params:
         ensemble (dict): EnsembleSettings section. launchpad (str): as ExploreTask.
+        properties (dict): property-driven exploration: tolerances (dict), n (int per missed
+            check), structure (str or None: the checks' structure, else the first of testset),
+            testset (list[str]), supercell (list[int]: the phonon check's), seed (int).
     """
 
+    optional_params = [*_EnsembleTask.optional_params, "properties"]
     stage = staticmethod(stages.run_ensemble_stage)
+
+    def stage_options(self) -> dict:
+        return {"properties": self.get("properties")}
 
     def system(self, values: dict) -> stages.SystemCandidates:
         explored = values["explored"]

@@ -757,6 +757,15 @@ class CampaignSettings(_Settings):
         json_schema_extra=PATH_OR_NAME,
     )
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")
+    property_exploration: int = Field(
+        16,
+        ge=0,
+        description="Property-driven exploration: candidates added to the next iteration's "
+        "evaluation for each property check of the validation that missed its "
+        "property_tolerances (volume-scaled cells for V0/B0, strained cells for the elastic "
+        "constants, displaced supercells for the phonons; see nequix_fw.exploration."
+        "properties). 0: off. Campaigns without systems.",
+    )
     label_group_size: int | None = Field(
         None,
         ge=1,

@@ -111,11 +111,24 @@ def run_ensemble_fw(c: Campaign, k: int) -> Firework:
                 "output": str(c.results_file(k, system)),
             }
         )
+    params = {}
+    tolerances = c.settings.property_tolerances
+    if tolerances and c.settings.property_exploration and not c.settings.systems:
+        checks = c.section(ValidationSettings, k)
+        params["properties"] = {
+            "tolerances": dict(tolerances),
+            "n": c.settings.property_exploration,
+            "structure": None if checks.structure is None else str(checks.structure),
+            "testset": [str(p) for p in c.settings.testset],
+            "supercell": list(checks.phonon_supercell),
+            "seed": k,
+        }
     task = RunEnsembleTask(
         **_log_params(c, k),
         models_dir=str(c.models_dir(k - 1)),
         systems=systems,
         ensemble=c.section_values("ensemble", k),
+        **params,
     )
     return _fw(c, k, task, "run_ensemble")
 

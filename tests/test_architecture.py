@@ -14,6 +14,7 @@ LAYERS = {
         "uncertainty",
         "results",
         "descriptors",
+        "properties",
         "epochs",
         "store",
         "server",

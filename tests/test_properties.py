@@ -159,3 +159,98 @@ def test_campaign_status_shows_each_iterations_property_errors(tmp_path, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].strip() == "properties: v0_percent -0.41, elastic_percent +12.5"
     assert sum("properties:" in line for line in lines) == 1
+
+
+def test_missed_checks_and_the_structures_that_teach_them():
+    from nequix_fw.exploration.properties import missed_checks, property_candidates
+
+    tol = {"v0_percent": 0.5, "bulk_modulus_percent": 5, "elastic_percent": 10}
+    assert missed_checks({"v0_percent": 0.2, "bulk_modulus_percent": -35.0}, tol) == {
+        "eos": ["bulk_modulus_percent"],
+        "elastic": ["elastic_percent"],  # no value (no fit, no labels): missed
+    }
+    ok = {"v0_percent": 0.2, "bulk_modulus_percent": 4.0, "elastic_percent": -9.0}
+    assert missed_checks(ok, tol) == {} and missed_checks(None, {}) == {}
+    v0 = CU.get_volume()
+    eos = property_candidates(CU, "eos", 9, seed=1)
+    strains = sorted(a.get_volume() / v0 - 1 for a in eos)
+    assert strains[0] == pytest.approx(-0.08) and strains[-1] == pytest.approx(0.08)
+    elastic = property_candidates(CU, "elastic", 8, seed=1)
+    for a in elastic:  # strained within 2 % per component
+        eps = np.linalg.solve(CU.cell[:], a.cell[:]) - np.eye(3)
+        assert 0 < np.abs(eps).max() <= 0.02 + 1e-9
+    phonons = property_candidates(CU, "phonons", 4, seed=1, supercell=[2, 2, 2])
+    ref = CU.repeat((2, 2, 2))
+    rms = [np.sqrt(((a.positions - ref.positions) ** 2).mean()) for a in phonons]
+    assert [len(a) for a in phonons] == [32] * 4 and 0.015 < min(rms) < max(rms) < 0.1
+    gens = {a.info["generator"] for a in eos + elastic + phonons}
+    assert gens == {"property:eos", "property:elastic", "property:phonons"}
+
+
+def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_paths, tmp_path):
+    import ase.io
+
+    from nequix_fw.campaign import CampaignLog, SystemCandidates, run_ensemble_stage
+    from nequix_fw.results import read_results
+    from nequix_fw.settings import EnsembleSettings
+
+    ase.io.write(tmp_path / "pool.extxyz", CU.repeat((1, 1, 1)))
+    ase.io.write(tmp_path / "cu.extxyz", CU)
+    log = CampaignLog(tmp_path / "run", "p")
+    log.record(0, properties={"v0_percent": 0.1, "bulk_modulus_percent": 35.0})
+    spec = {
+        "tolerances": {"v0_percent": 0.5, "bulk_modulus_percent": 5, "phonon_percent": 5},
+        "n": 6,
+        "structure": str(tmp_path / "cu.extxyz"),
+        "testset": [],
+        "supercell": [2, 2, 2],
+        "seed": 1,
+    }
+    out = tmp_path / "run" / "iter_001" / "run_ensemble" / "ensemble_results.json"
+    system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out)
+    record = run_ensemble_stage(log, 1, model_paths, EnsembleSettings(), [system], spec)
+    assert record["property_exploration"] == {
+        "eos": {"missed": ["bulk_modulus_percent"], "added": 6},
+        "phonons": {"missed": ["phonon_percent"], "added": 6},  # no phonon value recorded
+    }
+    sources = [r["source"] for r in read_results(out)[1]]
+    assert sources.count(str(tmp_path / "pool.extxyz")) == 1
+    assert sources.count(str(out.parent / "property_candidates.extxyz")) == 12
+    # every check within its tolerance: nothing added
+    log.record(1, properties={"v0_percent": 0.1, "bulk_modulus_percent": 1.0, "phonon_percent": 2})
+    out2 = tmp_path / "run" / "iter_002" / "run_ensemble" / "ensemble_results.json"
+    system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out2)
+    record = run_ensemble_stage(log, 2, model_paths, EnsembleSettings(), [system], spec)
+    assert record["property_exploration"] == {} and record["n_evaluated"] == 1
+
+
+def test_the_campaign_passes_property_exploration_to_its_evaluation(tmp_path):
+    import yaml
+
+    from nequix_fw.campaign import Campaign
+    from nequix_fw.workflows import campaign_sections, run_ensemble_fw
+
+    (tmp_path / "t.xyz").write_text("")
+    settings = {
+        "campaign": {
+            "directory": "r",
+            "initial_structures": "i.xyz",
+            "testset": [str(tmp_path / "t.xyz")],
+            "property_tolerances": {"elastic_percent": 10},
+        },
+        "validate": {"reference": "emt", "elastic": True, "phonon_supercell": [3, 3, 3]},
+    }
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
+    task = run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]
+    assert task["properties"] == {
+        "tolerances": {"elastic_percent": 10.0},
+        "n": 16,
+        "structure": None,
+        "testset": [str(tmp_path / "t.xyz")],
+        "supercell": [3, 3, 3],
+        "seed": 2,
+    }
+    settings["campaign"]["property_exploration"] = 0  # off
+    cfg.write_text(yaml.safe_dump(settings))
+    assert "properties" not in run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]

@@ -1,0 +1,83 @@
+"""Property-driven candidates: when a property check of the last validation missed its
+tolerance, structures that teach that property, for the usual evaluate -> select path (the
+ensemble's uncertainty still decides what gets labelled):
+
+- the equation of state (``v0_percent``, ``bulk_modulus_percent``): the check's structure scaled
+  to volumes across and beyond the E-V curve's span (-8 to +8 %), slightly rattled;
+- elastic constants (``elastic_percent``): the structure under random strains of up to 2 % per
+  component, shears included, slightly rattled;
+- phonons (``phonon_percent``): the check's supercell with every atom displaced (normal, 0.02 to
+  0.08 Å per component: the finite displacements and thermal motion).
+
+Each carries ``info["generator"] = "property:<check>"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+
+from nequix_fw.exploration.distortions import distorted_copies
+
+#: The tolerance names of each check.
+CHECKS = {
+    "eos": ("v0_percent", "bulk_modulus_percent"),
+    "elastic": ("elastic_percent",),
+    "phonons": ("phonon_percent",),
+}
+#: Volume strains of the E-V candidates (fractions): wider than the E-V curve's ±6 %.
+EOS_VOLUME_RANGE = 0.08
+ELASTIC_STRAIN_MAX = 0.02
+PHONON_RATTLE_A = (0.02, 0.08)
+
+
+def missed_checks(properties: dict | None, tolerances: dict[str, float]) -> dict[str, list[str]]:
+    """The checks whose tolerances a validation's `properties` (errors by tolerance name)
+    missed, each with the tolerances it missed; an error without a value (no fit, cells not
+    labelled) counts as missed."""
+    properties = properties or {}
+    out = {}
+    for check, names in CHECKS.items():
+        missed = [
+            n
+            for n in names
+            if n in tolerances and (properties.get(n) is None or abs(properties[n]) > tolerances[n])
+        ]
+        if missed:
+            out[check] = missed
+    return out
+
+
+def property_candidates(
+    structure: Atoms, check: str, n: int, seed: int, supercell: list[int] | None = None
+) -> list[Atoms]:
+    """`n` structures that teach `check` ('eos', 'elastic' or 'phonons'), from the check's
+    `structure` (the phonons' from its `supercell`)."""
+    rng = np.random.default_rng(seed)
+    if check == "eos":
+        out = []
+        for v in np.linspace(-EOS_VOLUME_RANGE, EOS_VOLUME_RANGE, n):
+            a = structure.copy()
+            a.calc = None
+            a.set_cell(a.cell[:] * (1 + v) ** (1 / 3), scale_atoms=True)
+            a.positions += rng.normal(0, 0.01, a.positions.shape)
+            a.info.update(volume_strain=float(v))
+            out.append(a)
+    elif check == "elastic":
+        out = distorted_copies(
+            structure, n, rattle_std=0.01, strain_max=ELASTIC_STRAIN_MAX, seed=seed
+        )
+    elif check == "phonons":
+        big = structure.repeat(tuple(supercell or (2, 2, 2)))
+        out = []
+        for amplitude in np.linspace(*PHONON_RATTLE_A, n):
+            a = big.copy()
+            a.calc = None
+            a.positions += rng.normal(0, amplitude, a.positions.shape)
+            a.info.update(rattle_A=float(amplitude))
+            out.append(a)
+    else:
+        raise ValueError(f"unknown property check {check!r}")
+    for a in out:
+        a.info["generator"] = f"property:{check}"
+    return out
