@@ -66,11 +66,25 @@ def voigt_strain_matrix(component: int, strain: float) -> np.ndarray:
     return eps
 
 
-def strained_cells(atoms: Atoms, strain: float = ELASTIC_STRAIN) -> list[Atoms]:
-    """12 cells: `atoms` under -strain and +strain along each Voigt component, atoms moved
-    with the cell (clamped ions), in that order."""
+#: Every Voigt component, and the two a cubic crystal along x, y, z needs (xx and yz).
+ALL_COMPONENTS = (0, 1, 2, 3, 4, 5)
+CUBIC_COMPONENTS = (0, 3)
+
+
+def elastic_components(atoms: Atoms) -> tuple[int, ...]:
+    """The strains the elastic check of `atoms` needs: xx and yz for a cubic crystal whose
+    cubic axes are x, y and z (4 cells: C11 and C12 from xx, C44 from yz), else all six (12
+    cells)."""
+    return CUBIC_COMPONENTS if _is_cubic(atoms) else ALL_COMPONENTS
+
+
+def strained_cells(
+    atoms: Atoms, strain: float = ELASTIC_STRAIN, components: tuple[int, ...] = ALL_COMPONENTS
+) -> list[Atoms]:
+    """`atoms` under -strain and +strain along each Voigt component of `components`, atoms
+    moved with the cell (clamped ions), in that order."""
     cells = []
-    for component in range(6):
+    for component in components:
         for sign in (-1, 1):
             eps = voigt_strain_matrix(component, sign * strain)
             a = atoms.copy()
@@ -80,12 +94,24 @@ def strained_cells(atoms: Atoms, strain: float = ELASTIC_STRAIN) -> list[Atoms]:
     return cells
 
 
-def elastic_tensor(stresses: np.ndarray, strain: float = ELASTIC_STRAIN) -> np.ndarray:
-    """The 6x6 elastic tensor (GPa) from the Voigt stresses (eV/Å³, ASE's sign) of the 12
-    `strained_cells`, by central differences: C_ij = dσ_i/dε_j, symmetrised."""
-    s = np.asarray(stresses, dtype=float).reshape(6, 2, 6)
-    c = ((s[:, 1] - s[:, 0]) / (2 * strain)).T / GPa
-    return (c + c.T) / 2
+def elastic_tensor(
+    stresses: np.ndarray,
+    strain: float = ELASTIC_STRAIN,
+    components: tuple[int, ...] = ALL_COMPONENTS,
+) -> np.ndarray:
+    """The 6x6 elastic tensor (GPa) from the Voigt stresses (eV/Å³, ASE's sign) of the
+    `strained_cells` of `components`, by central differences: C_ij = dσ_i/dε_j, symmetrised;
+    from the cubic components, the cubic tensor of C11, C12 and C44."""
+    s = np.asarray(stresses, dtype=float).reshape(len(components), 2, 6)
+    cols = ((s[:, 1] - s[:, 0]) / (2 * strain)).T / GPa  # (6, len(components))
+    if tuple(components) == CUBIC_COMPONENTS:
+        c11, c12, c44 = cols[0, 0], (cols[1, 0] + cols[2, 0]) / 2, cols[3, 1]
+        c = np.diag([c11] * 3 + [c44] * 3)
+        c[:3, :3] += c12 * (1 - np.eye(3))
+        return c
+    if tuple(components) != ALL_COMPONENTS:
+        raise ValueError(f"elastic tensor from components {components}: all six, or (0, 3)")
+    return (cols + cols.T) / 2
 
 
 def cubic_constants(c: np.ndarray) -> dict[str, float]:
@@ -99,13 +125,18 @@ def cubic_constants(c: np.ndarray) -> dict[str, float]:
     }
 
 
-def ensemble_elastic(predict: Predict, atoms: Atoms, strain: float = ELASTIC_STRAIN) -> dict:
+def ensemble_elastic(
+    predict: Predict,
+    atoms: Atoms,
+    strain: float = ELASTIC_STRAIN,
+    components: tuple[int, ...] = ALL_COMPONENTS,
+) -> dict:
     """Each model's elastic tensor from its stresses on the `strained_cells` (`predict`: an
     `Ensemble.predict`), and the mean and spread over the models (GPa)."""
     check_bulk(atoms, "an elastic-constant check", atoms.get_chemical_formula())
-    preds = predict(strained_cells(atoms, strain))
-    per_model = np.stack([p.stresses for p in preds], axis=1)  # (M, 12, 6)
-    tensors = np.array([elastic_tensor(s, strain) for s in per_model])
+    preds = predict(strained_cells(atoms, strain, components))
+    per_model = np.stack([p.stresses for p in preds], axis=1)  # (M, cells, 6)
+    tensors = np.array([elastic_tensor(s, strain, components) for s in per_model])
     return {"mean": tensors.mean(axis=0), "std": tensors.std(axis=0), "per_model": tensors}
 
 
@@ -207,9 +238,19 @@ PHONON_FLOOR_THZ = 0.5
 
 
 def _is_cubic(atoms: Atoms) -> bool:
+    """Whether `atoms` is a cubic crystal with its cubic axes along x, y and z (a standard
+    conventional cell, or ASE's primitive cells of one)."""
+    if not atoms.pbc.all():
+        return False
     cell = (atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)
     dataset = spglib.get_symmetry_dataset(cell, symprec=1e-3)
-    return dataset is not None and dataset.number >= 195
+    if dataset is None or dataset.number < 195:
+        return False
+    rotation = np.asarray(dataset.std_rotation_matrix)
+    return bool(
+        np.allclose(np.abs(rotation).sum(axis=0), 1)
+        and np.allclose(np.abs(rotation).max(axis=0), 1)
+    )
 
 
 def elastic_constants(c: np.ndarray, cubic: bool, reference: np.ndarray) -> dict[str, float]:
@@ -228,11 +269,13 @@ def elastic_constants(c: np.ndarray, cubic: bool, reference: np.ndarray) -> dict
 
 def elastic_check(predict: Predict, atoms: Atoms, reference_stresses: np.ndarray) -> dict:
     """The ensemble's elastic constants against the reference's, from the reference's stresses
-    (eV/Å³) on the `strained_cells` of `atoms`: each constant's mean, spread and reference
-    (GPa), its error (%), and the largest error (``error_percent``)."""
-    mine = ensemble_elastic(predict, atoms)
-    ref = elastic_tensor(reference_stresses)
-    cubic = _is_cubic(atoms)
+    (eV/Å³) on the `strained_cells` of `atoms` (of its `elastic_components`): each constant's
+    mean, spread and reference (GPa), its error (%), and the largest error
+    (``error_percent``)."""
+    components = elastic_components(atoms)
+    mine = ensemble_elastic(predict, atoms, components=components)
+    ref = elastic_tensor(reference_stresses, components=components)
+    cubic = components == CUBIC_COMPONENTS
     names = elastic_constants(ref, cubic, ref)
     mean, std = (
         elastic_constants(mine["mean"], cubic, ref),

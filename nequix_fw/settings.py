@@ -871,8 +871,8 @@ class ValidationSettings(_Settings):
         False,
         description="Elastic constants of `structure` against the reference (its calculator, "
         "or in a campaign with reference 'label' the campaign's labels): by finite strain (±1 % "
-        "on each Voigt component, clamped ions; 12 reference calculations), C11, C12 and C44 "
-        "of a cubic crystal, else every sizeable C_ij (GPa).",
+        "on each Voigt component, clamped ions; 12 reference calculations, 4 for a cubic crystal "
+        "along x, y, z), C11, C12 and C44 of a cubic crystal, else every sizeable C_ij (GPa).",
     )
     phonons: bool = Field(
         False,

@@ -27,7 +27,13 @@ from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
-from nequix_fw.properties import PhononCheck, elastic_check, phonon_check, strained_cells
+from nequix_fw.properties import (
+    PhononCheck,
+    elastic_check,
+    elastic_components,
+    phonon_check,
+    strained_cells,
+)
 from nequix_fw.schemas import ValidationReport
 from nequix_fw.settings import (
     LABEL_REFERENCE,
@@ -361,7 +367,8 @@ def property_checks(
 
     out = {"reference": LABEL_REFERENCE if label is not None else type(reference).__name__}
     if validation.elastic:
-        done = labelled("elastic", strained_cells(structure))
+        components = elastic_components(structure)
+        done = labelled("elastic", strained_cells(structure, components=components))
         out["elastic"] = missing(done, "strained cells") or elastic_check(
             predict, structure, np.array([a.get_stress() for a in done])
         )

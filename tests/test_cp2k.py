@@ -234,3 +234,45 @@ def test_ev_check_of_nequix_mp1_against_an_ev_set_labelled_by_cp2k(
     assert abs(phys["v0_error_percent"]) < 4 and abs(phys["bulk_modulus_error_percent"]) < 30
     assert phys["v0_error_percent"] == pytest.approx(100 * (mine["v0"] / ref["v0"] - 1))
     assert "E-V of Si2 against db:si_ev_pbe: V0 error" in capsys.readouterr().out
+
+
+def test_elastic_check_of_nequix_mp1_against_cp2k_labels(mp1, tmp_path):
+    """The elastic check's 4 strained Si2 cells (cubic: xx and yz) labelled by CP2K (default
+    PBE input, coarser for speed) give PBE silicon's clamped-ion constants, and a bulk modulus
+    (C11 + 2 C12) / 3 that agrees with the E-V fit of the test above (about 89 GPa)."""
+    from nequix_fw.labelling.property_set import label_cells
+    from nequix_fw.settings import ValidationSettings
+    from nequix_fw.validation import validate
+
+    si = bulk("Si", "diamond", a=5.47)
+    ase.io.write(tmp_path / "si2.extxyz", si)
+    test = tmp_path / "test.extxyz"  # the test set: the cell itself, labelled by CP2K
+    settings = LabellingSettings(backend="cp2k", cp2k_cutoff_Ry=250, cp2k_kpoint_spacing=0.6)
+    asked = []
+
+    def label(check, cells):
+        asked.append((check, len(cells)))
+        return label_cells(cells, tmp_path / check, make_backend(settings), settings, False)
+
+    ase.io.write(
+        test, label_cells([si], tmp_path / "test", make_backend(settings), settings, False)
+    )
+    asked.clear()
+    report = validate(
+        [mp1],
+        [test],
+        tmp_path / "v.json",
+        ValidationSettings(structure=tmp_path / "si2.extxyz", elastic=True),
+        plots=False,
+        label_reference=label,
+    )
+    assert asked == [("elastic", 4)]
+    el = report["properties"]["elastic"]
+    ref = {n: v["reference"] for n, v in el["constants_GPa"].items()}
+    assert ref["C11"] == pytest.approx(153, abs=10) and ref["C12"] == pytest.approx(56, abs=8)
+    assert ref["C44"] == pytest.approx(100, abs=12)  # clamped ions (relaxed: about 75)
+    assert (ref["C11"] + 2 * ref["C12"]) / 3 == pytest.approx(89, abs=8)
+    mine = {n: v["model"] for n, v in el["constants_GPa"].items()}
+    assert all(v > 0 for v in mine.values())  # nequix-mp-1: a stable cubic crystal
+    worst = max(abs(100 * (mine[n] - ref[n]) / ref[n]) for n in ref)
+    assert el["error_percent"] == pytest.approx(worst)

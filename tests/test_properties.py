@@ -70,6 +70,23 @@ def test_elastic_constants_equal_pymatgens_fit_and_the_energy_curvature():
     assert got["C11"] > got["C12"] > 0 and got["C44"] > 0  # Born stability of fcc Cu
 
 
+def test_a_cubic_crystal_needs_two_strains_and_gets_the_same_constants():
+    from nequix_fw.properties import CUBIC_COMPONENTS, elastic_components
+
+    full = elastic_tensor(_stresses(strained_cells(CU)))
+    assert elastic_components(CU) == CUBIC_COMPONENTS
+    cells = strained_cells(CU, components=CUBIC_COMPONENTS)
+    cubic = elastic_tensor(_stresses(cells), components=CUBIC_COMPONENTS)
+    assert len(cells) == 4
+    np.testing.assert_allclose(cubic, full, atol=1e-6)
+    # a cubic crystal turned about z is no longer along x, y, z: all six strains
+    turned = CU.copy()
+    c, s = np.cos(0.5), np.sin(0.5)
+    turned.set_cell(CU.cell[:] @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]]), scale_atoms=True)
+    assert elastic_components(turned) == (0, 1, 2, 3, 4, 5)
+    assert elastic_components(bulk("Mg", "hcp", a=3.2)) == (0, 1, 2, 3, 4, 5)
+
+
 def _strained(atoms, component, strain):
     a = atoms.copy()
     a.set_cell(a.cell[:] @ (np.eye(3) + voigt_strain_matrix(component, strain)), scale_atoms=True)

@@ -456,11 +456,11 @@ def test_elastic_and_phonon_checks_against_the_reference(trained, emt_data, tmp_
     ref = cubic_constants(elastic_tensor(np.array(stresses)))
     consts = props["elastic"]["constants_GPa"]
     assert set(consts) == {"C11", "C12", "C44"} and props["elastic"]["cubic"]
-    for name, value in ref.items():
-        assert consts[name]["reference"] == pytest.approx(value, rel=1e-9)
+    for name, value in ref.items():  # the check strains xx and yz only (cubic): the same
+        assert consts[name]["reference"] == pytest.approx(value, rel=1e-6)
     # the model side: each member's constants, their mean and spread
     ens = Ensemble.from_specs(models)
-    mine = cubic_constants(ensemble_elastic(ens.predict, cu)["mean"])
+    mine = cubic_constants(ensemble_elastic(ens.predict, cu, components=(0, 3))["mean"])
     for name, value in mine.items():
         assert consts[name]["model"] == pytest.approx(value, rel=1e-5)
         err = 100 * (value - ref[name]) / ref[name]
@@ -521,7 +521,7 @@ def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, 
         ValidationSettings(reference="emt", **checks),
         label_reference=label,
     )["properties"]
-    assert asked == [("elastic", 12), ("phonons", 1)]
+    assert asked == [("elastic", 4), ("phonons", 1)]  # cubic: xx and yz, ± each
     for name, c in by_calc["elastic"]["constants_GPa"].items():
         got = by_labels["elastic"]["constants_GPa"][name]
         assert got["reference"] == pytest.approx(c["reference"], rel=1e-6)
@@ -530,7 +530,7 @@ def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, 
         np.testing.assert_allclose(
             by_labels["phonons"]["qpoints"][q]["reference_THz"], point["reference_THz"], atol=0.01
         )  # the labels' round trip through extxyz: Γ's acoustic modes are 0 within 0.002 THz
-    assert len(list((tmp_path / "ref_elastic" / "labels").glob("*/task.json"))) == 12
+    assert len(list((tmp_path / "ref_elastic" / "labels").glob("*/task.json"))) == 4
 
     def one_failed(check, cells):
         done = label(check, cells)
@@ -543,8 +543,6 @@ def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, 
         ValidationSettings(reference="emt", **checks),
         label_reference=one_failed,
     )["properties"]
-    assert (
-        failed["elastic"]["error"] == "11 of 12 strained cells labelled; the fit needs all of them"
-    )
+    assert failed["elastic"]["error"] == "3 of 4 strained cells labelled; the fit needs all of them"
     assert failed["phonons"]["error"].startswith("0 of 1 displaced supercells labelled")
     assert _property_errors(None, failed) == {"elastic_percent": None, "phonon_percent": None}
