@@ -4,10 +4,9 @@ the rest of its iteration (labelling .. validation) as FWAction additions built 
 last task of an iteration adds the next iteration as a workflow of its own, found again by its
 metadata (``nequix_fw_campaign``, ``iteration``); nothing is added when the campaign stops, nor
 twice when a rerun finds what its first run added. One workflow per iteration keeps FireWorks'
-cost per Firework flat: it reloads and rewrites a whole workflow on every state change, which
-in one ever-growing workflow costs more at every iteration (`benchmarks/bench_campaign_overhead.py
---scale`). The stage tasks are in
-`nequix_fw.firetasks`. One Firework builder per stage (`explore_fw`, `run_ensemble_fw`,
+cost per Firework from growing with the campaign: FireWorks reloads and rewrites a whole
+workflow on every state change (`benchmarks/bench_campaign_overhead.py --scale`). The stage
+tasks are in `nequix_fw.firetasks`. One Firework builder per stage (`explore_fw`, `run_ensemble_fw`,
 `select_fw`, `label_fw`, `update_dataset_fw`, `train_ensemble_fw`, `validate_fw`) resolves its
 task's inputs (the iteration's settings, schedule and stage applied, and its paths) from the
 campaign and gives it the stage's resources."""
