@@ -16,6 +16,7 @@ dataset Firework waited after its last label parent completed (target: at most 2
 
     python benchmarks/bench_campaign_overhead.py [--max-iterations 3] [--keep DIR]
     python benchmarks/bench_campaign_overhead.py --scale [--max-iterations 20] [--keep DIR]
+        [--launches-per-worker 16]
     python benchmarks/bench_campaign_overhead.py --demo-run demo_run   # after `make demo`
 """
 
@@ -174,6 +175,11 @@ def main() -> None:
     p.add_argument("--keep", help="run in this directory and keep it (default: a temp dir)")
     p.add_argument("--demo-run", help="read the database of a finished `make demo` instead")
     p.add_argument("--scale", action="store_true", help="20 iterations x 200 labels (issue 22)")
+    p.add_argument(
+        "--launches-per-worker",
+        type=int,
+        help="a fresh rlaunch process every N Fireworks (default: one for the whole campaign)",
+    )
     args = p.parse_args()
     if args.scale and "--max-iterations" not in sys.argv:
         args.max_iterations = 19  # iterations 0-19
@@ -233,7 +239,15 @@ def main() -> None:
         _run(
             [nfw, "campaign", "--config", "campaign.yaml", "--launchpad", "my_launchpad.yaml"], work
         )
-        _run([BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"], work)
+        rlaunch = [BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"]
+        if args.launches_per_worker:  # a fresh worker process every N Fireworks
+            lp = LaunchPad.from_file(str(work / "my_launchpad.yaml"))
+            while lp.future_run_exists():
+                # the worker also ends after a few seconds with nothing to run
+                more = ["--nlaunches", args.launches_per_worker, "--max_loops", 3, "--sleep", 1]
+                _run([*rlaunch, *more], work)
+        else:
+            _run(rlaunch, work)
         report(iterations(LaunchPad.from_file(str(work / "my_launchpad.yaml"))))
     finally:
         _run([nfw, "db", "stop", "--dir", work / "db"], work)
