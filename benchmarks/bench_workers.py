@@ -2,7 +2,8 @@
 workers and the database server are killed (issue 22).
 
 A campaign's iteration 0 labels 400 cells of 16 atoms in 40 label Fireworks (label_group_size
-10) with a stand-in oracle that takes 0.5 s a structure (EMT after a sleep; it logs every call).
+10) with a stand-in oracle that takes 0.5 s a structure (tests/standins/slow_emt.py: EMT after
+a sleep, logging every call).
 Workers: 8 `rlaunch rapidfire` processes, plus `qlaunch rapidfire` of 4 SLURM jobs that each run
 `rlaunch rapidfire` when a local SLURM runs (`make sysdeps`); on a 2-core node SLURM runs 2 of
 them at a time. Two runs, each on its own database of one local MongoDB server:
@@ -38,31 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NFW = BIN / "nequix-fw"
+STANDINS = ROOT / "tests" / "standins"
 N_RLAUNCH, N_JOBS = 8, 4
-
-ORACLE = '''"""EMT after `delay_s` of sleep; every call appended to calls.log (its structure id)."""
-import os
-import time
-from pathlib import Path
-
-from ase.calculators.emt import EMT
-
-from nequix_fw.structures import structure_id
-
-LOG = Path(__file__).with_name("calls.log")
-
-
-class SlowEMT(EMT):
-    default_parameters = {**EMT.default_parameters, "delay_s": 0.5}
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
-        time.sleep(self.parameters.delay_s)
-        kwargs = {} if system_changes is None else {"system_changes": system_changes}
-        super().calculate(atoms, properties, **kwargs)
-        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        os.write(fd, (structure_id(self.atoms) + "\\n").encode())
-        os.close(fd)
-'''
 
 STRUCTURES = """
 import sys
@@ -124,7 +102,8 @@ class Run:
             directConnection=True,
         )
         self.db = client[name]
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), str(ROOT)])}
+        paths = [str(STANDINS), str(ROOT)]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         for f in ("initial.extxyz", "testset.extxyz"):
             shutil.copy(work / f, self.dir / f)
         settings = {
@@ -152,8 +131,8 @@ class Run:
             },
             "label": {
                 "backend": "ase",
-                "calculator": "oracle:SlowEMT",
-                "calculator_params": {"delay_s": args.delay},
+                "calculator": "slow_emt:SlowEMT",
+                "calculator_params": {"delay_s": args.delay, "calls_log": str(work / "calls.log")},
             },
         }
         (self.dir / "campaign.yaml").write_text(yaml.safe_dump(settings))
@@ -253,7 +232,6 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_workers_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    (work / "oracle.py").write_text(ORACLE)
     _ok([sys.executable, "-c", STRUCTURES, work, args.structures], work)
     slurm = shutil.which("sinfo") and subprocess.run(["sinfo"], capture_output=True).returncode == 0
     slurm_cpus = 0
