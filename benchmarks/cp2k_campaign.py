@@ -5,6 +5,7 @@ structural checks against the E-V set CP2K labels once) and the wall time of eac
 iteration.
 
     python benchmarks/cp2k_campaign.py [--workdir cp2k_run] [--max-iterations 2]
+        [--property-exploration 0]
 
 The inputs are made here, from seeds nothing else uses: 6 initial Si8 cells (strained up to
 2 %, rattled 0.03-0.1 Å) and a held-out set of 6 more (the ideal cell first: the E-V check's
@@ -77,6 +78,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("cp2k_run"))
     p.add_argument("--max-iterations", type=int, help="override the preset's max_iterations")
+    p.add_argument(
+        "--property-exploration",
+        type=int,
+        help="override campaign.property_exploration (0: off, for the comparison run)",
+    )
     args = p.parse_args()
     if shutil.which("cp2k.psmp") is None:
         sys.exit("cp2k.psmp not found: install Debian's cp2k (make sysdeps)")
@@ -88,6 +94,8 @@ def main() -> None:
     settings = yaml.safe_load(PRESET.read_text())
     if args.max_iterations is not None:
         settings["campaign"]["max_iterations"] = args.max_iterations
+    if args.property_exploration is not None:
+        settings["campaign"]["property_exploration"] = args.property_exploration
     (work / "campaign.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     (work / "initial_structures").mkdir()
     (work / "validation_structures").mkdir()
