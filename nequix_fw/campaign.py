@@ -143,16 +143,16 @@ class Campaign:
         self, name: str, k: int | None = None, system: SystemSettings | None = None
     ) -> dict:
         """The values of section `name` as given (``>>key<<`` placeholders kept): at iteration
-        `k` with the schedule's entries up to k (and the stage's), and for `system` with its
-        own."""
+        `k` with the schedule's entries up to k (and its exploration phase's), and for
+        `system` with its own."""
         values = dict(self.sections.get(name, {}))
         if k is not None:
             for start in sorted(self.settings.schedule):
                 if start <= k:
                     values.update(self.settings.schedule[start].get(name, {}))
-            stage = self.stage(k, system)
-            if stage is not None:
-                values.update(self.settings.stages[stage].settings.get(name, {}))
+            phase = self.phase(k, system)
+            if phase is not None:
+                values.update(self.settings.stages[phase].settings.get(name, {}))
         if system is not None:
             values.update(system.settings.get(name, {}))
             if name == "select" and system.max_selected is not None:
@@ -184,22 +184,22 @@ class Campaign:
         name = "ensemble_results" + ("" if system is None else f"_{system.name}")
         return self.stage_dir(k, "run_ensemble") / f"{name}.json"
 
-    def stage(self, k: int, system: SystemSettings | None = None) -> int | None:
-        """Index of iteration k's exploration stage (None without stages, and at iteration 0,
-        which labels the initial structures): each iteration that converged its stage moves
-        the next one to the following stage. With systems, each system goes through the
-        stages on its own (None without a system)."""
+    def phase(self, k: int, system: SystemSettings | None = None) -> int | None:
+        """Index of iteration k's exploration phase in `campaign.stages` (None without phases,
+        and at iteration 0, which labels the initial structures): each iteration that converged
+        its phase moves the next one to the following phase. With systems, each system goes
+        through the phases on its own (None without a system)."""
         if k < 1 or not self.settings.stages or (self.settings.systems and system is None):
             return None
-        stage = 0
+        phase = 0
         for it in self.log.read()["iterations"]:
             rec = it if system is None else (it.get("systems") or {}).get(system.name, {})
             if 1 <= it["iteration"] < k and rec.get("stage_converged"):
-                stage += 1
-        return min(stage, len(self.settings.stages) - 1)
+                phase += 1
+        return min(phase, len(self.settings.stages) - 1)
 
-    def stage_name(self, stage: int) -> str:
-        return self.settings.stages[stage].name or str(stage)
+    def phase_name(self, phase: int) -> str:
+        return self.settings.stages[phase].name or str(phase)
 
     @property
     def launchpad(self) -> Database | Path | None:

@@ -249,13 +249,17 @@ class ArchitectureSettings(_Settings):
     hidden_irreps: str = Field("32x0e + 16x1o + 8x2e", description="Hidden features (e3nn).")
     n_layers: int = Field(3, ge=1, description="Message-passing layers.")
     lmax: int = Field(2, ge=0, description="Highest spherical-harmonic degree of edges.")
-    radial_basis_size: int = Field(8, ge=1)
-    radial_mlp_size: int = Field(32, ge=1)
-    radial_mlp_layers: int = Field(2, ge=1)
-    radial_polynomial_p: float = Field(6.0, gt=0)
-    mlp_init_scale: float = Field(4.0, gt=0)
-    index_weights: bool = False
-    layer_norm: bool = True
+    radial_basis_size: int = Field(8, ge=1, description="Radial (Bessel) basis functions.")
+    radial_mlp_size: int = Field(32, ge=1, description="Width of the radial MLP.")
+    radial_mlp_layers: int = Field(2, ge=1, description="Layers of the radial MLP.")
+    radial_polynomial_p: float = Field(
+        6.0, gt=0, description="Exponent p of the polynomial cutoff envelope."
+    )
+    mlp_init_scale: float = Field(4.0, gt=0, description="Initialisation scale of the MLPs.")
+    index_weights: bool = Field(
+        False, description="Per-element weights in the skip connection (nequix's option)."
+    )
+    layer_norm: bool = Field(True, description="RMS layer normalisation in each convolution.")
 
 
 class TrainingSettings(_Settings):
@@ -270,13 +274,13 @@ class TrainingSettings(_Settings):
     )
     seed: int = Field(0, description="Base seed; member k uses seed + k.")
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share per member.")
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1, description="Training epochs per member (at most: patience).")
     batch_size: int = Field(4, ge=1, description="Structures per training batch.")
     learning_rate: float = Field(5e-3, gt=0, description="Peak learning rate.")
     warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up, then cosine decay.")
-    min_learning_rate: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip_norm: float = Field(10.0, gt=0)
+    min_learning_rate: float = Field(1e-5, ge=0, description="Learning rate at the decay's end.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip_norm: float = Field(10.0, gt=0, description="Gradients clipped to this norm.")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="0 disables the moving average.")
     energy_weight: float = Field(
         300.0,
@@ -291,7 +295,10 @@ class TrainingSettings(_Settings):
     patience: int | None = Field(
         20, ge=1, description="Stop after this many epochs without a better validation loss."
     )
-    architecture: ArchitectureSettings = Field(default_factory=ArchitectureSettings)
+    architecture: ArchitectureSettings = Field(
+        default_factory=ArchitectureSettings,
+        description="The architecture of members trained from scratch (see below).",
+    )
     backend: Literal["jax", "torch"] = Field(
         "jax",
         description="Training backend: 'jax' (nequix's fastest) or 'torch' (NequixTorch; also "
@@ -312,14 +319,25 @@ class TrainingSettings(_Settings):
     )
 
 
+#: The labelling backends by name: the class that labels (a `LabellingBackend` declaring its
+#: name and the settings below it reads), as 'module:Class', imported only when used. A new
+#: backend is its module and one line here (its own settings, if any, go in LabellingSettings).
+LABELLING_BACKENDS = {
+    "ase": "nequix_fw.labelling.ase_calc:AseCalculatorBackend",
+    "script": "nequix_fw.labelling.script:ScriptBackend",
+    "vasp": "nequix_fw.labelling.vasp:VaspBackend",
+    "cp2k": "nequix_fw.labelling.cp2k:Cp2kBackend",
+}
+
+
 class LabellingSettings(_Settings):
     """How selected structures get reference labels."""
 
-    backend: Literal["ase", "script", "vasp", "cp2k"] = Field(
+    backend: str = Field(
         "ase",
         description="Labelling backend: 'ase' (any ASE calculator by name), 'script' (your "
         "command, run in each structure's directory on its POSCAR), 'vasp' or 'cp2k' (under "
-        "custodian).",
+        "custodian), or your own LabellingBackend as 'module:Class'.",
     )
     calculator: str = Field(
         "emt",
@@ -412,6 +430,16 @@ class LabellingSettings(_Settings):
     )
 
     renamed = {"min_distance": "min_distance_A"}
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in LABELLING_BACKENDS and ":" not in value:
+            raise ValueError(
+                f"unknown labelling backend {value!r}; known: {', '.join(LABELLING_BACKENDS)} "
+                "(or your own as module:Class)"
+            )
+        return value
 
 
 class RandomPackingSettings(_Settings):
@@ -625,14 +653,14 @@ class FireworkResources(_Settings):
         return {k: v for k, v in keys.items() if v is not None and v != {}}
 
 
-class StageSettings(_Settings):
-    """One exploration stage of a campaign (`campaign.stages`): its settings and when it has
-    converged, so that the campaign moves on to the next stage."""
+class PhaseSettings(_Settings):
+    """One exploration phase of a campaign (an entry of `campaign.stages`, dpgen2's name): its
+    settings and when it has converged, so that the campaign moves on to the next phase."""
 
-    name: str | None = Field(None, description="Stage name (reports); default: its index.")
+    name: str | None = Field(None, description="Phase name (reports); default: its index.")
     settings: SectionValues = Field(
         {},
-        description="Section values of this stage, over the sections and the schedule, e.g. "
+        description="Section values of this phase, over the sections and the schedule, e.g. "
         "{explore: {temperatures_K: [1200], steps: 5000}}.",
     )
 
@@ -644,11 +672,11 @@ class StageSettings(_Settings):
         "candidates is accurate (max_force_dev < select.lo).",
     )
     iterations: int | None = Field(
-        None, ge=1, description="Converged after this many iterations in the stage."
+        None, ge=1, description="Converged after this many iterations in the phase."
     )
 
     @model_validator(mode="after")
-    def _check_condition(self) -> StageSettings:
+    def _check_condition(self) -> PhaseSettings:
         if self.accurate_fraction is None and self.iterations is None:
             raise ValueError("a stage needs accurate_fraction or iterations (when it converges)")
         return self
@@ -793,12 +821,12 @@ class CampaignSettings(_Settings):
         "initial_structures are still what iteration 0 labels (all systems'). With stages, each "
         "system goes through them on its own.",
     )
-    stages: list[StageSettings] = Field(
+    stages: list[PhaseSettings] = Field(
         [],
-        description="Staged exploration: iterations from 1 on run the first stage until it "
-        "converges (its accurate_fraction, its iterations, or fewer than min_selected "
-        "selected), then the next; the campaign stops when the last converges. Replaces the "
-        "campaign-wide accurate_fraction and min_selected stops.",
+        description="Exploration phases (dpgen2's stages): iterations from 1 on run the first "
+        "phase until it converges (its accurate_fraction, its iterations, or fewer than "
+        "min_selected selected), then the next; the campaign stops when the last converges. "
+        "Replaces the campaign-wide accurate_fraction and min_selected stops.",
     )
 
     @model_validator(mode="before")

@@ -14,48 +14,48 @@ from nequix_fw.settings import SystemSettings
 
 
 def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
-    """After iteration k's selection: (why the campaign stops or None, whether to label). With
-    stages, a stage whose accurate fraction is reached, or that selected fewer than
-    `min_selected`, has converged: the next iteration explores in the next stage (after
-    labelling what was selected, if enough was), and the last stage's convergence stops the
-    campaign."""
+    """After iteration k's selection: (why the campaign stops or None, whether to label).
+    With exploration phases (`campaign.stages`), a phase whose accurate fraction is reached,
+    or that selected fewer than `min_selected`, has converged: the next iteration explores in
+    the next phase (after labelling what was selected, if enough was), and the last phase's
+    convergence stops the campaign."""
     if c.settings.systems:
         return _systems_decision(c, k, record)
-    stage = c.stage(k)
-    if stage is None:
+    phase = c.phase(k)
+    if phase is None:
         return selection_stop(c, k, record), True
     n = record["n_selected"]
     why = _converged(
-        record["selection"], n, c.settings.stages[stage].accurate_fraction, c.settings.min_selected
+        record["selection"], n, c.settings.stages[phase].accurate_fraction, c.settings.min_selected
     )
-    c.record(k, stage=stage, stage_converged=why)
+    c.record(k, stage=phase, stage_converged=why)
     if why is None:
         return None, True
-    if stage == len(c.settings.stages) - 1:
-        return f"converged: last stage {c.stage_name(stage)}: {why}", False
+    if phase == len(c.settings.stages) - 1:
+        return f"converged: last stage {c.phase_name(phase)}: {why}", False
     return None, n >= c.settings.min_selected
 
 
 def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
     """Each system explored at k converges on its own (accurate fraction, or fewer than
     min_selected selected) and is no longer explored; the campaign stops when all have. With
-    stages, each system goes through them on its own: converging a stage moves the system to
+    phases, each system goes through them on its own: converging a phase moves the system to
     the next, and converging the last ends it."""
     systems = record["systems"]
     for system in c.systems_at(k):
         rec = systems[system.name]
-        stage = c.stage(k, system)
-        if stage is None:
+        phase = c.phase(k, system)
+        if phase is None:
             target = system.accurate_fraction or c.settings.accurate_fraction
         else:
-            target = c.settings.stages[stage].accurate_fraction
+            target = c.settings.stages[phase].accurate_fraction
         why = _converged(rec["selection"], rec["n_selected"], target, c.settings.min_selected)
-        if stage is None:
+        if phase is None:
             rec["converged"] = why
             continue
-        rec.update(stage=stage, stage_converged=why, converged=None)
-        if why and stage == len(c.settings.stages) - 1:
-            rec["converged"] = f"last stage {c.stage_name(stage)}: {why}"
+        rec.update(stage=phase, stage_converged=why, converged=None)
+        if why and phase == len(c.settings.stages) - 1:
+            rec["converged"] = f"last stage {c.phase_name(phase)}: {why}"
     c.record(k, systems=systems)
     return _every_system_converged(systems), record["n_selected"] > 0
 
@@ -117,46 +117,46 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     if met and all(met):
         return "converged: " + ", ".join(met)
     if s.systems and s.stages:
-        stop = _systems_stage_iterations(c, k)
+        stop = _systems_phase_iterations(c, k)
         if stop:
             return stop
-    stage = c.stage(k)
-    if stage is not None and not record.get("stage_converged"):
-        why = _stage_spent(c, k, stage)
+    phase = c.phase(k)
+    if phase is not None and not record.get("stage_converged"):
+        why = _phase_spent(c, k, phase)
         if why:
             c.record(k, stage_converged=why)
-            if stage == len(s.stages) - 1:
-                return f"converged: last stage {c.stage_name(stage)}: {why}"
+            if phase == len(s.stages) - 1:
+                return f"converged: last stage {c.phase_name(phase)}: {why}"
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None
 
 
-def _stage_spent(
-    c: Campaign, k: int, stage: int, system: SystemSettings | None = None
+def _phase_spent(
+    c: Campaign, k: int, phase: int, system: SystemSettings | None = None
 ) -> str | None:
-    """Why `stage` has converged by its iteration count after iteration k (of `system`)."""
-    limit = c.settings.stages[stage].iterations
-    done = sum(1 for j in range(1, k + 1) if c.stage(j, system) == stage)
+    """Why `phase` has converged by its iteration count after iteration k (of `system`)."""
+    limit = c.settings.stages[phase].iterations
+    done = sum(1 for j in range(1, k + 1) if c.phase(j, system) == phase)
     return f"{done} iterations" if limit is not None and done >= limit else None
 
 
-def _systems_stage_iterations(c: Campaign, k: int) -> str | None:
-    """After iteration k's validation, with systems and stages: a system that has spent its
-    stage's `iterations` converges that stage (the last: the system). The stop reason once
+def _systems_phase_iterations(c: Campaign, k: int) -> str | None:
+    """After iteration k's validation, with systems and phases: a system that has spent its
+    phase's `iterations` converges that phase (the last: the system). The stop reason once
     every system has converged."""
     systems = c.iteration_record(k).get("systems")
     if not systems:  # iteration 0 explores nothing
         return None
     for system in c.systems_at(k):
         rec = systems.get(system.name)
-        stage = c.stage(k, system)
-        if rec is None or rec.get("stage_converged") or stage is None:
+        phase = c.phase(k, system)
+        if rec is None or rec.get("stage_converged") or phase is None:
             continue
-        why = _stage_spent(c, k, stage, system)
+        why = _phase_spent(c, k, phase, system)
         if why:
             rec["stage_converged"] = why
-            if stage == len(c.settings.stages) - 1:
-                rec["converged"] = f"last stage {c.stage_name(stage)}: {why}"
+            if phase == len(c.settings.stages) - 1:
+                rec["converged"] = f"last stage {c.phase_name(phase)}: {why}"
     c.record(k, systems=systems)
     return _every_system_converged(systems)

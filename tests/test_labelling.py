@@ -424,3 +424,59 @@ def test_label_groups_of_a_selection_read_only_their_own_files(model_paths, tmp_
     assert len(read) == 13 and out["structure_ids"] == [index[10]["id"], index[11]["id"]] + [
         structure_id(extra)
     ]
+
+
+def test_one_registry_of_labelling_backends():
+    """Each registered backend declares its name and the settings it reads; together with
+    the shared ones they are exactly the label settings, so none is orphaned."""
+    from nequix_fw.labelling import backend_class
+    from nequix_fw.labelling.base import COMMON_FIELDS
+    from nequix_fw.settings import LABELLING_BACKENDS
+
+    claimed = set(COMMON_FIELDS)
+    for name in LABELLING_BACKENDS:
+        cls = backend_class(name)
+        assert cls.name == name
+        assert set(cls.settings_fields) <= set(LabellingSettings.model_fields), name
+        claimed |= set(cls.settings_fields)
+    assert claimed == set(LabellingSettings.model_fields)
+    with pytest.raises(ValueError, match="unknown labelling backend 'orca'; known: ase, script"):
+        LabellingSettings(backend="orca")
+
+
+def test_a_backend_of_ones_own_as_module_class(selected, tmp_path, monkeypatch):
+    """A new backend is one module: `label.backend: module:Class` labels with it, and its
+    name goes into every label's provenance."""
+    (tmp_path / "my_backend.py").write_text(
+        "from ase.calculators.emt import EMT\n"
+        "from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint\n\n\n"
+        "class DoubleEMT(LabellingBackend):\n"
+        "    name = 'double_emt'\n"
+        "    settings_fields = ('calculator_params',)\n\n"
+        "    def __init__(self, settings):\n"
+        "        self.params = settings.calculator_params\n\n"
+        "    def settings_doc(self):\n"
+        "        return {'emt': 'x2', **self.params}\n\n"
+        "    def label(self, atoms, workdir):\n"
+        "        a = atoms.copy()\n"
+        "        a.calc = EMT()\n"
+        "        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()\n"
+        "        return LabelResult(singlepoint(atoms, 2 * e, 2 * f, 2 * s), 'success')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = LabellingSettings(backend="my_backend:DoubleEMT")
+    out = tmp_path / "labels"
+    summary = label_structures(selected["dir"], out, make_backend(s), s, progress=False)
+    assert summary["backend"] == "double_emt" and summary["n_failed"] == 1  # the too-close one
+    (task,) = [
+        json.loads(p.read_text())
+        for p in out.glob("*/task.json")
+        if json.loads(p.read_text())["structure_id"] == structure_id(selected["cells"][0])
+    ]
+    assert task["backend"] == "double_emt"
+    (label,) = read_labelled([out / task["structure_id"] / "labelled.extxyz"])
+    ref = selected["cells"][0].copy()
+    ref.calc = EMT()
+    assert label.energy == pytest.approx(2 * ref.get_potential_energy(), abs=1e-6)
+    with pytest.raises(SettingsError, match="label.backend: no LabellingBackend 'nowhere:X'"):
+        make_backend(LabellingSettings(backend="nowhere:X"))

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nequix_fw.errors import SettingsError
-from nequix_fw.labelling.ase_calc import AseCalculatorBackend
-from nequix_fw.labelling.base import LabellingBackend, label_structures
-from nequix_fw.labelling.cp2k import Cp2kBackend
-from nequix_fw.labelling.script import ScriptBackend
-from nequix_fw.labelling.vasp import VaspBackend
-from nequix_fw.settings import LabellingSettings, fill_placeholders, make_settings
+from nequix_fw.labelling.base import LabellingBackend, import_class, label_structures
+from nequix_fw.settings import (
+    LABELLING_BACKENDS,
+    LabellingSettings,
+    fill_placeholders,
+    make_settings,
+)
 
-__all__ = ["LabellingBackend", "label_structures", "make_backend", "resolve_placeholders"]
+__all__ = [
+    "LabellingBackend",
+    "backend_class",
+    "label_structures",
+    "make_backend",
+    "resolve_placeholders",
+]
 
 
 def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> LabellingSettings:
@@ -28,16 +34,16 @@ def resolve_placeholders(settings: LabellingSettings, env: dict | None) -> Label
     return make_settings(LabellingSettings, **filled)
 
 
+def backend_class(name: str) -> type[LabellingBackend]:
+    """The backend class registered under `name` (`settings.LABELLING_BACKENDS`), or a
+    'module:Class' of your own."""
+    return import_class(
+        LABELLING_BACKENDS.get(name, name), "nequix_fw.labelling", LabellingBackend, "label.backend"
+    )
+
+
 def make_backend(settings: LabellingSettings, env: dict | None = None) -> LabellingBackend:
     """The backend named in the settings, ``>>key<<`` placeholders taken from `env` (the
     FireWorks worker's env)."""
     settings = resolve_placeholders(settings, env)
-    if settings.backend == "ase":
-        return AseCalculatorBackend(settings.calculator, settings.calculator_params)
-    if settings.backend == "script":
-        return ScriptBackend(settings.command, settings.timeout_s)
-    if settings.backend == "vasp":
-        return VaspBackend(settings)
-    if settings.backend == "cp2k":
-        return Cp2kBackend(settings)
-    raise SettingsError(f"unknown labelling backend {settings.backend!r}")
+    return backend_class(settings.backend).from_settings(settings)

@@ -11,6 +11,7 @@ from ase.calculators.calculator import Calculator, FileIOCalculator, get_calcula
 
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.settings import LabellingSettings
 
 
 def calculator_class(name: str) -> type[Calculator]:
@@ -58,12 +59,17 @@ class AseCalculatorBackend(LabellingBackend):
     """Runs an ASE calculator in the structure's working directory."""
 
     name = "ase"
+    settings_fields = ("calculator", "calculator_params")
 
     def __init__(self, calculator: str, params: dict | None = None):
         self.calculator = calculator
         self.params = dict(params or {})
         self._cls = calculator_class(calculator)
         check_parameters(self._cls, self.params, calculator)
+
+    @classmethod
+    def from_settings(cls, settings: LabellingSettings) -> AseCalculatorBackend:
+        return cls(settings.calculator, settings.calculator_params)
 
     def settings_doc(self) -> dict:
         return {"calculator": f"{self._cls.__module__}:{self._cls.__name__}", **self.params}

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import ase.io
 import numpy as np
@@ -40,6 +41,9 @@ from nequix_fw.structures import (
     structure_id,
 )
 
+#: The `label` settings every backend shares (the driver's checks and failure policy).
+COMMON_FIELDS = ("backend", "min_distance_A", "max_force", "max_failed_fraction")
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,9 +58,18 @@ class LabelResult:
 
 
 class LabellingBackend(ABC):
-    """Labels one structure in its own working directory."""
+    """Labels one structure in its own working directory. A backend is registered by name in
+    `settings.LABELLING_BACKENDS` (or named as 'module:Class') and built by `from_settings`."""
 
-    name: str
+    #: Its name in `label.backend` (and in every label's provenance).
+    name: ClassVar[str]
+    #: The `label` settings it reads, besides those every backend shares (`COMMON_FIELDS`).
+    settings_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_settings(cls, settings: LabellingSettings) -> LabellingBackend:
+        """The backend of these (validated, placeholder-free) label settings."""
+        return cls(settings)
 
     @abstractmethod
     def settings_doc(self) -> dict:
@@ -88,7 +101,7 @@ def import_class(name: str, default_module: str, base: type, setting: str) -> ty
             " (or give module:Class)"
         ) from None
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise SettingsError(f"{setting}: {name!r} is not a pymatgen {base.__name__}")
+        raise SettingsError(f"{setting}: {name!r} is not a {base.__name__}")
     return obj
 
 

@@ -194,6 +194,17 @@ class Cp2kBackend(LabellingBackend):
     """CP2K through custodian's `Cp2kJob`, handlers and `Cp2kOutputValidator`."""
 
     name = "cp2k"
+    settings_fields = (
+        "cp2k_cmd",
+        "cp2k_template",
+        "cp2k_input_set",
+        "cp2k_input_set_params",
+        "cp2k_data_dir",
+        "cp2k_cutoff_Ry",
+        "cp2k_kpoint_spacing",
+        "max_errors",
+        "timeout_s",
+    )
 
     def __init__(self, settings: LabellingSettings):
         from pymatgen.io.cp2k.inputs import Cp2kInput  # noqa: PLC0415

@@ -29,6 +29,7 @@ from ase import Atoms
 from nequix_fw.dataset import labels_of, vasp_result_labels, vasp_result_name
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import Frame
 
 #: Result files looked for, in order of preference.
@@ -90,6 +91,11 @@ class ScriptBackend(LabellingBackend):
     the labels it leaves behind."""
 
     name = "script"
+    settings_fields = ("command", "timeout_s")
+
+    @classmethod
+    def from_settings(cls, settings: LabellingSettings) -> ScriptBackend:
+        return cls(settings.command, settings.timeout_s)
 
     def __init__(self, command: str | None, timeout_s: float | None = None):
         if not command:

@@ -120,6 +120,19 @@ class VaspBackend(LabellingBackend):
     """VASP through custodian's `VaspJob`, handlers and validators."""
 
     name = "vasp"
+    settings_fields = (
+        "vasp_cmd",
+        "vasp_inputs",
+        "vasp_input_set",
+        "vasp_input_set_params",
+        "vasp_psp_dir",
+        "incar_overrides",
+        "handler_group",
+        "max_errors",
+        "timeout_s",
+        "scratch_dir",
+        "gzip_output",
+    )
 
     def __init__(self, settings: LabellingSettings):
         self.settings = settings
