@@ -709,7 +709,7 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     lb.add_argument("--fworker", help="FireWorks worker file whose env fills >>key<< values")
     lb.add_argument("--calculator-params", help="calculator keywords as JSON")
     _config(lb, LabellingSettings)
-    lb.add_argument("--no-progress", action="store_true")
+    lb.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="omit per-model energies/forces/stresses from the results",
     )
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run_ensemble)
 
     s = sub.add_parser("select", help="select uncertain structures from ensemble results")
@@ -810,11 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train on labels from different levels of theory together",
     )
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train_ensemble)
 
     v = sub.add_parser("validate", help="errors and uncertainty quality on a labelled test set")
-    v.add_argument("--models", nargs="+", required=True)
+    v.add_argument(
+        "--models", nargs="+", required=True, help="checkpoints (.nqx/.pt) or pretrained names"
+    )
     v.add_argument("--testset", nargs="+", required=True, help="labelled files or db:NAME")
     v.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
     v.add_argument("--output", required=True, help="report JSON (plots are written beside it)")
@@ -827,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(v, ValidationSettings, "reference")
     _setting(v, ValidationSettings, "reference_data")
     _setting(v, ValidationSettings, "structure", "--ev-structure")
-    v.add_argument("--no-plots", action="store_true")
+    v.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
     v.add_argument(
         "--allow-mixed",
         action="store_true",
@@ -845,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("elastic", "phonons"):
         _setting(v, ValidationSettings, field, action="store_const", const=True)
     _setting(v, ValidationSettings, "phonon_supercell", type=int)
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_validate)
 
     lb = sub.add_parser("label", help="label selected structures with a reference method")
@@ -889,7 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_cmd_update_dataset)
 
     x = sub.add_parser("explore", help="ensemble-driven MD: candidate structures")
-    x.add_argument("--models", nargs="+", required=True)
+    x.add_argument(
+        "--models", nargs="+", required=True, help="the ensemble driving MD (checkpoints or names)"
+    )
     x.add_argument("--structures", nargs="+", required=True, help="starting structures")
     x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
     _config(x, ExplorationSettings)
@@ -920,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FORMULA:DENSITY[:N]",
         help="random packings, density in g/cm³",
     )
-    x.add_argument("--no-progress", action="store_true")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.set_defaults(func=_cmd_explore)
 
     cp = sub.add_parser("campaign", help="build an active-learning campaign's FireWorks workflow")
@@ -935,7 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=_cmd_campaign_status)
 
     db = sub.add_parser("db", help="the local MongoDB server (start, status, stop)")
-    db.add_argument("action", choices=["start", "status", "stop"])
+    db.add_argument(
+        "action", choices=["start", "status", "stop"], help="start, check or stop the server"
+    )
     db.add_argument(
         "--dir",
         default="nequix_fw_db",
@@ -963,7 +969,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dataset", help="store dataset db:NAME")
     ex.add_argument("--models", help="CAMPAIGN/ITERATION: that ensemble's checkpoints (GridFS)")
     ex.add_argument("--output", required=True, help="file (dataset) or directory (models)")
-    ex.add_argument("--format", choices=["extxyz", "ase-db"], default="extxyz")
+    ex.add_argument(
+        "--format", choices=["extxyz", "ase-db"], default="extxyz", help="the dataset file's format"
+    )
     ex.add_argument("--launchpad", help="LaunchPad file of the store")
     ex.add_argument("--iteration", nargs="+", type=_iteration, help="only these iterations")
     ex.add_argument("--backend", help="only labels of this backend (ase, vasp, cp2k, script)")
@@ -971,7 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
-    m.add_argument("models", nargs="+")
+    m.add_argument("models", nargs="+", help="checkpoints (.nqx/.pt) or pretrained names")
     m.add_argument("--full", action="store_true", help="include the architecture")
     m.set_defaults(func=_cmd_model_info)
     return p

@@ -49,6 +49,40 @@ CHECKPOINTS = "nequix_fw_checkpoints"  # GridFS bucket
 VALIDATION = "nequix_fw_validation"
 SELECTIONS = "nequix_fw_selections"
 SELECTED = "nequix_fw_selection_entries"
+#: What each collection holds, {name: (one document per, its _id)}: the docs' reference.
+COLLECTIONS = {
+    COLLECTION: (
+        "labelled structure of dataset NAME: structure, labels (eV, eV/Å, eV/Å³, ASE sign), "
+        "provenance in `info` (backend, settings hash, iteration, corrections, source) and the "
+        "structure's descriptor once a diverse selection computed it",
+        "NAME/<structure id>",
+    ),
+    ITERATIONS: (
+        "campaign iteration: counts, selection, trajectory stops, validation metrics, property "
+        "errors, stop reason",
+        "CAMPAIGN/<k>",
+    ),
+    LABEL_TASKS: (
+        "labelling task: settings and their hash, custodian corrections in full, wall time, "
+        "status, reason",
+        "CAMPAIGN/<k>/<structure id>",
+    ),
+    MODELS: (
+        "trained member: metadata, sha256, the GridFS id of its checkpoint (bucket "
+        f"`{CHECKPOINTS}`)",
+        "CAMPAIGN/<k>/member_<i>",
+    ),
+    VALIDATION: (
+        "iteration's validation report (per model, ensemble mean, per element, uncertainty "
+        "quality, property checks)",
+        "CAMPAIGN/<k>",
+    ),
+    SELECTIONS: ("iteration's selection: its counts and settings", "CAMPAIGN/<k>"),
+    SELECTED: (
+        "candidate of an iteration's selection: metrics, class, reason, system, position",
+        "CAMPAIGN/<k>/<system or ->/<position>",
+    ),
+}
 #: The fields people filter by, per collection.
 INDEXES = {
     COLLECTION: [

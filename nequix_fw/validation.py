@@ -64,7 +64,8 @@ def _err_stats(err: np.ndarray) -> dict:
 
 
 def error_metrics(data: Sequence[Labelled], energies, forces, stresses) -> dict:
-    """Errors of one set of predictions: energies (n,) eV, forces [n](N,3), stresses [n](6|None)."""
+    """Errors of one set of predictions for `data`: energies (n,) eV, per structure forces
+    (N, 3) eV/Å and stresses (6,) eV/Å³ (or None)."""
     n_atoms = np.array([len(d.frame.atoms) for d in data])
     e_err = (np.asarray(energies) - np.array([d.energy for d in data])) / n_atoms * 1000.0
     f_err = [f - d.forces for f, d in zip(forces, data, strict=True)]
