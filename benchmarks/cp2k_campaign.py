@@ -8,8 +8,9 @@ iteration.
         [--property-exploration 0]
 
 The inputs are made here, from seeds nothing else uses: 6 initial Si8 cells (strained up to
-2 %, rattled 0.03-0.1 Å) and a held-out set of 6 more (the ideal cell first: the E-V check's
-structure), labelled with the campaign's own CP2K settings before the campaign starts.
+2 %, rattled 0.03-0.1 Å), a held-out set of 6 more (the ideal cell first), labelled with the
+campaign's own CP2K settings before the campaign starts, and the ideal cubic cell
+(`si8_ideal.vasp`) whose E-V curve, elastic constants and phonons the checks compare.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main() -> None:
         ase.io.write(work / "initial_structures" / f"si8_{i}.vasp", a, format="vasp")
     for i, a in enumerate(si_cells(6, seed=202, ideal_first=True)):
         ase.io.write(work / "validation_structures" / f"si8_{i}.vasp", a, format="vasp")
+    ase.io.write(work / "si8_ideal.vasp", si_cells(1, seed=0, ideal_first=True)[0], format="vasp")
     today = datetime.date.today().isoformat()
     lpad = [BIN / "lpad", "-l", "my_launchpad.yaml"]
     _run(

@@ -55,7 +55,8 @@ TINY_ARCH = {"hidden_irreps": "16x0e + 8x1o", "n_layers": 2, "lmax": 1, "radial_
 
 
 def preset_inputs(d: Path, element: str) -> None:
-    """initial_structures/, candidates/ and validation_set/ for a preset run in `d`."""
+    """initial_structures/, candidates/ and validation_set/ for a preset run in `d` (and the
+    property checks' si8_ideal.vasp for silicon)."""
     for sub in ("initial_structures", "candidates", "validation_set"):
         (d / sub).mkdir()
     if element == "Si":
@@ -64,6 +65,7 @@ def preset_inputs(d: Path, element: str) -> None:
             a.rattle(0.05, seed=k)
         ase.io.write(d / "initial_structures" / "si.extxyz", cells)
         ase.io.write(d / "validation_set" / "si.extxyz", emt_labelled(2, seed=1))  # any labels
+        ase.io.write(d / "si8_ideal.vasp", bulk("Si", "diamond", a=5.47, cubic=True))
     else:
         ase.io.write(d / "initial_structures" / "cells.extxyz", make_cells(5, seed=3))
         ase.io.write(d / "candidates" / "pool.extxyz", make_cells(4, seed=5))

@@ -87,7 +87,15 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         # the default input (k-points), checked against an E-V set CP2K labels once
         assert labelling.backend == "cp2k" and labelling.cp2k_input_set is None
         assert labelling.cp2k_template is None and labelling.cp2k_kpoint_spacing == 0.5
-        assert c.section(ValidationSettings, 0).reference == "label"
+        validation = c.section(ValidationSettings, 0)
+        assert validation.reference == "label" and validation.elastic and validation.phonons
+        assert validation.structure == tmp_path / "si8_ideal.vasp"  # absolute, the ideal cell
+        assert set(c.settings.property_tolerances) == {
+            "v0_percent",
+            "bulk_modulus_percent",
+            "elastic_percent",
+            "phonon_percent",
+        }
 
 
 def test_emt_preset_runs(tmp_path, launchpad_file):
