@@ -6,7 +6,7 @@ SHARED ?= ../shared
 MODEL_CACHE := $(HOME)/.cache/nequix/models
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup sysdeps models demo test lint bench clean
+.PHONY: setup sysdeps models demo test docs lint bench clean
 
 $(BIN)/nequix-fw: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,17 +14,22 @@ $(BIN)/nequix-fw: pyproject.toml
 	# CPU torch first (a local wheel where the machine has one), so nequix's torch backend does
 	# not pull a multi-GB CUDA build; everything else comes from pyproject.toml.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.7"
-	$(BIN)/pip install -q -e ".[dev,server,phonons]"
+	$(BIN)/pip install -q -e ".[dev,server,phonons,docs]"
 	touch $@
 
 setup: $(BIN)/nequix-fw
 
-# System packages: CP2K (Debian's cp2k) for the CP2K labelling backend and its tests; a running
-# one-node SLURM (the shared start script, as root) for the qlaunch test.
+# System packages: CP2K (Debian's cp2k) for the CP2K labelling backend and its tests, Chromium
+# (Debian's chromium) for the docs site's screenshots; a running one-node SLURM (the shared
+# start script, as root) for the qlaunch test.
 sysdeps:
 	@command -v cp2k.psmp >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cp2k >/dev/null; } \
 	  || echo "cp2k could not be installed: the CP2K tests will be skipped"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; }; } \
+	  || echo "chromium could not be installed: the docs screenshot test will be skipped"
 	@sinfo >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && bash $(SHARED)/scripts/start-local-slurm.sh; } \
 	  || echo "SLURM could not be started: the qlaunch test will be skipped"
 
@@ -66,6 +71,11 @@ demo: setup models
 # subprocesses (rlaunch, qlaunch/SLURM, CP2K, the database), so two run well on 2 cores.
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
+
+# The documentation site (docs/ -> site/), strict: a warning (a broken link, a missing page,
+# a reference generator that fails) is an error.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

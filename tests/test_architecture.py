@@ -1,4 +1,4 @@
-"""The package's layers (README, Architecture): each module imports only from its own layer or
+"""The package's layers (docs/architecture.md): each module imports only from its own layer or
 the ones below, and no import cycle exists."""
 
 import ast
@@ -61,7 +61,7 @@ def _imports(path: Path) -> set[str]:
 def test_layers_and_no_cycles():
     graph = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     for mod in graph:  # every module has a layer
-        assert mod.split(".")[0] in LAYER, f"{mod}: not in any layer of the README"
+        assert mod.split(".")[0] in LAYER, f"{mod}: not in any layer of docs/architecture.md"
     upward = [
         (m, d)
         for m, deps in graph.items()

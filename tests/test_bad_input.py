@@ -240,7 +240,7 @@ def test_training_that_would_run_out_of_memory_says_so_first(
     assert not out.exists()
 
 
-def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
+def test_safe_defaults_and_the_settings_reference_block_agree(tmp_path, capsys):
     from nequix_fw.labelling import label_structures, make_backend
     from nequix_fw.settings import ExplorationSettings, LabellingSettings
 
@@ -254,9 +254,9 @@ def test_safe_defaults_and_the_readme_settings_block_agree(tmp_path, capsys):
         tmp_path / "close.extxyz", tmp_path / "o", make_backend(s), s, progress=False
     )
     assert summary["failed"][0]["reason"].startswith("min interatomic distance 0.001 Å < 0.7 Å")
-    # every value the README's settings block shows is the code's default
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Settings file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    # every value the settings reference's annotated block shows is the code's default
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    block = page.split("```yaml\n", 1)[1].split("```", 1)[0]
     shown = yaml.safe_load(block)
     required = {"campaign": {"directory", "initial_structures"}}
     for section, values in shown.items():

@@ -582,3 +582,22 @@ def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
     )
     assert len(described) == 2 and rows.shape == (14, len(geometry(train[0])))
     assert [len(n) for n in numbers] == [len(a) for a in train + more]
+
+
+def test_select_method_random_from_the_command_line(results, tmp_path):
+    """`select --method random`: the control draws --max-selected structures with its seed,
+    the same with the same seed, others with another, and records the method."""
+    from nequix_fw.cli import main
+
+    def picks(seed: int, out: str) -> list[str]:
+        argv = ["select", "--ensemble", str(results), "--method", "random"]
+        argv += ["--max-selected", "6", "--seed", str(seed), "--output", str(tmp_path / out)]
+        assert main(argv) == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert manifest["settings"]["method"] == "random"
+        return sorted(e["id"] for e in manifest["structures"] if e["selected"])
+
+    first = picks(1, "selected_random")
+    assert len(first) == 6 and set(first) <= set(_devs(results))
+    assert picks(1, "again") == first
+    assert picks(2, "other") != first

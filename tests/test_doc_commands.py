@@ -1,8 +1,9 @@
-"""Every example command in the README is a valid command, and a test runs it: either one test
-function holds the same subcommand with every flag it shows (found by reading the tests' string
-literals), or the tests at the end of this file take the command from the README and run it
-as written, only shorter (`SCALE`: fewer MD steps, epochs and worker processes). `make demo`
-and `make test` are the quickstart itself (CI runs `make test`)."""
+"""Every example command in the README and the documentation (`docs/`) is a valid command, and
+a test runs it: either one test function holds the same subcommand with every flag it shows
+(found by reading the tests' string literals), or the tests at the end of this file take the
+command from the page and run it as written, only shorter (`SCALE`: fewer MD steps, epochs and
+worker processes). `make demo` and `make test` are the quickstart itself (CI runs `make
+test`); `tests/test_docs.py` runs the first tutorial end to end."""
 
 import ast
 import datetime
@@ -32,10 +33,14 @@ FIX = ROOT.parent / "shared" / "vasp-fixtures"
 TOOLS = ("nequix-fw", "lpad", "rlaunch", "qlaunch", "bash")
 
 
-def readme_commands() -> list[list[str]]:
-    """The commands of the README's bash blocks, as argument lists (comments, continuation
+#: The pages whose commands are checked: the README and every page of the documentation.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def doc_commands() -> list[list[str]]:
+    """The commands of the pages' bash blocks, as argument lists (comments, continuation
     lines and environment assignments handled as the shell would)."""
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in PAGES)
     blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
     out = []
     for block in blocks:
@@ -116,10 +121,10 @@ def _shape(words: list[str]) -> tuple[list[str], set[str]]:
     return head, flags
 
 
-COMMANDS = readme_commands()
+COMMANDS = doc_commands()
 
 
-def test_the_readme_has_its_commands():
+def test_the_docs_have_their_commands():
     assert len(COMMANDS) > 40
     assert {c[0] for c in COMMANDS} == set(TOOLS)
 
@@ -127,8 +132,8 @@ def test_the_readme_has_its_commands():
 @pytest.mark.parametrize(
     "words", [c for c in COMMANDS if c[0] == "nequix-fw"], ids=lambda c: " ".join(c[1:3])
 )
-def test_readme_command_is_valid(words):
-    """The real parser takes every nequix-fw command of the README as written."""
+def test_doc_command_is_valid(words):
+    """The real parser takes every nequix-fw command of the pages as written."""
     build_parser().parse_args(words[1:])
 
 
@@ -136,13 +141,13 @@ FUNCS = _test_functions()
 
 
 def readme_command(*words: str) -> list[str]:
-    """The one README command holding all of `words`."""
+    """The one command of the pages holding all of `words`."""
     found = [c for c in COMMANDS if all(w in c for w in words)]
     assert len(found) == 1, (words, found)
     return found[0]
 
 
-#: The README commands that the tests below run as written (each found by these words).
+#: The pages' commands that the tests below run as written (each found by these words).
 RUN_HERE = [
     ("select", "--diverse"),
     ("select", "--exclude-dataset"),
@@ -173,16 +178,16 @@ def test_a_test_runs_the_readme_command(words):
     assert runs, f"no test runs `{shlex.join(words)}` (needs {head} and {sorted(flags)})"
 
 
-# -- the README's commands, run as written --------------------------------------------------------
+# -- the pages' commands, run as written ---------------------------------------------------------
 
-#: Shorter runs than the README's: MD steps, sampling, epochs, worker processes; training
+#: Shorter runs than the pages': MD steps, sampling, epochs, worker processes; training
 #: commands get 2 epochs of the tiny model of `settings.yaml` where they do not say.
 SCALE = {"--steps": "20", "--sample-every": "10", "--epochs": "2", "--workers": "2"}
 SHORT_TRAINING = {"--epochs": "2", "--config": "settings.yaml"}
 
 
 def run_readme(*words: str, process: bool = False) -> list[str]:
-    """Run the README command holding `words` in the current directory, as the shell would
+    """Run the pages' command holding `words` in the current directory, as the shell would
     (variables and globs expanded), with the `SCALE` values; in a process of its own with
     `process` (what FireWorks reads at import, e.g. ./my_launchpad.yaml, is then this
     directory's); its arguments."""
@@ -237,8 +242,8 @@ def vasp_standin(monkeypatch):
 
 @pytest.fixture
 def workdir(trained, tmp_path, monkeypatch) -> Path:
-    """The current directory of a README walk: `models/m1.nqx`, `models/m2.nqx` (the tiny
-    trained ensemble), $PWD set as a shell would."""
+    """The current directory of a walk through the pages' commands: `models/m1.nqx`,
+    `models/m2.nqx` (the tiny trained ensemble), $PWD set as a shell would."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PWD", str(tmp_path))
     Path("models").mkdir()
@@ -247,11 +252,11 @@ def workdir(trained, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_readme_loop_by_hand(workdir, vasp_standin):
+def test_docs_loop_by_hand(workdir, vasp_standin):
     """select (trust levels, cap, diversity, distance, extxyz), explore (NVT; NPT with the MTK
     barostat, worker processes, distortions, substitutions, random packings), label (EMT, VASP
     through mpirun, CP2K with a template, the user's script with a time-out) and training
-    (4 members on splits in worker processes) as the README writes them."""
+    (4 members on splits in worker processes) as the pages write them."""
     Path("data/initial_structures").mkdir(parents=True)
     for i, a in enumerate(emt_labelled(12, seed=31)):
         ase.io.write(f"data/initial_structures/s{i}.extxyz", a)
@@ -338,7 +343,7 @@ def test_readme_loop_by_hand(workdir, vasp_standin):
         assert len(cp2k) == 1 and np.abs(cp2k[0].forces).max() > 0.1
 
 
-def test_readme_store_commands(workdir, launchpad_file, vasp_standin):
+def test_docs_store_commands(workdir, launchpad_file, vasp_standin):
     """With the MongoDB store: select never re-selects what a dataset holds, torch training
     on a store dataset, relabelling a dataset at another level of theory, export by iteration
     and backend, and FireWorks' view of the same database."""

@@ -1,0 +1,25 @@
+"""mkdocs hook: a page's ``<!-- reference: NAME -->`` becomes the reference generated from the
+code by `gen_reference.GENERATORS[NAME]`."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gen_reference import GENERATORS  # noqa: E402 (the docs directory, put on the path above)
+
+MARKER = re.compile(r"<!-- reference: (\w+) -->")
+
+
+def _generate(match: re.Match) -> str:
+    name = match.group(1)
+    if name not in GENERATORS:
+        raise KeyError(f"no reference generator {name!r}; known: {sorted(GENERATORS)}")
+    return GENERATORS[name]()
+
+
+def on_page_markdown(markdown: str, **_) -> str:
+    return MARKER.sub(_generate, markdown)
