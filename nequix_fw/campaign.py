@@ -30,11 +30,15 @@ from matplotlib.figure import Figure
 from pymongo.database import Database
 
 from nequix_fw.dataset import dataset_ids, read_labelled, training_structures, update_dataset
-from nequix_fw.ensemble import Ensemble
+from nequix_fw.ensemble import Ensemble, EnsembleCalculator
 from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
-from nequix_fw.exploration.properties import missed_checks, property_candidates
+from nequix_fw.exploration.properties import (
+    missed_checks,
+    npt_candidates,
+    property_candidates,
+)
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.labelling.property_set import label_cells
@@ -317,7 +321,9 @@ def run_ensemble_stage(
             system.fixed
         )
         if properties and system.name is None:
-            path, added = _property_candidates(log, k, properties, system.output.parent)
+            path, added = _property_candidates(
+                log, k, properties, system.output.parent, models, ensemble
+            )
             inputs += [path] if path is not None else []
         if not inputs:
             where = f" of system {system.name}" if system.name else ""
@@ -332,12 +338,19 @@ def run_ensemble_stage(
 
 
 def _property_candidates(
-    log: CampaignLog, k: int, spec: dict, directory: Path
+    log: CampaignLog,
+    k: int,
+    spec: dict,
+    directory: Path,
+    models: list[str],
+    ensemble: EnsembleSettings,
 ) -> tuple[Path | None, dict | None]:
     """The candidates of the checks iteration k-1's validation missed, in
     `directory`/property_candidates.extxyz, and which check added how many for which missed
-    tolerances (None, None when none missed)."""
-    missed = missed_checks(log.iteration_record(k - 1).get("properties"), spec["tolerances"])
+    tolerances (None, None when none missed). A missed E-V check also runs NPT on the ensemble
+    of `models` at pressures from the reference bulk modulus, when the validation had one."""
+    previous = log.iteration_record(k - 1)
+    missed = missed_checks(previous.get("properties"), spec["tolerances"])
     if not missed:
         return None, None
     if spec.get("structure"):
@@ -347,8 +360,14 @@ def _property_candidates(
     cells, added = [], {}
     for check, names in missed.items():
         new = property_candidates(structure, check, spec["n"], spec["seed"], spec["supercell"])
-        cells += new
         added[check] = {"missed": names, "added": len(new)}
+        bulk_modulus = previous.get("reference_bulk_modulus_GPa")
+        if check == "eos" and bulk_modulus and structure.pbc.all():
+            calc = EnsembleCalculator(Ensemble.from_specs(models, ensemble))
+            npt = npt_candidates(structure, calc, bulk_modulus, spec["n"], spec["seed"])
+            added[check].update(added=len(new) + len(npt), npt=len(npt))
+            new += npt
+        cells += new
     path = directory / "property_candidates.extxyz"
     with atomic_path(path) as tmp:
         ase.io.write(tmp, cells, format="extxyz")
@@ -534,6 +553,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
     if c.store is not None:
         c.store.save_validation(k, report)
     mean = report["ensemble_mean"]
+    reference_ev = (report.get("physics") or {}).get("ev_reference") or {}
     record = c.record(
         k,
         validation={
@@ -543,6 +563,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         calibration=(report.get("uncertainty") or {}).get("calibration"),
         md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
         properties=_property_errors(report.get("physics"), report.get("properties")),
+        reference_bulk_modulus_GPa=reference_ev.get("bulk_modulus_GPa"),
     )
     plot_progress(c.directory)
     return record

@@ -214,7 +214,11 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     ase.io.write(tmp_path / "pool.extxyz", CU.repeat((1, 1, 1)))
     ase.io.write(tmp_path / "cu.extxyz", CU)
     log = CampaignLog(tmp_path / "run", "p")
-    log.record(0, properties={"v0_percent": 0.1, "bulk_modulus_percent": 35.0})
+    log.record(
+        0,
+        properties={"v0_percent": 0.1, "bulk_modulus_percent": 35.0},
+        reference_bulk_modulus_GPa=140.0,  # so the E-V check also runs NPT on the ensemble
+    )
     spec = {
         "tolerances": {"v0_percent": 0.5, "bulk_modulus_percent": 5, "phonon_percent": 5},
         "n": 6,
@@ -226,13 +230,17 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     out = tmp_path / "run" / "iter_001" / "run_ensemble" / "ensemble_results.json"
     system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out)
     record = run_ensemble_stage(log, 1, model_paths, EnsembleSettings(), [system], spec)
+    npt = record["property_exploration"]["eos"]["npt"]  # up to 4 (random models may stop it)
     assert record["property_exploration"] == {
-        "eos": {"missed": ["bulk_modulus_percent"], "added": 6},
+        "eos": {"missed": ["bulk_modulus_percent"], "added": 6 + npt, "npt": npt},
         "phonons": {"missed": ["phonon_percent"], "added": 6},  # no phonon value recorded
     }
     sources = [r["source"] for r in read_results(out)[1]]
     assert sources.count(str(tmp_path / "pool.extxyz")) == 1
-    assert sources.count(str(out.parent / "property_candidates.extxyz")) == 12
+    assert sources.count(str(out.parent / "property_candidates.extxyz")) == 12 + npt
+    cands = ase.io.read(out.parent / "property_candidates.extxyz", index=":")
+    gens = [a.info["generator"] for a in cands]
+    assert gens.count("property:eos:npt") == npt and gens.count("property:eos") == 6
     # every check within its tolerance: nothing added
     log.record(1, properties={"v0_percent": 0.1, "bulk_modulus_percent": 1.0, "phonon_percent": 2})
     out2 = tmp_path / "run" / "iter_002" / "run_ensemble" / "ensemble_results.json"
@@ -271,3 +279,20 @@ def test_the_campaign_passes_property_exploration_to_its_evaluation(tmp_path):
     settings["campaign"]["property_exploration"] = 0  # off
     cfg.write_text(yaml.safe_dump(settings))
     assert "properties" not in run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]
+
+
+def test_npt_candidates_cross_the_ev_curve():
+    """NPT on EMT copper at the pressures of -6 % ... +6 % volume (from its bulk modulus):
+    compressed under pressure, expanded under tension, in the order of the pressures."""
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.exploration.properties import NPT_VOLUME_STRAINS, npt_candidates
+
+    frames = npt_candidates(CU, EMT(), 134.0, 4, seed=1)
+    assert len(frames) == len(NPT_VOLUME_STRAINS) == 4
+    assert {a.info["generator"] for a in frames} == {"property:eos:npt"}
+    pressures = [a.info["pressure_GPa"] for a in frames]
+    assert pressures == pytest.approx([8.04, 4.02, -4.02, -8.04])
+    strains = [a.get_volume() / CU.get_volume() - 1 for a in frames]
+    assert strains == sorted(strains)  # higher pressure, smaller cell
+    assert -0.08 < strains[0] < -0.02 and 0.02 < strains[-1] < 0.15

@@ -3,7 +3,9 @@ tolerance, structures that teach that property, for the usual evaluate -> select
 ensemble's uncertainty still decides what gets labelled):
 
 - the equation of state (``v0_percent``, ``bulk_modulus_percent``): the check's structure scaled
-  to volumes across and beyond the E-V curve's span (-8 to +8 %), slightly rattled;
+  to volumes across and beyond the E-V curve's span (-8 to +8 %), slightly rattled, and frames
+  of NPT MD on the ensemble's mean at pressures that take the cell across that span
+  (`npt_candidates`);
 - elastic constants (``elastic_percent``): the structure under random strains of up to 2 % per
   component, shears included, slightly rattled;
 - phonons (``phonon_percent``): the check's supercell with every atom displaced (normal, 0.02 to
@@ -18,6 +20,8 @@ import numpy as np
 from ase import Atoms
 
 from nequix_fw.exploration.distortions import distorted_copies
+from nequix_fw.exploration.md import run_md
+from nequix_fw.settings import ExplorationSettings
 
 #: The tolerance names of each check.
 CHECKS = {
@@ -29,6 +33,13 @@ CHECKS = {
 EOS_VOLUME_RANGE = 0.08
 ELASTIC_STRAIN_MAX = 0.02
 PHONON_RATTLE_A = (0.02, 0.08)
+#: NPT of the E-V candidates: the volume strains whose pressures (P = -B dV/V, from the
+#: reference bulk modulus) each trajectory runs at, its temperature (K) and length (steps of
+#: 2 fs), and the barostat's time (fs: the volume settles within the run).
+NPT_VOLUME_STRAINS = (-0.06, -0.03, 0.03, 0.06)
+NPT_TEMPERATURE_K = 300.0
+NPT_STEPS = 400
+NPT_TAUP_FS = 100.0
 
 
 def missed_checks(properties: dict | None, tolerances: dict[str, float]) -> dict[str, list[str]]:
@@ -80,4 +91,28 @@ def property_candidates(
         raise ValueError(f"unknown property check {check!r}")
     for a in out:
         a.info["generator"] = f"property:{check}"
+    return out
+
+
+def npt_candidates(structure: Atoms, calc, bulk_modulus_GPa: float, n: int, seed: int) -> list:
+    """About `n` frames of NPT MD (Berendsen, `NPT_TEMPERATURE_K`) on `calc` (the ensemble's
+    mean) from `structure`, at the pressures that would strain its volume by
+    `NPT_VOLUME_STRAINS` with the reference bulk modulus (GPa): the last frames of each
+    trajectory, where the cell has settled. A trajectory stops early, as exploration's do, when
+    the ensemble's uncertainty passes its default stop; its frames up to there count."""
+    per = max(1, n // len(NPT_VOLUME_STRAINS))
+    settings = ExplorationSettings(
+        temperatures_K=[NPT_TEMPERATURE_K],
+        steps=NPT_STEPS,
+        sample_every=max(1, NPT_STEPS // (2 * per)),
+        taup_fs=NPT_TAUP_FS,
+        compressibility_per_GPa=1.0 / bulk_modulus_GPa,
+    )
+    out = []
+    for i, strain in enumerate(NPT_VOLUME_STRAINS):
+        pressure = -strain * bulk_modulus_GPa
+        traj = run_md(structure, calc, NPT_TEMPERATURE_K, settings, pressure, seed=seed + i)
+        for frame in traj.frames[-per:]:
+            frame.info.update(generator="property:eos:npt", pressure_GPa=float(pressure))
+            out.append(frame)
     return out
