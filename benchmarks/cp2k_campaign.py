@@ -1,16 +1,17 @@
-"""The CP2K preset campaign (`workflows/cp2k_si.yaml`) run for real: silicon labelled by CP2K
-(Debian's cp2k.psmp through custodian), Nequix fine-tuned from nequix-mp-1, on a local MongoDB
-server through `lpad` and `rlaunch rapidfire`. Prints the campaign's table (labels, errors,
-structural checks against the E-V set CP2K labels once) and the wall time of each stage per
-iteration.
+"""A CP2K preset campaign run for real: silicon (`workflows/cp2k_si.yaml`) or silicon carbide
+(`workflows/cp2k_sic.yaml`, `--system sic`) labelled by CP2K (Debian's cp2k.psmp through
+custodian), Nequix fine-tuned from nequix-mp-1, on a local MongoDB server through `lpad` and
+`rlaunch rapidfire`. Prints the campaign's table (labels, errors, property checks against the
+sets CP2K labels once) and the wall time of each stage per iteration.
 
-    python benchmarks/cp2k_campaign.py [--workdir cp2k_run] [--max-iterations 2]
-        [--property-exploration 0]
+    python benchmarks/cp2k_campaign.py [--system si|sic] [--workdir cp2k_run]
+        [--max-iterations 2] [--property-exploration 0]
 
-The inputs are made here, from seeds nothing else uses: 6 initial Si8 cells (strained up to
-2 %, rattled 0.03-0.1 Å), a held-out set of 6 more (the ideal cell first), labelled with the
-campaign's own CP2K settings before the campaign starts, and the ideal cubic cell
-(`si8_ideal.vasp`) whose E-V curve, elastic constants and phonons the checks compare.
+The inputs are made here, from seeds nothing else uses: 6 initial 8-atom cubic cells (strained
+up to 2 %, rattled 0.03-0.1 Å), a held-out set of 6 more (the ideal cell first), labelled with
+the campaign's own CP2K settings before the campaign starts, and the ideal cubic cell
+(`si8_ideal.vasp`, `sic8_ideal.vasp`) whose E-V curve, elastic constants and phonons the
+checks compare.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from fireworks import LaunchPad
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PRESET = ROOT / "workflows" / "cp2k_si.yaml"
+#: Per system: the preset, the file names' tag, the ideal cubic cell (a in Å, about PBE's).
+SYSTEMS = {
+    "si": ("cp2k_si.yaml", "si8", lambda: bulk("Si", "diamond", a=5.47, cubic=True)),
+    "sic": ("cp2k_sic.yaml", "sic8", lambda: bulk("SiC", "zincblende", a=4.38, cubic=True)),
+}
 STAGES = (
     "label",
     "update_dataset",
@@ -45,17 +50,17 @@ STAGES = (
 )
 
 
-def si_cells(n: int, seed: int, ideal_first: bool = False) -> list:
-    """Si8 diamond cells (a = 5.47 Å) strained isotropically by up to 2 % and rattled."""
+def strained_cells(ideal, n: int, seed: int, ideal_first: bool = False) -> list:
+    """`n` copies of the `ideal()` cell strained isotropically by up to 2 % and rattled."""
     rng = np.random.default_rng(seed)
-    cells = []
+    out = []
     for i in range(n):
-        a = bulk("Si", "diamond", a=5.47, cubic=True)
+        a = ideal()
         if not (ideal_first and i == 0):
             a.set_cell(a.cell[:] * (1 + rng.uniform(-0.02, 0.02)), scale_atoms=True)
             a.positions += rng.normal(0, rng.uniform(0.03, 0.1), a.positions.shape)
-        cells.append(a)
-    return cells
+        out.append(a)
+    return out
 
 
 def _run(cmd: list, cwd: Path) -> float:
@@ -77,6 +82,7 @@ def stage_times(lp: LaunchPad) -> dict[int, dict[str, float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--system", choices=list(SYSTEMS), default="si")
     p.add_argument("--workdir", type=Path, default=Path("cp2k_run"))
     p.add_argument("--max-iterations", type=int, help="override the preset's max_iterations")
     p.add_argument(
@@ -92,7 +98,8 @@ def main() -> None:
         sys.exit(f"{work} exists: give another --workdir")
     work.mkdir(parents=True)
     nfw = BIN / "nequix-fw"
-    settings = yaml.safe_load(PRESET.read_text())
+    preset, tag, ideal = SYSTEMS[args.system]
+    settings = yaml.safe_load((ROOT / "workflows" / preset).read_text())
     if args.max_iterations is not None:
         settings["campaign"]["max_iterations"] = args.max_iterations
     if args.property_exploration is not None:
@@ -100,11 +107,11 @@ def main() -> None:
     (work / "campaign.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     (work / "initial_structures").mkdir()
     (work / "validation_structures").mkdir()
-    for i, a in enumerate(si_cells(6, seed=101)):
-        ase.io.write(work / "initial_structures" / f"si8_{i}.vasp", a, format="vasp")
-    for i, a in enumerate(si_cells(6, seed=202, ideal_first=True)):
-        ase.io.write(work / "validation_structures" / f"si8_{i}.vasp", a, format="vasp")
-    ase.io.write(work / "si8_ideal.vasp", si_cells(1, seed=0, ideal_first=True)[0], format="vasp")
+    for i, a in enumerate(strained_cells(ideal, 6, seed=101)):
+        ase.io.write(work / "initial_structures" / f"{tag}_{i}.vasp", a, format="vasp")
+    for i, a in enumerate(strained_cells(ideal, 6, seed=202, ideal_first=True)):
+        ase.io.write(work / "validation_structures" / f"{tag}_{i}.vasp", a, format="vasp")
+    ase.io.write(work / f"{tag}_ideal.vasp", ideal(), format="vasp")
     today = datetime.date.today().isoformat()
     lpad = [BIN / "lpad", "-l", "my_launchpad.yaml"]
     _run(
@@ -117,7 +124,7 @@ def main() -> None:
             "--launchpad",
             "my_launchpad.yaml",
             "--name",
-            "cp2k_si",
+            settings["campaign"]["name"],
         ],
         work,
     )
@@ -166,8 +173,8 @@ def main() -> None:
     print("| iteration | " + " | ".join(STAGES) + " |")
     print("| ---: |" + " ---: |" * len(STAGES))
     for k in sorted(times):
-        cells = [f"{times[k][s]:.0f}" if s in times[k] else "-" for s in STAGES]
-        print(f"| {k} | " + " | ".join(cells) + " |")
+        row = [f"{times[k][s]:.0f}" if s in times[k] else "-" for s in STAGES]
+        print(f"| {k} | " + " | ".join(row) + " |")
     print("(seconds of each stage's launches; validate 0 includes labelling the E-V set)")
 
 

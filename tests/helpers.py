@@ -59,13 +59,15 @@ def preset_inputs(d: Path, element: str) -> None:
     property checks' si8_ideal.vasp for silicon)."""
     for sub in ("initial_structures", "candidates", "validation_set"):
         (d / sub).mkdir()
-    if element == "Si":
-        cells = [bulk("Si", "diamond", a=5.43, cubic=True) for _ in range(3)]
+    if element in ("Si", "SiC"):
+        ideal = {"Si": ("diamond", 5.47), "SiC": ("zincblende", 4.38)}[element]
+        cells = [bulk(element, ideal[0], a=ideal[1], cubic=True) for _ in range(3)]
         for k, a in enumerate(cells):
             a.rattle(0.05, seed=k)
-        ase.io.write(d / "initial_structures" / "si.extxyz", cells)
-        ase.io.write(d / "validation_set" / "si.extxyz", emt_labelled(2, seed=1))  # any labels
-        ase.io.write(d / "si8_ideal.vasp", bulk("Si", "diamond", a=5.47, cubic=True))
+        ase.io.write(d / "initial_structures" / "cells.extxyz", cells)
+        ase.io.write(d / "validation_set" / "any.extxyz", emt_labelled(2, seed=1))  # any labels
+        ideal_cell = bulk(element, ideal[0], a=ideal[1], cubic=True)
+        ase.io.write(d / f"{element.lower()}8_ideal.vasp", ideal_cell, format="vasp")
     else:
         ase.io.write(d / "initial_structures" / "cells.extxyz", make_cells(5, seed=3))
         ase.io.write(d / "candidates" / "pool.extxyz", make_cells(4, seed=5))

@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 def test_the_presets_are_there():
     assert [p.name for p in PRESETS] == [
         "cp2k_si.yaml",
+        "cp2k_sic.yaml",
         "emt_cu_au.yaml",
         "finetune_mp1.yaml",
         "npt_hot_schedule.yaml",
@@ -41,7 +42,8 @@ def test_the_presets_are_there():
 def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(preset, tmp_path / preset.name)
-    preset_inputs(tmp_path, "Si" if "cp2k" in preset.name else "Cu")
+    element = {"cp2k_si": "Si", "cp2k_sic": "SiC"}.get(preset.stem, "Cu")
+    preset_inputs(tmp_path, element)
     sections = campaign_sections(preset.name, tmp_path / "my_launchpad.yaml")
     wf = campaign_workflow(sections)
     c = Campaign(sections)
@@ -83,13 +85,14 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         temps = [c.section(ExplorationSettings, k).temperatures_K for k in (1, 3, 5)]
         assert temps == [[300.0, 600.0], [900.0, 1200.0], [1200.0, 1500.0]]
         assert c.section(ExplorationSettings, 5).pressures_GPa == [0.0, 5.0]
-    if preset.stem == "cp2k_si":
-        # the default input (k-points), checked against an E-V set CP2K labels once
+    if preset.stem.startswith("cp2k_"):
+        # the default input (k-points), checked against property sets CP2K labels once
         assert labelling.backend == "cp2k" and labelling.cp2k_input_set is None
         assert labelling.cp2k_template is None and labelling.cp2k_kpoint_spacing == 0.5
         validation = c.section(ValidationSettings, 0)
         assert validation.reference == "label" and validation.elastic and validation.phonons
-        assert validation.structure == tmp_path / "si8_ideal.vasp"  # absolute, the ideal cell
+        ideal = tmp_path / f"{element.lower()}8_ideal.vasp"
+        assert validation.structure == ideal  # absolute, the ideal cell
         assert set(c.settings.property_tolerances) == {
             "v0_percent",
             "bulk_modulus_percent",
