@@ -313,14 +313,14 @@ def run_ensemble_stage(
 ) -> dict:
     """The ensemble of `models` (iteration k-1's) on each system's candidates; with
     `properties` (see `RunEnsembleTask`), also on the candidates of the property checks that
-    iteration k-1's validation missed (property-driven exploration)."""
+    iteration k-1's validation missed (property-driven exploration), as the first system's."""
     n, added = 0, None
     for system in systems:
         explored = system.explored
         inputs = ([explored] if explored is not None and explored.is_file() else []) + list(
             system.fixed
         )
-        if properties and system.name is None:
+        if properties and system is systems[0]:  # with systems: the first explored
             path, added = _property_candidates(
                 log, k, properties, system.output.parent, models, ensemble
             )

@@ -792,7 +792,8 @@ class CampaignSettings(_Settings):
         "evaluation for each property check of the validation that missed its "
         "property_tolerances (volume-scaled cells for V0/B0, strained cells for the elastic "
         "constants, displaced supercells for the phonons; see nequix_fw.exploration."
-        "properties). 0: off. Campaigns without systems.",
+        "properties). 0: off. With systems, they join the first system explored in the "
+        "iteration (its trust levels and quota).",
     )
     label_group_size: int | None = Field(
         None,

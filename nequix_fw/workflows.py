@@ -112,7 +112,7 @@ def run_ensemble_fw(c: Campaign, k: int) -> Firework:
         )
     params = {}
     tolerances = c.settings.property_tolerances
-    if tolerances and c.settings.property_exploration and not c.settings.systems:
+    if tolerances and c.settings.property_exploration:
         checks = c.section(ValidationSettings, k)
         params["properties"] = {
             "tolerances": dict(tolerances),

@@ -241,6 +241,17 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     cands = ase.io.read(out.parent / "property_candidates.extxyz", index=":")
     gens = [a.info["generator"] for a in cands]
     assert gens.count("property:eos:npt") == npt and gens.count("property:eos") == 6
+    # with systems, the first system explored takes them (its trust levels and quota)
+    two = [
+        SystemCandidates(name, None, [tmp_path / "pool.extxyz"], tmp_path / f"r_{name}.json")
+        for name in ("cu", "cuau")
+    ]
+    spec_eos = {**spec, "tolerances": {"bulk_modulus_percent": 5}}
+    record = run_ensemble_stage(log, 1, model_paths, EnsembleSettings(), two, spec_eos)
+    added = record["property_exploration"]["eos"]["added"]
+    assert added == 6 + record["property_exploration"]["eos"]["npt"]
+    assert len(list(read_results(tmp_path / "r_cu.json")[1])) == 1 + added
+    assert len(list(read_results(tmp_path / "r_cuau.json")[1])) == 1
     # every check within its tolerance: nothing added
     log.record(1, properties={"v0_percent": 0.1, "bulk_modulus_percent": 1.0, "phonon_percent": 2})
     out2 = tmp_path / "run" / "iter_002" / "run_ensemble" / "ensemble_results.json"
@@ -276,6 +287,14 @@ def test_the_campaign_passes_property_exploration_to_its_evaluation(tmp_path):
         "supercell": [3, 3, 3],
         "seed": 2,
     }
+    settings["campaign"]["systems"] = [  # with systems too: the first explored takes them
+        {"name": "cu", "initial_structures": str(tmp_path / "t.xyz")},
+        {"name": "al", "initial_structures": str(tmp_path / "t.xyz")},
+    ]
+    cfg.write_text(yaml.safe_dump(settings))
+    task = run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]
+    assert task["properties"]["tolerances"] == {"elastic_percent": 10.0}
+    assert [s["name"] for s in task["systems"]] == ["cu", "al"]
     settings["campaign"]["property_exploration"] = 0  # off
     cfg.write_text(yaml.safe_dump(settings))
     assert "properties" not in run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]
