@@ -43,7 +43,7 @@ from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.labelling.property_set import label_cells
 from nequix_fw.schemas.campaign import read_campaign_log
-from nequix_fw.selection import resolve_lo, select_from_results
+from nequix_fw.selection import Reserve, resolve_lo, select_from_results
 from nequix_fw.settings import (
     LABEL_REFERENCE,
     CampaignSettings,
@@ -321,10 +321,10 @@ def run_ensemble_stage(
             system.fixed
         )
         if properties and system is systems[0]:  # with systems: the first explored
-            path, added = _property_candidates(
+            paths, added = _property_candidates(
                 log, k, properties, system.output.parent, models, ensemble
             )
-            inputs += [path] if path is not None else []
+            inputs += paths
         if not inputs:
             where = f" of system {system.name}" if system.name else ""
             raise SettingsError(
@@ -344,35 +344,54 @@ def _property_candidates(
     directory: Path,
     models: list[str],
     ensemble: EnsembleSettings,
-) -> tuple[Path | None, dict | None]:
+) -> tuple[list[Path], dict | None]:
     """The candidates of the checks iteration k-1's validation missed, in
-    `directory`/property_candidates.extxyz, and which check added how many for which missed
-    tolerances (None, None when none missed). A missed E-V check also runs NPT on the ensemble
+    `directory`/property_candidates_<check>.extxyz, and which check added how many for which missed
+    tolerances ([], None when none missed). A missed E-V check also runs NPT on the ensemble
     of `models` at pressures from the reference bulk modulus, when the validation had one."""
     previous = log.iteration_record(k - 1)
     missed = missed_checks(previous.get("properties"), spec["tolerances"])
     if not missed:
-        return None, None
+        return [], None
     if spec.get("structure"):
         structure = next(iter_frames([spec["structure"]])).atoms
     else:
         structure = read_labelled(spec["testset"], log.datasets)[0].frame.atoms
-    cells, added = [], {}
+    paths, added = [], {}
+
+    def write(name: str, cells: list) -> Path:
+        path = directory / f"property_candidates_{name}.extxyz"
+        with atomic_path(path) as tmp:
+            ase.io.write(tmp, cells, format="extxyz")
+        paths.append(path)
+        return path
+
     for check, names in missed.items():
         new = property_candidates(structure, check, spec["n"], spec["seed"], spec["supercell"])
-        added[check] = {"missed": names, "added": len(new)}
+        added[check] = {"missed": names, "added": len(new), "file": str(write(check, new))}
         bulk_modulus = previous.get("reference_bulk_modulus_GPa")
         if check == "eos" and bulk_modulus and structure.pbc.all():
             calc = EnsembleCalculator(Ensemble.from_specs(models, ensemble))
             npt = npt_candidates(structure, calc, bulk_modulus, spec["n"], spec["seed"])
             added[check].update(added=len(new) + len(npt), npt=len(npt))
-            new += npt
-        cells += new
-    path = directory / "property_candidates.extxyz"
-    with atomic_path(path) as tmp:
-        ase.io.write(tmp, cells, format="extxyz")
+            if npt:  # through uncertainty alone: frames of the ensemble's own dynamics
+                write("eos_npt", npt)
     logger.info("iteration %d: property-driven candidates %s", k, added)
-    return path, added
+    return paths, added
+
+
+def _property_reserve(c: Campaign, k: int) -> list[Reserve]:
+    """What the selection of iteration k takes first: `campaign.property_labels` of the cells
+    each missed property check added (the most uncertain; the NPT frames go by uncertainty
+    alone), since a missed check is itself evidence that the ensemble is wrong there, even
+    where its members agree."""
+    added = c.iteration_record(k).get("property_exploration") or {}
+    n = c.settings.property_labels
+    return [
+        (info["file"], n, f"property check {check} missed ({', '.join(info['missed'])})")
+        for check, info in added.items()
+        if n and info.get("file")
+    ]
 
 
 def select_stage(c: Campaign, k: int) -> dict:
@@ -383,7 +402,7 @@ def select_stage(c: Campaign, k: int) -> dict:
     labelled = dataset_ids(c.dataset, c.datasets, before_iteration=k)
     known = None
     manifests, systems = {}, {}
-    for system in c.systems_at(k):
+    for i, system in enumerate(c.systems_at(k)):
         settings = c.section(SelectionSettings, k, system)
         update: dict = {"seed": settings.seed + k}  # new random draws every iteration
         if settings.lo == "auto":  # from the calibration of the ensemble that predicted
@@ -396,7 +415,12 @@ def select_stage(c: Campaign, k: int) -> dict:
         if settings.diverse and known is None:  # keep away from the training set
             known = training_structures(c.dataset, c.datasets)
         manifest = select_from_results(
-            c.results_file(k, system), c.stage_dir(k, "select", system), settings, labelled, known
+            c.results_file(k, system),
+            c.stage_dir(k, "select", system),
+            settings,
+            labelled,
+            known,
+            reserve=_property_reserve(c, k) if i == 0 else (),  # where run_ensemble put them
         )
         labelled = labelled | {e["id"] for e in manifest["structures"] if e["selected"]}
         name = system.name if system else None

@@ -41,6 +41,11 @@ from nequix_fw.uncertainty import atomic_force_deviation, lower_trust_level, tru
 logger = logging.getLogger(__name__)
 
 
+#: Structures to select first, whatever their class: (the results' `source` they come from,
+#: how many, the reason recorded), e.g. the candidates of a property check that missed.
+Reserve = tuple[str, int, str]
+
+
 @dataclass
 class Entry:
     """Selection outcome of one structure."""
@@ -267,28 +272,50 @@ def _describe(described: list[tuple[Entry, Atoms]], describe: Describe) -> None:
         described.clear()
 
 
+def _reserved(
+    entries: list[Entry], reserve: Sequence[Reserve], settings: SelectionSettings, seen: set[str]
+) -> list[Entry]:
+    """The `Reserve` picks, at most `max_selected` in all: from each source, its most uncertain
+    structures that did not fail and are not in `seen` (already labelled, or picked), whatever
+    their class."""
+    out: list[Entry] = []
+    limit = np.inf if settings.max_selected is None else settings.max_selected
+    for source, n, reason in reserve:
+        pool = [e for e in entries if e.source == source and e.cls != "failed" and e.id not in seen]
+        pool.sort(key=lambda e: -e.metrics[_metric(settings)])
+        for e in pool[: int(min(n, limit - len(out)))]:
+            e.reason = reason
+            seen.add(e.id)
+            out.append(e)
+    return out
+
+
 def choose(
     entries: list[Entry],
     settings: SelectionSettings,
     exclude: set[str] | None = None,
     known: np.ndarray | None = None,
+    reserve: Sequence[Reserve] = (),
 ) -> list[Entry]:
     """Mark and return the selected candidates, in selection order; candidates whose id is in
     `exclude` (already labelled) are not selected again. With `diverse`, farthest-point
     sampling starts from the most uncertain candidate, or, given `known` (descriptors of the
-    training set), from the candidate least like the training set, and keeps away from it."""
+    training set), from the candidate least like the training set, and keeps away from it.
+    The `reserve` picks come first, within `max_selected`."""
     exclude = exclude or set()
     pickable = _pickable(settings)
     for e in entries:
         if e.cls in pickable and e.id in exclude:
             e.reason = "already labelled"
     seen: set[str] = set(exclude)
+    reserved = _reserved(entries, reserve, settings, seen)
     cands = []
     for e in entries:  # the same structure twice in the input is selected once
         if e.cls in pickable and e.id not in seen:
             seen.add(e.id)
             cands.append(e)
-    k = len(cands) if settings.max_selected is None else min(settings.max_selected, len(cands))
+    budget = None if settings.max_selected is None else settings.max_selected - len(reserved)
+    k = len(cands) if budget is None else max(0, min(budget, len(cands)))
     if settings.method == "random":
         order = np.random.default_rng(settings.seed).permutation(len(cands))
     else:
@@ -302,6 +329,7 @@ def choose(
     if settings.method == "random":
         position = {id(e): i for i, e in enumerate(cands)}
         chosen.sort(key=lambda e: position[id(e)])  # in input order
+    chosen = reserved + chosen
     for e in chosen:
         e.selected = True
     return chosen
@@ -390,14 +418,15 @@ def select_from_results(
     settings: SelectionSettings,
     exclude: set[str] | None = None,
     training_set: Sequence[Atoms] | KnownStructures | None = None,
+    reserve: Sequence[Reserve] = (),
 ) -> dict:
     """Classify and select from an ensemble-results file; write files + manifest atomically.
 
     With `diverse` and a `training_set` (structures, or a store dataset, which keeps its
     structures' descriptors), the picks keep away from its structures as well as from each
     other. Structures whose id is in `exclude` (e.g. those already in the training
-    set) are never selected. Returns the manifest. The output directory appears complete or not
-    at all.
+    set) are never selected; the `reserve` picks come first. Returns the manifest. The output
+    directory appears complete or not at all.
     """
     results_path, output = Path(results_path), Path(output)
     if settings.lo == "auto":
@@ -420,7 +449,8 @@ def select_from_results(
     known = None
     if settings.diverse and training_set is not None:
         known = known_descriptors(settings, header["models"], describe, training_set)
-    chosen = {e.id: e for e in choose(entries, settings, exclude, known)}
+    chosen = {e.id: e for e in choose(entries, settings, exclude, known, reserve)}
+    reasons = {reason for _, _, reason in reserve}
     tmp = _prepare_output(output)
     try:
         suffix = "vasp" if settings.format == "vasp" else "extxyz"
@@ -439,6 +469,7 @@ def select_from_results(
         counts = {c: sum(e.cls == c for e in entries) for c in ("accurate", "candidate", "failed")}
         counts["selected"] = sum(e.selected for e in entries)
         counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)
+        counts["reserved"] = sum(e.selected and e.reason in reasons for e in entries)
         doc = SelectionManifest(
             ensemble_results=str(results_path.resolve()),
             models=header["models"],

@@ -795,6 +795,14 @@ class CampaignSettings(_Settings):
         "properties). 0: off. With systems, they join the first system explored in the "
         "iteration (its trust levels and quota).",
     )
+    property_labels: int = Field(
+        2,
+        ge=0,
+        description="Of the candidates a missed property check added, the selection takes this "
+        "many (the most uncertain) first, within select.max_selected, whatever their "
+        "uncertainty: an ensemble fine-tuned from one model can agree on a property it gets "
+        "wrong, and the missed check is the evidence. 0: uncertainty alone decides.",
+    )
     label_group_size: int | None = Field(
         None,
         ge=1,

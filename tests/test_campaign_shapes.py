@@ -104,6 +104,17 @@ validate: {reference: label}
     # stored in MongoDB as a dataset of its own, apart from the training set
     datasets = [name for name, _ in r["db"]["dataset"]]
     assert datasets.count("evref_reference_ev") == 7 and datasets.count("evref") == 4 + 3
+    # the missed V0 steered iteration 1: E-V candidates (volume-scaled cells, and NPT at the
+    # pressures of the reference bulk modulus), of which property_labels (2) came first
+    assert its[0]["reference_bulk_modulus_GPa"] == pytest.approx(direct["bulk_modulus_GPa"])
+    eos = its[1]["property_exploration"]["eos"]
+    assert eos["missed"] == ["v0_percent"] and eos["added"] == 16 + eos["npt"]
+    manifest = json.loads((r["dir"] / "iter_001" / "select" / "manifest.json").read_text())
+    reserved = [
+        e for e in manifest["structures"] if e["reason"] == "property check eos missed (v0_percent)"
+    ]
+    assert len(reserved) == 2 == manifest["counts"]["reserved"]
+    assert all(e["selected"] and e["source"] == eos["file"] for e in reserved)
 
 
 def test_systems_go_through_the_stages_on_their_own(tmp_path, launchpad_file):

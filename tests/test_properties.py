@@ -231,16 +231,19 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out)
     record = run_ensemble_stage(log, 1, model_paths, EnsembleSettings(), [system], spec)
     npt = record["property_exploration"]["eos"]["npt"]  # up to 4 (random models may stop it)
+    eos, phonons = (str(out.parent / f"property_candidates_{c}.extxyz") for c in ("eos", "phonons"))
     assert record["property_exploration"] == {
-        "eos": {"missed": ["bulk_modulus_percent"], "added": 6 + npt, "npt": npt},
-        "phonons": {"missed": ["phonon_percent"], "added": 6},  # no phonon value recorded
+        "eos": {"missed": ["bulk_modulus_percent"], "added": 6 + npt, "npt": npt, "file": eos},
+        # no phonon value recorded: missed
+        "phonons": {"missed": ["phonon_percent"], "added": 6, "file": phonons},
     }
     sources = [r["source"] for r in read_results(out)[1]]
     assert sources.count(str(tmp_path / "pool.extxyz")) == 1
-    assert sources.count(str(out.parent / "property_candidates.extxyz")) == 12 + npt
-    cands = ase.io.read(out.parent / "property_candidates.extxyz", index=":")
-    gens = [a.info["generator"] for a in cands]
-    assert gens.count("property:eos:npt") == npt and gens.count("property:eos") == 6
+    assert sources.count(eos) == 6 and sources.count(phonons) == 6
+    npt_file = out.parent / "property_candidates_eos_npt.extxyz"
+    assert sources.count(str(npt_file)) == npt and npt_file.is_file() == (npt > 0)
+    gens = {a.info["generator"] for a in ase.io.read(eos, index=":")}
+    assert gens == {"property:eos"}
     # with systems, the first system explored takes them (its trust levels and quota)
     two = [
         SystemCandidates(name, None, [tmp_path / "pool.extxyz"], tmp_path / f"r_{name}.json")

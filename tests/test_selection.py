@@ -66,6 +66,7 @@ def test_selection_equals_threshold_set(results, tmp_path):
         "failed": 6,
         "selected": 13,
         "already_labelled": 0,
+        "reserved": 0,
     }
     files = sorted(p.name for p in (tmp_path / "sel").glob("*.vasp"))
     assert files == sorted(f"{i}.vasp" for i in want)
@@ -525,7 +526,7 @@ def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
     assert main(["--log-level", "info", *argv]) == 0
     err = capsys.readouterr().err
     assert f"INFO nequix_fw.selection: selection from {results}: " in err
-    assert f"24 candidate, 0 failed, 5 selected, 0 already_labelled -> {out}" in err
+    assert f"24 candidate, 0 failed, 5 selected, 0 already_labelled, 0 reserved -> {out}" in err
 
 
 def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
@@ -601,3 +602,30 @@ def test_select_method_random_from_the_command_line(results, tmp_path):
     assert len(first) == 6 and set(first) <= set(_devs(results))
     assert picks(1, "again") == first
     assert picks(2, "other") != first
+
+
+def test_reserved_picks_come_first_whatever_their_class():
+    """A reserve takes the most uncertain of its source that did not fail and were not
+    labelled, accurate ones included, within max_selected; the rest goes by uncertainty."""
+    from nequix_fw.selection import choose
+    from nequix_fw.settings import SelectionSettings
+
+    entries = _entries(20, 10, 10)  # s0-s19 candidates, s20-s29 accurate, s30-s39 failed
+    for e in entries[25:35]:
+        e.source = "property_candidates_eos.extxyz"  # s25-s29 accurate, s30-s34 failed
+    reserve = [("property_candidates_eos.extxyz", 3, "property check eos missed")]
+    s = SelectionSettings(max_selected=5, lo=0.1)
+    chosen = choose(entries, s, exclude={"s29"}, reserve=reserve)
+    assert [e.id for e in chosen] == ["s28", "s27", "s26", "s19", "s18"]
+    assert {e.cls for e in chosen[:3]} == {"accurate"}
+    assert {e.reason for e in chosen[:3]} == {"property check eos missed"}
+    assert entries[29].reason == "already labelled" or not entries[29].selected
+    # a reserve of another source takes nothing; one larger than the budget takes all of it
+    big = [("property_candidates_eos.extxyz", 9, "r")]
+    unc = ["s19", "s18", "s17", "s16", "s15"]
+    assert [e.id for e in choose(_entries(20, 10, 10), s, reserve=big)] == unc
+    entries = _entries(20, 10, 10)
+    for e in entries[15:30]:
+        e.source = "property_candidates_eos.extxyz"  # s15-s19 candidates, s20-s29 accurate
+    picks = [e.id for e in choose(entries, s, reserve=big)]
+    assert picks == ["s29", "s28", "s27", "s26", "s25"]  # 5 of 9: max_selected

@@ -22,6 +22,7 @@ from ase import Atoms
 from nequix_fw.exploration.distortions import distorted_copies
 from nequix_fw.exploration.md import run_md
 from nequix_fw.settings import ExplorationSettings
+from nequix_fw.structures import min_distance
 
 #: The tolerance names of each check.
 CHECKS = {
@@ -40,6 +41,11 @@ NPT_VOLUME_STRAINS = (-0.06, -0.03, 0.03, 0.06)
 NPT_TEMPERATURE_K = 300.0
 NPT_STEPS = 400
 NPT_TAUP_FS = 100.0
+#: NPT frames kept: within this volume strain of the start (the E-V curve spans ±6 %), and no
+#: two atoms closer than this fraction of the start's shortest distance (a poor ensemble's
+#: barostat can crush a cell: such frames teach nothing and waste a label).
+NPT_MAX_VOLUME_STRAIN = 0.12
+NPT_MIN_DISTANCE_FRACTION = 0.8
 
 
 def missed_checks(properties: dict | None, tolerances: dict[str, float]) -> dict[str, list[str]]:
@@ -99,7 +105,8 @@ def npt_candidates(structure: Atoms, calc, bulk_modulus_GPa: float, n: int, seed
     mean) from `structure`, at the pressures that would strain its volume by
     `NPT_VOLUME_STRAINS` with the reference bulk modulus (GPa): the last frames of each
     trajectory, where the cell has settled. A trajectory stops early, as exploration's do, when
-    the ensemble's uncertainty passes its default stop; its frames up to there count."""
+    the ensemble's uncertainty passes its default stop; its frames up to there count. Frames
+    beyond `NPT_MAX_VOLUME_STRAIN` or closer than `NPT_MIN_DISTANCE_FRACTION` are dropped."""
     per = max(1, n // len(NPT_VOLUME_STRAINS))
     settings = ExplorationSettings(
         temperatures_K=[NPT_TEMPERATURE_K],
@@ -108,11 +115,14 @@ def npt_candidates(structure: Atoms, calc, bulk_modulus_GPa: float, n: int, seed
         taup_fs=NPT_TAUP_FS,
         compressibility_per_GPa=1.0 / bulk_modulus_GPa,
     )
+    v0, d0 = structure.get_volume(), min_distance(structure)
     out = []
     for i, strain in enumerate(NPT_VOLUME_STRAINS):
         pressure = -strain * bulk_modulus_GPa
         traj = run_md(structure, calc, NPT_TEMPERATURE_K, settings, pressure, seed=seed + i)
         for frame in traj.frames[-per:]:
-            frame.info.update(generator="property:eos:npt", pressure_GPa=float(pressure))
-            out.append(frame)
+            sane = abs(frame.get_volume() / v0 - 1) <= NPT_MAX_VOLUME_STRAIN
+            if sane and min_distance(frame) >= NPT_MIN_DISTANCE_FRACTION * d0:
+                frame.info.update(generator="property:eos:npt", pressure_GPa=float(pressure))
+                out.append(frame)
     return out

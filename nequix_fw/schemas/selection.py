@@ -17,6 +17,12 @@ class SelectionCounts(BaseModel):
     failed: int = Field(ge=0, description="At or above the upper level, or not usable.")
     selected: int = Field(ge=0, description="Candidates written for labelling.")
     already_labelled: int = Field(ge=0, description="Candidates skipped: labelled before.")
+    reserved: int = Field(
+        0,
+        ge=0,
+        description="Of the selected, those picked first whatever their class: the candidates "
+        "of property checks that missed (campaign.property_labels).",
+    )
 
 
 class SelectionManifest(Document):
