@@ -358,6 +358,7 @@ def _property_candidates(
     else:
         structure = read_labelled(spec["testset"], log.datasets)[0].frame.atoms
     paths, added = [], {}
+    bulk_modulus = previous.get("reference_bulk_modulus_GPa")
 
     def write(name: str, cells: list) -> Path:
         path = directory / f"property_candidates_{name}.extxyz"
@@ -369,7 +370,6 @@ def _property_candidates(
     for check, names in missed.items():
         new = property_candidates(structure, check, spec["n"], spec["seed"], spec["supercell"])
         added[check] = {"missed": names, "added": len(new), "file": str(write(check, new))}
-        bulk_modulus = previous.get("reference_bulk_modulus_GPa")
         if check == "eos" and bulk_modulus and structure.pbc.all():
             calc = EnsembleCalculator(Ensemble.from_specs(models, ensemble))
             npt = npt_candidates(structure, calc, bulk_modulus, spec["n"], spec["seed"])

@@ -1,6 +1,7 @@
 """Property-driven candidates: when a property check of the last validation missed its
-tolerance, structures that teach that property, for the usual evaluate -> select path (the
-ensemble's uncertainty still decides what gets labelled):
+tolerance, structures that teach that property, for the usual evaluate -> select path (where
+a campaign labels `campaign.property_labels` of each check's cells first, and uncertainty
+decides the rest):
 
 - the equation of state (``v0_percent``, ``bulk_modulus_percent``): the check's structure scaled
   to volumes across and beyond the E-V curve's span (-8 to +8 %), slightly rattled, and frames
@@ -11,7 +12,8 @@ ensemble's uncertainty still decides what gets labelled):
 - phonons (``phonon_percent``): the check's supercell with every atom displaced (normal, 0.02 to
   0.08 Å per component: the finite displacements and thermal motion).
 
-Each carries ``info["generator"] = "property:<check>"``.
+Each carries ``info["generator"] = "property:<check>"`` (the NPT frames
+``"property:eos:npt"``).
 """
 
 from __future__ import annotations
