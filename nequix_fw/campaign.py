@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from pymongo.database import Database
 
 from nequix_fw.dataset import dataset_ids, read_labelled, training_structures, update_dataset
-from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
@@ -371,8 +371,8 @@ def _property_candidates(
         new = property_candidates(structure, check, spec["n"], spec["seed"], spec["supercell"])
         added[check] = {"missed": names, "added": len(new), "file": str(write(check, new))}
         if check == "eos" and bulk_modulus and structure.pbc.all():
-            calc = EnsembleCalculator(Ensemble.from_specs(models, ensemble))
-            npt = npt_candidates(structure, calc, bulk_modulus, spec["n"], spec["seed"])
+            mean = Ensemble.from_specs(models, ensemble)
+            npt = npt_candidates(structure, mean, bulk_modulus, spec["n"], spec["seed"])
             added[check].update(added=len(new) + len(npt), npt=len(npt))
             if npt:  # through uncertainty alone: frames of the ensemble's own dynamics
                 write("eos_npt", npt)

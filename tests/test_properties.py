@@ -318,3 +318,33 @@ def test_npt_candidates_cross_the_ev_curve():
     strains = [a.get_volume() / CU.get_volume() - 1 for a in frames]
     assert strains == sorted(strains)  # higher pressure, smaller cell
     assert -0.08 < strains[0] < -0.02 and 0.02 < strains[-1] < 0.15
+
+
+def test_npt_candidates_on_an_ensemble_run_batched_as_one_at_a_time(trained, monkeypatch):
+    """On an `Ensemble`, the four NPT trajectories run as batched walkers (one ensemble call a
+    step for all four) and give the frames the ensemble's ASE calculator gives one trajectory
+    after the other."""
+    import nequix_fw.exploration.walkers as walkers
+    from nequix_fw.ensemble import Ensemble, EnsembleCalculator
+    from nequix_fw.exploration.properties import npt_candidates
+
+    calls = []
+    run = walkers.run_walkers
+
+    def counted(*args, **kwargs):
+        trajectories, evaluate = run(*args, **kwargs)
+        calls.append(evaluate)
+        return trajectories, evaluate
+
+    monkeypatch.setattr(walkers, "run_walkers", counted)
+    ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
+    cell = CU.repeat((1, 1, 2))
+    one = npt_candidates(cell, EnsembleCalculator(ens), 134.0, 4, seed=3)
+    assert not calls
+    batched = npt_candidates(cell, ens, 134.0, 4, seed=3)
+    assert len(calls) == 1 and calls[0].calls < 0.5 * calls[0].walker_steps
+    assert len(batched) == len(one) > 0
+    for a, b in zip(one, batched, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
+        np.testing.assert_allclose(a.cell[:], b.cell[:], atol=1e-5)
+        assert a.info["pressure_GPa"] == b.info["pressure_GPa"]

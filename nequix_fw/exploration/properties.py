@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 
+from nequix_fw.ensemble import Ensemble
 from nequix_fw.exploration.distortions import distorted_copies
 from nequix_fw.exploration.md import run_md
+from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.settings import ExplorationSettings
 from nequix_fw.structures import min_distance
 
@@ -102,13 +105,17 @@ def property_candidates(
     return out
 
 
-def npt_candidates(structure: Atoms, calc, bulk_modulus_GPa: float, n: int, seed: int) -> list:
-    """About `n` frames of NPT MD (Berendsen, `NPT_TEMPERATURE_K`) on `calc` (the ensemble's
-    mean) from `structure`, at the pressures that would strain its volume by
-    `NPT_VOLUME_STRAINS` with the reference bulk modulus (GPa): the last frames of each
-    trajectory, where the cell has settled. A trajectory stops early, as exploration's do, when
-    the ensemble's uncertainty passes its default stop; its frames up to there count. Frames
-    beyond `NPT_MAX_VOLUME_STRAIN` or closer than `NPT_MIN_DISTANCE_FRACTION` are dropped."""
+def npt_candidates(
+    structure: Atoms, model: Ensemble | Calculator, bulk_modulus_GPa: float, n: int, seed: int
+) -> list:
+    """About `n` frames of NPT MD (Berendsen, `NPT_TEMPERATURE_K`) on `model` from
+    `structure`, at the pressures that would strain its volume by `NPT_VOLUME_STRAINS` with the
+    reference bulk modulus (GPa): the last frames of each trajectory, where the cell has
+    settled. On an `Ensemble` (its mean), the trajectories run together as batched walkers, one
+    ensemble call a step for all of them; any other ASE calculator runs them one after the
+    other. A trajectory stops early, as exploration's do, when the ensemble's uncertainty
+    passes its default stop; its frames up to there count. Frames beyond
+    `NPT_MAX_VOLUME_STRAIN` or closer than `NPT_MIN_DISTANCE_FRACTION` are dropped."""
     per = max(1, n // len(NPT_VOLUME_STRAINS))
     settings = ExplorationSettings(
         temperatures_K=[NPT_TEMPERATURE_K],
@@ -116,12 +123,17 @@ def npt_candidates(structure: Atoms, calc, bulk_modulus_GPa: float, n: int, seed
         sample_every=max(1, NPT_STEPS // (2 * per)),
         taup_fs=NPT_TAUP_FS,
         compressibility_per_GPa=1.0 / bulk_modulus_GPa,
+        walkers=len(NPT_VOLUME_STRAINS),
     )
+    pressures = [-strain * bulk_modulus_GPa for strain in NPT_VOLUME_STRAINS]
+    jobs = [(structure, NPT_TEMPERATURE_K, p, seed + i, None) for i, p in enumerate(pressures)]
+    if isinstance(model, Ensemble):
+        trajectories = run_trajectories(model, jobs, settings)
+    else:
+        trajectories = [run_md(a, model, t, settings, p, s) for a, t, p, s, _ in jobs]
     v0, d0 = structure.get_volume(), min_distance(structure)
     out = []
-    for i, strain in enumerate(NPT_VOLUME_STRAINS):
-        pressure = -strain * bulk_modulus_GPa
-        traj = run_md(structure, calc, NPT_TEMPERATURE_K, settings, pressure, seed=seed + i)
+    for pressure, traj in zip(pressures, trajectories, strict=True):
         for frame in traj.frames[-per:]:
             sane = abs(frame.get_volume() / v0 - 1) <= NPT_MAX_VOLUME_STRAIN
             if sane and min_distance(frame) >= NPT_MIN_DISTANCE_FRACTION * d0:
