@@ -44,7 +44,7 @@ PHONON_RATTLE_A = (0.02, 0.08)
 #: 2 fs), and the barostat's time (fs: the volume settles within the run).
 NPT_VOLUME_STRAINS = (-0.06, -0.03, 0.03, 0.06)
 NPT_TEMPERATURE_K = 300.0
-NPT_STEPS = 400
+NPT_STEPS = 200
 NPT_TAUP_FS = 100.0
 #: NPT frames kept: within this volume strain of the start (the E-V curve spans ±6 %), and no
 #: two atoms closer than this fraction of the start's shortest distance (a poor ensemble's
