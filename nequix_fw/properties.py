@@ -270,8 +270,8 @@ def elastic_constants(c: np.ndarray, cubic: bool, reference: np.ndarray) -> dict
 def elastic_check(predict: Predict, atoms: Atoms, reference_stresses: np.ndarray) -> dict:
     """The ensemble's elastic constants against the reference's, from the reference's stresses
     (eV/Å³) on the `strained_cells` of `atoms` (of its `elastic_components`): each constant's
-    mean, spread and reference (GPa), its error (%), and the largest error
-    (``error_percent``)."""
+    mean, spread and reference (GPa), its error (%), and the largest error by size, with its
+    sign (``error_percent``)."""
     components = elastic_components(atoms)
     mine = ensemble_elastic(predict, atoms, components=components)
     ref = elastic_tensor(reference_stresses, components=components)
@@ -295,14 +295,15 @@ def elastic_check(predict: Predict, atoms: Atoms, reference_stresses: np.ndarray
         "cubic": cubic,
         "strain": ELASTIC_STRAIN,
         "constants_GPa": constants,
-        "error_percent": max(abs(v["error_percent"]) for v in constants.values()),
+        "error_percent": max((v["error_percent"] for v in constants.values()), key=abs),
     }
 
 
 def phonon_check(predict: Predict, check: PhononCheck, reference_forces: np.ndarray) -> dict:
     """The ensemble's phonon frequencies against the reference's, from the reference's forces
     (eV/Å) on the check's supercells: per q-point the modes' mean, spread and reference (THz)
-    and their errors (%; modes under `PHONON_FLOOR_THZ` left out), and the largest error."""
+    and their errors (%; modes under `PHONON_FLOOR_THZ` left out), and the largest error by
+    size, with its sign."""
     mine = ensemble_phonons(predict, check)
     ref = check.frequencies(reference_forces)
     points = {}
@@ -315,10 +316,10 @@ def phonon_check(predict: Predict, check: PhononCheck, reference_forces: np.ndar
             "reference_THz": freqs,
             "error_percent": errors,
         }
-    errors = [abs(e) for p in points.values() for e in p["error_percent"] if e is not None]
+    errors = [e for p in points.values() for e in p["error_percent"] if e is not None]
     return {
         "formula": check.atoms.get_chemical_formula(),
         "supercell": list(check.supercell),
         "qpoints": points,
-        "error_percent": max(errors) if errors else None,
+        "error_percent": max(errors, key=abs) if errors else None,
     }

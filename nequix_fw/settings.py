@@ -768,8 +768,9 @@ class CampaignSettings(_Settings):
         description="Stop once the structural checks agree with validate.reference within "
         "these: |V0 error| (%), |B0 error| (%), |vacancy formation energy error| (eV), the "
         "largest |elastic constant error| (%, validate.elastic), the largest |phonon "
-        "frequency error| (%, validate.phonons), e.g. {v0_percent: 1, bulk_modulus_percent: 5, "
-        "elastic_percent: 10}; with the other targets, all must hold.",
+        "frequency error| (%, validate.phonons; both recorded with their sign), e.g. "
+        "{v0_percent: 1, bulk_modulus_percent: 5, elastic_percent: 10}; with the other "
+        "targets, all must hold.",
     )
     accurate_fraction: float | None = Field(
         None,
