@@ -13,6 +13,7 @@ campaign and gives it the stage's resources."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fireworks import FiretaskBase, Firework, FWAction, Workflow, explicit_serialize
@@ -34,6 +35,7 @@ from nequix_fw.settings import (
     ExplorationSettings,
     LabellingSettings,
     SystemSettings,
+    TrainingSettings,
     ValidationSettings,
     path_fields,
     read_sections,
@@ -42,6 +44,8 @@ from nequix_fw.settings import (
 )
 from nequix_fw.stopping import iteration_stop, selection_decision
 from nequix_fw.structures import is_store_spec, iter_frames
+
+logger = logging.getLogger(__name__)
 
 
 def _fw(c: Campaign, k: int, task: FiretaskBase, stage: str, group: int | None = None) -> Firework:
@@ -312,6 +316,17 @@ def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -
             f"{config}: validate.elastic and validate.phonons compare with a reference: "
             "validate.reference (a calculator such as emt, or 'label': the campaign's own "
             "labels)"
+        )
+    stress_checks = {"bulk_modulus_percent", "elastic_percent"} & set(
+        c.settings.property_tolerances
+    )
+    if stress_checks and c.section(TrainingSettings, 0).stress_weight == 0:
+        logger.warning(
+            "%s: campaign.property_tolerances judge %s, derivatives of the stress, but "
+            "train_ensemble.stress_weight is 0: the members never see the labels' stresses "
+            "(the CP2K presets train with 3000)",
+            config,
+            " and ".join(sorted(stress_checks)),
         )
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(

@@ -348,3 +348,39 @@ def test_npt_candidates_on_an_ensemble_run_batched_as_one_at_a_time(trained, mon
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
         np.testing.assert_allclose(a.cell[:], b.cell[:], atol=1e-5)
         assert a.info["pressure_GPa"] == b.info["pressure_GPa"]
+
+
+def test_stress_derived_tolerances_without_stress_training_warn(tmp_path, caplog):
+    """B0 and elastic constants are derivatives of the stress: a campaign that judges them while
+    training on no stress says so when its settings are read, and is quiet once it trains on
+    stresses (or judges only phonons)."""
+    import yaml
+
+    from nequix_fw.workflows import campaign_sections
+
+    (tmp_path / "t.xyz").write_text("")
+    settings = {
+        "campaign": {
+            "directory": "r",
+            "initial_structures": "i.xyz",
+            "testset": [str(tmp_path / "t.xyz")],
+            "property_tolerances": {"bulk_modulus_percent": 5, "elastic_percent": 10},
+        },
+        "validate": {"reference": "emt", "elastic": True, "phonons": True},
+    }
+    cfg = tmp_path / "c.yaml"
+    for tolerances, weight, warned in [
+        ({"bulk_modulus_percent": 5, "elastic_percent": 10}, 0, True),
+        ({"bulk_modulus_percent": 5, "elastic_percent": 10}, 1000, False),
+        ({"phonon_percent": 5}, 0, False),
+    ]:
+        settings["campaign"]["property_tolerances"] = tolerances
+        settings["train_ensemble"] = {"stress_weight": weight}
+        cfg.write_text(yaml.safe_dump(settings))
+        caplog.clear()
+        campaign_sections(cfg)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(said) == warned
+        if warned:
+            assert str(cfg) in said[0] and "stress_weight is 0" in said[0]
+            assert "bulk_modulus_percent and elastic_percent" in said[0]
