@@ -273,20 +273,25 @@ def _describe(described: list[tuple[Entry, Atoms]], describe: Describe) -> None:
 
 
 def _reserved(
-    entries: list[Entry], reserve: Sequence[Reserve], settings: SelectionSettings, seen: set[str]
+    entries: list[Entry],
+    reserve: Sequence[Reserve],
+    settings: SelectionSettings,
+    seen: set[str],
+    quotas: _Quotas,
 ) -> list[Entry]:
     """The `Reserve` picks, at most `max_selected` in all: from each source, its most uncertain
-    structures that did not fail and are not in `seen` (already labelled, or picked), whatever
-    their class."""
+    structures that did not fail, are not in `seen` (already labelled, or picked) and keep
+    within the quotas, whatever their class."""
     out: list[Entry] = []
     limit = np.inf if settings.max_selected is None else settings.max_selected
     for source, n, reason in reserve:
         pool = [e for e in entries if e.source == source and e.cls != "failed" and e.id not in seen]
         pool.sort(key=lambda e: -e.metrics[_metric(settings)])
-        for e in pool[: int(min(n, limit - len(out)))]:
+        taken = quotas.take(pool, int(min(n, limit - len(out))))
+        for e in taken:
             e.reason = reason
             seen.add(e.id)
-            out.append(e)
+        out += taken
     return out
 
 
@@ -308,7 +313,8 @@ def choose(
         if e.cls in pickable and e.id in exclude:
             e.reason = "already labelled"
     seen: set[str] = set(exclude)
-    reserved = _reserved(entries, reserve, settings, seen)
+    quotas = _Quotas(settings)  # shared: the reserve picks count towards them too
+    reserved = _reserved(entries, reserve, settings, seen, quotas)
     cands = []
     for e in entries:  # the same structure twice in the input is selected once
         if e.cls in pickable and e.id not in seen:
@@ -325,7 +331,7 @@ def choose(
             x = np.stack([e.descriptor for e in cands])
             # lazily: quotas may pass over picks, and then it goes on as far as it needs
             order = farthest_points(x, None if known is not None else 0, known)
-    chosen = _within_quotas((cands[i] for i in order), settings, k)
+    chosen = quotas.take((cands[i] for i in order), k)
     if settings.method == "random":
         position = {id(e): i for i, e in enumerate(cands)}
         chosen.sort(key=lambda e: position[id(e)])  # in input order
@@ -335,41 +341,44 @@ def choose(
     return chosen
 
 
-def _has_quotas(settings: SelectionSettings) -> bool:
-    return bool(settings.max_per_element) or settings.max_per_composition is not None
+class _Quotas:
+    """The per-element and per-composition quotas of one selection, and what it has taken."""
 
+    def __init__(self, settings: SelectionSettings):
+        self.max_per_element = settings.max_per_element
+        self.max_per_composition = settings.max_per_composition or np.inf
+        self.per_element: dict[str, int] = {}
+        self.per_composition: dict[str, int] = {}
 
-def _within_quotas(ordered: Iterable[Entry], settings: SelectionSettings, k: int) -> list[Entry]:
-    """The first `k` of `ordered` that keep within the per-element and per-composition quotas
-    (those passed over get the reason)."""
-    if not _has_quotas(settings):
-        return list(islice(ordered, k))
-    per_element: dict[str, int] = {}
-    per_composition: dict[str, int] = {}
-    chosen = []
-    for e in ordered:
-        if len(chosen) == k:
-            break
-        formula = Formula(e.formula)
-        elements = set(formula.count())
-        full = [
-            el
-            for el in elements
-            if per_element.get(el, 0) >= settings.max_per_element.get(el, np.inf)
-        ]
-        comp = str(formula.reduce()[0])
-        if full or per_composition.get(comp, 0) >= (settings.max_per_composition or np.inf):
-            e.reason = (
-                f"quota: max_per_element {full[0]}"
-                if full
-                else f"quota: max_per_composition {comp}"
-            )
-            continue
-        chosen.append(e)
-        per_composition[comp] = per_composition.get(comp, 0) + 1
-        for el in elements:
-            per_element[el] = per_element.get(el, 0) + 1
-    return chosen
+    def take(self, ordered: Iterable[Entry], k: int) -> list[Entry]:
+        """The first `k` of `ordered` that keep within the quotas, counted as taken (those
+        passed over get the reason)."""
+        if not self.max_per_element and self.max_per_composition == np.inf:
+            return list(islice(ordered, k))
+        chosen = []
+        for e in ordered:
+            if len(chosen) == k:
+                break
+            formula = Formula(e.formula)
+            elements = set(formula.count())
+            full = [
+                el
+                for el in elements
+                if self.per_element.get(el, 0) >= self.max_per_element.get(el, np.inf)
+            ]
+            comp = str(formula.reduce()[0])
+            if full or self.per_composition.get(comp, 0) >= self.max_per_composition:
+                e.reason = (
+                    f"quota: max_per_element {full[0]}"
+                    if full
+                    else f"quota: max_per_composition {comp}"
+                )
+                continue
+            chosen.append(e)
+            self.per_composition[comp] = self.per_composition.get(comp, 0) + 1
+            for el in elements:
+                self.per_element[el] = self.per_element.get(el, 0) + 1
+        return chosen
 
 
 def check_quotas(settings: SelectionSettings, elements: list[str], where: str) -> None:

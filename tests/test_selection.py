@@ -629,3 +629,32 @@ def test_reserved_picks_come_first_whatever_their_class():
         e.source = "property_candidates_eos.extxyz"  # s15-s19 candidates, s20-s29 accurate
     picks = [e.id for e in choose(entries, s, reserve=big)]
     assert picks == ["s29", "s28", "s27", "s26", "s25"]  # 5 of 9: max_selected
+
+
+def test_reserved_picks_keep_within_the_quotas_and_count_towards_them():
+    """The reserve passes over what a per-composition or per-element quota refuses (with the
+    reason) and takes the next of its source; what it took counts when the rest is chosen."""
+    from nequix_fw.selection import choose
+    from nequix_fw.settings import SelectionSettings
+
+    entries = _entries(20, 10, 0)  # s0-s19 candidates, s20-s29 accurate
+    for e in entries[24:30]:
+        e.source = "property_candidates_eos.extxyz"
+    for e in entries[28:30]:
+        e.formula = "Cu3Au"  # s28, s29: the reserve's most uncertain
+    reserve = [("property_candidates_eos.extxyz", 3, "property check eos missed")]
+    s = SelectionSettings(max_selected=6, lo=0.1, max_per_composition=2)
+    chosen = [e.id for e in choose(entries, s, reserve=reserve)]
+    # Cu3Au: s29, s28 (its quota of 2); Cu: s27, then the rest by uncertainty within Cu's 2
+    assert chosen == ["s29", "s28", "s27", "s19"]
+    assert entries[18].reason == "quota: max_per_composition Cu"
+    s = SelectionSettings(max_selected=6, lo=0.1, max_per_element={"Au": 1})
+    entries = _entries(20, 10, 0)
+    for e in entries[24:30]:
+        e.source = "property_candidates_eos.extxyz"
+    for e in entries[28:30]:
+        e.formula = "Cu3Au"
+    chosen = [e.id for e in choose(entries, s, reserve=reserve)]
+    assert chosen[:3] == ["s29", "s27", "s26"]  # s28 would be a second Au structure
+    assert entries[28].reason == "quota: max_per_element Au" and not entries[28].selected
+    assert len(chosen) == 6
