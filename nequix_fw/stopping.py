@@ -87,14 +87,32 @@ def _converged(
 
 
 def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
-    """Why the campaign stops after iteration k's selection (None: label and train)."""
+    """Why the campaign stops after iteration k's selection (None: label and train). A
+    selection that shows convergence while the last validation missed a property tolerance
+    stops the campaign (nothing is left to label) without calling it converged."""
     why = _converged(
         record["selection"],
         record["n_selected"],
         c.settings.accurate_fraction,
         c.settings.min_selected,
     )
-    return f"converged: {why}" if why else None
+    if not why:
+        return None
+    unmet = unmet_tolerances(c, k - 1)
+    if unmet:
+        return f"stopped: {why}, but not converged: iteration {k - 1} missed {unmet}"
+    return f"converged: {why}"
+
+
+def unmet_tolerances(c: Campaign, k: int) -> str:
+    """The `property_tolerances` that iteration k's validation missed, with its errors ('' when
+    all hold, or none are set)."""
+    errors = c.iteration_record(k).get("properties") or {}
+    return ", ".join(
+        f"{name} {'not computed' if err is None else f'{err:+.3g}'} (tolerance {tolerance})"
+        for name, tolerance in c.settings.property_tolerances.items()
+        if (err := errors.get(name)) is None or abs(err) > tolerance
+    )
 
 
 def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:

@@ -307,12 +307,13 @@ def test_campaign_bad_input(tmp_path, bad, capsys):
     assert not (tmp_path / "w.yaml").exists()
 
 
-def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
+def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     """The structural checks' errors against validate.reference stop the campaign once all
-    are within campaign.property_tolerances; bad tolerances are refused."""
+    are within campaign.property_tolerances, and a campaign that stops with one missed is not
+    called converged; bad tolerances are refused."""
     from nequix_fw.campaign import Campaign
     from nequix_fw.cli import main
-    from nequix_fw.stopping import iteration_stop
+    from nequix_fw.stopping import iteration_stop, selection_stop
     from nequix_fw.workflows import campaign_sections
 
     cfg = tmp_path / "c.yaml"
@@ -342,6 +343,16 @@ def test_property_tolerances_stop_therun_campaign(tmp_path, capsys):
         "converged: bulk_modulus_percent error -4 within 5.0, v0_percent error +0.4 within 1.0"
     )
     assert iteration_stop(c, 1, {}) is None  # no structural checks: not converged by them
+    # a selection that shows convergence while a tolerance is missed stops the campaign
+    # (nothing is left to label) but does not call it converged
+    empty = {"n_selected": 0, "selection": {"accurate": 24, "candidate": 0, "failed": 0}}
+    c.record(1, properties={"v0_percent": 0.4, "bulk_modulus_percent": -7.0})
+    assert selection_stop(c, 2, empty) == (
+        "stopped: 0 selected (< 1), but not converged: iteration 1 missed "
+        "bulk_modulus_percent -7 (tolerance 5.0)"
+    )
+    c.record(1, properties={"v0_percent": 0.4, "bulk_modulus_percent": -4.0})
+    assert selection_stop(c, 2, empty) == "converged: 0 selected (< 1)"
     # the elastic and phonon checks' largest errors, likewise
     settings["campaign"]["property_tolerances"] = {"elastic_percent": 10, "phonon_percent": 5}
     settings["validate"].update(elastic=True, phonons=True)

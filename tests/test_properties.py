@@ -339,9 +339,9 @@ def test_npt_candidates_on_an_ensemble_run_batched_as_one_at_a_time(trained, mon
     monkeypatch.setattr(walkers, "run_walkers", counted)
     ens = Ensemble.from_specs(sorted(trained["dir"].glob("member_*.nqx")))
     cell = CU.repeat((1, 1, 2))
-    one = npt_candidates(cell, EnsembleCalculator(ens), 134.0, 4, seed=3)
+    one = npt_candidates(cell, EnsembleCalculator(ens), 134.0, 16, seed=3)  # the campaign's n
     assert not calls
-    batched = npt_candidates(cell, ens, 134.0, 4, seed=3)
+    batched = npt_candidates(cell, ens, 134.0, 16, seed=3)
     assert len(calls) == 1 and calls[0].calls < 0.5 * calls[0].walker_steps
     assert len(batched) == len(one) > 0
     for a, b in zip(one, batched, strict=True):

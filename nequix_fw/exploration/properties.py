@@ -117,10 +117,11 @@ def npt_candidates(
     passes its default stop; its frames up to there count. Frames beyond
     `NPT_MAX_VOLUME_STRAIN` or closer than `NPT_MIN_DISTANCE_FRACTION` are dropped."""
     per = max(1, n // len(NPT_VOLUME_STRAINS))
+    check = ExplorationSettings.model_fields["check_every"].default  # frames come at checks
     settings = ExplorationSettings(
         temperatures_K=[NPT_TEMPERATURE_K],
         steps=NPT_STEPS,
-        sample_every=max(1, NPT_STEPS // (2 * per)),
+        sample_every=max(check, NPT_STEPS // (2 * per) // check * check),
         taup_fs=NPT_TAUP_FS,
         compressibility_per_GPa=1.0 / bulk_modulus_GPa,
         walkers=len(NPT_VOLUME_STRAINS),
