@@ -5,7 +5,7 @@ custodian), Nequix fine-tuned from nequix-mp-1, on a local MongoDB server throug
 sets CP2K labels once) and the wall time of each stage per iteration.
 
     python benchmarks/cp2k_campaign.py [--system si|sic] [--workdir cp2k_run]
-        [--max-iterations 2] [--property-exploration 0]
+        [--max-iterations 2] [--property-exploration 0] [--resume]
 
 The inputs are made here, from seeds nothing else uses: 6 initial 8-atom cubic cells (strained
 up to 2 %, rattled 0.03-0.1 Å), a held-out set of 6 more (the ideal cell first), labelled with
@@ -90,14 +90,35 @@ def main() -> None:
         type=int,
         help="override campaign.property_exploration (0: off, for the comparison run)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the campaign in an existing --workdir (after a crash or a fix): "
+        "restart its database, rerun its FIZZLED Fireworks and launch again",
+    )
     args = p.parse_args()
     if shutil.which("cp2k.psmp") is None:
         sys.exit("cp2k.psmp not found: install Debian's cp2k (make sysdeps)")
     work = args.workdir.resolve()
-    if work.exists():
-        sys.exit(f"{work} exists: give another --workdir")
-    work.mkdir(parents=True)
     nfw = BIN / "nequix-fw"
+    if args.resume:
+        if not (work / "my_launchpad.yaml").is_file():
+            sys.exit(f"{work}: no campaign to resume (my_launchpad.yaml missing)")
+        _run([nfw, "db", "start", "--dir", "db", "--launchpad", "my_launchpad.yaml"], work)
+        try:
+            lpad = [BIN / "lpad", "-l", "my_launchpad.yaml"]
+            _run([*lpad, "rerun_fws", "-s", "FIZZLED"], work)
+            t_campaign = _run([BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"], work)
+            _run([nfw, "campaign-status", "campaign"], work)
+            times = stage_times(LaunchPad.from_file(str(work / "my_launchpad.yaml")))
+        finally:
+            _run([nfw, "db", "stop", "--dir", "db"], work)
+        print(f"\nresumed: {t_campaign / 60:.1f} min more ({os.cpu_count()} CPUs)\n")
+        print_times(times)
+        return
+    if work.exists():
+        sys.exit(f"{work} exists: give another --workdir (or --resume)")
+    work.mkdir(parents=True)
     preset, tag, ideal = SYSTEMS[args.system]
     settings = yaml.safe_load((ROOT / "workflows" / preset).read_text())
     if args.max_iterations is not None:
@@ -170,6 +191,11 @@ def main() -> None:
         f"\nheld-out set labelled in {t_val:.0f} s; campaign {t_campaign / 60:.1f} min "
         f"({os.cpu_count()} CPUs)\n"
     )
+    print_times(times)
+
+
+def print_times(times: dict[int, dict[str, float]]) -> None:
+    """The stage times as a Markdown table, one row per iteration."""
     print("| iteration | " + " | ".join(STAGES) + " |")
     print("| ---: |" + " ---: |" * len(STAGES))
     for k in sorted(times):
