@@ -278,12 +278,13 @@ def _reserved(
     settings: SelectionSettings,
     seen: set[str],
     quotas: _Quotas,
+    taken_before: int = 0,
 ) -> list[Entry]:
-    """The `Reserve` picks, at most `max_selected` in all: from each source, its most uncertain
-    structures that did not fail, are not in `seen` (already labelled, or picked) and keep
-    within the quotas, whatever their class."""
+    """The `Reserve` picks, at most `max_selected` with the `taken_before`: from each source,
+    its most uncertain structures that did not fail, are not in `seen` (already labelled, or
+    picked) and keep within the quotas, whatever their class."""
     out: list[Entry] = []
-    limit = np.inf if settings.max_selected is None else settings.max_selected
+    limit = np.inf if settings.max_selected is None else settings.max_selected - taken_before
     for source, n, reason in reserve:
         pool = [e for e in entries if e.source == source and e.cls != "failed" and e.id not in seen]
         pool.sort(key=lambda e: -e.metrics[_metric(settings)])
@@ -306,7 +307,9 @@ def choose(
     `exclude` (already labelled) are not selected again. With `diverse`, farthest-point
     sampling starts from the most uncertain candidate, or, given `known` (descriptors of the
     training set), from the candidate least like the training set, and keeps away from it.
-    The `reserve` picks come first, within `max_selected`."""
+    The `reserve` picks come first, within `max_selected`; what uncertainty leaves of
+    `max_selected` goes to the reserve's sources too (their next most uncertain, the first
+    source first)."""
     exclude = exclude or set()
     pickable = _pickable(settings)
     for e in entries:
@@ -335,6 +338,10 @@ def choose(
     if settings.method == "random":
         position = {id(e): i for i, e in enumerate(cands)}
         chosen.sort(key=lambda e: position[id(e)])  # in input order
+    if reserve and budget is not None and len(chosen) < budget:
+        # what uncertainty left of max_selected goes to the reserve's sources too
+        more = [(source, budget - len(chosen), reason) for source, _, reason in reserve]
+        reserved += _reserved(entries, more, settings, seen, quotas, len(reserved) + len(chosen))
     chosen = reserved + chosen
     for e in chosen:
         e.selected = True

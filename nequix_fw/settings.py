@@ -802,7 +802,8 @@ class CampaignSettings(_Settings):
         description="Of the candidates a missed property check added, the selection takes this "
         "many (the most uncertain) first, within select.max_selected, whatever their "
         "uncertainty: an ensemble fine-tuned from one model can agree on a property it gets "
-        "wrong, and the missed check is the evidence. 0: uncertainty alone decides.",
+        "wrong, and the missed check is the evidence. What uncertainty then leaves of "
+        "max_selected goes to those cells too. 0: uncertainty alone decides.",
     )
     label_group_size: int | None = Field(
         None,

@@ -658,3 +658,38 @@ def test_reserved_picks_keep_within_the_quotas_and_count_towards_them():
     assert chosen[:3] == ["s29", "s27", "s26"]  # s28 would be a second Au structure
     assert entries[28].reason == "quota: max_per_element Au" and not entries[28].selected
     assert len(chosen) == 6
+
+
+def test_what_uncertainty_leaves_of_max_selected_goes_to_the_reserve():
+    """When uncertainty selects fewer than max_selected after the reserve, the rest of the
+    budget goes to the reserve's sources (their next most uncertain, first source first), as
+    the missed checks are known to need labels; without max_selected nothing more is taken."""
+    from nequix_fw.selection import choose
+    from nequix_fw.settings import SelectionSettings
+
+    def entries():
+        out = _entries(2, 20, 0)  # s0, s1 candidates; s2-s21 accurate
+        for e in out[10:22]:
+            e.source = "property_candidates_elastic.extxyz"
+        for e in out[6:10]:
+            e.source = "property_candidates_eos.extxyz"
+        return out
+
+    reserve = [
+        ("property_candidates_elastic.extxyz", 2, "property check elastic missed"),
+        ("property_candidates_eos.extxyz", 2, "property check eos missed"),
+    ]
+    s = SelectionSettings(max_selected=8, lo=0.1)
+    chosen = choose(entries(), s, reserve=reserve)
+    # 2 + 2 reserved, 2 by uncertainty, then 2 more from the first source
+    assert [e.id for e in chosen] == ["s21", "s20", "s9", "s8", "s19", "s18", "s1", "s0"]
+    assert chosen[4].reason == "property check elastic missed"
+    s = SelectionSettings(max_selected=None, lo=0.1)
+    assert [e.id for e in choose(entries(), s, reserve=reserve)] == [
+        "s21",
+        "s20",
+        "s9",
+        "s8",
+        "s1",
+        "s0",
+    ]
