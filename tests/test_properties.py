@@ -263,22 +263,30 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     assert record["property_exploration"] == {} and record["n_evaluated"] == 1
 
 
+def _checked_campaign(tmp_path, tolerances: dict, validate: dict) -> dict:
+    """The settings of a campaign (an empty test set in `tmp_path`) judging `tolerances` with
+    the `validate` section."""
+    (tmp_path / "t.xyz").write_text("")
+    campaign = {
+        "directory": "r",
+        "initial_structures": "i.xyz",
+        "testset": [str(tmp_path / "t.xyz")],
+        "property_tolerances": tolerances,
+    }
+    return {"campaign": campaign, "validate": validate}
+
+
 def test_the_campaign_passes_property_exploration_to_its_evaluation(tmp_path):
     import yaml
 
     from nequix_fw.campaign import Campaign
     from nequix_fw.workflows import campaign_sections, run_ensemble_fw
 
-    (tmp_path / "t.xyz").write_text("")
-    settings = {
-        "campaign": {
-            "directory": "r",
-            "initial_structures": "i.xyz",
-            "testset": [str(tmp_path / "t.xyz")],
-            "property_tolerances": {"elastic_percent": 10},
-        },
-        "validate": {"reference": "emt", "elastic": True, "phonon_supercell": [3, 3, 3]},
-    }
+    settings = _checked_campaign(
+        tmp_path,
+        {"elastic_percent": 10},
+        {"reference": "emt", "elastic": True, "phonon_supercell": [3, 3, 3]},
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(settings))
     task = run_ensemble_fw(Campaign(campaign_sections(cfg)), 2).tasks[0]
@@ -358,16 +366,9 @@ def test_stress_derived_tolerances_without_stress_training_warn(tmp_path, caplog
 
     from nequix_fw.workflows import campaign_sections
 
-    (tmp_path / "t.xyz").write_text("")
-    settings = {
-        "campaign": {
-            "directory": "r",
-            "initial_structures": "i.xyz",
-            "testset": [str(tmp_path / "t.xyz")],
-            "property_tolerances": {"bulk_modulus_percent": 5, "elastic_percent": 10},
-        },
-        "validate": {"reference": "emt", "elastic": True, "phonons": True},
-    }
+    settings = _checked_campaign(
+        tmp_path, {}, {"reference": "emt", "elastic": True, "phonons": True}
+    )
     cfg = tmp_path / "c.yaml"
     for tolerances, weight, warned in [
         ({"bulk_modulus_percent": 5, "elastic_percent": 10}, 0, True),
