@@ -98,21 +98,26 @@ def selection_stop(c: Campaign, k: int, record: dict) -> str | None:
     )
     if not why:
         return None
-    unmet = unmet_tolerances(c, k - 1)
+    unmet = _unmet_tolerances(c, k - 1)
     if unmet:
         return f"stopped: {why}, but not converged: iteration {k - 1} missed {unmet}"
     return f"converged: {why}"
 
 
-def unmet_tolerances(c: Campaign, k: int) -> str:
+def _unmet_tolerances(c: Campaign, k: int) -> str:
     """The `property_tolerances` that iteration k's validation missed, with its errors ('' when
     all hold, or none are set)."""
     errors = c.iteration_record(k).get("properties") or {}
     return ", ".join(
         f"{name} {'not computed' if err is None else f'{err:+.3g}'} (tolerance {tolerance})"
         for name, tolerance in c.settings.property_tolerances.items()
-        if (err := errors.get(name)) is None or abs(err) > tolerance
+        if not _within((err := errors.get(name)), tolerance)
     )
+
+
+def _within(err: float | None, tolerance: float) -> bool:
+    """Whether a property's recorded error meets its tolerance (a missing one does not)."""
+    return err is not None and abs(err) <= tolerance
 
 
 def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
@@ -130,8 +135,7 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
     errors = record.get("properties") or {}
     for name, tolerance in s.property_tolerances.items():
         err = errors.get(name)
-        ok = err is not None and abs(err) <= tolerance
-        met.append(ok and f"{name} error {err:+.3g} within {tolerance}")
+        met.append(_within(err, tolerance) and f"{name} error {err:+.3g} within {tolerance}")
     if met and all(met):
         return "converged: " + ", ".join(met)
     if s.systems and s.stages:
