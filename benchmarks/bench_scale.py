@@ -4,8 +4,10 @@ size of the training set (N) and of the candidate set (C).
 Data: EMT-labelled, rattled and strained fcc Cu-Ni cells of 32 atoms (`--atoms 108` for
 3x3x3 cells), generated once into `--workdir` and reused. The candidates' ensemble results are
 two "models" whose forces are EMT's plus independent Gaussian noise (0.05 eV/Å per component)
-and whose energies differ likewise: the model's own cost is not measured here (see
-bench_ensemble.py), the results file and what reads it are. Every stage runs as its own
+and whose energies differ likewise, with nequix-mp-1's cutoff of 6 Å, so that each record keeps
+its structure's geometry descriptor, computed from the models' graph, as run-ensemble's do. The
+model's own cost is not measured here (see bench_ensemble.py), the results file and what reads
+it are. Every stage runs as its own
 process (`nequix-fw ...` where a command exists), on a local MongoDB server started for the
 run, and reports its wall time and peak RSS:
 
@@ -41,6 +43,8 @@ from nequix_fw.results import arrays_path
 STAGES = ["results", "ingest", "select", "read", "export", "status"]
 BIN = Path(sys.executable).parent
 NFW = str(BIN / "nequix-fw")
+#: The stand-in models' cutoff (Å): nequix-mp-1's.
+CUTOFF = 6.0
 #: Runs `argv` and prints its wall time (s) and peak RSS (MB) as JSON on the last line.
 MEASURE = """
 import json, resource, subprocess, sys, time
@@ -100,10 +104,15 @@ def data_file(workdir: Path, name: str, n: int, seed: int, atoms: int) -> Path:
 
 def results_file(workdir: Path, c: int, atoms: int, n_models: int = 2) -> Path:
     """Ensemble results of C candidates: `n_models` 'models', EMT + noise (see the module
-    doc), in the default format."""
+    doc), in the default format. The 'models' have nequix-mp-1's cutoff, 6 Å: each record
+    keeps its structure's geometry, from the graph the models would use, as run-ensemble's
+    do."""
     import ase.io
+    from nequix.data import atomic_numbers_to_indices
 
+    from nequix_fw.descriptors import graph_geometry
     from nequix_fw.ensemble import EnsembleRecord, Prediction
+    from nequix_fw.graphs import build_graph
     from nequix_fw.results import ResultsWriter
     from nequix_fw.structures import Frame, structure_id
     from nequix_fw.uncertainty import ensemble_metrics
@@ -120,11 +129,12 @@ def results_file(workdir: Path, c: int, atoms: int, n_models: int = 2) -> Path:
             "sha256": f"{k}" * 64,
             "backend": "jax",
             "elements": ["Cu", "Ni"],
-            "cutoff": 5.0,
+            "cutoff": CUTOFF,
             "n_params": 0,
         }
         for k in range(n_models)
     ]
+    index = atomic_numbers_to_indices([28, 29])
     with ResultsWriter(path, models, {"store_per_model": True}) as w:
         for i, a in enumerate(ase.io.iread(source, ":")):
             e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
@@ -135,7 +145,8 @@ def results_file(workdir: Path, c: int, atoms: int, n_models: int = 2) -> Path:
             )
             frame = Frame(a, str(source), i)
             metrics = ensemble_metrics(pred.energies, pred.forces, pred.stresses)
-            w.write(EnsembleRecord(frame, structure_id(a), pred, metrics, "ok"))
+            geo = graph_geometry(a, build_graph(a, index, CUTOFF), CUTOFF)
+            w.write(EnsembleRecord(frame, structure_id(a), pred, metrics, "ok", geometry=geo))
     return path
 
 

@@ -35,6 +35,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from matscipy.neighbours import neighbour_list
 from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
 
+from nequix_fw.descriptors import graph_geometry
 from nequix_fw.errors import ModelError, StructureError
 from nequix_fw.graphs import (
     bucket_size,
@@ -78,6 +79,10 @@ class EnsembleRecord:
     metrics: dict
     status: str  # "ok" | "failed"
     error: str | None = None
+    #: `descriptors.geometry` of the structure, from the models' own neighbour graph (when
+    #: their cutoff covers the descriptor's range), so that diverse selection need not
+    #: build another neighbour list
+    geometry: np.ndarray | None = None
 
 
 def _apply_vmap(stacked, graph, static):
@@ -241,6 +246,12 @@ class Ensemble:
                     on_batch(1)
             return preds
         graphs = [build_graph(a, self._atom_indices, self.cutoff) for a in structures]
+        return self._predict_built(structures, graphs, on_batch)
+
+    def _predict_built(
+        self, structures: Sequence[Atoms], graphs: list[dict], on_batch=None
+    ) -> list[Prediction]:
+        """`predict` of `structures` whose `graphs` are built."""
         batches = (
             [[0]]
             if len(graphs) == 1
@@ -346,9 +357,17 @@ class Ensemble:
             yield from self._evaluate_chunk(chunk, on_batch)
 
     def _evaluate_chunk(self, frames: list[Frame], on_batch=None) -> Iterator[EnsembleRecord]:
-        preds = self.predict([f.atoms for f in frames], on_batch)
+        structures = [f.atoms for f in frames]
+        if self.settings.backend == "torch":
+            preds, geometries = self.predict(structures, on_batch), [None] * len(frames)
+        else:
+            graphs = [build_graph(a, self._atom_indices, self.cutoff) for a in structures]
+            preds = self._predict_built(structures, graphs, on_batch)
+            geometries = [
+                graph_geometry(a, g, self.cutoff) for a, g in zip(structures, graphs, strict=True)
+            ]
         names = [m.info.name for m in self.models]
-        for frame, pred in zip(frames, preds, strict=True):
+        for frame, pred, geo in zip(frames, preds, geometries, strict=True):
             finite = pred.finite
             if finite.all():
                 metrics = ensemble_metrics(pred.energies, pred.forces, pred.stresses)
@@ -364,6 +383,7 @@ class Ensemble:
                 metrics=metrics,
                 status=status,
                 error=error,
+                geometry=geo,
             )
 
 

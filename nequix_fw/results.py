@@ -19,7 +19,9 @@ Each record::
      "formula": str, "status": "ok"|"failed", "error": str|null,
      "energies": [M] (eV), "stresses": [M][6] (GPa) or null,
      "mean": {"energy", "stress"},
-     "metrics": {"max_force_dev", "mean_force_dev", "energy_std_per_atom", "stress_std"}}
+     "metrics": {"max_force_dev", "mean_force_dev", "energy_std_per_atom", "stress_std"},
+     "geometry_<range>_<bins>": [float] (the hand-made descriptor's element-free part,
+     `descriptors.geometry`, when the models' cutoff covers its range; optional)}
 
 The arrays file holds ``token`` (the header's) and, for records ``k*R .. k*R+R-1`` (R =
 ``records_per_chunk``), members ``c<k>.n_atoms`` (R), ``c<k>.numbers`` (atoms), ``c<k>.positions``
@@ -53,6 +55,7 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
+from nequix_fw.descriptors import GEOMETRY_KEY
 from nequix_fw.errors import NequixFWError
 from nequix_fw.schemas import DocumentError, EnsembleResultsHeader
 from nequix_fw.structures import atomic_path
@@ -122,6 +125,8 @@ def record_to_dict(rec: EnsembleRecord, per_model: bool = True, arrays: bool = F
         d["mean"]["forces"] = _arr(p.forces.mean(axis=0))
     d["mean"]["stress"] = None if stresses_gpa is None else _arr(stresses_gpa.mean(axis=0))
     d["metrics"] = rec.metrics
+    if rec.geometry is not None:
+        d[GEOMETRY_KEY] = _arr(rec.geometry)
     return d
 
 

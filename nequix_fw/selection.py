@@ -134,7 +134,9 @@ def relative_force_deviation(rec: dict, level: float) -> float:
     return float((atomic_force_deviation(forces) / (norm + level)).max())
 
 
-Describe = Callable[[Sequence[Atoms]], np.ndarray]
+#: Descriptors of structures, one row each (the hand-made one also takes each structure's
+#: kept geometry, or None, as a second argument).
+Describe = Callable[..., np.ndarray]
 #: Candidates described at once: only their descriptors are kept, not their structures.
 DESCRIBE_CHUNK = 1024
 
@@ -178,7 +180,19 @@ def describer(settings: SelectionSettings, models: list[dict]) -> Describe:
     if settings.descriptor == "learned":
         return LearnedFeatures(recorded_model(models[0]))
     elements = _elements(models)
-    return lambda structures: np.stack([structural(a, elements) for a in structures])
+
+    def describe(structures: Sequence[Atoms], kept: Sequence | None = None) -> np.ndarray:
+        kept = kept or [None] * len(structures)
+        return np.stack(
+            [
+                structural(a, elements)
+                if g is None
+                else np.concatenate([composition(a.numbers, elements), g])
+                for a, g in zip(structures, kept, strict=True)
+            ]
+        )
+
+    return describe
 
 
 def _elements(models: list[dict]) -> list[int]:
@@ -210,9 +224,10 @@ def classify(
     records: Iterable[dict], settings: SelectionSettings, describe: Describe | None = None
 ) -> list[Entry]:
     """Class of every record (one pass; with `diverse`, the candidates' descriptors by
-    `describe`)."""
+    `describe`, from the geometry run-ensemble kept in a record where there is one)."""
     entries = []
-    described: list[tuple[Entry, Atoms]] = []
+    described: list[tuple[Entry, Atoms, np.ndarray | None]] = []
+    keeps = settings.descriptor == "structure"
     for rec in records:
         m = rec.get("metrics") or {}
         dev = m.get("max_force_dev")
@@ -256,7 +271,8 @@ def classify(
                         f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å"
                     )
             if entry.cls == "candidate" and settings.diverse:
-                described.append((entry, atoms))
+                kept = rec.get(GEOMETRY_KEY) if keeps else None
+                described.append((entry, atoms, None if kept is None else np.asarray(kept)))
         entries.append(entry)
         if len(described) == DESCRIBE_CHUNK:
             _describe(described, describe)
@@ -264,10 +280,14 @@ def classify(
     return entries
 
 
-def _describe(described: list[tuple[Entry, Atoms]], describe: Describe) -> None:
+def _describe(described: list[tuple[Entry, Atoms, np.ndarray | None]], describe: Describe) -> None:
     """Give the entries their descriptors and let go of their structures."""
     if described:
-        for (entry, _), x in zip(described, describe([a for _, a in described]), strict=True):
+        structures = [a for _, a, _ in described]
+        kept = [g for _, _, g in described]
+        keeps = any(g is not None for g in kept)  # the learned features keep none
+        rows = describe(structures, kept) if keeps else describe(structures)
+        for (entry, _, _), x in zip(described, rows, strict=True):
             entry.descriptor = x
         described.clear()
 

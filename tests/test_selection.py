@@ -123,13 +123,47 @@ def test_candidates_described_a_chunk_at_a_time_select_the_same(results, tmp_pat
 
     def counting(*args):
         inner = describe(*args)
-        return lambda structures: calls.append(len(structures)) or inner(structures)
+        return lambda structures, *kept: calls.append(len(structures)) or inner(structures, *kept)
 
     monkeypatch.setattr(selection, "DESCRIBE_CHUNK", 5)
     monkeypatch.setattr(selection, "describer", counting)
     chunked = select_from_results(results, tmp_path / "chunked", settings)
     assert calls and max(calls) <= 5 and sum(calls) == whole["counts"]["candidate"]
     assert chunked["structures"] == whole["structures"]
+
+
+def test_select_uses_the_geometry_run_ensemble_kept(tmp_path, monkeypatch):
+    """Models whose cutoff covers the descriptor's range keep each structure's geometry in
+    the results (from their own graph); diverse selection then builds no neighbour list of
+    its own and picks what it picks from geometries it computes itself."""
+    import nequix_fw.ensemble as ensemble
+    import nequix_fw.selection as selection
+    from nequix_fw.descriptors import GEOMETRY_KEY, geometry
+    from nequix_fw.models import new_model, save_model
+    from nequix_fw.results import record_atoms
+
+    paths = []
+    for seed in range(2):
+        module, config = new_model([29, 79], seed=seed, cutoff=6.0, lmax=1)
+        paths.append(save_model(tmp_path / f"c6_{seed}.nqx", module, config))
+    ase.io.write(tmp_path / "pool.extxyz", make_cells(12, seed=5))
+    run_ensemble(paths, [tmp_path / "pool.extxyz"], tmp_path / "kept.json", progress=False)
+    _, records = read_results(tmp_path / "kept.json")
+    for rec in records:
+        np.testing.assert_allclose(rec[GEOMETRY_KEY], geometry(record_atoms(rec)), atol=1e-6)
+    monkeypatch.setattr(ensemble, "graph_geometry", lambda *a: None)
+    run_ensemble(paths, [tmp_path / "pool.extxyz"], tmp_path / "not.json", progress=False)
+    assert all(GEOMETRY_KEY not in rec for rec in read_results(tmp_path / "not.json")[1])
+
+    settings = SelectionSettings(lo=0.0, max_selected=5, diverse=True)
+    computed = select_from_results(tmp_path / "not.json", tmp_path / "computed", settings)
+    calls = []
+    structural = selection.structural
+    monkeypatch.setattr(selection, "structural", lambda *a: calls.append(1) or structural(*a))
+    kept = select_from_results(tmp_path / "kept.json", tmp_path / "kept", settings)
+    assert calls == [] and kept["counts"]["candidate"] == 12
+    picked = [[e["id"] for e in m["structures"] if e["selected"]] for m in (kept, computed)]
+    assert len(picked[0]) == 5 and picked[0] == picked[1]
 
 
 def test_farthest_point_order():
