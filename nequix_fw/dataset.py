@@ -90,12 +90,15 @@ def labels_of(frame: Frame) -> Labelled:
     atoms, where = frame.atoms, f"{frame.source} frame {frame.frame}"
     if atoms.calc is None:
         raise StructureError(f"{where}: no energy/forces labels")
+    # the labels of this very structure, compared with it once (ASE's getters compare each time)
+    known = atoms.calc.results if not atoms.calc.check_state(atoms) else {}
     try:
-        energy = float(atoms.get_potential_energy())
+        energy = float(known["energy"] if "energy" in known else atoms.get_potential_energy())
     except (PropertyNotImplementedError, RuntimeError):
         raise StructureError(f"{where}: no energy label") from None
     try:
-        forces = np.asarray(atoms.get_forces(), dtype=np.float64)
+        forces = known["forces"] if "forces" in known else atoms.get_forces()
+        forces = np.asarray(forces, dtype=np.float64)
     except (PropertyNotImplementedError, RuntimeError):
         raise StructureError(f"{where}: no forces label") from None
     if forces.shape != (len(atoms), 3):
@@ -105,7 +108,10 @@ def labels_of(frame: Frame) -> Labelled:
     stress = None
     if atoms.pbc.all():
         try:
-            stress = np.asarray(atoms.get_stress(voigt=True), dtype=np.float64)
+            stress = known["stress"] if "stress" in known else atoms.get_stress(voigt=True)
+            stress = np.asarray(stress, dtype=np.float64)
+            if stress.shape == (3, 3):
+                stress = full_3x3_to_voigt_6_stress(stress)
         except (PropertyNotImplementedError, RuntimeError):
             stress = None
     if not np.isfinite(energy) or not np.isfinite(forces).all():

@@ -276,7 +276,10 @@ def test_no_stored_document_grows_with_the_candidates(launchpad_file):
     assert db[SELECTED].count_documents({}) == 6000
     # dataset reads sort by an index; no query of a dataset scans every document
     ds = StoreDataset("db:idx", launchpad_file)
-    ds.add([_labelled(i) for i in range(30)])
+    assert ds.add([_labelled(i) for i in range(20)]) == 20
+    # plain unordered inserts: those there already are left alone, the others go in
+    assert ds.add([_labelled(i) for i in range(15, 30)]) == 10
+    assert ds.add([_labelled(i) for i in range(30)]) == 0
     coll = collection(db, COLLECTION)
     plans = [
         coll.find({"dataset": "idx"}).sort("added", 1).explain(),
