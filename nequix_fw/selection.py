@@ -29,8 +29,9 @@ from ase.data import atomic_numbers
 from ase.formula import Formula
 from scipy.spatial import cKDTree
 
-from nequix_fw.descriptors import GEOMETRY_KEY, LearnedFeatures, composition, geometry, structural
+from nequix_fw.descriptors import GEOMETRY_KEY, composition, geometry, structural
 from nequix_fw.errors import ModelError, NequixFWError, OutputError, SettingsError
+from nequix_fw.features import LearnedFeatures
 from nequix_fw.models import NequixModel, load_model
 from nequix_fw.results import read_results, record_atoms
 from nequix_fw.schemas import SelectionManifest

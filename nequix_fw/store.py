@@ -38,6 +38,7 @@ from monty.json import jsanitize
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
+from nequix_fw.descriptors import GEOMETRY_KEY, geometry
 from nequix_fw.errors import Interrupted, SettingsError, StructureError
 from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, check_output, is_store_spec
 
@@ -291,15 +292,18 @@ class StoreDataset:
     def add(self, structures: list[Atoms]) -> int:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
         trip (unordered inserts keyed by dataset and structure id); those already present are
-        left alone (their duplicate-key errors are expected). Returns how many were new."""
+        left alone (their duplicate-key errors are expected). Each keeps its hand-made
+        descriptor's geometry (``descriptors.<GEOMETRY_KEY>``), computed here once, for
+        diverse selection against the dataset. Returns how many were new."""
         start = time.time_ns()  # `added`, the order of addition, without a query for it
         n_new, begin, sent = 0, 0, 0
         try:
             for begin in range(0, len(structures), BULK):
                 chunk, sent = structures[begin : begin + BULK], 0
                 docs = [self._document(a, start + begin + k) for k, a in enumerate(chunk)]
-                for doc in docs:
+                for doc, a in zip(docs, chunk, strict=True):
                     doc["_id"] = f"{self.name}/{doc['structure_id']}"
+                    doc["descriptors"] = {GEOMETRY_KEY: geometry(a).tolist()}
                 sent = len(docs)
                 n_new += _insert_new(self.collection, docs)
         except KeyboardInterrupt:

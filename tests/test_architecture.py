@@ -14,6 +14,7 @@ LAYERS = {
         "uncertainty",
         "results",
         "descriptors",
+        "features",
         "properties",
         "epochs",
         "store",

@@ -1,11 +1,12 @@
-"""Descriptors of diverse selection (`nequix_fw.descriptors`)."""
+"""Descriptors of diverse selection (`nequix_fw.descriptors`, `nequix_fw.features`)."""
 
 import numpy as np
 from ase.build import molecule
 from helpers import make_cells
 from nequix.data import atomic_numbers_to_indices
 
-from nequix_fw.descriptors import LearnedFeatures, geometry, graph_geometry
+from nequix_fw.descriptors import geometry, graph_geometry
+from nequix_fw.features import LearnedFeatures
 from nequix_fw.graphs import build_graph
 from nequix_fw.models import load_model
 

@@ -566,9 +566,10 @@ def test_log_level_info_tells_what_the_stage_did(results, tmp_path, capsys):
 def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
     model_paths, launchpad_file, tmp_path, capsys
 ):
-    """Diverse selection against a store dataset computes each training structure's
-    descriptor once, ever (kept in its document): the same picks as from the structures
-    themselves, and a later selection describes only what was added since."""
+    """A store dataset computes each training structure's descriptor once, ever, when it is
+    added (kept in its document): diverse selection against it picks the same as from the
+    structures themselves, and describes only documents stored without one (by an older
+    version)."""
     import ase.io
     from helpers import emt_labelled
 
@@ -608,6 +609,8 @@ def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
     for a in more:
         a.info["structure_id"] = structure_id(a)
     ds.add(more)
+    ids = [f"kept/{a.info['structure_id']}" for a in more]
+    ds.collection.update_many({"_id": {"$in": ids}}, {"$unset": {"descriptors": 1}})
     described = []
     numbers, rows = ds.described(
         GEOMETRY_KEY,
@@ -616,6 +619,9 @@ def test_a_store_dataset_keeps_its_descriptors_for_every_later_selection(
         ),
     )
     assert len(described) == 2 and rows.shape == (14, len(geometry(train[0])))
+    np.testing.assert_allclose(rows[12:], [geometry(a) for a in more])
+    ds.described(GEOMETRY_KEY, lambda structures: described.extend(structures))
+    assert len(described) == 2
     assert [len(n) for n in numbers] == [len(a) for a in train + more]
 
 
