@@ -301,9 +301,6 @@ class StoreDataset:
             for begin in range(0, len(structures), BULK):
                 chunk, sent = structures[begin : begin + BULK], 0
                 docs = [self._document(a, start + begin + k) for k, a in enumerate(chunk)]
-                for doc, a in zip(docs, chunk, strict=True):
-                    doc["_id"] = f"{self.name}/{doc['structure_id']}"
-                    doc["descriptors"] = {GEOMETRY_KEY: geometry(a).tolist()}
                 sent = len(docs)
                 n_new += _insert_new(self.collection, docs)
         except KeyboardInterrupt:
@@ -324,6 +321,7 @@ class StoreDataset:
         labels = a.calc.results  # set from the checked labels (`dataset.labels_of`)
         stress = labels.get("stress")
         return {
+            "_id": f"{self.name}/{sid}",
             "dataset": self.name,
             "structure_id": sid,
             "added": added,
@@ -337,6 +335,7 @@ class StoreDataset:
             "forces": np.asarray(labels["forces"]).tolist(),
             "stress": None if stress is None else np.asarray(stress).tolist(),
             "info": {k: _plain(v) for k, v in a.info.items()},
+            "descriptors": {GEOMETRY_KEY: geometry(a).tolist()},
         }
 
 
