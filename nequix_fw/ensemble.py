@@ -236,22 +236,23 @@ class Ensemble:
 
         `on_batch(n)` is called after each batch with the number of structures it held.
         """
+        return self._predict_with_graphs(structures, on_batch)[0]
+
+    def _predict_with_graphs(
+        self, structures: Sequence[Atoms], on_batch: Callable[[int], None] | None = None
+    ) -> tuple[list[Prediction], list[dict] | None]:
+        """`predict`, and the neighbour graphs it built (None with the torch backend, whose
+        calculators build their own)."""
         if not structures:
-            return []
+            return [], []
         if self.settings.backend == "torch":
             preds = []
             for a in structures:
                 preds.append(self._predict_torch(a))
                 if on_batch is not None:
                     on_batch(1)
-            return preds
+            return preds, None
         graphs = [build_graph(a, self._atom_indices, self.cutoff) for a in structures]
-        return self._predict_built(structures, graphs, on_batch)
-
-    def _predict_built(
-        self, structures: Sequence[Atoms], graphs: list[dict], on_batch=None
-    ) -> list[Prediction]:
-        """`predict` of `structures` whose `graphs` are built."""
         batches = (
             [[0]]
             if len(graphs) == 1
@@ -269,7 +270,7 @@ class Ensemble:
                 out[i] = pred
             if on_batch is not None:
                 on_batch(len(batch))
-        return out  # type: ignore[return-value]
+        return out, graphs  # type: ignore[return-value]
 
     def predict_graphs(
         self, graphs: list[dict], n_graph: int, n_node: int, n_edge: int
@@ -358,14 +359,11 @@ class Ensemble:
 
     def _evaluate_chunk(self, frames: list[Frame], on_batch=None) -> Iterator[EnsembleRecord]:
         structures = [f.atoms for f in frames]
-        if self.settings.backend == "torch":
-            preds, geometries = self.predict(structures, on_batch), [None] * len(frames)
-        else:
-            graphs = [build_graph(a, self._atom_indices, self.cutoff) for a in structures]
-            preds = self._predict_built(structures, graphs, on_batch)
-            geometries = [
-                graph_geometry(a, g, self.cutoff) for a, g in zip(structures, graphs, strict=True)
-            ]
+        preds, graphs = self._predict_with_graphs(structures, on_batch)
+        geometries = [None] * len(frames)
+        if graphs is not None:
+            pairs = zip(structures, graphs, strict=True)
+            geometries = [graph_geometry(a, g, self.cutoff) for a, g in pairs]
         names = [m.info.name for m in self.models]
         for frame, pred, geo in zip(frames, preds, geometries, strict=True):
             finite = pred.finite

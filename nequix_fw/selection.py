@@ -77,19 +77,27 @@ def nearest_distances(x: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 
 def farthest_points(
-    x: np.ndarray, first: int | None, known: np.ndarray | None = None
+    x: np.ndarray,
+    first: int | None,
+    known: np.ndarray | None = None,
+    alive: np.ndarray | None = None,
 ) -> Iterator[int]:
     """Rows of `x` in farthest-point order, each once, starting at row `first`; with `known`
     (rows already in the training set), distances count from those too, and without `first`
-    the first pick is the row farthest from them. Lazy: each pick costs O(len(x))."""
+    the first pick is the row farthest from them. `alive` (a boolean mask the caller may clear
+    between picks) leaves out the rows it clears. Lazy: each pick costs O(len(x))."""
     dist = np.full(len(x), np.inf)
     if known is not None and len(known):
         dist = nearest_distances(x, known)
+    if alive is not None:
+        dist[~alive] = -np.inf
     pick = int(np.argmax(dist)) if first is None else first
-    for _ in range(len(x)):
+    while dist[pick] > -np.inf:
         yield pick
         dist = np.minimum(dist, np.linalg.norm(x - x[pick], axis=1))
         dist[pick] = -np.inf  # never picked twice, even among equal rows
+        if alive is not None:
+            dist[~alive] = -np.inf
         pick = int(np.argmax(dist))
 
 
@@ -348,17 +356,15 @@ def choose(
     k = len(cands) if budget is None else max(0, min(budget, len(cands)))
     if settings.method == "random":
         order = np.random.default_rng(settings.seed).permutation(len(cands))
-    else:
-        cands.sort(key=lambda e: -e.metrics[_metric(settings)])
-        order = np.arange(len(cands))
-        if settings.diverse and 0 < k < len(cands):
-            x = np.stack([e.descriptor for e in cands])
-            # lazily: quotas may pass over picks, and then it goes on as far as it needs
-            order = farthest_points(x, None if known is not None else 0, known)
-    chosen = quotas.take((cands[i] for i in order), k)
-    if settings.method == "random":
+        chosen = quotas.take((cands[i] for i in order), k)
         position = {id(e): i for i, e in enumerate(cands)}
         chosen.sort(key=lambda e: position[id(e)])  # in input order
+    else:
+        cands.sort(key=lambda e: -e.metrics[_metric(settings)])
+        if settings.diverse and 0 < k < len(cands):
+            chosen = _farthest_within(cands, k, known, quotas)
+        else:
+            chosen = quotas.take(cands, k)
     if reserve and budget is not None and len(chosen) < budget:
         # what uncertainty left of max_selected goes to the reserve's sources too
         more = [(source, budget - len(chosen), reason) for source, _, reason in reserve]
@@ -369,43 +375,92 @@ def choose(
     return chosen
 
 
+def _farthest_within(
+    cands: list[Entry], k: int, known: np.ndarray | None, quotas: _Quotas
+) -> list[Entry]:
+    """The first `k` candidates (most uncertain first) in farthest-point order that keep
+    within the quotas. A candidate leaves the pool as soon as a quota it falls under is full
+    (with that reason), so every pick is taken: at most `k` picks of O(len(cands)) each."""
+    x = np.stack([e.descriptor for e in cands])
+    alive = np.ones(len(cands), dtype=bool)
+    members: dict[tuple[str, str], list[int]] = {}
+    if quotas.active:
+        for i, e in enumerate(cands):
+            for key in quotas.keys(e):
+                members.setdefault(key, []).append(i)
+
+    def close(keys: Iterable[tuple[str, str]]) -> None:
+        for key in keys:
+            out = [i for i in members.pop(key, ()) if alive[i]]
+            alive[out] = False
+            for i in out:
+                cands[i].reason = quotas.reason(key)
+
+    close([key for key in members if quotas.full(key)])  # filled by the reserve
+    if not alive.any():
+        return []
+    first = None if known is not None else int(np.argmax(alive))
+    chosen = []
+    for i in islice(farthest_points(x, first, known, alive), k):
+        alive[i] = False
+        chosen.append(cands[i])
+        close(quotas.count(cands[i]))
+    return chosen
+
+
 class _Quotas:
-    """The per-element and per-composition quotas of one selection, and what it has taken."""
+    """The per-element and per-composition quotas of one selection, and what it has taken.
+    A quota's key is ``("element", symbol)`` or ``("composition", reduced formula)``."""
 
     def __init__(self, settings: SelectionSettings):
-        self.max_per_element = settings.max_per_element
+        self.limits = {("element", el): n for el, n in (settings.max_per_element or {}).items()}
         self.max_per_composition = settings.max_per_composition or np.inf
-        self.per_element: dict[str, int] = {}
-        self.per_composition: dict[str, int] = {}
+        self.taken: dict[tuple[str, str], int] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.limits) or self.max_per_composition < np.inf
+
+    def keys(self, e: Entry) -> list[tuple[str, str]]:
+        """The quotas `e` falls under: its elements', then its composition's."""
+        formula = Formula(e.formula)
+        elements = [("element", el) for el in formula.count()]
+        return [*elements, ("composition", str(formula.reduce()[0]))]
+
+    def limit(self, key: tuple[str, str]) -> float:
+        return self.max_per_composition if key[0] == "composition" else self.limits.get(key, np.inf)
+
+    def full(self, key: tuple[str, str]) -> bool:
+        return self.taken.get(key, 0) >= self.limit(key)
+
+    @staticmethod
+    def reason(key: tuple[str, str]) -> str:
+        return f"quota: max_per_{key[0]} {key[1]}"
+
+    def count(self, e: Entry) -> list[tuple[str, str]]:
+        """Count `e` as taken; the quotas it fills."""
+        filled = []
+        for key in self.keys(e):
+            self.taken[key] = self.taken.get(key, 0) + 1
+            if self.full(key):
+                filled.append(key)
+        return filled
 
     def take(self, ordered: Iterable[Entry], k: int) -> list[Entry]:
         """The first `k` of `ordered` that keep within the quotas, counted as taken (those
         passed over get the reason)."""
-        if not self.max_per_element and self.max_per_composition == np.inf:
+        if not self.active:
             return list(islice(ordered, k))
         chosen = []
         for e in ordered:
             if len(chosen) == k:
                 break
-            formula = Formula(e.formula)
-            elements = set(formula.count())
-            full = [
-                el
-                for el in elements
-                if self.per_element.get(el, 0) >= self.max_per_element.get(el, np.inf)
-            ]
-            comp = str(formula.reduce()[0])
-            if full or self.per_composition.get(comp, 0) >= self.max_per_composition:
-                e.reason = (
-                    f"quota: max_per_element {full[0]}"
-                    if full
-                    else f"quota: max_per_composition {comp}"
-                )
+            full = [key for key in self.keys(e) if self.full(key)]
+            if full:
+                e.reason = self.reason(full[0])
                 continue
             chosen.append(e)
-            self.per_composition[comp] = self.per_composition.get(comp, 0) + 1
-            for el in elements:
-                self.per_element[el] = self.per_element.get(el, 0) + 1
+            self.count(e)
         return chosen
 
 

@@ -415,6 +415,74 @@ def test_lazy_farthest_points_equal_the_dense_order():
     assert sorted(farthest_point_order(np.zeros((5, 2)), 0, 5)) == [0, 1, 2, 3, 4]
 
 
+def test_diverse_selection_within_quotas_equals_the_direct_computation(monkeypatch):
+    """Farthest-point sampling under quotas picks, each time, the candidate farthest from the
+    training set and the picks so far among those the quotas still allow; the structures a
+    full quota refuses get its reason. It makes only the picks it takes (no pass over the
+    whole order when quotas are tight)."""
+    from nequix_fw import selection
+    from nequix_fw.selection import Entry, choose
+    from nequix_fw.settings import SelectionSettings
+
+    def direct(x, formulas, k, known, per_comp, per_el):
+        taken_c, taken_e, chosen = {}, {}, []
+        dist = np.min(np.linalg.norm(x[:, None] - known[None], axis=2), axis=1)
+        while len(chosen) < k:
+            ok = [
+                i
+                for i in range(len(x))
+                if i not in chosen
+                and taken_c.get(formulas[i], 0) < per_comp
+                and ("Au" not in formulas[i] or taken_e.get("Au", 0) < per_el)
+            ]
+            if not ok:
+                break
+            i = max(ok, key=lambda j: dist[j])
+            chosen.append(i)
+            taken_c[formulas[i]] = taken_c.get(formulas[i], 0) + 1
+            if "Au" in formulas[i]:
+                taken_e["Au"] = taken_e.get("Au", 0) + 1
+            dist = np.minimum(dist, np.linalg.norm(x - x[i], axis=1))
+        return chosen
+
+    picks = []
+    orig = selection.farthest_points
+
+    def counting(*args, **kw):
+        for i in orig(*args, **kw):
+            picks.append(i)
+            yield i
+
+    monkeypatch.setattr(selection, "farthest_points", counting)
+    rng = np.random.default_rng(11)
+    kinds = ["Cu", "Cu3Au", "CuAu", "Ni", "CuNi"]
+    for trial in range(4):
+        n = 300
+        x, known = rng.normal(size=(n, 6)), rng.normal(size=(50, 6))
+        formulas = [kinds[i] for i in rng.integers(0, len(kinds), n)]
+        entries = [
+            Entry(f"d{i}", "x", i, formulas[i], 4, {"max_force_dev": 1.0 - i / n}, "candidate")
+            for i in range(n)
+        ]
+        for e, row in zip(entries, x, strict=True):
+            e.descriptor = row
+        k = [5, 12, 40, 299][trial]  # 40 and 299: more than the quotas allow (3 x 5 kinds)
+        s = SelectionSettings(
+            max_selected=k, diverse=True, max_per_composition=3, max_per_element={"Au": 4}
+        )
+        picks.clear()
+        chosen = choose(entries, s, known=known)
+        want = direct(x, formulas, k, known, 3, 4)
+        assert [int(e.id[1:]) for e in chosen] == want
+        assert len(picks) == len(want)  # every pick taken
+        for e in entries:
+            if not e.selected and e.reason is not None:
+                assert e.reason.startswith("quota: ")
+        if k >= 40:  # Au's 4, and 3 each of Cu, Ni and CuNi
+            assert len(chosen) == 13
+            assert all(e.reason for e in entries if not e.selected)
+
+
 def test_quotas_per_element_and_composition(results, tmp_path, capsys):
     from nequix_fw.cli import main
     from nequix_fw.selection import Entry, choose
