@@ -48,7 +48,7 @@ def structural(atoms: Atoms, elements: list[int]) -> np.ndarray:
 def composition(numbers: np.ndarray, elements: list[int]) -> np.ndarray:
     """The fraction of the atoms of each of `elements` (the first part of `structural`)."""
     numbers = np.asarray(numbers)
-    return np.array([np.mean(numbers == z) for z in elements])
+    return (numbers[None, :] == np.asarray(elements)[:, None]).mean(axis=1)
 
 
 def geometry(atoms: Atoms) -> np.ndarray:

@@ -328,21 +328,25 @@ class _ArraysReader:
         self.npz.close()
 
 
-def _with_arrays(path: Path, header: dict, records: Iterator[dict]) -> Iterator[dict]:
+def _with_arrays(
+    path: Path, header: dict, records: Iterator[dict], ids: set[str] | None
+) -> Iterator[dict]:
+    wanted = ((i, rec) for i, rec in enumerate(records) if ids is None or rec.get("id") in ids)
     if header.get("schema_version") != 2:
-        yield from records
+        yield from (rec for _, rec in wanted)
         return
     arrays = _ArraysReader(path, header)
     try:
-        for i, rec in enumerate(records):
+        for i, rec in wanted:
             yield arrays.fill(i, rec)
     finally:
         arrays.close()
 
 
-def read_results(path: str | Path) -> tuple[dict, Iterator[dict]]:
+def read_results(path: str | Path, ids: set[str] | None = None) -> tuple[dict, Iterator[dict]]:
     """(header, iterator over records) of a results file of either version; streams files this
-    package wrote (a version-2 file's arrays a chunk at a time)."""
+    package wrote (a version-2 file's arrays a chunk at a time). With `ids`, only the records
+    of those structure ids (and only their arrays are read)."""
     path = Path(path)
     try:
         f = open(path, encoding="utf-8")
@@ -370,7 +374,7 @@ def read_results(path: str | Path) -> tuple[dict, Iterator[dict]]:
 
         if header["schema_version"] == 2:
             _ArraysReader(path, header).close()  # a missing or unrelated arrays file: now
-        return header, _with_arrays(path, header, stream())
+        return header, _with_arrays(path, header, stream(), ids)
     f.close()
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -379,4 +383,4 @@ def read_results(path: str | Path) -> tuple[dict, Iterator[dict]]:
     header = _check_header(path, doc)
     if header["schema_version"] == 2:
         _ArraysReader(path, header).close()
-    return header, _with_arrays(path, header, iter(doc.get("structures", [])))
+    return header, _with_arrays(path, header, iter(doc.get("structures", [])), ids)

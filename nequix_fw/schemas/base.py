@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from monty.serialization import dumpfn, loadfn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nequix_fw import __version__
@@ -13,6 +13,19 @@ from nequix_fw.errors import NequixFWError
 from nequix_fw.structures import atomic_path
 
 D = TypeVar("D", bound="Document")
+
+
+def json_text(doc: dict) -> str:
+    """`doc` as JSON text: each top-level value indented, a list of objects one per line."""
+    items = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines = ",\n  ".join(json.dumps(v, ensure_ascii=False) for v in value)
+            text = f"[\n  {lines}\n ]"
+        else:
+            text = json.dumps(value, indent=1, ensure_ascii=False).replace("\n", "\n ")
+        items.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(items) + "\n}\n"
 
 
 class DocumentError(NequixFWError):
@@ -55,10 +68,12 @@ class Document(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=self.OMIT_NONE)
 
     def to_file(self, path: str | Path) -> Path:
-        """Write the document with monty's ``dumpfn``, atomically (temp file + rename)."""
+        """Write the document atomically (temp file + rename): indented, but one line per
+        item of a top-level list (a selection's 10^5 structures are written by the C encoder,
+        about 10 times as fast as the indenting one)."""
         path = Path(path)
         with atomic_path(path) as tmp:
-            dumpfn(self.to_dict(), tmp, fmt="json", indent=1)
+            Path(tmp).write_text(json_text(self.to_dict()), encoding="utf-8")
         return path
 
     @classmethod
@@ -78,7 +93,7 @@ class Document(BaseModel):
     def from_file(cls: type[D], path: str | Path) -> D:
         """Read a document written by `to_file` (monty's ``loadfn``), checked."""
         try:
-            data = loadfn(path, fmt="json")
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise DocumentError(f"{path}: cannot read a {cls.SCHEMA} document ({exc})") from None
         return cls.check(data, path)
