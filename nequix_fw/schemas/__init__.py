@@ -1,7 +1,9 @@
 """The documents the stages write, as pydantic models: their fields, types and units in one
 place, checked when written and when read back. Each carries ``schema`` (its name),
-``schema_version`` and ``nequix_fw_version``; files are written with monty (``dumpfn``) and read
-with ``loadfn`` (`Document.to_file`, `Document.from_file`).
+``schema_version`` and ``nequix_fw_version``; files are plain JSON, indented, with one line per
+item of a top-level list (`Document.to_file`, `Document.from_file`: the standard library's C
+encoder and decoder, as monty's `dumpfn` with an indent goes through the pure-Python one, 4 s
+for a selection manifest of 10^5 structures).
 
 | document | file (`<output>`: the command's; in a campaign, iter_k/<stage>/) | written by |
 | --- | --- | --- |

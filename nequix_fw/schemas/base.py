@@ -91,7 +91,7 @@ class Document(BaseModel):
 
     @classmethod
     def from_file(cls: type[D], path: str | Path) -> D:
-        """Read a document written by `to_file` (monty's ``loadfn``), checked."""
+        """Read a document written by `to_file`, checked."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
