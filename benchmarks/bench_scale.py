@@ -246,7 +246,7 @@ def main() -> None:
         )
 
     try:
-        from nequix_fw.store import COLLECTION, launchpad_db
+        from nequix_fw.store import COLLECTION, DATASETS, launchpad_db
 
         docs = launchpad_db(lp)[COLLECTION]
         extra = data_file(work, "extra", 1000, 9, args.atoms)
@@ -281,6 +281,7 @@ def main() -> None:
             ds = f"db:{name}"
             if "ingest" in args.stages:
                 docs.delete_many({"dataset": name})
+                docs.database[DATASETS].delete_one({"_id": name})
                 for stage, new in (("ingest (empty dataset)", train), ("ingest 1000 more", extra)):
                     argv = ["update-dataset", "--new", new, "--dataset", ds, "--launchpad", lp]
                     record(stage, "N", n, measure(NFW, *argv, cwd=work))

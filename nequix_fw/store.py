@@ -51,6 +51,7 @@ CHECKPOINTS = "nequix_fw_checkpoints"  # GridFS bucket
 VALIDATION = "nequix_fw_validation"
 SELECTIONS = "nequix_fw_selections"
 SELECTED = "nequix_fw_selection_entries"
+DATASETS = "nequix_fw_datasets"
 #: What each collection holds, {name: (one document per, its _id)}: the docs' reference.
 COLLECTIONS = {
     COLLECTION: (
@@ -83,6 +84,11 @@ COLLECTIONS = {
     SELECTED: (
         "candidate of an iteration's selection: metrics, class, reason, system, position",
         "CAMPAIGN/<k>/<system or ->/<position>",
+    ),
+    DATASETS: (
+        "dataset's summary: the labelling settings hashes its structures carry (kept by every "
+        "add, so no query reads the whole dataset for them)",
+        "NAME",
     ),
 }
 #: The fields people filter by, per collection.
@@ -202,7 +208,9 @@ class StoreDataset:
         self.name = str(spec)[len(PREFIX) :] if is_store_spec(spec) else str(spec)
         if not self.name or "/" in self.name:
             raise SettingsError(f"{spec!r}: a store dataset is named db:NAME (no '/')")
-        self.collection = collection(launchpad_db(launchpad), COLLECTION)
+        db = launchpad_db(launchpad)
+        self.collection = collection(db, COLLECTION)
+        self.summaries = db[DATASETS]
 
     def __str__(self) -> str:
         return PREFIX + self.name
@@ -223,21 +231,36 @@ class StoreDataset:
 
     def settings_hashes(self) -> set:
         """The levels of theory (labelling settings hashes) in the dataset; None stands for
-        structures ingested from plain files (no labelling settings)."""
+        structures ingested from plain files (no labelling settings). From the dataset's
+        summary, which `add` keeps; a dataset without a complete one (made by an older
+        version) is read once and its summary completed."""
+        summary = self.summaries.find_one({"_id": self.name})
+        if summary is not None and summary.get("complete"):
+            return set(summary["settings_hashes"])
         out = set(self.collection.distinct("info.settings_hash", {"dataset": self.name}))
         query = {"dataset": self.name, "info.settings_hash": None}  # missing or null
         if self.collection.find_one(query, {"_id": 1}) is not None:
             out.add(None)
+        # what was added since the read above is in the summary already (see `add`)
+        self._note_hashes(out, complete=True)
         return out
+
+    def _note_hashes(self, hashes: set, complete: bool = False) -> None:
+        update: dict = {"$addToSet": {"settings_hashes": {"$each": sorted(hashes, key=str)}}}
+        if complete:
+            update["$set"] = {"complete": True}
+        self.summaries.update_one({"_id": self.name}, update, upsert=True)
 
     def frames(self, ids: set[str] | None = None, where: dict | None = None):
         """The dataset's structures (those with the given ids, and matching the MongoDB filter
         `where`, if any) as `Frame`s with their labels and provenance, in the order they were
         added."""
         query: dict = {**(where or {}), "dataset": self.name}
-        if ids is not None:
+        if ids is None:
+            docs = self.collection.find(query).sort("added", 1)
+        else:  # sorted here: a server sort could pick the `added` index and read every document
             query["structure_id"] = {"$in": sorted(ids)}
-        docs = self.collection.find(query).sort("added", 1)
+            docs = sorted(self.collection.find(query), key=lambda d: d["added"])
         for k, doc in enumerate(docs):
             atoms = Atoms(
                 numbers=doc["numbers"],
@@ -301,6 +324,9 @@ class StoreDataset:
             for begin in range(0, len(structures), BULK):
                 chunk, sent = structures[begin : begin + BULK], 0
                 docs = [self._document(a, start + begin + k) for k, a in enumerate(chunk)]
+                # the summary first: it may name a level a failed insert left out, never
+                # miss one that is stored
+                self._note_hashes({d["info"].get("settings_hash") for d in docs})
                 sent = len(docs)
                 n_new += _insert_new(self.collection, docs)
         except KeyboardInterrupt:

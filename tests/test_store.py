@@ -299,3 +299,45 @@ def _labelled(i: int):
     a.calc = SinglePointCalculator(a, energy=-3.0, forces=np.zeros((1, 3)))
     a.info.update(structure_id=f"s{i:019d}", n=i)
     return a
+
+
+def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
+    """A store dataset's settings hashes (the levels of theory an ingest checks) come from its
+    summary document, which every add keeps, not from a query of every structure; a dataset
+    without one (an older version's) is read once and its summary completed. Reads by id give
+    the structures in the order they were added."""
+    from nequix_fw.store import DATASETS, StoreDataset, launchpad_db
+
+    class Counting:
+        """The dataset collection, counting the queries that read the whole dataset."""
+
+        def __init__(self, coll):
+            self.coll, self.distinct_calls = coll, 0
+
+        def distinct(self, *args, **kw):
+            self.distinct_calls += 1
+            return self.coll.distinct(*args, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.coll, name)
+
+    def labelled(i, level):
+        a = _labelled(i)
+        if level is not None:
+            a.info["settings_hash"] = level
+        return a
+
+    ds = StoreDataset("db:levels", launchpad_file)
+    ds.collection = counting = Counting(ds.collection)
+    assert ds.add([labelled(i, "A") for i in range(5)]) == 5
+    assert ds.settings_hashes() == {"A"} and counting.distinct_calls == 1  # the first: read
+    assert ds.add([labelled(i, "B") for i in range(5, 8)] + [labelled(8, None)]) == 4
+    assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 1
+    # an older version's dataset has no summary: read once, then kept
+    launchpad_db(launchpad_file)[DATASETS].delete_one({"_id": "levels"})
+    assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 2
+    assert ds.add([labelled(9, "C")]) == 1
+    assert ds.settings_hashes() == {"A", "B", "C", None} and counting.distinct_calls == 2
+    # by id: in the order of addition, whatever the order of the ids
+    ids = {f"s{i:019d}" for i in (9, 2, 6)}
+    assert [f.atoms.info["n"] for f in ds.frames(ids)] == [2, 6, 9]
