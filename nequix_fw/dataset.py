@@ -41,6 +41,7 @@ class StoredDataset(Protocol):
     """A dataset ``db:NAME`` of the store (`nequix_fw.store.StoreDataset`)."""
 
     def __len__(self) -> int: ...
+    def exists(self) -> bool: ...
     def frames(self, ids: set[str] | None = None) -> Iterable[Frame]: ...
     def structures(self) -> Iterable[Atoms]: ...
     def described(
@@ -196,7 +197,7 @@ def dataset_ids(
 
     if is_store_spec(dataset):
         stored = _stored(dataset, store)
-        if not len(stored):
+        if not stored.exists():
             raise StructureError(
                 f"{dataset}: no such dataset in the store (it holds none of its structures)"
             )

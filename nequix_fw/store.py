@@ -23,6 +23,7 @@ import hashlib
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
@@ -218,6 +219,13 @@ class StoreDataset:
     def __len__(self) -> int:
         return self.collection.count_documents({"dataset": self.name})
 
+    def exists(self) -> bool:
+        """Whether anything was ever added to the dataset (its summary; an older version's
+        dataset, without one, is looked up)."""
+        if self.summaries.find_one({"_id": self.name}, {"_id": 1}) is not None:
+            return True
+        return self.collection.find_one({"dataset": self.name}, {"_id": 1}) is not None
+
     def __bool__(self) -> bool:  # a dataset object, empty or not (never a count for it)
         return True
 
@@ -241,8 +249,8 @@ class StoreDataset:
         query = {"dataset": self.name, "info.settings_hash": None}  # missing or null
         if self.collection.find_one(query, {"_id": 1}) is not None:
             out.add(None)
-        # what was added since the read above is in the summary already (see `add`)
-        self._note_hashes(out, complete=True)
+        if out:  # what was added since the read above is in the summary already (see `add`)
+            self._note_hashes(out, complete=True)
         return out
 
     def _note_hashes(self, hashes: set, complete: bool = False) -> None:
@@ -287,55 +295,87 @@ class StoreDataset:
     def described(
         self, key: str, describe: Callable[[list[Atoms]], np.ndarray]
     ) -> tuple[list[np.ndarray], np.ndarray]:
-        """Each structure's atomic numbers and descriptor `key`, in the order of addition. A
+        """Each structure's atomic numbers and descriptor `key` (in no particular order). A
         descriptor is kept in its structure's document (``descriptors.<key>``): `describe`
-        computes it once, for the structures that have none yet, and it is written back."""
+        computes it once, for the structures that have none yet, and it is written back. The
+        summary records a key every structure has, so the search for those without it runs
+        once (`add` writes `GEOMETRY_KEY` with every structure)."""
         field = f"descriptors.{key}"
+        summary = self.summaries.find_one({"_id": self.name}) or {}
+        numbers, rows = [], []
+        if key != GEOMETRY_KEY or key not in summary.get("described", []):
+            query = {"dataset": self.name, field: {"$exists": False}}
+            missing = [d["_id"] for d in self.collection.find(query, {"_id": 1})]
+            self._describe(missing, key, describe)
+        docs = self.collection.find({"dataset": self.name}, {"numbers": 1, field: 1})
+        late = []  # stored without one since (by an older version): described now
+        for doc in docs:  # the server sorts nothing: the order does not matter here
+            row = (doc.get("descriptors") or {}).get(key)
+            if row is None:
+                late.append(doc["_id"])
+                continue
+            numbers.append(np.asarray(doc["numbers"]))
+            rows.append(row)
+        for doc, row in self._describe(late, key, describe):
+            numbers.append(np.asarray(doc["numbers"]))
+            rows.append(row)
+        if key == GEOMETRY_KEY:
+            self.summaries.update_one(
+                {"_id": self.name}, {"$addToSet": {"described": key}}, upsert=True
+            )
+        return numbers, np.array(rows, dtype=np.float64)
+
+    def _describe(
+        self, ids: list, key: str, describe: Callable[[list[Atoms]], np.ndarray]
+    ) -> list[tuple[dict, list]]:
+        """Describe the documents `ids` and write their descriptor `key` back; returns
+        (document, descriptor) pairs."""
         fields = {"numbers": 1, "positions": 1, "cell": 1, "pbc": 1}
-        missing = list(
-            self.collection.find({"dataset": self.name, field: {"$exists": False}}, fields)
-        )
-        for begin in range(0, len(missing), BULK):
-            chunk = missing[begin : begin + BULK]
-            rows = describe([_atoms(d) for d in chunk])
+        out = []
+        for chunk_ids in _batches(ids, BULK):
+            chunk = list(self.collection.find({"_id": {"$in": chunk_ids}}, fields))
+            rows = [row.tolist() for row in describe([_atoms(d) for d in chunk])]
             _bulk_write(
                 self.collection,
                 (
-                    pymongo.UpdateOne({"_id": d["_id"]}, {"$set": {field: row.tolist()}})
+                    pymongo.UpdateOne({"_id": d["_id"]}, {"$set": {f"descriptors.{key}": row}})
                     for d, row in zip(chunk, rows, strict=True)
                 ),
             )
-        docs = self.collection.find({"dataset": self.name}, {"numbers": 1, field: 1, "_id": 0})
-        numbers, rows = [], []
-        for doc in docs.sort("added", 1):
-            numbers.append(np.asarray(doc["numbers"]))
-            rows.append(doc["descriptors"][key])
-        return numbers, np.array(rows, dtype=np.float64)
+            out += zip(chunk, rows, strict=True)
+        return out
 
     def add(self, structures: list[Atoms]) -> int:
         """Insert labelled structures (``info['structure_id']`` required), `BULK` per round
         trip (unordered inserts keyed by dataset and structure id); those already present are
         left alone (their duplicate-key errors are expected). Each keeps its hand-made
         descriptor's geometry (``descriptors.<GEOMETRY_KEY>``), computed here once, for
-        diverse selection against the dataset. Returns how many were new."""
+        diverse selection against the dataset. One batch is described while the server
+        writes the one before. Returns how many were new."""
         start = time.time_ns()  # `added`, the order of addition, without a query for it
-        n_new, begin, sent = 0, 0, 0
-        try:
-            for begin in range(0, len(structures), BULK):
-                chunk, sent = structures[begin : begin + BULK], 0
-                docs = [self._document(a, start + begin + k) for k, a in enumerate(chunk)]
-                # the summary first: it may name a level a failed insert left out, never
-                # miss one that is stored
-                self._note_hashes({d["info"].get("settings_hash") for d in docs})
-                sent = len(docs)
-                n_new += _insert_new(self.collection, docs)
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted: {begin} of {len(structures)} structures stored in {self} (and up "
-                f"to {sent} more sent)",
-                stored=begin,
-                in_flight=sent,
-            ) from None
+        n_new, stored, sent = 0, 0, 0
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            try:
+                for begin in range(0, len(structures), BULK):
+                    chunk = structures[begin : begin + BULK]
+                    docs = [self._document(a, start + begin + k) for k, a in enumerate(chunk)]
+                    # the summary first: it may name a level a failed insert left out, never
+                    # miss one that is stored
+                    self._note_hashes({d["info"].get("settings_hash") for d in docs})
+                    if pending is not None:
+                        n_new += pending.result()
+                        stored, sent = begin, 0
+                    pending, sent = writer.submit(_insert_new, self.collection, docs), len(docs)
+                if pending is not None:
+                    n_new += pending.result()
+            except KeyboardInterrupt:  # the batch in flight is written before this is raised
+                raise Interrupted(
+                    f"interrupted: {stored} of {len(structures)} structures stored in {self} "
+                    f"(and up to {sent} more sent)",
+                    stored=stored,
+                    in_flight=sent,
+                ) from None
         return n_new
 
     def _document(self, a: Atoms, added: int) -> dict:
@@ -377,10 +417,15 @@ def _insert_new(coll, docs: list[dict]) -> int:
         return int(e.details["nInserted"])
 
 
+def _batches(items: Iterable, n: int) -> Iterator[list]:
+    items = iter(items)
+    while batch := list(islice(items, n)):
+        yield batch
+
+
 def _bulk_write(coll, ops: Iterable) -> None:
     """Write `ops` (pymongo write operations) unordered, `BULK` per round trip."""
-    ops = iter(ops)
-    while batch := list(islice(ops, BULK)):
+    for batch in _batches(ops, BULK):
         coll.bulk_write(batch, ordered=False)
 
 

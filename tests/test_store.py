@@ -338,6 +338,16 @@ def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
     assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 2
     assert ds.add([labelled(9, "C")]) == 1
     assert ds.settings_hashes() == {"A", "B", "C", None} and counting.distinct_calls == 2
+    # the descriptors: the search for structures without one runs once
+    from nequix_fw.descriptors import GEOMETRY_KEY, geometry
+
+    finds = []
+    find = counting.coll.find
+    counting.find = lambda query, *a, **kw: finds.append(query) or find(query, *a, **kw)
+    for _ in range(2):
+        numbers, rows = ds.described(GEOMETRY_KEY, lambda s: np.stack([geometry(a) for a in s]))
+        assert len(numbers) == 10 and rows.shape[0] == 10
+    assert sum("$exists" in str(q) for q in finds) == 1 and len(finds) == 3
     # by id: in the order of addition, whatever the order of the ids
     ids = {f"s{i:019d}" for i in (9, 2, 6)}
     assert [f.atoms.info["n"] for f in ds.frames(ids)] == [2, 6, 9]
