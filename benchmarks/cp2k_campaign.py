@@ -94,7 +94,8 @@ def main() -> None:
         "--resume",
         action="store_true",
         help="go on with the campaign in an existing --workdir (after a crash or a fix): "
-        "restart its database, rerun its FIZZLED Fireworks and launch again",
+        "restart its database, rerun its FIZZLED Fireworks and those it left RUNNING, and "
+        "launch again",
     )
     args = p.parse_args()
     if shutil.which("cp2k.psmp") is None:
@@ -108,6 +109,7 @@ def main() -> None:
         try:
             lpad = [BIN / "lpad", "-l", "my_launchpad.yaml"]
             _run([*lpad, "rerun_fws", "-s", "FIZZLED"], work)
+            _run([*lpad, "rerun_fws", "-s", "RUNNING"], work)  # those a crash left running
             t_campaign = _run([BIN / "rlaunch", "-l", "my_launchpad.yaml", "rapidfire"], work)
             _run([nfw, "campaign-status", "campaign"], work)
             times = stage_times(LaunchPad.from_file(str(work / "my_launchpad.yaml")))
