@@ -222,7 +222,8 @@ class StoreDataset:
     def exists(self) -> bool:
         """Whether anything was ever added to the dataset (its summary; an older version's
         dataset, without one, is looked up)."""
-        if self.summaries.find_one({"_id": self.name}, {"_id": 1}) is not None:
+        summary = self.summaries.find_one({"_id": self.name})
+        if summary is not None and summary.get("settings_hashes"):  # `add` notes one, at least
             return True
         return self.collection.find_one({"dataset": self.name}, {"_id": 1}) is not None
 
@@ -249,8 +250,8 @@ class StoreDataset:
         query = {"dataset": self.name, "info.settings_hash": None}  # missing or null
         if self.collection.find_one(query, {"_id": 1}) is not None:
             out.add(None)
-        if out:  # what was added since the read above is in the summary already (see `add`)
-            self._note_hashes(out, complete=True)
+        # what was added since the read above is in the summary already (see `add`)
+        self._note_hashes(out, complete=True)
         return out
 
     def _note_hashes(self, hashes: set, complete: bool = False) -> None:

@@ -329,8 +329,9 @@ def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
 
     ds = StoreDataset("db:levels", launchpad_file)
     ds.collection = counting = Counting(ds.collection)
-    assert ds.add([labelled(i, "A") for i in range(5)]) == 5
-    assert ds.settings_hashes() == {"A"} and counting.distinct_calls == 1  # the first: read
+    assert ds.settings_hashes() == set() and not ds.exists()  # a new dataset: read, empty
+    assert ds.add([labelled(i, "A") for i in range(5)]) == 5 and ds.exists()
+    assert ds.settings_hashes() == {"A"} and counting.distinct_calls == 1
     assert ds.add([labelled(i, "B") for i in range(5, 8)] + [labelled(8, None)]) == 4
     assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 1
     # an older version's dataset has no summary: read once, then kept
