@@ -20,8 +20,10 @@ upsert keyed by content (rerunning a stage never duplicates anything):
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
@@ -87,8 +89,8 @@ COLLECTIONS = {
         "CAMPAIGN/<k>/<system or ->/<position>",
     ),
     DATASETS: (
-        "dataset's summary: the labelling settings hashes its structures carry (kept by every "
-        "add, so no query reads the whole dataset for them)",
+        "dataset's summary: how many structures it holds and the labelling settings hashes "
+        "they carry (kept by every add, so no query reads the whole dataset for them)",
         "NAME",
     ),
 }
@@ -113,6 +115,8 @@ INDEXES = {
 _INDEXED: set[tuple[int, str]] = set()
 #: Structures per round trip when a dataset grows.
 BULK = 1000
+#: Seconds after which a writer noted in a dataset's summary, from another host, counts as gone.
+STALE_S = 86400
 #: MongoDB's error code of an insert whose ``_id`` (or unique key) exists.
 DUPLICATE_KEY = 11000
 #: A LaunchPad file, or the database of a LaunchPad already open (a FireTask's).
@@ -217,7 +221,24 @@ class StoreDataset:
         return PREFIX + self.name
 
     def __len__(self) -> int:
-        return self.collection.count_documents({"dataset": self.name})
+        """How many structures the dataset holds: its summary's count, kept by every add.
+        The count is exact (a query of every structure) when the summary has none, or has a
+        writer in flight; a count that no writer can change meanwhile is then kept."""
+        summary = self.summaries.find_one({"_id": self.name}) or {}
+        writers = summary.get("writers") or {}
+        if "n_structures" in summary and not writers:
+            return summary["n_structures"]
+        n = self.collection.count_documents({"dataset": self.name})
+        if all(_gone(w) for w in writers.values()):  # nothing in flight can add to n
+            try:
+                self.summaries.update_one(
+                    {"_id": self.name, "epoch": summary.get("epoch", {"$exists": False})},
+                    {"$set": {"n_structures": n, "writers": {}}},
+                    upsert=not summary,
+                )
+            except pymongo.errors.DuplicateKeyError:  # a writer made the summary meanwhile
+                pass
+        return n
 
     def exists(self) -> bool:
         """Whether anything was ever added to the dataset (its summary; an older version's
@@ -356,6 +377,7 @@ class StoreDataset:
         start = time.time_ns()  # `added`, the order of addition, without a query for it
         n_new, stored, sent = 0, 0, 0
         pending: Future | None = None
+        token = self._begin_write()
         with ThreadPoolExecutor(max_workers=1) as writer:
             try:
                 for begin in range(0, len(structures), BULK):
@@ -371,13 +393,43 @@ class StoreDataset:
                 if pending is not None:
                     n_new += pending.result()
             except KeyboardInterrupt:  # the batch in flight is written before this is raised
+                self._end_write(token, None)
                 raise Interrupted(
                     f"interrupted: {stored} of {len(structures)} structures stored in {self} "
                     f"(and up to {sent} more sent)",
                     stored=stored,
                     in_flight=sent,
                 ) from None
+            except BaseException:
+                self._end_write(token, None)
+                raise
+        self._end_write(token, n_new)
         return n_new
+
+    def _begin_write(self) -> str:
+        """Note a writer in the summary (who, since when) and start a new epoch, so that a
+        count taken meanwhile is not kept (`__len__`); returns the writer's token."""
+        token = uuid.uuid4().hex
+        writer = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.summaries.update_one(
+            {"_id": self.name},
+            {"$set": {f"writers.{token}": writer}, "$inc": {"epoch": 1}},
+            upsert=True,
+        )
+        return token
+
+    def _end_write(self, token: str, n_new: int | None) -> None:
+        """The writer `token` is done: `n_new` structures more in the count, or (None: a
+        write that failed or was stopped part-way) the count is no longer known."""
+        done = {"$unset": {f"writers.{token}": ""}}
+        if n_new is None:
+            done["$unset"]["n_structures"] = ""
+        elif self.summaries.update_one(
+            {"_id": self.name, "n_structures": {"$exists": True}},
+            {**done, "$inc": {"n_structures": n_new}},
+        ).matched_count:
+            return
+        self.summaries.update_one({"_id": self.name}, done)
 
     def _document(self, a: Atoms, added: int) -> dict:
         sid = a.info.get("structure_id")
@@ -404,6 +456,22 @@ class StoreDataset:
             "info": {k: _plain(v) for k, v in a.info.items()},
             "descriptors": {GEOMETRY_KEY: geometry(a).tolist()},
         }
+
+
+def _gone(writer: dict) -> bool:
+    """Whether a writer noted in a dataset's summary can write no more: a process of this
+    host that is no longer running, or one that began `STALE_S` ago."""
+    if time.time() - writer.get("since", 0) > STALE_S:
+        return True
+    if writer.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(writer["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process
+        return False
+    return False
 
 
 def _insert_new(coll, docs: list[dict]) -> int:

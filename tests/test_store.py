@@ -352,3 +352,63 @@ def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
     # by id: in the order of addition, whatever the order of the ids
     ids = {f"s{i:019d}" for i in (9, 2, 6)}
     assert [f.atoms.info["n"] for f in ds.frames(ids)] == [2, 6, 9]
+
+
+def test_dataset_count_comes_from_its_summary_and_survives_a_kill(launchpad_file):
+    """A dataset's size comes from its summary, which every add keeps; it is counted again
+    (exactly) when an add was stopped or killed between its insert and its summary update,
+    while another host's writer is in flight, and for a dataset without a count. A count is
+    kept only when no writer can change it."""
+    import time
+
+    from nequix_fw.errors import StructureError
+    from nequix_fw.store import COLLECTION, DATASETS, STALE_S, StoreDataset, launchpad_db
+
+    db = launchpad_db(launchpad_file)
+    ds = StoreDataset("db:counted", launchpad_file)
+    counts = []
+    count = ds.collection.count_documents
+    ds.collection = type("C", (), {})()  # the collection, counting its counts
+    for name in ("find", "find_one", "insert_many", "distinct"):
+        setattr(ds.collection, name, getattr(db[COLLECTION], name))
+    ds.collection.count_documents = lambda q: counts.append(q) or count(q)
+
+    def truth():
+        return db[COLLECTION].count_documents({"dataset": "counted"})
+
+    assert len(ds) == 0 and len(counts) == 1  # new: counted, then kept
+    assert ds.add([_labelled(i) for i in range(4)]) == 4
+    assert ds.add([_labelled(i) for i in range(2, 6)]) == 2  # two were there already
+    assert len(ds) == truth() == 6 and len(counts) == 1
+    # killed between its insert and its summary update (the process is gone)
+    script = (
+        "import os, sys\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "from tests.test_store import _labelled\n"
+        "from nequix_fw.store import StoreDataset, _insert_new\n"
+        f"ds = StoreDataset('db:counted', {str(launchpad_file)!r})\n"
+        "ds._begin_write()\n"
+        "_insert_new(ds.collection, [ds._document(_labelled(i), i) for i in range(6, 9)])\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+    assert len(ds) == truth() == 9 and len(counts) == 2  # counted again, and kept
+    assert len(ds) == 9 and len(counts) == 2 and ds.add([_labelled(9)]) == 1 and len(ds) == 10
+    # another host's writer in flight: counted each time, never kept
+    writer = {"host": "elsewhere", "pid": 1, "since": time.time()}
+    db[DATASETS].update_one({"_id": "counted"}, {"$set": {"writers.w": writer}})
+    assert ds.add([_labelled(10)]) == 1
+    assert [len(ds), len(ds)] == [11, 11] and len(counts) == 4
+    # ... until it is a day old: gone
+    writer["since"] -= STALE_S + 1
+    db[DATASETS].update_one({"_id": "counted"}, {"$set": {"writers.w": writer}})
+    assert [len(ds), len(ds)] == [11, 11] and len(counts) == 5
+    # an add that fails part-way leaves the count unknown: counted again
+    bad = _labelled(11)
+    bad.calc = None
+    with pytest.raises(StructureError, match="no labels"):
+        ds.add([_labelled(12), bad])
+    assert len(ds) == truth() == 11 and len(counts) == 6
+    # an older version's dataset (no summary): counted once, then kept
+    db[DATASETS].delete_one({"_id": "counted"})
+    assert [len(ds), len(ds)] == [11, 11] and len(counts) == 7
