@@ -206,9 +206,16 @@ class Run:
             starts.append(t["RUNNING"])
             ends.append(t["COMPLETED"])
             workers.add((launch["fworker"]["name"], launch["host"], launch["launch_dir"]))
+        label_fws = [f for f in self.db.fireworks.find({}) if " label " in f["name"]]
+        owners: dict[int, list[int]] = {}
+        for f in label_fws:
+            for launch_id in f.get("launches", []):
+                owners.setdefault(launch_id, []).append(f["fw_id"])
         return {
             "window_s": (max(ends) - min(starts)).total_seconds(),
-            "n_fireworks": len(starts),
+            "n_launches": len(starts),
+            "n_fireworks": sum(f["state"] == "COMPLETED" for f in label_fws),
+            "shared": {k: v for k, v in owners.items() if len(v) > 1},
             "rlaunch": len({w for w, _, _ in workers if w != "slurm"}),
             "slurm_jobs": len(
                 {
@@ -296,15 +303,22 @@ def main() -> None:
             f"{os.cpu_count()} CPUs"
         )
         print(
-            "\n| run | label launches completed | rlaunch workers | SLURM jobs "
-            "| labelling window (s) |"
+            "\n| run | label Fireworks completed | their launch records | rlaunch workers "
+            "| SLURM jobs | labelling window (s) |"
         )
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, lab in (("uninterrupted", la), ("two workers and the server killed", lb)):
             print(
-                f"| {name} | {lab['n_fireworks']} | {lab['rlaunch']} | {lab['slurm_jobs']} | "
-                f"{lab['window_s']:.1f} |"
+                f"| {name} | {lab['n_fireworks']} | {lab['n_launches']} | {lab['rlaunch']} | "
+                f"{lab['slurm_jobs']} | {lab['window_s']:.1f} |"
             )
+        for name, lab in (("uninterrupted", la), ("interrupted", lb)):
+            for launch_id, fw_ids in lab["shared"].items():
+                print(
+                    f"{name}: launch id {launch_id} was given to Fireworks {fw_ids}: one "
+                    "launch record overwrote the other (the server's findAndModify, see "
+                    "benchmarks/README.md)"
+                )
         print(
             f"\nthroughput (uninterrupted): ideal {ideal:.1f} s ({n} x {args.delay} s over "
             f"{workers} workers: {N_RLAUNCH} rlaunch and the {min(N_JOBS, slurm_cpus)} SLURM jobs "

@@ -1,0 +1,79 @@
+"""Does the MongoDB server hand out each id once? FireWorks numbers Fireworks and launches
+with `find_one_and_update({}, {"$inc": ...})`, returning the document as it was before the
+update: under concurrent workers every returned value must be distinct.
+
+8 processes each take 300 ids from one counter document, once returning the document before
+the update (FireWorks' way) and once after, and the script prints how many distinct ids came
+back. A server that does this atomically gives 2400 distinct ids both times.
+
+    python benchmarks/check_server_ids.py [--launchpad FILE]   (default: a local server of its own)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pymongo import ReturnDocument
+
+from nequix_fw.store import launchpad_db
+
+BIN = Path(sys.executable).parent
+PROCESSES, IDS = 8, 300
+
+
+def take(args: tuple[str, bool]) -> list[int]:
+    """`IDS` ids from the counter, as FireWorks' `get_new_launch_id` takes them."""
+    launchpad, after = args
+    counter = launchpad_db(launchpad)["nequix_fw_check_ids"]
+    side = ReturnDocument.AFTER if after else ReturnDocument.BEFORE
+    return [
+        counter.find_one_and_update({}, {"$inc": {"next": 1}}, return_document=side)["next"]
+        for _ in range(IDS)
+    ]
+
+
+def check(launchpad: str) -> bool:
+    counter = launchpad_db(launchpad)["nequix_fw_check_ids"]
+    ok = True
+    for after in (False, True):
+        counter.drop()
+        counter.insert_one({"next": 1})
+        with multiprocessing.get_context("spawn").Pool(PROCESSES) as pool:
+            ids = [i for part in pool.map(take, [(launchpad, after)] * PROCESSES) for i in part]
+        side = "after (the update)" if after else "before (FireWorks' way)"
+        print(
+            f"document returned {side}: {len(ids)} ids taken, {len(set(ids))} distinct, "
+            f"counter at {counter.find_one()['next']}"
+        )
+        ok &= len(set(ids)) == len(ids)
+    counter.drop()
+    return ok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--launchpad", help="a LaunchPad file (default: start a local server)")
+    args = p.parse_args()
+    if args.launchpad:
+        ok = check(args.launchpad)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            nfw = [BIN / "nequix-fw", "db"]
+            start = ["start", "--dir", f"{tmp}/db", "--launchpad", f"{tmp}/lp.yaml"]
+            subprocess.run([*nfw, *start], check=True, capture_output=True)
+            try:
+                ok = check(f"{tmp}/lp.yaml")
+            finally:
+                subprocess.run([*nfw, "stop", "--dir", f"{tmp}/db"], capture_output=True)
+    print("every id handed out once:", ok)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
