@@ -1,12 +1,16 @@
-"""Does the MongoDB server hand out each id once? FireWorks numbers Fireworks and launches
-with `find_one_and_update({}, {"$inc": ...})`, returning the document as it was before the
-update: under concurrent workers every returned value must be distinct.
+"""Two properties of a MongoDB server that FireWorks relies on, checked: ids handed out once,
+and a findAndModify whose cost does not grow with the collection.
 
-8 processes each take 300 ids from one counter document, once returning the document before
-the update (FireWorks' way) and once after, and the script prints how many distinct ids came
-back. A server that does this atomically gives 2400 distinct ids both times.
+1. FireWorks numbers Fireworks and launches with `find_one_and_update({}, {"$inc": ...})`,
+   returning the document as it was before the update: under concurrent workers every
+   returned value must be distinct. 8 processes each take 300 ids from one counter document,
+   once returning the document before the update (FireWorks' way) and once after; a server
+   that does this atomically gives 2400 distinct ids both times.
+2. FireWorks checks Fireworks out, locks workflows and completes launches with
+   findAndModify. The script times one by a uniquely indexed key (and the same update by
+   `update_one`) in collections of 10 to 3000 documents of 2 KB; on `mongod` both stay flat.
 
-    python benchmarks/check_server_ids.py [--launchpad FILE]   (default: a local server of its own)
+    python benchmarks/check_server.py [--launchpad FILE]   (default: a local server of its own)
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import multiprocessing
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pymongo import ReturnDocument
@@ -55,12 +60,31 @@ def check(launchpad: str) -> bool:
     return ok
 
 
+def timing(launchpad: str) -> None:
+    """findAndModify and update_one by a unique key, against the collection's size (ms)."""
+    coll = launchpad_db(launchpad)["nequix_fw_check_timing"]
+    print("\n| documents | find_one_and_update (ms) | update_one (ms) |\n| ---: | ---: | ---: |")
+    for n in (10, 100, 1000, 3000):
+        coll.drop()
+        coll.create_index("k", unique=True)
+        coll.insert_many([{"k": i, "pad": "x" * 2000} for i in range(n)])
+        row = []
+        for update in (coll.find_one_and_update, coll.update_one):
+            start = time.perf_counter()
+            for _ in range(30):
+                update({"k": 5}, {"$set": {"x": 1}})
+            row.append((time.perf_counter() - start) / 30 * 1000)
+        print(f"| {n} | {row[0]:.2f} | {row[1]:.2f} |")
+    coll.drop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--launchpad", help="a LaunchPad file (default: start a local server)")
     args = p.parse_args()
     if args.launchpad:
         ok = check(args.launchpad)
+        timing(args.launchpad)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             nfw = [BIN / "nequix-fw", "db"]
@@ -68,6 +92,7 @@ def main() -> None:
             subprocess.run([*nfw, *start], check=True, capture_output=True)
             try:
                 ok = check(f"{tmp}/lp.yaml")
+                timing(f"{tmp}/lp.yaml")
             finally:
                 subprocess.run([*nfw, "stop", "--dir", f"{tmp}/db"], capture_output=True)
     print("every id handed out once:", ok)
