@@ -48,9 +48,9 @@ logger = logging.getLogger(__name__)
 Reserve = tuple[str, int, str]
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """Selection outcome of one structure."""
+    """Selection outcome of one structure (slotted: a selection holds 10^5 of them)."""
 
     id: str
     source: str
@@ -573,15 +573,15 @@ def select_from_results(
         counts["selected"] = sum(e.selected for e in entries)
         counts["already_labelled"] = sum(e.reason == "already labelled" for e in entries)
         counts["reserved"] = sum(e.selected and e.reason in reasons for e in entries)
-        doc = SelectionManifest(
+        doc = SelectionManifest(  # checked without its entries: pydantic would copy 10^5
             ensemble_results=str(results_path.resolve()),
             models=header["models"],
             settings=settings.model_dump(mode="json"),
             counts=counts,
-            structures=[e.to_dict() for e in entries],
+            structures=[],
         )
-        doc.to_file(tmp / "manifest.json")
-        manifest = doc.to_dict()
+        manifest = {**doc.to_dict(), "structures": [e.to_dict() for e in entries]}
+        doc.to_file(tmp / "manifest.json", manifest)
         _swap_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -815,7 +815,9 @@ def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_f
     ]
     docs = launchpad_db(launchpad_file)[COLLECTION]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not docs.count_documents({"dataset": "big"}) and p.poll() is None:
+    # the first stored structure, by an indexed find (a count reads every document: slow
+    # enough under load that the command could finish before the signal)
+    while docs.find_one({"dataset": "big"}, {"_id": 1}) is None and p.poll() is None:
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)

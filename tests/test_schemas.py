@@ -64,3 +64,9 @@ def test_documents_carry_their_name_version_and_only_their_fields(tmp_path):
     # optional sections of a validation report are left out, not written as null
     report = ValidationReport(models=[], n_structures=1, per_model={}, ensemble_mean={})
     assert "physics" not in report.to_dict() and "md_stability" not in report.to_dict()
+    # a list of objects is written one item per line, as it goes, and reads back the same
+    frames = [{"id": f"s{i}", "x": [i, 0.5]} for i in range(3)]
+    path = ExplorationManifest(settings={}, trajectories=[], frames=frames).to_file(path)
+    lines = path.read_text().splitlines()
+    assert [json.loads(ln.strip().rstrip(",")) for ln in lines if '"id"' in ln] == frames
+    assert ExplorationManifest.from_file(path).frames == frames

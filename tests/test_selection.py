@@ -803,3 +803,19 @@ def test_what_uncertainty_leaves_of_max_selected_goes_to_the_reserve():
         "s1",
         "s0",
     ]
+
+
+def test_a_selection_manifest_reads_back_as_returned(results, tmp_path):
+    """The manifest select writes (its header checked, its entries written one per line)
+    reads back as its model and equals what select returned."""
+    from nequix_fw.schemas import SelectionManifest
+
+    settings = SelectionSettings(lo=0.0, diverse=True, max_selected=3)
+    returned = select_from_results(results, tmp_path / "sel", settings)
+    path = tmp_path / "sel" / "manifest.json"
+    doc = SelectionManifest.from_file(path)
+    assert doc.to_dict() == returned == json.loads(path.read_text())
+    assert len(doc.structures) > 3 and doc.counts.selected == 3
+    assert sum(ln.startswith('  {"id"') for ln in path.read_text().splitlines()) == len(
+        doc.structures
+    )
