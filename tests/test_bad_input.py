@@ -791,6 +791,13 @@ def test_damaged_campaign_record_and_calibration_file(model_paths, tmp_path, cap
         assert not (tmp_path / "sel").exists()
 
 
+def _like_a_shell() -> None:
+    """Ctrl-C reaches a command as from a shell: SIGINT neither blocked nor ignored (a test
+    worker's children may inherit either)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_file):
     """SIGINT while `update-dataset` stores into db:NAME: one line with how many were stored
     (and how many were sent without an answer yet), and that a rerun completes it; the rerun
@@ -814,16 +821,21 @@ def test_ctrl_c_during_update_dataset_says_what_was_stored(tmp_path, launchpad_f
         str(launchpad_file),
     ]
     docs = launchpad_db(launchpad_file)[COLLECTION]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    here = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_like_a_shell
+    )
     # the first stored structure, by an indexed find (a count reads every document: slow
     # enough under load that the command could finish before the signal)
     while docs.find_one({"dataset": "big"}, {"_id": 1}) is None and p.poll() is None:
         time.sleep(0.01)
+    status = Path(f"/proc/{p.pid}/status")
+    child = [ln for ln in status.read_text().splitlines() if ln.startswith("Sig")]
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     _one_line(
         p.returncode,
-        err,
+        err or f"no error; this process {here}, the command {child}",
         f"new structures of {tmp_path / 'new.extxyz'} were stored in db:big",
         "; the same command again adds the rest (none twice)",
     )
