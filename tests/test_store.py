@@ -301,25 +301,31 @@ def _labelled(i: int):
     return a
 
 
+class _Counting:
+    """A store collection that records the calls of the methods named (the queries that read
+    a whole dataset)."""
+
+    def __init__(self, coll, *counted: str):
+        self.coll, self.calls = coll, {name: [] for name in counted}
+
+    def __getattr__(self, name):
+        attr = getattr(self.coll, name)
+        if name not in self.calls:
+            return attr
+
+        def counted(*args, **kw):
+            self.calls[name].append(args)
+            return attr(*args, **kw)
+
+        return counted
+
+
 def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
     """A store dataset's settings hashes (the levels of theory an ingest checks) come from its
     summary document, which every add keeps, not from a query of every structure; a dataset
     without one (an older version's) is read once and its summary completed. Reads by id give
     the structures in the order they were added."""
     from nequix_fw.store import DATASETS, StoreDataset, launchpad_db
-
-    class Counting:
-        """The dataset collection, counting the queries that read the whole dataset."""
-
-        def __init__(self, coll):
-            self.coll, self.distinct_calls = coll, 0
-
-        def distinct(self, *args, **kw):
-            self.distinct_calls += 1
-            return self.coll.distinct(*args, **kw)
-
-        def __getattr__(self, name):
-            return getattr(self.coll, name)
 
     def labelled(i, level):
         a = _labelled(i)
@@ -328,17 +334,17 @@ def test_levels_of_theory_come_from_the_dataset_summary(launchpad_file):
         return a
 
     ds = StoreDataset("db:levels", launchpad_file)
-    ds.collection = counting = Counting(ds.collection)
+    ds.collection = counting = _Counting(ds.collection, "distinct")
     assert ds.settings_hashes() == set() and not ds.exists()  # a new dataset: read, empty
     assert ds.add([labelled(i, "A") for i in range(5)]) == 5 and ds.exists()
-    assert ds.settings_hashes() == {"A"} and counting.distinct_calls == 1
+    assert ds.settings_hashes() == {"A"} and len(counting.calls["distinct"]) == 1
     assert ds.add([labelled(i, "B") for i in range(5, 8)] + [labelled(8, None)]) == 4
-    assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 1
+    assert ds.settings_hashes() == {"A", "B", None} and len(counting.calls["distinct"]) == 1
     # an older version's dataset has no summary: read once, then kept
     launchpad_db(launchpad_file)[DATASETS].delete_one({"_id": "levels"})
-    assert ds.settings_hashes() == {"A", "B", None} and counting.distinct_calls == 2
+    assert ds.settings_hashes() == {"A", "B", None} and len(counting.calls["distinct"]) == 2
     assert ds.add([labelled(9, "C")]) == 1
-    assert ds.settings_hashes() == {"A", "B", "C", None} and counting.distinct_calls == 2
+    assert ds.settings_hashes() == {"A", "B", "C", None} and len(counting.calls["distinct"]) == 2
     # the descriptors: the search for structures without one runs once
     from nequix_fw.descriptors import GEOMETRY_KEY, geometry
 
@@ -366,12 +372,8 @@ def test_dataset_count_comes_from_its_summary_and_survives_a_kill(launchpad_file
 
     db = launchpad_db(launchpad_file)
     ds = StoreDataset("db:counted", launchpad_file)
-    counts = []
-    count = ds.collection.count_documents
-    ds.collection = type("C", (), {})()  # the collection, counting its counts
-    for name in ("find", "find_one", "insert_many", "distinct"):
-        setattr(ds.collection, name, getattr(db[COLLECTION], name))
-    ds.collection.count_documents = lambda q: counts.append(q) or count(q)
+    ds.collection = _Counting(ds.collection, "count_documents")
+    counts = ds.collection.calls["count_documents"]
 
     def truth():
         return db[COLLECTION].count_documents({"dataset": "counted"})
