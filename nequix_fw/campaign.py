@@ -534,7 +534,7 @@ def train_ensemble_stage(
     dataset: str,
     output: Path,
     settings: TrainingSettings,
-    finetune_from: str | None = None,
+    finetune_from: str | list[str] | None = None,
     warm_start: Path | None = None,
 ) -> dict:
     """Train iteration k's ensemble on `dataset` into `output`: fine-tuned from
@@ -585,6 +585,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
             "force_rmse_eV_per_A": mean["forces_eV_per_A"]["rmse"],
         },
         calibration=(report.get("uncertainty") or {}).get("calibration"),
+        uncertainty_error_ratio=(report.get("uncertainty") or {}).get("uncertainty_error_ratio"),
         md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
         properties=_property_errors(report.get("physics"), report.get("properties")),
         reference_bulk_modulus_GPa=reference_ev.get("bulk_modulus_GPa"),

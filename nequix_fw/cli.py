@@ -472,6 +472,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
     from nequix_fw.schemas.campaign import read_campaign_log
+    from nequix_fw.uncertainty import collapse_warning
 
     path = Path(args.directory) / "campaign.json"
     log = read_campaign_log(path)
@@ -506,6 +507,11 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         props = {k: v for k, v in (it.get("properties") or {}).items() if v is not None}
         if props:
             print("      properties: " + ", ".join(f"{k} {v:+.3g}" for k, v in props.items()))
+        warning = collapse_warning(
+            it.get("uncertainty_error_ratio"), f"iteration {it['iteration']}'s validation"
+        )
+        if warning:
+            print("      " + warning)
     if args.plot:
         from nequix_fw.campaign import plot_progress
 
@@ -795,7 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("n_models", "epochs", "strategy", "seed"):
         _setting(t, TrainingSettings, field)
     _setting(t, TrainingSettings, "n_workers", "--workers")
-    t.add_argument("--finetune-from", help="foundation model (path or pretrained name)")
+    for field in ("uncertainty", "llpr_heads", "reinitialise"):
+        _setting(t, TrainingSettings, field)
+    _setting(t, TrainingSettings, "foundation_member", action="store_const", const=True)
+    t.add_argument(
+        "--finetune-from",
+        nargs="+",
+        help="foundation model(s) (paths or pretrained names); several: a heterogeneous "
+        "committee, member k from model k mod n",
+    )
     t.add_argument("--warm-start", help="previous iteration's model directory")
     t.add_argument(
         "--save-torch",

@@ -8,7 +8,11 @@ The fast path (``backend="jax"``):
   sequence (`lax.map`, CPU: faster there than vmap's batched contractions);
 - several structures per padded batch; batch sizes are rounded up to a small set of size buckets
   so that JAX compiles once per bucket, not once per structure;
-- JAX's persistent compilation cache, so a second process does not compile again.
+- JAX's persistent compilation cache, so a second process does not compile again;
+- a model with LLPR heads (`nequix_fw.llpr`, a ``.llpr.npz`` beside its checkpoint) counts as
+  its K heads: one forward pass, the heads' deviations through its last layer.
+
+The ensemble's predictions come in rows, one per member or head; spreads are over rows.
 
 ``backend="torch"`` (or mixed checkpoints you want evaluated by torch) runs nequix's own
 `NequixCalculator` per model and structure: slower, but the same numbers.
@@ -44,6 +48,7 @@ from nequix_fw.graphs import (
     pack_batches,
     pad_batch,
 )
+from nequix_fw.llpr import LastLayerHeads, apply_heads, load_heads
 from nequix_fw.models import NequixModel, load_model, resolve_model_path
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import Frame, structure_id
@@ -54,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Prediction:
-    """Per-model predictions for one structure (M models, N atoms)."""
+    """Per-row predictions for one structure (M rows: members or LLPR heads; N atoms)."""
 
     energies: np.ndarray  # (M,) eV
     forces: np.ndarray  # (M, N, 3) eV/Å
@@ -119,6 +124,23 @@ class _StackedGroup:
         return self._fns[key](self.stacked, graph)
 
 
+class _HeadsGroup:
+    """One model with LLPR heads: its K heads' predictions from one compiled call."""
+
+    def __init__(self, indices: list[int], module, heads: LastLayerHeads):
+        self.indices = indices
+        self.params, self.static = eqx.partition(module, eqx.is_array)
+        self.deviations = jnp.asarray(heads.deviations, dtype=jnp.float32)
+        self._fn = jax.jit(
+            lambda params, deviations, graph: apply_heads(
+                eqx.combine(params, self.static), deviations, graph
+            )
+        )
+
+    def __call__(self, graph, vmap: bool, xla_options: dict):
+        return self._fn(self.params, self.deviations, graph)
+
+
 def _architecture_key(model: NequixModel, module) -> str:
     shapes = [x.shape for x in jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))]
     return repr((sorted(model.info.architecture.items()), model.atomic_numbers, shapes))
@@ -127,11 +149,21 @@ def _architecture_key(model: NequixModel, module) -> str:
 class Ensemble:
     """N Nequix models sharing elements and cutoff, evaluated together."""
 
-    def __init__(self, models: Sequence[NequixModel], settings: EnsembleSettings | None = None):
+    def __init__(
+        self,
+        models: Sequence[NequixModel],
+        settings: EnsembleSettings | None = None,
+        heads: Sequence[LastLayerHeads | None] | None = None,
+    ):
         if not models:
             raise ModelError("no models given")
         self.models = list(models)
         self.settings = settings or EnsembleSettings()
+        self.heads = list(heads) if heads is not None else [None] * len(self.models)
+        #: the model of each prediction row (a member, or one of its LLPR heads)
+        self.row_model = [
+            i for i, h in enumerate(self.heads) for _ in range(1 if h is None else h.n_heads)
+        ]
         first = self.models[0]
         for m in self.models[1:]:
             if m.atomic_numbers != first.atomic_numbers:
@@ -170,19 +202,29 @@ class Ensemble:
             }
             modules = [m.jax_module() for m in self.models]
             groups: dict[object, list[int]] = {}
+            self._groups: list = []
             for i, module in enumerate(modules):
-                groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
-            self._groups = [
-                _StackedGroup(idx, [modules[i] for i in idx]) for idx in groups.values()
+                if self.heads[i] is not None:
+                    self._groups.append(_HeadsGroup(self.model_rows(i), module, self.heads[i]))
+                else:
+                    groups.setdefault(_architecture_key(self.models[i], module), []).append(i)
+            self._groups += [
+                _StackedGroup([self.model_rows(i)[0] for i in idx], [modules[i] for i in idx])
+                for idx in groups.values()
             ]
         else:
+            if any(h is not None for h in self.heads):
+                raise ModelError(
+                    "LLPR heads are evaluated by the JAX backend: set ensemble.backend: jax"
+                )
             self._calculators = [m.calculator(backend="torch") for m in self.models]
 
     @classmethod
     def from_specs(
         cls, specs: Sequence[str | Path], settings: EnsembleSettings | None = None
     ) -> Ensemble:
-        """Load models from paths or pretrained names (a file given twice is read once)."""
+        """Load models from paths or pretrained names (a file given twice is read once), with
+        the LLPR heads found beside them."""
         loaded: dict[Path, NequixModel] = {}
         models = []
         for spec in specs:
@@ -190,10 +232,33 @@ class Ensemble:
             if path not in loaded:
                 loaded[path] = load_model(spec)
             models.append(loaded[path])
-        return cls(models, settings)
+        return cls(models, settings, [load_heads(m) for m in models])
 
     def __len__(self) -> int:
-        return len(self.models)
+        """Prediction rows: members, each model with LLPR heads counting as its heads."""
+        return len(self.row_model)
+
+    def model_rows(self, i: int) -> list[int]:
+        """The prediction rows of model `i`."""
+        return [r for r, m in enumerate(self.row_model) if m == i]
+
+    @property
+    def uncertainty_method(self) -> str:
+        """'ensemble' (members' spread), 'llpr' (one model's heads), or 'ensemble+llpr'."""
+        with_heads = sum(h is not None for h in self.heads)
+        if not with_heads:
+            return "ensemble"
+        return "llpr" if with_heads == len(self.models) == 1 else "ensemble+llpr"
+
+    def model_infos(self) -> list[dict]:
+        """Each model's metadata, with its LLPR heads' where it has them."""
+        out = []
+        for m, h in zip(self.models, self.heads, strict=True):
+            info = m.info.to_dict()
+            if h is not None:
+                info["llpr"] = h.info()
+            out.append(info)
+        return out
 
     def check_distinct(self) -> None:
         """Refuse members that are copies of one model (the same file or the same weights):
@@ -315,9 +380,9 @@ class Ensemble:
         return [(group.indices, group(padded, vmap, options)) for group in self._groups]
 
     def collect(self, dispatched: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-model energies (M, G) in eV, forces (M, N, 3) in eV/Å and 3x3 stresses
-        (M, G, 3, 3) in eV/Å³ of a `dispatch`."""
-        m = len(self.models)
+        """Per-row energies (M, G) in eV, forces (M, N, 3) in eV/Å and 3x3 stresses
+        (M, G, 3, 3) in eV/Å³ of a `dispatch` (M rows: see `row_model`)."""
+        m = len(self.row_model)
         _, (e, f, _) = dispatched[0]
         energies = np.zeros((m, e.shape[-1]))
         forces = np.zeros((m, f.shape[-2], 3))
@@ -364,14 +429,14 @@ class Ensemble:
         if graphs is not None:
             pairs = zip(structures, graphs, strict=True)
             geometries = [graph_geometry(a, g, self.cutoff) for a, g in pairs]
-        names = [m.info.name for m in self.models]
+        names = [self.models[m].info.name for m in self.row_model]
         for frame, pred, geo in zip(frames, preds, geometries, strict=True):
             finite = pred.finite
             if finite.all():
                 metrics = ensemble_metrics(pred.energies, pred.forces, pred.stresses)
                 status, error = "ok", None
             else:
-                bad = [names[i] for i in np.flatnonzero(~finite)]
+                bad = list(dict.fromkeys(names[i] for i in np.flatnonzero(~finite)))
                 metrics = {k: None for k in ensemble_metrics([0.0], np.zeros((1, 1, 3)), None)}
                 status, error = "failed", f"non-finite prediction from {', '.join(bad)}"
             yield EnsembleRecord(

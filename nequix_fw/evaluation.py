@@ -30,22 +30,35 @@ def run_ensemble(
     model work. Returns the summary written at the end of the file.
     """
     settings = settings or EnsembleSettings()
-    if len(model_specs) < 2:
-        raise ModelError(
-            f"uncertainty needs at least 2 models, got {len(model_specs)} (command line: --models)"
-        )
     check_output(output, "file")
     ensemble = Ensemble.from_specs(model_specs, settings)
+    if len(ensemble) < 2:
+        raise ModelError(
+            f"uncertainty needs at least 2 models, or a model with LLPR heads "
+            f"(train_ensemble.uncertainty: llpr), got {len(model_specs)} model without heads "
+            "(command line: --models)"
+        )
     ensemble.check_distinct()
     n_frames = 0
     for frame in iter_frames(structures):  # cheap first pass: readable, covered, counted
         ensemble.check_covered(frame.atoms, f"{frame.source} frame {frame.frame}")
         n_frames += 1
-    models = [m.info.to_dict() for m in ensemble.models]
-    with ResultsWriter(output, models, settings.model_dump(mode="json")) as writer:
+    models = ensemble.model_infos()
+    with ResultsWriter(
+        output,
+        models,
+        settings.model_dump(mode="json"),
+        uncertainty_method=ensemble.uncertainty_method,
+    ) as writer:
         bar = tqdm(total=n_frames, unit="struct", disable=not progress, desc="ensemble")
         for rec in ensemble.evaluate(iter_frames(structures), on_batch=bar.update):
             writer.write(rec)
         bar.close()
-    logger.info("%d models evaluated %d structures -> %s", len(ensemble), n_frames, output)
+    logger.info(
+        "%d models (%s) evaluated %d structures -> %s",
+        len(ensemble.models),
+        ensemble.uncertainty_method,
+        n_frames,
+        output,
+    )
     return writer.summary

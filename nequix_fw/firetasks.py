@@ -253,7 +253,7 @@ class TrainEnsembleTask(StageTask):
         output (str): the ensemble's directory (member_*.nqx).
         train_ensemble (dict): TrainingSettings section.
     Optional params:
-        finetune_from (str): a model (path or pretrained name) to fine-tune.
+        finetune_from (str | list): a model (path or pretrained name) to fine-tune, or several.
         warm_start (str): the previous ensemble's directory.
         launchpad (str): as ExploreTask.
     """

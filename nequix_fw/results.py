@@ -8,6 +8,7 @@ structures of 100 atoms stays under 1 GB::
     {"schema": "nequix-fw/ensemble-results", "schema_version": 2,
      "created": ISO time, "nequix_fw_version": str,
      "units": {...}, "models": [ModelInfo...], "settings": {...},
+     "uncertainty_method": "ensemble" | "llpr" | "ensemble+llpr",
      "arrays": {"file": "<name>.arrays.npz", "token": str, "records_per_chunk": int,
                 "per_model": bool},
      "structures": [record, ...],
@@ -17,7 +18,7 @@ Each record::
 
     {"id": content hash, "source": file, "frame": index in file, "n_atoms": int,
      "formula": str, "status": "ok"|"failed", "error": str|null,
-     "energies": [M] (eV), "stresses": [M][6] (GPa) or null,
+     "energies": [M] (eV), "stresses": [M][6] (GPa) or null,   (M rows: members, LLPR heads)
      "mean": {"energy", "stress"},
      "metrics": {"max_force_dev", "mean_force_dev", "energy_std_per_atom", "stress_std"},
      "geometry_<range>_<bins>": [float] (the hand-made descriptor's element-free part,
@@ -189,6 +190,7 @@ class ResultsWriter:
         models: list[dict],
         settings: dict,
         records_per_chunk: int = RECORDS_PER_CHUNK,
+        uncertainty_method: str = "ensemble",
     ):
         self.path = Path(path)
         self.per_model = bool(settings.get("store_per_model", True))
@@ -208,6 +210,7 @@ class ResultsWriter:
             models=models,
             settings=settings,
             arrays=arrays,
+            uncertainty_method=uncertainty_method,
         ).to_dict()
         self.summary = {"n_structures": 0, "n_failed": 0, "n_atoms": 0}
         self._stack = ExitStack()

@@ -310,6 +310,38 @@ class TrainingSettings(_Settings):
         ".nqx, as the original design's validate_models.py --models models_new/*.pt expects.",
     )
     n_workers: int = Field(1, ge=1, description="Members trained in parallel processes.")
+    uncertainty: Literal["ensemble", "llpr"] = Field(
+        "ensemble",
+        description="Where the uncertainty comes from: 'ensemble' (the members' spread) or "
+        "'llpr' (each member also gets last-layer prediction rigidity heads, "
+        "`member_<k>.llpr.npz`, so one member is enough: n_models: 1). See the uncertainty "
+        "guide for what each costs and when to use it.",
+    )
+    llpr_heads: int = Field(
+        16,
+        ge=2,
+        description="LLPR: heads per member (an even number: posterior samples of the readout "
+        "in antithetic pairs). Their cost is small against the model's (the gradients go "
+        "through the last layer only).",
+    )
+    llpr_regularization: float | None = Field(
+        None,
+        gt=0,
+        description="LLPR: the precision's regularisation relative to its mean eigenvalue; "
+        "None fits it, with the scale, to the member's validation force errors.",
+    )
+    reinitialise: Literal["none", "readout", "last_layer"] = Field(
+        "none",
+        description="Fine-tuning: re-initialise each member's readout ('readout') or its last "
+        "interaction layer and readout ('last_layer') from its own seed before training, so "
+        "that members fine-tuned from one foundation model differ where it alone would not.",
+    )
+    foundation_member: bool = Field(
+        False,
+        description="Fine-tuning: add the foundation model itself (its reference energies "
+        "shifted to the data, otherwise frozen) as member n_models, a committee member that "
+        "does not share the fine-tune's errors.",
+    )
     compilation_cache_dir: Path | None = Field(
         Path("~/.cache/nequix_fw/jax"),
         description="JAX persistent compilation cache of the training step (JAX backend), so "
@@ -317,6 +349,13 @@ class TrainingSettings(_Settings):
         "reuses the compilations of the first; by default the ensemble engine's. None disables "
         "it.",
     )
+
+    @field_validator("llpr_heads")
+    @classmethod
+    def _even_heads(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"LLPR heads come in antithetic pairs: give an even number, not {v}")
+        return v
 
 
 #: The labelling backends by name: the class that labels (a `LabellingBackend` declaring its
@@ -779,10 +818,11 @@ class CampaignSettings(_Settings):
         description="Stop once at least this fraction of an iteration's "
         "candidates is accurate (max_force_dev < select.lo; DP-GEN's convergence measure).",
     )
-    finetune_from: str | None = Field(
+    finetune_from: str | list[str] | None = Field(
         None,
-        description="Iteration 0 fine-tunes this model (path or pretrained name); "
-        "None: from scratch. Later iterations warm-start from the previous ensemble.",
+        description="Iteration 0 fine-tunes this model (path or pretrained name), or these "
+        "(a heterogeneous committee: member k from model k mod n); None: from scratch. Later "
+        "iterations warm-start from the previous ensemble.",
         json_schema_extra=PATH_OR_NAME,
     )
     explore: bool = Field(True, description="Explore (MD, distortions) in every iteration.")

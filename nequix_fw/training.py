@@ -4,6 +4,10 @@ Members differ by init seed and, by default, by their own random train/validatio
 (`TrainingSettings.strategy`). Three starting points: from scratch (per-element reference
 energies fitted robustly from the data), fine-tuning a foundation model (its reference energies
 corrected to the data), or a warm start where member k continues from its predecessor.
+Fine-tuned members can also differ by a re-initialised readout or last layer, by their
+foundation model (a heterogeneous committee: member k starts from model k mod n), and the
+foundation model itself can join as a frozen member. With ``uncertainty: llpr`` each member
+also gets LLPR heads (`nequix_fw.llpr`).
 Shift, scale and neighbour count come from the whole training set, so all members share one
 architecture and the ensemble engine evaluates them stacked.
 """
@@ -16,7 +20,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -51,6 +55,7 @@ from nequix_fw.graphs import (
     check_graph_memory,
     configure_compilation_cache,
 )
+from nequix_fw.llpr import fit_llpr, heads_path
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
@@ -152,19 +157,23 @@ class MemberPlan:
     seed: int
     train_idx: list[int]
     valid_idx: list[int]
-    start: str  # "scratch" | "finetune" | "warm_start"
+    start: str  # "scratch" | "finetune" | "warm_start" | "foundation" (frozen, not trained)
     config: dict  # nequix model config of the starting model
-    init_path: str | None = None  # checkpoint to start from (finetune, warm start)
+    init_path: str | None = None  # checkpoint to start from (finetune, warm start, foundation)
     atom_energies: dict[str, float] = field(default_factory=dict)  # overrides (eV)
+    reinitialise: str = "none"  # fine-tuning: "readout" | "last_layer" re-initialised
 
 
-def split_members(n: int, settings: TrainingSettings) -> list[tuple[list[int], list[int]]]:
-    """(train, valid) indices per member according to the strategy."""
+def split_members(
+    n: int, settings: TrainingSettings, n_members: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """(train, valid) indices per member (`n_members`, by default `settings.n_models`)
+    according to the strategy."""
     out = []
     n_valid = (
         0 if settings.valid_fraction == 0 or n < 2 else max(1, round(n * settings.valid_fraction))
     )
-    for k in range(settings.n_models):
+    for k in range(settings.n_models if n_members is None else n_members):
         split_seed = settings.seed if settings.strategy == "seeds" else settings.seed + k
         perm = np.random.default_rng(split_seed).permutation(n)
         valid, train = perm[:n_valid], perm[n_valid:]
@@ -190,12 +199,24 @@ def _check_outdir(outdir: Path, overwrite: bool) -> None:
 def plan_members(
     data: list[Labelled],
     settings: TrainingSettings,
-    finetune_from: str | Path | None = None,
+    finetune_from: str | Path | Sequence[str | Path] | None = None,
     warm_start: str | Path | None = None,
     graphs: dict | None = None,
 ) -> tuple[list[MemberPlan], dict]:
     """Starting models, data subsets and seeds of all members; plus dataset facts for metadata.
+    `finetune_from`: one foundation model, or several (member k starts from model k mod n).
     `graphs`: the training's graph cache (see `graph_dicts`)."""
+    if isinstance(finetune_from, (str, Path)):
+        finetune_from = [finetune_from]
+    if finetune_from is not None and not finetune_from:
+        finetune_from = None
+    if (settings.reinitialise != "none" or settings.foundation_member) and not (
+        finetune_from or warm_start
+    ):
+        raise ModelError(
+            "train_ensemble.reinitialise and foundation_member are for fine-tuning: give "
+            "finetune_from (command line: --finetune-from)"
+        )
     if not data:
         raise StructureError("the training set is empty")
     if finetune_from is not None and warm_start is not None:
@@ -209,7 +230,8 @@ def plan_members(
             "(the validation split that picks the best epoch takes one)"
         )
     numbers = sorted({int(z) for d in data for z in d.frame.atoms.numbers})
-    splits = split_members(len(data), settings)
+    n_frozen = len(finetune_from or []) if settings.foundation_member else 0
+    splits = split_members(len(data), settings, settings.n_models + n_frozen)
     if settings.stress_weight > 0:
         missing = [d.where for d in data if d.stress is None]
         if missing:
@@ -221,32 +243,53 @@ def plan_members(
     if warm_start is not None:
         if not Path(warm_start).is_dir():
             raise ModelError(f"{warm_start}: warm-start directory not found")
-        prev = sorted(Path(warm_start).glob(MEMBER_GLOB))
-        if len(prev) < settings.n_models:
+        prev = sorted(Path(warm_start).glob(MEMBER_GLOB), key=_member_index)
+        frozen = [p for p in prev if _member_start(p) == "foundation"]
+        trained = [p for p in prev if p not in frozen]
+        if len(trained) < settings.n_models:
             raise ModelError(
                 f"{warm_start}: warm start needs {settings.n_models} member_*.nqx, "
-                f"found {len(prev)}"
+                f"found {len(trained)}"
             )
-        for k, (tr, va) in enumerate(splits):
-            m = load_model(prev[k])
-            _check_covers(m.atomic_numbers, numbers, prev[k])
-            plans.append(
-                MemberPlan(k, settings.seed + k, tr, va, "warm_start", m.config, str(prev[k]))
-            )
+        if settings.foundation_member:
+            splits = split_members(len(data), settings, settings.n_models + len(frozen))
+        starts = trained[: settings.n_models] + (frozen if settings.foundation_member else [])
+        for k, ((tr, va), path) in enumerate(zip(splits, starts, strict=False)):
+            m = load_model(path)
+            _check_covers(m.atomic_numbers, numbers, path)
+            start = "foundation" if path in frozen else "warm_start"
+            plans.append(MemberPlan(k, settings.seed + k, tr, va, start, m.config, str(path)))
         return plans, facts
     if finetune_from is not None:
-        base = load_model(finetune_from)
-        _check_covers(base.atomic_numbers, numbers, base.info.path)
-        delta = _reference_correction(base, data, counts, numbers)
-        e0 = {str(z): float(base.config["atom_energies"][str(z)]) for z in base.atomic_numbers}
-        overrides = {str(z): e0[str(z)] + float(d) for z, d in zip(numbers, delta, strict=True)}
-        facts["reference_energy_correction"] = dict(
-            zip(map(str, numbers), delta.tolist(), strict=True)
+        bases = [load_model(spec) for spec in finetune_from]
+        _check_committee(bases)
+        corrections, overrides = {}, []
+        for base in bases:
+            _check_covers(base.atomic_numbers, numbers, base.info.path)
+            delta = _reference_correction(base, data, counts, numbers)
+            e0 = {str(z): float(base.config["atom_energies"][str(z)]) for z in numbers}
+            overrides.append(
+                {str(z): e0[str(z)] + float(d) for z, d in zip(numbers, delta, strict=True)}
+            )
+            corrections[base.info.name] = dict(zip(map(str, numbers), delta.tolist(), strict=True))
+        # one foundation model: {element: eV}, as before; a committee: per model
+        facts["reference_energy_correction"] = (
+            next(iter(corrections.values())) if len(bases) == 1 else corrections
         )
         for k, (tr, va) in enumerate(splits):
+            frozen = k >= settings.n_models
+            b = (k - settings.n_models) if frozen else k % len(bases)
             plans.append(
                 MemberPlan(
-                    k, settings.seed + k, tr, va, "finetune", base.config, base.info.path, overrides
+                    k,
+                    settings.seed + k,
+                    tr,
+                    va,
+                    "foundation" if frozen else "finetune",
+                    bases[b].config,
+                    bases[b].info.path,
+                    overrides[b],
+                    "none" if frozen else settings.reinitialise,
                 )
             )
         return plans, facts
@@ -266,6 +309,43 @@ def plan_members(
         )
         plans.append(MemberPlan(k, settings.seed + k, tr, va, "scratch", config))
     return plans, facts
+
+
+def _member_index(path: Path) -> int:
+    """k of member_<k>.nqx (numeric order: member_10 after member_9)."""
+    try:
+        return int(path.stem.removeprefix("member_"))
+    except ValueError:
+        return 1 << 30
+
+
+def _member_start(path: Path) -> str | None:
+    """How a trained member started (its metadata's `start`), if its metadata is there."""
+    meta = path.with_suffix(".json")
+    try:
+        return json.loads(meta.read_text()).get("start")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_committee(bases: list) -> None:
+    """Foundation models of one committee must cover the same elements (the ensemble engine
+    evaluates its members on one neighbour graph), and share their cutoff."""
+    first = bases[0]
+    for b in bases[1:]:
+        only = sorted(set(first.atomic_numbers) ^ set(b.atomic_numbers))
+        if only:
+            z = only[0]
+            has, lacks = (first, b) if z in first.atomic_numbers else (b, first)
+            raise ModelError(
+                f"finetune_from: {lacks.info.path} does not cover {chemical_symbols[z]}, which "
+                f"{has.info.path} covers: the members of one committee cover the same elements"
+            )
+        if b.cutoff != first.cutoff:
+            raise ModelError(
+                f"finetune_from: {b.info.path} has a cutoff of {b.cutoff} Å and "
+                f"{first.info.path} {first.cutoff} Å: the members of one committee share one"
+            )
 
 
 def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
@@ -322,7 +402,23 @@ def _start_module(plan: MemberPlan):
         config["atom_energies"] = {**config["atom_energies"], **plan.atom_energies}
         e0 = jnp.array([config["atom_energies"][str(z)] for z in zs], dtype=jnp.float32)
         module = eqx.tree_at(lambda m: m.atom_energies, module, e0)
+    if plan.reinitialise != "none":
+        module = _reinitialised(module, config, plan)
     return module, config
+
+
+def _reinitialised(module, config: dict, plan: MemberPlan):
+    """`module` with its readout (and, for 'last_layer', its last interaction layer) drawn anew
+    from the member's seed, as nequix initialises them."""
+    fresh = Nequix(
+        key=jax.random.key(plan.seed),
+        n_species=len(config["atomic_numbers"]),
+        **{k: config[k] for k in REQUIRED_CONFIG_KEYS if k != "atomic_numbers"},
+    )
+    module = eqx.tree_at(lambda m: m.readout, module, fresh.readout)
+    if plan.reinitialise == "last_layer":
+        module = eqx.tree_at(lambda m: m.layers[-1], module, fresh.layers[-1])
+    return module
 
 
 _TEMPLATES: dict[str, Any] = {}
@@ -440,6 +536,22 @@ def _fit_jax(
     return log.result()
 
 
+def _frozen(module, config: dict, plan: MemberPlan, graph_dicts: list[dict], settings):
+    """A foundation member as it is: (module, 0, its validation metrics, one log row)."""
+    graphs = [dict_to_graphstuple(g) for g in graph_dicts]
+    idx = np.array(plan.valid_idx or plan.train_idx)
+    weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
+    module = _canonical(module, config)
+    batches = list(_batches(graphs, idx, settings.batch_size))
+    val = {
+        k: float(v)
+        for k, v in nequix_evaluate(module, batches, *weights, settings.loss_type).items()
+    }
+    log = EpochLog(plan.index, None)
+    log.update(0, val["loss"], val, 0.0, 0.0, lambda: module)
+    return log.result()
+
+
 def train_member(
     plan: MemberPlan,
     data: list[Labelled],
@@ -457,7 +569,9 @@ def train_member(
         configure_compilation_cache(settings.compilation_cache_dir)
     module, config = _start_module(plan)
     dicts = graph_dicts(data, config, graphs)
-    if settings.backend == "torch":
+    if plan.start == "foundation":  # frozen: its validation loss, no training
+        best_model, best_epoch, best_val, log_rows = _frozen(module, config, plan, dicts, settings)
+    elif settings.backend == "torch":
         best_model, best_epoch, best_val, log_rows = fit_torch(
             module, config, plan, dicts, data, settings, progress
         )
@@ -470,6 +584,23 @@ def train_member(
     save_model(outdir / f"{stem}.nqx", best_model, config)
     if settings.save_torch or settings.backend == "torch":
         save_model(outdir / f"{stem}.pt", best_model, config)
+    llpr_info = None
+    heads_file = heads_path(outdir / f"{stem}.nqx")
+    if settings.uncertainty == "llpr":
+        t_llpr = time.perf_counter()
+        heads = fit_llpr(
+            load_model(outdir / f"{stem}.nqx"),
+            [data[j] for j in plan.train_idx],
+            [data[j] for j in plan.valid_idx],
+            (settings.energy_weight, settings.force_weight, settings.stress_weight),
+            settings.llpr_heads,
+            settings.llpr_regularization,
+            seed=plan.seed,
+        )
+        heads.save(heads_file)
+        llpr_info = {**heads.info(), "wall_time_s": time.perf_counter() - t_llpr}
+    else:
+        heads_file.unlink(missing_ok=True)  # an older training's heads would not fit
     with atomic_path(outdir / f"{stem}_log.csv") as tmp:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(log_rows[0]))
@@ -496,6 +627,8 @@ def train_member(
         "first_epoch_train_loss": log_rows[0]["train_loss"],
         "final_train_loss": log_rows[-1]["train_loss"],
         "wall_time_s": time.perf_counter() - t_start,
+        "reinitialise": plan.reinitialise,
+        "llpr": llpr_info,
         "nequix_version": getattr(nequix, "__version__", _dist_version("nequix")),
         "nequix_fw_version": __version__,
         "settings": settings.model_dump(mode="json"),
@@ -519,7 +652,7 @@ def train_ensemble(
     dataset: list[str | Path],
     outdir: str | Path,
     settings: TrainingSettings | None = None,
-    finetune_from: str | Path | None = None,
+    finetune_from: str | Path | Sequence[str | Path] | None = None,
     warm_start: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,

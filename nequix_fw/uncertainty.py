@@ -84,3 +84,33 @@ def lower_trust_level(calibration: dict, target_force_error: float) -> float:
     """The `lo` (eV/Å) below which a structure's max force error is predicted to be under
     `target_force_error` (eV/Å) with the calibration's coverage."""
     return target_force_error / calibration["conformal_factor"]
+
+
+#: Below this median uncertainty / median error ratio on a validation set, the uncertainty has
+#: collapsed: it sees less than a third of the error (`collapse_warning`).
+COLLAPSE_RATIO = 0.3
+
+
+def uncertainty_error_ratio(max_force_dev, max_force_error) -> float | None:
+    """The median `max_force_dev` over the median true max force error (both eV/Å) on a
+    labelled set: about 1 when the uncertainty is on the scale of the error (LLPR's is fitted
+    to be), far below 1 when the members agree where they are wrong. None without errors."""
+    err = float(np.median(np.asarray(max_force_error, dtype=np.float64)))
+    if not err > 0:
+        return None
+    return float(np.median(np.asarray(max_force_dev, dtype=np.float64))) / err
+
+
+def collapse_warning(ratio: float | None, where: str) -> str | None:
+    """One line saying what to change when the uncertainty / error `ratio` of `where` is below
+    `COLLAPSE_RATIO`, else None."""
+    if ratio is None or ratio >= COLLAPSE_RATIO:
+        return None
+    return (
+        f"warning: {where}: the uncertainty has collapsed: median max_force_dev is "
+        f"{ratio:.2f}x the median force error (below {COLLAPSE_RATIO}), so structures it calls "
+        "accurate may be badly wrong. Give the ensemble an uncertainty that survives "
+        "fine-tuning (train_ensemble.uncertainty: llpr, or reinitialise: readout, or "
+        "campaign.finetune_from: [nequix-mp-1, nequix-oam-1]) and calibrate the trust levels "
+        "(select.lo: auto)."
+    )

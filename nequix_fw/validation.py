@@ -42,7 +42,7 @@ from nequix_fw.settings import (
     ValidationSettings,
 )
 from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_cells
-from nequix_fw.uncertainty import atomic_force_deviation, calibrate
+from nequix_fw.uncertainty import atomic_force_deviation, calibrate, uncertainty_error_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def uncertainty_quality(
         "roc_auc": roc_auc(dev, err > threshold),
         "error_threshold_eV_per_A": threshold,
         "n_above_threshold": int((err > threshold).sum()),
+        "uncertainty_error_ratio": uncertainty_error_ratio(dev, err),
         "max_force_dev": dev.tolist(),
         "max_force_error": err.tolist(),
     }
@@ -500,16 +501,17 @@ def validate(
     if bad:
         raise NequixFWError(f"{bad[0]}: a model predicts non-finite values")
     report: dict = {
-        "models": [m.info.to_dict() for m in ensemble.models],
+        "models": ensemble.model_infos(),
         "n_structures": len(data),
         "per_model": {},
     }
     for m, model in enumerate(ensemble.models):
+        rows = ensemble.model_rows(m)  # a model with LLPR heads: their mean, the model itself
         report["per_model"][f"{m}:{model.info.name}"] = error_metrics(
             data,
-            [p.energies[m] for p in preds],
-            [p.forces[m] for p in preds],
-            [None if p.stresses is None else p.stresses[m] for p in preds],
+            [p.energies[rows].mean() for p in preds],
+            [p.forces[rows].mean(0) for p in preds],
+            [None if p.stresses is None else p.stresses[rows].mean(0) for p in preds],
         )
     mean_e = np.array([p.energies.mean() for p in preds])
     mean_f = [p.forces.mean(0) for p in preds]

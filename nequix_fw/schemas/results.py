@@ -33,6 +33,12 @@ class EnsembleResultsHeader(Document):
     units: dict[str, str] = Field(description="Units of every quantity in the records.")
     models: list[dict] = Field(description="The ensemble's models (name, path, sha256, ...).")
     settings: dict = Field(description="The EnsembleSettings used.")
+    uncertainty_method: str | None = Field(
+        None,
+        description="What the rows' spread is (`metrics.max_force_dev` and the rest): 'ensemble' "
+        "(members), 'llpr' (one model's LLPR heads) or 'ensemble+llpr'. None in older files: "
+        "'ensemble'.",
+    )
     arrays: ResultsArrays | None = Field(
         None, description="Version 2: the columnar arrays file (None in version 1)."
     )
