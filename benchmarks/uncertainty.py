@@ -54,11 +54,11 @@ from scipy.stats import spearmanr
 from nequix_fw.dataset import read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.exploration import distorted_copies
-from nequix_fw.llpr import fit_llpr, heads_path
+from nequix_fw.llpr import fit_llpr
 from nequix_fw.models import load_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.training import split_members, train_ensemble
-from nequix_fw.uncertainty import atomic_force_deviation, calibrate
+from nequix_fw.uncertainty import atomic_force_deviation, calibrate, heads_path
 from nequix_fw.validation import roc_auc
 
 FOUNDATION = "nequix-mp-1"
@@ -265,7 +265,8 @@ def _with_heads(settings: TrainingSettings, splits_dir: Path, models_dir: Path, 
             seed=settings.seed + k,
         )
         heads.save(heads_path(models_dir / f"member_{k}.nqx"))
-        metas.append({"wall_time_s": meta["wall_time_s"] + time.perf_counter() - t})
+        fit_s = time.perf_counter() - t
+        metas.append({"wall_time_s": meta["wall_time_s"] + fit_s, "llpr_fit_s": fit_s})
     return metas
 
 
@@ -313,6 +314,7 @@ def run(mode: str, method: str, seed: int, paths: dict, out: Path, epochs: int) 
         "n_members": len(models),
         "train_s": train_s,
         "member_train_s": [m["wall_time_s"] for m in metas],
+        "llpr_fit_s": [m["llpr_fit_s"] for m in metas if "llpr_fit_s" in m],
         "eval_s": eval_s,
         "spearman": float(spearmanr(dev, err).statistic),
         "auroc_worst_quarter": roc_auc(dev, worst),
@@ -387,6 +389,48 @@ def _plot(groups: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+def cost(out: Path, n_heads: tuple[int, ...] = (8, 16, 32)) -> None:
+    """Evaluation cost of LLPR heads against one model and a 4-member ensemble: `nequix-mp-1`
+    on ten rattled 32-atom Cu cells, warm (each compiled once first)."""
+    from nequix_fw.models import pretrained_dir
+
+    cells = []
+    for k in range(10):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+        a.rattle(0.05, seed=k)
+        cells.append(a)
+    d = out / "cost"
+    d.mkdir(parents=True, exist_ok=True)
+    mp1 = d / "member_0.nqx"
+    shutil.copy(pretrained_dir() / f"{FOUNDATION}.nqx", mp1)
+    model = load_model(mp1)
+    fit_data = read_labelled([datasets("cuau", "emt", out)["train"]])
+
+    def timed(ens: Ensemble, repeats: int = 3) -> float:
+        ens.predict(cells)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            ens.predict(cells)
+        return (time.perf_counter() - t) / repeats
+
+    one = timed(Ensemble([model]))
+    rows = [("1 model", one), ("4 models", timed(Ensemble([model] * 4)))]
+    for k in n_heads:
+        t = time.perf_counter()
+        heads = fit_llpr(model, fit_data[:12], fit_data[12:], (300.0, 10.0, 0.0), k)
+        fit_s = time.perf_counter() - t
+        rows.append(
+            (
+                f"1 model + {k} LLPR heads (fit on 18 cells: {fit_s:.0f} s)",
+                timed(Ensemble([model], heads=[heads])),
+            )
+        )
+    print("| evaluation (10 x 32-atom Cu, nequix-mp-1) | wall (s) | x one model |")
+    print("| --- | ---: | ---: |")
+    for name, sec in rows:
+        print(f"| {name} | {sec:.2f} | {sec / one:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", nargs="+", default=["finetune", "scratch"])
@@ -397,8 +441,12 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=Path("bench_uncertainty"))
     p.add_argument("--report", nargs="+", type=Path, help="report saved runs (JSON files)")
     p.add_argument("--keep-models", action="store_true", help="keep the trained members")
+    p.add_argument("--cost", action="store_true", help="only the evaluation cost of the heads")
     args = p.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.cost:
+        cost(args.output)
+        return
     if args.report:
         results = [json.loads(f.read_text()) for f in args.report]
         report(results, args.output)

@@ -13,6 +13,7 @@ from nequix_fw.errors import ModelError
 from nequix_fw.results import ResultsWriter
 from nequix_fw.settings import EnsembleSettings
 from nequix_fw.structures import check_output, iter_frames
+from nequix_fw.uncertainty import heads_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def run_ensemble(
     check_output(output, "file")
     ensemble = Ensemble.from_specs(model_specs, settings)
     if len(ensemble) < 2:
+        path = ensemble.models[0].info.path
         raise ModelError(
-            f"uncertainty needs at least 2 models, or a model with LLPR heads "
-            f"(train_ensemble.uncertainty: llpr), got {len(model_specs)} model without heads "
-            "(command line: --models)"
+            f"{path}: one model without LLPR heads (no {heads_path(path).name} beside it): "
+            "uncertainty needs at least 2 models, or a model with LLPR heads "
+            "(train_ensemble.uncertainty: llpr) (command line: --models)"
         )
     ensemble.check_distinct()
     n_frames = 0

@@ -45,22 +45,15 @@ from nequix_fw.errors import ModelError, StructureError
 from nequix_fw.graphs import build_graph, pack_batches, pad_batch
 from nequix_fw.models import NequixModel
 from nequix_fw.structures import atomic_path
+from nequix_fw.uncertainty import heads_path
 
 logger = logging.getLogger(__name__)
 
-#: The sidecar file of a checkpoint's heads: ``member_0.nqx`` -> ``member_0.llpr.npz``.
-SUFFIX = ".llpr.npz"
 #: Regularisations tried, relative to the precision's mean eigenvalue.
 REGULARISATION_GRID = tuple(10.0**p for p in range(-8, 1))
 #: Structures per batch of the fit (edges are capped as well).
 MAX_GRAPHS = 8
 MAX_EDGES = 8192
-
-
-def heads_path(checkpoint: str | Path) -> Path:
-    """The heads file beside `checkpoint`."""
-    p = Path(checkpoint)
-    return p.with_name(p.name.removesuffix(p.suffix) + SUFFIX)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from pymongo.errors import BulkWriteError
 from nequix_fw.descriptors import GEOMETRY_KEY, geometry
 from nequix_fw.errors import Interrupted, SettingsError, StructureError
 from nequix_fw.structures import STORE_PREFIX, Frame, atomic_path, check_output, is_store_spec
+from nequix_fw.uncertainty import heads_path
 
 PREFIX = STORE_PREFIX
 COLLECTION = "nequix_fw_dataset"
@@ -578,38 +579,37 @@ class CampaignStore:
         self._put(VALIDATION, self._key(k), k, report)
 
     def save_members(self, k: int, model_dir: Path, metas: list[dict]) -> None:
-        """Each member's metadata, and its checkpoint in GridFS (stored once per sha256)."""
+        """Each member's metadata, and its checkpoint (and LLPR heads, where it has them) in
+        GridFS (each file stored once per sha256)."""
         fs = gridfs.GridFS(self.db, CHECKPOINTS)
         for meta in metas:
             path = Path(model_dir) / f"member_{meta['member']}.nqx"
-            data = path.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            old = fs.find_one({"metadata.sha256": sha})
-            file_id = (
-                old._id
-                if old is not None
-                else fs.put(
-                    data,
-                    filename=path.name,
-                    metadata={"sha256": sha, "campaign": self.campaign, "iteration": k},
-                )
+            doc = {"member": meta["member"], "metadata": meta}
+            doc.update(self._put_file(fs, path, k))
+            heads = heads_path(path)
+            if heads.is_file():
+                doc["llpr"] = self._put_file(fs, heads, k)
+            self._put(MODELS, self._key(k, path.stem), k, doc)
+
+    def _put_file(self, fs, path: Path, k: int) -> dict:
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        old = fs.find_one({"metadata.sha256": sha})
+        file_id = (
+            old._id
+            if old is not None
+            else fs.put(
+                data,
+                filename=path.name,
+                metadata={"sha256": sha, "campaign": self.campaign, "iteration": k},
             )
-            self._put(
-                MODELS,
-                self._key(k, path.stem),
-                k,
-                {
-                    "member": meta["member"],
-                    "file": path.name,
-                    "sha256": sha,
-                    "gridfs_id": file_id,
-                    "metadata": meta,
-                },
-            )
+        )
+        return {"file": path.name, "sha256": sha, "gridfs_id": file_id}
 
     def fetch_members(self, k: int, outdir: Path) -> list[Path]:
-        """Write iteration k's member checkpoints from GridFS into `outdir` (checked against
-        their sha256), for a worker without the campaign's filesystem."""
+        """Write iteration k's member checkpoints (and their LLPR heads) from GridFS into
+        `outdir` (checked against their sha256), for a worker without the campaign's
+        filesystem; the checkpoints' paths."""
         outdir = check_output(outdir, "directory")
         fs = gridfs.GridFS(self.db, CHECKPOINTS)
         query = {"campaign": self.campaign, "iteration": k}
@@ -619,13 +619,16 @@ class CampaignStore:
         outdir.mkdir(parents=True, exist_ok=True)
         paths = []
         for doc in docs:
-            data = fs.get(doc["gridfs_id"]).read()
-            if hashlib.sha256(data).hexdigest() != doc["sha256"]:
-                raise SettingsError(
-                    f"{doc['file']} of iteration {k}: stored checkpoint does not match its sha256"
-                )
-            with atomic_path(outdir / doc["file"]) as tmp:
-                tmp.write_bytes(data)
+            for part in (doc, doc.get("llpr")):
+                if part is None:
+                    continue
+                data = fs.get(part["gridfs_id"]).read()
+                if hashlib.sha256(data).hexdigest() != part["sha256"]:
+                    raise SettingsError(
+                        f"{part['file']} of iteration {k}: stored file does not match its sha256"
+                    )
+                with atomic_path(outdir / part["file"]) as tmp:
+                    tmp.write_bytes(data)
             paths.append(outdir / doc["file"])
         return paths
 

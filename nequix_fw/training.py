@@ -55,11 +55,12 @@ from nequix_fw.graphs import (
     check_graph_memory,
     configure_compilation_cache,
 )
-from nequix_fw.llpr import fit_llpr, heads_path
+from nequix_fw.llpr import fit_llpr
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
 from nequix_fw.training_torch import fit_torch
+from nequix_fw.uncertainty import heads_path
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,22 @@ Conventions (all spreads are population standard deviations over the M models, d
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from ase.units import GPa
 
 TrustClass = Literal["accurate", "candidate", "failed"]
+
+#: The file of a checkpoint's LLPR heads (`nequix_fw.llpr`): member_0.nqx -> member_0.llpr.npz.
+LLPR_SUFFIX = ".llpr.npz"
+
+
+def heads_path(checkpoint: str | Path) -> Path:
+    """The LLPR heads file beside `checkpoint`."""
+    p = Path(checkpoint)
+    return p.with_name(p.name.removesuffix(p.suffix) + LLPR_SUFFIX)
 
 
 def atomic_force_deviation(forces: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ LAYERS = {
         "graphs",
         "ensemble",
         "uncertainty",
+        "llpr",
         "results",
         "descriptors",
         "features",

@@ -78,6 +78,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
         assert row[5] == f"{it['validation']['force_rmse_eV_per_A']:.4f}"
         assert row[6] == f"{it['validation']['energy_rmse_meV_per_atom']:.1f}"
         assert row[7] == f"{it['calibration']['conformal_factor']:.2f}"
+        assert it["uncertainty_error_ratio"] > 0  # the collapse alarm's measure, every iteration
     assert [row[9] for row in rows] == ["-", "uncertainty", "uncertainty"]
     assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
     assert "(from MongoDB (" in p.stdout.splitlines()[0]  # campaign-status reads the database

@@ -160,7 +160,8 @@ def test_fewer_than_two_models(capsys, model_paths, pool, tmp_path):
         "--output",
         tmp_path / "r.json",
     )
-    assert code == 2 and "uncertainty needs at least 2 models, got 1" in err
+    assert code == 2 and f"{model_paths[0]}: one model without LLPR heads (no m0.llpr.npz" in err
+    assert "uncertainty needs at least 2 models, or a model with LLPR heads" in err
 
 
 def test_models_with_different_cutoffs(capsys, model_paths, pool, tmp_path):

@@ -30,6 +30,7 @@ from nequix_fw.results import read_results
 from nequix_fw.settings import TrainingSettings
 from nequix_fw.structures import Frame
 from nequix_fw.training import train_ensemble
+from nequix_fw.uncertainty import heads_path
 from nequix_fw.validation import validate
 
 WEIGHTS = (300.0, 10.0, 5.0)  # energy, force, stress loss weights
@@ -243,6 +244,19 @@ def test_a_dataset_without_forces_is_refused_naming_the_structure(tmp_path):
         llpr.fit_llpr(model, data[:1], [], WEIGHTS, 3)
     heads = llpr.fit_llpr(model, data[:1], [], WEIGHTS, 4)
     assert heads.fitted_on == "training"
-    path = heads.save(llpr.heads_path(path))
+    path = heads.save(heads_path(path))
     assert json.loads(str(np.load(path)["meta"]))["model_sha256"] == model.info.sha256
     assert llpr.load_heads(model).deviations == pytest.approx(heads.deviations, rel=1e-6)
+
+
+def test_the_store_keeps_a_members_heads_and_export_brings_them_back(
+    llpr_member, launchpad_file, tmp_path
+):
+    from nequix_fw.store import CampaignStore
+
+    store = CampaignStore(launchpad_file, "llpr")
+    store.save_members(0, llpr_member["dir"], [llpr_member["meta"]])
+    (path,) = store.fetch_members(0, tmp_path / "fetched")
+    heads = tmp_path / "fetched" / "member_0.llpr.npz"
+    assert heads.read_bytes() == (llpr_member["dir"] / "member_0.llpr.npz").read_bytes()
+    assert len(Ensemble.from_specs([path])) == 8  # the fetched model brings its 8 heads

@@ -301,3 +301,72 @@ def test_each_graph_is_built_once_per_training(emt_data, tmp_path, monkeypatch):
     settings = TrainingSettings(n_models=3, epochs=1, batch_size=8, architecture=TINY_ARCH)
     metas = training.train_ensemble([emt_data["test"]], tmp_path, settings, progress=False)
     assert len(metas) == 3 and len(calls) == 16  # the 16 test structures, once each
+
+
+def _leaves(path):
+    import equinox as eqx
+    import jax
+
+    module = load_model(path).jax_module()
+    return module, jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_array))
+
+
+def test_finetune_diversity_reinitialised_readouts_a_committee_and_frozen_foundations(
+    trained, emt_data, tmp_path
+):
+    bases = [trained["dir"] / "member_0.nqx", trained["dir"] / "member_1.nqx"]
+    test = read_labelled([emt_data["test"]])
+    base = dict(n_models=2, epochs=2, batch_size=4, patience=None, learning_rate=1e-3)
+    base.update(strategy="seeds", save_torch=False)
+
+    def spread(d):
+        preds = Ensemble.from_specs(sorted(d.glob("member_*.nqx"))).predict(
+            [t.frame.atoms for t in test]
+        )
+        return np.mean([np.abs(p.forces - p.forces.mean(0)).max() for p in preds])
+
+    # members fine-tuned from one model differ only by data order: little spread; a
+    # re-initialised readout per member gives them real diversity after the fine-tune
+    plain = tmp_path / "plain"
+    train_ensemble([emt_data["train"]], plain, TrainingSettings(**base), finetune_from=bases[0])
+    reinit = tmp_path / "reinit"
+    s = TrainingSettings(**base, reinitialise="readout")
+    metas = train_ensemble([emt_data["train"]], reinit, s, finetune_from=bases[0], progress=False)
+    assert [m["reinitialise"] for m in metas] == ["readout", "readout"]
+    assert spread(reinit) > 3 * spread(plain)
+
+    # a committee of two foundation models, each also as a frozen member
+    committee = tmp_path / "committee"
+    s = TrainingSettings(**base, foundation_member=True)
+    metas = train_ensemble([emt_data["train"]], committee, s, finetune_from=bases, progress=False)
+    assert [m["start"] for m in metas] == ["finetune", "finetune", "foundation", "foundation"]
+    assert [m["start_checkpoint"] for m in metas] == [str(b.resolve()) for b in bases * 2]
+    assert set(metas[0]["reference_energy_correction"]) == {"member_0", "member_1"}
+    for k, b in ((2, bases[0]), (3, bases[1])):  # frozen: every weight as it was
+        frozen, got = _leaves(committee / f"member_{k}.nqx")
+        for x, y in zip(got, _leaves(b)[1], strict=True):
+            if x is not frozen.atom_energies:  # only the reference energies are shifted
+                assert np.array_equal(np.asarray(x), np.asarray(y))
+    # the next iteration warm-starts the fine-tuned members and keeps the frozen ones
+    nxt = tmp_path / "next"
+    metas = train_ensemble(
+        [emt_data["train"]], nxt, s, warm_start=committee, progress=False, overwrite=True
+    )
+    assert [m["start"] for m in metas] == ["warm_start", "warm_start", "foundation", "foundation"]
+    assert (nxt / "member_3.nqx").read_bytes() == (committee / "member_3.nqx").read_bytes()
+
+
+def test_a_committee_must_cover_the_same_elements(emt_data, tmp_path):
+    cu_au, config = new_model([29, 79], seed=0)
+    a = save_model(tmp_path / "cuau.nqx", cu_au, config)
+    cu_au_ni, config = new_model([28, 29, 79], seed=0)
+    b = save_model(tmp_path / "cuauni.nqx", cu_au_ni, config)
+    with pytest.raises(ModelError, match=r"cuau.nqx does not cover Ni, which .*cuauni.nqx covers"):
+        train_ensemble(
+            [emt_data["train"]], tmp_path / "o", TrainingSettings(n_models=2), finetune_from=[a, b]
+        )
+    with pytest.raises(ModelError, match="reinitialise and foundation_member are for fine-tuning"):
+        train_ensemble(
+            [emt_data["train"]], tmp_path / "o", TrainingSettings(foundation_member=True)
+        )
+    assert not (tmp_path / "o").exists()

@@ -30,3 +30,28 @@ def test_calibration_recovers_a_known_scale_and_sets_lo():
         resolve_lo(s, None, "the validation of iteration 2")
     with pytest.raises(ValueError, match="at least 2 structures"):
         calibrate([0.1], [0.2])
+
+
+def test_the_collapse_alarm_fires_below_a_third_and_campaign_status_says_what_to_change(
+    tmp_path, capsys
+):
+    import json
+
+    from nequix_fw.cli import main
+    from nequix_fw.uncertainty import collapse_warning, uncertainty_error_ratio
+
+    err = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert uncertainty_error_ratio(err * 0.5, err) == pytest.approx(0.5)
+    assert uncertainty_error_ratio(err, np.zeros(5)) is None
+    assert collapse_warning(0.31, "here") is None and collapse_warning(None, "here") is None
+    assert "collapsed: median max_force_dev is 0.12x" in collapse_warning(0.12, "here")
+    its = [
+        {"iteration": 0, "dataset_size": 6, "uncertainty_error_ratio": 0.55},
+        {"iteration": 1, "dataset_size": 14, "uncertainty_error_ratio": 0.08},
+    ]
+    (tmp_path / "campaign.json").write_text(json.dumps({"name": "c", "iterations": its}))
+    assert main(["campaign-status", str(tmp_path)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "iteration 1's validation: the uncertainty has collapsed" in warnings[0]
+    assert "0.08x" in warnings[0] and "train_ensemble.uncertainty: llpr" in warnings[0]

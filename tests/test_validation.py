@@ -142,6 +142,8 @@ def test_validate_cli(report, emt_data, tmp_path, capsys):
     err = np.array(doc["uncertainty"]["max_force_error"])
     assert cal["scale"] == pytest.approx(np.exp(np.mean(np.log(err / dev))), rel=1e-9)
     assert np.mean(err <= cal["conformal_factor"] * dev) >= 0.9
+    ratio = doc["uncertainty"]["uncertainty_error_ratio"]
+    assert ratio == pytest.approx(np.median(dev) / np.median(err), rel=1e-9)
     code = main(
         [
             "validate",
