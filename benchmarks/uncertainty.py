@@ -177,17 +177,20 @@ def _label(frames: list[Atoms], reference: str, workdir: Path) -> list[Atoms]:
             a.calc = SinglePointCalculator(a, **labels)
             out.append(a)
         return out
-    from nequix_fw.labelling import label_structures  # CP2K, as a campaign labels
-    from nequix_fw.settings import LabellingSettings
+    from nequix_fw.labelling import label_structures, make_backend  # CP2K, as a campaign does
+    from nequix_fw.settings import LabellingSettings, load_settings
 
     src = workdir / "unlabelled.extxyz"
     ase.io.write(src, frames)
-    settings = LabellingSettings(
-        backend="cp2k",
-        cp2k_template=Path(__file__).resolve().parents[2] / "shared/cp2k/si8_pbe_energy_force.inp",
-    )
-    label_structures([src], workdir / "cp2k", settings, progress=True)
-    return list(ase.io.read(workdir / "cp2k" / "labelled.extxyz", ":"))
+    preset = Path(__file__).resolve().parents[1] / "workflows" / "cp2k_si.yaml"
+    settings = load_settings(preset, LabellingSettings)
+    label_structures(src, workdir / "cp2k", make_backend(settings), settings, progress=True)
+    out = []
+    for d in read_labelled([workdir / "cp2k"]):
+        a = d.frame.atoms.copy()
+        a.calc = SinglePointCalculator(a, energy=d.energy, forces=d.forces, stress=d.stress)
+        out.append(a)
+    return out
 
 
 def datasets(system: str, reference: str, out: Path) -> dict[str, Path]:

@@ -443,7 +443,14 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
         check_output(args.write, "file")
     launchpad = Path(args.launchpad).resolve() if args.launchpad else None
-    wf = campaign_workflow(campaign_sections(args.config, launchpad))
+    chosen: dict = {}
+    wf = campaign_workflow(campaign_sections(args.config, launchpad, chosen))
+    if chosen:
+        print(
+            "fine-tuning defaults: "
+            + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+            + " (one member's LLPR uncertainty; see the guide's uncertainty page)"
+        )
     if args.write:
         from nequix_fw.structures import atomic_path
 

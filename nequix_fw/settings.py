@@ -358,6 +358,20 @@ class TrainingSettings(_Settings):
         return v
 
 
+#: What fine-tuning a foundation model changes of the `TrainingSettings` defaults, for the
+#: fields a user leaves unset: one member with LLPR heads. Chosen by benchmarks/uncertainty.py
+#: (benchmarks/README.md): on EMT Cu-Au fine-tuned from nequix-mp-1, members that share the
+#: foundation's backbone ranked their held-out errors with a Spearman of about 0.6, one member's
+#: LLPR heads with about 0.9, at a quarter of the training and no less accuracy.
+FINETUNE_DEFAULTS = {"uncertainty": "llpr", "n_models": 1}
+
+
+def finetune_defaults(settings: TrainingSettings) -> tuple[TrainingSettings, dict]:
+    """`settings` with `FINETUNE_DEFAULTS` for the fields not set explicitly, and those chosen."""
+    chosen = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in settings.model_fields_set}
+    return settings.model_copy(update=chosen), chosen
+
+
 #: The labelling backends by name: the class that labels (a `LabellingBackend` declaring its
 #: name and the settings below it reads), as 'module:Class', imported only when used. A new
 #: backend is its module and one line here (its own settings, if any, go in LabellingSettings).

@@ -57,7 +57,7 @@ from nequix_fw.graphs import (
 )
 from nequix_fw.llpr import fit_llpr
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
-from nequix_fw.settings import TrainingSettings
+from nequix_fw.settings import TrainingSettings, finetune_defaults
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
 from nequix_fw.training_torch import fit_torch
 from nequix_fw.uncertainty import heads_path
@@ -327,6 +327,20 @@ def _member_start(path: Path) -> str | None:
         return json.loads(meta.read_text()).get("start")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _warm_start_defaults(settings: TrainingSettings, warm_start: Path) -> TrainingSettings:
+    """Unless set: as many members as the previous ensemble trained, with LLPR heads if its
+    members have them (a fine-tuned campaign's one member with heads continues as such)."""
+    prev = [p for p in warm_start.glob(MEMBER_GLOB) if _member_start(p) != "foundation"]
+    update: dict[str, Any] = {}
+    if prev and "n_models" not in settings.model_fields_set:
+        update["n_models"] = len(prev)
+    if prev and "uncertainty" not in settings.model_fields_set:
+        update["uncertainty"] = (
+            "llpr" if all(heads_path(p).is_file() for p in prev) else settings.uncertainty
+        )
+    return settings.model_copy(update=update)
 
 
 def _check_committee(bases: list) -> None:
@@ -664,6 +678,12 @@ def train_ensemble(
     directories, store datasets ``db:NAME`` of `store`; one level of theory unless
     `allow_mixed`)."""
     settings = settings or TrainingSettings()
+    if finetune_from:
+        settings, chosen = finetune_defaults(settings)
+        if chosen:
+            logger.info("fine-tuning defaults: %s", chosen)
+    elif warm_start is not None:
+        settings = _warm_start_defaults(settings, Path(warm_start))
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
     data = read_labelled(dataset, store, allow_mixed)

@@ -30,6 +30,7 @@ from nequix_fw.firetasks import (
     UpdateDatasetTask,
 )
 from nequix_fw.settings import (
+    FINETUNE_DEFAULTS,
     PLACEHOLDER,
     SECTIONS,
     ExplorationSettings,
@@ -252,12 +253,24 @@ def _absolute_paths(sections: dict) -> None:
                 values[key] = _absolute(values[key], or_name)
 
 
-def campaign_sections(config: str | Path, launchpad: str | Path | None = None) -> dict:
+def campaign_sections(
+    config: str | Path, launchpad: str | Path | None = None, chosen: dict | None = None
+) -> dict:
     """The settings sections of a campaign file, checked (at every scheduled iteration too),
-    with paths made absolute."""
+    with paths made absolute. A fine-tuned campaign (campaign.finetune_from) gets the
+    fine-tuning defaults (`settings.FINETUNE_DEFAULTS`) for what its train_ensemble section
+    leaves unset, written into that section so that every iteration trains alike; `chosen`
+    (a dict), if given, is filled with them as {"section.field": value}."""
     sections = read_sections(config)
     if "campaign" not in sections:
         raise SettingsError(f"{config}: no 'campaign' section")
+    if sections["campaign"].get("finetune_from"):
+        train = sections.setdefault("train_ensemble", {})
+        for key, value in FINETUNE_DEFAULTS.items():
+            if key not in train:
+                train[key] = value
+                if chosen is not None:
+                    chosen[f"train_ensemble.{key}"] = value
     if launchpad is not None:
         sections["campaign"].setdefault("launchpad", str(launchpad))
     try:

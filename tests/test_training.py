@@ -370,3 +370,21 @@ def test_a_committee_must_cover_the_same_elements(emt_data, tmp_path):
             [emt_data["train"]], tmp_path / "o", TrainingSettings(foundation_member=True)
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_finetuning_defaults_to_one_member_with_llpr_heads_and_warm_starts_alike(
+    trained, emt_data, tmp_path
+):
+    from nequix_fw.settings import FINETUNE_DEFAULTS, finetune_defaults
+
+    s = TrainingSettings(epochs=1, batch_size=4, save_torch=False)  # n_models, uncertainty unset
+    assert finetune_defaults(s)[1] == FINETUNE_DEFAULTS == {"uncertainty": "llpr", "n_models": 1}
+    explicit = TrainingSettings(n_models=3, uncertainty="ensemble")
+    assert finetune_defaults(explicit) == (explicit, {})  # what a user sets stays
+    base = trained["dir"] / "member_0.nqx"
+    (meta,) = train_ensemble([emt_data["train"]], tmp_path / "ft", s, finetune_from=base)
+    assert meta["llpr"]["n_heads"] == 16 and (tmp_path / "ft" / "member_0.llpr.npz").is_file()
+    (meta,) = train_ensemble([emt_data["train"]], tmp_path / "next", s, warm_start=tmp_path / "ft")
+    assert meta["start"] == "warm_start" and meta["llpr"]["n_heads"] == 16
+    # from scratch nothing changes: the 4-member ensemble
+    assert TrainingSettings().n_models == 4 and TrainingSettings().uncertainty == "ensemble"

@@ -18,6 +18,7 @@ from nequix_fw.settings import (
     ExplorationSettings,
     LabellingSettings,
     SelectionSettings,
+    TrainingSettings,
     ValidationSettings,
 )
 from nequix_fw.workflows import campaign_sections, campaign_workflow
@@ -79,6 +80,10 @@ def test_preset_builds_its_workflow(preset, tmp_path, monkeypatch):
         assert specs["vasp_mpstatic label 0"]["_queueadapter"]["ntasks"] == 64
     if preset.stem == "finetune_mp1":
         assert c.settings.finetune_from == "nequix-mp-1"
+        # the fine-tuning defaults, written into the section so that every iteration has them
+        assert sections["train_ensemble"]["uncertainty"] == "llpr"
+        train = c.section(TrainingSettings, 3)
+        assert (train.uncertainty, train.n_models, train.epochs) == ("llpr", 1, 20)
         s1, s2 = c.section(SelectionSettings, 1), c.section(SelectionSettings, 2)
         assert (s1.lo, s2.lo, s2.target_force_error) == (0.05, "auto", 0.1)
     if preset.stem == "npt_hot_schedule":
@@ -165,3 +170,21 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
         "'n_members'",
     ):
         Campaign(sections, env={}).section(TrainingSettings, 0)
+
+
+def test_campaign_write_prints_the_fine_tuning_defaults_it_chose(tmp_path, monkeypatch, capsys):
+    from nequix_fw.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "workflows" / "finetune_mp1.yaml", tmp_path / "c.yaml")
+    preset_inputs(tmp_path, "Cu")
+    assert main(["campaign", "--config", "c.yaml", "--write", "wf.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "fine-tuning defaults: train_ensemble.uncertainty = llpr, train_ensemble.n_models = 1"
+        in out
+    )
+    wf = yaml.safe_load((tmp_path / "wf.yaml").read_text())
+    train = next(fw for fw in wf["fws"] if fw["name"].endswith("train_ensemble 0"))
+    params = train["spec"]["_tasks"][0]["train_ensemble"]
+    assert (params["uncertainty"], params["n_models"]) == ("llpr", 1)
