@@ -65,7 +65,8 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
         text=True,
         check=True,
     )
-    rows = [line.split() for line in p.stdout.splitlines()[3:6]]
+    lines = p.stdout.splitlines()[3:]
+    rows = [line.split() for line in lines if line[:4].strip().isdigit()]
     # iteration, selected, labelled, dataset size (the candidate count depends on MD stops)
     assert [[row[0], *row[2:5]] for row in rows] == [
         ["0", "-", "4", "4"],
@@ -78,7 +79,11 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
         assert row[5] == f"{it['validation']['force_rmse_eV_per_A']:.4f}"
         assert row[6] == f"{it['validation']['energy_rmse_meV_per_atom']:.1f}"
         assert row[7] == f"{it['calibration']['conformal_factor']:.2f}"
-        assert it["uncertainty_error_ratio"] > 0  # the collapse alarm's measure, every iteration
+        # the collapse alarm's measure, every iteration, and its warning under the row
+        ratio = it["uncertainty_error_ratio"]
+        alarm = f"iteration {it['iteration']}'s validation: the uncertainty has collapsed"
+        warned = any(alarm in line for line in lines)
+        assert ratio > 0 and warned == (ratio < 0.3)
     assert [row[9] for row in rows] == ["-", "uncertainty", "uncertainty"]
     assert "max_iterations (2) reached" in p.stdout and f"plot -> {png}" in p.stdout
     assert "(from MongoDB (" in p.stdout.splitlines()[0]  # campaign-status reads the database
