@@ -4,6 +4,7 @@ ensemble engine, and what it refuses."""
 import json
 import shutil
 
+import ase.io
 import e3nn_jax as e3nn
 import equinox as eqx
 import jax
@@ -260,3 +261,18 @@ def test_the_store_keeps_a_members_heads_and_export_brings_them_back(
     heads = tmp_path / "fetched" / "member_0.llpr.npz"
     assert heads.read_bytes() == (llpr_member["dir"] / "member_0.llpr.npz").read_bytes()
     assert len(Ensemble.from_specs([path])) == 8  # the fetched model brings its 8 heads
+
+
+def test_exploration_runs_on_one_member_with_heads(llpr_member, tmp_path, capsys):
+    start = tmp_path / "start.extxyz"
+    ase.io.write(start, bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1)))
+    argv = ["explore", "--models", str(llpr_member["model"]), "--structures", str(start)]
+    argv += ["--output", str(tmp_path / "cands"), "--temperatures", "300", "900"]
+    argv += ["--steps", "40", "--sample-every", "20", "--no-progress"]
+    assert main(argv) == 0
+    frames = ase.io.read(tmp_path / "cands" / "candidates.extxyz", ":")
+    # the walkers' uncertainty is the heads' spread: on every sampled frame, and what stops a
+    # trajectory (the tiny member is unsure at 900 K)
+    assert len(frames) >= 2 and all(f.info["max_force_dev"] > 0 for f in frames)
+    manifest = json.loads((tmp_path / "cands" / "manifest.json").read_text())
+    assert {t["stop_reason"] for t in manifest["trajectories"]} <= {"completed", "uncertainty"}
