@@ -7,6 +7,10 @@ number of labels per iteration, with the same training settings:
 
 - *uncertainty*: the product's selection (`run-ensemble` + `select`: candidates above `lo`,
   farthest-point sampling relative to the training set);
+- *uncertainty_weighted*: the same, each pick the candidate of largest max_force_dev x
+  distance (`select.diverse_weighting: uncertainty`), not the farthest alone;
+- *weighted_llpr*: that, with members that also carry LLPR heads (`train_ensemble.uncertainty:
+  llpr`);
 - *random*: `select.method: random` (the control);
 - *every_nth*: every N-th pool structure in pool order (what a user without an ensemble does).
 
@@ -38,7 +42,14 @@ from ase.md.velocitydistribution import thermalize_momenta
 
 from nequix_fw.exploration import distorted_copies
 
-ARMS = ("uncertainty", "uncertainty_learned", "random", "every_nth")
+ARMS = (
+    "uncertainty",
+    "uncertainty_learned",
+    "uncertainty_weighted",
+    "weighted_llpr",
+    "random",
+    "every_nth",
+)
 
 
 def _alloy(rng: np.random.Generator, au_fraction: float) -> Atoms:
@@ -134,7 +145,13 @@ def _stability(models: list[Path], sets: dict[str, Path], args) -> float:
 
 
 def _train_point(
-    d: Path, train: list[Atoms], previous: Path | None, sets: dict[str, Path], seed: int, args
+    d: Path,
+    train: list[Atoms],
+    previous: Path | None,
+    sets: dict[str, Path],
+    seed: int,
+    args,
+    arm: str = "",
 ) -> tuple[list[Path], dict]:
     """Train the ensemble on `train` into `d`/models; validate it on the held-out sets."""
     from nequix_fw.settings import ArchitectureSettings, TrainingSettings
@@ -152,6 +169,7 @@ def _train_point(
         patience=15,
         seed=seed,
         architecture=arch,
+        uncertainty="llpr" if arm.endswith("_llpr") else "ensemble",
     )
     t0 = time.perf_counter()
     train_ensemble(
@@ -177,7 +195,8 @@ def _selection(arm: str, seed: int, it: int, n: int, **kw):
         seed=seed * 1000 + it,
         lo=0.0,
         max_selected=n,
-        diverse=arm.startswith("uncertainty"),
+        diverse=arm not in ("random", "every_nth"),
+        diverse_weighting="uncertainty" if "weighted" in arm else "none",
         descriptor="learned" if arm == "uncertainty_learned" else "structure",
         format="extxyz",
         **kw,
@@ -197,7 +216,9 @@ def run_arm(
     previous = None
     for it in range(args.iterations + 1):
         d = work / f"{arm}_s{seed}" / f"iter_{it}"
-        models, point = _train_point(d, [pool[i] for i in labelled], previous, sets, seed, args)
+        models, point = _train_point(
+            d, [pool[i] for i in labelled], previous, sets, seed, args, arm
+        )
         previous = d / "models"
         curve.append({"iteration": it, **point})
         print(
@@ -267,7 +288,7 @@ def run_explore_arm(arm: str, seed: int, sets: dict[str, Path], work: Path, args
     previous = None
     for it in range(args.iterations + 1):
         d = work / f"explore_{arm}_s{seed}" / f"iter_{it}"
-        models, point = _train_point(d, train, previous, sets, seed, args)
+        models, point = _train_point(d, train, previous, sets, seed, args, arm)
         previous = d / "models"
         point["md_stable_fraction_1500K"] = _stability(models, sets, args)
         curve.append({"iteration": it, **point})
@@ -348,7 +369,7 @@ def report(results: list[dict], out: Path) -> None:
 
     modes = [m for m in ("pool", "explore") if any(r["mode"] == m for r in results)]
     fig, axes = plt.subplots(len(modes), 4, figsize=(20, 4 * len(modes)), squeeze=False)
-    colours = dict(zip(ARMS, ("C0", "C3", "C1", "C2"), strict=True))
+    colours = dict(zip(ARMS, ("C0", "C3", "C4", "C5", "C1", "C2"), strict=True))
     for row, mode in zip(axes, modes, strict=True):
         rs = [r for r in results if r["mode"] == mode]
         for r in rs:

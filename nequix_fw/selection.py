@@ -83,17 +83,26 @@ def farthest_points(
     first: int | None,
     known: np.ndarray | None = None,
     alive: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> Iterator[int]:
     """Rows of `x` in farthest-point order, each once, starting at row `first`; with `known`
     (rows already in the training set), distances count from those too, and without `first`
     the first pick is the row farthest from them. `alive` (a boolean mask the caller may clear
-    between picks) leaves out the rows it clears. Lazy: each pick costs O(len(x))."""
+    between picks) leaves out the rows it clears. `weights` (> 0 per row): each pick is the row
+    of largest weight x distance (uncertainty-weighted sampling). Lazy: each pick costs
+    O(len(x))."""
     dist = np.full(len(x), np.inf)  # squared distances: the same order, one pass fewer
     if known is not None and len(known):
         dist = nearest_distances(x, known) ** 2
+    w2 = None if weights is None else np.asarray(weights, dtype=np.float64) ** 2
+
+    def best() -> int:
+        score = dist if w2 is None or np.isposinf(dist).any() else dist * w2
+        return int(np.argmax(score))
+
     if alive is not None:
         dist[~alive] = -np.inf
-    pick = int(np.argmax(dist)) if first is None else first
+    pick = best() if first is None else first
     while dist[pick] > -np.inf:
         yield pick
         d = x - x[pick]
@@ -101,7 +110,7 @@ def farthest_points(
         dist[pick] = -np.inf  # never picked twice, even among equal rows
         if alive is not None:
             dist[~alive] = -np.inf
-        pick = int(np.argmax(dist))
+        pick = best()
 
 
 def farthest_point_order(
@@ -369,7 +378,14 @@ def choose(
     else:
         cands.sort(key=lambda e: -e.metrics[_metric(settings)])
         if settings.diverse and 0 < k < len(cands):
-            chosen = _farthest_within(cands, k, known, quotas)
+            chosen = _farthest_within(
+                cands,
+                k,
+                known,
+                quotas,
+                settings.diverse_weighting == "uncertainty",
+                _metric(settings),
+            )
         else:
             chosen = quotas.take(cands, k)
     if reserve and budget is not None and len(chosen) < budget:
@@ -383,11 +399,17 @@ def choose(
 
 
 def _farthest_within(
-    cands: list[Entry], k: int, known: np.ndarray | None, quotas: _Quotas
+    cands: list[Entry],
+    k: int,
+    known: np.ndarray | None,
+    quotas: _Quotas,
+    weighted: bool = False,
+    metric: str = "max_force_dev",
 ) -> list[Entry]:
     """The first `k` candidates (most uncertain first) in farthest-point order that keep
-    within the quotas. A candidate leaves the pool as soon as a quota it falls under is full
-    (with that reason), so every pick is taken: at most `k` picks of O(len(cands)) each."""
+    within the quotas (`weighted`: the distances weighted by each candidate's `metric`). A
+    candidate leaves the pool as soon as a quota it falls under is full (with that reason), so
+    every pick is taken: at most `k` picks of O(len(cands)) each."""
     x = np.stack([e.descriptor for e in cands])
     alive = np.ones(len(cands), dtype=bool)
     members: dict[tuple[str, str], list[int]] = {}
@@ -407,8 +429,11 @@ def _farthest_within(
     if not alive.any():
         return []
     first = None if known is not None else int(np.argmax(alive))
+    weights = None
+    if weighted:  # the most uncertain of the distinct, not only the most distinct
+        weights = np.array([max(e.metrics[metric], 1e-12) for e in cands])
     chosen = []
-    for i in islice(farthest_points(x, first, known, alive), k):
+    for i in islice(farthest_points(x, first, known, alive, weights), k):
         alive[i] = False
         chosen.append(cands[i])
         close(quotas.count(cands[i]))

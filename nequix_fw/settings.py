@@ -196,6 +196,12 @@ class SelectionSettings(_Settings):
         description="Pick by farthest-point sampling on a structural descriptor, starting from "
         "the most uncertain, instead of by uncertainty alone.",
     )
+    diverse_weighting: Literal["none", "uncertainty"] = Field(
+        "none",
+        description="With `diverse`: 'none' picks the candidate farthest from the training set "
+        "and the picks so far; 'uncertainty' the one of largest max_force_dev x that distance, "
+        "so that the labels go to distinct structures that are also the most uncertain.",
+    )
     descriptor: Literal["structure", "learned"] = Field(
         "structure",
         description="Descriptor of `diverse`: 'structure', composition + pair-distance "

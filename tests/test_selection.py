@@ -415,6 +415,31 @@ def test_lazy_farthest_points_equal_the_dense_order():
     assert sorted(farthest_point_order(np.zeros((5, 2)), 0, 5)) == [0, 1, 2, 3, 4]
 
 
+def test_uncertainty_weighted_farthest_points_pick_the_largest_weight_times_distance():
+    from itertools import islice
+
+    from nequix_fw.selection import farthest_points
+
+    rng = np.random.default_rng(7)
+    x, known, w = rng.normal(size=(150, 6)), rng.normal(size=(40, 6)), rng.lognormal(size=150)
+    dist = np.min(np.linalg.norm(x[:, None] - known[None], axis=2), axis=1)
+    want = []
+    for _ in range(30):
+        score = w * dist
+        score[want] = -1
+        want.append(int(np.argmax(score)))
+        dist = np.minimum(dist, np.linalg.norm(x - x[want[-1]], axis=1))
+    assert list(islice(farthest_points(x, None, known, weights=w), 30)) == want
+    # from a given first row (no training set), weighted from the second pick on
+    got = list(islice(farthest_points(x, 3, weights=w), 5))
+    d = np.linalg.norm(x - x[3], axis=1)
+    assert got[0] == 3 and got[1] == int(np.argmax(w * d))
+    # with equal weights it is plain farthest-point sampling
+    assert list(islice(farthest_points(x, None, known, weights=np.ones(150)), 30)) == (
+        farthest_point_order(x, None, 30, known)
+    )
+
+
 def test_diverse_selection_within_quotas_equals_the_direct_computation(monkeypatch):
     """Farthest-point sampling under quotas picks, each time, the candidate farthest from the
     training set and the picks so far among those the quotas still allow; the structures a
