@@ -16,6 +16,7 @@ stage (``explore``, ``select``, ``label``, ``train_ensemble``, ``validate``), pl
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, TypeVar, get_args
@@ -930,9 +931,11 @@ class CampaignSettings(_Settings):
                 f"so a stage sets explore and select only, not "
                 f"{', '.join(other)} (use schedule)"
             )
-        bad = sorted(k for k, v in self.property_tolerances.items() if v <= 0)
-        if bad:
-            raise ValueError(f"property_tolerances: {', '.join(bad)} must be > 0")
+        for name, tolerance in self.property_tolerances.items():
+            if not (math.isfinite(tolerance) and tolerance > 0):
+                raise ValueError(
+                    f"property_tolerances: {name} must be a finite number > 0, got {tolerance}"
+                )
         return self
 
 
@@ -1007,6 +1010,21 @@ class ValidationSettings(_Settings):
         description="Largest drift of the conserved energy (potential + kinetic - what the "
         "thermostat exchanged), eV/atom per ps.",
     )
+
+    @field_validator("phonon_supercell")
+    @classmethod
+    def _positive_supercell(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"every entry must be a positive integer, got {v}")
+        return v
+
+    @field_validator("phonon_qpoints")
+    @classmethod
+    def _three_vectors(cls, v: dict[str, list[float]] | None):
+        for name, q in (v or {}).items():
+            if len(q) != 3 or not all(math.isfinite(x) for x in q):
+                raise ValueError(f"{name} must be a 3-vector of finite numbers, got {q}")
+        return v
 
     @field_validator("reference")
     @classmethod

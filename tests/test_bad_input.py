@@ -880,3 +880,62 @@ def test_every_command_has_bad_input_tests_here():
     text = Path(__file__).read_text()
     missing = [cmd for cmd in sub.choices if f'"{cmd}"' not in text]
     assert not missing, f"commands without a bad-input test in {Path(__file__).name}: {missing}"
+
+
+def test_campaign_write_refuses_property_checks_that_would_be_silently_wrong(
+    tmp_path, capsys, monkeypatch
+):
+    """Issue 39: settings that used to give silent wrong results are refused at --write, naming
+    the field and the file."""
+    from ase import Atoms
+
+    monkeypatch.chdir(tmp_path)
+    ase.io.write(tmp_path / "initial.extxyz", make_cells(2))
+    ase.io.write(tmp_path / "test.extxyz", emt_labelled(2, seed=5))
+    ase.io.write(tmp_path / "molecule.xyz", Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]]))
+    (tmp_path / "garbage.vasp").write_text("not a structure\n")
+    ase.io.write(tmp_path / "cu.vasp", make_cells(1)[0], format="vasp")
+    cfg = tmp_path / "c.yaml"
+    base = "campaign: {directory: run, initial_structures: initial.extxyz, testset: [test.extxyz]"
+    checks = "validate: {reference: emt, structure: %s, elastic: true, phonons: true%s}\n"
+    cases = [
+        (
+            base + "}\n" + checks % ("molecule.xyz", ""),
+            f"validate.structure {tmp_path / 'molecule.xyz'}: not a periodic crystal (pbc",
+        ),
+        (
+            base + "}\n" + checks % ("garbage.vasp", ""),
+            f"validate.structure {tmp_path / 'garbage.vasp'}: cannot be read",
+        ),
+        (
+            base + "}\n" + checks % ("cu.vasp", ", phonon_supercell: [2, 0, 2]"),
+            "phonon_supercell: every entry must be a positive integer, got [2, 0, 2]",
+        ),
+        (
+            base + "}\n" + checks % ("cu.vasp", ", phonon_supercell: [2, -1, 2]"),
+            "phonon_supercell: every entry must be a positive integer, got [2, -1, 2]",
+        ),
+        (
+            base + "}\n" + checks % ("cu.vasp", ", phonon_qpoints: {X: [0.5, 0.0]}"),
+            "phonon_qpoints: X must be a 3-vector of finite numbers, got [0.5, 0.0]",
+        ),
+        (
+            base + ", property_tolerances: {v0_percent: .nan}}\n" + checks % ("cu.vasp", ""),
+            "property_tolerances: v0_percent must be a finite number > 0, got nan",
+        ),
+        (
+            base + ", property_tolerances: {elastic_percent: .inf}}\n" + checks % ("cu.vasp", ""),
+            "property_tolerances: elastic_percent must be a finite number > 0, got inf",
+        ),
+        (
+            base + "}\nvalidate: {reference: nosuchcalc}\n",
+            "validate.reference: calculator 'nosuchcalc' cannot be imported",
+        ),
+    ]
+    for text, message in cases:
+        cfg.write_text(text)
+        code, _, err = run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")
+        _one_line(code, err, f"{cfg}: ", message)
+        assert not (tmp_path / "w.yaml").exists() and not (tmp_path / "run").exists()
+    cfg.write_text(base + "}\n" + checks % ("cu.vasp", ""))  # the same, well formed
+    assert run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")[0] == 0

@@ -383,7 +383,7 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
         ),
         (
             {"campaign": {**settings["campaign"], "property_tolerances": {"v0_percent": -1}}},
-            "property_tolerances: v0_percent must be > 0",
+            "property_tolerances: v0_percent must be a finite number > 0, got -1.0",
         ),
         (
             {"campaign": {**settings["campaign"], "property_tolerances": {"c11": 1}}},
