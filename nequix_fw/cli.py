@@ -331,8 +331,14 @@ def _cmd_ev_set(args: argparse.Namespace) -> int:
 
 def _cmd_update_dataset(args: argparse.Namespace) -> int:
     from nequix_fw.dataset import update_dataset
+    from nequix_fw.settings import LabellingSettings, load_settings
 
-    s = update_dataset(args.new, args.dataset, args.iteration, args.allow_mixed, _store(args))
+    limits = load_settings(
+        args.config, LabellingSettings, **_settings_from(args, LabellingSettings)
+    )
+    s = update_dataset(
+        args.new, args.dataset, args.iteration, args.allow_mixed, _store(args), limits=limits
+    )
     print(
         f"added {s['n_added']} structures ({s['n_duplicates']} already present, "
         f"{s['n_conflicts']} conflicts, {s['n_failed_tasks_skipped']} failed tasks skipped); "
@@ -729,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nequix_fw.settings import (
         EnsembleSettings,
         ExplorationSettings,
+        LabellingSettings,
         SelectionSettings,
         TrainingSettings,
         ValidationSettings,
@@ -909,6 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
     )
+    _config(u, LabellingSettings)  # the limits labelling applies hold for imported files too
+    _setting(u, LabellingSettings, "max_force")
+    _setting(u, LabellingSettings, "min_distance_A", "--min-distance")
     u.set_defaults(func=_cmd_update_dataset)
 
     x = sub.add_parser("explore", help="ensemble-driven MD: candidate structures")

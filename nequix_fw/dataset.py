@@ -25,12 +25,14 @@ from pymatgen.io.vasp import Vasprun
 
 from nequix_fw.errors import Interrupted, StructureError
 from nequix_fw.schemas import LabelTaskDoc
+from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import (
     Frame,
     atomic_path,
     check_output,
     is_store_spec,
     iter_frames,
+    min_distance,
     structure_id,
 )
 
@@ -418,6 +420,24 @@ def _vasprun_labels(path: Path) -> Labelled:
     return labels_of(Frame(atoms, str(path), -1))
 
 
+def _check_limits(d: Labelled, limits: LabellingSettings) -> None:
+    """Refuse labels beyond what labelling itself accepts (`max_force`, `min_distance_A`)."""
+    fmax = float(np.linalg.norm(d.forces, axis=1).max()) if len(d.forces) else 0.0
+    if fmax > limits.max_force:
+        raise StructureError(
+            f"{d.where}: max force {fmax:.3g} eV/Å exceeds label.max_force ({limits.max_force} "
+            "eV/Å), which labelling refuses too; fix or drop the structure (or raise max_force)"
+        )
+    cutoff = limits.min_distance_A
+    if cutoff is not None and len(d.frame.atoms) > 1:
+        closest = min_distance(d.frame.atoms, cutoff)
+        if closest < cutoff:
+            raise StructureError(
+                f"{d.where}: atoms {closest:.3g} Å apart, closer than label.min_distance_A "
+                f"({cutoff} Å), which labelling refuses too; fix or drop the structure"
+            )
+
+
 def update_dataset(
     new: str | Path,
     dataset: str | Path,
@@ -425,10 +445,14 @@ def update_dataset(
     allow_mixed: bool = False,
     store: DatasetStore | None = None,
     provenance: dict | None = None,
+    limits: LabellingSettings | None = None,
 ) -> dict:
     """Add the labelled structures under `new` to the training set in directory `dataset`, or
     to the store dataset ``db:NAME`` (in `store`);
-    `provenance` is added to every new structure's record.
+    `provenance` is added to every new structure's record. The number limits that labelling
+    applies (`limits`: `max_force`, `min_distance_A`; by default LabellingSettings') hold for
+    imported files (not label tasks) too: a structure beyond them is refused, naming it, and
+    nothing is added.
 
     Idempotent: a structure already present with the same labels is skipped; with different
     labels it is reported as a conflict and the stored labels are kept. Refuses to mix levels of
@@ -438,7 +462,9 @@ def update_dataset(
     Ctrl-C, it raises `Interrupted`, saying how many were stored.
     """
     try:
-        return _update_dataset(new, dataset, iteration, allow_mixed, store, provenance)
+        return _update_dataset(
+            new, dataset, iteration, allow_mixed, store, provenance, limits or LabellingSettings()
+        )
     except KeyboardInterrupt:  # before anything was stored (`_update_dataset` says after)
         raise Interrupted(
             f"interrupted: nothing of {new} was stored in {dataset} yet; the same command "
@@ -453,6 +479,7 @@ def _update_dataset(
     allow_mixed: bool,
     store: DatasetStore | None,
     provenance: dict | None,
+    limits: LabellingSettings,
 ) -> dict:
     new = Path(new)
     if not new.exists():
@@ -466,6 +493,9 @@ def _update_dataset(
     items, n_failed = _incoming(new)
     if not items and not n_failed:
         raise StructureError(f"{new}: no labelled structures or label tasks found")
+    for item in items:  # label tasks were checked by labelling, under their own settings
+        if item.provenance["backend"] == "file":
+            _check_limits(item.labelled, limits)
     existing = []
     if ds is not None:  # only the documents these items could collide with
         existing = [labels_of(f) for f in ds.frames({i.structure_id for i in items})]

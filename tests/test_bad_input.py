@@ -939,3 +939,46 @@ def test_campaign_write_refuses_property_checks_that_would_be_silently_wrong(
         assert not (tmp_path / "w.yaml").exists() and not (tmp_path / "run").exists()
     cfg.write_text(base + "}\n" + checks % ("cu.vasp", ""))  # the same, well formed
     assert run(capsys, "campaign", "--config", cfg, "--write", tmp_path / "w.yaml")[0] == 0
+
+
+def test_update_dataset_applies_labellings_limits_to_imported_files(tmp_path, capsys):
+    """Issue 39: an imported frame with a 1e6 eV/Å force, or with atoms on top of each other,
+    is refused as labelling refuses it, naming the frame; nothing is written."""
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    good = emt_labelled(3, seed=2)
+    absurd = good[1].copy()
+    forces = good[1].get_forces().copy()
+    forces[0] = [1e6, 0, 0]
+    absurd.calc = SinglePointCalculator(
+        absurd, energy=good[1].get_potential_energy(), forces=forces
+    )
+    ase.io.write(tmp_path / "absurd.extxyz", [good[0], absurd])
+    code, _, err = run(
+        capsys, "update-dataset", "--new", tmp_path / "absurd.extxyz", "--dataset", tmp_path / "ds"
+    )
+    _one_line(code, err, "absurd.extxyz frame 1: max force 1e+06 eV/Å exceeds label.max_force")
+    assert not (tmp_path / "ds").exists()
+    close = good[2].copy()
+    close.positions[1] = close.positions[0] + [0.3, 0, 0]
+    close.calc = SinglePointCalculator(close, energy=-1.0, forces=np.zeros((len(close), 3)))
+    ase.io.write(tmp_path / "close.extxyz", close)
+    code, _, err = run(
+        capsys, "update-dataset", "--new", tmp_path / "close.extxyz", "--dataset", tmp_path / "ds"
+    )
+    _one_line(
+        code, err, "close.extxyz frame 0: atoms 0.3 Å apart, closer than label.min_distance_A"
+    )
+    # the user's own limits, as labelling would apply them
+    code, _, err = run(
+        capsys,
+        "update-dataset",
+        "--new",
+        tmp_path / "absurd.extxyz",
+        "--dataset",
+        tmp_path / "ds",
+        "--max-force",
+        "2e6",
+    )
+    assert code == 0, err
