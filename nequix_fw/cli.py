@@ -484,7 +484,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
-    from nequix_fw.schemas.campaign import read_campaign_log
+    from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
     from nequix_fw.uncertainty import collapse_warning
 
     path = Path(args.directory) / "campaign.json"
@@ -495,6 +495,7 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
 
         its = CampaignStore(log["launchpad"], log["name"]).iterations() or its
         where = f"MongoDB ({log['launchpad']})"
+        check_iterations(its, where)
     print(f"campaign {log['name']} (from {where})")
     print(
         "iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "

@@ -982,3 +982,19 @@ def test_update_dataset_applies_labellings_limits_to_imported_files(tmp_path, ca
         "2e6",
     )
     assert code == 0, err
+
+
+def test_campaign_status_names_a_damaged_field_of_the_record(tmp_path, capsys):
+    """Issue 39: a campaign.json whose values have the wrong type is refused naming the
+    iteration and the field, not printed as if it were fine."""
+    import json
+
+    its = [{"iteration": 0, "n_labelled": 6}, {"iteration": 1, "n_labelled": "many"}]
+    (tmp_path / "campaign.json").write_text(json.dumps({"name": "c", "iterations": its}))
+    code, out, err = run(capsys, "campaign-status", tmp_path)
+    _one_line(code, err, "campaign.json: iteration 1: n_labelled: ", "(got 'many')")
+    assert "many" not in out
+    its[1] = {"iteration": 1, "validation": {"force_rmse_eV_per_A": "low"}}
+    (tmp_path / "campaign.json").write_text(json.dumps({"name": "c", "iterations": its}))
+    code, _, err = run(capsys, "campaign-status", tmp_path)
+    _one_line(code, err, "iteration 1: validation.force_rmse_eV_per_A: ")
