@@ -20,6 +20,7 @@ which server answers.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ from nequix_fw.structures import atomic_path, process_alive
 logger = logging.getLogger(__name__)
 
 EXECUTABLE = "secantusd-py"
+#: The file `start` locks in the server directory while it starts a server there.
+START_LOCK = "start.lock"
 DEFAULT_HOST = "127.0.0.1"
 #: The TCP ports a server can listen on.
 PORTS = range(1, 65536)
@@ -215,26 +218,56 @@ def start(
         raise ServerError(f"port {port}: not a TCP port (1-65535)")
     if (username is None) != (password is None):
         raise ServerError("give both a user name and a password, or neither")
-    conf = directory / "server.json"
-    old = status(directory) if conf.is_file() else None
+    _refuse_running(directory)
+    made = _make_dir(directory)
+    # one start at a time per directory: a second one at the same moment would overwrite
+    # server.json and remove server.pid, leaving the first server orphaned
+    lock = open(directory / START_LOCK, "a")  # noqa: SIM115 (held until the start is done)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ServerError(
+            f"{directory}: another `nequix-fw db start` is starting a server here; wait for it "
+            f"(nequix-fw db status --dir {directory})"
+        ) from None
+    started = False
+    try:
+        old = _refuse_running(directory)  # again, under the lock
+        port = port or (old.port if old else None) or free_port(host)
+        if ping(host, port, 0.3):
+            raise ServerError(
+                f"{host}:{port}: another server already listens there; choose another --port"
+            )
+        database = database or (old.database if old else None)
+        state = _start(directory, host, port, username, password, wait_s, database, old)
+        started = True
+        return state
+    finally:
+        # nothing of a failed first start stays behind (unless another start got there first)
+        if not started and made is not None and not _runs_here(directory):
+            shutil.rmtree(made, ignore_errors=True)
+        lock.close()
+
+
+def _runs_here(directory: Path) -> bool:
+    try:
+        _refuse_running(directory)
+    except ServerError:
+        return True
+    return False
+
+
+def _refuse_running(directory: Path) -> ServerState | None:
+    """The directory's last server state (None before its first start); an error when that
+    server still runs."""
+    old = status(directory) if (directory / "server.json").is_file() else None
     if old is not None and old.running:
         raise ServerError(
             f"{directory}: a server already runs here (pid {old.pid}, {old.host}:{old.port}); "
             f"stop it with: nequix-fw db stop --dir {directory}"
         )
-    port = port or (old.port if old else None) or free_port(host)
-    if ping(host, port, 0.3):
-        raise ServerError(
-            f"{host}:{port}: another server already listens there; choose another --port"
-        )
-    database = database or (old.database if old else None)
-    made = _make_dir(directory)
-    try:
-        return _start(directory, host, port, username, password, wait_s, database, old)
-    except BaseException:
-        if made is not None:  # nothing of a failed first start stays behind
-            shutil.rmtree(made, ignore_errors=True)
-        raise
+    return old
 
 
 def _make_dir(directory: Path) -> Path | None:

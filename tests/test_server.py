@@ -103,3 +103,32 @@ def test_authentication_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(server.ServerError, match=r"nequix-fw\[server\]"):
         server.start(tmp_path / "s3")
+
+
+def test_two_starts_on_one_directory_at_once_leave_one_server_that_stop_stops(tmp_path):
+    """Issue 39: the loser of two simultaneous starts used to overwrite server.json and delete
+    server.pid, leaving the winner orphaned; now it is refused and the winner is the one
+    `db status` and `db stop` see."""
+    d = tmp_path / "srv"
+    procs = [
+        subprocess.Popen(
+            [NFW, "db", "start", "--dir", str(d), "--launchpad", str(tmp_path / f"lp{i}.yaml")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert "another `nequix-fw db start` is starting a server here" in err or (
+        "a server already runs here" in err
+    )
+    pid = int((d / "server.pid").read_text())
+    port = yaml.safe_load((d / "server.json").read_text())["port"]
+    assert server.status(d).pid == pid and server.ping("127.0.0.1", port, 1.0)
+    p = _db("stop", "--dir", d)
+    assert p.returncode == 0 and f"stopped (pid {pid})" in p.stdout
+    assert not server.ping("127.0.0.1", port, 0.5)
