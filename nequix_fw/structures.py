@@ -90,12 +90,22 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _read_file(path: Path) -> Iterator[Atoms]:
+    n = 0  # frames read
     try:
-        frames = ase.io.iread(str(path), index=":")
-        yield from frames
+        for atoms in ase.io.iread(str(path), index=":"):
+            yield atoms
+            n += 1
     except Exception as exc:  # ASE raises many kinds for malformed files
         cause = str(exc).strip() or type(exc).__name__
-        raise StructureError(f"{path}: cannot read structures ({cause})") from None
+        if "StopIteration" in cause or isinstance(exc, StopIteration):  # a reader ran out
+            raise StructureError(
+                f"{path}: the file ends in the middle of frame {n} (frames 0-{n - 1} are whole); "
+                "it was cut short: write it again, or remove the partial frame"
+                if n
+                else f"{path}: the file ends in the middle of its first frame (cut short?)"
+            ) from None
+        where = f"frame {n}: " if n else ""
+        raise StructureError(f"{path}: cannot read structures ({where}{cause})") from None
 
 
 def iter_frames(inputs: Iterable[str | Path]) -> Iterator[Frame]:

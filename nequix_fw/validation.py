@@ -41,7 +41,7 @@ from nequix_fw.settings import (
     ExplorationSettings,
     ValidationSettings,
 )
-from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, scaled_cells
+from nequix_fw.structures import EV_STRAINS, atomic_path, check_output, iter_frames, scaled_cells
 from nequix_fw.uncertainty import atomic_force_deviation, calibrate, uncertainty_error_ratio
 
 logger = logging.getLogger(__name__)
@@ -451,6 +451,33 @@ def _plots(report: dict, data, mean_e, mean_f, prefix: Path) -> list[str]:
 # -- the stage function --------------------------------------------------------------------------
 
 
+def check_validation(checks: ValidationSettings) -> None:
+    """A reference calculator that cannot be imported, a check structure that cannot be read,
+    and one the elastic and phonon checks cannot use (not a periodic crystal), refused before
+    anything runs (by `validate`, and by `campaign --write` rather than in iteration 0)."""
+    if checks.reference not in (None, LABEL_REFERENCE):
+        try:
+            calculator_class(checks.reference)
+        except SettingsError as exc:
+            raise SettingsError(f"validate.reference: {exc}") from None
+    if checks.structure is None:
+        return
+    try:
+        atoms = next(iter_frames([checks.structure])).atoms
+    except (NequixFWError, StopIteration) as exc:
+        cause = str(exc).removeprefix(f"{checks.structure}: ") or "no structure in it"
+        raise SettingsError(
+            f"validate.structure {checks.structure} (command line: --ev-structure): cannot be "
+            f"read ({cause})"
+        ) from None
+    if (checks.elastic or checks.phonons) and (not atoms.pbc.all() or atoms.cell.rank < 3):
+        raise SettingsError(
+            f"validate.structure {checks.structure}: not a periodic crystal (pbc "
+            f"{atoms.pbc.tolist()}, cell rank {atoms.cell.rank}): the elastic and phonon checks "
+            "strain and displace a periodic cell"
+        )
+
+
 def validate(
     model_specs: Sequence[str | Path],
     testset: Sequence[str | Path],
@@ -472,6 +499,7 @@ def validate(
     calculator, or with the labels `label_reference(check, cells)` gives (a campaign's own).
     `progress`: bars for the long parts."""
     validation = validation or ValidationSettings()
+    check_validation(validation)
     reference, reference_params = validation.reference, validation.reference_params
     ev_structure, reference_data = validation.structure, validation.reference_data
     if error_threshold <= 0:

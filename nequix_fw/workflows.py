@@ -20,7 +20,7 @@ from fireworks import FiretaskBase, Firework, FWAction, Workflow, explicit_seria
 
 from nequix_fw import campaign as stages
 from nequix_fw.campaign import Campaign, label_groups, label_inputs
-from nequix_fw.errors import NequixFWError, SettingsError
+from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
     ExploreTask,
     LabelTask,
@@ -29,10 +29,8 @@ from nequix_fw.firetasks import (
     TrainEnsembleTask,
     UpdateDatasetTask,
 )
-from nequix_fw.labelling.ase_calc import calculator_class
 from nequix_fw.settings import (
     FINETUNE_DEFAULTS,
-    LABEL_REFERENCE,
     PLACEHOLDER,
     SECTIONS,
     ExplorationSettings,
@@ -47,6 +45,7 @@ from nequix_fw.settings import (
 )
 from nequix_fw.stopping import iteration_stop, selection_decision
 from nequix_fw.structures import is_store_spec, iter_frames
+from nequix_fw.validation import check_validation
 
 logger = logging.getLogger(__name__)
 
@@ -314,10 +313,6 @@ def campaign_sections(
             "true (the runs it counts)"
         )
     checks = c.section(ValidationSettings, 0)
-    try:
-        _check_validation(checks)
-    except SettingsError as exc:
-        raise SettingsError(f"{config}: {exc}") from None
     if c.settings.property_tolerances and not (checks.reference or checks.reference_data):
         raise SettingsError(
             f"{config}: campaign.property_tolerances needs validate.reference "
@@ -353,33 +348,11 @@ def campaign_sections(
             "validation, which needs campaign.testset"
         )
     _check_inputs(sections, config)
-    return sections
-
-
-def _check_validation(checks: ValidationSettings) -> None:
-    """A reference calculator that cannot be imported, and a check structure the elastic and
-    phonon checks cannot use (unreadable, or not a periodic crystal), refused before anything
-    runs rather than found wrong in iteration 0's validation."""
-    if checks.reference not in (None, LABEL_REFERENCE):
-        try:
-            calculator_class(checks.reference)
-        except SettingsError as exc:
-            raise SettingsError(f"validate.reference: {exc}") from None
-    if checks.structure is None or not (checks.elastic or checks.phonons):
-        return
     try:
-        atoms = next(iter_frames([checks.structure])).atoms
-    except (NequixFWError, StopIteration) as exc:
-        cause = str(exc).removeprefix(f"{checks.structure}: ") or "no structure in it"
-        raise SettingsError(
-            f"validate.structure {checks.structure}: cannot be read ({cause})"
-        ) from None
-    if not atoms.pbc.all() or atoms.cell.rank < 3:
-        raise SettingsError(
-            f"validate.structure {checks.structure}: not a periodic crystal (pbc "
-            f"{atoms.pbc.tolist()}, cell rank {atoms.cell.rank}): the elastic and phonon checks "
-            "strain and displace a periodic cell"
-        )
+        check_validation(checks)
+    except SettingsError as exc:
+        raise SettingsError(f"{config}: {exc}") from None
+    return sections
 
 
 def _check_inputs(sections: dict, config: str | Path) -> None:

@@ -905,7 +905,8 @@ def test_campaign_write_refuses_property_checks_that_would_be_silently_wrong(
         ),
         (
             base + "}\n" + checks % ("garbage.vasp", ""),
-            f"validate.structure {tmp_path / 'garbage.vasp'}: cannot be read",
+            f"validate.structure {tmp_path / 'garbage.vasp'} (command line: --ev-structure): "
+            "cannot be read",
         ),
         (
             base + "}\n" + checks % ("cu.vasp", ", phonon_supercell: [2, 0, 2]"),
@@ -998,3 +999,43 @@ def test_campaign_status_names_a_damaged_field_of_the_record(tmp_path, capsys):
     (tmp_path / "campaign.json").write_text(json.dumps({"name": "c", "iterations": its}))
     code, _, err = run(capsys, "campaign-status", tmp_path)
     _one_line(code, err, "iteration 1: validation.force_rmse_eV_per_A: ")
+
+
+def test_validate_refuses_bad_check_inputs_in_one_line_and_writes_nothing(
+    model_paths, tmp_path, capsys
+):
+    """Issue 39: a missing --ev-structure, the settings campaign --write refuses, and a
+    truncated test set: one line each, exit 2, no report."""
+    from ase import Atoms
+
+    ase.io.write(tmp_path / "test.extxyz", emt_labelled(3, seed=5))
+    ase.io.write(tmp_path / "molecule.xyz", Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]]))
+    lines = (tmp_path / "test.extxyz").read_text().splitlines()
+    (tmp_path / "cut.extxyz").write_text("\n".join(lines[: 2 * 18 + 1]) + "\n")  # 16-atom cells
+    base = ["validate", "--models", *model_paths[:2], "--output", tmp_path / "v.json"]
+    test = ["--testset", tmp_path / "test.extxyz"]
+    cases = [
+        (
+            [*test, "--reference", "emt", "--ev-structure", tmp_path / "nope.vasp"],
+            f"validate.structure {tmp_path / 'nope.vasp'} (command line: --ev-structure): "
+            "cannot be read (no such file or directory)",
+        ),
+        (
+            [*test, "--reference", "emt", "--elastic", "--ev-structure", tmp_path / "molecule.xyz"],
+            "not a periodic crystal",
+        ),
+        (
+            [*test, "--reference", "emt", "--phonons", "--phonon-supercell", "2", "0", "2"],
+            "phonon_supercell: every entry must be a positive integer, got [2, 0, 2]",
+        ),
+        ([*test, "--reference", "nosuchcalc"], "calculator 'nosuchcalc' cannot be imported"),
+        (
+            ["--testset", tmp_path / "cut.extxyz"],
+            f"{tmp_path / 'cut.extxyz'}: the file ends in the middle of frame 2 (frames 0-1 are "
+            "whole)",
+        ),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *base, *argv)
+        _one_line(code, err, message)
+        assert not (tmp_path / "v.json").exists()
