@@ -388,9 +388,7 @@ def campaign_workflow(sections: dict) -> Workflow:
     validation appends iteration 1, and so on."""
     c = Campaign(sections)
     n_initial = sum(1 for _ in iter_frames([label_inputs(c, 0)]))
-    wf = labelling_workflow(c, 0, n_initial)
-    wf.name = f"nequix-fw campaign {c.settings.name} iteration 0"
-    return wf
+    return labelling_workflow(c, 0, n_initial)  # named `<name> iteration 0`, as every other
 
 
 # -- the tasks that grow the workflow ---------------------------------------------------------

@@ -45,7 +45,7 @@ def test_campaign_runs_iterations_and_stops_at_max_iterations(tmp_path, launchpa
     # Firework grows with the size of its workflow)
     assert db["workflow_state"] == ["COMPLETED"] * 3
     assert db["workflows"] == [
-        ["nequix-fw campaign cu_au iteration 0", 4, 0],
+        ["cu_au iteration 0", 4, 0],  # the documented `<name> iteration <k>`, 0 too
         ["cu_au iteration 1", 7, 1],
         ["cu_au iteration 2", 7, 2],
     ]
