@@ -260,7 +260,7 @@ class _Rows:
 
     energy: list  # (F,) per structure, divided by its atoms
     force: list  # (F, N_s, 3) per structure
-    stress: list  # (F, 6) per periodic structure with a stress label, or None
+    stress: list  # (F, 9) per periodic structure with a stress label
     force_error: list  # (N_s, 3) model minus label per structure
     n_atoms: int
 
@@ -269,7 +269,6 @@ def _rows(module, model: NequixModel, data: Sequence, want_stress: bool) -> _Row
     index = atomic_numbers_to_indices(model.atomic_numbers)
     graphs = [build_graph(d.frame.atoms, index, model.cutoff) for d in data]
     out = _Rows([], [], [], [], 0)
-    voigt = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])
     for batch in pack_batches([int(g["n_edge"][0]) for g in graphs], MAX_EDGES, MAX_GRAPHS):
         padded = pad_batch([dict_to_graphstuple(graphs[i]) for i in batch], MAX_GRAPHS + 1)
         phi, forces, _, psi, sig = (
@@ -282,7 +281,7 @@ def _rows(module, model: NequixModel, data: Sequence, want_stress: bool) -> _Row
             out.force.append(psi[:, start : start + n])
             out.force_error.append(forces[start : start + n] - d.forces)
             if want_stress and d.stress is not None and d.frame.atoms.pbc.all():
-                out.stress.append(sig[:, k][:, voigt[0], voigt[1]])
+                out.stress.append(sig[:, k].reshape(len(sig), 9))  # as nequix's loss: 9
             start += n
         out.n_atoms += sum(len(data[i].frame.atoms) for i in batch)
     return out

@@ -96,6 +96,10 @@ def test_llpr_is_the_loss_hessian_and_its_heads_give_the_posterior_force_varianc
         jax.hessian(lambda w: nequix_loss(with_w(w), batch, *WEIGHTS, "mse")[0])(w0)
     )
     assert np.abs(hessian - 2 * a).max() < 1e-5 * np.abs(hessian).max()
+    for weights in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)):  # each term alone
+        a = llpr.precision(llpr._rows(module, model, data, True), weights)
+        h = jax.hessian(lambda w, wt=weights: nequix_loss(with_w(w), batch, *wt, "mse")[0])(w0)
+        assert np.abs(np.asarray(h) - 2 * a).max() < 1e-4 * np.abs(np.asarray(h)).max()
 
     # 2F heads (F antithetic pairs along orthogonal directions): the posterior exactly
     heads = llpr.fit_llpr(model, data[:4], data[4:], WEIGHTS, n_heads=2 * n_f)
