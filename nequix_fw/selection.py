@@ -564,9 +564,10 @@ def select_from_results(
         )
     header, records = read_results(results_path)
     n_models = len(header.get("models", []))
-    if n_models < 2:
+    if n_models < 2 and header.get("uncertainty_method") != "llpr":
         raise NequixFWError(
-            f"{results_path}: uncertainty needs at least 2 models, these results have {n_models}"
+            f"{results_path}: uncertainty needs at least 2 models or one with LLPR heads, "
+            f"these results have {n_models} model(s) and no heads"
         )
     describe = describer(settings, header["models"]) if settings.diverse else None
     entries = classify(records, settings, describe)

@@ -161,6 +161,17 @@ def test_exploration_that_samples_nothing(model_paths, tmp_path, capsys):
     assert code == 2 and "the exploration yielded no candidate frame" in err
     assert "sample every 50 steps" in err and "--sample-every" in err
     assert not (tmp_path / "cands").exists()
+    # every trajectory stopped on uncertainty before its first sample: that is what it says
+    code, _, err = run(
+        capsys,
+        "explore",
+        *("--models", *model_paths[:2], "--structures", tmp_path / "s.extxyz"),
+        *("--steps", "20", "--check-every", "10", "--sample-every", "10", "--hi", "1e-6"),
+        *("--output", tmp_path / "cands", "--no-progress"),
+    )
+    assert code == 2 and "1 trajectories stopped before their first sampled frame" in err
+    assert "(1 on uncertainty)" in err and "explore.stop_force_dev 1e-06 eV/Å" in err
+    assert not (tmp_path / "cands").exists()
     # NPT on a molecule names the file and frame, and leaves nothing behind
     ase.io.write(tmp_path / "mol.xyz", Atoms("Cu2", positions=[[0, 0, 0], [2.4, 0, 0]]))
     code, _, err = run(

@@ -169,6 +169,30 @@ def test_campaign_stops_when_nothing_is_selected(tmp_path, launchpad_file):
     assert r["db"]["workflow_state"] == ["COMPLETED", "COMPLETED"]
 
 
+def test_a_campaign_on_one_model_with_llpr_heads_selects_and_goes_on(tmp_path, launchpad_file):
+    """The default for fine-tuning, one member whose LLPR heads give the spread, through the
+    whole loop: explore, evaluate, select, label, retrain (warm start keeps the heads)."""
+    r = run_campaign(
+        tmp_path,
+        "heads",
+        lo=0.0,
+        # the 3-epoch model errs by ~1 eV/Å and its heads say so: MD must not stop on that
+        extra="train_ensemble: {n_models: 1, uncertainty: llpr, llpr_heads: 4}\n"
+        "campaign: {max_iterations: 1}\nexplore: {stop_force_dev: null}",
+    )
+    its = r["log"]
+    assert [it["dataset_size"] for it in its] == [4, 7]
+    assert its[1]["n_selected"] == 3
+    for k in range(2):  # one member and its heads each iteration
+        train = r["dir"] / f"iter_{k:03d}" / "train_ensemble"
+        assert [p.name for p in sorted(train.glob("member_*.nqx"))] == ["member_0.nqx"]
+        assert (train / "member_0.llpr.npz").is_file()
+    header = json.loads((r["dir"] / "iter_001/run_ensemble/ensemble_results.json").read_text())
+    assert header["uncertainty_method"] == "llpr" and len(header["models"]) == 1
+    assert all(it["uncertainty_error_ratio"] > 0 for it in its)
+    assert {s for _, s in r["db"]["fireworks"]} == {"COMPLETED"}
+
+
 def test_rerun_appends_nothing_twice_and_reuses_labels(tmp_path, launchpad_file):
     """`lpad rerun_fws` on a finished iteration: the validation runs the next iteration's
     workflow (added by its first run) again instead of adding another, the selection picks the

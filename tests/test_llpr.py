@@ -28,7 +28,8 @@ from nequix_fw.evaluation import run_ensemble
 from nequix_fw.graphs import build_graph, pad_batch
 from nequix_fw.models import ModelInfo, NequixModel, load_model, new_model, save_model
 from nequix_fw.results import read_results
-from nequix_fw.settings import TrainingSettings
+from nequix_fw.selection import select_from_results
+from nequix_fw.settings import SelectionSettings, TrainingSettings
 from nequix_fw.structures import Frame
 from nequix_fw.training import train_ensemble
 from nequix_fw.uncertainty import heads_path
@@ -181,6 +182,12 @@ def test_one_member_with_heads_is_an_ensemble(llpr_member, emt_data, tmp_path):
         assert rec["metrics"]["max_force_dev"] > 0
         assert np.mean(rec["energies"]) == pytest.approx(p.energies[0], abs=1e-4)
         assert rec["forces"].mean(0) == pytest.approx(p.forces[0], abs=1e-4)
+    # selection takes the heads' spread as the uncertainty: the most uncertain first
+    manifest = select_from_results(out, tmp_path / "sel", SelectionSettings(lo=0.0, max_selected=3))
+    devs = sorted((r["metrics"]["max_force_dev"] for r in records), reverse=True)
+    picked = [e["metrics"]["max_force_dev"] for e in manifest["structures"] if e["selected"]]
+    assert sorted(picked, reverse=True) == pytest.approx(devs[:3])
+    assert len(list((tmp_path / "sel").glob("*.vasp"))) == 3
     # the uncertainty ranks the errors of the model on held-out structures
     report = validate([llpr_member["model"]], [emt_data["test"]], tmp_path / "v.json")
     assert list(report["per_model"]) == ["0:member_0"]

@@ -224,7 +224,8 @@ def test_single_model_results_refused(model_paths, tmp_path):
     with ResultsWriter(tmp_path / "one.json", [m.info.to_dict() for m in ens.models], {}) as w:
         for rec in ens.evaluate([Frame(make_cells(1)[0], "mem", 0)]):
             w.write(rec)
-    with pytest.raises(NequixFWError, match="at least 2 models, these results have 1"):
+    message = "at least 2 models or one with LLPR heads, these results have 1 model"
+    with pytest.raises(NequixFWError, match=message):
         select_from_results(tmp_path / "one.json", tmp_path / "s", SelectionSettings())
 
 

@@ -91,6 +91,30 @@ def stop_counts(trajectories: list[dict]) -> dict[str, int]:
     return dict(Counter(t["stop_reason"] for t in trajectories))
 
 
+def _why_none(trajectories: list[dict], settings: ExplorationSettings) -> str:
+    """Why trajectories gave no frame, and what to change."""
+    early = {r: n for r, n in stop_counts(trajectories).items() if r != "completed"}
+    if early:
+        stops = ", ".join(f"{n} on {r}" for r, n in sorted(early.items()))
+        hint = (
+            f"the model is uncertain from the start (max_force_dev above explore.stop_force_dev "
+            f"{settings.stop_force_dev} eV/Å): raise it, or explore.check_every lower "
+            "(command line: --hi, --check-every)"
+            if "uncertainty" in early
+            else "see the trajectories' stop reasons; lower explore.check_every "
+            "(command line: --check-every)"
+        )
+        return (
+            f"{len(trajectories)} trajectories stopped before their first sampled frame "
+            f"({stops}); {hint}"
+        )
+    return (
+        f"{len(trajectories)} trajectories of {settings.steps} steps sample every "
+        f"{settings.sample_every} steps, and no distortions or random packings were asked for; "
+        "lower explore.sample_every or raise explore.steps (command line: --sample-every, --steps)"
+    )
+
+
 def explore(
     ensemble,
     structures: list[Frame],
@@ -168,12 +192,8 @@ def explore(
         pool.setdefault(structure_id(a), a)
     frames = list(pool.values())
     if not frames:
-        raise StructureError(
-            f"{output}: the exploration yielded no candidate frame: {len(trajectories)} "
-            f"trajectories of {settings.steps} steps sample every {settings.sample_every} steps, "
-            "and no distortions or random packings were asked for; lower explore.sample_every "
-            "or raise explore.steps (command line: --sample-every, --steps)"
-        )
+        why = _why_none(trajectories, settings)
+        raise StructureError(f"{output}: the exploration yielded no candidate frame: {why}")
     output.mkdir(parents=True, exist_ok=True)
     with atomic_path(output / "candidates.extxyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
