@@ -78,21 +78,73 @@ def timing(launchpad: str) -> None:
     coll.drop()
 
 
+def fireworks_overhead(launchpad: str, sizes=(100, 10_000), n_run: int = 40) -> list[float]:
+    """FireWorks' time per Firework (s) when the database already holds `sizes` finished
+    Fireworks (and as many launches): `n_run` Fireworks that do nothing (`true`), run by one
+    `rlaunch rapidfire`, so their wall time is all FireWorks and database. Returns one per
+    size."""
+    from fireworks import Firework, LaunchPad, ScriptTask, Workflow
+
+    lp = LaunchPad.from_file(launchpad)
+    out = []
+    for n in sizes:
+        lp.reset("", require_password=False)
+        for _ in range(n // 100):  # finished workflows of 100 Fireworks each
+            wf = Workflow([Firework(ScriptTask.from_str("true")) for _ in range(100)])
+            lp.add_wf(wf)
+        lp.fireworks.update_many({}, {"$set": {"state": "COMPLETED"}})
+        lp.workflows.update_many({}, {"$set": {"state": "COMPLETED"}})
+        ids = [f["fw_id"] for f in lp.fireworks.find({}, {"fw_id": 1})]
+        lp.launches.insert_many(
+            [
+                {"launch_id": i, "fw_id": f, "state": "COMPLETED", "pad": "x" * 1000}
+                for i, f in enumerate(ids, start=1)
+            ]
+        )
+        lp.fw_id_assigner.update_one({}, {"$set": {"next_launch_id": len(ids) + 1}})
+        lp.add_wf(Workflow([Firework(ScriptTask.from_str("true")) for _ in range(n_run)]))
+        with tempfile.TemporaryDirectory() as tmp:
+            start_t = time.perf_counter()
+            subprocess.run(
+                [BIN / "rlaunch", "-l", launchpad, "-s", "rapidfire"], cwd=tmp, check=True
+            )
+            out.append((time.perf_counter() - start_t) / n_run)
+        done = lp.fireworks.count_documents({"state": "COMPLETED"})
+        assert done == n + n_run, f"{done} of {n + n_run} Fireworks completed"
+    lp.reset("", require_password=False)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--launchpad", help="a LaunchPad file (default: start a local server)")
+    p.add_argument(
+        "--fireworks",
+        action="store_true",
+        help="also FireWorks' time per Firework among 10^2 and 10^4 finished ones (minutes)",
+    )
     args = p.parse_args()
+
+    def checks(launchpad: str) -> bool:
+        ok = check(launchpad)
+        timing(launchpad)
+        if args.fireworks:
+            small, large = fireworks_overhead(launchpad)
+            print(
+                f"\nFireWorks' time per Firework: {1000 * small:.0f} ms among 10^2 Fireworks, "
+                f"{1000 * large:.0f} ms among 10^4 (ratio {large / small:.2f})"
+            )
+        return ok
+
     if args.launchpad:
-        ok = check(args.launchpad)
-        timing(args.launchpad)
+        ok = checks(args.launchpad)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             nfw = [BIN / "nequix-fw", "db"]
             start = ["start", "--dir", f"{tmp}/db", "--launchpad", f"{tmp}/lp.yaml"]
             subprocess.run([*nfw, *start], check=True, capture_output=True)
             try:
-                ok = check(f"{tmp}/lp.yaml")
-                timing(f"{tmp}/lp.yaml")
+                ok = checks(f"{tmp}/lp.yaml")
             finally:
                 subprocess.run([*nfw, "stop", "--dir", f"{tmp}/db"], capture_output=True)
     print("every id handed out once:", ok)

@@ -1,8 +1,11 @@
 """The local MongoDB server: SecantusDB run as its own process, for machines without `mongod`.
 
 SecantusDB (GPL-2.0-only, the optional extra ``nequix-fw[server]``) speaks MongoDB's wire
-protocol on WiredTiger; it is started and stopped through its command line ``secantusd-py``
-and never imported. A server directory holds::
+protocol on WiredTiger. It runs as its own process, through ``python -m
+nequix_fw.secantus_atomic`` (its own file, under SecantusDB's licence), which makes its
+findAndModify atomic before it serves (FireWorks' ids are handed out once with any number of
+workers) and refuses another SecantusDB version than the one this is tested on. Nothing here
+imports it. A server directory holds::
 
     <dir>/data/         WiredTiger files (reopened intact after a restart or a kill -9)
     <dir>/server.json   host, port, whether authentication is on, and the database name of
@@ -43,6 +46,9 @@ from nequix_fw.structures import atomic_path, process_alive
 logger = logging.getLogger(__name__)
 
 EXECUTABLE = "secantusd-py"
+#: The module that runs SecantusDB's server with an atomic findAndModify (GPL-2.0-only, its own
+#: process; never imported here).
+ATOMIC_SERVER = "nequix_fw.secantus_atomic"
 #: The file `start` locks in the server directory while it starts a server there.
 START_LOCK = "start.lock"
 DEFAULT_HOST = "127.0.0.1"
@@ -140,8 +146,11 @@ def status(directory: str | Path) -> ServerState:
 def _launch(directory: Path, host: str, port: int, auth: bool, wait_s: float) -> int:
     data = directory / "data"
     data.mkdir(parents=True, exist_ok=True)
+    _executable()  # installed: the extra is there
     cmd = [
-        _executable(),
+        sys.executable,
+        "-m",
+        ATOMIC_SERVER,
         "--host",
         host,
         "--port",

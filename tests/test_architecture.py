@@ -20,6 +20,7 @@ LAYERS = {
         "epochs",
         "store",
         "server",
+        "secantus_atomic",
     ],
     3: [
         "evaluation",
@@ -105,3 +106,16 @@ def test_stages_import_nothing_of_fireworks_or_the_store():
                 names = [a.name for a in node.names]
             assert not any(n.split(".")[0] == "fireworks" for n in names), path
             assert not any(n in ("nequix_fw.store", "pymongo", "gridfs") for n in names), path
+
+
+def test_secantus_is_imported_by_its_own_file_alone():
+    """SecantusDB is GPL-2.0-only: only `secantus_atomic` (under its licence, run as its own
+    process) imports it, and no module of the package imports that file."""
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if path.stem != "secantus_atomic":
+            assert not {n for n in names if n.split(".")[0] == "secantus"}, path
+        assert "secantus_atomic" not in _imports(path), path
+    assert "SPDX-License-Identifier: GPL-2.0-only" in (PACKAGE / "secantus_atomic.py").read_text()

@@ -195,6 +195,56 @@ def test_killed_worker_and_server_lose_nothing(tmp_path, server):
     assert [it["dataset_size"] for it in got["log"]] == [4, 7]
 
 
+def test_worker_killed_as_validate_appends_and_inside_select_appends_once(tmp_path, server):
+    """Issue 39: `kill -9` of the worker the moment validation has appended the next iteration
+    (before its launch completes), then inside the select Firework (its stage done, before
+    FireWorks appends the labelling), each followed by `lpad detect_lostruns --rerun`: the next
+    iteration's workflow exists once, every structure is labelled once, and the campaign ends
+    as an uninterrupted run does."""
+    calls = {}
+
+    def labelling(name: str) -> dict:
+        calls[name] = tmp_path / f"{name}_calls.txt"
+        params = {"delay_s": 0.0, "calls_log": str(calls[name])}
+        return {"backend": "ase", "calculator": "slow_emt:SlowEMT", "calculator_params": params}
+
+    ref = _setup(tmp_path / "ref", "ref", labelling("ref"))
+    _ok([BIN / "rlaunch", "-l", ref["lp"], "rapidfire"], ref["dir"])
+    want = _state(ref)
+    c = _setup(tmp_path / "crash", "crash", labelling("crash"))
+    lost_runs = [BIN / "lpad", "-l", c["lp"], "detect_lostruns", "--time", "1", "--rerun"]
+    for k, point in enumerate(["after_add_wf:iteration 1", "after_stage:SelectTask"]):
+        env = {**ENV, "NEQUIX_FW_TEST_KILL": point}
+        env["NEQUIX_FW_TEST_KILL_MARKER"] = str(tmp_path / f"killed_{k}")
+        p = subprocess.run(
+            [str(BIN / "rlaunch"), "-l", str(c["lp"]), "rapidfire"],
+            cwd=c["dir"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert p.returncode == -signal.SIGKILL, (point, p.stderr[-2000:])
+        assert (tmp_path / f"killed_{k}").exists()
+        running = [f["name"] for f in c["db"].fireworks.find({"state": "RUNNING"})]
+        assert running == [["crash validate 0"], ["crash select 1"]][k]
+        time.sleep(2)
+        _ok(lost_runs, c["dir"])
+    _ok([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], c["dir"])
+    got = _state(c)
+    assert [n.replace("crash", "ref") for n, _ in got["fireworks"]] == [
+        n for n, _ in want["fireworks"]
+    ]
+    assert {s for _, s in got["fireworks"]} == {"COMPLETED"}
+    names = sorted(w["name"] for w in c["db"].workflows.find())
+    assert names == ["crash iteration 0", "crash iteration 1"]  # appended once
+    assert got["dataset"] == want["dataset"] and got["n_docs"] == 4 + 3
+    labelled = calls["crash"].read_text().split()
+    assert sorted(labelled) == sorted(set(labelled)) and len(labelled) == 4 + 3
+    assert sorted(labelled) == sorted(calls["ref"].read_text().split())
+    assert [it["dataset_size"] for it in got["log"]] == [4, 7]
+
+
 def _flaky_pool(n: int) -> list:
     """`n` cells for the flaky oracle, with at least two failures and one hang among them."""
     cells = make_cells(60, seed=21)

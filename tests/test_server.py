@@ -132,3 +132,73 @@ def test_two_starts_on_one_directory_at_once_leave_one_server_that_stop_stops(tm
     p = _db("stop", "--dir", d)
     assert p.returncode == 0 and f"stopped (pid {pid})" in p.stdout
     assert not server.ping("127.0.0.1", port, 0.5)
+
+
+def _take_ids(launchpad: str) -> list[int]:
+    """300 ids from one counter, as FireWorks takes launch ids: the document before the
+    update."""
+    from nequix_fw.store import launchpad_db
+
+    counter = launchpad_db(launchpad)["ids"]
+    return [
+        counter.find_one_and_update(
+            {}, {"$inc": {"next": 1}}, return_document=pymongo.ReturnDocument.BEFORE
+        )["next"]
+        for _ in range(300)
+    ]
+
+
+def test_eight_processes_get_every_id_once(launchpad_file):
+    """Issue 39: SecantusDB 0.7.0b3 returned a findAndModify's pre-image read before the
+    collection's lock, so concurrent clients got one id twice (1,623-1,964 distinct of 2,400);
+    the server `db start` runs makes it atomic."""
+    from multiprocessing import get_context
+
+    from nequix_fw.store import launchpad_db
+
+    launchpad_db(str(launchpad_file))["ids"].insert_one({"next": 0})
+    with get_context("spawn").Pool(8) as pool:
+        ids = [i for part in pool.map(_take_ids, [str(launchpad_file)] * 8) for i in part]
+    assert sorted(ids) == list(range(2400))
+
+
+def test_eight_rlaunch_workers_give_each_firework_one_launch(launchpad_file, tmp_path):
+    """200 Fireworks, 8 `rlaunch rapidfire` workers at once: every Firework runs once, with a
+    launch of its own (a shared launch id used to overwrite one launch record with another)."""
+    from fireworks import Firework, LaunchPad, ScriptTask, Workflow
+
+    lp = LaunchPad.from_file(str(launchpad_file))
+    lp.reset("", require_password=False)
+    lp.add_wf(Workflow([Firework(ScriptTask.from_str("true"), name=f"fw{i}") for i in range(200)]))
+    workers = [
+        subprocess.Popen(
+            [os.path.join(os.path.dirname(NFW), "rlaunch"), "-l", str(launchpad_file)]
+            + ["-s", "rapidfire"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    for w in workers:
+        assert w.wait(timeout=600) == 0, w.stderr.read()[-2000:]
+    fws = list(lp.fireworks.find({}, {"state": 1, "launches": 1}))
+    assert len(fws) == 200 and {f["state"] for f in fws} == {"COMPLETED"}
+    launch_ids = [i for f in fws for i in f["launches"]]
+    assert sorted(launch_ids) == sorted(set(launch_ids)) and len(launch_ids) == 200
+    assert lp.launches.count_documents({}) == 200
+
+
+def test_the_atomic_server_refuses_another_secantus_version(tmp_path):
+    """The fix is tested on one SecantusDB version; on another it refuses to start in one line
+    instead of serving unprotected."""
+    code = "import sys, nequix_fw.secantus_atomic as m; m.PINNED = '0.0'; sys.exit(m.main())"
+    p = subprocess.run(
+        [os.path.join(os.path.dirname(NFW), "python"), "-c", code, "--port", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0
+    assert "its atomic findAndModify is made for and tested on 0.0 only" in p.stderr
