@@ -88,7 +88,7 @@ def fireworks_overhead(launchpad: str, sizes=(100, 10_000), n_run: int = 40) -> 
     lp = LaunchPad.from_file(launchpad)
     out = []
     for n in sizes:
-        lp.reset("", require_password=False)
+        lp.reset("", require_password=False, max_reset_wo_password=10**6)
         for _ in range(n // 100):  # finished workflows of 100 Fireworks each
             wf = Workflow([Firework(ScriptTask.from_str("true")) for _ in range(100)])
             lp.add_wf(wf)
@@ -109,9 +109,10 @@ def fireworks_overhead(launchpad: str, sizes=(100, 10_000), n_run: int = 40) -> 
                 [BIN / "rlaunch", "-l", launchpad, "-s", "rapidfire"], cwd=tmp, check=True
             )
             out.append((time.perf_counter() - start_t) / n_run)
+            print(f"among {n} finished Fireworks: {1000 * out[-1]:.0f} ms a Firework", flush=True)
         done = lp.fireworks.count_documents({"state": "COMPLETED"})
         assert done == n + n_run, f"{done} of {n + n_run} Fireworks completed"
-    lp.reset("", require_password=False)
+    lp.reset("", require_password=False, max_reset_wo_password=10**6)
     return out
 
 

@@ -13,7 +13,8 @@ Fireworks. Here the whole command runs under the collection's lock (a re-entrant
 every write to the collection takes), so the document returned is the one the write changed.
 Under that lock nothing else can change the document between the read and the write, so the
 write goes by `_id` alone, without re-asserting the query, which keeps it on the `_id` index
-instead of scanning the collection.
+instead of scanning the collection. A query's `$or` of one field's values is asked as the
+equivalent `$in` (`_or_to_in`), which the server answers from its indexes.
 
 The change is tested on one SecantusDB version (`PINNED`); on any other this refuses to start,
 in one line, rather than run unprotected.
@@ -44,6 +45,34 @@ def _by_id(method):
     return write
 
 
+_PLAIN = (type(None), str, int, float)
+
+
+def _or_to_in(query: dict) -> dict:
+    """`{$or: [{f: v1}, {f: v2}, ..], ..}` (one field, plain values) as `{f: {$in: [v1, v2,
+    ..]}, ..}`: the same documents in MongoDB's semantics (a null matches a missing field in
+    both, a value an array holding it), but SecantusDB 0.7.0b3 scans the whole collection for
+    any `$or` and uses its indexes for the rest of an `$in` query. A clause `{f: {$exists:
+    false}}` beside `{f: null}` adds nothing and is dropped. FireWorks checks a Firework out
+    with `{$or: [{spec._fworker: {$exists: false}}, {spec._fworker: null}, {spec._fworker:
+    NAME}], state: READY}`: 350 ms among 10^4 Fireworks. Any other query is left as it is."""
+    clauses = query.get("$or")
+    if not isinstance(clauses, list) or not clauses:
+        return query
+    if not all(isinstance(c, dict) and len(c) == 1 for c in clauses):
+        return query
+    fields = {next(iter(c)) for c in clauses}
+    (field,) = fields if len(fields) == 1 else (None,)
+    if field is None or field.startswith("$") or field in query:
+        return query
+    values = [c[field] for c in clauses]
+    if None in values:  # {f: {$exists: false}} is within {f: null}: a missing field matches
+        values = [v for v in values if v != {"$exists": False}]
+    if not all(isinstance(v, _PLAIN) for v in values):
+        return query
+    return {**{k: v for k, v in query.items() if k != "$or"}, field: {"$in": values}}
+
+
 def patch() -> None:
     """Make this process's SecantusDB findAndModify atomic (see the module's docstring)."""
     from secantus import commands, storage  # noqa: PLC0415 (after the version check)
@@ -54,6 +83,8 @@ def patch() -> None:
         coll = doc.get("findAndModify")
         if not isinstance(coll, str):
             return impl(doc, ctx)  # its own checks answer a malformed command
+        if isinstance(doc.get("query"), dict):
+            doc = {**doc, "query": _or_to_in(doc["query"])}
         with ctx.storage._coll_lock(ctx.db_name, coll):
             _held.locked = True
             try:

@@ -202,3 +202,38 @@ def test_the_atomic_server_refuses_another_secantus_version(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0
     assert "its atomic findAndModify is made for and tested on 0.0 only" in p.stderr
+
+
+def test_find_and_modify_with_or_matches_what_find_matches(launchpad_file):
+    """The server asks a findAndModify's `$or` of one field's values as `$in` (its indexes
+    answer that): the same documents as `find` matches, a missing field and an array
+    included, in the order of the sort; any other `$or` is answered as it is."""
+    from nequix_fw.store import launchpad_db
+
+    coll = launchpad_db(str(launchpad_file))["or_query"]
+    coll.create_index("state")
+    worker = [{}, {"w": None}, {"w": "a"}, {"w": "b"}, {"w": ["b", "a"]}, {"w": 1}]
+    coll.insert_many(
+        [
+            {"n": i, "state": s, **w}
+            for i, (s, w) in enumerate((s, w) for s in ("READY", "DONE") for w in worker)
+        ]
+    )
+    for query in (
+        # FireWorks' checkout
+        {"$or": [{"w": {"$exists": False}}, {"w": None}, {"w": "a"}], "state": "READY"},
+        {"$or": [{"w": None}, {"w": "a"}], "state": "READY"},
+        {"$or": [{"w": {"$exists": False}}, {"w": "a"}]},  # no null beside it: as it is
+        {"$or": [{"w": 1}, {"w": "b"}]},
+        {"$or": [{"w": "a"}, {"state": "DONE"}]},  # two fields: as it is
+    ):
+        want = [d["n"] for d in coll.find(query).sort([("n", -1)])]
+        got = []
+        while (
+            d := coll.find_one_and_update(
+                {**query, "taken": {"$exists": False}}, {"$set": {"taken": 1}}, sort=[("n", -1)]
+            )
+        ) is not None:
+            got.append(d["n"])
+        assert got == want and got, query
+        coll.update_many({}, {"$unset": {"taken": ""}})
