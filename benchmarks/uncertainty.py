@@ -334,11 +334,12 @@ def run(mode: str, method: str, seed: int, paths: dict, out: Path, epochs: int) 
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _ms(values) -> str:
+def _ms(values, digits: int = 2) -> str:
+    """Mean ± standard deviation over the seeds."""
     v = np.array([x for x in values if x is not None], float)
     if not len(v):
         return "-"
-    return f"{v.mean():.2f} ± {v.std():.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
 def report(results: list[dict], out: Path) -> None:
@@ -347,15 +348,18 @@ def report(results: list[dict], out: Path) -> None:
         groups.setdefault((r["mode"], r["method"]), []).append(r)
     print(
         "| mode | method | members | seeds | Spearman | AUROC (worst quarter) | worst called "
-        "accurate | calibrated median ratio | train (s) | eval (s) |"
+        "accurate | calibrated median ratio | force RMSE of the mean (eV/Å) | train (s) | "
+        "eval (s) |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (mode, method), rs in sorted(groups.items()):
         print(
             f"| {mode} | {method} | {rs[0]['n_members']} | {len(rs)} | "
             f"{_ms(r['spearman'] for r in rs)} | {_ms(r['auroc_worst_quarter'] for r in rs)} | "
             f"{_ms(100 * r['worst_called_accurate'] for r in rs)} % | "
-            f"{_ms(r['calibrated_ratio'] for r in rs)} | {_ms(r['train_s'] for r in rs)} | "
+            f"{_ms(r['calibrated_ratio'] for r in rs)} | "
+            f"{_ms((r['force_rmse_test'] for r in rs), 3)} | "
+            f"{_ms((r['train_s'] for r in rs), 0)} | "
             f"{_ms(r['eval_s'] for r in rs)} |"
         )
     _plot(groups, out / "uncertainty.png")

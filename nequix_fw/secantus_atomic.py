@@ -13,8 +13,8 @@ Fireworks. Here the whole command runs under the collection's lock (a re-entrant
 every write to the collection takes), so the document returned is the one the write changed.
 Under that lock nothing else can change the document between the read and the write, so the
 write goes by `_id` alone, without re-asserting the query, which keeps it on the `_id` index
-instead of scanning the collection. A query's `$or` of one field's values is asked as the
-equivalent `$in` (`_or_to_in`), which the server answers from its indexes.
+instead of scanning the collection. A findAndModify's or find's `$or` of one field's values is
+asked as the equivalent `$in` (`_or_to_in`), which the server answers from its indexes.
 
 The change is tested on one SecantusDB version (`PINNED`); on any other this refuses to start,
 in one line, rather than run unprotected.
@@ -93,6 +93,14 @@ def patch() -> None:
                 _held.locked = False
 
     commands._find_and_modify_impl = atomic
+    find = commands._HANDLERS["find"]
+
+    def find_by_index(doc, ctx):  # FireWorks' look for a ready Firework, without checkout
+        if isinstance(doc.get("filter"), dict):
+            doc = {**doc, "filter": _or_to_in(doc["filter"])}
+        return find(doc, ctx)
+
+    commands._HANDLERS["find"] = find_by_index
     storage.Storage.update_matching = _by_id(storage.Storage.update_matching)
     storage.Storage.delete_matching = _by_id(storage.Storage.delete_matching)
 

@@ -205,9 +205,10 @@ def test_the_atomic_server_refuses_another_secantus_version(tmp_path):
 
 
 def test_find_and_modify_with_or_matches_what_find_matches(launchpad_file):
-    """The server asks a findAndModify's `$or` of one field's values as `$in` (its indexes
-    answer that): the same documents as `find` matches, a missing field and an array
-    included, in the order of the sort; any other `$or` is answered as it is."""
+    """The server asks a findAndModify's or find's `$or` of one field's values as `$in` (its
+    indexes answer that): the same documents as the query as it is (inside an `$and`)
+    matches, a missing field and an array included, in the order of the sort; any other `$or`
+    is answered as it is."""
     from nequix_fw.store import launchpad_db
 
     coll = launchpad_db(str(launchpad_file))["or_query"]
@@ -227,7 +228,8 @@ def test_find_and_modify_with_or_matches_what_find_matches(launchpad_file):
         {"$or": [{"w": 1}, {"w": "b"}]},
         {"$or": [{"w": "a"}, {"state": "DONE"}]},  # two fields: as it is
     ):
-        want = [d["n"] for d in coll.find(query).sort([("n", -1)])]
+        want = [d["n"] for d in coll.find({"$and": [query]}).sort([("n", -1)])]  # as it is
+        assert [d["n"] for d in coll.find(query).sort([("n", -1)])] == want
         got = []
         while (
             d := coll.find_one_and_update(
