@@ -34,12 +34,13 @@ _held = threading.local()  # in findAndModify, holding the collection's lock
 
 def _by_id(method):
     """`method` (a Storage write by filter) with findAndModify's write filter `{_id, $and:
-    [query]}` cut to `{_id}` while the collection's lock is held since the read."""
+    [query]}` cut to `{_id}` while the collection's lock is held since the read. An upsert
+    (nothing matched: its filter is the query itself) is left as it is."""
 
     def write(self, db, coll, filter, *args, **kwargs):
-        if getattr(_held, "locked", False) and isinstance(filter, dict):
-            if set(filter) == {"_id", "$and"}:
-                filter = {"_id": filter["_id"]}
+        matched = getattr(_held, "locked", False) and not kwargs.get("upsert")
+        if matched and isinstance(filter, dict) and set(filter) == {"_id", "$and"}:
+            filter = {"_id": filter["_id"]}
         return method(self, db, coll, filter, *args, **kwargs)
 
     return write

@@ -239,3 +239,22 @@ def test_find_and_modify_with_or_matches_what_find_matches(launchpad_file):
             got.append(d["n"])
         assert got == want and got, query
         coll.update_many({}, {"$unset": {"taken": ""}})
+
+
+def test_an_upsert_by_id_and_a_query_is_not_cut_to_its_id(launchpad_file):
+    """The write after a findAndModify's read goes by `_id` alone; an upsert, whose filter is
+    the query itself, does not: `{_id: 1, $and: [{x: 5}]}` matches nothing here, so the upsert
+    tries to insert `_id` 1 (a duplicate) instead of updating the document whose x is 3."""
+    from nequix_fw.store import launchpad_db
+
+    coll = launchpad_db(str(launchpad_file))["upsert"]
+    coll.insert_one({"_id": 1, "x": 3})
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        coll.find_one_and_update({"_id": 1, "$and": [{"x": 5}]}, {"$set": {"y": 1}}, upsert=True)
+    assert list(coll.find()) == [{"_id": 1, "x": 3}]
+    # matched: by `_id`, as before
+    assert coll.find_one_and_update({"_id": 1, "$and": [{"x": 3}]}, {"$set": {"y": 1}}) == {
+        "_id": 1,
+        "x": 3,
+    }
+    assert list(coll.find()) == [{"_id": 1, "x": 3, "y": 1}]
