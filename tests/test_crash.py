@@ -146,6 +146,19 @@ def _state(c: dict) -> dict:
     }
 
 
+def _same_run(c: dict, want: dict) -> dict:
+    """The state of campaign `c` (named crash) after its faults, checked against `want`, the
+    uninterrupted run's (named ref): the same Fireworks, all completed once; the same
+    dataset, no duplicates, no lost labels."""
+    got = _state(c)
+    assert [n.replace("crash", "ref") for n, _ in got["fireworks"]] == [
+        n for n, _ in want["fireworks"]
+    ]
+    assert {s for _, s in got["fireworks"]} == {"COMPLETED"}
+    assert got["dataset"] == want["dataset"] and got["n_docs"] == want["n_docs"] == 4 + 3
+    return got
+
+
 def test_killed_worker_and_server_lose_nothing(tmp_path, server):
     labelling = {
         "backend": "ase",
@@ -184,13 +197,7 @@ def test_killed_worker_and_server_lose_nothing(tmp_path, server):
     time.sleep(2)
     _ok(lost_runs, c["dir"])
     _ok([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], c["dir"])
-    got = _state(c)
-    # the same Fireworks, all completed once; the same dataset, no duplicates, no lost labels
-    assert [n.replace("crash", "ref") for n, _ in got["fireworks"]] == [
-        n for n, _ in want["fireworks"]
-    ]
-    assert {s for _, s in got["fireworks"]} == {"COMPLETED"}
-    assert got["dataset"] == want["dataset"] and got["n_docs"] == want["n_docs"] == 4 + 3
+    got = _same_run(c, want)
     assert got["log"][0]["n_label_reused"] >= 1  # labels done before the kill were reused
     assert [it["dataset_size"] for it in got["log"]] == [4, 7]
 
@@ -231,14 +238,9 @@ def test_worker_killed_as_validate_appends_and_inside_select_appends_once(tmp_pa
         time.sleep(2)
         _ok(lost_runs, c["dir"])
     _ok([BIN / "rlaunch", "-l", c["lp"], "rapidfire"], c["dir"])
-    got = _state(c)
-    assert [n.replace("crash", "ref") for n, _ in got["fireworks"]] == [
-        n for n, _ in want["fireworks"]
-    ]
-    assert {s for _, s in got["fireworks"]} == {"COMPLETED"}
+    got = _same_run(c, want)
     names = sorted(w["name"] for w in c["db"].workflows.find())
     assert names == ["crash iteration 0", "crash iteration 1"]  # appended once
-    assert got["dataset"] == want["dataset"] and got["n_docs"] == 4 + 3
     labelled = calls["crash"].read_text().split()
     assert sorted(labelled) == sorted(set(labelled)) and len(labelled) == 4 + 3
     assert sorted(labelled) == sorted(calls["ref"].read_text().split())
