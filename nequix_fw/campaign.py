@@ -39,6 +39,7 @@ from nequix_fw.exploration.properties import (
     npt_candidates,
     property_candidates,
 )
+from nequix_fw.forgetting import forgetting_summary
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.labelling.property_set import label_cells
@@ -283,9 +284,10 @@ def explore_stage(
     models: list[str],
     ensemble: EnsembleSettings,
     systems: list[SystemExploration],
+    explored_with: str | None = None,
 ) -> dict:
     """MD, distortions and random packings from each system's starts with the ensemble of
-    `models` (that of iteration k-1)."""
+    `models` (that of iteration k-1, or, as `explored_with` says, a trusted one)."""
     engine = Ensemble.from_specs(models, ensemble)
     counts, stops = {}, Counter()
     for system in systems:
@@ -293,14 +295,19 @@ def explore_stage(
         manifest = explore(engine, starts, system.output, system.settings, progress=False)
         counts[system.name] = len(manifest["frames"])
         stops.update(stop_counts(manifest["trajectories"]))
+    if explored_with:
+        logger.warning("iteration %d explores with %s", k, explored_with)
     if None not in counts:
         return log.record(
             k,
             n_candidates=sum(counts.values()),
             trajectory_stops=dict(stops),
             system_candidates=counts,
+            explored_with=explored_with,
         )
-    return log.record(k, n_candidates=counts[None], trajectory_stops=dict(stops))
+    return log.record(
+        k, n_candidates=counts[None], trajectory_stops=dict(stops), explored_with=explored_with
+    )
 
 
 def run_ensemble_stage(
@@ -573,6 +580,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         store=c.datasets,
         settings=c.section(EnsembleSettings, k),
         label_reference=(reference_labels(c, env) if checks.reference == LABEL_REFERENCE else None),
+        foundation=_foundation(c),
     )
     if c.store is not None:
         c.store.save_validation(k, report)
@@ -589,9 +597,43 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         md_stable_fraction=(report.get("md_stability") or {}).get("stable_fraction"),
         properties=_property_errors(report.get("physics"), report.get("properties")),
         reference_bulk_modulus_GPa=reference_ev.get("bulk_modulus_GPa"),
+        forgetting=(forgetting_summary(report["forgetting"]) if report.get("forgetting") else None),
     )
     plot_progress(c.directory)
     return record
+
+
+def _foundation(c: Campaign) -> str | None:
+    """The foundation model a fine-tuned campaign starts from (the first of a committee)."""
+    spec = c.settings.finetune_from
+    return (spec[0] if isinstance(spec, list) else spec) or None
+
+
+def trusted_models(c: Campaign, k: int) -> tuple[list[str], str | None]:
+    """The models iteration k >= 1 explores with: ensemble k-1, unless its validation failed
+    the repulsive-wall check; then the last ensemble that passed it, or the foundation model
+    itself. Returns the models and, when they are not ensemble k-1's, why."""
+    failed = []
+    for j in range(k - 1, -1, -1):
+        summary = c.iteration_record(j).get("forgetting") or {}
+        if summary.get("wall_passed", True):
+            if not failed:
+                return c.models(j), None
+            return c.models(j), (
+                f"iteration {j}'s ensemble: iteration {failed[0]}'s failed the repulsive-wall "
+                f"check ({summary_failures(c, failed[0])})"
+            )
+        failed.append(j)
+    return [_foundation(c)], (
+        f"the foundation model {_foundation(c)}: no ensemble passed the repulsive-wall check "
+        f"(iteration {failed[0]}: {summary_failures(c, failed[0])})"
+    )
+
+
+def summary_failures(c: Campaign, k: int) -> str:
+    """The first wall failure of iteration k's validation."""
+    failures = (c.iteration_record(k).get("forgetting") or {}).get("wall_failures") or []
+    return failures[0] if failures else "no detail"
 
 
 def reference_ev_set(c: Campaign, checks: ValidationSettings, env: dict | None) -> str:

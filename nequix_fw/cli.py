@@ -161,6 +161,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         store=_store(args),
         allow_mixed=args.allow_mixed,
         progress=not args.no_progress,
+        foundation=args.foundation,
     )
     mean = report["ensemble_mean"]
     line = (
@@ -190,6 +191,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     for line in property_lines(report.get("properties")):
         print(line)
+    if report.get("forgetting"):
+        from nequix_fw.forgetting import forgetting_summary, summary_line
+
+        print(summary_line(forgetting_summary(report["forgetting"])))
     phys = report.get("physics")
     if phys and phys["v0_error_percent"] is None:
         print(
@@ -518,6 +523,12 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
             f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
             f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}"
         )
+        if it.get("forgetting"):
+            from nequix_fw.forgetting import summary_line
+
+            print("      " + summary_line(it["forgetting"]))
+        if it.get("explored_with"):
+            print(f"      explored with {it['explored_with']}")
         props = {k: v for k, v in (it.get("properties") or {}).items() if v is not None}
         if props:
             print("      properties: " + ", ".join(f"{k} {v:+.3g}" for k, v in props.items()))
@@ -876,6 +887,11 @@ def build_parser() -> argparse.ArgumentParser:
     for field in ("elastic", "phonons"):
         _setting(v, ValidationSettings, field, action="store_const", const=True)
     _setting(v, ValidationSettings, "phonon_supercell", type=int)
+    v.add_argument(
+        "--foundation",
+        help="the foundation model the models were fine-tuned from (path or name): adds the "
+        "forgetting and repulsive-wall checks",
+    )
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_validate)
 

@@ -1,4 +1,5 @@
-"""What both training backends share: the learning-rate schedule and the per-epoch log."""
+"""What both training backends share: the learning-rate schedule, the frozen layers and the
+per-epoch log."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def _schedule(lr: float, min_lr: float, warmup: int, total: int):
         decay_steps=max(total, warmup + 1),
         end_value=min_lr,
     )
+
+
+def frozen_layers(freeze: str | int, n_layers: int, where: str) -> int:
+    """How many of a model's `n_layers` interaction layers `freeze` (`TrainingSettings.freeze`)
+    keeps as they are (`where` names the model in errors)."""
+    k = {"none": 0, "backbone": n_layers}[freeze] if isinstance(freeze, str) else freeze
+    if k > n_layers:
+        raise ModelError(
+            f"train_ensemble.freeze: {k} layers, but {where} has {n_layers} interaction "
+            f"layers: freeze 0 to {n_layers}, 'backbone' or 'none'"
+        )
+    return k
 
 
 class EpochLog:

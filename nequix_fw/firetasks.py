@@ -110,7 +110,7 @@ class _EnsembleTask(StageTask):
         record = self.stage(
             self.log,
             self["iteration"],
-            stages.member_files(self.path("models_dir")),
+            self.get("models") or stages.member_files(self.path("models_dir")),
             self.section(EnsembleSettings, "ensemble"),
             [self.system(values) for values in self["systems"]],
             **self.stage_options(),
@@ -136,9 +136,15 @@ class ExploreTask(_EnsembleTask):
     Optional params:
         ensemble (dict): EnsembleSettings section of the engine.
         launchpad (str): LaunchPad file of the store, when not run by a LaunchPad.
+        models (list[str]), explored_with (str): instead of models_dir's members, these
+            models, and why (models_dir's failed the repulsive-wall check).
     """
 
+    optional_params = [*_EnsembleTask.optional_params, "models", "explored_with"]
     stage = staticmethod(stages.explore_stage)
+
+    def stage_options(self) -> dict:
+        return {"explored_with": self.get("explored_with")}
 
     def system(self, values: dict) -> stages.SystemExploration:
         return stages.SystemExploration(

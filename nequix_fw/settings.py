@@ -297,7 +297,12 @@ class TrainingSettings(_Settings):
         "README.md); forces carry far more loss than energies unless weighted up.",
     )
     force_weight: float = Field(10.0, ge=0, description="Loss weight of forces.")
-    stress_weight: float = Field(0.0, ge=0, description="Loss weight of stress (needs labels).")
+    stress_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        0.0,
+        description="Loss weight of stress (eV/Å³, squared; needs stress labels). 'auto' (the "
+        "fine-tuning default): `AUTO_STRESS_WEIGHT` when every training label carries a "
+        "stress, otherwise 0.",
+    )
     loss_type: Literal["huber", "mse", "mae"] = Field("mse", description="nequix's loss types.")
     patience: int | None = Field(
         20, ge=1, description="Stop after this many epochs without a better validation loss."
@@ -343,6 +348,13 @@ class TrainingSettings(_Settings):
         "interaction layer and readout ('last_layer') from its own seed before training, so "
         "that members fine-tuned from one foundation model differ where it alone would not.",
     )
+    freeze: Literal["none", "backbone"] | Annotated[int, Field(ge=0)] = Field(
+        "none",
+        description="Fine-tuning: what does not train. 'none' (everything trains), 'backbone' "
+        "(only the readout and the per-element reference energies train), or k: the first k "
+        "interaction layers (and the species embedding inside them) stay as the starting "
+        "model has them, bit for bit; the rest trains.",
+    )
     foundation_member: bool = Field(
         False,
         description="Fine-tuning: add the foundation model itself (its reference energies "
@@ -365,18 +377,44 @@ class TrainingSettings(_Settings):
         return v
 
 
+#: The stress weight of ``stress_weight: auto`` when every label carries a stress: 0.3 GPa of
+#: stress error then costs about what 0.1 eV/Å of force error does (stress in eV/Å³, squared,
+#: beside the default force weight 10). Measured on CP2K silicon fine-tuned from nequix-mp-1
+#: (workflows/cp2k_si.yaml, benchmarks/README.md): C11/C12/C44 within -3/+8/+1 % at 30000
+#: against -9/+18/-5 % at 3000 and B0 24 % off without stress; and by benchmarks/finetuning.py.
+AUTO_STRESS_WEIGHT = 30000.0
+
 #: What fine-tuning a foundation model changes of the `TrainingSettings` defaults, for the
-#: fields a user leaves unset: one member with LLPR heads. Chosen by benchmarks/uncertainty.py
-#: (benchmarks/README.md): on EMT Cu-Au fine-tuned from nequix-mp-1, members that share the
-#: foundation's backbone ranked their held-out errors with a Spearman of about 0.6, one member's
-#: LLPR heads with about 0.9, at a quarter of the training and no less accuracy.
-FINETUNE_DEFAULTS = {"uncertainty": "llpr", "n_models": 1}
+#: fields a user leaves unset:
+#: - one member with LLPR heads: chosen by benchmarks/uncertainty.py (benchmarks/README.md):
+#:   on EMT Cu-Au fine-tuned from nequix-mp-1, members that share the foundation's backbone
+#:   ranked their held-out errors with a Spearman of about 0.6, one member's LLPR heads with
+#:   about 0.9, at a quarter of the training and no less accuracy;
+#: - a learning rate of 1e-3, not 5e-3, which pulls the foundation away from its curvature
+#:   (CP2K silicon: B0 71 GPa at 5e-3, 96 at 1e-3 against CP2K's 89.7; benchmarks/finetuning.py);
+#: - the labels' stresses in the loss (`AUTO_STRESS_WEIGHT`) whenever they all carry one.
+#: Early stopping on the held-out split (`valid_fraction`, `patience`) is on for every training.
+FINETUNE_DEFAULTS = {
+    "uncertainty": "llpr",
+    "n_models": 1,
+    "learning_rate": 1e-3,
+    "stress_weight": "auto",
+}
 
 
 def finetune_defaults(settings: TrainingSettings) -> tuple[TrainingSettings, dict]:
     """`settings` with `FINETUNE_DEFAULTS` for the fields not set explicitly, and those chosen."""
     chosen = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in settings.model_fields_set}
     return settings.model_copy(update=chosen), chosen
+
+
+def resolve_stress_weight(settings: TrainingSettings, all_stressed: bool) -> TrainingSettings:
+    """`settings` with ``stress_weight: auto`` made a number: `AUTO_STRESS_WEIGHT` when every
+    training label carries a stress (`all_stressed`), otherwise 0."""
+    if settings.stress_weight != "auto":
+        return settings
+    value = AUTO_STRESS_WEIGHT if all_stressed else 0.0
+    return settings.model_copy(update={"stress_weight": value})
 
 
 #: The labelling backends by name: the class that labels (a `LabellingBackend` declaring its

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import e3nn_jax as e3nn
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ import optax
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 from nequix.data import atomic_numbers_to_indices, dict_to_graphstuple
-from nequix.model import Nequix, weight_decay_mask
+from nequix.model import Linear, Nequix
 from nequix.train import evaluate as nequix_evaluate
 from nequix.train import loss as nequix_loss
 from scipy.optimize import least_squares
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from nequix_fw import __version__
 from nequix_fw.dataset import DatasetStore, Labelled, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
-from nequix_fw.epochs import EpochLog, learning_rate_schedule
+from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
 from nequix_fw.graphs import (
     bucket_size,
@@ -57,7 +58,7 @@ from nequix_fw.graphs import (
 )
 from nequix_fw.llpr import fit_llpr
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
-from nequix_fw.settings import TrainingSettings, finetune_defaults
+from nequix_fw.settings import TrainingSettings, finetune_defaults, resolve_stress_weight
 from nequix_fw.structures import atomic_path, check_output, check_writable_dir
 from nequix_fw.training_torch import fit_torch
 from nequix_fw.uncertainty import heads_path
@@ -211,12 +212,12 @@ def plan_members(
         finetune_from = [finetune_from]
     if finetune_from is not None and not finetune_from:
         finetune_from = None
-    if (settings.reinitialise != "none" or settings.foundation_member) and not (
-        finetune_from or warm_start
-    ):
+    if (
+        settings.reinitialise != "none" or settings.foundation_member or settings.freeze != "none"
+    ) and not (finetune_from or warm_start):
         raise ModelError(
-            "train_ensemble.reinitialise and foundation_member are for fine-tuning: give "
-            "finetune_from (command line: --finetune-from)"
+            "train_ensemble.reinitialise, freeze and foundation_member are for fine-tuning: "
+            "give finetune_from (command line: --finetune-from)"
         )
     if not data:
         raise StructureError("the training set is empty")
@@ -258,12 +259,15 @@ def plan_members(
         for k, ((tr, va), path) in enumerate(zip(splits, starts, strict=False)):
             m = load_model(path)
             _check_covers(m.atomic_numbers, numbers, path)
+            _check_freeze(settings, m.config, path)
             start = "foundation" if path in frozen else "warm_start"
             plans.append(MemberPlan(k, settings.seed + k, tr, va, start, m.config, str(path)))
         return plans, facts
     if finetune_from is not None:
         bases = [load_model(spec) for spec in finetune_from]
         _check_committee(bases)
+        for base in bases:
+            _check_freeze(settings, base.config, base.info.path)
         corrections, overrides = {}, []
         for base in bases:
             _check_covers(base.atomic_numbers, numbers, base.info.path)
@@ -361,6 +365,19 @@ def _check_committee(bases: list) -> None:
                 f"finetune_from: {b.info.path} has a cutoff of {b.cutoff} Å and "
                 f"{first.info.path} {first.cutoff} Å: the members of one committee share one"
             )
+
+
+def _check_freeze(settings: TrainingSettings, config: dict, where) -> None:
+    """`settings.freeze` fits a starting model of `config` and leaves a re-initialised layer
+    free to train."""
+    n = int(config["n_layers"])
+    k = frozen_layers(settings.freeze, n, str(where))
+    if settings.reinitialise == "last_layer" and k == n:
+        raise ModelError(
+            f"train_ensemble.freeze keeps all {n} interaction layers of {where} as they are, "
+            "but reinitialise: last_layer draws the last anew: freeze fewer, or reinitialise "
+            "the readout only"
+        )
 
 
 def _check_covers(model_numbers: list[int], numbers: list[int], where) -> None:
@@ -462,27 +479,58 @@ def _optimizer(settings: TrainingSettings, steps_per_epoch: int):
     )
 
 
+def _decay_mask(params):
+    """nequix's weight-decay mask (the weights of linear layers, not their biases), for the
+    trainable part of a model (`trainable_spec`): frozen parts are None there."""
+
+    def is_layer(x) -> bool:
+        return isinstance(x, (Linear, e3nn.equinox.Linear))
+
+    def set_mask(x):
+        mask = jax.tree.map(lambda _: is_layer(x), x)
+        if isinstance(x, Linear) and x.bias is not None:
+            mask = eqx.tree_at(lambda m: m.bias, mask, False)
+        return mask
+
+    return jax.tree.map(set_mask, params, is_leaf=is_layer)
+
+
 @functools.lru_cache(maxsize=8)
 def _optimizer_cached(schedule, clip, wd):
     optim = optax.chain(
         optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, weight_decay=wd, mask=weight_decay_mask),
+        optax.adamw(schedule, weight_decay=wd, mask=_decay_mask),
     )
     return optim, schedule
 
 
-def _step_impl(model, ema, opt_state, batch, i, optim, weights, loss_type, ema_decay):
-    (value, _), grads = eqx.filter_value_and_grad(nequix_loss, has_aux=True)(
-        model, batch, *weights, loss_type
+def trainable_spec(module, freeze: str | int):
+    """A filter spec of `module` (True: trains) for `TrainingSettings.freeze`: the first k
+    interaction layers frozen, the readout and the reference energies always trained."""
+    spec = jax.tree.map(eqx.is_array, module)
+    k = frozen_layers(freeze, len(module.layers), "the model")
+    if k == 0:
+        return spec
+    return eqx.tree_at(
+        lambda m: m.layers[:k],
+        spec,
+        replace=[jax.tree.map(lambda _: False, layer) for layer in spec.layers[:k]],
     )
-    updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-    model = eqx.apply_updates(model, updates)
+
+
+def _step_impl(params, ema, rest, opt_state, batch, i, optim, weights, loss_type, ema_decay):
+    """One optimiser step on the trainable `params` (the rest of the model, `rest`, held as
+    it is); returns the new params, their moving average, the optimiser state and the loss."""
+
+    def objective(p):
+        return nequix_loss(eqx.combine(p, rest), batch, *weights, loss_type)
+
+    (value, _), grads = eqx.filter_value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = optim.update(grads, opt_state, params)
+    params = eqx.apply_updates(params, updates)
     decay = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))
-    ema_params, static = eqx.partition(ema, eqx.is_array)
-    new = jax.tree.map(
-        lambda e, m: e * decay + m * (1 - decay), ema_params, eqx.filter(model, eqx.is_array)
-    )
-    return model, eqx.combine(new, static), opt_state, value
+    ema = jax.tree.map(lambda e, m: e * decay + m * (1 - decay), ema, params)
+    return params, ema, opt_state, value
 
 
 _train_step = eqx.filter_jit(_step_impl)
@@ -517,8 +565,9 @@ def _fit_jax(
         }
 
     valid_batches = list(_batches(graphs, valid_idx, bs)) if len(valid_idx) else []
-    opt_state = optim.init(eqx.filter(module, eqx.is_array))
-    model, ema = module, module
+    params, rest = eqx.partition(module, trainable_spec(module, settings.freeze))
+    opt_state = optim.init(params)
+    ema_params = params
     log = EpochLog(plan.index, settings.patience)
     i = 0
     bar = tqdm(range(settings.epochs), desc=f"member {plan.index}", disable=not progress)
@@ -526,9 +575,10 @@ def _fit_jax(
         t0 = time.perf_counter()
         train_loss = 0.0
         for batch in _batches(graphs, rng.permutation(train_idx), bs):
-            model, ema, opt_state, value = _train_step(
-                model,
-                ema,
+            params, ema_params, opt_state, value = _train_step(
+                params,
+                ema_params,
+                rest,
                 opt_state,
                 batch,
                 jnp.float32(i),
@@ -540,6 +590,7 @@ def _fit_jax(
             train_loss += float(value)
             i += 1
         train_loss /= steps_per_epoch
+        ema = eqx.combine(ema_params, rest)
         val = evaluate(ema, valid_batches) if valid_batches else {"loss": train_loss}
         bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
         stop = log.update(
@@ -687,6 +738,9 @@ def train_ensemble(
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
     data = read_labelled(dataset, store, allow_mixed)
+    if settings.stress_weight == "auto":
+        settings = resolve_stress_weight(settings, all(d.stress is not None for d in data))
+        logger.info("stress_weight auto: %g", settings.stress_weight)
     graphs: dict = {}  # each structure's graph built once, for the statistics and all members
     plans, facts = plan_members(data, settings, finetune_from, warm_start, graphs)
     check_writable_dir(outdir)  # inputs and starting models are fine: now make the output

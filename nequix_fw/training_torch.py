@@ -17,7 +17,7 @@ from nequix.data import dict_to_pytorch_geometric
 from tqdm import tqdm
 
 from nequix_fw.dataset import Labelled
-from nequix_fw.epochs import EpochLog, learning_rate_schedule
+from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
 from nequix_fw.settings import TrainingSettings
 
 
@@ -48,7 +48,12 @@ def fit_torch(
 
     torch.manual_seed(plan.seed)
     model = convert_model_jax_to_torch(module, config, False)[0].train()
+    k = frozen_layers(settings.freeze, len(model.layers), "the model")
+    frozen = tuple(f"layers.{i}." for i in range(k))
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(frozen))
     ema = copy.deepcopy(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
     graphs = [dict_to_pytorch_geometric(g) for g in graph_dicts]
     train_idx, valid_idx = np.array(plan.train_idx), np.array(plan.valid_idx)
     rng = np.random.default_rng(plan.seed)
@@ -78,8 +83,10 @@ def fit_torch(
             sched.step()
             decay = min(settings.ema_decay, (1.0 + i) / (10.0 + i))
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.mul_(decay).add_(pm, alpha=1 - decay)
+                pe_by_name = dict(ema.named_parameters())
+                for name, pm in model.named_parameters():
+                    if name in trained:
+                        pe_by_name[name].mul_(decay).add_(pm, alpha=1 - decay)
             train_loss += float(value.detach())
             i += 1
         train_loss /= steps_per_epoch

@@ -26,6 +26,7 @@ from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
+from nequix_fw.forgetting import forgetting_report
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
 from nequix_fw.properties import (
     PhononCheck,
@@ -490,6 +491,7 @@ def validate(
     allow_mixed: bool = False,
     progress: bool = False,
     label_reference: Callable[[str, list[Atoms]], list[Atoms | None]] | None = None,
+    foundation: str | Path | None = None,
 ) -> dict:
     """Validate models on a labelled test set (files or store datasets ``db:NAME`` of `store`);
     write the JSON report (and PNG plots beside it). The checks besides the errors are those
@@ -497,7 +499,8 @@ def validate(
     of its `structure`, relaxation, vacancy) or with labelled `reference_data` (an E-V set);
     MD stability runs if it asks. The elastic and phonon checks compare with the reference
     calculator, or with the labels `label_reference(check, cells)` gives (a campaign's own).
-    `progress`: bars for the long parts."""
+    Models fine-tuned from a `foundation` model get the forgetting and repulsive-wall checks
+    (`nequix_fw.forgetting`) on the test set's elements. `progress`: bars for the long parts."""
     validation = validation or ValidationSettings()
     check_validation(validation)
     reference, reference_params = validation.reference, validation.reference_params
@@ -576,6 +579,10 @@ def validate(
     if validation.md_stability:
         starts = [d.frame.atoms.copy() for d in data]
         report["md_stability"] = md_stability(starts, ensemble, validation, progress)
+    if foundation is not None:
+        elements = sorted({int(z) for d in data for z in d.frame.atoms.numbers})
+        calc = None if reference is None else reference_calculator(reference, reference_params)
+        report["forgetting"] = forgetting_report(ensemble, str(foundation), elements, calc)
     if plots:
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     doc = ValidationReport(**report)

@@ -31,6 +31,7 @@ LAYERS = {
         "training",
         "training_torch",
         "validation",
+        "forgetting",
     ],
     4: ["campaign", "stopping", "firetasks", "workflows", "powerups"],
     5: ["cli"],

@@ -356,6 +356,50 @@ def test_finetune_diversity_reinitialised_readouts_a_committee_and_frozen_founda
     assert (nxt / "member_3.nqx").read_bytes() == (committee / "member_3.nqx").read_bytes()
 
 
+def _layer_arrays(path) -> dict[str, list[np.ndarray]]:
+    import equinox as eqx
+    import jax
+
+    module = load_model(path).jax_module()
+
+    def arrays(part) -> list[np.ndarray]:
+        return [np.asarray(x) for x in jax.tree_util.tree_leaves(eqx.filter(part, eqx.is_array))]
+
+    out = {f"layer {i}": arrays(layer) for i, layer in enumerate(module.layers)}
+    return {**out, "readout": arrays(module.readout), "e0": arrays(module.atom_energies)}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_freeze_keeps_the_frozen_layers_bit_for_bit(trained, emt_data, tmp_path, backend):
+    base = trained["dir"] / "member_0.nqx"
+    start = _layer_arrays(base)
+    common = dict(epochs=2, batch_size=4, patience=None, save_torch=False, backend=backend)
+    common.update(n_models=1, uncertainty="ensemble", learning_rate=5e-3)
+    for freeze, frozen in ((1, ["layer 0"]), ("backbone", ["layer 0", "layer 1"])):
+        out = tmp_path / str(freeze)
+        s = TrainingSettings(**common, freeze=freeze)
+        (meta,) = train_ensemble([emt_data["train"]], out, s, finetune_from=base, progress=False)
+        got = _layer_arrays(out / "member_0.nqx")
+        for part, arrays in got.items():
+            same = all(np.array_equal(a, b) for a, b in zip(arrays, start[part], strict=True))
+            assert same == (part in frozen), (freeze, part)
+        assert meta["settings"]["freeze"] == freeze
+
+
+def test_freeze_refuses_what_the_model_does_not_have(trained, emt_data, tmp_path):
+    base = trained["dir"] / "member_0.nqx"
+    with pytest.raises(ModelError, match=r"freeze: 3 layers, but .*member_0.nqx has 2 interaction"):
+        train_ensemble(
+            [emt_data["train"]], tmp_path / "o", TrainingSettings(freeze=3), finetune_from=base
+        )
+    with pytest.raises(ModelError, match="keeps all 2 interaction layers .* reinitialise"):
+        s = TrainingSettings(freeze="backbone", reinitialise="last_layer")
+        train_ensemble([emt_data["train"]], tmp_path / "o", s, finetune_from=base)
+    with pytest.raises(ModelError, match="freeze and foundation_member are for fine-tuning"):
+        train_ensemble([emt_data["train"]], tmp_path / "o", TrainingSettings(freeze=1))
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_committee_must_cover_the_same_elements(emt_data, tmp_path):
     cu_au, config = new_model([29, 79], seed=0)
     a = save_model(tmp_path / "cuau.nqx", cu_au, config)
@@ -365,7 +409,9 @@ def test_a_committee_must_cover_the_same_elements(emt_data, tmp_path):
         train_ensemble(
             [emt_data["train"]], tmp_path / "o", TrainingSettings(n_models=2), finetune_from=[a, b]
         )
-    with pytest.raises(ModelError, match="reinitialise and foundation_member are for fine-tuning"):
+    with pytest.raises(
+        ModelError, match="reinitialise, freeze and foundation_member are for fine-tuning"
+    ):
         train_ensemble(
             [emt_data["train"]], tmp_path / "o", TrainingSettings(foundation_member=True)
         )
@@ -378,7 +424,12 @@ def test_finetuning_defaults_to_one_member_with_llpr_heads_and_warm_starts_alike
     from nequix_fw.settings import FINETUNE_DEFAULTS, finetune_defaults
 
     s = TrainingSettings(epochs=1, batch_size=4, save_torch=False)  # n_models, uncertainty unset
-    assert finetune_defaults(s)[1] == FINETUNE_DEFAULTS == {"uncertainty": "llpr", "n_models": 1}
+    assert finetune_defaults(s)[1] == FINETUNE_DEFAULTS == {
+        "uncertainty": "llpr",
+        "n_models": 1,
+        "learning_rate": 1e-3,
+        "stress_weight": "auto",
+    }
     explicit = TrainingSettings(n_models=3, uncertainty="ensemble")
     assert finetune_defaults(explicit) == (explicit, {})  # what a user sets stays
     base = trained["dir"] / "member_0.nqx"

@@ -181,9 +181,9 @@ def test_campaign_write_prints_the_fine_tuning_defaults_it_chose(tmp_path, monke
     assert main(["campaign", "--config", "c.yaml", "--write", "wf.yaml"]) == 0
     out = capsys.readouterr().out
     assert (
-        "fine-tuning defaults: train_ensemble.uncertainty = llpr, train_ensemble.n_models = 1"
-        in out
-    )
+        "fine-tuning defaults: train_ensemble.uncertainty = llpr, train_ensemble.n_models = 1, "
+        "train_ensemble.learning_rate = 0.001, train_ensemble.stress_weight = auto"
+    ) in out
     wf = yaml.safe_load((tmp_path / "wf.yaml").read_text())
     train = next(fw for fw in wf["fws"] if fw["name"].endswith("train_ensemble 0"))
     params = train["spec"]["_tasks"][0]["train_ensemble"]

@@ -41,6 +41,14 @@ class IterationRecord(BaseModel):
     md_stable_fraction: float | None = None
     properties: dict[str, float | None] | None = None
     reference_bulk_modulus_GPa: float | None = None
+    forgetting: dict[str, float | bool | list[str] | None] | None = Field(
+        None,
+        description="A fine-tuned ensemble's drift from its foundation model (eV/Å per "
+        "group) and its repulsive-wall check (wall_passed, wall_failures).",
+    )
+    explored_with: str | None = Field(
+        None, description="Set when the exploration did not use the previous ensemble: why."
+    )
     selection_lo: float | None = None
     selection_method: str | None = None
     best_valid_loss: list[float] | None = None

@@ -35,4 +35,10 @@ class ValidationReport(Document):
         "(frequencies in THz per q-point, likewise), each with its largest error.",
     )
     md_stability: dict | None = Field(None, description="MD stability runs and their outcome.")
+    forgetting: dict | None = Field(
+        None,
+        description="A fine-tuned ensemble against its foundation model: drift on the "
+        "foundation-domain set per group (forces eV/Å, energies meV/atom; errors against the "
+        "reference where it labels) and the repulsive-wall check per element pair.",
+    )
     plots: list[str] | None = Field(None, description="The PNG plots written beside it.")
