@@ -424,12 +424,16 @@ def test_finetuning_defaults_to_one_member_with_llpr_heads_and_warm_starts_alike
     from nequix_fw.settings import FINETUNE_DEFAULTS, finetune_defaults
 
     s = TrainingSettings(epochs=1, batch_size=4, save_torch=False)  # n_models, uncertainty unset
-    assert finetune_defaults(s)[1] == FINETUNE_DEFAULTS == {
-        "uncertainty": "llpr",
-        "n_models": 1,
-        "learning_rate": 1e-3,
-        "stress_weight": "auto",
-    }
+    assert (
+        finetune_defaults(s)[1]
+        == FINETUNE_DEFAULTS
+        == {
+            "uncertainty": "llpr",
+            "n_models": 1,
+            "learning_rate": 1e-3,
+            "stress_weight": "auto",
+        }
+    )
     explicit = TrainingSettings(n_models=3, uncertainty="ensemble")
     assert finetune_defaults(explicit) == (explicit, {})  # what a user sets stays
     base = trained["dir"] / "member_0.nqx"
