@@ -609,16 +609,17 @@ def _foundation(c: Campaign) -> str | None:
     return (spec[0] if isinstance(spec, list) else spec) or None
 
 
-def trusted_models(c: Campaign, k: int) -> tuple[list[str], str | None]:
-    """The models iteration k >= 1 explores with: ensemble k-1, unless its validation failed
-    the repulsive-wall check; then the last ensemble that passed it, or the foundation model
-    itself. Returns the models and, when they are not ensemble k-1's, why."""
+def trusted_models(c: Campaign, k: int) -> tuple[list[str] | None, str | None]:
+    """The models iteration k >= 1 explores with, instead of ensemble k-1, when its validation
+    failed the repulsive-wall check: the last ensemble that passed it, or the foundation model
+    itself; and why. (None, None) when ensemble k-1 is trusted (not yet validated, or passed):
+    its members need not exist yet."""
     failed = []
     for j in range(k - 1, -1, -1):
         summary = c.iteration_record(j).get("forgetting") or {}
         if summary.get("wall_passed", True):
             if not failed:
-                return c.models(j), None
+                return None, None
             return c.models(j), (
                 f"iteration {j}'s ensemble: iteration {failed[0]}'s failed the repulsive-wall "
                 f"check ({summary_failures(c, failed[0])})"

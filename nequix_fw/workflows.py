@@ -100,7 +100,7 @@ def explore_fw(c: Campaign, k: int) -> Firework:
         models_dir=str(c.models_dir(k - 1)),
         systems=systems,
         ensemble=c.section_values("ensemble", k),
-        **({"models": trusted, "explored_with": why} if why else {}),
+        **({"models": trusted, "explored_with": why} if trusted else {}),
     )
     return _fw(c, k, task, "explore")
 

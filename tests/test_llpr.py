@@ -227,7 +227,10 @@ def test_heads_of_another_checkpoint_and_a_lone_model_are_refused(
         (["--llpr-heads", "3"], "antithetic pairs: give an even number, not 3"),
         (["--llpr-heads", "0"], "llpr_heads"),
         (["--uncertainty", "dropout"], "invalid choice: 'dropout'"),
-        (["--reinitialise", "readout"], "reinitialise and foundation_member are for fine-tuning"),
+        (
+            ["--reinitialise", "readout"],
+            "reinitialise, freeze and foundation_member are for fine-tuning",
+        ),
     ],
 )
 def test_bad_uncertainty_settings_exit_2_and_write_nothing(

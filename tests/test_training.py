@@ -434,8 +434,12 @@ def test_finetuning_defaults_to_one_member_with_llpr_heads_and_warm_starts_alike
             "stress_weight": "auto",
         }
     )
-    explicit = TrainingSettings(n_models=3, uncertainty="ensemble")
+    explicit = TrainingSettings(
+        n_models=3, uncertainty="ensemble", learning_rate=5e-3, stress_weight=0.0
+    )
     assert finetune_defaults(explicit) == (explicit, {})  # what a user sets stays
+    some, chosen = finetune_defaults(TrainingSettings(n_models=3, uncertainty="ensemble"))
+    assert chosen == {"learning_rate": 1e-3, "stress_weight": "auto"} and some.n_models == 3
     base = trained["dir"] / "member_0.nqx"
     (meta,) = train_ensemble([emt_data["train"]], tmp_path / "ft", s, finetune_from=base)
     assert meta["llpr"]["n_heads"] == 16 and (tmp_path / "ft" / "member_0.llpr.npz").is_file()
