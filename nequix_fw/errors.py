@@ -21,6 +21,10 @@ class OutputError(NequixFWError):
     """An output location that cannot be written."""
 
 
+class ServerError(NequixFWError):
+    """A local MongoDB server that cannot be started, reached or stopped."""
+
+
 class Interrupted(NequixFWError):
     """A command stopped by Ctrl-C (SIGINT): says what it had written and how a rerun ends it.
     `stored`: items written for sure; `in_flight`: items sent but not acknowledged (they may

@@ -40,7 +40,7 @@ from pathlib import Path
 import pymongo
 import yaml
 
-from nequix_fw.errors import SettingsError
+from nequix_fw.errors import ServerError
 from nequix_fw.structures import atomic_path, process_alive
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ START_LOCK = "start.lock"
 DEFAULT_HOST = "127.0.0.1"
 #: The TCP ports a server can listen on.
 PORTS = range(1, 65536)
-
-
-class ServerError(SettingsError):
-    """The local server cannot be started, reached or stopped."""
 
 
 @dataclass

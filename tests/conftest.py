@@ -16,6 +16,39 @@ from helpers import MP1, NFW, TINY_ARCH, emt_labelled, make_cells  # noqa: E402
 
 from nequix_fw.models import new_model, save_model  # noqa: E402
 
+#: What a test run may add to the checkout: caches and the installed package's metadata.
+_RUN_DEBRIS = ("__pycache__/", ".pytest_cache/", ".ruff_cache/", ".egg-info/", ".venv/")
+_BEFORE = pytest.StashKey[set | None]()
+
+
+def _checkout_entries(config) -> set[str] | None:
+    """`git status` of the checkout holding these tests, ignored files too (None outside git)."""
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+        cwd=config.rootpath,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        return None
+    return {e for e in out.stdout.splitlines() if not any(d in e for d in _RUN_DEBRIS)}
+
+
+def pytest_configure(config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        config.stash[_BEFORE] = _checkout_entries(config)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A test run that leaves files in the checkout (or changes committed ones) fails: tests
+    write in temporary directories only."""
+    before = session.config.stash.get(_BEFORE, None)
+    after = _checkout_entries(session.config) if before is not None else None
+    left = sorted(after - before) if after is not None else []
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nthe test run left files in the checkout:\n  " + "\n  ".join(left))
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:

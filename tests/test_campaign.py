@@ -269,7 +269,7 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
         yaml.safe_dump(
             {
                 "campaign": {
-                    "directory": "r",
+                    "directory": str(tmp_path / "r"),
                     "initial_structures": "i.xyz",
                     "schedule": schedule,
                     "accurate_fraction": 0.95,
@@ -298,7 +298,13 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
     schedule[3]["explore"]["steps"] = -1
     cfg.write_text(
         yaml.safe_dump(
-            {"campaign": {"directory": "r", "initial_structures": "i.xyz", "schedule": schedule}}
+            {
+                "campaign": {
+                    "directory": str(tmp_path / "r"),
+                    "initial_structures": "i.xyz",
+                    "schedule": schedule,
+                }
+            }
         )
     )
     assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
@@ -309,7 +315,7 @@ def test_schedule_and_accurate_fraction_stop(tmp_path, capsys):
         yaml.safe_dump(
             {
                 "campaign": {
-                    "directory": "r",
+                    "directory": str(tmp_path / "r"),
                     "initial_structures": "i.xyz",
                     "schedule": {1: {"campaign": {}}},
                 }
@@ -350,7 +356,7 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
     (tmp_path / "t.xyz").write_text("")  # the test set must exist (its contents are not read)
     settings = {
         "campaign": {
-            "directory": "r",
+            "directory": str(tmp_path / "r"),
             "initial_structures": "i.xyz",
             "max_iterations": 5,
             "testset": [str(tmp_path / "t.xyz")],
@@ -459,7 +465,9 @@ def test_stage_and_system_settings_are_checked(tmp_path, capsys):
     ]
     for extra, msg in cases:
         cfg.write_text(
-            yaml.safe_dump({"campaign": {"directory": "r", "initial_structures": "i", **extra}})
+            yaml.safe_dump(
+                {"campaign": {"directory": str(tmp_path / "r"), "initial_structures": "i", **extra}}
+            )
         )
         assert main(["campaign", "--config", str(cfg), "--write", str(tmp_path / "w.yaml")]) == 2
         err = capsys.readouterr().err
