@@ -40,8 +40,8 @@ from nequix_fw.exploration.properties import (
     property_candidates,
 )
 from nequix_fw.forgetting import forgetting_summary
+from nequix_fw.labelled_sets import label_ev_set
 from nequix_fw.labelling import label_structures, make_backend
-from nequix_fw.labelling.ev_set import label_ev_set
 from nequix_fw.labelling.property_set import label_cells
 from nequix_fw.schemas.campaign import read_campaign_log
 from nequix_fw.selection import Reserve, resolve_lo, select_from_results

@@ -281,8 +281,8 @@ def _labelling_settings(args: argparse.Namespace):
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
+    from nequix_fw.labelled_sets import relabel
     from nequix_fw.labelling import make_backend
-    from nequix_fw.labelling.relabel import relabel
 
     settings = _labelling_settings(args)
     backend = make_backend(settings, _fworker_env(args.fworker))
@@ -308,8 +308,8 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
 
 
 def _cmd_ev_set(args: argparse.Namespace) -> int:
+    from nequix_fw.labelled_sets import label_ev_set
     from nequix_fw.labelling import make_backend
-    from nequix_fw.labelling.ev_set import label_ev_set
     from nequix_fw.structures import iter_frames
 
     settings = _labelling_settings(args)

@@ -15,15 +15,11 @@ from typing import Protocol
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import PropertyNotImplementedError
-from ase.calculators.singlepoint import SinglePointCalculator
-from ase.stress import full_3x3_to_voigt_6_stress
-from ase.units import GPa, Hartree, Rydberg
-from monty.io import zopen
-from pymatgen.io.ase import AseAtomsAdaptor
-from pymatgen.io.vasp import Vasprun
+from ase.units import Hartree, Rydberg
 
 from nequix_fw.errors import Interrupted, StructureError
+from nequix_fw.labelling.outputs import vasp_result_labels, vasp_result_name
+from nequix_fw.labels import Labelled, labels_of
 from nequix_fw.schemas import LabelTaskDoc
 from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import (
@@ -68,60 +64,6 @@ def _stored(spec: str | Path, store: DatasetStore | None) -> StoredDataset:
             "--launchpad FILE; Python: store=Store(launchpad))"
         )
     return store.dataset(str(spec))
-
-
-@dataclass
-class Labelled:
-    """A structure with its reference labels (eV, eV/Å, Voigt eV/Å³ with ASE's sign)."""
-
-    frame: Frame
-    energy: float
-    forces: np.ndarray
-    stress: np.ndarray | None
-
-    @property
-    def id(self) -> str:
-        return structure_id(self.frame.atoms)
-
-    @property
-    def where(self) -> str:
-        return f"{self.frame.source} frame {self.frame.frame}"
-
-
-def labels_of(frame: Frame) -> Labelled:
-    """Read and check the labels attached to a frame (e.g. by extxyz, traj, vasprun.xml)."""
-    atoms, where = frame.atoms, f"{frame.source} frame {frame.frame}"
-    if atoms.calc is None:
-        raise StructureError(f"{where}: no energy/forces labels")
-    # the labels of this very structure, compared with it once (ASE's getters compare each time)
-    known = atoms.calc.results if not atoms.calc.check_state(atoms) else {}
-    try:
-        energy = float(known["energy"] if "energy" in known else atoms.get_potential_energy())
-    except (PropertyNotImplementedError, RuntimeError):
-        raise StructureError(f"{where}: no energy label") from None
-    try:
-        forces = known["forces"] if "forces" in known else atoms.get_forces()
-        forces = np.asarray(forces, dtype=np.float64)
-    except (PropertyNotImplementedError, RuntimeError):
-        raise StructureError(f"{where}: no forces label") from None
-    if forces.shape != (len(atoms), 3):
-        raise StructureError(
-            f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)"
-        )
-    stress = None
-    if atoms.pbc.all():
-        try:
-            stress = known["stress"] if "stress" in known else atoms.get_stress(voigt=True)
-            stress = np.asarray(stress, dtype=np.float64)
-            if stress.shape == (3, 3):
-                stress = full_3x3_to_voigt_6_stress(stress)
-        except (PropertyNotImplementedError, RuntimeError):
-            stress = None
-    if not np.isfinite(energy) or not np.isfinite(forces).all():
-        raise StructureError(f"{where}: non-finite energy or forces label")
-    if stress is not None and not np.isfinite(stress).all():
-        raise StructureError(f"{where}: non-finite stress label")
-    return Labelled(frame=frame, energy=energy, forces=forces, stress=stress)
 
 
 def read_labelled(
@@ -353,71 +295,6 @@ def _incoming(new: Path) -> tuple[list[Incoming], int]:
 
 #: A structure id (content hash), as selected structures are named.
 STRUCTURE_ID = re.compile(r"[0-9a-f]{20}")
-
-
-def vasp_result_name(path: Path) -> str | None:
-    """For a VASP result file (``OUTCAR``, ``vasprun.xml``, gzipped or not, or the design's
-    ``<NAME>_OUTCAR`` / ``<NAME>_vasprun.xml``): NAME ('' without one); None for other files."""
-    name = path.name.removesuffix(".gz")
-    for kind in ("OUTCAR", "vasprun.xml"):
-        if name == kind or name.startswith(kind + "."):
-            return ""
-        if name.endswith("_" + kind):
-            return name[: -len(kind) - 1]
-    return None
-
-
-#: VASP writes this at the end of a run that finished; a truncated OUTCAR lacks it.
-OUTCAR_FOOTER = "General timing and accounting informations for this job"
-
-
-def vasp_result_labels(path: Path) -> Labelled:
-    """Final-step labels of a VASP run: vasprun.xml through pymatgen (which refuses truncated
-    files), OUTCAR through ASE once VASP's end-of-run footer shows the run finished. Energy is
-    e_0 (sigma -> 0) either way."""
-    path = Path(path)
-    if "OUTCAR" in path.name:
-        with zopen(path, "rt", errors="replace") as fh:
-            if OUTCAR_FOOTER not in fh.read():
-                raise StructureError(f"{path}: truncated OUTCAR (VASP did not finish the run)")
-        try:
-            atoms = ase.io.read(path, index=-1, format="vasp-out")
-        except Exception as exc:
-            raise StructureError(f"{path}: unreadable OUTCAR ({exc})") from None
-        return labels_of(Frame(atoms, str(path), -1))
-    return _vasprun_labels(path)
-
-
-def parse_vasprun(path: Path) -> tuple[Atoms, float, np.ndarray, np.ndarray | None, dict]:
-    """Final structure, energy (eV), forces (eV/Å), ASE stress (eV/Å³) and run facts."""
-    run = Vasprun(str(path), parse_dos=False, parse_eigen=False)
-    step = run.ionic_steps[-1]
-    stress = None
-    if step.get("stress") is not None:
-        kbar = np.asarray(step["stress"], dtype=float)
-        # VASP kBar, compressive positive -> ASE eV/Å3
-        stress = full_3x3_to_voigt_6_stress(-0.1 * kbar * GPa)
-    atoms = AseAtomsAdaptor.get_atoms(run.final_structure)
-    facts = {
-        "converged_electronic": bool(run.converged_electronic),
-        "converged_ionic": bool(run.converged_ionic),
-        "functional": run.parameters.get("GGA") or run.incar.get("METAGGA") or "PE",
-        "encut_eV": run.parameters.get("ENCUT"),
-    }
-    # pymatgen's final_energy is e_0_energy with the fix for VASP versions that write it as 0
-    energy = float(run.final_energy)
-    return atoms, energy, np.asarray(step["forces"], float), stress, facts
-
-
-def _vasprun_labels(path: Path) -> Labelled:
-    """Final-step labels of a vasprun.xml with pymatgen (which refuses truncated files)."""
-
-    try:
-        atoms, energy, forces, stress, _ = parse_vasprun(path)
-    except Exception as exc:
-        raise StructureError(f"{path}: truncated or unreadable vasprun.xml ({exc})") from None
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
-    return labels_of(Frame(atoms, str(path), -1))
 
 
 def _check_limits(d: Labelled, limits: LabellingSettings) -> None:

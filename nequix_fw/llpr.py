@@ -320,7 +320,7 @@ def fit_llpr(
     seed: int = 0,
 ) -> LastLayerHeads:
     """LLPR heads for `model` from its training structures `train` and held-out `valid`
-    (`dataset.Labelled`, with forces): the precision from `train` under the loss `weights`, the
+    (`labels.Labelled`, with forces): the precision from `train` under the loss `weights`, the
     scale alpha^2 and (when `regularization` is None) the regularisation by the Gaussian
     likelihood of the force errors on `valid` (on `train` when `valid` is empty)."""
     if n_heads < 2 or n_heads % 2:

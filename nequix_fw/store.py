@@ -438,7 +438,7 @@ class StoreDataset:
             raise StructureError("structures added to the store need info['structure_id']")
         if a.calc is None:
             raise StructureError(f"structure {sid}: no labels to store")
-        labels = a.calc.results  # set from the checked labels (`dataset.labels_of`)
+        labels = a.calc.results  # set from the checked labels (`labels.labels_of`)
         stress = labels.get("stress")
         return {
             "_id": f"{self.name}/{sid}",

@@ -46,7 +46,7 @@ from scipy.optimize import least_squares
 from tqdm import tqdm
 
 from nequix_fw import __version__
-from nequix_fw.dataset import DatasetStore, Labelled, ids_hash, read_labelled
+from nequix_fw.dataset import DatasetStore, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
 from nequix_fw.errors import ModelError, OutputError, StructureError
@@ -56,6 +56,7 @@ from nequix_fw.graphs import (
     check_graph_memory,
     configure_compilation_cache,
 )
+from nequix_fw.labels import Labelled
 from nequix_fw.llpr import fit_llpr
 from nequix_fw.models import REQUIRED_CONFIG_KEYS, load_model, new_model, save_model
 from nequix_fw.settings import TrainingSettings, finetune_defaults, resolve_stress_weight

@@ -16,8 +16,8 @@ import numpy as np
 from nequix.data import dict_to_pytorch_geometric
 from tqdm import tqdm
 
-from nequix_fw.dataset import Labelled
 from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
+from nequix_fw.labels import Labelled
 from nequix_fw.settings import TrainingSettings
 
 

@@ -21,13 +21,14 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata, spearmanr
 from tqdm import tqdm
 
-from nequix_fw.dataset import DatasetStore, Labelled, read_labelled
+from nequix_fw.dataset import DatasetStore, read_labelled
 from nequix_fw.ensemble import Ensemble, EnsembleCalculator, Prediction
 from nequix_fw.errors import NequixFWError, SettingsError, StructureError
 from nequix_fw.exploration.md import run_md
 from nequix_fw.exploration.walkers import run_trajectories
 from nequix_fw.forgetting import forgetting_report
 from nequix_fw.labelling.ase_calc import calculator_class, check_parameters
+from nequix_fw.labels import Labelled
 from nequix_fw.properties import (
     PhononCheck,
     elastic_check,

@@ -21,11 +21,11 @@ from nequix.train import loss as nequix_loss
 
 from nequix_fw import llpr
 from nequix_fw.cli import main
-from nequix_fw.dataset import Labelled
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import ModelError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.graphs import build_graph, pad_batch
+from nequix_fw.labels import Labelled
 from nequix_fw.models import ModelInfo, NequixModel, load_model, new_model, save_model
 from nequix_fw.results import read_results
 from nequix_fw.selection import select_from_results

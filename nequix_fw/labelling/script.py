@@ -26,9 +26,10 @@ from pathlib import Path
 import ase.io
 from ase import Atoms
 
-from nequix_fw.dataset import labels_of, vasp_result_labels, vasp_result_name
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import LabellingBackend, LabelResult, singlepoint
+from nequix_fw.labelling.outputs import vasp_result_labels, vasp_result_name
+from nequix_fw.labels import labels_of
 from nequix_fw.settings import LabellingSettings
 from nequix_fw.structures import Frame
 

@@ -37,7 +37,6 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp import Incar, Poscar, Potcar
 from pymatgen.io.vasp.sets import VaspInputSet
 
-from nequix_fw.dataset import parse_vasprun
 from nequix_fw.errors import SettingsError
 from nequix_fw.labelling.base import (
     LabellingBackend,
@@ -46,6 +45,7 @@ from nequix_fw.labelling.base import (
     import_class,
     singlepoint,
 )
+from nequix_fw.labelling.outputs import parse_vasprun
 from nequix_fw.settings import LabellingSettings
 
 INPUT_FILES = ("INCAR", "KPOINTS", "POTCAR")

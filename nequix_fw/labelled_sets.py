@@ -1,5 +1,7 @@
-"""Relabelling: every structure of a dataset labelled again at another level of theory, into a
-new dataset (DP-GEN's tools/relabel.py)."""
+"""Datasets grown by labelling directly, without a campaign: every structure of a dataset
+labelled again at another level of theory (DP-GEN's tools/relabel.py), and an E-V set labelled
+as the reference data of the structural checks against DFT (`validate.reference_data`, and
+`validate.reference: label` in a campaign)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from nequix_fw.dataset import DatasetStore, read_labelled, same_dataset, update_
 from nequix_fw.errors import SettingsError, StructureError
 from nequix_fw.labelling.base import LabellingBackend, label_frozen
 from nequix_fw.settings import LabellingSettings
+from nequix_fw.structures import EV_STRAINS, scaled_cells
 
 logger = logging.getLogger(__name__)
 
@@ -63,5 +66,44 @@ def relabel(
         labels["n_reused"],
         labels["n_failed"],
         added["n_added"],
+    )
+    return {"labels": labels, "dataset": added}
+
+
+def label_ev_set(
+    structure: Atoms,
+    to: str | Path,
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    output: str | Path,
+    store: DatasetStore | None = None,
+    progress: bool = True,
+) -> dict:
+    """Label `structure` scaled to the E-V volumes (`validation.EV_STRAINS`) with `backend`
+    into the dataset `to` (a directory, file or ``db:NAME``). The cells are written to
+    `output`/structures.extxyz and labelled in `output`/labels, so a rerun labels nothing twice
+    (the once-per-campaign reference). Fails unless at least 5 volumes were labelled."""
+    if not structure.pbc.all():
+        raise StructureError(
+            f"{structure.get_chemical_formula()}: an E-V set needs a periodic cell"
+        )
+    output = Path(output)
+    labels = label_frozen(output, lambda: scaled_cells(structure), backend, settings, progress)
+    if labels["n_success"] < 5:
+        raise StructureError(
+            f"E-V set of {structure.get_chemical_formula()}: {labels['n_success']} of "
+            f"{len(EV_STRAINS)} volumes labelled (>= 5 needed); reasons in "
+            f"{output / 'labels'}/*/task.json"
+        )
+    formula = structure.get_chemical_formula()
+    added = update_dataset(
+        output / "labels", to, store=store, provenance={"reference_ev_of": formula}
+    )
+    logger.info(
+        "E-V set of %s: %d volumes labelled (%d reused) -> %s",
+        formula,
+        labels["n_success"],
+        labels["n_reused"],
+        to,
     )
     return {"labels": labels, "dataset": added}
