@@ -157,7 +157,7 @@ class Campaign:
                     values.update(self.settings.schedule[start].get(name, {}))
             phase = self.phase(k, system)
             if phase is not None:
-                values.update(self.settings.stages[phase].settings.get(name, {}))
+                values.update(self.settings.phases[phase].settings.get(name, {}))
         if system is not None:
             values.update(system.settings.get(name, {}))
             if name == "select" and system.max_selected is not None:
@@ -190,21 +190,21 @@ class Campaign:
         return self.stage_dir(k, "run_ensemble") / f"{name}.json"
 
     def phase(self, k: int, system: SystemSettings | None = None) -> int | None:
-        """Index of iteration k's exploration phase in `campaign.stages` (None without phases,
+        """Index of iteration k's exploration phase in `campaign.phases` (None without phases,
         and at iteration 0, which labels the initial structures): each iteration that converged
         its phase moves the next one to the following phase. With systems, each system goes
         through the phases on its own (None without a system)."""
-        if k < 1 or not self.settings.stages or (self.settings.systems and system is None):
+        if k < 1 or not self.settings.phases or (self.settings.systems and system is None):
             return None
         phase = 0
         for it in self.log.read()["iterations"]:
             rec = it if system is None else (it.get("systems") or {}).get(system.name, {})
             if 1 <= it["iteration"] < k and rec.get("stage_converged"):
                 phase += 1
-        return min(phase, len(self.settings.stages) - 1)
+        return min(phase, len(self.settings.phases) - 1)
 
     def phase_name(self, phase: int) -> str:
-        return self.settings.stages[phase].name or str(phase)
+        return self.settings.phases[phase].name or str(phase)
 
     @property
     def launchpad(self) -> Database | Path | None:

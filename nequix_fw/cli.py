@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin
@@ -20,7 +21,55 @@ from nequix_fw.errors import NequixFWError, SettingsError
 #: The database of a LaunchPad file that `db start` writes, unless --name says another.
 DEFAULT_DATABASE = "nequix_fw"
 
+#: The commands, in the order of `nequix-fw --help`: {name: (help, add_arguments, handler)}.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
+
+def _command(name: str, help_: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated handler as command `name`, whose options `arguments` adds."""
+
+    def register(handler: Callable[[argparse.Namespace], int]):
+        _COMMANDS[name] = (help_, arguments, handler)
+        return handler
+
+    return register
+
+
+def _run_ensemble_arguments(r: argparse.ArgumentParser) -> None:
+    """The options of `run-ensemble`."""
+    from nequix_fw.settings import EnsembleSettings
+
+    r.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        help="checkpoints (.nqx/.pt) or pretrained names (e.g. nequix-mp-1)",
+    )
+    r.add_argument(
+        "--structures",
+        nargs="+",
+        required=True,
+        help="structure files (any ASE format, multi-frame too) or directories",
+    )
+    r.add_argument(
+        "--output", required=True, help="results JSON to write (its arrays file goes beside it)"
+    )
+    _config(r, EnsembleSettings)
+    for field in ("backend", "max_edges_per_batch", "max_structures_per_batch", "results_format"):
+        _setting(r, EnsembleSettings, field)
+    _setting(
+        r,
+        EnsembleSettings,
+        "store_per_model",
+        "--no-per-model",
+        action="store_const",
+        const=False,
+        help="omit per-model energies/forces/stresses from the results",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_command("run-ensemble", "evaluate structures with an ensemble of models", _run_ensemble_arguments)
 def _cmd_run_ensemble(args: argparse.Namespace) -> int:
     from nequix_fw.evaluation import run_ensemble
     from nequix_fw.settings import EnsembleSettings, load_settings
@@ -38,6 +87,29 @@ def _cmd_run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select_arguments(s: argparse.ArgumentParser) -> None:
+    """The options of `select`."""
+    from nequix_fw.settings import SelectionSettings
+
+    s.add_argument("--ensemble", required=True, help="results JSON from run-ensemble")
+    s.add_argument("--output", required=True, help="directory for selected structures")
+    _config(s, SelectionSettings)
+    s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
+    s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
+    ss = SelectionSettings
+    _setting(s, ss, "target_force_error")
+    s.add_argument("--calibration", help="--lo auto: validate report holding the calibration")
+    for field in ("hi", "relative_force_level", "stress_lo", "stress_hi", "max_selected"):
+        _setting(s, ss, field)
+    _setting(s, ss, "diverse", action="store_const", const=True)
+    for field in ("descriptor", "format", "method", "seed"):
+        _setting(s, ss, field)
+    _setting(s, ss, "min_distance_A", "--min-distance")
+    s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
+    s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+
+
+@_command("select", "select uncertain structures from ensemble results", _select_arguments)
 def _cmd_select(args: argparse.Namespace) -> int:
     from nequix_fw.selection import select_from_results
     from nequix_fw.settings import SelectionSettings, load_settings
@@ -79,6 +151,50 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_ensemble_arguments(t: argparse.ArgumentParser) -> None:
+    """The options of `train-ensemble`."""
+    from nequix_fw.settings import TrainingSettings
+
+    t.add_argument(
+        "--dataset",
+        nargs="+",
+        required=True,
+        help="labelled structures (extxyz/traj/vasprun.xml/..., files or directories) or a "
+        "store dataset db:NAME",
+    )
+    t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+    t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
+    _config(t, TrainingSettings)
+    for field in ("n_models", "epochs", "strategy", "seed"):
+        _setting(t, TrainingSettings, field)
+    _setting(t, TrainingSettings, "n_workers", "--workers")
+    for field in ("uncertainty", "llpr_heads", "reinitialise"):
+        _setting(t, TrainingSettings, field)
+    _setting(t, TrainingSettings, "foundation_member", action="store_const", const=True)
+    t.add_argument(
+        "--finetune-from",
+        nargs="+",
+        help="foundation model(s) (paths or pretrained names); several: a heterogeneous "
+        "committee, member k from model k mod n",
+    )
+    t.add_argument("--warm-start", help="previous iteration's model directory")
+    t.add_argument(
+        "--save-torch",
+        action="store_true",
+        help="also write .pt checkpoints (the default; see --no-torch)",
+    )
+    t.add_argument("--no-torch", action="store_true", help="write .nqx checkpoints only")
+    _setting(t, TrainingSettings, "backend")
+    t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
+    t.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="train on labels from different levels of theory together",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_command("train-ensemble", "train an ensemble of Nequix models", _train_ensemble_arguments)
 def _cmd_train_ensemble(args: argparse.Namespace) -> int:
     from nequix_fw.settings import TrainingSettings, load_settings
     from nequix_fw.training import train_ensemble
@@ -141,6 +257,52 @@ def property_lines(properties: dict | None) -> list[str]:
     return out
 
 
+def _validate_arguments(v: argparse.ArgumentParser) -> None:
+    """The options of `validate`."""
+    from nequix_fw.settings import ValidationSettings
+
+    v.add_argument(
+        "--models", nargs="+", required=True, help="checkpoints (.nqx/.pt) or pretrained names"
+    )
+    v.add_argument("--testset", nargs="+", required=True, help="labelled files or db:NAME")
+    v.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+    v.add_argument("--output", required=True, help="report JSON (plots are written beside it)")
+    v.add_argument(
+        "--error-threshold",
+        type=float,
+        default=0.1,
+        help="true max force error (eV/Å) counted as 'bad' for ROC AUC",
+    )
+    _setting(v, ValidationSettings, "reference")
+    _setting(v, ValidationSettings, "reference_data")
+    _setting(v, ValidationSettings, "structure", "--ev-structure")
+    v.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
+    v.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="test sets from different levels of theory together",
+    )
+    _config(v, ValidationSettings)
+    v.add_argument(
+        "--md-stability",
+        action="store_true",
+        help="NVT runs of the ensemble mean from the test structures: stable?",
+    )
+    _setting(v, ValidationSettings, "md_temperature_K", "--md-temperature")
+    _setting(v, ValidationSettings, "md_steps")
+    _setting(v, ValidationSettings, "md_n_runs", "--md-runs")
+    for field in ("elastic", "phonons"):
+        _setting(v, ValidationSettings, field, action="store_const", const=True)
+    _setting(v, ValidationSettings, "phonon_supercell", type=int)
+    v.add_argument(
+        "--foundation",
+        help="the foundation model the models were fine-tuned from (path or name): adds the "
+        "forgetting and repulsive-wall checks",
+    )
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_command("validate", "errors and uncertainty quality on a labelled test set", _validate_arguments)
 def _cmd_validate(args: argparse.Namespace) -> int:
     from nequix_fw.settings import ValidationSettings, load_settings
     from nequix_fw.validation import validate
@@ -211,6 +373,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_arguments(lb: argparse.ArgumentParser) -> None:
+    """The options of `label`."""
+    lb.add_argument("--structures", required=True, help="selected structures (directory/file)")
+    lb.add_argument("--output", required=True, help="directory for one task directory each")
+    lb.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
+    _labelling_arguments(lb)
+
+
+@_command("label", "label selected structures with a reference method", _label_arguments)
 def _cmd_label(args: argparse.Namespace) -> int:
     from nequix_fw.labelling import label_structures, make_backend
 
@@ -280,6 +451,18 @@ def _labelling_settings(args: argparse.Namespace):
     )
 
 
+def _relabel_arguments(rl: argparse.ArgumentParser) -> None:
+    """The options of `relabel`."""
+    rl.add_argument("--dataset", required=True, help="dataset to relabel (directory or db:NAME)")
+    _into_arguments(rl, "new dataset (directory or db:NEW)")
+    _labelling_arguments(rl)
+
+
+@_command(
+    "relabel",
+    "label every structure of a dataset again, into a new dataset",
+    _relabel_arguments,
+)
 def _cmd_relabel(args: argparse.Namespace) -> int:
     from nequix_fw.labelled_sets import relabel
     from nequix_fw.labelling import make_backend
@@ -307,6 +490,18 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ev_set_arguments(ev: argparse.ArgumentParser) -> None:
+    """The options of `ev-set`."""
+    ev.add_argument("--structure", required=True, help="the (periodic) structure file")
+    _into_arguments(ev, "dataset of the E-V set (directory or db:NAME)")
+    _labelling_arguments(ev)
+
+
+@_command(
+    "ev-set",
+    "label a structure at 7 volumes (-6 to +6 %%): E-V reference data",
+    _ev_set_arguments,
+)
 def _cmd_ev_set(args: argparse.Namespace) -> int:
     from nequix_fw.labelled_sets import label_ev_set
     from nequix_fw.labelling import make_backend
@@ -334,6 +529,29 @@ def _cmd_ev_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _update_dataset_arguments(u: argparse.ArgumentParser) -> None:
+    """The options of `update-dataset`."""
+    from nequix_fw.settings import LabellingSettings
+
+    u.add_argument("--new", required=True, help="label output directory (or labelled files)")
+    u.add_argument(
+        "--dataset", required=True, help="training-set directory, or db:NAME in the store"
+    )
+    u.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+    u.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
+    u.add_argument(
+        "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
+    )
+    _config(u, LabellingSettings)  # the limits labelling applies hold for imported files too
+    _setting(u, LabellingSettings, "max_force")
+    _setting(u, LabellingSettings, "min_distance_A", "--min-distance")
+
+
+@_command(
+    "update-dataset",
+    "add labelled structures to the training set",
+    _update_dataset_arguments,
+)
 def _cmd_update_dataset(args: argparse.Namespace) -> int:
     from nequix_fw.dataset import update_dataset
     from nequix_fw.settings import LabellingSettings, load_settings
@@ -357,6 +575,47 @@ def _cmd_update_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explore_arguments(x: argparse.ArgumentParser) -> None:
+    """The options of `explore`."""
+    from nequix_fw.settings import ExplorationSettings
+
+    x.add_argument(
+        "--models", nargs="+", required=True, help="the ensemble driving MD (checkpoints or names)"
+    )
+    x.add_argument("--structures", nargs="+", required=True, help="starting structures")
+    x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
+    _config(x, ExplorationSettings)
+    xs = ExplorationSettings
+    _setting(x, xs, "temperatures_K", "--temperatures")
+    _setting(x, xs, "pressures_GPa", "--pressures")
+    _setting(x, xs, "steps")
+    _setting(x, xs, "timestep_fs", "--timestep")
+    _setting(x, xs, "sample_every")
+    _setting(x, xs, "check_every")
+    _setting(x, xs, "stop_force_dev", "--hi", "--stop-force-dev")
+    _setting(x, xs, "seeds")
+    _setting(x, xs, "thermostat")
+    _setting(x, xs, "barostat")
+    _setting(x, xs, "n_workers", "--workers")
+    _setting(x, xs, "walkers")
+    _setting(x, xs, "n_distortions", "--distortions")
+    _setting(x, xs, "rattle_A", "--rattle")
+    _setting(x, xs, "strain_max", "--strain")
+    _setting(x, xs, "strain_volumetric")
+    _setting(x, xs, "strain_shear")
+    _setting(x, xs, "vacancies")
+    x.add_argument("--substitute", nargs="+", metavar="OLD:NEW", help="element swaps in copies")
+    _setting(x, xs, "substitution_fraction")
+    x.add_argument(
+        "--random",
+        nargs="+",
+        metavar="FORMULA:DENSITY[:N]",
+        help="random packings, density in g/cm³",
+    )
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_command("explore", "ensemble-driven MD: candidate structures", _explore_arguments)
 def _cmd_explore(args: argparse.Namespace) -> int:
     from nequix_fw.ensemble import Ensemble
     from nequix_fw.exploration import explore, stop_counts
@@ -444,6 +703,14 @@ def _random_packing(items: list[str] | None) -> list[dict] | None:
     return out
 
 
+def _campaign_arguments(cp: argparse.ArgumentParser) -> None:
+    """The options of `campaign`."""
+    cp.add_argument("--config", required=True, help="settings YAML with a 'campaign' section")
+    cp.add_argument("--launchpad", help="LaunchPad file: add the workflow there (the store too)")
+    cp.add_argument("--write", help="write the workflow YAML for `lpad add` instead")
+
+
+@_command("campaign", "build an active-learning campaign's FireWorks workflow", _campaign_arguments)
 def _cmd_campaign(args: argparse.Namespace) -> int:
     from nequix_fw.workflows import campaign_sections, campaign_workflow
 
@@ -488,6 +755,13 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign_status_arguments(cs: argparse.ArgumentParser) -> None:
+    """The options of `campaign-status`."""
+    cs.add_argument("directory", help="the campaign directory (holds campaign.json)")
+    cs.add_argument("--plot", action="store_true", help="(re)write <directory>/campaign.png")
+
+
+@_command("campaign-status", "per-iteration summary of a campaign", _campaign_status_arguments)
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
     from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
     from nequix_fw.uncertainty import collapse_warning
@@ -544,6 +818,35 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_arguments(db: argparse.ArgumentParser) -> None:
+    """The options of `db`."""
+    db.add_argument(
+        "action", choices=["start", "status", "stop"], help="start, check or stop the server"
+    )
+    db.add_argument(
+        "--dir",
+        default="nequix_fw_db",
+        help="server directory: data, pid and log files (default ./nequix_fw_db)",
+    )
+    db.add_argument("--port", type=_port, help="port (default: the last one used, else a free one)")
+    db.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    db.add_argument(
+        "--launchpad",
+        default="my_launchpad.yaml",
+        help="start: LaunchPad file to write for this server",
+    )
+    db.add_argument(
+        "--name",
+        help=f"start: database name in that file (default: the last one used, else "
+        f"{DEFAULT_DATABASE})",
+    )
+    db.add_argument("--username", help="start: require SCRAM authentication as this user")
+    db.add_argument(
+        "--password-file", help="start: file holding the password (else $NEQUIX_FW_DB_PASSWORD)"
+    )
+
+
+@_command("db", "the local MongoDB server (start, status, stop)", _db_arguments)
 def _cmd_db(args: argparse.Namespace) -> int:
     import os
 
@@ -626,6 +929,21 @@ def _keep_beside(path: Path) -> Path:
     return kept
 
 
+def _export_arguments(ex: argparse.ArgumentParser) -> None:
+    """The options of `export`."""
+    ex.add_argument("--dataset", help="store dataset db:NAME")
+    ex.add_argument("--models", help="CAMPAIGN/ITERATION: that ensemble's checkpoints (GridFS)")
+    ex.add_argument("--output", required=True, help="file (dataset) or directory (models)")
+    ex.add_argument(
+        "--format", choices=["extxyz", "ase-db"], default="extxyz", help="the dataset file's format"
+    )
+    ex.add_argument("--launchpad", help="LaunchPad file of the store")
+    ex.add_argument("--iteration", nargs="+", type=_iteration, help="only these iterations")
+    ex.add_argument("--backend", help="only labels of this backend (ase, vasp, cp2k, script)")
+    ex.add_argument("--settings-hash", help="only labels of this level of theory")
+
+
+@_command("export", "write a store dataset (or a campaign's models) out", _export_arguments)
 def _cmd_export(args: argparse.Namespace) -> int:
     from nequix_fw.store import CampaignStore, export_dataset
 
@@ -651,6 +969,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_info_arguments(m: argparse.ArgumentParser) -> None:
+    """The options of `model-info`."""
+    m.add_argument("models", nargs="+", help="checkpoints (.nqx/.pt) or pretrained names")
+    m.add_argument("--full", action="store_true", help="include the architecture")
+
+
+@_command("model-info", "print path, sha256, elements, cutoff, parameters", _model_info_arguments)
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from nequix_fw.models import load_model
 
@@ -718,6 +1043,13 @@ def _settings_from(args: argparse.Namespace, cls) -> dict:
     return {field: getattr(args, dest) for dest, c, field in args._settings_options if c is cls}
 
 
+def _into_arguments(parser: argparse.ArgumentParser, to_help: str) -> None:
+    """The options of a command that labels frozen structures into a dataset, resumably."""
+    parser.add_argument("--to", required=True, help=to_help)
+    parser.add_argument("--output", required=True, help="work directory (a rerun resumes there)")
+    parser.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
+
+
 def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
     """The options of `label`, `relabel` and `ev-set`: most mirror the labelling settings."""
     from nequix_fw.settings import LabellingSettings
@@ -744,15 +1076,6 @@ def _labelling_arguments(lb: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nequix_fw.settings import (
-        EnsembleSettings,
-        ExplorationSettings,
-        LabellingSettings,
-        SelectionSettings,
-        TrainingSettings,
-        ValidationSettings,
-    )
-
     p = argparse.ArgumentParser(prog="nequix-fw", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nequix-fw {__version__}")
     p.add_argument(
@@ -762,274 +1085,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the stages log to stderr (info: what a long run did)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run-ensemble", help="evaluate structures with an ensemble of models")
-    r.add_argument(
-        "--models",
-        nargs="+",
-        required=True,
-        help="checkpoints (.nqx/.pt) or pretrained names (e.g. nequix-mp-1)",
-    )
-    r.add_argument(
-        "--structures",
-        nargs="+",
-        required=True,
-        help="structure files (any ASE format, multi-frame too) or directories",
-    )
-    r.add_argument(
-        "--output", required=True, help="results JSON to write (its arrays file goes beside it)"
-    )
-    _config(r, EnsembleSettings)
-    for field in ("backend", "max_edges_per_batch", "max_structures_per_batch", "results_format"):
-        _setting(r, EnsembleSettings, field)
-    _setting(
-        r,
-        EnsembleSettings,
-        "store_per_model",
-        "--no-per-model",
-        action="store_const",
-        const=False,
-        help="omit per-model energies/forces/stresses from the results",
-    )
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.set_defaults(func=_cmd_run_ensemble)
-
-    s = sub.add_parser("select", help="select uncertain structures from ensemble results")
-    s.add_argument("--ensemble", required=True, help="results JSON from run-ensemble")
-    s.add_argument("--output", required=True, help="directory for selected structures")
-    _config(s, SelectionSettings)
-    s.add_argument("--threshold", type=float, help="same as --lo (eV/Å)")
-    s.add_argument("--lo", help="lower trust level on max_force_dev (eV/Å), or auto")
-    ss = SelectionSettings
-    _setting(s, ss, "target_force_error")
-    s.add_argument("--calibration", help="--lo auto: validate report holding the calibration")
-    for field in ("hi", "relative_force_level", "stress_lo", "stress_hi", "max_selected"):
-        _setting(s, ss, field)
-    _setting(s, ss, "diverse", action="store_const", const=True)
-    for field in ("descriptor", "format", "method", "seed"):
-        _setting(s, ss, field)
-    _setting(s, ss, "min_distance_A", "--min-distance")
-    s.add_argument("--exclude-dataset", help="training set (dir or db:NAME) not to select again")
-    s.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    s.set_defaults(func=_cmd_select)
-
-    t = sub.add_parser("train-ensemble", help="train an ensemble of Nequix models")
-    t.add_argument(
-        "--dataset",
-        nargs="+",
-        required=True,
-        help="labelled structures (extxyz/traj/vasprun.xml/..., files or directories) or a "
-        "store dataset db:NAME",
-    )
-    t.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    t.add_argument("--outdir", required=True, help="directory for member_<k>.nqx and metadata")
-    _config(t, TrainingSettings)
-    for field in ("n_models", "epochs", "strategy", "seed"):
-        _setting(t, TrainingSettings, field)
-    _setting(t, TrainingSettings, "n_workers", "--workers")
-    for field in ("uncertainty", "llpr_heads", "reinitialise"):
-        _setting(t, TrainingSettings, field)
-    _setting(t, TrainingSettings, "foundation_member", action="store_const", const=True)
-    t.add_argument(
-        "--finetune-from",
-        nargs="+",
-        help="foundation model(s) (paths or pretrained names); several: a heterogeneous "
-        "committee, member k from model k mod n",
-    )
-    t.add_argument("--warm-start", help="previous iteration's model directory")
-    t.add_argument(
-        "--save-torch",
-        action="store_true",
-        help="also write .pt checkpoints (the default; see --no-torch)",
-    )
-    t.add_argument("--no-torch", action="store_true", help="write .nqx checkpoints only")
-    _setting(t, TrainingSettings, "backend")
-    t.add_argument("--overwrite", action="store_true", help="replace models in --outdir")
-    t.add_argument(
-        "--allow-mixed",
-        action="store_true",
-        help="train on labels from different levels of theory together",
-    )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_cmd_train_ensemble)
-
-    v = sub.add_parser("validate", help="errors and uncertainty quality on a labelled test set")
-    v.add_argument(
-        "--models", nargs="+", required=True, help="checkpoints (.nqx/.pt) or pretrained names"
-    )
-    v.add_argument("--testset", nargs="+", required=True, help="labelled files or db:NAME")
-    v.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    v.add_argument("--output", required=True, help="report JSON (plots are written beside it)")
-    v.add_argument(
-        "--error-threshold",
-        type=float,
-        default=0.1,
-        help="true max force error (eV/Å) counted as 'bad' for ROC AUC",
-    )
-    _setting(v, ValidationSettings, "reference")
-    _setting(v, ValidationSettings, "reference_data")
-    _setting(v, ValidationSettings, "structure", "--ev-structure")
-    v.add_argument("--no-plots", action="store_true", help="no PNG plots beside the report")
-    v.add_argument(
-        "--allow-mixed",
-        action="store_true",
-        help="test sets from different levels of theory together",
-    )
-    _config(v, ValidationSettings)
-    v.add_argument(
-        "--md-stability",
-        action="store_true",
-        help="NVT runs of the ensemble mean from the test structures: stable?",
-    )
-    _setting(v, ValidationSettings, "md_temperature_K", "--md-temperature")
-    _setting(v, ValidationSettings, "md_steps")
-    _setting(v, ValidationSettings, "md_n_runs", "--md-runs")
-    for field in ("elastic", "phonons"):
-        _setting(v, ValidationSettings, field, action="store_const", const=True)
-    _setting(v, ValidationSettings, "phonon_supercell", type=int)
-    v.add_argument(
-        "--foundation",
-        help="the foundation model the models were fine-tuned from (path or name): adds the "
-        "forgetting and repulsive-wall checks",
-    )
-    v.add_argument("--no-progress", action="store_true", help="no progress bar")
-    v.set_defaults(func=_cmd_validate)
-
-    lb = sub.add_parser("label", help="label selected structures with a reference method")
-    lb.add_argument("--structures", required=True, help="selected structures (directory/file)")
-    lb.add_argument("--output", required=True, help="directory for one task directory each")
-    lb.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
-    lb.set_defaults(func=_cmd_label)
-    rl = sub.add_parser(
-        "relabel", help="label every structure of a dataset again, into a new dataset"
-    )
-    rl.add_argument("--dataset", required=True, help="dataset to relabel (directory or db:NAME)")
-    rl.set_defaults(func=_cmd_relabel)
-    ev = sub.add_parser(
-        "ev-set", help="label a structure at 7 volumes (-6 to +6 %%): E-V reference data"
-    )
-    ev.add_argument("--structure", required=True, help="the (periodic) structure file")
-    ev.set_defaults(func=_cmd_ev_set)
-    into = (
-        (rl, "new dataset (directory or db:NEW)"),
-        (ev, "dataset of the E-V set (directory or db:NAME)"),
-    )
-    for parser, to_help in into:  # label frozen structures into a dataset, resumably
-        parser.add_argument("--to", required=True, help=to_help)
-        parser.add_argument(
-            "--output", required=True, help="work directory (a rerun resumes there)"
-        )
-        parser.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    for parser in (lb, rl, ev):  # the labelling options
-        _labelling_arguments(parser)
-
-    u = sub.add_parser("update-dataset", help="add labelled structures to the training set")
-    u.add_argument("--new", required=True, help="label output directory (or labelled files)")
-    u.add_argument(
-        "--dataset", required=True, help="training-set directory, or db:NAME in the store"
-    )
-    u.add_argument("--launchpad", help="LaunchPad file of the store (db:NAME datasets)")
-    u.add_argument("--iteration", type=_iteration, help="AL iteration (>= 0; provenance)")
-    u.add_argument(
-        "--allow-mixed", action="store_true", help="merge labels from different levels of theory"
-    )
-    _config(u, LabellingSettings)  # the limits labelling applies hold for imported files too
-    _setting(u, LabellingSettings, "max_force")
-    _setting(u, LabellingSettings, "min_distance_A", "--min-distance")
-    u.set_defaults(func=_cmd_update_dataset)
-
-    x = sub.add_parser("explore", help="ensemble-driven MD: candidate structures")
-    x.add_argument(
-        "--models", nargs="+", required=True, help="the ensemble driving MD (checkpoints or names)"
-    )
-    x.add_argument("--structures", nargs="+", required=True, help="starting structures")
-    x.add_argument("--output", required=True, help="directory for candidates.extxyz + manifest")
-    _config(x, ExplorationSettings)
-    xs = ExplorationSettings
-    _setting(x, xs, "temperatures_K", "--temperatures")
-    _setting(x, xs, "pressures_GPa", "--pressures")
-    _setting(x, xs, "steps")
-    _setting(x, xs, "timestep_fs", "--timestep")
-    _setting(x, xs, "sample_every")
-    _setting(x, xs, "check_every")
-    _setting(x, xs, "stop_force_dev", "--hi", "--stop-force-dev")
-    _setting(x, xs, "seeds")
-    _setting(x, xs, "thermostat")
-    _setting(x, xs, "barostat")
-    _setting(x, xs, "n_workers", "--workers")
-    _setting(x, xs, "walkers")
-    _setting(x, xs, "n_distortions", "--distortions")
-    _setting(x, xs, "rattle_A", "--rattle")
-    _setting(x, xs, "strain_max", "--strain")
-    _setting(x, xs, "strain_volumetric")
-    _setting(x, xs, "strain_shear")
-    _setting(x, xs, "vacancies")
-    x.add_argument("--substitute", nargs="+", metavar="OLD:NEW", help="element swaps in copies")
-    _setting(x, xs, "substitution_fraction")
-    x.add_argument(
-        "--random",
-        nargs="+",
-        metavar="FORMULA:DENSITY[:N]",
-        help="random packings, density in g/cm³",
-    )
-    x.add_argument("--no-progress", action="store_true", help="no progress bar")
-    x.set_defaults(func=_cmd_explore)
-
-    cp = sub.add_parser("campaign", help="build an active-learning campaign's FireWorks workflow")
-    cp.add_argument("--config", required=True, help="settings YAML with a 'campaign' section")
-    cp.add_argument("--launchpad", help="LaunchPad file: add the workflow there (the store too)")
-    cp.add_argument("--write", help="write the workflow YAML for `lpad add` instead")
-    cp.set_defaults(func=_cmd_campaign)
-
-    cs = sub.add_parser("campaign-status", help="per-iteration summary of a campaign")
-    cs.add_argument("directory", help="the campaign directory (holds campaign.json)")
-    cs.add_argument("--plot", action="store_true", help="(re)write <directory>/campaign.png")
-    cs.set_defaults(func=_cmd_campaign_status)
-
-    db = sub.add_parser("db", help="the local MongoDB server (start, status, stop)")
-    db.add_argument(
-        "action", choices=["start", "status", "stop"], help="start, check or stop the server"
-    )
-    db.add_argument(
-        "--dir",
-        default="nequix_fw_db",
-        help="server directory: data, pid and log files (default ./nequix_fw_db)",
-    )
-    db.add_argument("--port", type=_port, help="port (default: the last one used, else a free one)")
-    db.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    db.add_argument(
-        "--launchpad",
-        default="my_launchpad.yaml",
-        help="start: LaunchPad file to write for this server",
-    )
-    db.add_argument(
-        "--name",
-        help=f"start: database name in that file (default: the last one used, else "
-        f"{DEFAULT_DATABASE})",
-    )
-    db.add_argument("--username", help="start: require SCRAM authentication as this user")
-    db.add_argument(
-        "--password-file", help="start: file holding the password (else $NEQUIX_FW_DB_PASSWORD)"
-    )
-    db.set_defaults(func=_cmd_db)
-
-    ex = sub.add_parser("export", help="write a store dataset (or a campaign's models) out")
-    ex.add_argument("--dataset", help="store dataset db:NAME")
-    ex.add_argument("--models", help="CAMPAIGN/ITERATION: that ensemble's checkpoints (GridFS)")
-    ex.add_argument("--output", required=True, help="file (dataset) or directory (models)")
-    ex.add_argument(
-        "--format", choices=["extxyz", "ase-db"], default="extxyz", help="the dataset file's format"
-    )
-    ex.add_argument("--launchpad", help="LaunchPad file of the store")
-    ex.add_argument("--iteration", nargs="+", type=_iteration, help="only these iterations")
-    ex.add_argument("--backend", help="only labels of this backend (ase, vasp, cp2k, script)")
-    ex.add_argument("--settings-hash", help="only labels of this level of theory")
-    ex.set_defaults(func=_cmd_export)
-
-    m = sub.add_parser("model-info", help="print path, sha256, elements, cutoff, parameters")
-    m.add_argument("models", nargs="+", help="checkpoints (.nqx/.pt) or pretrained names")
-    m.add_argument("--full", action="store_true", help="include the architecture")
-    m.set_defaults(func=_cmd_model_info)
+    for name, (help_, arguments, handler) in _COMMANDS.items():
+        parser = sub.add_parser(name, help=help_)
+        arguments(parser)
+        parser.set_defaults(func=handler)
     return p
 
 

@@ -1,12 +1,16 @@
-"""What both training backends share: the learning-rate schedule, the frozen layers and the
-per-epoch log."""
+"""What both training backends share: the learning-rate schedule, the frozen layers, the epoch
+loop and its per-epoch log."""
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from nequix_fw.errors import ModelError
 from nequix_fw.settings import TrainingSettings
@@ -88,3 +92,43 @@ class EpochLog:
 
     def result(self) -> tuple:
         return self.best_model, self.best_epoch, self.best_val, self.rows
+
+
+def run_epochs(
+    plan,
+    settings: TrainingSettings,
+    batches: Callable[[np.ndarray], Iterable],
+    step: Callable[[Any, int], float],
+    validate: Callable[[], dict | None],
+    snapshot: Callable[[], Any],
+    desc: str,
+    progress: bool,
+) -> tuple:
+    """The epoch loop of both backends. Each epoch shuffles `plan.train_idx` (seeded by
+    `plan.seed`), takes one optimiser step per batch (`step(batch, i)` with `batches(order)`
+    and the global step i; it returns the batch's loss), then `validate()` (None: the
+    training loss stands in) and the log, which keeps `snapshot()` of the best epoch and stops
+    early after `settings.patience` epochs without a better validation loss. Returns
+    `EpochLog.result()`."""
+    train_idx = np.array(plan.train_idx)
+    rng = np.random.default_rng(plan.seed)
+    steps_per_epoch = max(1, -(-len(train_idx) // settings.batch_size))
+    schedule = learning_rate_schedule(settings, steps_per_epoch)
+    log = EpochLog(plan.index, settings.patience)
+    i = 0
+    bar = tqdm(range(settings.epochs), desc=desc, disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        train_loss = 0.0
+        for batch in batches(rng.permutation(train_idx)):
+            train_loss += step(batch, i)
+            i += 1
+        train_loss /= steps_per_epoch
+        val = validate() or {"loss": train_loss}
+        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
+        if log.update(
+            epoch, train_loss, val, float(schedule(i)), time.perf_counter() - t0, snapshot
+        ):
+            break
+    bar.close()
+    return log.result()

@@ -680,7 +680,7 @@ Stage = Literal[
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
-#: The sections that may change with the iteration (schedule), the stage and the system.
+#: The sections that may change with the iteration (schedule), the phase and the system.
 ScheduledSection = Literal["ensemble", "explore", "select", "label", "train_ensemble", "validate"]
 
 #: Sections by their old names (read with a warning): {old: new}.
@@ -714,7 +714,7 @@ def renamed_sections(values, where: str):
     return out
 
 
-#: Section values inside the campaign section (a schedule entry, a stage's or a system's
+#: Section values inside the campaign section (a schedule entry, a phase's or a system's
 #: settings), old section names read as the new ones.
 SectionValues = Annotated[
     dict[ScheduledSection, dict], BeforeValidator(lambda v: renamed_sections(v, "campaign"))
@@ -752,7 +752,7 @@ class FireworkResources(_Settings):
 
 
 class PhaseSettings(_Settings):
-    """One exploration phase of a campaign (an entry of `campaign.stages`, dpgen2's name): its
+    """One exploration phase of a campaign (an entry of `campaign.phases`, dpgen2's stages): its
     settings and when it has converged, so that the campaign moves on to the next phase."""
 
     name: str | None = Field(None, description="Phase name (reports); default: its index.")
@@ -776,7 +776,7 @@ class PhaseSettings(_Settings):
     @model_validator(mode="after")
     def _check_condition(self) -> PhaseSettings:
         if self.accurate_fraction is None and self.iterations is None:
-            raise ValueError("a stage needs accurate_fraction or iterations (when it converges)")
+            raise ValueError("a phase needs accurate_fraction or iterations (when it converges)")
         return self
 
 
@@ -807,6 +807,19 @@ class SystemSettings(_Settings):
         description="Converged (no longer explored) once at least this "
         "fraction of its candidates is accurate; default campaign.accurate_fraction.",
     )
+
+
+def stages_as_phases(campaign):
+    """A campaign section with `stages`, the old name of `phases`, read as `phases` (with a
+    warning); both names at once are refused."""
+    if not isinstance(campaign, dict) or "stages" not in campaign:
+        return campaign
+    if "phases" in campaign:
+        raise ValueError(
+            "campaign: stages and phases are one setting (stages is its old name): give phases"
+        )
+    logger.warning("campaign: stages is now phases (the old name is still read)")
+    return {("phases" if k == "stages" else k): v for k, v in campaign.items()}
 
 
 class CampaignSettings(_Settings):
@@ -928,16 +941,22 @@ class CampaignSettings(_Settings):
         "its own settings, trust levels and quota, selected and reported on its own, and no "
         "longer explored once converged (accurate fraction reached, or fewer than "
         "min_selected selected); the campaign stops when every system has converged. "
-        "initial_structures are still what iteration 0 labels (all systems'). With stages, each "
+        "initial_structures are still what iteration 0 labels (all systems'). With phases, each "
         "system goes through them on its own.",
     )
-    stages: list[PhaseSettings] = Field(
+    phases: list[PhaseSettings] = Field(
         [],
-        description="Exploration phases (dpgen2's stages): iterations from 1 on run the first "
-        "phase until it converges (its accurate_fraction, its iterations, or fewer than "
-        "min_selected selected), then the next; the campaign stops when the last converges. "
-        "Replaces the campaign-wide accurate_fraction and min_selected stops.",
+        description="Exploration phases (dpgen2's stages; `stages`, the old name, is still "
+        "read): iterations from 1 on run the first phase until it converges (its "
+        "accurate_fraction, its iterations, or fewer than min_selected selected), then the "
+        "next; the campaign stops when the last converges. Replaces the campaign-wide "
+        "accurate_fraction and min_selected stops.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_stages_as_phases(cls, values):
+        return stages_as_phases(values)
 
     @model_validator(mode="before")
     @classmethod
@@ -962,11 +981,11 @@ class CampaignSettings(_Settings):
         if len(set(names)) != len(names):
             raise ValueError(f"systems: names must differ ({', '.join(names)})")
         per_system = {"explore", "select"}
-        other = sorted({name for st in self.stages for name in st.settings} - per_system)
+        other = sorted({name for ph in self.phases for name in ph.settings} - per_system)
         if self.systems and other:
             raise ValueError(
-                f"with systems, each system goes through the stages on its own, "
-                f"so a stage sets explore and select only, not "
+                f"with systems, each system goes through the phases on its own, "
+                f"so a phase sets explore and select only, not "
                 f"{', '.join(other)} (use schedule)"
             )
         for name, tolerance in self.property_tolerances.items():

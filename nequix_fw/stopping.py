@@ -3,7 +3,7 @@ was selected, move to the next exploration phase, or stop) and after each valida
 next iteration, or a stopping rule: max_iterations, target errors, MD stability, property
 tolerances, every system or the last phase converged).
 
-The exploration phases are the campaign file's `campaign.stages` (dpgen2's name for them); the
+The exploration phases are the campaign file's `campaign.phases` (dpgen2's name for them); the
 seven pipeline steps are the stages of `nequix_fw.campaign`.
 """
 
@@ -15,7 +15,7 @@ from nequix_fw.settings import SystemSettings
 
 def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bool]:
     """After iteration k's selection: (why the campaign stops or None, whether to label).
-    With exploration phases (`campaign.stages`), a phase whose accurate fraction is reached,
+    With exploration phases (`campaign.phases`), a phase whose accurate fraction is reached,
     or that selected fewer than `min_selected`, has converged: the next iteration explores in
     the next phase (after labelling what was selected, if enough was), and the last phase's
     convergence stops the campaign."""
@@ -26,13 +26,13 @@ def selection_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, b
         return selection_stop(c, k, record), True
     n = record["n_selected"]
     why = _converged(
-        record["selection"], n, c.settings.stages[phase].accurate_fraction, c.settings.min_selected
+        record["selection"], n, c.settings.phases[phase].accurate_fraction, c.settings.min_selected
     )
     c.record(k, stage=phase, stage_converged=why)
     if why is None:
         return None, True
-    if phase == len(c.settings.stages) - 1:
-        return f"converged: last stage {c.phase_name(phase)}: {why}", False
+    if phase == len(c.settings.phases) - 1:
+        return f"converged: last phase {c.phase_name(phase)}: {why}", False
     return None, n >= c.settings.min_selected
 
 
@@ -48,14 +48,14 @@ def _systems_decision(c: Campaign, k: int, record: dict) -> tuple[str | None, bo
         if phase is None:
             target = system.accurate_fraction or c.settings.accurate_fraction
         else:
-            target = c.settings.stages[phase].accurate_fraction
+            target = c.settings.phases[phase].accurate_fraction
         why = _converged(rec["selection"], rec["n_selected"], target, c.settings.min_selected)
         if phase is None:
             rec["converged"] = why
             continue
         rec.update(stage=phase, stage_converged=why, converged=None)
-        if why and phase == len(c.settings.stages) - 1:
-            rec["converged"] = f"last stage {c.phase_name(phase)}: {why}"
+        if why and phase == len(c.settings.phases) - 1:
+            rec["converged"] = f"last phase {c.phase_name(phase)}: {why}"
     c.record(k, systems=systems)
     return _every_system_converged(systems), record["n_selected"] > 0
 
@@ -138,7 +138,7 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
         met.append(_within(err, tolerance) and f"{name} error {err:+.3g} within {tolerance}")
     if met and all(met):
         return "converged: " + ", ".join(met)
-    if s.systems and s.stages:
+    if s.systems and s.phases:
         stop = _systems_phase_iterations(c, k)
         if stop:
             return stop
@@ -147,8 +147,8 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
         why = _phase_spent(c, k, phase)
         if why:
             c.record(k, stage_converged=why)
-            if phase == len(s.stages) - 1:
-                return f"converged: last stage {c.phase_name(phase)}: {why}"
+            if phase == len(s.phases) - 1:
+                return f"converged: last phase {c.phase_name(phase)}: {why}"
     if k >= s.max_iterations:
         return f"max_iterations ({s.max_iterations}) reached"
     return None
@@ -158,7 +158,7 @@ def _phase_spent(
     c: Campaign, k: int, phase: int, system: SystemSettings | None = None
 ) -> str | None:
     """Why `phase` has converged by its iteration count after iteration k (of `system`)."""
-    limit = c.settings.stages[phase].iterations
+    limit = c.settings.phases[phase].iterations
     done = sum(1 for j in range(1, k + 1) if c.phase(j, system) == phase)
     return f"{done} iterations" if limit is not None and done >= limit else None
 
@@ -178,7 +178,7 @@ def _systems_phase_iterations(c: Campaign, k: int) -> str | None:
         why = _phase_spent(c, k, phase, system)
         if why:
             rec["stage_converged"] = why
-            if phase == len(c.settings.stages) - 1:
-                rec["converged"] = f"last stage {c.phase_name(phase)}: {why}"
+            if phase == len(c.settings.phases) - 1:
+                rec["converged"] = f"last phase {c.phase_name(phase)}: {why}"
     c.record(k, systems=systems)
     return _every_system_converged(systems)

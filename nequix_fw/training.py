@@ -43,12 +43,11 @@ from nequix.model import Linear, Nequix
 from nequix.train import evaluate as nequix_evaluate
 from nequix.train import loss as nequix_loss
 from scipy.optimize import least_squares
-from tqdm import tqdm
 
 from nequix_fw import __version__
 from nequix_fw.dataset import DatasetStore, ids_hash, read_labelled
 from nequix_fw.ensemble import Ensemble
-from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
+from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule, run_epochs
 from nequix_fw.errors import ModelError, OutputError, StructureError
 from nequix_fw.graphs import (
     bucket_size,
@@ -239,66 +238,109 @@ def plan_members(
         missing = [d.where for d in data if d.stress is None]
         if missing:
             raise StructureError(f"{missing[0]}: no stress label, but stress_weight > 0")
+    facts: dict[str, Any] = {"elements_z": numbers, "n_structures": len(data)}
+    if warm_start is not None:
+        plans = _warm_start_plans(data, settings, Path(warm_start), numbers, splits)
+    elif finetune_from is not None:
+        plans = _finetune_plans(data, settings, finetune_from, numbers, splits, facts)
+    else:
+        plans = _scratch_plans(data, settings, numbers, splits, facts, graphs)
+    return plans, facts
+
+
+def _warm_start_plans(
+    data: list[Labelled],
+    settings: TrainingSettings,
+    warm_start: Path,
+    numbers: list[int],
+    splits: list,
+) -> list[MemberPlan]:
+    """Members that start from the previous iteration's (`warm_start`), frozen foundation
+    members staying frozen."""
+    plans = []
+    if not warm_start.is_dir():
+        raise ModelError(f"{warm_start}: warm-start directory not found")
+    prev = sorted(warm_start.glob(MEMBER_GLOB), key=_member_index)
+    frozen = [p for p in prev if _member_start(p) == "foundation"]
+    trained = [p for p in prev if p not in frozen]
+    if len(trained) < settings.n_models:
+        raise ModelError(
+            f"{warm_start}: warm start needs {settings.n_models} member_*.nqx, found {len(trained)}"
+        )
+    if settings.foundation_member:
+        splits = split_members(len(data), settings, settings.n_models + len(frozen))
+    starts = trained[: settings.n_models] + (frozen if settings.foundation_member else [])
+    for k, ((tr, va), path) in enumerate(zip(splits, starts, strict=False)):
+        m = load_model(path)
+        _check_covers(m.atomic_numbers, numbers, path)
+        _check_freeze(settings, m.config, path)
+        start = "foundation" if path in frozen else "warm_start"
+        plans.append(MemberPlan(k, settings.seed + k, tr, va, start, m.config, str(path)))
+    return plans
+
+
+def _finetune_plans(
+    data: list[Labelled],
+    settings: TrainingSettings,
+    finetune_from: Sequence[str | Path],
+    numbers: list[int],
+    splits: list,
+    facts: dict,
+) -> list[MemberPlan]:
+    """Members fine-tuned from the foundation model(s) (member k from model k mod n), each
+    model's reference energies corrected to the labels (recorded in `facts`); frozen
+    foundation members after them."""
+    counts = _counts(data, numbers)
+    plans = []
+    bases = [load_model(spec) for spec in finetune_from]
+    _check_committee(bases)
+    for base in bases:
+        _check_freeze(settings, base.config, base.info.path)
+    corrections, overrides = {}, []
+    for base in bases:
+        _check_covers(base.atomic_numbers, numbers, base.info.path)
+        delta = _reference_correction(base, data, counts, numbers)
+        e0 = {str(z): float(base.config["atom_energies"][str(z)]) for z in numbers}
+        overrides.append(
+            {str(z): e0[str(z)] + float(d) for z, d in zip(numbers, delta, strict=True)}
+        )
+        corrections[base.info.name] = dict(zip(map(str, numbers), delta.tolist(), strict=True))
+    # one foundation model: {element: eV}, as before; a committee: per model
+    facts["reference_energy_correction"] = (
+        next(iter(corrections.values())) if len(bases) == 1 else corrections
+    )
+    for k, (tr, va) in enumerate(splits):
+        frozen = k >= settings.n_models
+        b = (k - settings.n_models) if frozen else k % len(bases)
+        plans.append(
+            MemberPlan(
+                k,
+                settings.seed + k,
+                tr,
+                va,
+                "foundation" if frozen else "finetune",
+                bases[b].config,
+                bases[b].info.path,
+                overrides[b],
+                "none" if frozen else settings.reinitialise,
+            )
+        )
+    return plans
+
+
+def _scratch_plans(
+    data: list[Labelled],
+    settings: TrainingSettings,
+    numbers: list[int],
+    splits: list,
+    facts: dict,
+    graphs: dict | None,
+) -> list[MemberPlan]:
+    """Members trained from scratch: reference energies fitted to the labels and the data's
+    statistics (recorded in `facts`), a seed each."""
     counts = _counts(data, numbers)
     energies = np.array([d.energy for d in data])
-    facts: dict[str, Any] = {"elements_z": numbers, "n_structures": len(data)}
     plans = []
-    if warm_start is not None:
-        if not Path(warm_start).is_dir():
-            raise ModelError(f"{warm_start}: warm-start directory not found")
-        prev = sorted(Path(warm_start).glob(MEMBER_GLOB), key=_member_index)
-        frozen = [p for p in prev if _member_start(p) == "foundation"]
-        trained = [p for p in prev if p not in frozen]
-        if len(trained) < settings.n_models:
-            raise ModelError(
-                f"{warm_start}: warm start needs {settings.n_models} member_*.nqx, "
-                f"found {len(trained)}"
-            )
-        if settings.foundation_member:
-            splits = split_members(len(data), settings, settings.n_models + len(frozen))
-        starts = trained[: settings.n_models] + (frozen if settings.foundation_member else [])
-        for k, ((tr, va), path) in enumerate(zip(splits, starts, strict=False)):
-            m = load_model(path)
-            _check_covers(m.atomic_numbers, numbers, path)
-            _check_freeze(settings, m.config, path)
-            start = "foundation" if path in frozen else "warm_start"
-            plans.append(MemberPlan(k, settings.seed + k, tr, va, start, m.config, str(path)))
-        return plans, facts
-    if finetune_from is not None:
-        bases = [load_model(spec) for spec in finetune_from]
-        _check_committee(bases)
-        for base in bases:
-            _check_freeze(settings, base.config, base.info.path)
-        corrections, overrides = {}, []
-        for base in bases:
-            _check_covers(base.atomic_numbers, numbers, base.info.path)
-            delta = _reference_correction(base, data, counts, numbers)
-            e0 = {str(z): float(base.config["atom_energies"][str(z)]) for z in numbers}
-            overrides.append(
-                {str(z): e0[str(z)] + float(d) for z, d in zip(numbers, delta, strict=True)}
-            )
-            corrections[base.info.name] = dict(zip(map(str, numbers), delta.tolist(), strict=True))
-        # one foundation model: {element: eV}, as before; a committee: per model
-        facts["reference_energy_correction"] = (
-            next(iter(corrections.values())) if len(bases) == 1 else corrections
-        )
-        for k, (tr, va) in enumerate(splits):
-            frozen = k >= settings.n_models
-            b = (k - settings.n_models) if frozen else k % len(bases)
-            plans.append(
-                MemberPlan(
-                    k,
-                    settings.seed + k,
-                    tr,
-                    va,
-                    "foundation" if frozen else "finetune",
-                    bases[b].config,
-                    bases[b].info.path,
-                    overrides[b],
-                    "none" if frozen else settings.reinitialise,
-                )
-            )
-        return plans, facts
     e0 = fit_reference_energies(counts, energies)
     arch = settings.architecture.model_dump()
     own = graph_dicts(data, {"atomic_numbers": numbers, "cutoff": arch["cutoff"]}, graphs)
@@ -314,7 +356,7 @@ def plan_members(
             **stats,
         )
         plans.append(MemberPlan(k, settings.seed + k, tr, va, "scratch", config))
-    return plans, facts
+    return plans
 
 
 def _member_index(path: Path) -> int:
@@ -550,57 +592,49 @@ def _fit_jax(
 
     module = _canonical(module, config)
     graphs = [dict_to_graphstuple(g) for g in graph_dicts]
-    train_idx = np.array(plan.train_idx)
-    valid_idx = np.array(plan.valid_idx)
-    rng = np.random.default_rng(plan.seed)
     bs = settings.batch_size
-    steps_per_epoch = max(1, -(-len(train_idx) // bs))
-    optim, schedule = _optimizer(settings, steps_per_epoch)
+    optim, _ = _optimizer(settings, max(1, -(-len(plan.train_idx) // bs)))
     weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
-    loss_type = settings.loss_type
-
-    def evaluate(model, batches) -> dict:
-        """nequix's loss and metrics over `batches`, weighted by their structures."""
-        return {
-            k: float(v) for k, v in nequix_evaluate(model, batches, *weights, loss_type).items()
-        }
-
+    valid_idx = np.array(plan.valid_idx)
     valid_batches = list(_batches(graphs, valid_idx, bs)) if len(valid_idx) else []
     params, rest = eqx.partition(module, trainable_spec(module, settings.freeze))
-    opt_state = optim.init(params)
-    ema_params = params
-    log = EpochLog(plan.index, settings.patience)
-    i = 0
-    bar = tqdm(range(settings.epochs), desc=f"member {plan.index}", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        train_loss = 0.0
-        for batch in _batches(graphs, rng.permutation(train_idx), bs):
-            params, ema_params, opt_state, value = _train_step(
-                params,
-                ema_params,
-                rest,
-                opt_state,
-                batch,
-                jnp.float32(i),
-                optim,
-                weights,
-                loss_type,
-                settings.ema_decay,
-            )
-            train_loss += float(value)
-            i += 1
-        train_loss /= steps_per_epoch
-        ema = eqx.combine(ema_params, rest)
-        val = evaluate(ema, valid_batches) if valid_batches else {"loss": train_loss}
-        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        stop = log.update(
-            epoch, train_loss, val, float(schedule(i)), time.perf_counter() - t0, lambda m=ema: m
+    state = {"params": params, "ema": params, "opt": optim.init(params)}
+
+    def step(batch, i: int) -> float:
+        state["params"], state["ema"], state["opt"], value = _train_step(
+            state["params"],
+            state["ema"],
+            rest,
+            state["opt"],
+            batch,
+            jnp.float32(i),
+            optim,
+            weights,
+            settings.loss_type,
+            settings.ema_decay,
         )
-        if stop:
-            break
-    bar.close()
-    return log.result()
+        return float(value)
+
+    def validate() -> dict | None:
+        """nequix's loss and metrics of the EMA model, weighted by the structures."""
+        if not valid_batches:
+            return None
+        metrics = nequix_evaluate(ema(), valid_batches, *weights, settings.loss_type)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def ema():
+        return eqx.combine(state["ema"], rest)
+
+    return run_epochs(
+        plan,
+        settings,
+        lambda order: _batches(graphs, order, bs),
+        step,
+        validate,
+        ema,
+        f"member {plan.index}",
+        progress,
+    )
 
 
 def _frozen(module, config: dict, plan: MemberPlan, graph_dicts: list[dict], settings):

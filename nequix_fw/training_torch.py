@@ -10,13 +10,11 @@ converted with nequix's converter, so a seed gives the same initial weights on b
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 from nequix.data import dict_to_pytorch_geometric
-from tqdm import tqdm
 
-from nequix_fw.epochs import EpochLog, frozen_layers, learning_rate_schedule
+from nequix_fw.epochs import frozen_layers, learning_rate_schedule, run_epochs
 from nequix_fw.labels import Labelled
 from nequix_fw.settings import TrainingSettings
 
@@ -55,56 +53,47 @@ def fit_torch(
     ema = copy.deepcopy(model)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     graphs = [dict_to_pytorch_geometric(g) for g in graph_dicts]
-    train_idx, valid_idx = np.array(plan.train_idx), np.array(plan.valid_idx)
-    rng = np.random.default_rng(plan.seed)
     bs = settings.batch_size
-    steps_per_epoch = max(1, -(-len(train_idx) // bs))
     optim = torch.optim.AdamW(
         get_optimizer_param_groups(model, settings.weight_decay), lr=settings.learning_rate
     )
-    schedule = learning_rate_schedule(settings, steps_per_epoch)
+    schedule = learning_rate_schedule(settings, max(1, -(-len(plan.train_idx) // bs)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda step: float(schedule(step)) / settings.learning_rate
     )
     weights = (settings.energy_weight, settings.force_weight, settings.stress_weight)
+    valid_idx = np.array(plan.valid_idx)
     valid_batches = _batches(graphs, valid_idx, bs) if len(valid_idx) else []
-    log = EpochLog(plan.index, settings.patience)
-    i = 0
-    bar = tqdm(range(settings.epochs), desc=f"member {plan.index} (torch)", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        train_loss = 0.0
-        for batch in _batches(graphs, rng.permutation(train_idx), bs):
-            optim.zero_grad()
-            value, _ = loss(model, batch, *weights, settings.loss_type)
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
-            optim.step()
-            sched.step()
-            decay = min(settings.ema_decay, (1.0 + i) / (10.0 + i))
-            with torch.no_grad():
-                pe_by_name = dict(ema.named_parameters())
-                for name, pm in model.named_parameters():
-                    if name in trained:
-                        pe_by_name[name].mul_(decay).add_(pm, alpha=1 - decay)
-            train_loss += float(value.detach())
-            i += 1
-        train_loss /= steps_per_epoch
-        if valid_batches:
-            val = dict(evaluate(ema, valid_batches, *weights, settings.loss_type))
-            ema.train()
-        else:
-            val = {"loss": train_loss}
-        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val['loss']:.4g}")
-        stop = log.update(
-            epoch,
-            train_loss,
-            val,
-            float(schedule(i)),
-            time.perf_counter() - t0,
-            lambda: copy.deepcopy(ema).eval(),
-        )
-        if stop:
-            break
-    bar.close()
-    return log.result()
+    ema_params = dict(ema.named_parameters())
+
+    def step(batch, i: int) -> float:
+        optim.zero_grad()
+        value, _ = loss(model, batch, *weights, settings.loss_type)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
+        optim.step()
+        sched.step()
+        decay = min(settings.ema_decay, (1.0 + i) / (10.0 + i))
+        with torch.no_grad():
+            for name, pm in model.named_parameters():
+                if name in trained:
+                    ema_params[name].mul_(decay).add_(pm, alpha=1 - decay)
+        return float(value.detach())
+
+    def validate() -> dict | None:
+        if not valid_batches:
+            return None
+        val = dict(evaluate(ema, valid_batches, *weights, settings.loss_type))
+        ema.train()
+        return val
+
+    return run_epochs(
+        plan,
+        settings,
+        lambda order: _batches(graphs, order, bs),
+        step,
+        validate,
+        lambda: copy.deepcopy(ema).eval(),
+        f"member {plan.index} (torch)",
+        progress,
+    )

@@ -480,6 +480,56 @@ def check_validation(checks: ValidationSettings) -> None:
         )
 
 
+def _reference_calculator_name(validation: ValidationSettings) -> str | None:
+    """The reference calculator of the structural checks (None: labelled reference data, or
+    none), `validation` checked."""
+    check_validation(validation)
+    reference = validation.reference
+    if reference == LABEL_REFERENCE:
+        if not validation.reference_data:
+            raise SettingsError(
+                f"validate.reference {LABEL_REFERENCE!r} means an E-V set labelled by a "
+                "campaign's label backend; outside a campaign give validate.reference_data "
+                "(--reference-data), e.g. made by `nequix-fw ev-set`"
+            )
+        return None
+    if reference is not None and validation.reference_data:
+        raise SettingsError(
+            "validate.reference (a calculator) and validate.reference_data "
+            "(labelled E-V data) exclude each other: give one"
+        )
+    return reference
+
+
+def _error_report(
+    ensemble: Ensemble, data: Sequence[Labelled], preds: list[Prediction], error_threshold: float
+) -> dict:
+    """The errors of each model and of the ensemble mean, and (two models or more) the
+    uncertainty's quality: the start of the validation report."""
+    report: dict = {
+        "models": ensemble.model_infos(),
+        "n_structures": len(data),
+        "per_model": {},
+    }
+    for m, model in enumerate(ensemble.models):
+        rows = ensemble.model_rows(m)  # a model with LLPR heads: their mean, the model itself
+        report["per_model"][f"{m}:{model.info.name}"] = error_metrics(
+            data,
+            [p.energies[rows].mean() for p in preds],
+            [p.forces[rows].mean(0) for p in preds],
+            [None if p.stresses is None else p.stresses[rows].mean(0) for p in preds],
+        )
+    report["ensemble_mean"] = error_metrics(
+        data,
+        np.array([p.energies.mean() for p in preds]),
+        [p.forces.mean(0) for p in preds],
+        [None if p.stresses is None else p.stresses.mean(0) for p in preds],
+    )
+    if len(ensemble) >= 2:
+        report["uncertainty"] = uncertainty_quality(data, preds, error_threshold)
+    return report
+
+
 def validate(
     model_specs: Sequence[str | Path],
     testset: Sequence[str | Path],
@@ -503,24 +553,11 @@ def validate(
     Models fine-tuned from a `foundation` model get the forgetting and repulsive-wall checks
     (`nequix_fw.forgetting`) on the test set's elements. `progress`: bars for the long parts."""
     validation = validation or ValidationSettings()
-    check_validation(validation)
-    reference, reference_params = validation.reference, validation.reference_params
+    reference = _reference_calculator_name(validation)
+    reference_params = validation.reference_params
     ev_structure, reference_data = validation.structure, validation.reference_data
     if error_threshold <= 0:
         raise SettingsError(f"error threshold must be > 0 eV/Å, got {error_threshold}")
-    if reference == LABEL_REFERENCE:
-        if not reference_data:
-            raise SettingsError(
-                f"validate.reference {LABEL_REFERENCE!r} means an E-V set labelled by a "
-                "campaign's label backend; outside a campaign give validate.reference_data "
-                "(--reference-data), e.g. made by `nequix-fw ev-set`"
-            )
-        reference = None
-    if reference is not None and reference_data:
-        raise SettingsError(
-            "validate.reference (a calculator) and validate.reference_data "
-            "(labelled E-V data) exclude each other: give one"
-        )
     output = check_output(output, "file")
     data = read_labelled(testset, store, allow_mixed)
     if not data:
@@ -532,26 +569,7 @@ def validate(
     bad = [d.where for d, p in zip(data, preds, strict=True) if not p.finite.all()]
     if bad:
         raise NequixFWError(f"{bad[0]}: a model predicts non-finite values")
-    report: dict = {
-        "models": ensemble.model_infos(),
-        "n_structures": len(data),
-        "per_model": {},
-    }
-    for m, model in enumerate(ensemble.models):
-        rows = ensemble.model_rows(m)  # a model with LLPR heads: their mean, the model itself
-        report["per_model"][f"{m}:{model.info.name}"] = error_metrics(
-            data,
-            [p.energies[rows].mean() for p in preds],
-            [p.forces[rows].mean(0) for p in preds],
-            [None if p.stresses is None else p.stresses[rows].mean(0) for p in preds],
-        )
-    mean_e = np.array([p.energies.mean() for p in preds])
-    mean_f = [p.forces.mean(0) for p in preds]
-    report["ensemble_mean"] = error_metrics(
-        data, mean_e, mean_f, [None if p.stresses is None else p.stresses.mean(0) for p in preds]
-    )
-    if len(ensemble) >= 2:
-        report["uncertainty"] = uncertainty_quality(data, preds, error_threshold)
+    report = _error_report(ensemble, data, preds, error_threshold)
     if reference is not None:
         structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
         report["physics"] = physics_checks(
@@ -585,6 +603,8 @@ def validate(
         calc = None if reference is None else reference_calculator(reference, reference_params)
         report["forgetting"] = forgetting_report(ensemble, str(foundation), elements, calc)
     if plots:
+        mean_e = np.array([p.energies.mean() for p in preds])
+        mean_f = [p.forces.mean(0) for p in preds]
         report["plots"] = _plots(report, data, mean_e, mean_f, output.with_suffix(""))
     doc = ValidationReport(**report)
     doc.to_file(output)

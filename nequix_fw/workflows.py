@@ -42,6 +42,7 @@ from nequix_fw.settings import (
     read_sections,
     section_name,
     section_settings,
+    stages_as_phases,
 )
 from nequix_fw.stopping import iteration_stop, selection_decision
 from nequix_fw.structures import is_store_spec, iter_frames
@@ -234,12 +235,12 @@ def _absolute(value, or_name: bool = False):
 
 def _section_places(sections: dict) -> list[tuple[str, dict]]:
     """Where section values are in a campaign's `sections`, each with its name in errors: the
-    sections themselves, the schedule's entries, the stages' and the systems' settings."""
+    sections themselves, the schedule's entries, the phases' and the systems' settings."""
     campaign = sections.get("campaign", {})
     places = [("", sections)]
     for k, entry in campaign.get("schedule", {}).items():
         places.append((f" (campaign.schedule from iteration {k})", entry))
-    for key in ("stages", "systems"):
+    for key in ("phases", "systems"):
         for i, entry in enumerate(campaign.get(key, [])):
             places.append((f" (campaign.{key}[{i}])", entry.get("settings", {})))
     return places
@@ -268,6 +269,10 @@ def campaign_sections(
     sections = read_sections(config)
     if "campaign" not in sections:
         raise SettingsError(f"{config}: no 'campaign' section")
+    try:
+        sections["campaign"] = stages_as_phases(sections["campaign"])
+    except ValueError as exc:
+        raise SettingsError(f"{config}: {exc}") from None
     if sections["campaign"].get("finetune_from"):
         train = sections.setdefault("train_ensemble", {})
         for key, value in FINETUNE_DEFAULTS.items():
@@ -283,7 +288,7 @@ def campaign_sections(
         raise SettingsError(f"{config}: {exc}") from None
     scheduled = valid.schedule
     sections["campaign"]["schedule"] = {str(k): v for k, v in scheduled.items()}  # BSON keys
-    for key in ("stages", "systems"):  # their sections by their new names
+    for key in ("phases", "systems"):  # their sections by their new names
         for entry, checked in zip(
             sections["campaign"].get(key, []), getattr(valid, key), strict=True
         ):
@@ -297,7 +302,7 @@ def campaign_sections(
             except SettingsError as exc:
                 where = f" (campaign.schedule from iteration {k})" if k in scheduled else ""
                 raise SettingsError(f"{config}: {exc}{where}") from None
-    overrides = [(f"campaign.stages[{i}]", st.settings) for i, st in enumerate(c.settings.stages)]
+    overrides = [(f"campaign.phases[{i}]", ph.settings) for i, ph in enumerate(c.settings.phases)]
     overrides += [
         (f"campaign.systems[{i}]", system.settings) for i, system in enumerate(c.settings.systems)
     ]
@@ -467,7 +472,7 @@ class _GrowingTask(StageTask):
 @explicit_serialize
 class SelectTask(_GrowingTask):
     """Trust-level selection; appends labelling -> dataset -> training -> validation, or stops
-    the campaign when too few structures were selected (with stages: moves to the next stage,
+    the campaign when too few structures were selected (with phases: moves to the next phase,
     or stops after the last)."""
 
     def run_stage(self, fw_spec):

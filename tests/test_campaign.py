@@ -440,25 +440,25 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
 
 
 def test_stage_and_system_settings_are_checked(tmp_path, capsys):
-    """Bad stages and systems: one error line, exit 2, no workflow written."""
+    """Bad phases and systems: one error line, exit 2, no workflow written."""
     from nequix_fw.cli import main
 
     cfg = tmp_path / "c.yaml"
     system = {"name": "cu", "initial_structures": "cu.xyz"}
-    stage = {"iterations": 1}
+    phase = {"iterations": 1}
     cases = [
-        ({"stages": [{"name": "x"}]}, "a stage needs accurate_fraction or iterations"),
+        ({"phases": [{"name": "x"}]}, "a phase needs accurate_fraction or iterations"),
         (
-            {"stages": [{"iterations": 1, "settings": {"explore": {"steps": -1}}}]},
-            "(campaign.stages[0])",
+            {"phases": [{"iterations": 1, "settings": {"explore": {"steps": -1}}}]},
+            "(campaign.phases[0])",
         ),
         ({"systems": [system, system]}, "systems: names must differ (cu, cu)"),
         (
             {
                 "systems": [system],
-                "stages": [{**stage, "settings": {"train_ensemble": {"epochs": 3}}}],
+                "phases": [{**phase, "settings": {"train_ensemble": {"epochs": 3}}}],
             },
-            "with systems, each system goes through the stages on its own, so a stage sets "
+            "with systems, each system goes through the phases on its own, so a phase sets "
             "explore and select only, not train_ensemble",
         ),
         ({"systems": [{**system, "settings": {"select": {"hi": -1}}}]}, "(campaign.systems[0])"),

@@ -1,5 +1,5 @@
 """Campaigns of other shapes, run with FireWorks on the local MongoDB server: staged exploration
-(`campaign.stages`), several systems (`campaign.systems`), structural checks against an E-V set
+(`campaign.phases`), several systems (`campaign.systems`), structural checks against an E-V set
 labelled by the campaign's own backend. In a file of their own so that the test workers share
 the campaign tests."""
 
@@ -10,14 +10,14 @@ import pytest
 from helpers import make_cells, run_campaign
 
 
-def test_staged_exploration_advances_and_stops_after_the_last_stage(tmp_path, launchpad_file):
-    """campaign.stages: iteration 1 explores at 300 K (stage 'cool', converged after one
-    iteration); iteration 2 at 1000 K (stage 'hot', where a high trust level makes every
+def test_staged_exploration_advances_and_stops_after_the_last_phase(tmp_path, launchpad_file):
+    """campaign.phases: iteration 1 explores at 300 K (phase 'cool', converged after one
+    iteration); iteration 2 at 1000 K (phase 'hot', where a high trust level makes every
     candidate accurate: converged at its selection, nothing labelled), and the campaign stops."""
     extra = """
 campaign:
   max_iterations: 6
-  stages:
+  phases:
     - {name: cool, iterations: 1, settings: {explore: {temperatures_K: [300]}}}
     - {name: hot, accurate_fraction: 0.9,
        settings: {explore: {temperatures_K: [1000]}, select: {lo: 50.0}}}
@@ -28,9 +28,9 @@ campaign:
     assert (its[1]["stage"], its[1]["stage_converged"]) == (0, "1 iterations")
     assert its[1]["n_selected"] == 3 and its[1]["dataset_size"] == 7  # labelled and trained
     assert its[2]["stage"] == 1 and its[2]["stage_converged"].endswith("accurate (>= 90%)")
-    assert its[2]["stop_reason"].startswith("converged: last stage hot: ")
-    assert "dataset_size" not in its[2]  # nothing labelled in the converged stage
-    for k, temperature in ((1, 300.0), (2, 1000.0)):  # each iteration explored in its stage
+    assert its[2]["stop_reason"].startswith("converged: last phase hot: ")
+    assert "dataset_size" not in its[2]  # nothing labelled in the converged phase
+    for k, temperature in ((1, 300.0), (2, 1000.0)):  # each iteration explored in its phase
         m = json.loads((r["dir"] / f"iter_{k:03d}" / "explore" / "manifest.json").read_text())
         assert {t["temperature_K"] for t in m["trajectories"]} == {temperature}
     names = [n for n, _ in r["db"]["fireworks"]]
@@ -117,10 +117,10 @@ validate: {reference: label}
     assert all(e["selected"] and e["source"] == eos["file"] for e in reserved)
 
 
-def test_systems_go_through_the_stages_on_their_own(tmp_path, launchpad_file):
-    """campaign.systems with campaign.stages: each system has its own stage. 'cu' (its own trust
-    level makes its candidates accurate) converges stage 'cool' at its selection in iteration 1
-    and stage 'hot' in 2, and is done; 'cuau' converges 'cool' by its iteration count, then stays
+def test_systems_go_through_the_phases_on_their_own(tmp_path, launchpad_file):
+    """campaign.systems with campaign.phases: each system has its own phase. 'cu' (its own trust
+    level makes its candidates accurate) converges phase 'cool' at its selection in iteration 1
+    and phase 'hot' in 2, and is done; 'cuau' converges 'cool' by its iteration count, then stays
     in 'hot' (quota 2 a time) until max_iterations, explored alone."""
     ase.io.write(tmp_path / "cu.extxyz", make_cells(2, seed=11, au_every=0))
     ase.io.write(tmp_path / "cuau.extxyz", make_cells(2, seed=12, au_every=1))
@@ -130,7 +130,7 @@ campaign:
   systems:
     - {name: cu, initial_structures: cu.extxyz, settings: {select: {lo: 50.0}}}
     - {name: cuau, initial_structures: cuau.extxyz, max_selected: 2}
-  stages:
+  phases:
     - {name: cool, iterations: 1, settings: {explore: {temperatures_K: [300]}}}
     - {name: hot, accurate_fraction: 0.9, settings: {explore: {temperatures_K: [1000]}}}
 """
@@ -142,7 +142,7 @@ campaign:
     assert (cu["stage"], cu["stage_converged"], cu["n_selected"]) == (0, "0 selected (< 1)", 0)
     assert (cuau["stage"], cuau["stage_converged"], cuau["n_selected"]) == (0, "1 iterations", 2)
     cu, cuau = its[2]["systems"]["cu"], its[2]["systems"]["cuau"]
-    assert cu["stage"] == 1 and cu["converged"].startswith("last stage hot: ")
+    assert cu["stage"] == 1 and cu["converged"].startswith("last phase hot: ")
     assert cuau["stage"] == 1 and cuau["stage_converged"] is None and not cuau["converged"]
     assert set(its[3]["systems"]) == {"cuau"} and its[3]["systems"]["cuau"]["stage"] == 1
     assert [its[k]["dataset_size"] for k in range(4)] == [4, 6, 8, 10]  # cuau's 2 each time

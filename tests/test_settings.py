@@ -149,8 +149,14 @@ def test_old_section_names_are_read_with_a_warning_naming_the_new_one(tmp_path, 
     assert set(c.sections) == {"explore", "train_ensemble", "label", "campaign"}
     assert c.section(ExplorationSettings, 1).steps == 9
     assert c.section(SelectionSettings, 2).max_selected == 3
-    assert c.sections["campaign"]["stages"][0]["settings"] == {"validate": {"md_steps": 20}}
+    assert "campaign: stages is now phases" in caplog.text
+    assert c.sections["campaign"]["phases"][0]["settings"] == {"validate": {"md_steps": 20}}
+    assert c.settings.phases[0].iterations == 1
     assert make_settings(ValidationSettings, reference="labelling").reference == "label"
+    both = "campaign: {directory: run, initial_structures: i.xyz, stages: [], phases: []}\n"
+    cfg.write_text(both)
+    with pytest.raises(SettingsError, match="old.yaml: campaign: stages and phases are one"):
+        campaign_sections(cfg)
     cfg.write_text("training: {epochs: 7}\ntrain_ensemble: {epochs: 8}\n")
     with pytest.raises(
         SettingsError,

@@ -141,7 +141,7 @@ def test_emt_preset_runs(tmp_path, launchpad_file):
 
 
 def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypatch):
-    """`>>key<<` in any section (a typed field too, a stage's or a system's settings): the
+    """`>>key<<` in any section (a typed field too, a phase's or a system's settings): the
     workflow builds with it left for the worker; the worker's env fills it; a worker without
     the key gets one error naming the setting and the key."""
     from nequix_fw.settings import TrainingSettings
@@ -152,7 +152,7 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
         "campaign": {
             "directory": "run",
             "initial_structures": "initial_structures",
-            "stages": [{"iterations": 1, "settings": {"explore": {"steps": ">>md_steps<<"}}}],
+            "phases": [{"iterations": 1, "settings": {"explore": {"steps": ">>md_steps<<"}}}],
         },
         "train_ensemble": {"n_models": ">>n_members<<", "epochs": 2},
     }
@@ -162,7 +162,7 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
     assert sections["train_ensemble"]["n_models"] == ">>n_members<<"
     c = Campaign(sections, env={"n_members": 3, "md_steps": 40})
     assert c.section(TrainingSettings, 0).n_models == 3
-    assert c.section(ExplorationSettings, 1).steps == 40  # the stage's value, filled
+    assert c.section(ExplorationSettings, 1).steps == 40  # the phase's value, filled
     with pytest.raises(
         SettingsError,
         match="train_ensemble.n_models is '>>n_members<<', a "

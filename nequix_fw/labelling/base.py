@@ -178,6 +178,64 @@ def _finished(workdir: Path, settings_hash: str) -> dict | None:
     return None
 
 
+def _label_one(
+    fr: Frame,
+    sid: str,
+    workdir: Path,
+    backend: LabellingBackend,
+    settings: LabellingSettings,
+    settings_hash: str,
+    too_close: float | None,
+    iteration: int | None,
+) -> dict:
+    """Label one structure in `workdir` (`too_close`: its minimum distance in Å when below
+    `settings.min_distance_A`, so it is not sent to the backend); its task document, written
+    to task.json beside labelled.extxyz."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if too_close is not None:
+        why = (
+            f"min interatomic distance {too_close:.3f} Å < {settings.min_distance_A} Å: "
+            f"not sent to {backend.name}"
+        )
+        res = LabelResult(None, "failed", why)
+    else:
+        try:
+            res = backend.label(fr.atoms, workdir)
+        except NequixFWError:
+            raise  # configuration problems stop the batch (they would fail every structure)
+        except Exception as exc:  # a calculation that crashed: record, go on
+            res = LabelResult(None, "failed", f"{type(exc).__name__}: {exc}")
+        if res.atoms is not None and res.status == "success":
+            why = check_labels(res.atoms, settings.max_force)
+            if why is not None:
+                res = LabelResult(None, "failed", why, res.doc)
+    doc = {
+        "structure_id": sid,
+        "source": str(fr.source),
+        "frame": fr.frame,
+        "formula": fr.atoms.get_chemical_formula(),
+        "backend": backend.name,
+        "settings": jsanitize(backend.settings_doc(), strict=False),
+        "settings_hash": settings_hash,
+        "iteration": iteration,
+        "status": res.status,
+        "reason": res.reason,
+        "wall_time_s": time.perf_counter() - t0,
+        **jsanitize(res.doc, strict=False),
+    }
+    if res.atoms is not None and res.status == "success":
+        labelled = res.atoms.copy()
+        labelled.calc = res.atoms.calc
+        labelled.info.update(structure_id=sid)
+        with atomic_path(workdir / "labelled.extxyz") as tmp:
+            ase.io.write(tmp, labelled, format="extxyz")
+        doc["labelled_file"] = "labelled.extxyz"
+    task = LabelTaskDoc(**doc)
+    task.to_file(workdir / "task.json")
+    return task.to_dict()
+
+
 def label_structures(
     structures: str | Path,
     output: str | Path,
@@ -227,50 +285,11 @@ def label_structures(
             results.append(done)
             n_reused += 1
             continue
-        workdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        if sid in too_close:
-            dmin = too_close[sid]
-            why = (
-                f"min interatomic distance {dmin:.3f} Å < {settings.min_distance_A} Å: "
-                f"not sent to {backend.name}"
+        results.append(
+            _label_one(
+                fr, sid, workdir, backend, settings, settings_hash, too_close.get(sid), iteration
             )
-            res = LabelResult(None, "failed", why)
-        else:
-            try:
-                res = backend.label(fr.atoms, workdir)
-            except NequixFWError:
-                raise  # configuration problems stop the batch (they would fail every structure)
-            except Exception as exc:  # a calculation that crashed: record, go on
-                res = LabelResult(None, "failed", f"{type(exc).__name__}: {exc}")
-            if res.atoms is not None and res.status == "success":
-                why = check_labels(res.atoms, settings.max_force)
-                if why is not None:
-                    res = LabelResult(None, "failed", why, res.doc)
-        doc = {
-            "structure_id": sid,
-            "source": str(fr.source),
-            "frame": fr.frame,
-            "formula": fr.atoms.get_chemical_formula(),
-            "backend": backend.name,
-            "settings": jsanitize(backend.settings_doc(), strict=False),
-            "settings_hash": settings_hash,
-            "iteration": iteration,
-            "status": res.status,
-            "reason": res.reason,
-            "wall_time_s": time.perf_counter() - t0,
-            **jsanitize(res.doc, strict=False),
-        }
-        if res.atoms is not None and res.status == "success":
-            labelled = res.atoms.copy()
-            labelled.calc = res.atoms.calc
-            labelled.info.update(structure_id=sid)
-            with atomic_path(workdir / "labelled.extxyz") as tmp:
-                ase.io.write(tmp, labelled, format="extxyz")
-            doc["labelled_file"] = "labelled.extxyz"
-        task = LabelTaskDoc(**doc)
-        task.to_file(workdir / "task.json")
-        results.append(task.to_dict())
+        )
     summary = {
         "backend": backend.name,
         "settings_hash": settings_hash,
