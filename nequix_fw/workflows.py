@@ -29,7 +29,9 @@ from nequix_fw.firetasks import (
     TrainEnsembleTask,
     UpdateDatasetTask,
 )
+from nequix_fw.labelling import backend_class
 from nequix_fw.settings import (
+    AUTO_STRESS_WEIGHT,
     FINETUNE_DEFAULTS,
     PLACEHOLDER,
     SECTIONS,
@@ -258,14 +260,38 @@ def _absolute_paths(sections: dict) -> None:
                 values[key] = _absolute(values[key], or_name)
 
 
+#: The property checks whose errors depend on how well the members fit the labels' stresses.
+STRESS_CHECKS = ("v0_percent", "bulk_modulus_percent", "elastic_percent")
+
+
+def campaign_defaults(sections: dict) -> dict[str, dict]:
+    """Fill in what a campaign's train_ensemble section leaves unset, written into it so that
+    every iteration trains alike: the fine-tuning defaults (`settings.FINETUNE_DEFAULTS`) for
+    a fine-tuned campaign (campaign.finetune_from), and ``stress_weight: auto`` when
+    campaign.property_tolerances judge V0, B0 or the elastic constants (`STRESS_CHECKS`). The
+    values chosen, by why: {"fine-tuning" | "property checks": {"section.field": value}}."""
+    campaign = sections["campaign"]
+    wanted = {}
+    if campaign.get("finetune_from"):
+        wanted["fine-tuning"] = FINETUNE_DEFAULTS
+    if set(STRESS_CHECKS) & set(campaign.get("property_tolerances") or {}):
+        wanted["property checks"] = {"stress_weight": "auto"}
+    chosen: dict[str, dict] = {}
+    for why, defaults in wanted.items():
+        train = sections.setdefault("train_ensemble", {})
+        for key, value in defaults.items():
+            if key not in train:
+                train[key] = value
+                chosen.setdefault(why, {})[f"train_ensemble.{key}"] = value
+    return chosen
+
+
 def campaign_sections(
     config: str | Path, launchpad: str | Path | None = None, chosen: dict | None = None
 ) -> dict:
     """The settings sections of a campaign file, checked (at every scheduled iteration too),
-    with paths made absolute. A fine-tuned campaign (campaign.finetune_from) gets the
-    fine-tuning defaults (`settings.FINETUNE_DEFAULTS`) for what its train_ensemble section
-    leaves unset, written into that section so that every iteration trains alike; `chosen`
-    (a dict), if given, is filled with them as {"section.field": value}."""
+    with paths made absolute and the defaults of `campaign_defaults` filled in; `chosen` (a
+    dict), if given, gets those."""
     sections = read_sections(config)
     if "campaign" not in sections:
         raise SettingsError(f"{config}: no 'campaign' section")
@@ -273,13 +299,9 @@ def campaign_sections(
         sections["campaign"] = stages_as_phases(sections["campaign"])
     except ValueError as exc:
         raise SettingsError(f"{config}: {exc}") from None
-    if sections["campaign"].get("finetune_from"):
-        train = sections.setdefault("train_ensemble", {})
-        for key, value in FINETUNE_DEFAULTS.items():
-            if key not in train:
-                train[key] = value
-                if chosen is not None:
-                    chosen[f"train_ensemble.{key}"] = value
+    filled = campaign_defaults(sections)
+    if chosen is not None:
+        chosen.update(filled)
     if launchpad is not None:
         sections["campaign"].setdefault("launchpad", str(launchpad))
     try:
@@ -339,17 +361,7 @@ def campaign_sections(
             "validate.reference (a calculator such as emt, or 'label': the campaign's own "
             "labels)"
         )
-    stress_checks = {"bulk_modulus_percent", "elastic_percent"} & set(
-        c.settings.property_tolerances
-    )
-    if stress_checks and c.section(TrainingSettings, 0).stress_weight == 0:
-        logger.warning(
-            "%s: campaign.property_tolerances judge %s, derivatives of the stress, but "
-            "train_ensemble.stress_weight is 0: the members never see the labels' stresses "
-            "(the CP2K presets train with 3000)",
-            config,
-            " and ".join(sorted(stress_checks)),
-        )
+    _check_stress_labels(c, config)
     if (checks.reference or checks.reference_data) and not c.settings.testset:
         raise SettingsError(
             f"{config}: the structural checks (validate.reference) run in the "
@@ -361,6 +373,39 @@ def campaign_sections(
     except SettingsError as exc:
         raise SettingsError(f"{config}: {exc}") from None
     return sections
+
+
+def _check_stress_labels(c: Campaign, config: str | Path) -> None:
+    """B0 and elastic tolerances need labels with stresses (refused when the label backend
+    gives none) and a stress weight (a warning when the user set it to 0)."""
+    derivatives = sorted(
+        {"bulk_modulus_percent", "elastic_percent"} & set(c.settings.property_tolerances)
+    )
+    if not derivatives:
+        return
+    label = c.section(LabellingSettings, 0)
+    if not PLACEHOLDER.match(label.backend):
+        try:
+            gives = backend_class(label.backend).gives_stress(label)
+        except SettingsError as exc:
+            raise SettingsError(f"{config}: {exc}") from None
+        if gives is False:
+            what = f" (calculator {label.calculator})" if label.backend == "ase" else ""
+            raise SettingsError(
+                f"{config}: campaign.property_tolerances {', '.join(derivatives)} judge "
+                f"derivatives of the stress, but label.backend {label.backend}{what} gives no "
+                "stress labels: drop those tolerances or label with a method that gives "
+                "stresses"
+            )
+    if c.section(TrainingSettings, 0).stress_weight == 0:
+        logger.warning(
+            "%s: campaign.property_tolerances judge %s, derivatives of the stress, but "
+            "train_ensemble.stress_weight is 0: the members never see the labels' stresses "
+            "(left unset, it would be auto: %g with stress labels)",
+            config,
+            " and ".join(derivatives),
+            AUTO_STRESS_WEIGHT,
+        )
 
 
 def _check_inputs(sections: dict, config: str | Path) -> None:

@@ -480,3 +480,24 @@ def test_a_backend_of_ones_own_as_module_class(selected, tmp_path, monkeypatch):
     assert label.energy == pytest.approx(2 * ref.get_potential_energy(), abs=1e-6)
     with pytest.raises(SettingsError, match="label.backend: no LabellingBackend 'nowhere:X'"):
         make_backend(LabellingSettings(backend="nowhere:X"))
+
+
+def test_each_backend_says_whether_its_labels_carry_a_stress(tmp_path):
+    """`gives_stress`, asked before anything is labelled: an ASE calculator by what it
+    declares, VASP unless ISIF is 0 (overrides first, then the user's INCAR), CP2K always,
+    a user's script only by its output (None)."""
+    from nequix_fw.labelling import backend_class
+
+    def gives(**values):
+        settings = LabellingSettings(**values)
+        return backend_class(settings.backend).gives_stress(settings)
+
+    assert gives(calculator="emt") is True and gives(calculator="tip3p") is False
+    assert gives(calculator="no_such_calculator") is None  # refused when the backend is built
+    assert gives(backend="vasp") is True
+    assert gives(backend="vasp", incar_overrides={"ISIF": 0}) is False
+    (tmp_path / "INCAR").write_text("ENCUT = 400\nISIF = 0\n")
+    assert gives(backend="vasp", vasp_inputs=tmp_path) is False
+    assert gives(backend="vasp", vasp_inputs=tmp_path, incar_overrides={"ISIF": 2}) is True
+    assert gives(backend="cp2k") is True
+    assert gives(backend="script", command="./label.sh") is None

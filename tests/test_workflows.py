@@ -172,6 +172,52 @@ def test_placeholders_in_any_section_come_from_the_worker_env(tmp_path, monkeypa
         Campaign(sections, env={}).section(TrainingSettings, 0)
 
 
+def test_stress_checks_default_to_a_stress_weight_and_need_stress_labels(
+    tmp_path, monkeypatch, capsys
+):
+    """property_tolerances on V0, B0 or the elastic constants: train_ensemble.stress_weight
+    defaults to auto (printed by `campaign --write`, written into every training), unless the
+    user sets it; B0 and elastic tolerances with a label method that gives no stresses are
+    refused in one line."""
+    from nequix_fw.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    preset_inputs(tmp_path, "Cu")
+    settings = yaml.safe_load((ROOT / "workflows" / "emt_cu_au.yaml").read_text())
+    settings["campaign"]["property_tolerances"] = {"v0_percent": 1, "bulk_modulus_percent": 5}
+    settings["validate"]["reference"] = "emt"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    write = ["campaign", "--config", "c.yaml", "--write", "wf.yaml"]
+    assert main(write) == 0
+    out = capsys.readouterr().out
+    assert "property checks defaults: train_ensemble.stress_weight = auto (auto: 30000 " in out
+    wf = yaml.safe_load((tmp_path / "wf.yaml").read_text())
+    train = next(fw for fw in wf["fws"] if fw["name"].endswith("train_ensemble 0"))
+    assert train["spec"]["_tasks"][0]["train_ensemble"]["stress_weight"] == "auto"
+    settings["train_ensemble"]["stress_weight"] = 100.0  # the user's value stays
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    assert main(write) == 0
+    assert "defaults" not in capsys.readouterr().out
+    wf = yaml.safe_load((tmp_path / "wf.yaml").read_text())
+    train = next(fw for fw in wf["fws"] if fw["name"].endswith("train_ensemble 0"))
+    assert train["spec"]["_tasks"][0]["train_ensemble"]["stress_weight"] == 100.0
+    settings["label"] = {"calculator": "tip3p"}  # ASE's TIP3P computes no stress
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    assert main(write) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and (
+            "campaign.property_tolerances bulk_modulus_percent judge derivatives of the stress, "
+            "but label.backend ase (calculator tip3p) gives no stress labels"
+        )
+        in err
+    )
+    settings["campaign"]["property_tolerances"] = {"v0_percent": 1}  # V0 needs no stress
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    assert main(write) == 0
+
+
 def test_campaign_write_prints_the_fine_tuning_defaults_it_chose(tmp_path, monkeypatch, capsys):
     from nequix_fw.cli import main
 

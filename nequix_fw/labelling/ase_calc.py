@@ -68,6 +68,15 @@ class AseCalculatorBackend(LabellingBackend):
         check_parameters(self._cls, self.params, calculator)
 
     @classmethod
+    def gives_stress(cls, settings: LabellingSettings) -> bool | None:
+        """What the calculator declares (`implemented_properties`)."""
+        try:
+            declared = calculator_class(settings.calculator).implemented_properties
+        except (SettingsError, AttributeError):
+            return None  # refused, with its reason, when the backend is built
+        return "stress" in declared
+
+    @classmethod
     def from_settings(cls, settings: LabellingSettings) -> AseCalculatorBackend:
         return cls(settings.calculator, settings.calculator_params)
 

@@ -71,6 +71,12 @@ class LabellingBackend(ABC):
         """The backend of these (validated, placeholder-free) label settings."""
         return cls(settings)
 
+    @classmethod
+    def gives_stress(cls, settings: LabellingSettings) -> bool | None:
+        """Whether its labels of periodic cells carry a stress under these settings (None:
+        only its output can tell, as for a user's script)."""
+        return None
+
     @abstractmethod
     def settings_doc(self) -> dict:
         """What defines the level of theory (hashed into provenance)."""

@@ -206,6 +206,11 @@ class Cp2kBackend(LabellingBackend):
         "timeout_s",
     )
 
+    @classmethod
+    def gives_stress(cls, settings: LabellingSettings) -> bool | None:
+        """Every input asks CP2K for the analytical stress tensor of a periodic cell."""
+        return True
+
     def __init__(self, settings: LabellingSettings):
         from pymatgen.io.cp2k.inputs import Cp2kInput  # noqa: PLC0415
 

@@ -134,6 +134,16 @@ class VaspBackend(LabellingBackend):
         "gzip_output",
     )
 
+    @classmethod
+    def gives_stress(cls, settings: LabellingSettings) -> bool | None:
+        """VASP computes the stress tensor unless ISIF is 0 (in incar_overrides, else in the
+        user's INCAR)."""
+        isif = settings.incar_overrides.get("ISIF")
+        if isif is None and settings.vasp_inputs is not None:
+            incar = Path(settings.vasp_inputs).expanduser() / "INCAR"
+            isif = Incar.from_file(incar).get("ISIF") if incar.is_file() else None
+        return isif is None or int(isif) != 0
+
     def __init__(self, settings: LabellingSettings):
         self.settings = settings
         self.cmd = shlex.split(settings.vasp_cmd)
