@@ -29,7 +29,22 @@ import numpy as np
 from matplotlib.figure import Figure
 from pymongo.database import Database
 
-from nequix_fw.dataset import dataset_ids, read_labelled, training_structures, update_dataset
+from nequix_fw.dataset import (
+    dataset_ids,
+    labelled_by_id,
+    read_labelled,
+    training_structures,
+    update_dataset,
+)
+from nequix_fw.diagnosis import (
+    STALL_ITERATIONS,
+    check_of,
+    diagnose,
+    fit_error,
+    labelled_of_kind,
+    stalled,
+    worst_quantity,
+)
 from nequix_fw.ensemble import Ensemble
 from nequix_fw.errors import ModelError, SettingsError
 from nequix_fw.evaluation import run_ensemble
@@ -598,9 +613,57 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         properties=_property_errors(report.get("physics"), report.get("properties")),
         reference_bulk_modulus_GPa=reference_ev.get("bulk_modulus_GPa"),
         forgetting=(forgetting_summary(report["forgetting"]) if report.get("forgetting") else None),
+        elastic_worst=_elastic_worst(report.get("properties")),
     )
+    stalls = stalled_properties(c, k, report)
+    if stalls:
+        record = c.record(k, stalled=stalls)
     plot_progress(c.directory)
     return record
+
+
+def _elastic_worst(properties: dict | None) -> str | None:
+    """The elastic constant with the largest error (C12, ...), None without the check."""
+    worst = worst_quantity(properties, "elastic")
+    return worst[0] if worst else None
+
+
+def stalled_properties(c: Campaign, k: int, report: dict) -> dict[str, dict]:
+    """The property tolerances that stalled at iteration k (`diagnosis.stalled`), each with
+    its errors over the last iterations, the labels of its kind added then and in all, the
+    models' fit of those and the diagnosis (`diagnosis.diagnose`)."""
+    first = k - STALL_ITERATIONS
+    if first < 0:
+        return {}
+    history = [c.iteration_record(j).get("properties") for j in range(first, k)]
+    errors = _property_errors(report.get("physics"), report.get("properties"))
+    found = stalled([*history, errors], c.settings.property_tolerances)
+
+    def manifests(iterations: range) -> list[Path]:
+        return [m for j in iterations for m in c.iter_dir(j).glob("select/**/manifest.json")]
+
+    out, ensemble = {}, None
+    for name, errors in found.items():
+        check = check_of(name)
+        recent = labelled_of_kind(manifests(range(first + 1, k + 1)), check)
+        every = labelled_of_kind(manifests(range(1, k + 1)), check)
+        data = labelled_by_id(c.dataset, every, c.datasets)
+        fit = None
+        if data:
+            ensemble = ensemble or Ensemble.from_specs(c.models(k), c.section(EnsembleSettings, k))
+            fit = fit_error(ensemble.predict, data, check)
+        limit = c.settings.property_tolerances[name]
+        out[name] = {
+            "iterations": [first, k],
+            "errors": errors,
+            "labels_added": len(recent),
+            "labels_of_its_kind": len(data),
+            "fit_error": fit,
+            "diagnosis": diagnose(
+                name, limit, len(recent), fit, worst_quantity(report.get("properties"), check)
+            ),
+        }
+    return out
 
 
 def _foundation(c: Campaign) -> str | None:

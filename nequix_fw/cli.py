@@ -712,6 +712,7 @@ def _campaign_arguments(cp: argparse.ArgumentParser) -> None:
 
 @_command("campaign", "build an active-learning campaign's FireWorks workflow", _campaign_arguments)
 def _cmd_campaign(args: argparse.Namespace) -> int:
+    from nequix_fw.settings import AUTO_STRESS_WEIGHT
     from nequix_fw.workflows import campaign_sections, campaign_workflow
 
     if args.write is None and args.launchpad is None:
@@ -723,12 +724,14 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     launchpad = Path(args.launchpad).resolve() if args.launchpad else None
     chosen: dict = {}
     wf = campaign_workflow(campaign_sections(args.config, launchpad, chosen))
-    if chosen:
-        print(
-            "fine-tuning defaults: "
-            + ", ".join(f"{k} = {v}" for k, v in chosen.items())
-            + " (one member's LLPR uncertainty; see the guide's uncertainty page)"
-        )
+    notes = {
+        "fine-tuning": "one member's LLPR uncertainty; see the guide's uncertainty page",
+        "property checks": f"auto: {AUTO_STRESS_WEIGHT:g} when every label carries a stress; "
+        "V0, B0 and the elastic constants follow the stresses",
+    }
+    for why, values in chosen.items():
+        listed = ", ".join(f"{k} = {v}" for k, v in values.items())
+        print(f"{why} defaults: {listed} ({notes[why]})")
     if args.write:
         from nequix_fw.structures import atomic_path
 
@@ -764,6 +767,7 @@ def _campaign_status_arguments(cs: argparse.ArgumentParser) -> None:
 @_command("campaign-status", "per-iteration summary of a campaign", _campaign_status_arguments)
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
     from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
+    from nequix_fw.stopping import stall_lines
     from nequix_fw.uncertainty import collapse_warning
 
     path = Path(args.directory) / "campaign.json"
@@ -806,6 +810,8 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         props = {k: v for k, v in (it.get("properties") or {}).items() if v is not None}
         if props:
             print("      properties: " + ", ".join(f"{k} {v:+.3g}" for k, v in props.items()))
+        for line in stall_lines(it):
+            print("      " + line)
         warning = collapse_warning(
             it.get("uncertainty_error_ratio"), f"iteration {it['iteration']}'s validation"
         )

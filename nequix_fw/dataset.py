@@ -154,6 +154,23 @@ def dataset_ids(
     }
 
 
+def labelled_by_id(
+    dataset: str | Path, ids: set[str], store: DatasetStore | None = None
+) -> list[Labelled]:
+    """The labelled structures of a training set (directory, file or db:NAME) with these
+    structure ids."""
+    if not ids:
+        return []
+    if is_store_spec(dataset):
+        return [labels_of(f) for f in _stored(dataset, store).frames(set(ids))]
+    frames = iter_frames([_existing_training_set(dataset)])
+    return [
+        labels_of(f)
+        for f in frames
+        if (f.atoms.info.get("structure_id") or structure_id(f.atoms)) in ids
+    ]
+
+
 def training_structures(
     dataset: str | Path, store: DatasetStore | None = None
 ) -> list[Atoms] | StoredDataset:

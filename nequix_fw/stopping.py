@@ -10,6 +10,7 @@ seven pipeline steps are the stages of `nequix_fw.campaign`.
 from __future__ import annotations
 
 from nequix_fw.campaign import Campaign
+from nequix_fw.diagnosis import NAMES
 from nequix_fw.settings import SystemSettings
 
 
@@ -150,8 +151,45 @@ def iteration_stop(c: Campaign, k: int, record: dict) -> str | None:
             if phase == len(s.phases) - 1:
                 return f"converged: last phase {c.phase_name(phase)}: {why}"
     if k >= s.max_iterations:
+        missed = _missed_properties(c, record)
+        if missed:
+            return f"stopped: max_iterations ({s.max_iterations}) reached, not converged: {missed}"
         return f"max_iterations ({s.max_iterations}) reached"
     return None
+
+
+def _missed_properties(c: Campaign, record: dict) -> str:
+    """The property tolerances an iteration's `record` misses, by the properties' names with
+    their errors (C12 +27 %, B0 -14 %), then the diagnosis of those that stalled ('' when
+    none is missed)."""
+    errors = record.get("properties") or {}
+    missed = []
+    for name, tolerance in c.settings.property_tolerances.items():
+        err = errors.get(name)
+        if _within(err, tolerance):
+            continue
+        label = _property_label(name, record)
+        unit = " eV" if name.endswith("_eV") else " %"
+        missed.append(f"{label} not computed" if err is None else f"{label} {err:+.3g}{unit}")
+    return "; ".join([", ".join(missed), *stall_lines(record)]) if missed else ""
+
+
+def stall_lines(record: dict) -> list[str]:
+    """One line per property that stalled in an iteration's `record`: its errors over the
+    iterations looked at, and the diagnosis."""
+    return [
+        f"{_property_label(name, record)} stalled "
+        f"({', '.join(f'{e:+.3g}' for e in rec['errors'])} over iterations "
+        f"{rec['iterations'][0]}-{rec['iterations'][1]}): {rec['diagnosis']}"
+        for name, rec in (record.get("stalled") or {}).items()
+    ]
+
+
+def _property_label(name: str, record: dict) -> str:
+    """How reports name a property tolerance: V0, B0, the worst elastic constant (C12), ..."""
+    if name == "elastic_percent":
+        return record.get("elastic_worst") or "elastic"
+    return NAMES.get(name, name.removesuffix("_eV").replace("_", " "))
 
 
 def _phase_spent(

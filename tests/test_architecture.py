@@ -34,6 +34,7 @@ LAYERS = {
         "training_torch",
         "validation",
         "forgetting",
+        "diagnosis",
     ],
     4: ["campaign", "stopping", "firetasks", "workflows", "powerups"],
     5: ["cli"],

@@ -46,6 +46,14 @@ class IterationRecord(BaseModel):
         description="A fine-tuned ensemble's drift from its foundation model (eV/Å per "
         "group) and its repulsive-wall check (wall_passed, wall_failures).",
     )
+    elastic_worst: str | None = Field(
+        None, description="The elastic constant with the largest error (C11, C12, ...)."
+    )
+    stalled: dict[str, dict] | None = Field(
+        None,
+        description="Property tolerances whose error stalled, each with its errors, the labels "
+        "of its kind added and the diagnosis (`nequix_fw.diagnosis`).",
+    )
     explored_with: str | None = Field(
         None, description="Set when the exploration did not use the previous ensemble: why."
     )
