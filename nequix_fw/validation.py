@@ -530,6 +530,34 @@ def _error_report(
     return report
 
 
+#: The elastic and phonon checks' structure is at the reference's equilibrium when its volume
+#: is within this many % of the reference's V0.
+EQUILIBRIUM_PERCENT = 1.0
+
+
+def warn_off_equilibrium(structure: Atoms, physics: dict | None, where: str) -> float | None:
+    """Warn when the elastic and phonon checks' `structure` (named `where`) is more than
+    `EQUILIBRIUM_PERCENT` off the volume of the reference's E-V fit (in `physics`): its
+    constants are then taken at a strained state. Returns the offset (%), None without a fit."""
+    v0 = ((physics or {}).get("ev_reference") or {}).get("v0")
+    if v0 is None or not structure.pbc.all():
+        return None
+    volume = structure.get_volume() / len(structure)
+    off = 100 * (volume - v0) / v0
+    if abs(off) > EQUILIBRIUM_PERCENT:
+        logger.warning(
+            "%s: %.4g Å³/atom, %+.1f %% off the reference's V0 of %.4g Å³/atom: the elastic "
+            "constants and phonons are taken at a strained state; scale the structure to the "
+            "reference's V0 (lattice x %.4f)",
+            where,
+            volume,
+            off,
+            v0,
+            (v0 / volume) ** (1 / 3),
+        )
+    return off
+
+
 def validate(
     model_specs: Sequence[str | Path],
     testset: Sequence[str | Path],
@@ -591,6 +619,7 @@ def validate(
                 "labels (validate.reference: label)"
             )
         structure = read(ev_structure) if ev_structure else data[0].frame.atoms.copy()
+        warn_off_equilibrium(structure, report.get("physics"), ev_structure or data[0].where)
         calc = None if reference is None else reference_calculator(reference, reference_params)
         report["properties"] = property_checks(
             ensemble.predict, structure, calc, validation, label_reference

@@ -447,8 +447,11 @@ def test_elastic_and_phonon_checks_against_the_reference(trained, emt_data, tmp_
             "--no-plots",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0 and "elastic constants (GPa" in out and "phonons (THz" in out
+    # a = 3.61 Å is 1.7 % in volume off EMT's own V0: said, with the scale that fixes it
+    assert "off the reference's V0 of 11.5" in captured.err and "lattice x 0.99" in captured.err
     props = json.loads((tmp_path / "v.json").read_text())["properties"]
     # the reference side, computed here with EMT directly
     stresses = []
@@ -551,3 +554,29 @@ def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, 
     assert failed["elastic"]["error"] == "3 of 4 strained cells labelled; the fit needs all of them"
     assert failed["phonons"]["error"].startswith("0 of 1 displaced supercells labelled")
     assert _property_errors(None, failed) == {"elastic_percent": None, "phonon_percent": None}
+
+
+def test_a_check_structure_off_the_references_equilibrium_is_warned_about(caplog):
+    """The elastic and phonon checks at a strained state: a warning naming the structure, the
+    reference's V0 and the scale to it; none within 1 % of V0, or without an E-V fit."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from nequix_fw.validation import energy_volume, warn_off_equilibrium
+
+    cu = bulk("Cu", "fcc", a=3.61, cubic=True)
+    physics = {"ev_reference": energy_volume(cu, EMT())}
+    v0 = physics["ev_reference"]["v0"]
+    with caplog.at_level("WARNING", logger="nequix_fw.validation"):
+        off = warn_off_equilibrium(cu, physics, "cu.vasp")
+        assert off == pytest.approx(100 * (cu.get_volume() / 4 - v0) / v0)
+        assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith(
+            f"cu.vasp: {cu.get_volume() / 4:.4g} Å³/atom, {off:+.1f} % off the reference's V0 "
+            f"of {v0:.4g} Å³/atom"
+        )
+        caplog.clear()
+        at_v0 = cu.copy()
+        at_v0.set_cell(cu.cell * (v0 * 4 / cu.get_volume()) ** (1 / 3), scale_atoms=True)
+        assert abs(warn_off_equilibrium(at_v0, physics, "cu.vasp")) < 1e-6
+        assert warn_off_equilibrium(cu, {"ev_reference": {"v0": None}}, "cu.vasp") is None
+        assert not caplog.records
