@@ -2,14 +2,15 @@
 
 A missed tolerance (`campaign.property_tolerances`) of the property checks that explore
 (`exploration.properties.CHECKS`: the E-V curve's V0 and B0, the elastic constants, the
-phonons) has stalled at iteration k when its |error| fell by less than `STALL_FALL` from
-iteration k - `STALL_ITERATIONS` to k. The diagnosis, first that holds:
+phonons, the vacancy formation energy) has stalled at iteration k when its |error| fell by
+less than `STALL_FALL` from iteration k - `STALL_ITERATIONS` to k. The diagnosis, first that holds:
 
 1. no labels of its kind were added over those iterations (the cells its missed check adds,
    which the selection takes first by `campaign.property_labels`): they are what teach it;
 2. the models do not fit the labelled cells of its kind: the ensemble mean's stress error
    (forces for phonons) on them, relative to their stresses, is above the tolerance's share
-   (`fit_error`): the model cannot represent them, so raise its capacity or the stress weight;
+   (for the vacancy, its energy error per cell above the tolerance in eV; `fit_error`): the
+   model cannot represent them, so raise its capacity or the stress weight;
 3. the ensemble disagrees on the check: the spread of its worst quantity is at least
    `DISAGREEMENT` of that quantity's error (elastic constants and phonons, whose checks give
    each model's value): more labels will help;
@@ -36,7 +37,12 @@ STALL_ITERATIONS = 2
 #: fraction of that quantity's error.
 DISAGREEMENT = 0.5
 #: How reports name the properties.
-NAMES = {"v0_percent": "V0", "bulk_modulus_percent": "B0", "phonon_percent": "phonons"}
+NAMES = {
+    "v0_percent": "V0",
+    "bulk_modulus_percent": "B0",
+    "phonon_percent": "phonons",
+    "vacancy_formation_eV": "vacancy formation energy",
+}
 
 Predict = Callable[[list[Atoms]], list]
 
@@ -79,15 +85,20 @@ def labelled_of_kind(manifests: Iterable[Path], check: str) -> set[str]:
 
 
 def fit_error(predict: Predict, data: Sequence[Labelled], check: str) -> float | None:
-    """The ensemble mean's error on labelled cells, relative to their labels: the RMS of the
-    stress error over the RMS of the stress (forces for 'phonons', whose cells are displaced
-    at one volume). None without such labels."""
-    if check != "phonons":
+    """The ensemble mean's error on labelled cells of `check`'s kind: the RMS of the stress
+    error over the RMS of the stress; for 'phonons' (displaced cells at one volume) the same
+    of the forces; for 'vacancy' the RMS energy error per cell (eV), in its tolerance's unit.
+    None without such labels."""
+    if check in ("eos", "elastic"):
         data = [d for d in data if d.stress is not None]
     if not data:
         return None
+    preds = predict([d.frame.atoms for d in data])
+    if check == "vacancy":
+        errors = [p.energies.mean() - d.energy for d, p in zip(data, preds, strict=True)]
+        return float(np.sqrt(np.mean(np.square(errors))))
     labels, means = [], []
-    for d, p in zip(data, predict([d.frame.atoms for d in data]), strict=True):
+    for d, p in zip(data, preds, strict=True):
         if check == "phonons":
             labels.append(np.ravel(d.forces))
             means.append(np.ravel(p.forces.mean(0)))
@@ -138,14 +149,26 @@ def diagnose(
     fit: float | None,
     worst: tuple[str, float, float] | None,
 ) -> str:
-    """What the evidence on a stalled `tolerance` (its value `limit`, in %) points to: the
+    """What the evidence on a stalled `tolerance` (its value `limit`, in % or eV) points to: the
     labels of its kind added (`n_labels`), the models' `fit_error` on all its labelled cells
     and the check's `worst_quantity`."""
-    what = "force" if check_of(tolerance) == "phonons" else "stress"
+    check = check_of(tolerance)
+    what = "force" if check == "phonons" else "stress"
     if n_labels == 0:
         return (
             "no labels of its kind were added: set campaign.property_labels, which takes the "
             "cells its missed check adds first"
+        )
+    if check == "vacancy" and fit is not None:
+        misfit = f"energy error {fit:.3g} eV per cell"
+        if fit > limit:
+            return (
+                f"the models do not fit the labelled cells of its kind ({misfit}, above the "
+                f"tolerance's {limit:g} eV): raise the capacity (train_ensemble.architecture)"
+            )
+        return (
+            f"the models fit the labelled cells of its kind ({misfit}) but miss the check: "
+            "more or other cells are needed"
         )
     if fit is not None and fit > limit / 100:
         return (

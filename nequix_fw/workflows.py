@@ -33,6 +33,7 @@ from nequix_fw.labelling import backend_class
 from nequix_fw.settings import (
     AUTO_STRESS_WEIGHT,
     FINETUNE_DEFAULTS,
+    LABEL_REFERENCE,
     PLACEHOLDER,
     SECTIONS,
     ExplorationSettings,
@@ -355,6 +356,14 @@ def campaign_sections(
                 f"{config}: campaign.property_tolerances.{tolerance} needs validate.{check}: "
                 "true (the check it judges)"
             )
+    if "vacancy_formation_eV" in c.settings.property_tolerances and (
+        checks.reference in (None, LABEL_REFERENCE) or checks.reference_data
+    ):
+        raise SettingsError(
+            f"{config}: campaign.property_tolerances.vacancy_formation_eV needs validate."
+            "reference as a calculator (emt, or 'module:Class'): the vacancy check relaxes "
+            "its cells with it, which labelled E-V data cannot"
+        )
     if (checks.elastic or checks.phonons) and checks.reference is None:
         raise SettingsError(
             f"{config}: validate.elastic and validate.phonons compare with a reference: "

@@ -426,6 +426,17 @@ def test_property_tolerances_stop_the_campaign(tmp_path, capsys):
         (
             {
                 "campaign": {
+                    **settings["campaign"],
+                    "property_tolerances": {"vacancy_formation_eV": 0.05},
+                },
+                "validate": {"reference": None, "reference_data": [str(tmp_path / "t.xyz")]},
+            },
+            "campaign.property_tolerances.vacancy_formation_eV needs validate.reference as a "
+            "calculator",
+        ),
+        (
+            {
+                "campaign": {
                     k: v for k, v in settings["campaign"].items() if k != "property_tolerances"
                 },
                 "validate": {"phonons": True},

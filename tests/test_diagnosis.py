@@ -41,12 +41,17 @@ def test_a_missed_tolerance_stalls_when_its_error_falls_by_less_than_a_tenth():
         {"bulk_modulus_percent": -15.0, "elastic_percent": 25.0, "vacancy_formation_eV": 0.3},
         {"bulk_modulus_percent": -13.0, "elastic_percent": 20.0, "vacancy_formation_eV": 0.3},
     ]
-    # B0: 14 -> 13 % is less than a tenth; elastic fell by a third; the vacancy check adds
-    # no cells of its own, so it is not diagnosed
-    assert stalled(history, tolerances) == {"bulk_modulus_percent": [-14.0, -15.0, -13.0]}
+    # B0: 14 -> 13 % is less than a tenth, the vacancy's 0.3 eV did not move; elastic fell by
+    # a third
+    assert stalled(history, tolerances) == {
+        "bulk_modulus_percent": [-14.0, -15.0, -13.0],
+        "vacancy_formation_eV": [0.3, 0.3, 0.3],
+    }
+    assert stalled(history, {"no_such_check": 1}) == {}
     assert stalled(history[1:], tolerances) == {}  # two iterations only
     history[2]["bulk_modulus_percent"] = -4.0  # met
     history[1]["elastic_percent"] = None  # not computed once: no stall to see
+    history[2]["vacancy_formation_eV"] = 0.2  # fell by a third
     assert stalled(history, tolerances) == {}
     assert stalled([None, *history[1:]], tolerances) == {}
 
@@ -78,6 +83,13 @@ def test_the_worst_quantity_and_the_diagnosis_of_each_kind_of_evidence():
     )
     assert diagnose("phonon_percent", 5, 4, 0.08, None).startswith(
         "the models do not fit the labelled cells of its kind (force error 8.0%"
+    )
+    assert diagnose("vacancy_formation_eV", 0.05, 3, 0.2, None) == (
+        "the models do not fit the labelled cells of its kind (energy error 0.2 eV per cell, "
+        "above the tolerance's 0.05 eV): raise the capacity (train_ensemble.architecture)"
+    )
+    assert diagnose("vacancy_formation_eV", 0.05, 3, 0.01, None).startswith(
+        "the models fit the labelled cells of its kind (energy error 0.01 eV per cell) but miss"
     )
     disagreeing = ("C12", 30.0, DISAGREEMENT * 30.0)
     assert diagnose("elastic_percent", 10, 4, 0.05, disagreeing) == (
@@ -167,6 +179,9 @@ def test_a_stalled_property_is_diagnosed_recorded_and_named_in_the_stop(trained,
     assert np.isclose(b0["fit_error"], expected, rtol=1e-5) and b0["fit_error"] > 0
     assert b0["diagnosis"] == diagnose("bulk_modulus_percent", 5, 2, expected, None)
     assert np.isclose(fit_error(ensemble.predict, data, "eos"), b0["fit_error"], rtol=1e-5)
+    energies = np.array([p.energies.mean() - d.energy for d, p in zip(data, preds, strict=True)])
+    rmse = np.sqrt(np.mean(energies**2))  # the vacancy's measure: eV per cell
+    assert np.isclose(fit_error(ensemble.predict, data, "vacancy"), rmse, rtol=1e-5)
     assert labelled_of_kind([c.stage_dir(1, "select") / "manifest.json"], "eos") == {
         a.info["structure_id"] for a in eos[:2]
     }

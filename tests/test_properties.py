@@ -200,8 +200,18 @@ def test_missed_checks_and_the_structures_that_teach_them():
     ref = CU.repeat((2, 2, 2))
     rms = [np.sqrt(((a.positions - ref.positions) ** 2).mean()) for a in phonons]
     assert [len(a) for a in phonons] == [32] * 4 and 0.015 < min(rms) < max(rms) < 0.1
-    gens = {a.info["generator"] for a in eos + elastic + phonons}
-    assert gens == {"property:eos", "property:elastic", "property:phonons"}
+    vacancy = property_candidates(CU, "vacancy", 4, seed=1)
+    rattles = [a.info["rattle_A"] for a in vacancy]  # the check's cell less its first atom
+    assert [len(a) for a in vacancy] == [len(CU) - 1] * 4 and rattles == sorted(rattles)
+    assert rattles[0] == pytest.approx(0.01) and rattles[-1] == pytest.approx(0.08)
+    for a in vacancy:
+        shift = a.positions - CU.positions[1:]
+        assert 0 < np.abs(shift).max() < 0.5 and np.allclose(a.cell[:], CU.cell[:])
+    assert missed_checks({"vacancy_formation_eV": 0.2}, {"vacancy_formation_eV": 0.05}) == {
+        "vacancy": ["vacancy_formation_eV"]
+    }
+    gens = {a.info["generator"] for a in eos + elastic + phonons + vacancy}
+    assert gens == {"property:eos", "property:elastic", "property:phonons", "property:vacancy"}
 
 
 def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_paths, tmp_path):
@@ -220,7 +230,12 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
         reference_bulk_modulus_GPa=140.0,  # so the E-V check also runs NPT on the ensemble
     )
     spec = {
-        "tolerances": {"v0_percent": 0.5, "bulk_modulus_percent": 5, "phonon_percent": 5},
+        "tolerances": {
+            "v0_percent": 0.5,
+            "bulk_modulus_percent": 5,
+            "phonon_percent": 5,
+            "vacancy_formation_eV": 0.05,
+        },
         "n": 6,
         "structure": str(tmp_path / "cu.extxyz"),
         "testset": [],
@@ -231,15 +246,19 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out)
     record = run_ensemble_stage(log, 1, model_paths, EnsembleSettings(), [system], spec)
     npt = record["property_exploration"]["eos"]["npt"]  # up to 4 (random models may stop it)
-    eos, phonons = (str(out.parent / f"property_candidates_{c}.extxyz") for c in ("eos", "phonons"))
+    eos, phonons, vacancy = (
+        str(out.parent / f"property_candidates_{c}.extxyz") for c in ("eos", "phonons", "vacancy")
+    )
     assert record["property_exploration"] == {
         "eos": {"missed": ["bulk_modulus_percent"], "added": 6 + npt, "npt": npt, "file": eos},
-        # no phonon value recorded: missed
+        # no phonon or vacancy value recorded: missed
         "phonons": {"missed": ["phonon_percent"], "added": 6, "file": phonons},
+        "vacancy": {"missed": ["vacancy_formation_eV"], "added": 6, "file": vacancy},
     }
     sources = [r["source"] for r in read_results(out)[1]]
     assert sources.count(str(tmp_path / "pool.extxyz")) == 1
     assert sources.count(eos) == 6 and sources.count(phonons) == 6
+    assert sources.count(vacancy) == 6 and {len(a) for a in ase.io.read(vacancy, ":")} == {3}
     npt_file = out.parent / "property_candidates_eos_npt.extxyz"
     assert sources.count(str(npt_file)) == npt and npt_file.is_file() == (npt > 0)
     gens = {a.info["generator"] for a in ase.io.read(eos, index=":")}
@@ -256,7 +275,8 @@ def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_pat
     assert len(list(read_results(tmp_path / "r_cu.json")[1])) == 1 + added
     assert len(list(read_results(tmp_path / "r_cuau.json")[1])) == 1
     # every check within its tolerance: nothing added
-    log.record(1, properties={"v0_percent": 0.1, "bulk_modulus_percent": 1.0, "phonon_percent": 2})
+    met = {"v0_percent": 0.1, "bulk_modulus_percent": 1.0, "phonon_percent": 2}
+    log.record(1, properties={**met, "vacancy_formation_eV": -0.01})
     out2 = tmp_path / "run" / "iter_002" / "run_ensemble" / "ensemble_results.json"
     system = SystemCandidates(None, None, [tmp_path / "pool.extxyz"], out2)
     record = run_ensemble_stage(log, 2, model_paths, EnsembleSettings(), [system], spec)
@@ -268,7 +288,7 @@ def _checked_campaign(tmp_path, tolerances: dict, validate: dict) -> dict:
     the `validate` section."""
     (tmp_path / "t.xyz").write_text("")
     campaign = {
-        "directory": "r",
+        "directory": str(tmp_path / "r"),
         "initial_structures": "i.xyz",
         "testset": [str(tmp_path / "t.xyz")],
         "property_tolerances": tolerances,

@@ -10,7 +10,9 @@ decides the rest):
 - elastic constants (``elastic_percent``): the structure under random strains of up to 2 % per
   component, shears included, slightly rattled;
 - phonons (``phonon_percent``): the check's supercell with every atom displaced (normal, 0.02 to
-  0.08 Å per component: the finite displacements and thermal motion).
+  0.08 Å per component: the finite displacements and thermal motion);
+- the vacancy formation energy (``vacancy_formation_eV``): the check's cell with its first atom
+  removed, rattled by 0.01 to 0.08 Å (the neighbours' relaxation into the vacancy).
 
 Each carries ``info["generator"] = "property:<check>"`` (the NPT frames
 ``"property:eos:npt"``).
@@ -34,11 +36,14 @@ CHECKS = {
     "eos": ("v0_percent", "bulk_modulus_percent"),
     "elastic": ("elastic_percent",),
     "phonons": ("phonon_percent",),
+    "vacancy": ("vacancy_formation_eV",),
 }
 #: Volume strains of the E-V candidates (fractions): wider than the E-V curve's ±6 %.
 EOS_VOLUME_RANGE = 0.08
 ELASTIC_STRAIN_MAX = 0.02
 PHONON_RATTLE_A = (0.02, 0.08)
+#: Rattles (Å) of the vacancy candidates: about the neighbours' relaxation into the vacancy.
+VACANCY_RATTLE_A = (0.01, 0.08)
 #: NPT of the E-V candidates: the volume strains whose pressures (P = -B dV/V, from the
 #: reference bulk modulus) each trajectory runs at, its temperature (K) and length (steps of
 #: 2 fs), and the barostat's time (fs: the volume settles within the run).
@@ -73,8 +78,9 @@ def missed_checks(properties: dict | None, tolerances: dict[str, float]) -> dict
 def property_candidates(
     structure: Atoms, check: str, n: int, seed: int, supercell: list[int] | None = None
 ) -> list[Atoms]:
-    """`n` structures that teach `check` ('eos', 'elastic' or 'phonons'), from the check's
-    `structure` (the phonons' from its `supercell`)."""
+    """`n` structures that teach `check` ('eos', 'elastic', 'phonons' or 'vacancy'), from the
+    check's `structure` (the phonons' from its `supercell`; the vacancy's with its first atom
+    removed, as the check removes it)."""
     rng = np.random.default_rng(seed)
     if check == "eos":
         out = []
@@ -95,6 +101,15 @@ def property_candidates(
         for amplitude in np.linspace(*PHONON_RATTLE_A, n):
             a = big.copy()
             a.calc = None
+            a.positions += rng.normal(0, amplitude, a.positions.shape)
+            a.info.update(rattle_A=float(amplitude))
+            out.append(a)
+    elif check == "vacancy":
+        out = []
+        for amplitude in np.linspace(*VACANCY_RATTLE_A, n):
+            a = structure.copy()
+            a.calc = None
+            del a[0]
             a.positions += rng.normal(0, amplitude, a.positions.shape)
             a.info.update(rattle_A=float(amplitude))
             out.append(a)
