@@ -58,7 +58,7 @@ from nequix_fw.forgetting import forgetting_summary
 from nequix_fw.labelled_sets import label_ev_set
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.property_set import label_cells
-from nequix_fw.schemas.campaign import read_campaign_log
+from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
 from nequix_fw.selection import Reserve, resolve_lo, select_from_results
 from nequix_fw.settings import (
     LABEL_REFERENCE,
@@ -124,6 +124,8 @@ class CampaignLog:
             log["launchpad"] = str(self.launchpad_file)
         its = {it["iteration"]: it for it in log["iterations"]}
         its.setdefault(k, {"iteration": k}).update(entries)
+        # checked before it is written: a wrong type never reaches the file or the store
+        check_iterations([json.loads(json.dumps(its[k], default=str))], "the campaign record")
         log["iterations"] = [its[i] for i in sorted(its)]
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.directory / "campaign.json") as tmp:

@@ -70,3 +70,23 @@ def test_documents_carry_their_name_version_and_only_their_fields(tmp_path):
     lines = path.read_text().splitlines()
     assert [json.loads(ln.strip().rstrip(",")) for ln in lines if '"id"' in ln] == frames
     assert ExplorationManifest.from_file(path).frames == frames
+
+
+def test_the_campaign_record_is_checked_when_written_and_a_bad_entry_writes_nothing(tmp_path):
+    """`CampaignLog.record` checks the iteration against `IterationRecord` before writing:
+    a wrong type is refused with the field named, and campaign.json keeps what it held."""
+    from nequix_fw.campaign import CampaignLog
+
+    log = CampaignLog(tmp_path / "run", "c")
+    log.record(1, n_selected=3, properties={"v0_percent": 0.2})
+    before = (tmp_path / "run" / "campaign.json").read_text()
+    with pytest.raises(DocumentError, match="iteration 1: n_selected: .*got 'many'"):
+        log.record(1, n_selected="many")
+    with pytest.raises(DocumentError, match="iteration 2: properties.v0_percent"):
+        log.record(2, properties={"v0_percent": "small"})
+    assert (tmp_path / "run" / "campaign.json").read_text() == before
+    assert log.iteration_record(1) == {
+        "iteration": 1,
+        "n_selected": 3,
+        "properties": {"v0_percent": 0.2},
+    }
