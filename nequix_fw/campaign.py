@@ -59,7 +59,7 @@ from nequix_fw.labelled_sets import label_ev_set
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.property_set import label_cells
 from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
-from nequix_fw.selection import Reserve, resolve_lo, select_from_results
+from nequix_fw.selection import Reserve, select_from_results
 from nequix_fw.settings import (
     LABEL_REFERENCE,
     CampaignSettings,
@@ -428,14 +428,8 @@ def select_stage(c: Campaign, k: int) -> dict:
     manifests, systems = {}, {}
     for i, system in enumerate(c.systems_at(k)):
         settings = c.section(SelectionSettings, k, system)
-        update: dict = {"seed": settings.seed + k}  # new random draws every iteration
-        if settings.lo == "auto":  # from the calibration of the ensemble that predicted
-            update["lo"] = resolve_lo(
-                settings,
-                c.iteration_record(k - 1).get("calibration"),
-                f"the validation of iteration {k - 1}",
-            )
-        settings = settings.model_copy(update=update)
+        # new random draws every iteration
+        settings = settings.model_copy(update={"seed": settings.seed + k})
         if settings.diverse and known is None:  # keep away from the training set
             known = training_structures(c.dataset, c.datasets)
         manifest = select_from_results(
@@ -445,6 +439,9 @@ def select_stage(c: Campaign, k: int) -> dict:
             labelled,
             known,
             reserve=_property_reserve(c, k) if i == 0 else (),  # where run_ensemble put them
+            # lo: auto from the calibration of the ensemble that predicted
+            calibration=c.iteration_record(k - 1).get("calibration"),
+            calibration_of=f"the validation of iteration {k - 1}",
         )
         labelled = labelled | {e["id"] for e in manifest["structures"] if e["selected"]}
         name = system.name if system else None
@@ -453,7 +450,7 @@ def select_stage(c: Campaign, k: int) -> dict:
         systems[name] = {
             "selection": manifest["counts"],
             "n_selected": n,
-            "selection_lo": settings.lo,
+            "selection_lo": manifest["settings"]["lo"],
         }
     if c.store is not None:
         c.store.save_selection(k, manifests)

@@ -125,15 +125,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
     settings = load_settings(
         args.config, SelectionSettings, lo=lo, **_settings_from(args, SelectionSettings)
     )
+    calibration = None
     if settings.lo == "auto":
-        from nequix_fw.selection import resolve_lo
-
         if not args.calibration:
             raise SettingsError("--lo auto needs --calibration (a validate report)")
         report = _json_document(args.calibration, "--calibration", "a validate report")
-        cal = (report.get("uncertainty") or {}).get("calibration")
-        settings = settings.model_copy(update={"lo": resolve_lo(settings, cal, args.calibration)})
-        print(f"lo = {settings.lo:.4g} eV/Å from the calibration in {args.calibration}")
+        calibration = (report.get("uncertainty") or {}).get("calibration")
     exclude, known = None, None
     if args.exclude_dataset:
         from nequix_fw.dataset import dataset_ids, training_structures
@@ -141,7 +138,18 @@ def _cmd_select(args: argparse.Namespace) -> int:
         exclude = dataset_ids(args.exclude_dataset, _store(args))
         if settings.diverse:  # the picks also keep away from the training set's structures
             known = training_structures(args.exclude_dataset, _store(args))
-    manifest = select_from_results(args.ensemble, args.output, settings, exclude, known)
+    manifest = select_from_results(
+        args.ensemble,
+        args.output,
+        settings,
+        exclude,
+        known,
+        calibration=calibration,
+        calibration_of=args.calibration or "",
+    )
+    if settings.lo == "auto":
+        lo = manifest["settings"]["lo"]
+        print(f"lo = {lo:.4g} eV/Å from the calibration in {args.calibration}")
     c = manifest["counts"]
     print(
         f"{c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; "

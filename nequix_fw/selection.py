@@ -547,21 +547,23 @@ def select_from_results(
     exclude: set[str] | None = None,
     training_set: Sequence[Atoms] | KnownStructures | None = None,
     reserve: Sequence[Reserve] = (),
+    calibration: dict | None = None,
+    calibration_of: str = "the validation given",
 ) -> dict:
     """Classify and select from an ensemble-results file; write files + manifest atomically.
 
     With `diverse` and a `training_set` (structures, or a store dataset, which keeps its
     structures' descriptors), the picks keep away from its structures as well as from each
     other. Structures whose id is in `exclude` (e.g. those already in the training
-    set) are never selected; the `reserve` picks come first. Returns the manifest. The output
-    directory appears complete or not at all.
+    set) are never selected; the `reserve` picks come first. ``lo: auto`` is resolved from
+    `calibration` (that of the validation of the ensemble that predicted, named
+    `calibration_of` in errors; see `resolve_lo`), and the manifest records the number.
+    Returns the manifest. The output directory appears complete or not at all.
     """
     results_path, output = Path(results_path), Path(output)
     if settings.lo == "auto":
-        raise SettingsError(
-            "select.lo: auto is resolved from a calibration first (a campaign does it; by "
-            "hand: select --calibration validation_report.json)"
-        )
+        lo = resolve_lo(settings, calibration, calibration_of)
+        settings = settings.model_copy(update={"lo": lo})
     header, records = read_results(results_path)
     n_models = len(header.get("models", []))
     if n_models < 2 and header.get("uncertainty_method") != "llpr":

@@ -4,7 +4,7 @@ import ase.io
 import numpy as np
 import pytest
 from ase.build import bulk
-from helpers import make_cells
+from helpers import emt_labelled, make_cells
 
 from nequix_fw.errors import NequixFWError, OutputError, SettingsError
 from nequix_fw.evaluation import run_ensemble
@@ -359,6 +359,48 @@ def test_select_lo_auto_from_a_validation_report(results, tmp_path, capsys):
         ["select", "--ensemble", str(results), "--lo", "auto", "--output", str(tmp_path / "sel2")]
     )
     assert code == 2 and "lo: auto needs target_force_error" in capsys.readouterr().err
+
+
+def test_a_campaigns_selection_resolves_lo_auto_from_the_last_validation(results, tmp_path):
+    """In a campaign, `lo: auto` is resolved inside the selection from the calibration that
+    iteration k-1's validation recorded: the manifest and the record hold the number; a
+    validation without one is named in the error."""
+    import shutil
+
+    import yaml
+
+    from nequix_fw.campaign import Campaign, select_stage
+    from nequix_fw.uncertainty import lower_trust_level
+    from nequix_fw.workflows import campaign_sections
+
+    (tmp_path / "data").mkdir()
+    ase.io.write(tmp_path / "data" / "training_set.extxyz", emt_labelled(1, seed=3))
+    (tmp_path / "t.xyz").write_text("")
+    cfg = tmp_path / "c.yaml"
+    campaign = {
+        "directory": str(tmp_path / "r"),
+        "initial_structures": "i.xyz",
+        "dataset": str(tmp_path / "data"),
+        "testset": [str(tmp_path / "t.xyz")],
+    }
+    select = {"lo": "auto", "target_force_error": 0.2}
+    cfg.write_text(yaml.safe_dump({"campaign": campaign, "select": select}))
+    c = Campaign(campaign_sections(cfg))
+    cal = {"scale": 2.0, "conformal_factor": 2.0, "coverage": 0.9, "n_structures": 30}
+    c.record(1, calibration=cal)
+    for k in (2, 3):
+        c.results_file(k, None).parent.mkdir(parents=True)
+        shutil.copy(results, c.results_file(k, None))
+        shutil.copy(results.with_suffix(".arrays.npz"), c.results_file(k, None).parent)
+    record = select_stage(c, 2)
+    lo = lower_trust_level(cal, 0.2)
+    assert record["selection_lo"] == pytest.approx(lo) == pytest.approx(0.1)
+    manifest = json.loads((c.stage_dir(2, "select") / "manifest.json").read_text())
+    assert manifest["settings"]["lo"] == pytest.approx(lo)
+    devs = [e["metrics"]["max_force_dev"] for e in manifest["structures"]]
+    assert manifest["counts"]["accurate"] == sum(d < lo for d in devs)
+    with pytest.raises(SettingsError, match="the validation of iteration 2 has none"):
+        select_stage(c, 3)
 
 
 @pytest.mark.parametrize("descriptor", ["structure", "learned"])
