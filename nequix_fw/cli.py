@@ -774,9 +774,8 @@ def _campaign_status_arguments(cs: argparse.ArgumentParser) -> None:
 
 @_command("campaign-status", "per-iteration summary of a campaign", _campaign_status_arguments)
 def _cmd_campaign_status(args: argparse.Namespace) -> int:
+    from nequix_fw.campaign.report import status_lines
     from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
-    from nequix_fw.stopping import stall_lines
-    from nequix_fw.uncertainty import collapse_warning
 
     path = Path(args.directory) / "campaign.json"
     log = read_campaign_log(path)
@@ -788,43 +787,7 @@ def _cmd_campaign_status(args: argparse.Namespace) -> int:
         where = f"MongoDB ({log['launchpad']})"
         check_iterations(its, where)
     print(f"campaign {log['name']} (from {where})")
-    print(
-        "iter  candidates  selected  labelled  dataset  force RMSE  energy RMSE  calib.  "
-        "MD stable  method       note"
-    )
-    print(" " * 51 + "(eV/Å)   (meV/atom)  factor")
-
-    def cell(value, spec: str = "") -> str:
-        return "-" if value is None else format(value, spec)
-
-    for it in its:
-        val = it.get("validation") or {}
-        print(
-            f"{it['iteration']:>4}  {cell(it.get('n_candidates', it.get('n_evaluated'))):>10}  "
-            f"{cell(it.get('n_selected')):>8}  {cell(it.get('n_labelled')):>8}  "
-            f"{cell(it.get('dataset_size')):>7}  "
-            f"{cell(val.get('force_rmse_eV_per_A'), '.4f'):>10}  "
-            f"{cell(val.get('energy_rmse_meV_per_atom'), '.1f'):>11}  "
-            f"{cell((it.get('calibration') or {}).get('conformal_factor'), '.2f'):>6}  "
-            f"{cell(it.get('md_stable_fraction'), '.0%'):>9}  "
-            f"{cell(it.get('selection_method')):<11}  {it.get('stop_reason') or ''}"
-        )
-        if it.get("forgetting"):
-            from nequix_fw.forgetting import summary_line
-
-            print("      " + summary_line(it["forgetting"]))
-        if it.get("explored_with"):
-            print(f"      explored with {it['explored_with']}")
-        props = {k: v for k, v in (it.get("properties") or {}).items() if v is not None}
-        if props:
-            print("      properties: " + ", ".join(f"{k} {v:+.3g}" for k, v in props.items()))
-        for line in stall_lines(it):
-            print("      " + line)
-        warning = collapse_warning(
-            it.get("uncertainty_error_ratio"), f"iteration {it['iteration']}'s validation"
-        )
-        if warning:
-            print("      " + warning)
+    print("\n".join(status_lines(its)))
     if args.plot:
         from nequix_fw.campaign import plot_progress
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
 from nequix_fw import LOG_FORMAT
-from nequix_fw import campaign as stages
+from nequix_fw.campaign import CampaignLog, member_files, stages
 from nequix_fw.settings import (
     EnsembleSettings,
     ExplorationSettings,
@@ -88,9 +88,9 @@ class StageTask(FiretaskBase):
         return section_settings(cls, self.get(name) or {}, self.env, name)
 
     @property
-    def log(self) -> stages.CampaignLog:
+    def log(self) -> CampaignLog:
         """Where the stage reports: campaign.json in ``campaign_dir`` and the store."""
-        return stages.CampaignLog(
+        return CampaignLog(
             self["campaign_dir"], self["campaign_name"], self.db, self.value("launchpad")
         )
 
@@ -110,7 +110,7 @@ class _EnsembleTask(StageTask):
         record = self.stage(
             self.log,
             self["iteration"],
-            self.get("models") or stages.member_files(self.path("models_dir")),
+            self.get("models") or member_files(self.path("models_dir")),
             self.section(EnsembleSettings, "ensemble"),
             [self.system(values) for values in self["systems"]],
             **self.stage_options(),

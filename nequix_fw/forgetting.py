@@ -12,7 +12,7 @@
   monotonically within a tolerance, to at least half the foundation's wall height: an
   attractive hole (energy falling as the atoms approach) fails it.
 
-Stage functions on plain data; `campaign.validate_stage` runs both for a fine-tuned campaign.
+Stage functions on plain data; `campaign.stages.validate_stage` runs both for a fine-tuned campaign.
 """
 
 from __future__ import annotations

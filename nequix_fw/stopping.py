@@ -10,7 +10,7 @@ seven pipeline steps are the stages of `nequix_fw.campaign`.
 from __future__ import annotations
 
 from nequix_fw.campaign import Campaign
-from nequix_fw.diagnosis import NAMES
+from nequix_fw.campaign.report import property_label, stall_lines
 from nequix_fw.settings import SystemSettings
 
 
@@ -168,28 +168,10 @@ def _missed_properties(c: Campaign, record: dict) -> str:
         err = errors.get(name)
         if _within(err, tolerance):
             continue
-        label = _property_label(name, record)
+        label = property_label(name, record)
         unit = " eV" if name.endswith("_eV") else " %"
         missed.append(f"{label} not computed" if err is None else f"{label} {err:+.3g}{unit}")
     return "; ".join([", ".join(missed), *stall_lines(record)]) if missed else ""
-
-
-def stall_lines(record: dict) -> list[str]:
-    """One line per property that stalled in an iteration's `record`: its errors over the
-    iterations looked at, and the diagnosis."""
-    return [
-        f"{_property_label(name, record)} stalled "
-        f"({', '.join(f'{e:+.3g}' for e in rec['errors'])} over iterations "
-        f"{rec['iterations'][0]}-{rec['iterations'][1]}): {rec['diagnosis']}"
-        for name, rec in (record.get("stalled") or {}).items()
-    ]
-
-
-def _property_label(name: str, record: dict) -> str:
-    """How reports name a property tolerance: V0, B0, the worst elastic constant (C12), ..."""
-    if name == "elastic_percent":
-        return record.get("elastic_worst") or "elastic"
-    return NAMES.get(name, name.removesuffix("_eV").replace("_", " "))
 
 
 def _phase_spent(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fireworks import FiretaskBase, Firework, FWAction, Workflow, explicit_serialize
 
-from nequix_fw import campaign as stages
-from nequix_fw.campaign import Campaign, label_groups, label_inputs, trusted_models
+from nequix_fw.campaign import Campaign, stages
+from nequix_fw.campaign.stages import label_groups, label_inputs, trusted_models
 from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
     ExploreTask,

@@ -121,7 +121,8 @@ def test_a_stalled_property_is_diagnosed_recorded_and_named_in_the_stop(trained,
     labelled: the record of iteration 3 names the stall with the labels of its kind, the
     ensemble's real stress error on them and the diagnosis; the max_iterations stop and
     `campaign-status` say it, with C12 for the elastic check."""
-    from nequix_fw.campaign import Campaign, stalled_properties
+    from nequix_fw.campaign import Campaign
+    from nequix_fw.campaign.stages import stalled_properties
     from nequix_fw.cli import main
     from nequix_fw.stopping import iteration_stop
     from nequix_fw.workflows import campaign_sections

@@ -177,7 +177,8 @@ def test_finetuning_defaults_a_learning_rate_and_the_labels_stresses(trained, tm
 
 
 def test_an_ensemble_that_fails_the_wall_check_does_not_drive_exploration(tmp_path):
-    from nequix_fw.campaign import Campaign, trusted_models
+    from nequix_fw.campaign import Campaign
+    from nequix_fw.campaign.stages import trusted_models
 
     sections = {
         "campaign": {

@@ -217,7 +217,8 @@ def test_missed_checks_and_the_structures_that_teach_them():
 def test_a_missed_tolerance_adds_its_structures_to_the_next_evaluation(model_paths, tmp_path):
     import ase.io
 
-    from nequix_fw.campaign import CampaignLog, SystemCandidates, run_ensemble_stage
+    from nequix_fw.campaign import CampaignLog
+    from nequix_fw.campaign.stages import SystemCandidates, run_ensemble_stage
     from nequix_fw.results import read_results
     from nequix_fw.settings import EnsembleSettings
 

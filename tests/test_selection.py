@@ -369,7 +369,8 @@ def test_a_campaigns_selection_resolves_lo_auto_from_the_last_validation(results
 
     import yaml
 
-    from nequix_fw.campaign import Campaign, select_stage
+    from nequix_fw.campaign import Campaign
+    from nequix_fw.campaign.stages import select_stage
     from nequix_fw.uncertainty import lower_trust_level
     from nequix_fw.workflows import campaign_sections
 

@@ -416,7 +416,7 @@ def test_elastic_and_phonon_checks_against_the_reference(trained, emt_data, tmp_
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from nequix_fw.campaign import _property_errors
+    from nequix_fw.campaign.stages import _property_errors
     from nequix_fw.properties import (
         PhononCheck,
         cubic_constants,
@@ -500,7 +500,7 @@ def test_elastic_and_phonon_checks_against_a_backends_labels(trained, emt_data, 
     calculator; a cell whose labelling failed leaves the property unmet, with the reason."""
     from ase.build import bulk
 
-    from nequix_fw.campaign import _property_errors
+    from nequix_fw.campaign.stages import _property_errors
     from nequix_fw.labelling import make_backend
     from nequix_fw.labelling.property_set import label_cells
     from nequix_fw.settings import LabellingSettings

@@ -1,19 +1,5 @@
-"""One active-learning campaign as plain stage calls on a directory (no FireWorks here).
-
-Iteration 0 labels the initial structures, grows the dataset, trains the first ensemble (from
-scratch or fine-tuned) and validates it. Iteration k >= 1 explores with the ensemble of k-1,
-evaluates the candidates, selects the uncertain ones, labels them, grows the dataset, trains
-ensemble k (each member warm-started from its predecessor) and validates it. Each stage writes
-into the directory of its name (<stage>/<system>/ for a system's own part)::
-
-    <directory>/campaign.json             one record per iteration (counts, metrics, decisions)
-    <directory>/iter_<k>/explore/         candidates.extxyz + manifest.json
-                         run_ensemble/    ensemble_results.json (+ .arrays.npz)
-                         select/          the selected structures + manifest.json, selected.json
-                         label/           <structure id>/ (inputs, outputs, task.json), summary.json
-                         train_ensemble/  member_<i>.nqx (+ .json, _log.csv)
-                         validate/        validation.json + plots
-"""
+"""The campaign's stages as plain calls on its directory (no FireWorks here): each takes the
+campaign (or its log) and reports to the iteration's record."""
 
 from __future__ import annotations
 
@@ -25,10 +11,10 @@ from math import ceil
 from pathlib import Path
 
 import ase.io
-import numpy as np
-from matplotlib.figure import Figure
-from pymongo.database import Database
 
+from nequix_fw.campaign.layout import Campaign
+from nequix_fw.campaign.log import CampaignLog
+from nequix_fw.campaign.report import plot_progress
 from nequix_fw.dataset import (
     dataset_ids,
     labelled_by_id,
@@ -46,7 +32,7 @@ from nequix_fw.diagnosis import (
     worst_quantity,
 )
 from nequix_fw.ensemble import Ensemble
-from nequix_fw.errors import ModelError, SettingsError
+from nequix_fw.errors import SettingsError
 from nequix_fw.evaluation import run_ensemble
 from nequix_fw.exploration import explore, stop_counts
 from nequix_fw.exploration.properties import (
@@ -58,220 +44,21 @@ from nequix_fw.forgetting import forgetting_summary
 from nequix_fw.labelled_sets import label_ev_set
 from nequix_fw.labelling import label_structures, make_backend
 from nequix_fw.labelling.property_set import label_cells
-from nequix_fw.schemas.campaign import check_iterations, read_campaign_log
 from nequix_fw.selection import Reserve, select_from_results
 from nequix_fw.settings import (
     LABEL_REFERENCE,
-    CampaignSettings,
     EnsembleSettings,
     ExplorationSettings,
     LabellingSettings,
     SelectionSettings,
-    Stage,
-    SystemSettings,
     TrainingSettings,
     ValidationSettings,
-    check_sections,
-    section_name,
-    section_settings,
 )
-from nequix_fw.store import CampaignStore, Store
 from nequix_fw.structures import atomic_path, iter_frames
 from nequix_fw.training import train_ensemble
 from nequix_fw.validation import validate
 
 logger = logging.getLogger(__name__)
-
-
-class CampaignLog:
-    """Where a campaign's stages report: one record per iteration in <directory>/campaign.json
-    and, with a database, in the store of campaign `name`."""
-
-    def __init__(
-        self,
-        directory: str | Path,
-        name: str,
-        db: Database | None = None,
-        launchpad: str | Path | None = None,
-    ):
-        """`db`: the database of the LaunchPad running a FireTask; `launchpad`: the LaunchPad
-        file (the store's database when there is no `db`; its path goes into campaign.json)."""
-        self.directory = Path(directory)
-        self.name = name
-        self.launchpad_file = None if launchpad is None else Path(launchpad)
-        self.launchpad: Database | Path | None = db if db is not None else self.launchpad_file
-        self._store: CampaignStore | None = None
-
-    @property
-    def store(self) -> CampaignStore | None:
-        """Where the campaign's records go besides its directory (None without a database)."""
-        if self.launchpad is None:
-            return None
-        if self._store is None:
-            self._store = CampaignStore(self.launchpad, self.name)
-        return self._store
-
-    @property
-    def datasets(self) -> Store:
-        """The store of the ``db:NAME`` datasets, as the stages get it."""
-        return Store(self.launchpad)
-
-    def record(self, k: int, **entries) -> dict:
-        """Merge `entries` into iteration k's record of campaign.json (written atomically) and
-        of the store's iterations."""
-        log = self.read()
-        if self.launchpad_file is not None:  # the file's path, never its contents
-            log["launchpad"] = str(self.launchpad_file)
-        its = {it["iteration"]: it for it in log["iterations"]}
-        its.setdefault(k, {"iteration": k}).update(entries)
-        # checked before it is written: a wrong type never reaches the file or the store
-        check_iterations([json.loads(json.dumps(its[k], default=str))], "the campaign record")
-        log["iterations"] = [its[i] for i in sorted(its)]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.directory / "campaign.json") as tmp:
-            tmp.write_text(json.dumps(log, indent=1, default=str))
-        if self.store is not None:
-            self.store.save_iteration(k, its[k])
-        summary = ", ".join(f"{key}={value}" for key, value in entries.items())
-        logger.info("campaign %s iteration %d: %s", self.name, k, summary)
-        return its[k]
-
-    def iteration_record(self, k: int) -> dict:
-        """Iteration k's record in campaign.json ({} if it has none yet)."""
-        return next((it for it in self.read()["iterations"] if it["iteration"] == k), {})
-
-    def read(self) -> dict:
-        """campaign.json (an empty record before the first stage reported)."""
-        path = self.directory / "campaign.json"
-        if path.is_file():
-            return read_campaign_log(path)
-        return {"name": self.name, "iterations": []}
-
-
-class Campaign:
-    """A campaign's settings (raw sections, as its growing FireTasks carry them), its layout and
-    its log: what the workflow's builders resolve each stage's inputs from."""
-
-    def __init__(self, sections: dict, db: Database | None = None, env: dict | None = None):
-        """`env`: the FireWorks worker's env, which fills ``>>key<<`` values in any section
-        (None: they are left out, as when a workflow is built)."""
-        self.sections = check_sections(sections, "campaign settings")
-        self.env = env
-        self.settings: CampaignSettings = self.section(CampaignSettings)
-        self.directory = Path(self.settings.directory)
-        self.log = CampaignLog(self.directory, self.settings.name, db, self.settings.launchpad)
-
-    def section_values(
-        self, name: str, k: int | None = None, system: SystemSettings | None = None
-    ) -> dict:
-        """The values of section `name` as given (``>>key<<`` placeholders kept): at iteration
-        `k` with the schedule's entries up to k (and its exploration phase's), and for
-        `system` with its own."""
-        values = dict(self.sections.get(name, {}))
-        if k is not None:
-            for start in sorted(self.settings.schedule):
-                if start <= k:
-                    values.update(self.settings.schedule[start].get(name, {}))
-            phase = self.phase(k, system)
-            if phase is not None:
-                values.update(self.settings.phases[phase].settings.get(name, {}))
-        if system is not None:
-            values.update(system.settings.get(name, {}))
-            if name == "select" and system.max_selected is not None:
-                values["max_selected"] = system.max_selected
-        return values
-
-    def section(self, cls, k: int | None = None, system: SystemSettings | None = None):
-        """Settings of section `cls` (see `section_values`), placeholders filled from the
-        worker's env."""
-        return section_settings(cls, self.section_values(section_name(cls), k, system), self.env)
-
-    def systems_at(self, k: int) -> list[SystemSettings | None]:
-        """The systems explored at iteration k: those not converged before it ([None]: a
-        campaign of one system)."""
-        if not self.settings.systems:
-            return [None]
-        done = set()
-        for it in self.log.read()["iterations"]:
-            if it["iteration"] < k:
-                done |= {n for n, rec in (it.get("systems") or {}).items() if rec.get("converged")}
-        return [system for system in self.settings.systems if system.name not in done]
-
-    def stage_dir(self, k: int, stage: Stage, system: SystemSettings | None = None) -> Path:
-        """Where iteration k's `stage` writes (<stage>/<system>/ for a system's own part)."""
-        d = self.iter_dir(k) / stage
-        return d if system is None else d / system.name
-
-    def results_file(self, k: int, system: SystemSettings | None) -> Path:
-        name = "ensemble_results" + ("" if system is None else f"_{system.name}")
-        return self.stage_dir(k, "run_ensemble") / f"{name}.json"
-
-    def phase(self, k: int, system: SystemSettings | None = None) -> int | None:
-        """Index of iteration k's exploration phase in `campaign.phases` (None without phases,
-        and at iteration 0, which labels the initial structures): each iteration that converged
-        its phase moves the next one to the following phase. With systems, each system goes
-        through the phases on its own (None without a system)."""
-        if k < 1 or not self.settings.phases or (self.settings.systems and system is None):
-            return None
-        phase = 0
-        for it in self.log.read()["iterations"]:
-            rec = it if system is None else (it.get("systems") or {}).get(system.name, {})
-            if 1 <= it["iteration"] < k and rec.get("stage_converged"):
-                phase += 1
-        return min(phase, len(self.settings.phases) - 1)
-
-    def phase_name(self, phase: int) -> str:
-        return self.settings.phases[phase].name or str(phase)
-
-    @property
-    def launchpad(self) -> Database | Path | None:
-        """Where the store is: the running LaunchPad's database, else the LaunchPad file."""
-        return self.log.launchpad
-
-    @property
-    def dataset(self) -> str:
-        """The training set: `campaign.dataset`, else the store dataset db:<name> (a campaign
-        runs from a LaunchPad, whose database holds it)."""
-        return self.settings.dataset or f"db:{self.settings.name}"
-
-    @property
-    def store(self) -> CampaignStore | None:
-        return self.log.store
-
-    @property
-    def datasets(self) -> Store:
-        return self.log.datasets
-
-    def iter_dir(self, k: int) -> Path:
-        return self.directory / f"iter_{k:03d}"
-
-    def models(self, k: int) -> list[str]:
-        return member_files(self.models_dir(k))
-
-    def models_dir(self, k: int) -> Path:
-        """The ensemble in use after iteration k: its own, or, when it trained none (a stage
-        that converged without selecting), that of the last iteration before it that did."""
-        for j in range(k, -1, -1):
-            if any(self.stage_dir(j, "train_ensemble").glob("member_*.nqx")):
-                return self.stage_dir(j, "train_ensemble")
-        return self.stage_dir(k, "train_ensemble")
-
-    def record(self, k: int, **entries) -> dict:
-        return self.log.record(k, **entries)
-
-    def iteration_record(self, k: int) -> dict:
-        return self.log.iteration_record(k)
-
-
-def member_files(models_dir: str | Path) -> list[str]:
-    """The trained members (member_*.nqx) of an ensemble directory."""
-    paths = sorted(Path(models_dir).glob("member_*.nqx"))
-    if not paths:
-        raise ModelError(f"{models_dir}: no trained members (member_*.nqx)")
-    return [str(p) for p in paths]
-
-
-# -- the stages -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -748,29 +535,3 @@ def _property_errors(physics: dict | None, properties: dict | None = None) -> di
         if properties and check in properties:
             out[tolerance] = properties[check]["error_percent"]
     return out
-
-
-def plot_progress(directory: str | Path) -> Path:
-    """`<directory>/campaign.png`: validation errors, dataset size and selections per
-    iteration, from campaign.json."""
-    directory = Path(directory)
-    its = read_campaign_log(directory / "campaign.json")["iterations"]
-    k = [it["iteration"] for it in its]
-    val = [it.get("validation") or {} for it in its]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(k, [v.get("force_rmse_eV_per_A", np.nan) for v in val], "o-", label="forces")
-    ax1.set(xlabel="iteration", ylabel="force RMSE (eV/Å)", title="validation (ensemble mean)")
-    ax1b = ax1.twinx()
-    ax1b.plot(k, [v.get("energy_rmse_meV_per_atom", np.nan) for v in val], "s--", color="C1")
-    ax1b.set_ylabel("energy RMSE (meV/atom)", color="C1")
-    ax2.bar(k, [it.get("dataset_size", 0) for it in its], color="C2", label="dataset size")
-    ax2.plot(k, [it.get("n_selected", np.nan) for it in its], "o-", color="C3", label="selected")
-    ax2.set(xlabel="iteration", ylabel="structures", title="data")
-    ax2.legend()
-    for ax in (ax1, ax2):
-        ax.set_xticks(k)
-    path = directory / "campaign.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
