@@ -107,19 +107,21 @@ class _EnsembleTask(StageTask):
         raise NotImplementedError
 
     def run_stage(self, fw_spec):
+        models, options = self.models()
         record = self.stage(
             self.log,
             self["iteration"],
-            self.get("models") or member_files(self.path("models_dir")),
+            models,
             self.section(EnsembleSettings, "ensemble"),
             [self.system(values) for values in self["systems"]],
-            **self.stage_options(),
+            **options,
         )
         return FWAction(stored_data=record)
 
-    def stage_options(self) -> dict:
-        """The stage function's further keywords."""
-        return {}
+    def models(self) -> tuple[list[str], dict]:
+        """The models of the stage (``models_dir``'s members), and the stage function's
+        further keywords."""
+        return member_files(self.path("models_dir")), {}
 
 
 @explicit_serialize
@@ -136,15 +138,20 @@ class ExploreTask(_EnsembleTask):
     Optional params:
         ensemble (dict): EnsembleSettings section of the engine.
         launchpad (str): LaunchPad file of the store, when not run by a LaunchPad.
-        models (list[str]), explored_with (str): instead of models_dir's members, these
-            models, and why (models_dir's failed the repulsive-wall check).
+        foundation (str): the foundation model a fine-tuned campaign starts from: when
+            models_dir's ensemble failed the repulsive-wall check, the last ensemble that
+            passed drives the dynamics, else this model (`campaign.stages.trusted_models`,
+            decided from the campaign's records when the task runs).
     """
 
-    optional_params = [*_EnsembleTask.optional_params, "models", "explored_with"]
+    optional_params = [*_EnsembleTask.optional_params, "foundation"]
     stage = staticmethod(stages.explore_stage)
 
-    def stage_options(self) -> dict:
-        return {"explored_with": self.get("explored_with")}
+    def models(self) -> tuple[list[str], dict]:
+        trusted, why = stages.trusted_models(self.log, self["iteration"], self.get("foundation"))
+        if trusted is None:
+            return super().models()[0], {"explored_with": None}
+        return trusted, {"explored_with": why}
 
     def system(self, values: dict) -> stages.SystemExploration:
         return stages.SystemExploration(
@@ -175,8 +182,8 @@ class RunEnsembleTask(_EnsembleTask):
     optional_params = [*_EnsembleTask.optional_params, "properties"]
     stage = staticmethod(stages.run_ensemble_stage)
 
-    def stage_options(self) -> dict:
-        return {"properties": self.get("properties")}
+    def models(self) -> tuple[list[str], dict]:
+        return super().models()[0], {"properties": self.get("properties")}
 
     def system(self, values: dict) -> stages.SystemCandidates:
         explored = values["explored"]

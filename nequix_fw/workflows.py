@@ -19,7 +19,7 @@ from pathlib import Path
 from fireworks import FiretaskBase, Firework, FWAction, Workflow, explicit_serialize
 
 from nequix_fw.campaign import Campaign, stages
-from nequix_fw.campaign.stages import label_groups, label_inputs, trusted_models
+from nequix_fw.campaign.stages import foundation_of, label_groups, label_inputs
 from nequix_fw.errors import SettingsError
 from nequix_fw.firetasks import (
     ExploreTask,
@@ -82,7 +82,7 @@ def _value(c: Campaign, cls, k: int, key: str):
 def explore_fw(c: Campaign, k: int) -> Firework:
     """Iteration k's exploration: each system still explored, its settings at k (new seeds
     every iteration: seed + 1000 k), with the ensemble in use after k-1, unless it failed the
-    repulsive-wall check (`campaign.trusted_models`)."""
+    repulsive-wall check (decided when it runs: `campaign.stages.trusted_models`)."""
     systems = []
     for system in c.systems_at(k):
         values = c.section_values("explore", k, system)
@@ -98,13 +98,13 @@ def explore_fw(c: Campaign, k: int) -> Firework:
                 "output": str(c.stage_dir(k, "explore", system)),
             }
         )
-    trusted, why = trusted_models(c, k)
+    foundation = foundation_of(c)
     task = ExploreTask(
         **_log_params(c, k),
         models_dir=str(c.models_dir(k - 1)),
         systems=systems,
         ensemble=c.section_values("ensemble", k),
-        **({"models": trusted, "explored_with": why} if trusted else {}),
+        **({"foundation": foundation} if foundation else {}),
     )
     return _fw(c, k, task, "explore")
 

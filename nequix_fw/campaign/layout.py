@@ -115,24 +115,35 @@ class Campaign:
         return self.log.datasets
 
     def iter_dir(self, k: int) -> Path:
-        return self.directory / f"iter_{k:03d}"
+        return iteration_dir(self.directory, k)
 
     def models(self, k: int) -> list[str]:
         return member_files(self.models_dir(k))
 
     def models_dir(self, k: int) -> Path:
-        """The ensemble in use after iteration k: its own, or, when it trained none (a stage
-        that converged without selecting), that of the last iteration before it that did."""
-        for j in range(k, -1, -1):
-            if any(self.stage_dir(j, "train_ensemble").glob("member_*.nqx")):
-                return self.stage_dir(j, "train_ensemble")
-        return self.stage_dir(k, "train_ensemble")
+        return models_dir(self.directory, k)
 
     def record(self, k: int, **entries) -> dict:
         return self.log.record(k, **entries)
 
     def iteration_record(self, k: int) -> dict:
         return self.log.iteration_record(k)
+
+
+def iteration_dir(directory: str | Path, k: int) -> Path:
+    """Where iteration k of the campaign in `directory` writes."""
+    return Path(directory) / f"iter_{k:03d}"
+
+
+def models_dir(directory: str | Path, k: int) -> Path:
+    """The ensemble in use after iteration k of the campaign in `directory`: its own, or, when
+    it trained none (a phase that converged without selecting), that of the last iteration
+    before it that did."""
+    for j in range(k, -1, -1):
+        trained = iteration_dir(directory, j) / "train_ensemble"
+        if any(trained.glob("member_*.nqx")):
+            return trained
+    return iteration_dir(directory, k) / "train_ensemble"
 
 
 def member_files(models_dir: str | Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ase.io
 
-from nequix_fw.campaign.layout import Campaign
+from nequix_fw.campaign.layout import Campaign, member_files, models_dir
 from nequix_fw.campaign.log import CampaignLog
 from nequix_fw.campaign.report import plot_progress
 from nequix_fw.dataset import (
@@ -381,7 +381,7 @@ def validate_stage(c: Campaign, k: int, env: dict | None = None) -> dict:
         store=c.datasets,
         settings=c.section(EnsembleSettings, k),
         label_reference=(reference_labels(c, env) if checks.reference == LABEL_REFERENCE else None),
-        foundation=_foundation(c),
+        foundation=foundation_of(c),
     )
     if c.store is not None:
         c.store.save_validation(k, report)
@@ -452,37 +452,40 @@ def stalled_properties(c: Campaign, k: int, report: dict) -> dict[str, dict]:
     return out
 
 
-def _foundation(c: Campaign) -> str | None:
+def foundation_of(c: Campaign) -> str | None:
     """The foundation model a fine-tuned campaign starts from (the first of a committee)."""
     spec = c.settings.finetune_from
     return (spec[0] if isinstance(spec, list) else spec) or None
 
 
-def trusted_models(c: Campaign, k: int) -> tuple[list[str] | None, str | None]:
-    """The models iteration k >= 1 explores with, instead of ensemble k-1, when its validation
-    failed the repulsive-wall check: the last ensemble that passed it, or the foundation model
-    itself; and why. (None, None) when ensemble k-1 is trusted (not yet validated, or passed):
-    its members need not exist yet."""
+def trusted_models(
+    log: CampaignLog, k: int, foundation: str | None
+) -> tuple[list[str] | None, str | None]:
+    """The models iteration k >= 1 of the campaign of `log` explores with, instead of ensemble
+    k-1, when its validation failed the repulsive-wall check: the last ensemble that passed
+    it, or the `foundation` model itself; and why. (None, None) when ensemble k-1 is trusted
+    (not yet validated, or passed). Decided when the exploration runs, from the records as
+    they are then (a validation run again since the workflow was built counts)."""
     failed = []
     for j in range(k - 1, -1, -1):
-        summary = c.iteration_record(j).get("forgetting") or {}
+        summary = log.iteration_record(j).get("forgetting") or {}
         if summary.get("wall_passed", True):
             if not failed:
                 return None, None
-            return c.models(j), (
+            return member_files(models_dir(log.directory, j)), (
                 f"iteration {j}'s ensemble: iteration {failed[0]}'s failed the repulsive-wall "
-                f"check ({summary_failures(c, failed[0])})"
+                f"check ({_first_wall_failure(log, failed[0])})"
             )
         failed.append(j)
-    return [_foundation(c)], (
-        f"the foundation model {_foundation(c)}: no ensemble passed the repulsive-wall check "
-        f"(iteration {failed[0]}: {summary_failures(c, failed[0])})"
+    return [foundation], (
+        f"the foundation model {foundation}: no ensemble passed the repulsive-wall check "
+        f"(iteration {failed[0]}: {_first_wall_failure(log, failed[0])})"
     )
 
 
-def summary_failures(c: Campaign, k: int) -> str:
+def _first_wall_failure(log: CampaignLog, k: int) -> str:
     """The first wall failure of iteration k's validation."""
-    failures = (c.iteration_record(k).get("forgetting") or {}).get("wall_failures") or []
+    failures = (log.iteration_record(k).get("forgetting") or {}).get("wall_failures") or []
     return failures[0] if failures else "no detail"
 
 
