@@ -12,7 +12,7 @@ by ASE's equation of state, C11, C12 and C44 by central differences of ASE's str
 The final ensemble is measured the same way, beside the errors the campaign recorded.
 
     python benchmarks/properties.py [--systems Cu Al] [--modes scratch finetune]
-        [--workdir properties_run] [--max-iterations 6]
+        [--workdir properties_run] [--max-iterations 6] [--campaign property_labels=6]
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def inputs(element: str, a: float, work: Path) -> None:
     ase.io.write(work / "ideal.vasp", bulk(element, "fcc", a=a, cubic=True), format="vasp")
 
 
-def settings(element: str, mode: str, max_iterations: int) -> dict:
-    """The campaign file: only the tolerances, the reference and the check structure."""
+def settings(element: str, mode: str, max_iterations: int, overrides: dict) -> dict:
+    """The campaign file: only the tolerances, the reference and the check structure (and
+    `overrides` of the campaign section, for a comparison run)."""
     campaign = {
         "name": f"props_{element.lower()}_{mode}",
         "directory": "campaign",
@@ -108,6 +109,7 @@ def settings(element: str, mode: str, max_iterations: int) -> dict:
         "testset": ["validation_set"],
         "max_iterations": max_iterations,
         "property_tolerances": TOLERANCES,
+        **overrides,
     }
     out = {
         "campaign": campaign,
@@ -126,7 +128,7 @@ def _run(cmd: list, cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(element: str, mode: str, work: Path, max_iterations: int) -> dict:
+def run(element: str, mode: str, work: Path, max_iterations: int, overrides: dict) -> dict:
     """One campaign; its iterations' property errors, labels, stop reason, wall time, and the
     final ensemble's properties measured here."""
     from nequix_fw.ensemble import Ensemble, EnsembleCalculator
@@ -135,7 +137,9 @@ def run(element: str, mode: str, work: Path, max_iterations: int) -> dict:
     a_ref, b_ref = equilibrium(element, EMT())
     c_ref = cubic_elastic(element, a_ref, EMT())
     inputs(element, a_ref, work)
-    (work / "campaign.yaml").write_text(yaml.safe_dump(settings(element, mode, max_iterations)))
+    (work / "campaign.yaml").write_text(
+        yaml.safe_dump(settings(element, mode, max_iterations, overrides))
+    )
     nfw = BIN / "nequix-fw"
     db = [nfw, "db", "start", "--dir", "db", "--launchpad", "my_launchpad.yaml"]
     _run([*db, "--name", f"props_{element.lower()}_{mode}"], work)
@@ -157,7 +161,7 @@ def run(element: str, mode: str, work: Path, max_iterations: int) -> dict:
     c_m = cubic_elastic(element, a_ref, calc)
     return {
         "system": element,
-        "mode": mode,
+        "mode": mode + "".join(f", {k} {v}" for k, v in overrides.items()),
         "wall_s": wall,
         "iterations": [
             {
@@ -218,6 +222,13 @@ def main() -> None:
     )
     p.add_argument("--workdir", type=Path, default=Path("properties_run"))
     p.add_argument("--max-iterations", type=int, default=6)
+    p.add_argument(
+        "--campaign",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="campaign settings over the defaults, for a comparison run (YAML values)",
+    )
     p.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="only print earlier runs")
     args = p.parse_args()
     if args.report:
@@ -226,10 +237,18 @@ def main() -> None:
     work = args.workdir.resolve()
     if work.exists():
         sys.exit(f"{work} exists: give another --workdir")
+    overrides = {}
+    for item in args.campaign:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--campaign {item}: give KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     results = []
     for element in args.systems:
         for mode in args.modes:
-            results.append(run(element, mode, work / f"{element}_{mode}", args.max_iterations))
+            results.append(
+                run(element, mode, work / f"{element}_{mode}", args.max_iterations, overrides)
+            )
             (work / "properties.json").write_text(json.dumps(results, indent=1))
     report(results)
     print(f"\n({os.cpu_count()} CPUs; results in {work / 'properties.json'})")
