@@ -77,7 +77,7 @@ def test_structural_checks_against_an_ev_set_labelled_once_by_the_campaign(
     from nequix_fw.validation import energy_volume
 
     extra = """
-campaign: {max_iterations: 1, property_tolerances: {v0_percent: 0.001}}
+campaign: {max_iterations: 1, property_tolerances: {v0_percent: 0.001}, property_labels: 2}
 validate: {reference: label}
 """
     r = run_campaign(tmp_path, "evref", lo=0.0, extra=extra)
