@@ -425,19 +425,24 @@ def stalled_properties(c: Campaign, k: int, report: dict) -> dict[str, dict]:
     errors = _property_errors(report.get("physics"), report.get("properties"))
     found = stalled([*history, errors], c.settings.property_tolerances)
 
-    def manifests(iterations: range) -> list[Path]:
-        return [m for j in iterations for m in c.iter_dir(j).glob("select/**/manifest.json")]
-
+    evidence: dict[str, tuple] = {}  # by check (V0 and B0 share the E-V check's)
     out, ensemble = {}, None
     for name, errors in found.items():
         check = check_of(name)
-        recent = labelled_of_kind(manifests(range(first + 1, k + 1)), check)
-        every = labelled_of_kind(manifests(range(1, k + 1)), check)
-        data = labelled_by_id(c.dataset, every, c.datasets)
-        fit = None
-        if data:
-            ensemble = ensemble or Ensemble.from_specs(c.models(k), c.section(EnsembleSettings, k))
-            fit = fit_error(ensemble.predict, data, check)
+        if check not in evidence:  # each iteration's manifests read once
+            by_iteration = [
+                labelled_of_kind(c.iter_dir(j).glob("select/**/manifest.json"), check)
+                for j in range(1, k + 1)
+            ]
+            recent = set().union(*by_iteration[first:])  # iterations first + 1 .. k
+            data = labelled_by_id(c.dataset, set().union(*by_iteration), c.datasets)
+            fit = None
+            if data:
+                settings = c.section(EnsembleSettings, k)
+                ensemble = ensemble or Ensemble.from_specs(c.models(k), settings)
+                fit = fit_error(ensemble.predict, data, check)
+            evidence[check] = (recent, data, fit)
+        recent, data, fit = evidence[check]
         limit = c.settings.property_tolerances[name]
         out[name] = {
             "iterations": [first, k],
